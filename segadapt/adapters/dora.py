@@ -1,0 +1,104 @@
+"""DoRA variants: magnitude and direction of a LoRA-form update (``dora_c``, ``conv_dora``, ``cp_dora``).
+
+W = m * V / ||V||_c,   V = W0 + dW (dW from the wrapped LoRA form),
+
+with ||.||_c the norm per output channel over all other dims, treated as a constant in backward
+(the DoRA paper's memory saving, as PEFT does), and m (Cout) initialised to ||W0||_c so that W = W0
+at init. Trainable parameters: those of the LoRA form + Cout.
+
+Activation space (where the LoRA form has one): y = (m / ||V||_c) * (base(x) - b0 + g(x)) + b0, where
+g is the LoRA form's activation-space update; the frozen conv runs once (PEFT runs it twice).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from .base import Adapter
+from .cp import CPLoRA
+from .lora import LoRA, LoRAC
+from .registry import register_method
+
+
+def channel_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W||_c: L2 norm of each output channel over all other dims (canonical layout) -> (Cout,)."""
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+class DoRA(Adapter):
+    """Magnitude m (Cout) times the normalised direction W0 + dW of ``direction_cls``."""
+
+    direction_cls: ClassVar[type[Adapter]]
+    activation_form = True  # where the direction's form has one (set per layer in __init__)
+
+    def __init__(self, base, spec, config, rank):
+        super().__init__(base, spec, config, rank)
+        self.direction = self.direction_cls(base, spec, config, rank)
+        self.has_activation_form = self.direction.has_activation_form
+        self.magnitude = nn.Parameter(channel_norm(spec.canonical(base.weight).detach()).clone())
+        self._merge_norm: Optional[torch.Tensor] = None
+
+    def _scale(self, w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """m / ||W0 + dW||_c with the norm detached, shaped (Cout, 1, ..., 1) for the weight."""
+        norm = channel_norm(w0 + delta).detach()
+        return (self.magnitude / norm).view(-1, *(1,) * (w0.dim() - 1))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.direction.delta_weight()
+
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        delta = self.direction.delta_weight()
+        return self._scale(w0, delta) * (w0 + delta)
+
+    def activation_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w0 = self.spec.canonical(base.weight)
+        with torch.no_grad():
+            norm = channel_norm(w0 + self.direction.delta_weight())
+        scale = (self.magnitude / norm).view(self.spec.channel_view())
+        y = base(x) + self.direction.activation_delta(base, self.dropout(x))
+        if base.bias is None:
+            return scale * y
+        bias = base.bias.view(self.spec.channel_view())
+        return scale * (y - bias) + bias
+
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        delta = self.direction.delta_weight()
+        self._merge_norm = channel_norm(w0 + delta)
+        return self._scale(w0, delta) * (w0 + delta)
+
+    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self._merge_norm is None:
+            raise RuntimeError("this DoRA adapter was not merged in this session; cannot unmerge")
+        scale = (self.magnitude / self._merge_norm).view(-1, *(1,) * (w.dim() - 1))
+        self._merge_norm = None
+        return w / scale - self.direction.delta_weight()
+
+    def build_flops(self) -> float:
+        return self.direction.build_flops()
+
+    def activation_flops(self, base, x, n_out):
+        return self.direction.activation_flops(base, x, n_out)
+
+
+@register_method("dora_c")
+class DoRAC(DoRA):
+    """DoRA-C: DoRA on the LoRA-C update (weight space only)."""
+
+    direction_cls = LoRAC
+
+
+@register_method("conv_dora")
+class ConvDoRA(DoRA):
+    """convDoRA: DoRA on the convLoRA update (plain DoRA on nn.Linear)."""
+
+    direction_cls = LoRA
+
+
+@register_method("cp_dora")
+class CPDoRA(DoRA):
+    """CP-DoRA: DoRA on the CP-LoRA update."""
+
+    direction_cls = CPLoRA

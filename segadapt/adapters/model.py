@@ -1,0 +1,211 @@
+"""Model-level operations: inject adapters by module name, choose the active one, merge, summarise."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .base import AdaptedLayer
+from .config import AdapterConfig, name_matches
+from .layers import SUPPORTED_LAYERS, spec_of
+from .registry import get_method
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(name, layer) for every :class:`AdaptedLayer` in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters injected into the model, in injection order."""
+    names: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """Name of the active adapter (``None`` if there is none)."""
+    return next((layer.active_adapter for _, layer in adapted_layers(model)), None)
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Leaf modules (and already adapted layers) by their user-visible name."""
+    inside_adapted: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside_adapted):
+            continue
+        if isinstance(module, AdaptedLayer):
+            inside_adapted.append(name)
+            yield name, module
+        elif not any(True for _ in module.children()):
+            yield name, module
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "default", active: bool = True) -> nn.Module:
+    """Inject one named adapter into every module that ``config.targets`` selects, in place.
+
+    Every base parameter is frozen; the new adapter's parameters are the only trainable ones when it
+    is made active. Several adapters may sit on one model under different names. All adapters are
+    built before the model is touched, so a bad config leaves the model unchanged.
+
+    Raises:
+        ValueError: unknown method, bad rank, targets matching nothing, a grouped conv, or ``name``
+            already injected.
+        TypeError: a targeted module of an unsupported type.
+    """
+    config = AdapterConfig.from_dict(config) if isinstance(config, dict) else config
+    method = get_method(config.method)
+    if not name or "." in name:
+        raise ValueError(f"adapter name must be non-empty and contain no '.', got {name!r}")
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named '{name}' is already injected; remove_adapter() it or use another name")
+
+    candidates = list(_candidate_modules(model))
+    selected = [
+        (module_name, module)
+        for module_name, module in candidates
+        if name_matches(module_name, config.targets) and not (config.exclude and name_matches(module_name, config.exclude))
+    ]
+    if not selected:
+        layers = [n for n, m in candidates if isinstance(m, (*SUPPORTED_LAYERS, AdaptedLayer))]
+        examples = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
+        raise ValueError(f"targets {config.targets!r} (exclude {config.exclude!r}) match no module; adaptable modules include: {examples}")
+
+    built = []
+    for module_name, module in selected:
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        spec = spec_of(base, module_name)
+        try:
+            adapter = method(base, spec, config, config.rank_for(module_name))
+        except ValueError as error:
+            raise ValueError(f"module '{module_name}': {error}") from None
+        adapter.config = config
+        built.append((module_name, module, base, spec, adapter))
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module_name, module, base, spec, adapter in built:
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(base, spec)
+            parent, child = _parent(model, module_name)
+            setattr(parent, child, module)
+        module.adapters[name] = adapter
+    if active:
+        set_active_adapter(model, name)
+    return model
+
+
+def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
+    """Make ``name`` the adapter every adapted layer applies (``None``: base only). Only the active
+    adapter's parameters are trainable."""
+    layers = list(adapted_layers(model))
+    if name is not None and not any(name in layer.adapters for _, layer in layers):
+        raise ValueError(f"no adapter named '{name}'; injected adapters: {adapter_names(model)}")
+    for layer_name, layer in layers:
+        if layer.merged_adapter is not None and layer.merged_adapter != name:
+            raise RuntimeError(f"module '{layer_name}' has adapter '{layer.merged_adapter}' merged; unmerge() first")
+        layer.active_adapter = name
+        for adapter_name, adapter in layer.adapters.items():
+            adapter.requires_grad_(adapter_name == name)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete one adapter; layers left without adapters become their base layer again."""
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named '{name}'; injected adapters: {adapter_names(model)}")
+    for layer_name, layer in list(adapted_layers(model)):
+        if layer.merged_adapter == name:
+            raise RuntimeError(f"adapter '{name}' is merged into '{layer_name}'; unmerge() first")
+        if name in layer.adapters:
+            del layer.adapters[name]
+            if layer.active_adapter == name:
+                layer.active_adapter = None
+        if not layer.adapters:
+            parent, child = _parent(model, layer_name)
+            setattr(parent, child, layer.base_layer)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into the base weights, in place (forward then costs nothing extra)."""
+    for _, layer in adapted_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`, restoring the base weights, in place."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapter and replace every adapted layer by its plain base layer (in place);
+    the result holds only the base module types and loads into the bare architecture."""
+    merge(model)
+    for layer_name, layer in list(adapted_layers(model)):
+        parent, child = _parent(model, layer_name)
+        setattr(parent, child, layer.base_layer)
+    return model
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the active adapters' regularisers (e.g. TLoRA's ||T - I||^2); 0 if none has one."""
+    terms = []
+    for _, layer in adapted_layers(model):
+        if layer.active_adapter in layer.adapters and layer.merged_adapter is None:
+            term = layer.adapters[layer.active_adapter].regularization()
+            if term is not None:
+                terms.append(term)
+    return torch.stack([t.float() for t in terms]).sum() if terms else torch.zeros(())
+
+
+def summary_rows(model: nn.Module, name: Optional[str] = None) -> list[dict]:
+    """One dict per adapted layer: module, method, rank, trainable parameters, % of the base layer."""
+    name = name or active_adapter(model)
+    rows = []
+    for layer_name, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        params = sum(p.numel() for p in adapter.parameters())
+        base = sum(p.numel() for p in layer.base_layer.parameters())
+        rows.append(
+            {
+                "module": layer_name,
+                "type": type(layer.base_layer).__name__,
+                "method": adapter.config.method,
+                "rank": adapter.rank,
+                "params": params,
+                "base_params": base,
+                "percent": 100.0 * params / max(base, 1),
+            }
+        )
+    return rows
+
+
+def summary(model: nn.Module, name: Optional[str] = None) -> str:
+    """A markdown table: module, method, rank, trainable parameters and % of the base, plus totals."""
+    rows = summary_rows(model, name)
+    lines = ["| module | layer | method | rank | params | % of layer |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['module']} | {row['type']} | {row['method']} | {row['rank']} | {row['params']:,} | {row['percent']:.2f} |"
+        )
+    adapter_params = sum(row["params"] for row in rows)
+    adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    base_params = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    lines.append(
+        f"| **total** ({len(rows)} layers) | | | | {adapter_params:,} | {100.0 * adapter_params / max(base_params, 1):.3f} of {base_params:,} base |"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""SALT: Singular-value Adaptation with Low-rank Transformation.
+
+M(W0) = U diag(sig) V^T (thin SVD, q = min(Cout, Cin k^d) singular values). The top r singular
+values get a trainable scale and shift, sig_i -> a_i sig_i + b_i (a = 1, b = 0 at init; clamped at
+zero with ``salt_relu``, as the SALT code does); the other q - r singular directions get
+diag(sig_rest) + X Y with X ((q-r) x r_lora) zeros and Y (r_lora x (q-r)) kaiming-uniform. So
+
+    W = W0 + U_top diag(sig'_top - sig_top) V_top^T + U_rest X Y V_rest^T,
+
+an update of rank <= r + r_lora that is exactly zero at init. Trainable parameters: 2r + 2(q-r) r_lora.
+
+Unlike the public SALT code, U, sig and V are registered buffers (moved by ``.to()``; not saved, since
+they are recomputed from W0 with a deterministic sign convention), and conv layers keep their
+padding, stride and dilation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Adapter, init_down_factor_
+from .layers import low_rank_forward
+from .registry import register_method
+
+
+def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 with a deterministic sign: the largest-magnitude entry of each left
+    singular vector is positive. Returns U (m x q), sig (q), Vh (q x n) in the input's dtype."""
+    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1.0
+    u, vh = u * signs, vh * signs[:, None]
+    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
+@register_method("salt")
+class SALT(Adapter):
+    """Scale/shift of the top-r singular values plus a rank-``lora_rank`` update of the rest.
+
+    ``lora_rank`` is clamped to q - r (the number of remaining singular directions).
+    """
+
+    activation_form = True
+
+    def __init__(self, base, spec, config, rank):
+        super().__init__(base, spec, config, rank)
+        q = spec.max_rank
+        if rank > q:
+            raise ValueError(
+                f"SALT rank {rank} exceeds the {q} singular values of this {spec.kind} layer "
+                f"(min(Cout={spec.cout}, Cin*k^d={spec.fan_in}))"
+            )
+        self.lora_rank = min(config.lora_rank, q - rank)
+        self.relu = config.salt_relu
+        u, s, vh = canonical_svd(spec.canonical(base.weight).reshape(spec.cout, spec.fan_in))
+        self.register_buffer("U", u, persistent=False)
+        self.register_buffer("S", s, persistent=False)
+        self.register_buffer("Vh", vh, persistent=False)
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.salt_scale = nn.Parameter(torch.ones(rank, **factory))
+        self.salt_shift = nn.Parameter(torch.zeros(rank, **factory))
+        self.salt_X = nn.Parameter(torch.zeros(q - rank, self.lora_rank, **factory))
+        self.salt_Y = nn.Parameter(torch.empty(self.lora_rank, q - rank, **factory))
+        init_down_factor_(self.salt_Y, max(q - rank, 1), config.init, max(self.lora_rank, 1))
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) with M(dW) = left @ right; left: Cout x (r + r_lora), right: (r + r_lora) x Cin k^d."""
+        r = self.rank
+        top = self.S[:r]
+        new_top = self.salt_scale * top + self.salt_shift
+        if self.relu:
+            new_top = torch.relu(new_top)
+        left = torch.cat([self.U[:, :r] * (new_top - top), self.U[:, r:] @ self.salt_X], dim=1)
+        right = torch.cat([self.Vh[:r], self.salt_Y @ self.Vh[r:]], dim=0)
+        return left, right
+
+    def delta_weight(self) -> torch.Tensor:
+        left, right = self.low_rank_factors()
+        return (left @ right).view(self.spec.shape)
+
+    def activation_delta(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.low_rank_factors()
+        return low_rank_forward(base, self.spec, x, right, left)
+
+    def build_flops(self) -> float:
+        q, r, k = self.spec.max_rank, self.rank, self.rank + self.lora_rank
+        return 2.0 * self.spec.cout * self.spec.fan_in * k + 2.0 * (q - r) * self.lora_rank * (self.spec.cout + self.spec.fan_in)
+
+    def activation_flops(self, base, x, n_out):
+        return 2.0 * n_out * (self.rank + self.lora_rank) * (self.spec.fan_in + self.spec.cout)

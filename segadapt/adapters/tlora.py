@@ -1,0 +1,172 @@
+"""TLoRA: transformed low-rank adaptation with tensor rings (Tao et al., 2025).
+
+M(W) = M(W0) T + D.
+
+* T (n x n, n = Cin k^d) is a tensor-ring *matrix* over a factorisation n = I_1 ... I_m:
+  T[(i_1..i_m), (j_1..j_m)] = Tr(G_1[:, i_1, j_1, :] ... G_m[:, i_m, j_m, :]), cores G_k of shape
+  (R, I_k, I_k, R), R = ``ring_rank``. At init G_k[:, i, j, :] = delta_ij M_k with random orthogonal
+  M_k whose product is I / R, so T = I (off-diagonal entries exactly 0, diagonal 1 up to rounding)
+  while every ring entry gets a gradient.
+* D (Cout x n) is a tensor ring of rank r = ``rank`` over the factorised output and input dims,
+  scaled by s; its first core is zero, so D = 0 at init.
+
+Trainable parameters: R^2 sum_k I_k^2 + r^2 (sum of D's mode sizes).
+
+M(W0) T is computed either by building T densely (TensorLy's ``tr_to_tensor``; cost ~ n^2 (R^2 + Cout))
+or by contracting M(W0) with the cores one at a time (cost ~ Cout n R^3 sum I_k), whichever is
+cheaper for the layer. ``regularization()`` is the identity regulariser ||T - I||_F^2, computed from
+the cores without building T.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorly as tl
+import torch
+from torch import nn
+
+from .base import Adapter
+from .registry import register_method
+
+
+def factorize(n: int, max_factor: int) -> list[int]:
+    """n as a product of factors <= max_factor where the primes allow (smallest factors merged first)."""
+    primes, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            primes.append(p)
+            m //= p
+        p += 1
+    if m > 1:
+        primes.append(m)
+    factors = sorted(primes) or [1]
+    while len(factors) > 1 and factors[0] * factors[1] <= max_factor:
+        factors = sorted(factors[2:] + [factors[0] * factors[1]])
+    return factors
+
+
+def tr_to_full(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Dense tensor of a tensor ring with cores (R, I_k, R), via TensorLy."""
+    with tl.backend_context("pytorch", local_threadsafe=True):
+        return tl.tr_to_tensor(list(cores))
+
+
+def tr_matrix_to_dense(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Dense n x n matrix of a tensor-ring matrix with cores (R, I_k, I_k, R)."""
+    sizes = [core.shape[1] for core in cores]
+    full = tr_to_full([core.reshape(core.shape[0], -1, core.shape[-1]) for core in cores])
+    full = full.reshape([s for size in sizes for s in (size, size)])
+    m = len(sizes)
+    n = full.numel() ** 0.5
+    return full.permute(*range(0, 2 * m, 2), *range(1, 2 * m, 2)).reshape(int(round(n)), -1)
+
+
+def tr_matrix_apply(matrix: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+    """``matrix @ T`` for a tensor-ring matrix T, contracting one core at a time (T never built).
+
+    matrix: (rows, n). Memory ~ rows * n * R^2.
+    """
+    rows, n = matrix.shape
+    z = matrix.reshape(rows, n, 1)  # (rows, remaining i, done j)
+    for index, core in enumerate(cores):
+        size = core.shape[1]
+        if index == 0:  # opens the ring: (rows, i, rest, J) x (a, i, j, b) -> (rows, rest, J, j, a, b)
+            z = torch.einsum("oirJ,aijb->orJjab", z.reshape(rows, size, -1, z.shape[-1]), core)
+        else:  # (rows, i, rest, J, a, b) x (b, i, j, c) -> (rows, rest, J, j, a, c)
+            z = torch.einsum("oirJab,bijc->orJjac", z.reshape(rows, size, -1, *z.shape[-3:]), core)
+        z = z.reshape(rows, z.shape[1], -1, *z.shape[-2:])
+    return torch.diagonal(z, dim1=-2, dim2=-1).sum(-1).reshape(rows, n)
+
+
+def tr_matrix_identity_distance(cores: list[torch.Tensor]) -> torch.Tensor:
+    """||T - I||_F^2 = ||T||_F^2 - 2 Tr(T) + n, from the cores (float64, T never built)."""
+    cores = [core.double() for core in cores]
+    ring = cores[0].shape[0]
+    trace_chain = torch.eye(ring, dtype=torch.float64, device=cores[0].device)
+    frob_chain = torch.eye(ring * ring, dtype=torch.float64, device=cores[0].device)
+    n = 1
+    for core in cores:
+        n *= core.shape[1]
+        trace_chain = trace_chain @ torch.einsum("aiib->ab", core)
+        frob_chain = frob_chain @ torch.einsum("aijb,cijd->acbd", core, core).reshape(ring * ring, -1)
+    return torch.trace(frob_chain) - 2 * torch.trace(trace_chain) + n
+
+
+@register_method("tlora")
+class TLoRA(Adapter):
+    """W = W0 T + D with a tensor-ring-matrix transform T (= I at init) and a tensor-ring residual D (= 0)."""
+
+    def __init__(self, base, spec, config, rank):
+        super().__init__(base, spec, config, rank)
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.in_factors = factorize(spec.fan_in, config.tlora_max_factor)
+        self.out_factors = factorize(spec.cout, config.tlora_max_factor)
+        self.ring_rank = config.ring_rank
+        self.transform_cores = nn.ParameterList(
+            nn.Parameter(core.to(**factory)) for core in identity_ring_cores(self.in_factors, self.ring_rank)
+        )
+        residual = []
+        for position, size in enumerate(self.out_factors + self.in_factors):
+            core = torch.zeros(rank, size, rank, **factory)
+            if position > 0:  # core 0 (an output mode) stays zero, so D = 0 at init
+                is_input_mode = position >= len(self.out_factors)
+                core.normal_(0.0, (rank * (size if is_input_mode else 1)) ** -0.5)
+            residual.append(nn.Parameter(core))
+        self.residual_cores = nn.ParameterList(residual)
+        self._merge_w0: Optional[torch.Tensor] = None
+
+    def transform_matrix(self) -> torch.Tensor:
+        """T as a dense (Cin k^d) x (Cin k^d) matrix."""
+        return tr_matrix_to_dense(list(self.transform_cores))
+
+    def residual_matrix(self) -> torch.Tensor:
+        """s * D as a dense Cout x (Cin k^d) matrix."""
+        return self.scaling * tr_to_full(list(self.residual_cores)).reshape(self.spec.cout, self.spec.fan_in)
+
+    def _apply_transform(self, w0_matrix: torch.Tensor) -> torch.Tensor:
+        n, ring = self.spec.fan_in, self.ring_rank
+        dense_flops = 2.0 * n * n * (ring * ring + self.spec.cout)
+        contract_flops = 2.0 * self.spec.cout * n * ring**3 * sum(self.in_factors)
+        if dense_flops < contract_flops:
+            return w0_matrix @ self.transform_matrix()
+        return tr_matrix_apply(w0_matrix, list(self.transform_cores))
+
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        w0_matrix = w0.reshape(self.spec.cout, self.spec.fan_in)
+        return (self._apply_transform(w0_matrix) + self.residual_matrix()).view(self.spec.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError("TLoRA's update depends on W0; use adapted_weight(w0)")
+
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        self._merge_w0 = w0.clone()  # T^-1 is costly and can be ill-conditioned: keep W0 instead
+        return self.adapted_weight(w0)
+
+    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        if self._merge_w0 is None:
+            raise RuntimeError("this TLoRA adapter was not merged in this session; cannot unmerge")
+        w0, self._merge_w0 = self._merge_w0, None
+        return w0
+
+    def regularization(self) -> torch.Tensor:
+        """Identity regulariser ||T - I||_F^2."""
+        return tr_matrix_identity_distance(list(self.transform_cores))
+
+
+def identity_ring_cores(sizes: list[int], ring: int) -> list[torch.Tensor]:
+    """Cores (R, I, I, R) of a tensor-ring matrix equal to the identity: G_k[:, i, j, :] = delta_ij M_k,
+    M_k = R^(-1/m) Q_k with random orthogonal Q_k for k < m and Q_m = (Q_1 ... Q_{m-1})^T, so that
+    Tr(M_1 ... M_m) = Tr(I / R) = 1."""
+    m = len(sizes)
+    scale = ring ** (-1.0 / m)
+    mats, product = [], torch.eye(ring, dtype=torch.float64)
+    for _ in range(m - 1):
+        q = torch.linalg.qr(torch.randn(ring, ring, dtype=torch.float64)).Q
+        mats.append(q)
+        product = product @ q
+    mats.append(product.t())
+    return [
+        scale * torch.einsum("ij,ab->aijb", torch.eye(size, dtype=torch.float64), mat).float()
+        for size, mat in zip(sizes, mats)
+    ]
