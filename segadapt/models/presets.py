@@ -1,0 +1,119 @@
+"""Adapter target presets: which layers of a model to adapt, by fully-qualified module name.
+
+A preset is a list of names of *adaptable* layers -- ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
+``nn.ConvTranspose2d/3d`` with ``groups == 1`` -- ready for ``AdapterConfig(targets=...)`` (a full name is
+a suffix of itself). Compute presets on the plain model, before ``inject``.
+
+=====================  =====================================================================
+model                  presets
+=====================  =====================================================================
+MONAI ``UNet``         ``encoder`` (down path), ``bottleneck`` (lowest level), ``decoder`` (up path
+                       and output), ``all_conv``
+MONAI ``DynUNet``      same; encoder = ``input_block`` + ``downsamples``, decoder = ``upsamples`` +
+                       ``output_block`` + deep-supervision heads
+``MultiViewUNet``      the UNet presets, over the shared UNet or all three per-view UNets (the
+                       learned-fusion conv is in none: train it directly if wanted)
+``ViTSegmenter``       ``attention`` (every Linear in an ``attn`` block), ``qkv`` (the query/key/value
+                       projections only), ``mlp``, ``all_linear`` (every Linear of the encoder),
+                       ``decoder`` (decoder convs and head), ``all``
+=====================  =====================================================================
+"""
+
+from __future__ import annotations
+
+from monai.networks.layers import SkipConnection
+from monai.networks.nets import DynUNet, UNet
+from torch import nn
+
+from segadapt.models.multiview_unet import VIEWS, MultiViewUNet
+from segadapt.models.vit_seg import ViTSegmenter
+
+ADAPTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+QKV_NAMES = {"qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj"}
+
+
+def adaptable_modules(model: nn.Module) -> list[str]:
+    """Names of the layers adapters can wrap (see module docstring), in module order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ADAPTABLE_TYPES) and getattr(module, "groups", 1) == 1
+    ]
+
+
+def _under(name: str, roots: list[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def _split(model: nn.Module, parts: dict[str, list[str]], everything: str) -> dict[str, list[str]]:
+    """Group the adaptable layers by the part (a list of root module names) that holds them."""
+    names = adaptable_modules(model)
+    presets = {part: [n for n in names if _under(n, roots)] for part, roots in parts.items()}
+    presets[everything] = names
+    return presets
+
+
+def _monai_unet_parts(unet: UNet) -> dict[str, list[str]]:
+    # MONAI's UNet nests each level as Sequential(down, SkipConnection(next level), up);
+    # the innermost submodule is the bottom (bottleneck) block.
+    encoder, decoder = [], []
+    path, block = "model", unet.model
+    while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+        encoder.append(f"{path}.0")
+        decoder.append(f"{path}.2")
+        path, block = f"{path}.1.submodule", block[1].submodule
+    return {"encoder": encoder, "bottleneck": [path], "decoder": decoder}
+
+
+def _unet_presets(unet: nn.Module) -> dict[str, list[str]]:
+    if isinstance(unet, DynUNet):
+        parts = {
+            "encoder": ["input_block", "downsamples"],
+            "bottleneck": ["bottleneck"],
+            "decoder": ["upsamples", "output_block", "deep_supervision_heads"],
+        }
+    else:
+        parts = _monai_unet_parts(unet)
+    return _split(unet, parts, "all_conv")
+
+
+def _vit_presets(model: ViTSegmenter) -> dict[str, list[str]]:
+    linear = [n for n, m in model.encoder.named_modules() if isinstance(m, nn.Linear)]
+    encoder = {
+        "attention": [n for n in linear if "attn" in n.split(".")],
+        "qkv": [n for n in linear if "attn" in n.split(".") and n.split(".")[-1] in QKV_NAMES],
+        "mlp": [n for n in linear if "mlp" in n.split(".")],
+        "all_linear": linear,
+    }
+    presets = {key: [f"encoder.{n}" for n in names] for key, names in encoder.items()}
+    presets.update(_split(model, {"decoder": ["decoder", "head"]}, "all"))
+    return presets
+
+
+def target_presets(model: nn.Module) -> dict[str, list[str]]:
+    """All presets of ``model``: preset name -> fully-qualified names of the layers to adapt."""
+    if isinstance(model, MultiViewUNet):
+        roots = ["unet"] if model.shared_weights else [f"unets.{view}" for view in VIEWS]
+        presets: dict[str, list[str]] = {}
+        for root in roots:
+            for key, names in _unet_presets(model.get_submodule(root)).items():
+                presets.setdefault(key, []).extend(f"{root}.{n}" for n in names)
+        return presets
+    if isinstance(model, (UNet, DynUNet)):
+        return _unet_presets(model)
+    if isinstance(model, ViTSegmenter):
+        return _vit_presets(model)
+    raise TypeError(
+        f"no adapter presets for {type(model).__name__}; presets exist for MultiViewUNet, MONAI UNet, "
+        "DynUNet and ViTSegmenter (for another model, pass module-name patterns to AdapterConfig directly)"
+    )
+
+
+def preset_targets(model: nn.Module, preset: str) -> list[str]:
+    """Names of the layers of ``model`` that ``preset`` adapts; ``ValueError`` lists the valid presets."""
+    presets = target_presets(model)
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {type(model).__name__}; valid presets: {', '.join(presets)}")
+    if not presets[preset]:
+        raise ValueError(f"preset {preset!r} selects no layer of this {type(model).__name__}")
+    return presets[preset]

@@ -1,0 +1,203 @@
+"""Safe loading of pretrained weights from local files, with a readable report of what did not match.
+
+Files accepted by :func:`read_state_dict`:
+
+- ``*.safetensors`` (``safetensors.torch.load_file``; no code can run);
+- a plain ``torch.save``-d state dict (``.pt``/``.pth``/...);
+- a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"`` or ``"model"``.
+
+Pickles are read with ``torch.load(..., weights_only=True)``: a file whose unpickling would build
+arbitrary objects (and so could run code) is refused with :class:`UnsafeCheckpointError`.
+:func:`load_pretrained` strips a common key prefix (Lightning's ``model.``, DDP's ``module.``,
+``torch.compile``'s ``_orig_mod.``) found by matching keys against the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+MAX_LISTED = 20  # keys shown per category in a report; the dataclass keeps them all
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file would need to unpickle arbitrary objects (possible code execution) and was not read."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not fit the model; the message shows ``report`` (a :class:`LoadReport`)."""
+
+    def __init__(self, message: str, report: LoadReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did: keys loaded, missing, unexpected and mis-shaped."""
+
+    path: str
+    prefix: str = ""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key was loaded and nothing in the file was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        stripped = f" (key prefix {self.prefix!r} stripped)" if self.prefix else ""
+        lines = [f"{self.path}: loaded {len(self.loaded)}/{total} model tensors{stripped}"]
+        sections = [
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+            (
+                "shape mismatch (checkpoint vs model)",
+                [f"{key}: {tuple(c)} vs {tuple(m)}" for key, c, m in self.mismatched],
+            ),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines += [f"    {item}" for item in items[:MAX_LISTED]]
+                if len(items) > MAX_LISTED:
+                    lines.append(f"    ... and {len(items) - MAX_LISTED} more")
+        return "\n".join(lines)
+
+
+def _unsafe(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    # torch's message starts with advice to retry with weights_only=False; keep only the offending global.
+    detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), str(err))
+    return UnsafeCheckpointError(
+        f"refused to load {path}: it contains pickled objects that torch.load(weights_only=True) does "
+        f"not allow, and unpickling them could run arbitrary code. If the file comes from a source you "
+        f"trust, re-save its state dict as .safetensors.\n{detail}"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path, device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _unsafe(path, err) from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path} is not a state dict: entries {not_tensors[:5]} are not tensors")
+    return dict(obj)
+
+
+def _detect_prefix(keys: list[str], model_keys: set[str]) -> str:
+    """The key prefix whose removal matches most checkpoint keys to model keys ('' on a tie)."""
+    votes: Counter[str] = Counter()
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in model_keys:
+                votes[".".join(parts[:i]) + "." if i else ""] += 1
+    if not votes:
+        return ""
+    best = max(votes.values())
+    return min((p for p, n in votes.items() if n == best), key=len)
+
+
+def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+    """Load weights from a local file into ``model`` and report what did not match.
+
+    Args:
+        model: the plain model (load before ``segadapt.adapters.inject``).
+        path: ``.safetensors``, a state-dict pickle, or a Lightning checkpoint (see :func:`read_state_dict`).
+        strict: raise :class:`CheckpointMismatchError` (message = the report) on any missing, unexpected
+            or mis-shaped key. Non-strict loads the tensors that fit and returns the report.
+
+    A file that shares no tensor with the model (another architecture) is refused even when not strict.
+    """
+    state = read_state_dict(path)
+    target = model.state_dict()
+    prefix = _detect_prefix(list(state), set(target))
+    report = LoadReport(path=str(path), prefix=prefix)
+    usable: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if name not in target:
+            report.unexpected.append(key)
+        elif tensor.shape != target[name].shape:
+            report.mismatched.append((name, tuple(tensor.shape), tuple(target[name].shape)))
+        else:
+            usable[name] = tensor
+    report.loaded = [k for k in target if k in usable]
+    mismatched = {name for name, _, _ in report.mismatched}
+    report.missing = [k for k in target if k not in usable and k not in mismatched]
+    if not usable:
+        reason = "no tensor matches"
+    elif strict and not report.ok:
+        reason = "strict=True"
+    else:
+        model.load_state_dict(usable, strict=False)
+        return report
+    raise CheckpointMismatchError(f"checkpoint does not fit {type(model).__name__} ({reason}):\n{report}", report)
+
+
+def create_timm_encoder(name: str, weights_file: str | Path | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, with pretrained weights from a local file instead of the hub.
+
+    The file is read by :func:`read_state_dict` (an unsafe pickle raises :class:`UnsafeCheckpointError`);
+    timm's loader then applies the architecture's checkpoint filter (SAM key remapping,
+    position-embedding resampling to ``img_size``), drops a classifier the model does not have, and
+    adapts the patch embedding to ``in_chans`` (channels summed for 1). Any encoder tensor left missing or
+    file tensor left unused raises :class:`CheckpointMismatchError` with the report (timm alone would
+    only log it).
+    """
+    encoder = timm.create_model(name, pretrained=False, **kwargs)
+    if weights_file is None:
+        return encoder
+    state = read_state_dict(weights_file)
+    # timm keeps each architecture's checkpoint filter beside its model entrypoint.
+    module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
+    report = LoadReport(path=str(weights_file))
+
+    def record(_module: nn.Module, keys) -> None:
+        report.missing, report.unexpected = list(keys.missing_keys), list(keys.unexpected_keys)
+
+    handle = encoder.register_load_state_dict_post_hook(record)
+    try:
+        timm.models.load_pretrained(
+            encoder,
+            pretrained_cfg=dict(encoder.pretrained_cfg, state_dict=state, source=None),
+            num_classes=getattr(encoder, "num_classes", 0),
+            in_chans=kwargs.get("in_chans", 3),
+            filter_fn=getattr(module, "checkpoint_filter_fn", None),
+        )
+    except RuntimeError as err:  # torch's size-mismatch message, or a filter that could not remap
+        raise CheckpointMismatchError(f"timm weights {weights_file} do not fit {name}:\n{err}") from None
+    finally:
+        handle.remove()
+    report.loaded = [k for k in encoder.state_dict() if k not in report.missing]
+    if not report.ok:
+        raise CheckpointMismatchError(f"timm weights do not fit {name}:\n{report}", report)
+    return encoder
