@@ -1,8 +1,9 @@
 """Adapter target presets: which layers of a model to adapt, by fully-qualified module name.
 
-A preset is a list of names of *adaptable* layers -- ``nn.Linear``, ``nn.Conv1d/2d/3d`` and
-``nn.ConvTranspose2d/3d`` with ``groups == 1`` -- ready for ``AdapterConfig(targets=...)`` (a full name is
-a suffix of itself). Compute presets on the plain model, before ``inject``.
+A preset is a list of names of *adaptable* layers -- the layer types ``segadapt.adapters`` supports
+(``nn.Linear``, ``nn.ConvNd``, ``nn.ConvTransposeNd``) with ``groups == 1`` -- ready for
+``AdapterConfig(targets=...)`` (a full name is a suffix of itself; no preset name here is also the suffix
+of another module's name). Compute presets on the plain model, before ``inject``.
 
 =====================  =====================================================================
 model                  presets
@@ -15,7 +16,7 @@ MONAI ``DynUNet``      same; encoder = ``input_block`` + ``downsamples``, decode
                        learned-fusion conv is in none: train it directly if wanted)
 ``ViTSegmenter``       ``attention`` (every Linear in an ``attn`` block), ``qkv`` (the query/key/value
                        projections only), ``mlp``, ``all_linear`` (every Linear of the encoder),
-                       ``decoder`` (decoder convs and head), ``all``
+                       ``decoder`` (decoder convs and mask head), ``all``
 =====================  =====================================================================
 """
 
@@ -25,10 +26,10 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
+from segadapt.adapters.layers import SUPPORTED_LAYERS
 from segadapt.models.multiview_unet import VIEWS, MultiViewUNet
 from segadapt.models.vit_seg import ViTSegmenter
 
-ADAPTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QKV_NAMES = {"qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj"}
 
 
@@ -37,7 +38,7 @@ def adaptable_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, ADAPTABLE_TYPES) and getattr(module, "groups", 1) == 1
+        if isinstance(module, SUPPORTED_LAYERS) and getattr(module, "groups", 1) == 1
     ]
 
 
@@ -86,7 +87,7 @@ def _vit_presets(model: ViTSegmenter) -> dict[str, list[str]]:
         "all_linear": linear,
     }
     presets = {key: [f"encoder.{n}" for n in names] for key, names in encoder.items()}
-    presets.update(_split(model, {"decoder": ["decoder", "head"]}, "all"))
+    presets.update(_split(model, {"decoder": ["decoder", "mask_head"]}, "all"))
     return presets
 
 

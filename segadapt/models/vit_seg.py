@@ -48,7 +48,7 @@ class ViTSegmenter(nn.Module):
         encoder_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``depth``, ``embed_dim``,
             ``dynamic_img_size``).
 
-    Modules: ``encoder`` (timm), ``decoder`` (``nn.Sequential`` of stages), ``head`` (1x1 conv).
+    Modules: ``encoder`` (timm), ``decoder`` (``nn.Sequential`` of stages), ``mask_head`` (1x1 conv).
     """
 
     def __init__(
@@ -78,14 +78,14 @@ class ViTSegmenter(nn.Module):
             )
         widths = [self.encoder.num_features, *decoder_channels]
         self.decoder = nn.Sequential(*[_up_stage(a, b) for a, b in zip(widths[:-1], widths[1:])])
-        self.head = nn.Conv2d(widths[-1], out_channels, kernel_size=1)
+        self.mask_head = nn.Conv2d(widths[-1], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, out_channels, H, W)`` for images ``(B, in_channels, H, W)``."""
         if x.ndim != 4:
             raise ValueError(f"ViTSegmenter takes images (B, C, H, W), got shape {tuple(x.shape)}")
         features = self.encoder.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[-1]
-        logits = self.head(self.decoder(features))
+        logits = self.mask_head(self.decoder(features))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
