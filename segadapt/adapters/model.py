@@ -21,11 +21,8 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters injected into the model, in injection order."""
-    names: dict[str, None] = {}
-    for _, layer in adapted_layers(model):
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
+    """Names of the adapters injected into the model, sorted."""
+    return sorted({name for _, layer in adapted_layers(model) for name in layer.adapters})
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
@@ -54,7 +51,8 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "default", active: bool = True) -> nn.Module:
     """Inject one named adapter into every module that ``config.targets`` selects, in place.
 
-    Every base parameter is frozen; the new adapter's parameters are the only trainable ones when it
+    Adapters attach to weights: selected modules without parameters (Identity, Dropout, activations)
+    are skipped; a selected module with weights of an unsupported type is an error. Every base parameter is frozen; the new adapter's parameters are the only trainable ones when it
     is made active. Several adapters may sit on one model under different names. All adapters are
     built before the model is touched, so a bad config leaves the model unchanged.
 
@@ -74,7 +72,9 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
     selected = [
         (module_name, module)
         for module_name, module in candidates
-        if name_matches(module_name, config.targets) and not (config.exclude and name_matches(module_name, config.exclude))
+        if name_matches(module_name, config.targets)
+        and not (config.exclude and name_matches(module_name, config.exclude))
+        and any(True for _ in module.parameters())
     ]
     if not selected:
         layers = [n for n, m in candidates if isinstance(m, (*SUPPORTED_LAYERS, AdaptedLayer))]

@@ -48,6 +48,8 @@ def factorize(n: int, max_factor: int) -> list[int]:
 
 def tr_to_full(cores: list[torch.Tensor]) -> torch.Tensor:
     """Dense tensor of a tensor ring with cores (R, I_k, R), via TensorLy."""
+    if len(cores) == 1:  # tl.tr_to_tensor needs two cores or more
+        return torch.einsum("aia->i", cores[0])
     with tl.backend_context("pytorch", local_threadsafe=True):
         return tl.tr_to_tensor(list(cores))
 

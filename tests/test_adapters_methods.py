@@ -1,0 +1,193 @@
+"""Table-driven checks of every adapter method on every supported layer type."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from segadapt.adapters import (
+    METHODS,
+    AdaptedLayer,
+    AdapterConfig,
+    inject,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    unmerge,
+)
+
+RANK, LORA_RANK, RING = 3, 2, 2
+
+# name -> (factory, input shape)
+LAYERS = {
+    "linear": (lambda: nn.Linear(24, 20), (2, 5, 24)),
+    "conv1d": (lambda: nn.Conv1d(6, 12, 3, padding=1), (2, 6, 11)),
+    "conv2d": (lambda: nn.Conv2d(6, 12, 3, stride=2, padding=1), (2, 6, 9, 10)),
+    "conv2d_dilated_nobias": (lambda: nn.Conv2d(6, 12, 3, padding=2, dilation=2, bias=False), (2, 6, 9, 9)),
+    "conv2d_reflect": (lambda: nn.Conv2d(6, 12, (3, 1), padding=(1, 0), padding_mode="reflect"), (2, 6, 8, 7)),
+    "conv3d": (lambda: nn.Conv3d(4, 10, 3, padding=1), (2, 4, 6, 5, 6)),
+    "conv3d_strided": (lambda: nn.Conv3d(4, 10, (3, 3, 1), stride=(2, 2, 1), padding=(1, 1, 0)), (1, 4, 7, 6, 5)),
+    "convT2d": (lambda: nn.ConvTranspose2d(8, 6, 2, stride=2), (2, 8, 5, 4)),
+    "convT3d": (lambda: nn.ConvTranspose3d(8, 6, 3, stride=2, padding=1, output_padding=1), (1, 8, 4, 3, 4)),
+}
+CASES = [(method, layer) for method in sorted(METHODS) for layer in LAYERS]
+ACTIVATION_METHODS = ["lora", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt"]
+
+
+def make(layer: str, method: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    factory, shape = LAYERS[layer]
+    model = nn.Sequential(factory(), nn.Tanh())
+    base = copy.deepcopy(model)
+    config = AdapterConfig(method=method, rank=RANK, alpha=2 * RANK, lora_rank=LORA_RANK, ring_rank=RING, targets=["0"], **overrides)
+    inject(model, config)
+    return base, model, torch.randn(*shape)
+
+
+def adapter_of(model) -> nn.Module:
+    return model[0].adapters["default"]
+
+
+def train_steps(model, x, steps=3, lr=2e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    target = torch.randn_like(model(x))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+
+
+def expected_params(method: str, module: nn.Module, adapter: nn.Module) -> int:
+    """Trainable parameter counts from DESIGN.md's table, computed from the layer's shape."""
+    if isinstance(module, nn.Linear):
+        cout, cin, kernel = module.out_features, module.in_features, ()
+    else:
+        cout, cin, kernel = module.out_channels, module.in_channels, tuple(module.kernel_size)
+    fan_in = cin * math.prod(kernel)
+    r = RANK
+    dora_extra = cout if method.endswith("dora") or method == "dora_c" else 0
+    if method in ("lora", "conv_lora", "conv_dora"):
+        return r * (fan_in + cout) + dora_extra
+    if method in ("lora_c", "dora_c"):
+        k = kernel[0] if kernel else 1
+        return r * k * (fan_in // k + cout * k) + dora_extra
+    if method in ("cp_lora", "cp_dora"):
+        return r * (cout + cin + sum(kernel)) + dora_extra
+    if method == "salt":
+        q = min(cout, fan_in)
+        return 2 * r + 2 * (q - r) * min(LORA_RANK, q - r)
+    if method == "tlora":
+        assert math.prod(adapter.in_factors) == fan_in and math.prod(adapter.out_factors) == cout
+        return RING**2 * sum(i * i for i in adapter.in_factors) + r**2 * (sum(adapter.in_factors) + sum(adapter.out_factors))
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method,layer", CASES)
+def test_identity_at_init_and_parameter_count(method, layer):
+    base, model, x = make(layer, method)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=2e-6)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == expected_params(method, base[0], adapter_of(model))
+    assert all(not p.requires_grad for p in model[0].base_layer.parameters())
+
+
+@pytest.mark.parametrize("method,layer", CASES)
+def test_train_merge_unmerge_and_frozen_base(method, layer):
+    base, model, x = make(layer, method)
+    base_state = {k: v.clone() for k, v in model[0].base_layer.state_dict().items()}
+    train_steps(model, x)
+    # only adapter parameters changed; the base is bit-identical
+    for key, value in model[0].base_layer.state_dict().items():
+        assert torch.equal(value, base_state[key]), key
+    with torch.no_grad():
+        adapted = model(x)
+        assert not torch.allclose(adapted, base(x), atol=1e-4), "training did not move the output"
+        merge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+        unmerge(model)
+        for key, value in model[0].base_layer.state_dict().items():
+            torch.testing.assert_close(value, base_state[key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+        plain = merge_and_unload(model)
+        assert type(plain[0]) is type(base[0]) and not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+        torch.testing.assert_close(plain(x), adapted, rtol=1e-4, atol=1e-5)
+        # the merged model loads into the bare architecture
+        bare = copy.deepcopy(base)
+        bare.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(bare(x), adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,layer", CASES)
+def test_save_load_round_trip(method, layer, tmp_path):
+    base, model, x = make(layer, method)
+    train_steps(model, x, steps=2)
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ACTIVATION_METHODS)
+@pytest.mark.parametrize("layer", ["linear", "conv1d", "conv2d", "conv2d_dilated_nobias", "conv3d", "conv3d_strided"])
+def test_weight_and_activation_space_agree(method, layer):
+    _, model, x = make(layer, method)
+    adapter = adapter_of(model)
+    assert adapter.has_activation_form
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    outputs, grads = {}, {}
+    for compute in ("weight", "activation"):
+        adapter.compute = compute
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        outputs[compute] = y.detach()
+        grads[compute] = [p.grad.clone() for p in adapter.parameters()]
+    torch.testing.assert_close(outputs["activation"], outputs["weight"], rtol=1e-4, atol=1e-5)
+    for g_act, g_weight in zip(grads["activation"], grads["weight"]):
+        torch.testing.assert_close(g_act, g_weight, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora_c", "dora_c", "tlora"])
+def test_weight_space_only_methods(method):
+    _, model, _ = make("conv2d", method)
+    assert not adapter_of(model).has_activation_form
+    with pytest.raises(ValueError, match="dropout"):
+        make("conv2d", method, dropout=0.1)
+
+
+def test_reflect_padding_uses_weight_space():
+    _, model, _ = make("conv2d_reflect", "conv_lora")
+    assert not adapter_of(model).has_activation_form
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bf16_autocast(method):
+    _, model, x = make("conv2d", method)
+    train_steps(model, x, steps=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    grads = [p.grad for p in adapter_of(model).parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_dropout_applies_in_training_only():
+    _, model, x = make("conv2d", "conv_lora", dropout=0.5, compute="activation")
+    train_steps(model, x, steps=2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
