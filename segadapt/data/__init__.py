@@ -1,0 +1,103 @@
+"""segadapt.data: datasets, readers, preprocessing pipelines, k-fold splits and a head-CT phantom.
+
+Public API (everything below is importable from ``segadapt.data``)::
+
+    # dataset description (dataset_json.py)
+    load_dataset_json(path) -> DatasetDescription            # validated; absolute paths
+    DatasetDescription(path, name, modality, labels, cases)  # .root .channels .label_values .case(id)
+    CaseEntry(case_id, image, label, patient_id)             # .as_dict() -> MONAI data dict
+    write_dataset_json(path, name, cases, labels, modality=None, **extra) -> Path
+
+    # reading (readers.py, loading.py)
+    SimpleITKReader()                   # MONAI ImageReader: .nrrd/.mha/.mhd and DICOM series folders
+    make_loader(keys) -> LoadImaged     # NIfTI (nibabel), NRRD/MHA/MHD/DICOM (SimpleITK), PNG; channel first
+    LoadCased(keys, label_values, channels, spatial_dims, affine_tolerance)  # read + check_case
+    check_case(data, label_values, channels, spatial_dims, affine_tolerance)
+    CaseError(ValueError)               # a case that cannot be used; names the case and file
+
+    # preprocessing (config.py, transforms.py)
+    PreprocessConfig(intensity, windows, target_spacing, orientation, spatial_dims, crop_foreground,
+                     foreground_threshold, patch_size, slice_size, slice_axes, samples_per_volume,
+                     positive_fraction, augment, cache, cache_dir, affine_tolerance)
+        .cache_key() -> str   .in_channels -> int   .to_dict() / .from_dict(d)
+    patch_train_transforms(cfg, label_values=None, channels=1) -> Compose   # 3D (or 2D-image) patches
+    slice_train_transforms(cfg, label_values=None, channels=1) -> Compose   # multi-view 2D slices + 'view'
+    val_transforms(cfg, label_values=None, channels=1) -> Compose           # whole volume + label
+    inference_transforms(cfg, channels=1) -> Compose                        # whole volume, image only
+    invert_transform(pipeline, keys="pred", nearest=False) -> Invertd       # back to the input grid
+    CTWindowd(keys, windows), RandSliced(...)
+
+    # datasets and splits (datasets.py, splits.py)
+    build_dataset(cases, transform, cfg, name="dataset", cache_workers=1) -> Dataset
+    fold_datasets(dataset_json, fold, cfg, n_folds=5, seed=0, sampling="patch"|"slice",
+                  splits_path=None, cache_workers=1) -> (train Dataset, val Dataset)
+    disk_cache_dir(cfg, name) -> Path
+    load_or_create_splits(dataset_json, n_folds=5, seed=0, path=None) -> Splits  # .val_ids(f) .train_ids(f)
+    make_splits(cases, volumes_ml, n_folds, seed) -> list[list[str]]
+    fold_cases(description, splits, fold) -> (train cases, val cases)
+    lesion_volume_ml(label_path) -> float
+
+    # phantom (phantom.py; also `python -m segadapt.data.phantom --domain tbi --n 24 --out DIR`)
+    make_phantom_dataset(out_dir, domain, n, seed=0, shape=(96, 96, 40), spacing=(2.3, 2.3, 4.0)) -> Path
+    make_case(domain, rng, shape, spacing, size) -> (image int16 HU, mask uint8, affine)
+
+Typical use (training)::
+
+    cfg = PreprocessConfig(patch_size=[64, 64, 32], cache="memory")
+    train_ds, val_ds = fold_datasets("data/phantom_sah/dataset.json", fold=0, cfg, n_folds=3)
+    loader = monai.data.DataLoader(train_ds, batch_size=2, shuffle=True)  # list_data_collate flattens
+
+Errors: a bad ``dataset.json`` raises at :func:`load_dataset_json`; a bad case raises :class:`CaseError`
+(or ``FileNotFoundError``) when first read, before anything is cached; inside a MONAI ``Compose`` it
+arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.
+"""
+
+from .config import CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, write_dataset_json
+from .datasets import build_dataset, disk_cache_dir, fold_datasets
+from .loading import CaseError, LoadCased, check_case
+from .phantom import make_case, make_phantom_dataset
+from .readers import SimpleITKReader, make_loader
+from .splits import Splits, fold_cases, lesion_volume_ml, load_or_create_splits, make_splits
+from .transforms import (
+    CTWindowd,
+    RandSliced,
+    inference_transforms,
+    invert_transform,
+    patch_train_transforms,
+    slice_train_transforms,
+    val_transforms,
+)
+
+__all__ = [
+    "CACHE_MODES",
+    "INTENSITY_MODES",
+    "SLICE_AXES",
+    "CTWindowd",
+    "CaseEntry",
+    "CaseError",
+    "DatasetDescription",
+    "LoadCased",
+    "PreprocessConfig",
+    "RandSliced",
+    "SimpleITKReader",
+    "Splits",
+    "build_dataset",
+    "check_case",
+    "disk_cache_dir",
+    "fold_cases",
+    "fold_datasets",
+    "inference_transforms",
+    "invert_transform",
+    "lesion_volume_ml",
+    "load_dataset_json",
+    "load_or_create_splits",
+    "make_case",
+    "make_loader",
+    "make_phantom_dataset",
+    "make_splits",
+    "patch_train_transforms",
+    "slice_train_transforms",
+    "val_transforms",
+    "write_dataset_json",
+]

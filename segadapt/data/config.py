@@ -1,0 +1,124 @@
+"""Preprocessing configuration: plain values only, so Hydra, YAML and the Lightning CLI can fill it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+INTENSITY_MODES = ("ct", "mri", "rgb")
+CACHE_MODES = ("none", "memory", "disk")
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
+
+# Bump when the deterministic (cached) part of the pipelines changes meaning, to invalidate disk caches.
+PIPELINE_VERSION = 1
+
+# The fields that change what the deterministic part of a pipeline produces; they key the disk cache.
+_CACHED_FIELDS = ("intensity", "windows", "target_spacing", "orientation", "spatial_dims", "crop_foreground",
+                  "foreground_threshold")
+
+
+def _canonical(value: object) -> object:
+    """Numbers as floats and sequences as lists, so [40, 80] and (40.0, 80.0) hash alike."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return [_canonical(v) for v in value]  # type: ignore[union-attr]
+
+
+@dataclass
+class PreprocessConfig:
+    """How volumes become network inputs (see :mod:`segadapt.data.transforms`).
+
+    Deterministic (cached) part: orient -> resample -> crop to foreground -> intensity.
+    Random (per-epoch) part: 3D patches or 2D slices, then augmentation.
+    """
+
+    intensity: str = "ct"
+    """'ct': HU windows stacked as channels; 'mri': z-score over nonzero voxels; 'rgb': x / 255."""
+    windows: list[list[float]] = field(default_factory=lambda: [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]])
+    """CT windows as [level, width] in HU (brain, subdural, bone); channel c = clip((HU - L + W/2) / W, 0, 1)."""
+    target_spacing: list[float] | None = None
+    """Voxel size in mm to resample to (bilinear image, nearest label); None keeps the native grid."""
+    orientation: str = "RAS"
+    """Axis codes to reorient to (array axis i points along letter i)."""
+    spatial_dims: int = 3
+    """3 for volumes; 2 for plain 2D images (DRIVE)."""
+    crop_foreground: bool = True
+    """Crop to the bounding box of voxels above `foreground_threshold` (the head / body)."""
+    foreground_threshold: float = -500.0
+    """Raw-intensity threshold for the crop (HU for CT; MRI and RGB use > 0)."""
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 32])
+    """3D training patch size (padded up to where the volume is smaller)."""
+    slice_size: list[int] = field(default_factory=lambda: [96, 96])
+    """2D training slice size (each view's slice is padded/cropped to this)."""
+    slice_axes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
+    """Views that 2D slices are drawn from, uniformly."""
+    samples_per_volume: int = 4
+    """Patches or slices drawn from one volume per visit."""
+    positive_fraction: float = 0.5
+    """Share of patches/slices centred on a lesion voxel; the rest centre on other foreground voxels."""
+    augment: bool = True
+    """Random flips, small rotations/zoom, intensity scale/shift and noise."""
+    cache: str = "memory"
+    """'none' (read every time), 'memory' (MONAI CacheDataset), 'disk' (MONAI PersistentDataset)."""
+    cache_dir: str = "outputs/cache"
+    """Root of the disk cache; each config writes under ``<cache_dir>/<dataset>-<cache_key()>``."""
+    affine_tolerance: float = 1e-3
+    """Largest allowed |image affine - label affine| entry (mm) before a case is rejected."""
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.intensity == "ct" and not self.windows:
+            raise ValueError("intensity 'ct' needs at least one [level, width] window")
+        for window in self.windows:
+            if len(window) != 2 or window[1] <= 0:
+                raise ValueError(f"each window must be [level, width > 0], got {window}")
+        if self.target_spacing is not None and len(self.target_spacing) != self.spatial_dims:
+            raise ValueError(f"target_spacing {self.target_spacing} needs {self.spatial_dims} values")
+        if len(self.orientation) != self.spatial_dims:
+            raise ValueError(f"orientation {self.orientation!r} needs {self.spatial_dims} axis codes")
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"patch_size {self.patch_size} needs {self.spatial_dims} values")
+        if len(self.slice_size) != 2:
+            raise ValueError(f"slice_size must have 2 values, got {self.slice_size}")
+        unknown = set(self.slice_axes) - set(SLICE_AXES)
+        if unknown or not self.slice_axes:
+            raise ValueError(f"slice_axes must be a non-empty subset of {list(SLICE_AXES)}, got {self.slice_axes}")
+        if not 0.0 <= self.positive_fraction <= 1.0:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+
+    @property
+    def in_channels(self) -> int:
+        """Channels the network sees per image channel: one per window for CT, else one."""
+        return len(self.windows) if self.intensity == "ct" else 1
+
+    def cache_key(self) -> str:
+        """Stable 16-hex-digit hash of the fields that change cached content (and the pipeline version).
+
+        Equal configs give equal keys across runs and machines; changing a window, the spacing, the
+        orientation, the crop or the intensity mode gives a new key, hence a fresh disk-cache folder.
+        """
+        values = {name: _canonical(getattr(self, name)) for name in _CACHED_FIELDS}
+        if self.intensity != "ct":
+            values.pop("windows")
+        text = json.dumps({"version": PIPELINE_VERSION, **values}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessConfig:
+        """Build from a plain mapping (e.g. ``OmegaConf.to_container(cfg.data)``); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,59 @@
+"""Atomic file writing: every file segadapt.data writes appears whole or not at all.
+
+Each writer fills a temporary file in the destination folder and then `os.replace`s it onto the final
+name, so an interrupted run never leaves a half-written JSON, NIfTI or PNG behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffixes); on success move it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Write `obj` as indented JSON to `path`, atomically."""
+    return _write_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI-1 file (`.nii` or `.nii.gz`) with the given voxel-to-RAS-mm `affine`, atomically."""
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    return _write_with(path, lambda tmp: nib.save(image, tmp))
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (rows are image rows)."""
+    from PIL import Image
+
+    return _write_with(path, lambda tmp: Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format="PNG"))

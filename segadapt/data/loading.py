@@ -1,0 +1,127 @@
+"""Reading one case and rejecting it, with the case and file named, when it cannot be used.
+
+:class:`LoadCased` is the first step of every pipeline. It reads the image (and label) through
+:func:`~segadapt.data.readers.make_loader` and runs :func:`check_case` before anything can be cached, so a
+bad file never reaches a memory or disk cache. MONAI re-raises an error inside a ``Compose`` as
+``RuntimeError("applying transform ...")`` chained *from* ours; the first exception printed in the
+traceback is the :class:`CaseError` (or ``FileNotFoundError``) that names the case and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from .readers import make_loader
+
+
+class CaseError(ValueError):
+    """A case that cannot be used: unreadable file, wrong dimensions, grids that disagree, NaN/inf voxels,
+    label values not declared in ``dataset.json``."""
+
+
+def _source(tensor: object) -> str:
+    return str(tensor.meta.get("filename_or_obj", "?")) if isinstance(tensor, MetaTensor) else "?"
+
+
+def _describe_grid(affine: torch.Tensor) -> str:
+    a = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(a[:-1, :-1], axis=0)
+    return f"spacing {np.round(spacing, 4).tolist()} origin {np.round(a[:-1, -1], 4).tolist()}"
+
+
+def check_case(
+    data: Mapping[Hashable, object],
+    label_values: Sequence[int] | None = None,
+    channels: int = 1,
+    spatial_dims: int = 3,
+    affine_tolerance: float = 1e-3,
+) -> None:
+    """Raise :class:`CaseError` unless the loaded ``image`` (and ``label`` if present) can be used.
+
+    ``data['image']`` is a channel-first MetaTensor (channels, *spatial); ``data['label']`` likewise
+    with one channel. Checks: `channels` x `spatial_dims`-D image; finite voxels; label on the image's
+    grid (same shape, affines equal to within `affine_tolerance` mm per entry); label values a subset of
+    `label_values` (None skips that check).
+    """
+    case = data.get("case_id", "?")
+    image = data["image"]
+    where = f"case {case!r}: image {_source(image)}"
+    if image.ndim - 1 != spatial_dims or image.shape[0] != channels:
+        raise CaseError(
+            f"{where} has {image.shape[0]} channel(s) x spatial shape {tuple(image.shape[1:])}; expected {channels} "
+            f"channel(s) x a {spatial_dims}D grid (a 4D/time-series or wrongly stacked image?)"
+        )
+    if not torch.isfinite(image).all():
+        bad = int((~torch.isfinite(image)).sum())
+        raise CaseError(f"{where} has {bad} NaN or infinite voxel(s)")
+    label = data.get("label")
+    if label is None:
+        return
+    where = f"case {case!r}: label {_source(label)}"
+    if label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
+        raise CaseError(
+            f"{where} has shape {tuple(label.shape[1:])} x {label.shape[0]} channel(s); the image has spatial "
+            f"shape {tuple(image.shape[1:])} and the label must be one channel on the same grid"
+        )
+    deviation = float((label.affine - image.affine).abs().max())
+    if deviation > affine_tolerance:
+        raise CaseError(
+            f"{where} is not on the image's grid: affines differ by up to {deviation:.4g} mm "
+            f"(tolerance {affine_tolerance}); image {_describe_grid(image.affine)}, label {_describe_grid(label.affine)}"
+        )
+    if not torch.isfinite(label).all():
+        raise CaseError(f"{where} has NaN or infinite values")
+    if label_values is not None:
+        found = torch.unique(label.as_tensor()).tolist()
+        undeclared = [int(v) if float(v).is_integer() else v for v in sorted(set(found) - set(map(float, label_values)))]
+        if undeclared:
+            raise CaseError(
+                f"{where} holds label values {undeclared} not declared in dataset.json labels {sorted(label_values)}"
+            )
+
+
+class LoadCased(MapTransform):
+    """Read ``image`` (and ``label``) of a case dict, check it with :func:`check_case`, return MetaTensors.
+
+    The label is put exactly on the image's affine once the check has passed, so later spatial
+    transforms treat both identically.
+
+    Args:
+        keys: the path keys to read; ``("image",)`` for inference.
+        label_values, channels, spatial_dims, affine_tolerance: see :func:`check_case`.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = ("image", "label"),
+        label_values: Sequence[int] | None = None,
+        channels: int = 1,
+        spatial_dims: int = 3,
+        affine_tolerance: float = 1e-3,
+    ) -> None:
+        super().__init__(keys)
+        self.loader = make_loader(keys, allow_missing_keys=True)
+        self.label_values = None if label_values is None else tuple(label_values)
+        self.channels, self.spatial_dims, self.affine_tolerance = channels, spatial_dims, affine_tolerance
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        case = d.get("case_id", "?")
+        for key in self.key_iterator(d):
+            path = Path(str(d[key]))
+            if not path.exists():
+                raise FileNotFoundError(f"case {case!r}: {key} not found: {path}")
+            try:
+                d[key] = self.loader({key: str(path)})[key]
+            except Exception as e:  # any reader failure (corrupt gzip, bad header, mixed DICOM series, ...)
+                raise CaseError(f"case {case!r}: cannot read {key} {path}: {type(e).__name__}: {e}") from e
+        check_case(d, self.label_values, self.channels, self.spatial_dims, self.affine_tolerance)
+        if "label" in d:
+            d["label"].affine = d["image"].affine.clone()
+        return d

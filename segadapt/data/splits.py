@@ -1,0 +1,146 @@
+"""Patient-level k-fold splits, stratified by lesion volume, written once beside the dataset.
+
+``load_or_create_splits(dataset_json, n_folds, seed)`` writes ``splits_<k>fold_seed<seed>.json`` next to
+``dataset.json`` the first time and re-reads it on every later run, so "fold 0" always means the same
+patients even if the splitting code or the library versions change. All scans of one ``patient_id`` land
+in the same fold.
+
+Stratification (what scikit-learn's ``StratifiedGroupKFold`` does for classes, done here for a continuous
+volume, which it does not support): patients are sorted by mean lesion volume (ties broken by a seeded
+shuffle) and dealt out in blocks of k, each block in a seeded random fold order, so every fold gets one
+patient from each volume stratum and fold sizes differ by at most one patient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
+from .files import write_json
+from .loading import CaseError
+from .readers import make_loader
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Validation case ids of each fold, as stored in the splits file at `path`."""
+
+    path: Path
+    n_folds: int
+    seed: int
+    folds: tuple[tuple[str, ...], ...]
+
+    def _check(self, fold: int) -> None:
+        if not isinstance(fold, (int, np.integer)) or not 0 <= fold < self.n_folds:
+            raise ValueError(f"fold {fold!r} out of range: {self.path} has {self.n_folds} folds (0..{self.n_folds - 1})")
+
+    def val_ids(self, fold: int) -> tuple[str, ...]:
+        self._check(fold)
+        return self.folds[fold]
+
+    def train_ids(self, fold: int) -> tuple[str, ...]:
+        self._check(fold)
+        return tuple(c for i, f in enumerate(self.folds) if i != fold for c in f)
+
+
+def lesion_volume_ml(label_path: str | os.PathLike) -> float:
+    """Foreground volume (label > 0) of a label file in millilitres: count * |det(affine[:3, :3])| / 1000."""
+    try:
+        label = make_loader("label")({"label": str(label_path)})["label"]
+    except Exception as e:
+        raise CaseError(f"cannot read label {label_path}: {type(e).__name__}: {e}") from e
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(label.affine, dtype=np.float64)[:-1, :-1])))
+    return float((label > 0).sum()) * voxel_mm3 / 1000.0
+
+
+def make_splits(
+    cases: Sequence[CaseEntry], volumes_ml: Mapping[str, float], n_folds: int, seed: int
+) -> list[list[str]]:
+    """Validation case ids per fold: patients grouped, stratified by mean lesion volume, seeded.
+
+    Raises:
+        ValueError: fewer than 2 folds, or more folds than patients.
+    """
+    patients: dict[str, list[str]] = {}
+    for case in cases:
+        patients.setdefault(case.patient_id, []).append(case.case_id)
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    if n_folds > len(patients):
+        raise ValueError(f"cannot make {n_folds} folds from {len(patients)} patients ({len(cases)} cases)")
+    rng = np.random.default_rng(seed)
+    ids = sorted(patients)
+    ids = [ids[i] for i in rng.permutation(len(ids))]
+    ids.sort(key=lambda p: float(np.mean([volumes_ml[c] for c in patients[p]])))  # stable: shuffle breaks ties
+    folds: list[list[str]] = [[] for _ in range(n_folds)]
+    for start in range(0, len(ids), n_folds):
+        for patient, fold in zip(ids[start:start + n_folds], rng.permutation(n_folds)):
+            folds[fold].extend(sorted(patients[patient]))
+    return [sorted(f) for f in folds]
+
+
+def default_splits_path(description: DatasetDescription, n_folds: int, seed: int) -> Path:
+    return description.root / f"splits_{n_folds}fold_seed{seed}.json"
+
+
+def load_or_create_splits(
+    dataset: str | os.PathLike | DatasetDescription,
+    n_folds: int = 5,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+) -> Splits:
+    """Read the splits file for (`n_folds`, `seed`), creating it first if absent.
+
+    Args:
+        dataset: a ``dataset.json`` path or a loaded description.
+        path: where the splits file lives; default ``<dataset folder>/splits_<k>fold_seed<seed>.json``
+            (pass another path when the dataset folder is read-only).
+
+    Raises:
+        ValueError: the stored file disagrees with the dataset (cases added or removed, other k/seed),
+            or see :func:`make_splits`.
+    """
+    description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
+    path = Path(path) if path is not None else default_splits_path(description, n_folds, seed)
+    ids = {c.case_id for c in description.cases}
+    if not path.exists():
+        volumes = {c.case_id: lesion_volume_ml(c.label) for c in description.cases}
+        folds = make_splits(description.cases, volumes, n_folds, seed)
+        write_json(path, {
+            "dataset": description.name,
+            "n_folds": n_folds,
+            "seed": seed,
+            "method": "patient-grouped k-fold, stratified by lesion volume",
+            "folds": [{"val": f} for f in folds],
+            "lesion_volume_ml": {k: round(v, 4) for k, v in sorted(volumes.items())},
+        })
+    try:
+        doc = json.loads(path.read_text())
+        folds = tuple(tuple(f["val"]) for f in doc["folds"])
+        stored_k, stored_seed = int(doc["n_folds"]), int(doc["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"splits file {path} is unreadable ({e}); delete it to re-split") from e
+    if (stored_k, stored_seed) != (n_folds, seed) or len(folds) != n_folds:
+        raise ValueError(f"splits file {path} holds {stored_k} folds with seed {stored_seed}, asked for {n_folds} "
+                         f"with seed {seed}")
+    stored = {c for f in folds for c in f}
+    if stored != ids:
+        raise ValueError(
+            f"splits file {path} does not match {description.path}: cases added {sorted(ids - stored)[:10]}, "
+            f"removed {sorted(stored - ids)[:10]}; delete the splits file to re-split (fold membership will change)"
+        )
+    return Splits(path, n_folds, seed, folds)
+
+
+def fold_cases(
+    description: DatasetDescription, splits: Splits, fold: int
+) -> tuple[list[CaseEntry], list[CaseEntry]]:
+    """(train cases, validation cases) of `fold`, in dataset order."""
+    val = set(splits.val_ids(fold))
+    return [c for c in description.cases if c.case_id not in val], [c for c in description.cases if c.case_id in val]

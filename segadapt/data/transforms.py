@@ -1,0 +1,231 @@
+"""MONAI transform pipelines built from a :class:`~segadapt.data.config.PreprocessConfig`.
+
+Every pipeline starts with the same deterministic part (cached by the dataset builders)::
+
+    LoadCased -> Orientationd(cfg.orientation) -> Spacingd(cfg.target_spacing) -> CropForegroundd -> intensity
+
+intensity: 'ct' stacks HU windows as channels (:class:`CTWindowd`), 'mri' z-scores nonzero voxels,
+'rgb' divides by 255. Then, per pipeline:
+
+* :func:`patch_train_transforms`: ``spatial_dims``-D patches of ``patch_size``, lesion-centred with
+  probability ``positive_fraction`` (MONAI ``RandCropByPosNegLabeld``), ``samples_per_volume`` per visit,
+  then augmentation. Image (C, *patch_size), label (1, *patch_size).
+* :func:`slice_train_transforms`: 2D slices along a view drawn from ``slice_axes`` (:class:`RandSliced`)
+  for a multi-view 2D network. Image (C, *slice_size), label (1, *slice_size), ``view`` = RAS axis normal
+  to the slice (0 sagittal, 1 coronal, 2 axial).
+* :func:`val_transforms`: whole preprocessed volume with label.
+* :func:`inference_transforms`: whole preprocessed volume, image only; :func:`invert_transform` maps a
+  prediction made on it back onto the input file's grid (orientation, spacing, crop undone).
+
+Lists from random transforms (several samples per volume) are flattened by MONAI's ``list_data_collate``,
+the default collate of ``monai.data.DataLoader``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    Invertd,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    Randomizable,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRange,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from .config import SLICE_AXES, PreprocessConfig
+from .loading import LoadCased
+
+
+class CTWindowd(MapTransform):
+    """Stack CT windows as channels: (C, *spatial) HU -> (C * n_windows, *spatial) in [0, 1].
+
+    Window (L, W) maps HU to clip((HU - (L - W/2)) / W, 0, 1), i.e. MONAI ``ScaleIntensityRange`` from
+    [L - W/2, L + W/2] to [0, 1] with clipping; MONAI has no multi-window transform, so this stacks them.
+    Example: windows [[40, 80]] sends 0 HU -> 0, 40 HU -> 0.5, 80 HU and above -> 1.
+    """
+
+    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]]) -> None:
+        super().__init__(keys)
+        self.scalers = [
+            ScaleIntensityRange(a_min=level - width / 2, a_max=level + width / 2, b_min=0.0, b_max=1.0, clip=True)
+            for level, width in windows
+        ]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = torch.cat([scale(d[key]) for scale in self.scalers], dim=0)
+        return d
+
+
+class _Above:
+    """Picklable ``select_fn`` for ``CropForegroundd``: voxels above a threshold."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x > self.threshold
+
+
+def _intensity(cfg: PreprocessConfig) -> MapTransform:
+    if cfg.intensity == "ct":
+        return CTWindowd("image", cfg.windows)
+    if cfg.intensity == "mri":
+        return NormalizeIntensityd("image", nonzero=True, channel_wise=True)
+    return ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)
+
+
+def deterministic_transforms(
+    cfg: PreprocessConfig,
+    keys: Sequence[str] = ("image", "label"),
+    label_values: Sequence[int] | None = None,
+    channels: int = 1,
+) -> list:
+    """The cached part shared by all pipelines: load + check, orient, resample, crop, intensity."""
+    keys = list(keys)
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    steps: list = [LoadCased(keys, label_values, channels, cfg.spatial_dims, cfg.affine_tolerance)]
+    steps.append(Orientationd(keys, axcodes=cfg.orientation, labels=None))  # labels from the MetaTensor space
+    if cfg.target_spacing is not None:
+        steps.append(Spacingd(keys, pixdim=cfg.target_spacing, mode=modes))
+    if cfg.crop_foreground:
+        threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=_Above(threshold), allow_smaller=True,
+                                     start_coord_key=None, end_coord_key=None))
+    steps.append(_intensity(cfg))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    return steps
+
+
+def _augment(cfg: PreprocessConfig, dims: int) -> list:
+    """Flips, small in-plane rotation and zoom (image bilinear, label nearest), intensity scale/shift/noise."""
+    if not cfg.augment:
+        return []
+    keys = ["image", "label"]
+    rotate = math.pi / 12 if dims == 2 else (0.0, 0.0, math.pi / 12)
+    return [
+        RandFlipd(keys, spatial_axis=0, prob=0.5),
+        RandAffined(keys, prob=0.3, rotate_range=rotate, scale_range=0.1, mode=["bilinear", "nearest"],
+                    padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+        RandGaussianNoised("image", std=0.02, prob=0.3),
+    ]
+
+
+def _pos_neg(cfg: PreprocessConfig) -> dict:
+    return {"pos": cfg.positive_fraction, "neg": 1.0 - cfg.positive_fraction, "num_samples": cfg.samples_per_volume,
+            "image_key": "image", "image_threshold": 0.0}
+
+
+def patch_train_transforms(
+    cfg: PreprocessConfig, label_values: Sequence[int] | None = None, channels: int = 1
+) -> Compose:
+    """Training pipeline: ``cfg.patch_size`` patches (3D volumes, or 2D images when ``spatial_dims`` is 2)."""
+    keys = ["image", "label"]
+    return Compose([
+        *deterministic_transforms(cfg, keys, label_values, channels),
+        SpatialPadd(keys, spatial_size=cfg.patch_size),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, **_pos_neg(cfg)),
+        *_augment(cfg, cfg.spatial_dims),
+    ])
+
+
+class RandSliced(Randomizable, MapTransform):
+    """Draw 2D slices of a 3D volume along one randomly chosen view.
+
+    Per call: pick a view from `axes` uniformly, pad the two in-plane axes up to `slice_size`, draw
+    `num_samples` (1, *slice_size) slabs with MONAI's ``RandCropByPosNegLabeld`` (lesion-centred with
+    probability pos / (pos + neg)), squeeze the normal axis. (C, X, Y, Z) -> list of (C, *slice_size)
+    dicts with ``view`` set to the normal axis (0 sagittal, 1 coronal, 2 axial).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str,
+        axes: Sequence[str],
+        slice_size: Sequence[int],
+        pos: float = 1.0,
+        neg: float = 1.0,
+        num_samples: int = 1,
+        image_key: str | None = None,
+        image_threshold: float = 0.0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        self.axes = [SLICE_AXES[a] for a in axes]
+        self.views = {}
+        for axis in self.axes:
+            size = list(slice_size)
+            size.insert(axis, 1)
+            pad = [s if i != axis else -1 for i, s in enumerate(size)]
+            crop = RandCropByPosNegLabeld(keys, label_key, size, pos, neg, num_samples, image_key, image_threshold)
+            self.views[axis] = (SpatialPadd(keys, spatial_size=pad), crop, SqueezeDimd(keys, dim=axis + 1))
+        self._axis = self.axes[0]
+
+    def set_random_state(self, seed: int | None = None, state=None) -> RandSliced:
+        super().set_random_state(seed, state)
+        for _, crop, _ in self.views.values():
+            crop.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        self._axis = self.axes[self.R.randint(len(self.axes))]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict]:
+        self.randomize()
+        pad, crop, squeeze = self.views[self._axis]
+        return [{**squeeze(sample), "view": self._axis} for sample in crop(pad(data))]
+
+
+def slice_train_transforms(
+    cfg: PreprocessConfig, label_values: Sequence[int] | None = None, channels: int = 1
+) -> Compose:
+    """Training pipeline for a multi-view 2D network: slices from the views in ``cfg.slice_axes``."""
+    if cfg.spatial_dims != 3:
+        raise ValueError("slice_train_transforms slices 3D volumes; use patch_train_transforms for 2D images")
+    keys = ["image", "label"]
+    pos_neg = _pos_neg(cfg)
+    return Compose([
+        *deterministic_transforms(cfg, keys, label_values, channels),
+        RandSliced(keys, "label", cfg.slice_axes, cfg.slice_size, **pos_neg),
+        *_augment(cfg, 2),
+    ])
+
+
+def val_transforms(cfg: PreprocessConfig, label_values: Sequence[int] | None = None, channels: int = 1) -> Compose:
+    """Validation pipeline: the whole preprocessed volume and its label."""
+    return Compose(deterministic_transforms(cfg, ("image", "label"), label_values, channels))
+
+
+def inference_transforms(cfg: PreprocessConfig, channels: int = 1) -> Compose:
+    """Inference pipeline: the whole preprocessed image, with the transform trace kept for inversion."""
+    return Compose(deterministic_transforms(cfg, ("image",), None, channels))
+
+
+def invert_transform(pipeline: Compose, keys: KeysCollection = "pred", nearest: bool = False) -> Invertd:
+    """``Invertd`` mapping `keys` (made on ``data['image']`` of `pipeline`) back to the input file's grid.
+
+    Undoes crop, resampling and orientation: the result has the input's shape and affine. Use
+    ``nearest=True`` for label maps, False (bilinear) for probabilities.
+    """
+    return Invertd(keys, transform=pipeline, orig_keys="image", nearest_interp=nearest, to_tensor=True)
