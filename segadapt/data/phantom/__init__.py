@@ -276,13 +276,13 @@ def _subarachnoid(cavity: _Cavity, rng: np.random.Generator, size: str) -> np.nd
     """Blood in the CSF spaces near a bleeding point: basal cisterns (aneurysm) or a convexity."""
     if size == "small":
         source = _convexity_direction(rng) * 60.0 + np.array([0, 0, -10.0])
-        reach = rng.uniform(14, 22)
+        reach = rng.uniform(12, 20)
     else:
         source = np.array([rng.uniform(-8, 8), rng.uniform(4, 14), rng.uniform(-32, -24)])
-        reach = rng.uniform(35, 50) if size == "medium" else rng.uniform(65, 90)
+        reach = rng.uniform(26, 34) if size == "medium" else rng.uniform(40, 55)
     spaces = np.flatnonzero(cavity.csf_spaces)
     p = cavity.p[:, spaces]
-    density = np.exp(-np.sqrt(_ellipsoid(p, source, (1, 1, 1))) / reach) + 0.25 * _Field(rng, 25.0, 8)(p)
+    density = np.exp(-np.sqrt(_ellipsoid(p, source, (1, 1, 1))) / reach) * (1 + 0.4 * _Field(rng, 25.0, 8)(p))
     blood = np.zeros_like(cavity.csf_spaces)
     blood[spaces[density > np.exp(-1.0)]] = True
     return blood

@@ -1,0 +1,17 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real sample data folder ($SEGADAPT_SHARED_DATA, default <repo>/../shared/data); skip if absent."""
+    root = Path(os.environ.get("SEGADAPT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    if not root.is_dir():
+        pytest.skip(f"real sample data not found at {root} (set SEGADAPT_SHARED_DATA)")
+    return root

@@ -1,0 +1,66 @@
+"""Dataset builders: the three cache modes agree, the disk cache is keyed by config and file state."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader
+
+from segadapt.data import PreprocessConfig, disk_cache_dir, fold_datasets, load_dataset_json, make_phantom_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    return make_phantom_dataset(root / "sah", "sah", n=6, seed=3, shape=(40, 40, 12), spacing=(5.5, 5.5, 13.0))
+
+
+def _cfg(tmp_path, **kw):
+    return PreprocessConfig(cache_dir=str(tmp_path / "cache"), patch_size=[16, 16, 8], slice_size=[24, 24],
+                            samples_per_volume=2, **kw)
+
+
+def test_cache_modes_give_the_same_validation_volumes(phantom, tmp_path):
+    outputs = {}
+    for mode in ("none", "memory", "disk"):
+        train, val = fold_datasets(phantom, 1, _cfg(tmp_path, cache=mode), n_folds=3, seed=0)
+        assert len(train) == 4 and len(val) == 2
+        outputs[mode] = [val[i] for i in range(len(val))]
+    for a, b, c in zip(outputs["none"], outputs["memory"], outputs["disk"]):
+        assert a["case_id"] == b["case_id"] == c["case_id"]
+        for key in ("image", "label"):
+            torch.testing.assert_close(a[key].as_tensor(), b[key].as_tensor())
+            torch.testing.assert_close(a[key].as_tensor(), c[key].as_tensor())
+        torch.testing.assert_close(a["image"].affine, c["image"].affine)
+    train_ids = {d["case_id"] for d in train.data}
+    assert not train_ids & {d["case_id"] for d in val.data}
+    assert train_ids | {d["case_id"] for d in val.data} == {c.case_id for c in load_dataset_json(phantom).cases}
+
+
+@pytest.mark.parametrize(("sampling", "shape"), [("patch", (3, 16, 16, 8)), ("slice", (3, 24, 24))])
+def test_training_batches(phantom, tmp_path, sampling, shape):
+    train, _ = fold_datasets(phantom, 0, _cfg(tmp_path, cache="memory"), n_folds=3, sampling=sampling)
+    batch = next(iter(DataLoader(train, batch_size=2)))  # 2 volumes x 2 samples, flattened
+    assert batch["image"].shape == (4, *shape) and batch["label"].shape == (4, 1, *shape[1:])
+    assert set(torch.unique(batch["label"]).tolist()) <= {0.0, 1.0}
+
+
+def test_disk_cache_is_keyed_by_config_and_file_state(phantom, tmp_path):
+    cfg = _cfg(tmp_path, cache="disk")
+    _, val = fold_datasets(phantom, 0, cfg, n_folds=3)
+    first = val[0]
+    folder = disk_cache_dir(cfg, "phantom_sah")
+    assert folder.name == f"phantom_sah-{cfg.cache_key()}" and len(list(folder.iterdir())) == 1
+    other = _cfg(tmp_path, cache="disk", windows=[[40, 80]])
+    _, val_other = fold_datasets(phantom, 0, other, n_folds=3)
+    assert val_other[0]["image"].shape[0] == 1 and disk_cache_dir(other, "phantom_sah") != folder
+    # Replacing a file's content (new mtime) makes a new cache entry holding the new content.
+    image = val.data[0]["image"]
+    stat = os.stat(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = val[0]
+    assert len(list(folder.iterdir())) == 2
+    np.testing.assert_array_equal(again["image"].numpy(), first["image"].numpy())

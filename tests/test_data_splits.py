@@ -1,0 +1,100 @@
+"""Patient-level k-fold splits: deterministic, grouped, stratified, written once and re-read."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from segadapt.data import (
+    CaseEntry,
+    fold_cases,
+    lesion_volume_ml,
+    load_dataset_json,
+    load_or_create_splits,
+    make_splits,
+    write_dataset_json,
+)
+from segadapt.data.files import save_nifti
+
+SPACING = np.diag([2.0, 2.0, 5.0, 1.0])  # 20 mm^3 voxels
+
+
+def _dataset(root, volumes_voxels, patients=None):
+    cases = []
+    for i, n in enumerate(volumes_voxels):
+        label = np.zeros((10, 10, 6), np.uint8)
+        label.flat[:n] = 1
+        case = {"image": save_nifti(root / f"img{i}.nii.gz", np.zeros((10, 10, 6), np.int16), SPACING),
+                "label": save_nifti(root / f"lbl{i}.nii.gz", label, SPACING), "case_id": f"c{i:02d}"}
+        if patients is not None:
+            case["patient_id"] = patients[i]
+        cases.append(case)
+    return write_dataset_json(root / "dataset.json", "toy", cases, {0: "background", 1: "lesion"})
+
+
+def test_lesion_volume_in_millilitres(tmp_path):
+    label = np.zeros((10, 10, 6), np.uint8)
+    label[:5, :2, 0] = 1
+    assert lesion_volume_ml(save_nifti(tmp_path / "l.nii.gz", label, SPACING)) == pytest.approx(10 * 20 / 1000)
+
+
+def _entries(n_patients, scans_per_patient=1):
+    return [CaseEntry(f"p{p}_s{s}", None, None, f"p{p}") for p in range(n_patients) for s in range(scans_per_patient)]
+
+
+def test_make_splits_groups_patients_and_stratifies_by_volume():
+    cases = _entries(14, scans_per_patient=2)
+    volumes = {c.case_id: float(int(c.patient_id[1:]) ** 2) for c in cases}  # patient p has volume p^2
+    folds = make_splits(cases, volumes, n_folds=3, seed=4)
+    assert folds == make_splits(cases, volumes, n_folds=3, seed=4)
+    assert folds != make_splits(cases, volumes, n_folds=3, seed=5)
+    fold_of = {case: f for f, members in enumerate(folds) for case in members}
+    assert sorted(fold_of) == sorted(c.case_id for c in cases)  # every case exactly once
+    for p in range(14):
+        assert fold_of[f"p{p}_s0"] == fold_of[f"p{p}_s1"]  # a patient's scans never straddle folds
+    patient_counts = sorted(len(f) // 2 for f in folds)
+    assert patient_counts[-1] - patient_counts[0] <= 1
+    by_volume = [fold_of[f"p{p}_s0"] for p in range(14)]  # patients in volume order
+    for start in range(0, 12, 3):
+        assert len(set(by_volume[start:start + 3])) == 3  # each volume stratum spread over all folds
+
+
+def test_make_splits_errors():
+    with pytest.raises(ValueError, match="cannot make 5 folds from 4 patients"):
+        make_splits(_entries(4), {f"p{p}_s0": 0.0 for p in range(4)}, n_folds=5, seed=0)
+    with pytest.raises(ValueError, match="n_folds must be at least 2"):
+        make_splits(_entries(4), {f"p{p}_s0": 0.0 for p in range(4)}, n_folds=1, seed=0)
+
+
+def test_splits_file_is_written_once_and_reread(tmp_path):
+    path = _dataset(tmp_path, [0, 3, 9, 27, 50, 5, 7], patients=["a", "a", "b", "c", "d", "e", "f"])
+    splits = load_or_create_splits(path, n_folds=3, seed=1)
+    assert splits.path == tmp_path / "splits_3fold_seed1.json"
+    doc = json.loads(splits.path.read_text())
+    assert doc["lesion_volume_ml"]["c03"] == pytest.approx(27 * 0.02)
+    assert [f["val"] for f in doc["folds"]] == [list(f) for f in splits.folds]
+    # Re-read, not recomputed: a hand edit of the file (moving patient a's scans) is what later runs see.
+    doc["folds"] = [{"val": ["c00", "c01", "c02"]}, {"val": ["c03", "c04"]}, {"val": ["c05", "c06"]}]
+    splits.path.write_text(json.dumps(doc))
+    again = load_or_create_splits(path, n_folds=3, seed=1)
+    assert again.val_ids(0) == ("c00", "c01", "c02") and again.train_ids(0) == ("c03", "c04", "c05", "c06")
+    train, val = fold_cases(load_dataset_json(path), again, 2)
+    assert [c.case_id for c in val] == ["c05", "c06"] and [c.case_id for c in train] == ["c00", "c01", "c02", "c03",
+                                                                                          "c04"]
+
+
+def test_splits_errors(tmp_path):
+    path = _dataset(tmp_path, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="cannot make 5 folds from 4 patients"):
+        load_or_create_splits(path, n_folds=5)
+    splits = load_or_create_splits(path, n_folds=2, seed=0)
+    for fold in (2, -1):
+        with pytest.raises(ValueError, match=rf"fold {fold} out of range: .*splits_2fold_seed0\.json has 2 folds \(0\.\.1\)"):
+            splits.val_ids(fold)
+    with pytest.raises(ValueError, match="holds 2 folds with seed 0, asked for 2 with seed 3"):
+        load_or_create_splits(path, n_folds=2, seed=3, path=splits.path)
+    _dataset(tmp_path, [1, 2, 3, 4, 5])  # a case added after the split was made
+    with pytest.raises(ValueError, match=r"does not match .*dataset\.json: cases added \['c04'\], removed \[\]"):
+        load_or_create_splits(path, n_folds=2, seed=0)
