@@ -7,6 +7,8 @@ Public API (everything below is importable from ``segadapt.data``)::
     DatasetDescription(path, name, modality, labels, cases)  # .root .channels .label_values .case(id)
     CaseEntry(case_id, image, label, patient_id)             # .as_dict() -> MONAI data dict
     write_dataset_json(path, name, cases, labels, modality=None, **extra) -> Path
+    pair_cases_by_name(images_dir, labels_dir, prefix="") -> list[dict]   # for prepare scripts
+    remap_label_file(src, dst, mapping=None) -> Path                      # binarise / select label values
 
     # reading (readers.py, loading.py)
     SimpleITKReader()                   # MONAI ImageReader: .nrrd/.mha/.mhd and DICOM series folders
@@ -53,8 +55,9 @@ arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.
 """
 
 from .config import CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
-from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, write_dataset_json
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, pair_cases_by_name, write_dataset_json
 from .datasets import build_dataset, disk_cache_dir, fold_datasets
+from .files import remap_label_file
 from .loading import CaseError, LoadCased, check_case
 from .phantom import make_case, make_phantom_dataset
 from .readers import SimpleITKReader, make_loader
@@ -96,7 +99,9 @@ __all__ = [
     "make_loader",
     "make_phantom_dataset",
     "make_splits",
+    "pair_cases_by_name",
     "patch_train_transforms",
+    "remap_label_file",
     "slice_train_transforms",
     "val_transforms",
     "write_dataset_json",

@@ -136,6 +136,27 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
     return DatasetDescription(path, str(raw.get("name", path.parent.name)), modality, labels, tuple(cases))
 
 
+def pair_cases_by_name(
+    images_dir: str | os.PathLike, labels_dir: str | os.PathLike, prefix: str = ""
+) -> list[dict[str, object]]:
+    """Cases {image, label, case_id} from two folders whose files share names (``ct_01.nii.gz`` in both).
+
+    ``case_id`` is `prefix` + the file name without its image suffix. Raises ``FileNotFoundError`` for
+    a missing folder and ``ValueError`` listing images without a label (or an empty folder).
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder not found: {folder}")
+    labels = {strip_image_suffix(p.name): p for p in labels_dir.iterdir() if not p.name.startswith(".")}
+    images = sorted(p for p in images_dir.iterdir() if not p.name.startswith("."))
+    unmatched = [p.name for p in images if strip_image_suffix(p.name) not in labels]
+    if unmatched or not images:
+        raise ValueError(f"{images_dir}: {len(images)} images, no label in {labels_dir} for {unmatched[:10]}")
+    return [{"image": p, "label": labels[strip_image_suffix(p.name)], "case_id": prefix + strip_image_suffix(p.name)}
+            for p in images]
+
+
 def write_dataset_json(
     path: str | os.PathLike,
     name: str,

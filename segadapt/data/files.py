@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,3 +57,20 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     from PIL import Image
 
     return _write_with(path, lambda tmp: Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format="PNG"))
+
+
+def remap_label_file(src: str | os.PathLike, dst: str | os.PathLike, mapping: Mapping[int, int] | None = None) -> Path:
+    """Write a copy of NIfTI label map `src` to `dst` with values remapped, as uint8, same affine.
+
+    `mapping` sends source values to new ones and every other value to 0; None binarises (> 0 -> 1).
+    Example: BHSD's subtype map with ``{4: 1}`` keeps only subarachnoid blood.
+    """
+    image = nib.load(src)
+    values = np.asarray(image.dataobj)
+    if mapping is None:
+        out = (values > 0).astype(np.uint8)
+    else:
+        out = np.zeros(values.shape, np.uint8)
+        for old, new in mapping.items():
+            out[values == old] = new
+    return save_nifti(dst, out, image.affine)
