@@ -29,6 +29,7 @@ LAYERS = {
     "conv1d": (lambda: nn.Conv1d(6, 12, 3, padding=1), (2, 6, 11)),
     "conv2d": (lambda: nn.Conv2d(6, 12, 3, stride=2, padding=1), (2, 6, 9, 10)),
     "conv2d_dilated_nobias": (lambda: nn.Conv2d(6, 12, 3, padding=2, dilation=2, bias=False), (2, 6, 9, 9)),
+    "conv2d_same": (lambda: nn.Conv2d(6, 12, 3, padding="same"), (2, 6, 7, 8)),
     "conv2d_reflect": (lambda: nn.Conv2d(6, 12, (3, 1), padding=(1, 0), padding_mode="reflect"), (2, 6, 8, 7)),
     "conv3d": (lambda: nn.Conv3d(4, 10, 3, padding=1), (2, 4, 6, 5, 6)),
     "conv3d_strided": (lambda: nn.Conv3d(4, 10, (3, 3, 1), stride=(2, 2, 1), padding=(1, 1, 0)), (1, 4, 7, 6, 5)),
@@ -136,8 +137,9 @@ def test_save_load_round_trip(method, layer, tmp_path):
 
 
 @pytest.mark.parametrize("method", ACTIVATION_METHODS)
-@pytest.mark.parametrize("layer", ["linear", "conv1d", "conv2d", "conv2d_dilated_nobias", "conv3d", "conv3d_strided"])
+@pytest.mark.parametrize("layer", ["linear", "conv1d", "conv2d", "conv2d_dilated_nobias", "conv2d_same", "conv3d", "conv3d_strided"])
 def test_weight_and_activation_space_agree(method, layer):
+    """Same outputs, parameter gradients and input gradients in both computation orders."""
     _, model, x = make(layer, method)
     adapter = adapter_of(model)
     assert adapter.has_activation_form
@@ -148,10 +150,11 @@ def test_weight_and_activation_space_agree(method, layer):
     for compute in ("weight", "activation"):
         adapter.compute = compute
         model.zero_grad()
-        y = model(x)
+        inputs = x.clone().requires_grad_()
+        y = model(inputs)
         y.square().sum().backward()
         outputs[compute] = y.detach()
-        grads[compute] = [p.grad.clone() for p in adapter.parameters()]
+        grads[compute] = [p.grad.clone() for p in adapter.parameters()] + [inputs.grad]
     torch.testing.assert_close(outputs["activation"], outputs["weight"], rtol=1e-4, atol=1e-5)
     for g_act, g_weight in zip(grads["activation"], grads["weight"]):
         torch.testing.assert_close(g_act, g_weight, rtol=1e-3, atol=1e-4)
@@ -171,8 +174,9 @@ def test_reflect_padding_uses_weight_space():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_bf16_autocast(method):
-    _, model, x = make("conv2d", method)
+@pytest.mark.parametrize("compute", ["weight", "activation"])
+def test_bf16_autocast(method, compute):
+    _, model, x = make("conv2d", method, compute=compute)
     train_steps(model, x, steps=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)

@@ -1,8 +1,9 @@
 """The two modules every method shares.
 
 * :class:`Adapter` — one adapter on one base layer: its own parameters and its update rule, written
-  once in weight space (``adapted_weight``) and, where the maths allows, once in activation space
-  (``activation_delta``). Subclasses live one family per file (``lora.py``, ``cp.py``, ...).
+  in weight space (``delta_weight`` / ``adapted_weight``) and, where M(dW) is low rank, as factors
+  (``low_rank_factors``) for activation space. Subclasses live one family per file (``lora.py``,
+  ``cp.py``, ...).
 * :class:`AdaptedLayer` — what replaces a targeted ``nn.Linear`` / ``nn.ConvNd`` in the model: the
   frozen base layer plus a ``ModuleDict`` of named adapters, one of them active.
 
@@ -10,8 +11,9 @@ Two computation orders exist for most methods (DESIGN.md, "Performance notes"):
 
 * weight space: build W = f(W0) and run one base-sized conv. Its training cost over the frozen floor
   is one weight-gradient conv, i.e. about full fine-tuning.
-* activation space: y = base(x) + g(x) with small extra convs. Its extra cost scales with the rank
-  and the number of output positions, and narrow (r-channel) convs run far below peak speed.
+* activation space: y = base(x) + up(down(x)) with the k-channel down conv fused into the frozen
+  conv (:class:`~segadapt.adapters.layers.FrozenPlusLowRank`). Its extra cost scales with k and the
+  number of output positions; the 1x1 up-projection is memory-bound.
 
 ``compute="auto"`` picks the cheaper order per layer and per input shape from the FLOP model in
 :meth:`Adapter.uses_activation_space`.
@@ -26,11 +28,18 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layers import LayerSpec, forward_with_weight, output_positions, supports_activation_space
+from .layers import (
+    LayerSpec,
+    forward_with_weight,
+    frozen_plus_low_rank,
+    low_rank_forward,
+    output_positions,
+    supports_activation_space,
+)
 
-# Narrow convs (r output channels) and the 1x1 up-projections are memory-bound: measured on the
-# 2-core CPU benchmark (scripts/benchmark_adapters.py) they run about this many times slower per
-# FLOP than the wide base conv. Used only by the compute="auto" cost model.
+# The 1x1 up-projection (k -> Cout channels) and its gradients are memory-bound: per FLOP they run
+# about this many times slower than the wide base conv (calibrated with scripts/benchmark_adapters.py
+# on the 2-core CPU). Used only by the compute="auto" cost model.
 NARROW_OP_PENALTY = 4.0
 
 
@@ -38,9 +47,9 @@ class Adapter(nn.Module):
     """Base class of every adapter method.
 
     Subclasses define their parameters in ``__init__`` (the update must be zero at init, so that
-    the adapted layer computes exactly the base function) and implement :meth:`delta_weight`; they
-    may override :meth:`adapted_weight` (non-additive methods), :meth:`activation_delta` (with
-    ``activation_form = True``) and the FLOP estimates.
+    the adapted layer computes exactly the base function) and implement :meth:`low_rank_factors`
+    (with ``activation_form = True``) or :meth:`delta_weight`; non-additive methods override
+    :meth:`adapted_weight` and the merge inverse.
 
     Args:
         base: the frozen base layer (read for shapes and weights, never stored).
@@ -66,21 +75,35 @@ class Adapter(nn.Module):
             )
 
     # --- the update rule (canonical layout (Cout, Cin, *kernel)) ---------------------------------
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with M(dW) = up @ down, scaling included; up: Cout x k, down: k x Cin*prod(kernel).
+        Methods with ``activation_form = True`` implement it."""
+        raise NotImplementedError
+
+    def branch_rank(self) -> int:
+        """k, the inner size of :meth:`low_rank_factors`."""
+        return self.rank
+
     def delta_weight(self) -> torch.Tensor:
         """The additive update dW (canonical layout), scaling included."""
-        raise NotImplementedError
+        up, down = self.low_rank_factors()
+        return (up @ down).view(self.spec.shape)
 
     def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
         """W = W0 + dW (canonical layout). Non-additive methods override this."""
         return w0 + self.delta_weight()
 
-    def activation_delta(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """g(x) such that the adapted output is base(x) + g(x) (activation-space form)."""
-        raise NotImplementedError
+    def branch_output(self, base: nn.Module, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """conv(x, W0) + up(down(x)) without the bias. With dropout active, the branch sees dropout(x)
+        and the frozen layer x, so the two cannot share one conv."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return with_bias(base, base(x), sign=-1) + low_rank_forward(base, self.spec, self.dropout(x), down, up)
+        return frozen_plus_low_rank(base, self.spec, x, down, up)
 
     def activation_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The adapted output computed in activation space; DoRA overrides it (rescales base(x))."""
-        return base(x) + self.activation_delta(base, self.dropout(x))
+        """The adapted output computed in activation space: base(x) + up(down(x))."""
+        up, down = self.low_rank_factors()
+        return with_bias(base, self.branch_output(base, x, up, down))
 
     # --- merging ---------------------------------------------------------------------------------
     def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
@@ -98,31 +121,28 @@ class Adapter(nn.Module):
     # --- computation order -----------------------------------------------------------------------
     def build_flops(self) -> float:
         """FLOPs to build dW once (forward)."""
-        return 2.0 * self.spec.cout * self.spec.fan_in * self.rank
-
-    def activation_flops(self, base: nn.Module, x: torch.Tensor, n_out: int) -> float:
-        """FLOPs of one :meth:`activation_delta` forward."""
-        raise NotImplementedError
+        return 2.0 * self.spec.cout * self.spec.fan_in * self.branch_rank()
 
     def uses_activation_space(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Pick the computation order for this call.
+        """Pick the computation order for this call from a FLOP model of the extra cost over the
+        frozen layer (training counts forward + both backward products; inference the forward only):
 
-        Extra cost over the frozen base, forward + backward (backward ~ 2x forward):
-        weight space = weight-gradient conv (2 * N_out * Cout * Cin*k^d) + 3 x building dW;
-        activation space = 3 x the extra convs, times ``NARROW_OP_PENALTY``. Without autograd
-        (inference) only the forward parts count.
+        * weight space: the weight-gradient conv (2 N_out Cout Cin k^d) + building dW;
+        * activation space (:class:`FrozenPlusLowRank`): k extra channels in the fused conv and its
+          two backward products (2 N_out k Cin k^d each), plus the 1x1 up-projection and its two
+          gradients, which are memory-bound and weighted by ``NARROW_OP_PENALTY``.
         """
         if not self.has_activation_form or self.compute == "weight":
             return False
         if self.compute == "activation":
             return True
-        n_out = output_positions(base, self.spec, x)
-        training = torch.is_grad_enabled()
-        passes = 3.0 if training else 1.0
+        spec, k = self.spec, self.branch_rank()
+        n_out = output_positions(base, spec, x)
+        passes = 3.0 if torch.is_grad_enabled() else 1.0
         weight_cost = passes * self.build_flops()
-        if training:
-            weight_cost += 2.0 * n_out * self.spec.cout * self.spec.fan_in
-        activation_cost = passes * NARROW_OP_PENALTY * self.activation_flops(base, x, n_out)
+        if passes > 1:
+            weight_cost += 2.0 * n_out * spec.cout * spec.fan_in
+        activation_cost = passes * 2.0 * n_out * k * (spec.fan_in + NARROW_OP_PENALTY * spec.cout)
         return activation_cost < weight_cost
 
     # --- forward ---------------------------------------------------------------------------------
@@ -134,6 +154,14 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, compute={self.compute}"
+
+
+def with_bias(base: nn.Module, y: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """y + b0 (or y - b0 with ``sign=-1``), b0 broadcast over the output channels."""
+    if base.bias is None:
+        return y
+    shape = (-1,) if y.dim() < 2 or isinstance(base, nn.Linear) else (-1,) + (1,) * (y.dim() - 2)
+    return y + sign * base.bias.to(y.dtype).view(shape)
 
 
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:

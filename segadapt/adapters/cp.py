@@ -2,10 +2,12 @@
 
 dW[o, i, k_1, ..., k_d] = s * sum_r U_out[o, r] U_in[i, r] U_1[k_1, r] ... U_d[k_d, r]
 
-Weight space builds dW with ``tensorly.cp_to_tensor``. Activation space runs the same tensor as a
-separable conv: 1x1 conv Cin -> r (U_in), one depthwise 1D conv per spatial axis (U_j, with the base
-stride / padding / dilation of that axis), 1x1 conv r -> Cout (s U_out). On ``nn.Linear`` (d = 0)
-it is plain LoRA with B = U_out, A = U_in^T.
+Weight space builds dW with ``tensorly.cp_to_tensor``. Activation space uses that M(dW) is low rank,
+M(dW) = s U_out (U_in kr U_1 kr ... kr U_d)^T (kr: Khatri-Rao product): the r-channel down conv carries
+the CP kernel and runs fused with the frozen conv (``FrozenPlusLowRank``), then a 1x1 conv r -> Cout.
+(The separable form -- 1x1, one depthwise 1D conv per axis, 1x1 -- has fewer FLOPs but measured
+slower and heavier, DESIGN.md's performance notes.) On ``nn.Linear`` (d = 0) it is plain LoRA with
+B = U_out, A = U_in^T.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 from torch import nn
 
 from .base import Adapter, init_down_factor_
-from .layers import conv_nd
 from .registry import register_method
 
 
@@ -36,8 +37,6 @@ class CPLoRA(Adapter):
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
-        if spec.kind == "conv" and isinstance(base.padding, str):
-            self.has_activation_form = False  # "same"/"valid" padding is not split per axis here
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.cp_out = nn.Parameter(torch.zeros(spec.cout, rank, **factory))
         self.cp_in = nn.Parameter(torch.empty(spec.cin, rank, **factory))
@@ -53,31 +52,8 @@ class CPLoRA(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return cp_delta(self.factors, self.scaling)
 
-    def build_flops(self) -> float:
-        return 2.0 * self.spec.cout * self.spec.fan_in * self.rank
-
-    def activation_delta(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        spec, rank = self.spec, self.rank
-        up = self.scaling * self.cp_out
-        if spec.kind == "linear":
-            return nn.functional.linear(nn.functional.linear(x, self.cp_in.t()), up)
-        ones = (1,) * spec.ndim
-        h = conv_nd(spec, x, self.cp_in.t().reshape(rank, spec.cin, *ones))
-        for axis, factor in enumerate(self.cp_spatial):
-            shape = [1] * spec.ndim
-            shape[axis] = factor.shape[0]
-            per_axis = lambda values, default: tuple(v if a == axis else default for a, v in enumerate(values))
-            h = conv_nd(
-                spec,
-                h,
-                factor.t().reshape(rank, 1, *shape),
-                stride=per_axis(base.stride, 1),
-                padding=per_axis(base.padding, 0),
-                dilation=per_axis(base.dilation, 1),
-                groups=rank,
-            )
-        return conv_nd(spec, h, up.reshape(spec.cout, rank, *ones))
-
-    def activation_flops(self, base, x, n_out):
-        n_in = x.numel() // self.spec.cin
-        return 2.0 * self.rank * (n_in * (self.spec.cin + sum(self.spec.kernel)) + n_out * self.spec.cout)
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """up = s U_out (Cout x r); down = the Khatri-Rao product of U_in, U_1..U_d, transposed (r x Cin k^d)."""
+        with tl.backend_context("pytorch", local_threadsafe=True):
+            down = tl.tenalg.khatri_rao([self.cp_in, *self.cp_spatial]).t() if self.cp_spatial else self.cp_in.t()
+        return self.scaling * self.cp_out, down

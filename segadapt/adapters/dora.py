@@ -17,7 +17,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, with_bias
 from .cp import CPLoRA
 from .lora import LoRA, LoRAC
 from .registry import register_method
@@ -54,15 +54,12 @@ class DoRA(Adapter):
         return self._scale(w0, delta) * (w0 + delta)
 
     def activation_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w0 = self.spec.canonical(base.weight)
+        up, down = self.direction.low_rank_factors()
         with torch.no_grad():
-            norm = channel_norm(w0 + self.direction.delta_weight())
+            norm = channel_norm(self.spec.canonical(base.weight) + (up @ down).view(self.spec.shape))
         scale = (self.magnitude / norm).view(self.spec.channel_view())
-        y = base(x) + self.direction.activation_delta(base, self.dropout(x))
-        if base.bias is None:
-            return scale * y
-        bias = base.bias.view(self.spec.channel_view())
-        return scale * (y - bias) + bias
+        y = self.branch_output(base, x, up, down)
+        return with_bias(base, scale.to(y.dtype) * y)
 
     def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
         delta = self.direction.delta_weight()
@@ -76,11 +73,11 @@ class DoRA(Adapter):
         self._merge_norm = None
         return w / scale - self.direction.delta_weight()
 
+    def branch_rank(self) -> int:
+        return self.direction.branch_rank()
+
     def build_flops(self) -> float:
         return self.direction.build_flops()
-
-    def activation_flops(self, base, x, n_out):
-        return self.direction.activation_flops(base, x, n_out)
 
 
 @register_method("dora_c")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,11 +122,9 @@ def base_conv_kwargs(base: nn.Module) -> dict:
 
 
 def supports_activation_space(base: nn.Module, spec: LayerSpec) -> bool:
-    """Activation-space forms run extra small convs beside the frozen one; they reproduce the base
-    geometry only for Linear and zero-padded, non-transposed convs."""
-    if spec.kind == "linear":
-        return True
-    return spec.kind == "conv" and base.padding_mode == "zeros"
+    """Activation-space forms run a low-rank branch beside the frozen layer; they reproduce the base
+    geometry for Linear and for zero-padded, non-transposed convs with a symmetric padding."""
+    return spec.kind == "linear" or explicit_padding(base, spec) is not None
 
 
 def output_positions(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> int:
@@ -151,9 +150,111 @@ def output_positions(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> int:
     return batch * math.prod(out)
 
 
+def explicit_padding(base: nn.Module, spec: LayerSpec) -> Optional[tuple[int, ...]]:
+    """The base conv's zero padding as one int per spatial dim (``"same"``/``"valid"`` resolved), or
+    ``None`` where it cannot be written so (asymmetric "same" padding, non-zero padding modes)."""
+    if spec.kind != "conv" or base.padding_mode != "zeros":
+        return None
+    if not isinstance(base.padding, str):
+        return tuple(base.padding)
+    if base.padding == "valid":
+        return (0,) * spec.ndim
+    total = [d * (k - 1) for d, k in zip(base.dilation, spec.kernel)]
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+class FrozenPlusLowRank(torch.autograd.Function):
+    """y = conv(x, W0) + up(conv(x, down)) without the bias: the frozen layer and the low-rank branch.
+
+    The frozen W0 (Cout rows) and the down weights (k rows) run as ONE convolution (or matmul for
+    linear layers) of Cout + k output channels, so the narrow down-projection shares the wide conv's
+    pass over the input instead of running as a separate, memory-bound conv. The backward runs one
+    input-gradient conv through [W0; down] and the weight gradient of ``down`` alone.
+
+    Written by hand because autograd, given the concatenated weight, would also compute the weight
+    gradient of W0 (the full fine-tuning cost this form exists to avoid).
+
+    Shapes: x (N, Cin, *S) or (..., Cin); w0 (Cout, Cin, *kernel); down (k, Cin, *kernel);
+    up (Cout, k). ``geometry`` = (stride, padding, dilation) for convs, ``None`` for linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, down, up, geometry):
+        device = x.device.type
+        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, w0, down, up = (t.to(dtype) for t in (x, w0, down, up))
+        with torch.autocast(device, enabled=False):
+            weight = torch.cat([w0, down])
+            cout, k = up.shape
+            if geometry is None:
+                out = x @ weight.t()
+                base_out, hidden = out.split([cout, k], dim=-1)
+                y = torch.addmm(base_out.reshape(-1, cout), hidden.reshape(-1, k), up.t()).view(base_out.shape)
+            else:
+                stride, padding, dilation = geometry
+                out = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0] * len(stride), 1)
+                base_out, hidden = out.split([cout, k], dim=1)
+                y = base_out + torch.einsum("ck,nk...->nc...", up, hidden)
+            hidden = hidden.contiguous()
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, weight, hidden, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, hidden, up = ctx.saved_tensors
+        geometry = ctx.geometry
+        grad_y = grad_y.to(hidden.dtype)
+        cout, k = up.shape
+        grad_x = grad_down = None
+        if geometry is None:
+            grad_y2, hidden2 = grad_y.reshape(-1, cout), hidden.reshape(-1, k)
+            grad_up = grad_y2.t() @ hidden2
+            grad_hidden = grad_y2 @ up
+            if ctx.needs_input_grad[0]:
+                grad_x = (torch.cat([grad_y2, grad_hidden], dim=1) @ weight).view(x.shape)
+            if ctx.needs_input_grad[2]:
+                grad_down = grad_hidden.t() @ x.reshape(-1, x.shape[-1])
+        else:
+            stride, padding, dilation = geometry
+            grad_up = torch.einsum("nc...,nk...->ck", grad_y, hidden)
+            grad_hidden = torch.einsum("ck,nc...->nk...", up, grad_y)
+            zeros = [0] * len(stride)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.convolution_backward(
+                    torch.cat([grad_y, grad_hidden], dim=1), x, weight, None, stride, padding, dilation, False, zeros, 1, [True, False, False]
+                )[0]
+            if ctx.needs_input_grad[2]:
+                grad_down = torch.ops.aten.convolution_backward(
+                    grad_hidden, x, weight[cout:], None, stride, padding, dilation, False, zeros, 1, [False, True, False]
+                )[1]
+        x_dtype, down_dtype, up_dtype = ctx.dtypes
+        return (
+            None if grad_x is None else grad_x.to(x_dtype),
+            None,
+            None if grad_down is None else grad_down.to(down_dtype),
+            grad_up.to(up_dtype) if ctx.needs_input_grad[3] else None,
+            None,
+        )
+
+
+def frozen_plus_low_rank(base: nn.Module, spec: LayerSpec, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Activation-space form of M(W) = M(W0) + up @ down (up: Cout x k, down: k x Cin*prod(kernel)),
+    *without* the bias: conv(x, W0) + a conv Cin -> k with the base geometry followed by a 1x1 conv
+    k -> Cout, computed by :class:`FrozenPlusLowRank`."""
+    w0 = spec.canonical(base.weight)
+    down = down.reshape(down.shape[0], *w0.shape[1:])
+    if spec.kind == "linear":
+        return FrozenPlusLowRank.apply(x, w0, down, up, None)
+    geometry = (list(base.stride), list(explicit_padding(base, spec)), list(base.dilation))
+    return FrozenPlusLowRank.apply(x, w0, down, up, geometry)
+
+
 def low_rank_forward(base: nn.Module, spec: LayerSpec, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Activation-space form of M(dW) = up @ down (up: Cout x k, down: k x Cin*prod(kernel)):
-    a conv Cin -> k with the base kernel, stride, padding and dilation, then a 1x1 conv k -> Cout."""
+    """up(down(x)) alone, as two plain ops (used when the branch sees another input than the frozen
+    layer, e.g. under dropout): a conv Cin -> k with the base geometry, then a 1x1 conv k -> Cout."""
     k = down.shape[0]
     if spec.kind == "linear":
         return F.linear(F.linear(x, down), up)

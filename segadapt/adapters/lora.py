@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .base import Adapter, init_down_factor_
-from .layers import low_rank_forward
 from .registry import register_method
 
 
@@ -35,14 +34,8 @@ class LoRA(Adapter):
         self.lora_B = nn.Parameter(torch.zeros(spec.cout, rank, dtype=base.weight.dtype, device=base.weight.device))
         init_down_factor_(self.lora_A, spec.fan_in, config.init, rank)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.scaling * self.lora_B @ self.lora_A).view(self.spec.shape)
-
-    def activation_delta(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_forward(base, self.spec, x, self.lora_A, self.scaling * self.lora_B)
-
-    def activation_flops(self, base, x, n_out):
-        return 2.0 * n_out * self.rank * (self.spec.fan_in + self.spec.cout)
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scaling * self.lora_B, self.lora_A
 
 
 @register_method("lora_c")

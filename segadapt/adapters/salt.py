@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .base import Adapter, init_down_factor_
-from .layers import low_rank_forward
 from .registry import register_method
 
 
@@ -65,6 +64,9 @@ class SALT(Adapter):
         self.salt_Y = nn.Parameter(torch.empty(self.lora_rank, q - rank, **factory))
         init_down_factor_(self.salt_Y, max(q - rank, 1), config.init, max(self.lora_rank, 1))
 
+    def branch_rank(self) -> int:
+        return self.rank + self.lora_rank
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) with M(dW) = left @ right; left: Cout x (r + r_lora), right: (r + r_lora) x Cin k^d."""
         r = self.rank
@@ -76,17 +78,6 @@ class SALT(Adapter):
         right = torch.cat([self.Vh[:r], self.salt_Y @ self.Vh[r:]], dim=0)
         return left, right
 
-    def delta_weight(self) -> torch.Tensor:
-        left, right = self.low_rank_factors()
-        return (left @ right).view(self.spec.shape)
-
-    def activation_delta(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        left, right = self.low_rank_factors()
-        return low_rank_forward(base, self.spec, x, right, left)
-
     def build_flops(self) -> float:
-        q, r, k = self.spec.max_rank, self.rank, self.rank + self.lora_rank
+        q, r, k = self.spec.max_rank, self.rank, self.branch_rank()
         return 2.0 * self.spec.cout * self.spec.fan_in * k + 2.0 * (q - r) * self.lora_rank * (self.spec.cout + self.spec.fan_in)
-
-    def activation_flops(self, base, x, n_out):
-        return 2.0 * n_out * (self.rank + self.lora_rank) * (self.spec.fan_in + self.spec.cout)
