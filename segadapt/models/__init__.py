@@ -44,14 +44,14 @@ from segadapt.models.pretrained import (
     load_pretrained,
     read_state_dict,
 )
-from segadapt.models.unet3d import build_dynunet, build_unet3d
+from segadapt.models.unet3d import build_dynunet, build_unet
 from segadapt.models.vit_seg import ViTSegmenter
 
 logger = logging.getLogger(__name__)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "multiview_unet": MultiViewUNet,
-    "unet3d": build_unet3d,
+    "unet3d": build_unet,
     "dynunet": build_dynunet,
     "vit_seg": ViTSegmenter,
 }
@@ -64,7 +64,7 @@ def build_model(name: str, checkpoint: str | Path | None = None, strict: bool = 
         name: ``multiview_unet``, ``unet3d``, ``dynunet`` or ``vit_seg``.
         checkpoint: optional local weights for the whole model, loaded with :func:`load_pretrained`.
         strict: passed to :func:`load_pretrained`; when False, the key report is logged as a warning.
-        kwargs: the builder's arguments (see :class:`MultiViewUNet`, :func:`build_unet3d`,
+        kwargs: the builder's arguments (see :class:`MultiViewUNet`, :func:`build_unet`,
             :func:`build_dynunet`, :class:`ViTSegmenter`).
     """
     if name not in MODELS:
@@ -89,7 +89,7 @@ __all__ = [
     "adaptable_modules",
     "build_dynunet",
     "build_model",
-    "build_unet3d",
+    "build_unet",
     "create_timm_encoder",
     "load_pretrained",
     "logits_to_probabilities",

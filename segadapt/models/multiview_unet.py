@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from monai.inferers import SliceInferer
 from monai.networks.nets import UNet
 from torch import nn
+
+from segadapt.models.unet3d import build_unet
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 """The three views, in the order used for stacking and fusion."""
@@ -107,18 +110,10 @@ class MultiViewUNet(nn.Module):
         self.fusion_mode = fusion
         self.divisor = math.prod(strides)
 
-        def unet() -> UNet:
-            return UNet(
-                spatial_dims=2,
-                in_channels=in_channels,
-                out_channels=out_channels,
-                channels=channels,
-                strides=strides,
-                num_res_units=num_res_units,
-                norm=norm,
-                dropout=dropout,
-            )
-
+        unet = partial(
+            build_unet, spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+            strides=strides, num_res_units=num_res_units, norm=norm, dropout=dropout,
+        )
         if shared_weights:
             self.unet = unet()
         else:

@@ -1,4 +1,4 @@
-"""3D UNets from MONAI, built from plain keyword arguments (Hydra/Lightning-CLI friendly).
+"""MONAI UNet and DynUNet builders (3D by default), from plain keyword arguments (Hydra/Lightning-CLI friendly).
 
 Input ``(B, C, X, Y, Z)`` channel-first; output logits ``(B, out_channels, X, Y, Z)``. Each spatial size
 must be divisible by the product of the strides.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from monai.networks.nets import DynUNet, UNet
 
 
-def build_unet3d(
+def build_unet(
     in_channels: int = 1,
     out_channels: int = 1,
     channels: Sequence[int] = (16, 32, 64, 128, 256),
@@ -21,7 +21,7 @@ def build_unet3d(
     dropout: float = 0.0,
     spatial_dims: int = 3,
 ) -> UNet:
-    """``monai.networks.nets.UNet`` (residual units, strided-conv down, transposed-conv up).
+    """``monai.networks.nets.UNet`` (residual units, strided-conv down, transposed-conv up), 3D by default.
 
     The defaults are the 3D UNet of the design notes' performance table (channels 16..256, 2 residual
     units; 23 Conv3d/ConvTranspose3d layers, residual projections included). Sizes must be divisible by ``prod(strides)`` (16 by default).
