@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from segadapt.adapters import AdapterConfig, AdaptedLayer, inject
+from segadapt.adapters import METHODS, AdapterConfig, AdaptedLayer, inject
 from segadapt.models import MultiViewUNet, adaptable_modules, build_model, preset_targets, target_presets
 
 TINY_UNET2D = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
@@ -140,3 +140,17 @@ def test_preset_errors_list_the_valid_presets():
         preset_targets(model, "attention")
     with pytest.raises(TypeError, match="no adapter presets for Sequential"):
         target_presets(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(("model_name", "preset"), [("unet3d", "all_conv"), ("multiview_per_view", "all_conv"), ("vit", "all")])
+def test_every_method_fits_the_widest_presets(model_name, preset, method):
+    """Rank 1, since SALT cannot exceed the single singular value of a 1-channel output layer."""
+    build, make_input = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    inject(model, AdapterConfig(method=method, rank=1, targets=preset_targets(model, preset)))
+    model.train()
+    run(model_name, model, make_input()).square().mean().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
