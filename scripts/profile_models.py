@@ -26,7 +26,8 @@ from segadapt.models import MultiViewUNet, build_model, target_presets
 CASES = [
     ("multiview_unet (shared), one slice", "multiview_unet", {}, (1, 1, 512, 512), (1, 1, 128, 128)),
     ("multiview_unet (shared), volume", "multiview_unet", {}, (1, 1, 256, 256, 32), (1, 1, 64, 64, 16)),
-    ("multiview_unet (per view), volume", "multiview_unet", {"shared_weights": False}, (1, 1, 256, 256, 32), (1, 1, 64, 64, 16)),
+    ("multiview_unet (per view), volume", "multiview_unet", {"shared_weights": False},
+     (1, 1, 256, 256, 32), (1, 1, 64, 64, 16)),
     ("unet3d", "unet3d", {}, (1, 1, 96, 96, 96), (1, 1, 48, 48, 48)),
     ("dynunet", "dynunet", {}, (1, 1, 96, 96, 96), (1, 1, 48, 48, 48)),
     ("vit_seg vit_base_patch16_224", "vit_seg", {"encoder": "vit_base_patch16_224", "in_channels": 3},
@@ -95,7 +96,8 @@ def markdown(rows: list[dict]) -> str:
             f"{p} {v['modules']} ({v['base_parameters'] / 1e6:.2f}M)" for p, v in row["presets"].items()
         )
         shape = "x".join(map(str, row["input_shape"]))
-        lines.append(f"| {row['model']} | {row['parameters']:,} | {shape} | {row['forward_s_best']:.3f} | {row['forward_s_median']:.3f} | {presets} |")
+        times = f"{row['forward_s_best']:.3f} | {row['forward_s_median']:.3f}"
+        lines.append(f"| {row['model']} | {row['parameters']:,} | {shape} | {times} | {presets} |")
     return "\n".join(lines)
 
 

@@ -65,7 +65,9 @@ def test_dynunet_shapes_and_deep_supervision(shape):
     ],
 )
 def test_vit_seg_shapes(encoder, kwargs, in_ch, img, size):
-    net = build_model("vit_seg", encoder=encoder, in_channels=in_ch, out_channels=2, img_size=img, encoder_kwargs=kwargs)
+    net = build_model(
+        "vit_seg", encoder=encoder, in_channels=in_ch, out_channels=2, img_size=img, encoder_kwargs=kwargs
+    )
     assert net(torch.randn(2, in_ch, *size)).shape == (2, 2, *size)
 
 
@@ -85,4 +87,6 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown fusion"):
         build_model("multiview_unet", fusion="max")
     with pytest.raises(ValueError, match="decoder_channels"):
-        build_model("vit_seg", encoder="vit_tiny_patch16_224", img_size=32, encoder_kwargs=TINY_VIT, decoder_channels=(8,))
+        build_model(
+            "vit_seg", encoder="vit_tiny_patch16_224", img_size=32, encoder_kwargs=TINY_VIT, decoder_channels=(8,)
+        )

@@ -185,7 +185,9 @@ class MultiViewUNet(nn.Module):
         sigmoid (C = 1) or channel softmax.
         """
         if len(view_logits) != len(VIEWS):
-            raise ValueError(f"expected {len(VIEWS)} per-view logit volumes ({', '.join(VIEWS)}), got {len(view_logits)}")
+            raise ValueError(
+                f"expected {len(VIEWS)} per-view logit volumes ({', '.join(VIEWS)}), got {len(view_logits)}"
+            )
         if self.fusion_mode == "mean":
             return torch.stack([logits_to_probabilities(z) for z in view_logits]).mean(dim=0)
         return logits_to_probabilities(self.fusion(torch.cat(list(view_logits), dim=1)))

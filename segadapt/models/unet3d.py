@@ -24,10 +24,13 @@ def build_unet(
     """``monai.networks.nets.UNet`` (residual units, strided-conv down, transposed-conv up), 3D by default.
 
     The defaults are the 3D UNet of the design notes' performance table (channels 16..256, 2 residual
-    units; 23 Conv3d/ConvTranspose3d layers, residual projections included). Sizes must be divisible by ``prod(strides)`` (16 by default).
+    units; 23 Conv3d/ConvTranspose3d layers, residual projections included). Sizes must be divisible by
+    ``prod(strides)`` (16 by default).
     """
     if len(strides) != len(channels) - 1:
-        raise ValueError(f"need len(strides) == len(channels) - 1, got {len(strides)} strides for {len(channels)} channels")
+        raise ValueError(
+            f"need len(strides) == len(channels) - 1, got {len(strides)} strides for {len(channels)} channels"
+        )
     return UNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,

@@ -74,7 +74,8 @@ class ViTSegmenter(nn.Module):
             decoder_channels = [max(128 >> i, 16) for i in range(n_stages)]
         if len(decoder_channels) != n_stages:
             raise ValueError(
-                f"encoder {encoder!r} reduces by {reduction}: need {n_stages} decoder_channels, got {list(decoder_channels)}"
+                f"encoder {encoder!r} reduces by {reduction}: "
+                f"need {n_stages} decoder_channels, got {list(decoder_channels)}"
             )
         widths = [self.encoder.num_features, *decoder_channels]
         self.decoder = nn.Sequential(*[_up_stage(a, b) for a, b in zip(widths[:-1], widths[1:])])
