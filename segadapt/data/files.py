@@ -17,6 +17,10 @@ import nibabel as nib
 import numpy as np
 
 
+_UMASK = os.umask(0)  # read the process umask once (setting it is the only way to read it) ...
+os.umask(_UMASK)  # ... and put it back: temporary files are 0600, finished ones get the usual 0666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffixes); on success move it onto `path`."""
@@ -27,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

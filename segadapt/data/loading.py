@@ -75,15 +75,17 @@ def check_case(
             f"{where} is not on the image's grid: affines differ by up to {deviation:.4g} mm "
             f"(tolerance {affine_tolerance}); image {_describe_grid(image.affine)}, label {_describe_grid(label.affine)}"
         )
-    if not torch.isfinite(label).all():
-        raise CaseError(f"{where} has NaN or infinite values")
-    if label_values is not None:
-        found = torch.unique(label.as_tensor()).tolist()
-        undeclared = [int(v) if float(v).is_integer() else v for v in sorted(set(found) - set(map(float, label_values)))]
-        if undeclared:
-            raise CaseError(
-                f"{where} holds label values {undeclared} not declared in dataset.json labels {sorted(label_values)}"
-            )
+    if label_values is None:
+        if not torch.isfinite(label).all():
+            raise CaseError(f"{where} has NaN or infinite values")
+        return
+    values = label.as_tensor()
+    declared = torch.isin(values, torch.tensor([float(v) for v in label_values], dtype=values.dtype))
+    if not declared.all():  # NaN and inf are undeclared values too
+        undeclared = [int(v) if float(v).is_integer() else v for v in torch.unique(values[~declared]).tolist()]
+        raise CaseError(
+            f"{where} holds label values {undeclared} not declared in dataset.json labels {sorted(label_values)}"
+        )
 
 
 class LoadCased(MapTransform):

@@ -126,13 +126,15 @@ def _build_head(p: np.ndarray, rng: np.random.Generator, min_spacing: float) -> 
     bone = (depth >= scalp) & (inner < 0)
     tissue[bone] = np.where(((depth - scalp)[bone] < 1.8) | (inner[bone] > -1.8), BONE, DIPLOE)
 
-    # Skull base: the cavity floor steps from the anterior fossa (-28) through the middle fossa (-50,
-    # sella -38) to the posterior fossa (-76) over a 5 mm bony plate; below it the face and neck: soft
-    # tissue with air sinuses, fatty orbits with globes, petrous ridges and the clivus.
-    anterior = np.clip((y - 22.0) / 8.0, 0, 1)
+    # Skull base: the cavity floor steps from the anterior fossa (orbital roofs, -31..-23) across the
+    # sphenoid ridges to the middle fossa (-50, sella -38) and the posterior fossa (-76), over a 5 mm bony
+    # plate; below it the face and neck: soft tissue with air sinuses, fatty orbits with globes, petrous
+    # ridges and the clivus.
+    anterior = np.clip((y - 18.0 - 0.35 * np.abs(x)) / 8.0, 0, 1)  # behind the sphenoid ridges
     posterior = np.clip((-14.0 - y) / 8.0, 0, 1)
     middle = np.where(np.abs(x) < 16.0, -38.0, -50.0)
-    floor = middle + anterior * (-28.0 - middle) + posterior * (-76.0 - middle)
+    orbital_roofs = -31.0 + 8.0 * np.exp(-(((np.abs(x) - 28.0) / 14.0) ** 2))
+    floor = middle + anterior * (orbital_roofs - middle) + posterior * (-76.0 - middle)
     below = np.flatnonzero((depth >= scalp) & (z <= floor))
     tissue[below] = np.where((z > floor - 5.0)[below] | (inner[below] < 0), 900.0, SCALP + 5.0)
     pb = p[:, below]
