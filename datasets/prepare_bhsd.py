@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.classes != "all":
         mapping = None if args.classes == "any" else {k: 1 for k, v in SUBTYPES.items() if v == args.classes}
         for case in cases:
-            case["label"] = remap_label_file(case["label"], args.out / "labelsTr" / f"{case['case_id']}.nii.gz", mapping)
+            target = args.out / "labelsTr" / f"{case['case_id']}.nii.gz"
+            case["label"] = remap_label_file(case["label"], target, mapping)
         labels = {0: "background", 1: "haemorrhage" if args.classes == "any" else args.classes}
     path = write_dataset_json(args.out / "dataset.json", f"bhsd_{args.classes}", cases, labels, {0: "CT"},
                               reference="https://github.com/White65534/BHSD")

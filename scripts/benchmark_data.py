@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|" + "---|" * len(args.workers))
     for r in rows:
         waits = " | ".join(f"{r[f'wait_fraction_w{w}']:.0%} of {r[f'step_s_w{w}']:.2f} s" for w in args.workers)
-        print(f"| {r['mode']} | {r['build_s']:.2f} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {waits} |")
+        speed = f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}"
+        print(f"| {r['mode']} | {r['build_s']:.2f} | {speed} | {waits} |")
     result = {"cases": args.cases, "rounds": args.rounds, "steps": args.steps, "batch": args.batch, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

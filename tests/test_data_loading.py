@@ -70,7 +70,8 @@ def test_corrupt_gzip(tmp_path, damage):
          r"image .*bad_img\.nii\.gz has 2 channel\(s\) x spatial shape \(8, 8, 4\); expected 1 channel\(s\) x a 3D"),
         (np.where(np.eye(8)[:, :, None] > 0, np.nan, 0).repeat(4, 2).astype(np.float32), None, AFFINE,
          r"image .*bad_img\.nii\.gz has 32 NaN or infinite voxel\(s\)"),
-        (np.full((8, 8, 4), np.inf, np.float32), None, AFFINE, r"image .*bad_img\.nii\.gz has 256 NaN or infinite voxel\(s\)"),
+        (np.full((8, 8, 4), np.inf, np.float32), None, AFFINE,
+         r"image .*bad_img\.nii\.gz has 256 NaN or infinite voxel\(s\)"),
         (None, np.full((8, 8, 4), 3, np.uint8), AFFINE,
          r"label .*bad_lbl\.nii\.gz holds label values \[3\] not declared in dataset\.json labels \[0, 1\]"),
     ],
@@ -90,7 +91,8 @@ def test_dicom_folder_with_mixed_series(tmp_path):
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(tmp_path / f"{uid}.dcm"))
         writer.Execute(piece)
-    with pytest.raises(CaseError, match=r"case 'scan': cannot read image .*: ValueError: DICOM folder .* mixes 2 series"):
+    message = r"case 'scan': cannot read image .*: ValueError: DICOM folder .* mixes 2 series"
+    with pytest.raises(CaseError, match=message):
         LoadCased(("image",))({"image": str(tmp_path), "case_id": "scan"})
 
 

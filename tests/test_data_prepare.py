@@ -24,7 +24,8 @@ def _script(name: str):
 
 
 def test_drive(shared_data, tmp_path):
-    path = _script("prepare_drive")(["--root", str(shared_data / "drive"), "--out", str(tmp_path), "--sets", "training"])
+    path = _script("prepare_drive")(["--root", str(shared_data / "drive"), "--out", str(tmp_path),
+                                     "--sets", "training"])
     description = load_dataset_json(path)
     assert len(description.cases) == 20 and description.channels == 3 and description.labels[1] == "vessel"
     cfg = PreprocessConfig(intensity="rgb", spatial_dims=2, orientation="RA", crop_foreground=False,

@@ -91,7 +91,8 @@ def test_splits_errors(tmp_path):
         load_or_create_splits(path, n_folds=5)
     splits = load_or_create_splits(path, n_folds=2, seed=0)
     for fold in (2, -1):
-        with pytest.raises(ValueError, match=rf"fold {fold} out of range: .*splits_2fold_seed0\.json has 2 folds \(0\.\.1\)"):
+        message = rf"fold {fold} out of range: .*splits_2fold_seed0\.json has 2 folds \(0\.\.1\)"
+        with pytest.raises(ValueError, match=message):
             splits.val_ids(fold)
     with pytest.raises(ValueError, match="holds 2 folds with seed 0, asked for 2 with seed 3"):
         load_or_create_splits(path, n_folds=2, seed=3, path=splits.path)

@@ -50,7 +50,8 @@ class CaseEntry:
 
     def as_dict(self) -> dict[str, str]:
         """The MONAI data dict: {'image', 'label', 'case_id', 'patient_id'} with string paths."""
-        return {"image": str(self.image), "label": str(self.label), "case_id": self.case_id, "patient_id": self.patient_id}
+        return {"image": str(self.image), "label": str(self.label), "case_id": self.case_id,
+                "patient_id": self.patient_id}
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,9 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
                 raise ValueError(f"{path}: training entry {i} has no {key!r} path: {dict(item)}")
         case_id = str(item.get("case_id") or strip_image_suffix(Path(item["image"]).name))
         if case_id in first_index:
-            raise ValueError(f"{path}: duplicate case_id {case_id!r} in training entries {first_index[case_id]} and {i}")
+            raise ValueError(
+                f"{path}: duplicate case_id {case_id!r} in training entries {first_index[case_id]} and {i}"
+            )
         first_index[case_id] = i
         files = {key: (path.parent / item[key]).resolve() for key in ("image", "label")}
         for key, file in files.items():

@@ -73,7 +73,8 @@ def check_case(
     if deviation > affine_tolerance:
         raise CaseError(
             f"{where} is not on the image's grid: affines differ by up to {deviation:.4g} mm "
-            f"(tolerance {affine_tolerance}); image {_describe_grid(image.affine)}, label {_describe_grid(label.affine)}"
+            f"(tolerance {affine_tolerance}); image {_describe_grid(image.affine)}, "
+            f"label {_describe_grid(label.affine)}"
         )
     if label_values is None:
         if not torch.isfinite(label).all():

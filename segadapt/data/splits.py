@@ -38,7 +38,9 @@ class Splits:
 
     def _check(self, fold: int) -> None:
         if not isinstance(fold, (int, np.integer)) or not 0 <= fold < self.n_folds:
-            raise ValueError(f"fold {fold!r} out of range: {self.path} has {self.n_folds} folds (0..{self.n_folds - 1})")
+            raise ValueError(
+                f"fold {fold!r} out of range: {self.path} has {self.n_folds} folds (0..{self.n_folds - 1})"
+            )
 
     def val_ids(self, fold: int) -> tuple[str, ...]:
         self._check(fold)

@@ -126,7 +126,24 @@ def _build_head(p: np.ndarray, rng: np.random.Generator, min_spacing: float) -> 
     bone = (depth >= scalp) & (inner < 0)
     tissue[bone] = np.where(((depth - scalp)[bone] < 1.8) | (inner[bone] > -1.8), BONE, DIPLOE)
 
-    # Skull base: the cavity floor steps from the anterior fossa (orbital roofs, -31..-23) across the
+    floor = _skull_base(tissue, p, depth, inner, scalp)
+    hu[head] = tissue
+
+    cavity = np.flatnonzero((inner >= 0) & (z > floor))
+    index = head[cavity]
+    brain_depth = inner[cavity] - (1.0 + 1.5 * atrophy)  # under the convexity CSF
+    tissue, cerebrum, ventricles, csf_spaces = _brain(p[:, cavity], q[:, cavity], rho_ellipsoid[cavity], brain_depth,
+                                                      atrophy, rng, min_spacing)
+    hu[index] = tissue
+    return hu, _Cavity(index, p[:, cavity], inner[cavity], brain_depth, cerebrum, ventricles, csf_spaces)
+
+
+def _skull_base(
+    tissue: np.ndarray, p: np.ndarray, depth: np.ndarray, inner: np.ndarray, scalp: np.ndarray
+) -> np.ndarray:
+    """Paint the skull base and face into `tissue`; return the cranial cavity's floor height z(x, y) (mm)."""
+    x, y, z = p
+    # The cavity floor steps from the anterior fossa (orbital roofs, -31..-23) across the
     # sphenoid ridges to the middle fossa (-50, sella -38) and the posterior fossa (-76), over a 5 mm bony
     # plate; below it the face and neck: soft tissue with air sinuses, fatty orbits with globes, petrous
     # ridges and the clivus.
@@ -151,16 +168,17 @@ def _build_head(p: np.ndarray, rng: np.random.Generator, min_spacing: float) -> 
     for side in (-1, 1):
         petrous = _ellipsoid(_rotate_xy(pb, side * 0.7, (side * 32, -16)), (side * 32, -16, -56), (24, 6, 8)) < 1
         tissue[below[petrous]] = BONE
-    hu[head] = tissue
+    return floor
 
-    # Everything below happens inside the cranial cavity.
-    cavity = np.flatnonzero((inner >= 0) & (z > floor))
-    index = head[cavity]
-    p, q, x, y, z = p[:, cavity], q[:, cavity], x[cavity], y[cavity], z[cavity]
-    inner, rho_ellipsoid = inner[cavity], rho_ellipsoid[cavity]
-    brain_depth = inner - (1.0 + 1.5 * atrophy)  # under the convexity CSF
+
+def _brain(
+    p: np.ndarray, q: np.ndarray, rho: np.ndarray, brain_depth: np.ndarray, atrophy: float,
+    rng: np.random.Generator, min_spacing: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(HU, cerebrum, ventricles, CSF spaces) of cranial-cavity points `p` (q: from the head centre, rho: its
+    normalised radius, brain_depth: mm under the brain surface; negative = convexity CSF)."""
+    x, y, z = p
     tissue = np.full(p.shape[1], CSF, np.float32)
-
     # Brain: cortex grey matter with sulci running in from the surface, white matter inside; cerebellum
     # with folia in the posterior fossa. Sulci are the zero set of a random field evaluated on (almost)
     # radial projections, so they run roughly perpendicular to the surface.
@@ -168,7 +186,7 @@ def _build_head(p: np.ndarray, rng: np.random.Generator, min_spacing: float) -> 
     cerebellum = brain & (y < -12) & (z < -44)
     cerebrum = brain & ~cerebellum
     csf_spaces = ~brain
-    shrink = rho_ellipsoid[cerebrum] ** 0.8
+    shrink = rho[cerebrum] ** 0.8
     pc = q[:, cerebrum] / shrink
     sulcus_distance = _Field(rng, 30.0, 24).distance_to_zero(pc) * shrink
     sulcus_depth = rng.uniform(12.0, 20.0) + 3.0 * _Field(rng, 60.0, 6)(pc)
@@ -223,8 +241,7 @@ def _build_head(p: np.ndarray, rng: np.random.Generator, min_spacing: float) -> 
     ventricles |= _ellipsoid(p, (0, -2, -5), (1.5 * v, 14, 10)) < 1
     ventricles |= _ellipsoid(p, (0, -30, -56), (6, 4, 7)) < 1
     tissue[ventricles] = CSF
-    hu[index] = tissue
-    return hu, _Cavity(index, p, inner, brain_depth, cerebrum, ventricles, csf_spaces & ~ventricles)
+    return tissue, cerebrum, ventricles, csf_spaces & ~ventricles
 
 
 def _rotate_xy(p: np.ndarray, angle: float, center: Sequence[float]) -> np.ndarray:
@@ -270,7 +287,8 @@ def _intraparenchymal(cavity: _Cavity, rng: np.random.Generator, size: str) -> t
     candidates = np.flatnonzero(cavity.cerebrum & ~cavity.ventricles & (cavity.brain_depth > 10))
     center = cavity.p[:, rng.choice(candidates)]
     radius = rng.uniform(*{"small": (3.5, 6), "medium": (7, 12), "large": (13, 19)}[size])
-    e = _ellipsoid(cavity.p, center, radius * rng.uniform(0.7, 1.3, 3)) + 0.35 * _Field(rng, max(radius, 6.0), 8)(cavity.p)
+    e = _ellipsoid(cavity.p, center, radius * rng.uniform(0.7, 1.3, 3))
+    e += 0.35 * _Field(rng, max(radius, 6.0), 8)(cavity.p)
     return ~cavity.ventricles & (e < 1), cavity.cerebrum & (e >= 1) & (e < 2.2)
 
 
