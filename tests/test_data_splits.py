@@ -87,7 +87,7 @@ def test_splits_file_is_written_once_and_reread(tmp_path):
 
 def test_splits_errors(tmp_path):
     path = _dataset(tmp_path, [1, 2, 3, 4])
-    with pytest.raises(ValueError, match="cannot make 5 folds from 4 patients"):
+    with pytest.raises(ValueError, match=r"dataset\.json: cannot make 5 folds from 4 patients \(4 cases\)"):
         load_or_create_splits(path, n_folds=5)
     splits = load_or_create_splits(path, n_folds=2, seed=0)
     for fold in (2, -1):

@@ -39,14 +39,15 @@ Public API (everything below is importable from ``segadapt.data``)::
     fold_cases(description, splits, fold) -> (train cases, val cases)
     lesion_volume_ml(label_path) -> float
 
-    # phantom (phantom.py; also `python -m segadapt.data.phantom --domain tbi --n 24 --out DIR`)
+    # phantom (phantom/; also `python -m segadapt.data.phantom --domain tbi --n 24 --out DIR`)
     make_phantom_dataset(out_dir, domain, n, seed=0, shape=(96, 96, 40), spacing=(2.3, 2.3, 4.0)) -> Path
     make_case(domain, rng, shape, spacing, size) -> (image int16 HU, mask uint8, affine)
+    segadapt.data.phantom.case_rng(seed, index, domain) -> np.random.Generator   # case i's generator
 
 Typical use (training)::
 
     cfg = PreprocessConfig(patch_size=[64, 64, 32], cache="memory")
-    train_ds, val_ds = fold_datasets("data/phantom_sah/dataset.json", fold=0, cfg, n_folds=3)
+    train_ds, val_ds = fold_datasets("data/phantom_sah/dataset.json", 0, cfg, n_folds=3)  # fold 0 of 3
     loader = monai.data.DataLoader(train_ds, batch_size=2, shuffle=True)  # list_data_collate flattens
 
 Errors: a bad ``dataset.json`` raises at :func:`load_dataset_json`; a bad case raises :class:`CaseError`

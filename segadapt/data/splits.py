@@ -113,7 +113,10 @@ def load_or_create_splits(
     ids = {c.case_id for c in description.cases}
     if not path.exists():
         volumes = {c.case_id: lesion_volume_ml(c.label) for c in description.cases}
-        folds = make_splits(description.cases, volumes, n_folds, seed)
+        try:
+            folds = make_splits(description.cases, volumes, n_folds, seed)
+        except ValueError as e:
+            raise ValueError(f"{description.path}: {e}") from None
         write_json(path, {
             "dataset": description.name,
             "n_folds": n_folds,
