@@ -35,7 +35,9 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for method in sorted(METHODS):
         model = copy.deepcopy(base)
-        inject(model, AdapterConfig(method=method, rank=8, lora_rank=8, targets=targets, rank_pattern={targets[-1]: 2}))
+        # SALT cannot exceed a layer's singular values: the 2-channel output layers get rank 2
+        narrow = {name: 2 for name in targets if 2 in base.get_submodule(name).weight.shape[:2]}
+        inject(model, AdapterConfig(method=method, rank=8, lora_rank=8, targets=targets, rank_pattern=narrow))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
         losses = []
         torch.cuda.synchronize()
