@@ -1,0 +1,53 @@
+"""The ``segadapt`` command.
+
+* ``segadapt fit|validate|test|predict --config run.yaml`` -- Lightning's CLI over
+  :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
+  ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
+  (``segadapt fit --print_config`` prints a complete one). Training writes ``last.ckpt`` (resume with
+  ``--ckpt_path last``) and, at the end, the trained adapter or weights into the trainer's log folder.
+* ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
+
+Fold-by-fold experiments with automatic data and base preparation use ``scripts/train.py`` (Hydra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="segadapt report", description="Cross-validation report of a folder of runs "
+                                     "(<experiment>/<method>/fold<k>/metrics.json): report.md, report.csv, PNG plots.")
+    parser.add_argument("experiment_dir", help="e.g. runs/phantom_sah")
+    parser.add_argument("--out", help="output folder (default: the experiment folder)")
+    args = parser.parse_args(argv)
+    for kind, path in write_report(args.experiment_dir, args.out).items():
+        print(f"{kind:>15}: {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        report_main(argv[1:])
+        return
+    LightningCLI(
+        SegAdaptModule,
+        SegDataModule,
+        args=argv,
+        seed_everything_default=0,
+        trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True, save_top_k=0), TrainStats(), ExportWeights()]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Per-case segmentation metrics on whole volumes, and their summary over a fold or a method.
+
+Per case (one whole validation volume, foreground = label > 0):
+
+* Dice = 2 |P & T| / (|P| + |T|) (MONAI ``DiceMetric``; 1 when both are empty, 0 when only one is);
+* HD95 = 95th percentile of the symmetric surface distances in mm, using the voxel spacing
+  (MONAI ``HausdorffDistanceMetric(percentile=95)``; 0 when both are empty, NaN -- undefined -- when
+  only one is);
+* lesion volume in mL = voxel count * |det(affine[:3, :3])| / 1000, for the prediction and the truth.
+
+Summaries group cases into lesion-volume bins by their *true* volume: with edges ``[e0, e1, ..., en]``
+case c falls in bin i when ``e_i <= V_c < e_{i+1}`` (the last edge may be ``inf``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data.utils import affine_to_spacing
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+CASE_KEYS = ("dice", "hd95", "pred_ml", "true_ml")
+
+
+def voxel_volume_ml(affine: torch.Tensor | np.ndarray) -> float:
+    """Volume of one voxel in mL: |det(affine[:d, :d])| / 1000 for a (d+1) x (d+1) affine in mm."""
+    a = np.asarray(affine, dtype=np.float64)
+    return abs(float(np.linalg.det(a[:-1, :-1]))) / 1000.0
+
+
+def mask_volume_ml(mask: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray) -> float:
+    """Volume of the nonzero voxels of `mask` in mL."""
+    return float(np.count_nonzero(np.asarray(mask))) * voxel_volume_ml(affine)
+
+
+def case_metrics(pred: torch.Tensor, truth: torch.Tensor, affine: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Dice, HD95 (mm), predicted and true lesion volume (mL) of one case.
+
+    Args:
+        pred, truth: foreground masks of one volume, spatial shape only (e.g. (X, Y, Z)), any dtype.
+        affine: the volume's voxel-to-mm affine ((d+1) x (d+1)); gives the spacing and voxel volume.
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(truth.shape)}")
+    p = (pred > 0).float()[None, None].cpu()
+    t = (truth > 0).float()[None, None].cpu()
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)
+    empty_p, empty_t = not p.any(), not t.any()
+    if empty_p or empty_t:
+        hd95 = 0.0 if (empty_p and empty_t) else math.nan
+    else:
+        spacing = affine_to_spacing(torch.as_tensor(affine, dtype=torch.float64), r=p.ndim - 2).tolist()
+        hd95 = float(HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, t, spacing=spacing))
+    return {
+        "dice": float(dice),
+        "hd95": hd95,
+        "pred_ml": mask_volume_ml(p, affine),
+        "true_ml": mask_volume_ml(t, affine),
+    }
+
+
+def bin_labels(edges: Sequence[float]) -> list[str]:
+    """Names of the volume bins: [0, 5, 15, inf] -> ['0-5 mL', '5-15 mL', '>=15 mL']."""
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+        raise ValueError(f"volume bin edges must be at least two increasing values, got {list(edges)}")
+    return [f">={a:g} mL" if math.isinf(b) else f"{a:g}-{b:g} mL" for a, b in zip(edges[:-1], edges[1:])]
+
+
+def volume_bin(volume_ml: float, edges: Sequence[float]) -> int | None:
+    """Index i of the bin with edges[i] <= volume_ml < edges[i+1]; None outside all bins."""
+    for i, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
+        if low <= volume_ml < high:
+            return i
+    return None
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN when there are none; sd 0 for one)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of two samples; NaN with fewer than two points or a constant sample."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def summarize(cases: Sequence[Mapping[str, float]], edges: Sequence[float]) -> dict[str, float]:
+    """Fold-level numbers from per-case rows (dicts with :data:`CASE_KEYS`).
+
+    Returns ``dice`` / ``dice_sd`` (over cases), ``hd95`` / ``hd95_sd`` (over cases where it is defined),
+    ``hd95_undefined`` (cases with an empty prediction or label), ``volume_corr`` (Pearson of predicted vs
+    true mL), ``volume_abs_err_ml`` (mean |pred - true|), ``n_cases``, and ``dice_bin<i>`` (mean Dice of
+    the cases in volume bin i; NaN when the bin is empty) with ``n_bin<i>``.
+    """
+    labels = bin_labels(edges)
+    dice, dice_sd = _mean_sd([c["dice"] for c in cases])
+    hd95, hd95_sd = _mean_sd([c["hd95"] for c in cases])
+    out = {
+        "n_cases": float(len(cases)),
+        "dice": dice,
+        "dice_sd": dice_sd,
+        "hd95": hd95,
+        "hd95_sd": hd95_sd,
+        "hd95_undefined": float(sum(not np.isfinite(c["hd95"]) for c in cases)),
+        "volume_corr": pearson([c["pred_ml"] for c in cases], [c["true_ml"] for c in cases]),
+        "volume_abs_err_ml": _mean_sd([abs(c["pred_ml"] - c["true_ml"]) for c in cases])[0],
+    }
+    for i in range(len(labels)):
+        in_bin = [c["dice"] for c in cases if volume_bin(c["true_ml"], edges) == i]
+        out[f"dice_bin{i}"] = _mean_sd(in_bin)[0]
+        out[f"n_bin{i}"] = float(len(in_bin))
+    return out

@@ -1,0 +1,230 @@
+"""The LightningModule: a segmentation network, tuned by an adapter or a baseline, validated on whole volumes.
+
+How the network is tuned (``adapter``):
+
+=============  ===========================================================================
+``{...}``      :class:`~segadapt.adapters.AdapterConfig` fields: the base is loaded from
+               ``base_checkpoint`` and frozen; the adapter is injected into ``targets`` (default:
+               the layers of the model preset ``preset``, e.g. ``all_conv``); only it trains.
+``"none"``     the pretrained base as is, nothing trains (validate / test only).
+``"full"``     standard fine-tuning: the pretrained base, every parameter trains.
+``"decoder"``  standard fine-tuning of the layers of ``preset`` only (e.g. ``decoder``).
+``"scratch"``  random initialisation (``base_checkpoint`` ignored), every parameter trains.
+=============  ===========================================================================
+
+Training: MONAI ``DiceCELoss`` on slices or patches (+ ``reg_weight`` x the adapters' regulariser, e.g.
+TLoRA's identity term), AdamW over the trainable parameters only, linear warm-up then cosine decay per
+step. Validation/test: whole volumes -- the multi-view UNet's fused ``predict_volume``, any other network
+through MONAI ``sliding_window_inference`` -- then per-case Dice, HD95 (mm), predicted and true lesion
+volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>`` (``test/<name>``); the per-case
+rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+
+from segadapt.adapters import AdapterConfig, inject, regularization_loss
+from segadapt.data import SLICE_AXES
+from segadapt.models import MultiViewUNet, build_model, load_pretrained, logits_to_probabilities, preset_targets
+
+from .metrics import case_metrics, summarize
+
+BASELINES = ("none", "full", "decoder", "scratch")
+VIEW_NAMES = {axis: name for name, axis in SLICE_AXES.items()}  # RandSliced's 'view' (normal axis) -> view name
+DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor: metadata tracking on every op slows training many times over."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def tuning_name(adapter: Union[str, dict]) -> str:
+    """The baseline name, or the adapter method (``cp_lora``, ...)."""
+    if isinstance(adapter, str):
+        if adapter not in BASELINES:
+            raise ValueError(f"unknown baseline {adapter!r}: give one of {BASELINES} or a dict of AdapterConfig fields")
+        return adapter
+    return str(dict(adapter).get("method", AdapterConfig.method))
+
+
+class SegAdaptModule(pl.LightningModule):
+    """Network + tuning + loss + whole-volume metrics, from plain values (Hydra, YAML and LightningCLI).
+
+    Args:
+        model: a name of :data:`segadapt.models.MODELS` (``multiview_unet``, ``unet3d``, ``dynunet``, ``vit_seg``).
+        model_kwargs: the builder's keyword arguments (``in_channels`` must match the data).
+        base_checkpoint: pretrained weights of the whole network (loaded strictly); needed unless
+            ``adapter='scratch'``.
+        adapter: a baseline name or a dict of AdapterConfig fields (see the module docstring).
+        preset: model preset (``segadapt.models.preset_targets``) of the layers an adapter without
+            ``targets`` adapts, or that ``adapter='decoder'`` fine-tunes.
+        lr, weight_decay: AdamW.
+        warmup_steps: linear warm-up from lr/100, then cosine decay to 0 at the last step.
+        loss: ``monai.losses.DiceCELoss`` keyword arguments (sigmoid/softmax are set from the output channels).
+        reg_weight: weight of ``segadapt.adapters.regularization_loss`` in the loss.
+        volume_bins_ml: edges of the lesion-volume bins (mL) for Dice per bin.
+        threshold: foreground probability threshold (one output channel); argmax otherwise.
+        slice_batch_size: slices per UNet call in the multi-view volume prediction.
+        roi_size, sw_batch_size, overlap: MONAI sliding-window inference for other networks.
+    """
+
+    def __init__(
+        self,
+        model: str = "multiview_unet",
+        model_kwargs: Optional[dict] = None,
+        base_checkpoint: Optional[str] = None,
+        adapter: Union[str, dict] = "none",
+        preset: Optional[str] = "all_conv",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 0,
+        loss: Optional[dict] = None,
+        reg_weight: float = 0.0,
+        volume_bins_ml: list[float] = list(DEFAULT_BINS_ML),
+        threshold: float = 0.5,
+        slice_batch_size: int = 32,
+        roi_size: Optional[list[int]] = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tuning = tuning_name(adapter)
+        self.net = build_model(model, **dict(model_kwargs or {}))
+        if self.tuning != "scratch":
+            if base_checkpoint is None:
+                raise ValueError(f"adapter {self.tuning!r} tunes a pretrained network: give base_checkpoint "
+                                 "(or adapter='scratch' for random initialisation)")
+            load_pretrained(self.net, base_checkpoint)
+        self._set_trainable(adapter, preset)
+        out_channels = int(dict(model_kwargs or {}).get("out_channels", 1))
+        binary = out_channels == 1
+        self.loss_fn = DiceCELoss(sigmoid=binary, softmax=not binary, to_onehot_y=not binary, **dict(loss or {}))
+        self.case_rows: list[dict] = []
+        self._rows: list[dict] = []
+
+    def _set_trainable(self, adapter: Union[str, dict], preset: Optional[str]) -> None:
+        if self.tuning in ("full", "scratch"):
+            return
+        if isinstance(adapter, str):  # 'none' or 'decoder'
+            self.net.requires_grad_(False)
+            if self.tuning == "decoder":
+                if preset is None:
+                    raise ValueError("adapter='decoder' fine-tunes the layers of a model preset: give preset (e.g. 'decoder')")
+                for name in preset_targets(self.net, preset):
+                    self.net.get_submodule(name).requires_grad_(True)
+            return
+        fields = dict(adapter)
+        if not fields.get("targets"):
+            if preset is None:
+                raise ValueError("the adapter has no targets and no preset names the layers to adapt")
+            fields["targets"] = preset_targets(self.net, preset)
+        inject(self.net, AdapterConfig.from_dict(fields))
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
+    # ---- training -------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, view: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of training samples: slices (with their ``view``) for the multi-view UNet, else patches."""
+        if isinstance(self.net, MultiViewUNet):
+            views = None if view is None else [VIEW_NAMES[int(v)] for v in view]
+            return self.net(image, views)
+        return self.net(image)
+
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...), weights 1/2^i
+            weights = [0.5**i for i in range(logits.shape[1])]
+            return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
+        return self.loss_fn(logits, label)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, label = _plain(batch["image"]), _plain(batch["label"])
+        loss = self._loss(self(image, batch.get("view")), label)
+        if self.hparams.reg_weight:
+            loss = loss + self.hparams.reg_weight * regularization_loss(self.net).to(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"adapter {self.tuning!r} leaves no trainable parameter: use validate/test, not fit")
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return {"optimizer": optimizer}
+        warmup = min(self.hparams.warmup_steps, max(int(total) - 1, 0))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(total) - warmup, 1))
+        if warmup:
+            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+        else:
+            scheduler = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- whole-volume evaluation ----------------------------------------------------------------
+    @torch.no_grad()
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, out_channels, *spatial)`` of whole volumes (or whole 2D images)."""
+        if isinstance(self.net, MultiViewUNet):
+            return self.net.predict_volume(image, slice_batch_size=self.hparams.slice_batch_size).float()
+        if self.hparams.roi_size is None:
+            raise ValueError(f"roi_size is needed for sliding-window inference with {type(self.net).__name__}")
+        logits = sliding_window_inference(
+            image, self.hparams.roi_size, self.hparams.sw_batch_size, self.net, overlap=self.hparams.overlap, mode="gaussian"
+        )
+        return logits_to_probabilities(logits.float())
+
+    def foreground(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Lesion mask ``(B, *spatial)``: p > threshold (one channel) or argmax > 0."""
+        if probabilities.shape[1] == 1:
+            return probabilities[:, 0] > self.hparams.threshold
+        return probabilities.argmax(dim=1) > 0
+
+    def _evaluate(self, batch: dict) -> None:
+        image, label = batch["image"], batch["label"]
+        affines = image.affine if image.affine.ndim == 3 else image.affine[None]
+        pred = self.foreground(self.predict_probabilities(_plain(image)))
+        for b in range(image.shape[0]):
+            row = case_metrics(pred[b], _plain(label[b, 0]), affines[b])
+            self._rows.append({"case_id": str(batch["case_id"][b]), **row})
+
+    def _log_epoch(self, stage: str) -> None:
+        rows = self._rows
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            dist.all_gather_object(gathered, rows)
+            rows = list({r["case_id"]: r for part in gathered for r in part}.values())  # drop sampler padding
+        self.case_rows, self._rows = sorted(rows, key=lambda r: r["case_id"]), []
+        if rows:
+            summary = summarize(self.case_rows, self.hparams.volume_bins_ml)
+            self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "dice"})
+            self.log(f"{stage}/dice", summary["dice"], prog_bar=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{'case_id': [...], 'probabilities': (B, out_channels, *spatial)}`` on the preprocessed grid."""
+        return {"case_id": list(batch["case_id"]), "probabilities": self.predict_probabilities(_plain(batch["image"]))}

@@ -1,0 +1,338 @@
+"""Run folders: train one fold (or pretrain a base) from a resolved config, and load a run back.
+
+A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
+``runs/base/<source>_<model>/`` from ``scripts/pretrain.py``) holds::
+
+    config.yaml           how to rebuild everything (format 'segadapt-run/1'):
+                            run:        experiment, method, tuning, fold, seed, run_dir
+                            module:     SegAdaptModule arguments (model name + kwargs, absolute
+                                        base_checkpoint, adapter spec or baseline, preset, optimiser,
+                                        loss, volume bins, inference settings)
+                            datamodule: SegDataModule arguments (absolute dataset_json, fold,
+                                        n_folds, split_seed, the full preprocessing config, sampling)
+                            trainer:    lightning.Trainer arguments
+    metrics.json          final validation metrics of the fold (and of the untuned network), per case
+    adapter.safetensors   the trained adapter (adapter methods), or
+    model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining)
+    last.ckpt             resumable Lightning checkpoint (``ckpt_path=last``)
+    logs/metrics.csv      training curves (CSV; TensorBoard events beside it when installed)
+    .hydra/               Hydra's own record of the run (when started through Hydra)
+
+:func:`load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+
+from segadapt.adapters import load_adapter
+from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
+from segadapt.data.files import atomic_path, write_json
+from segadapt.models import load_pretrained
+
+from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, TrainStats
+from .datamodule import SegDataModule
+from .metrics import bin_labels, summarize
+from .module import SegAdaptModule, tuning_name
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "segadapt-run/1"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "last.ckpt"
+
+
+# ---- configuration ------------------------------------------------------------------------------
+def configure_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads (None: one per available core); returns the number set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = threads or cores
+    torch.set_num_threads(n)
+    return n
+
+
+def prepare_dataset(data: Mapping[str, Any]) -> Path:
+    """Absolute path of ``data.dataset_json``; writes the phantom described by ``data.phantom`` if absent."""
+    path = Path(data["dataset_json"])
+    if not path.exists():
+        phantom = data.get("phantom")
+        if not phantom:
+            raise FileNotFoundError(f"dataset description not found: {path} (set data.dataset_json)")
+        log.info("generating %s phantom cases of domain %r under %s", phantom["n"], phantom["domain"], path.parent)
+        written = make_phantom_dataset(path.parent, **phantom)
+        if written.resolve() != path.resolve():
+            raise ValueError(f"a phantom dataset is written as <folder>/dataset.json, but data.dataset_json is {path}")
+    return path.resolve()
+
+
+def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: int, base: Optional[Path],
+                tuning: Mapping[str, Any]) -> dict[str, Any]:
+    """SegAdaptModule arguments from the model group, a data group, a tuning (an adapter group: spec,
+    preset, lr, reg_weight) and the top-level optim/loss/threshold settings."""
+    model = cfg["model"]
+    inference = dict(model.get("inference") or {})
+    if model["sampling"] == "patch" and inference.get("roi_size") is None:
+        inference["roi_size"] = list(PreprocessConfig.from_dict(dict(data["preprocess"])).patch_size)
+    return {
+        "model": model["name"],
+        "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
+        "base_checkpoint": None if base is None else str(base),
+        "adapter": tuning["spec"],
+        "preset": tuning.get("preset"),
+        "lr": tuning["lr"],
+        "reg_weight": tuning.get("reg_weight", 0.0),
+        **cfg["optim"],
+        "loss": dict(cfg["loss"]),
+        "volume_bins_ml": [float(b) for b in data["volume_bins_ml"]],
+        "threshold": cfg["threshold"],
+        **inference,
+    }
+
+
+def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_json: Path, fold: int) -> dict[str, Any]:
+    """SegDataModule arguments; the preprocessing config is written out in full (defaults filled in)."""
+    return {
+        "dataset_json": str(dataset_json),
+        "fold": fold,
+        "n_folds": data["n_folds"],
+        "split_seed": data["split_seed"],
+        "preprocess": PreprocessConfig.from_dict(dict(data["preprocess"])).to_dict(),
+        "sampling": cfg["model"]["sampling"],
+        "batch_size": data["batch_size"],
+        "num_workers": cfg["trainer"].get("workers", 0),
+    }
+
+
+def trainer_args(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """lightning.Trainer arguments: the trainer group without segadapt's own keys (threads, workers)."""
+    args = {k: v for k, v in cfg["trainer"].items() if k not in ("threads", "workers")}
+    return {**args, **overrides}
+
+
+# ---- running ------------------------------------------------------------------------------------
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_yaml(path: Path, obj: Mapping[str, Any]) -> Path:
+    with atomic_path(path) as tmp:
+        OmegaConf.save(OmegaConf.create(dict(obj)), tmp)
+    return path
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.yaml`` of a run folder, checked for its format."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a segadapt run folder (no {CONFIG_FILE}): {Path(run_dir)}")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise ValueError(f"{path} is not a segadapt run config (format {RUN_FORMAT!r} expected)")
+    return config
+
+
+def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optional[int]) -> pl.Trainer:
+    """A Trainer writing into `run_dir`: last.ckpt every `checkpoint_every` steps, CSV (+ TensorBoard) logs."""
+    loggers: list = [CSVLogger(run_dir, name="logs", version="")]
+    if _TENSORBOARD_AVAILABLE:
+        loggers.append(TensorBoardLogger(run_dir, name="logs", version=""))
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every,
+                        enable_version_counter=False),
+        TrainStats(),
+        ExportWeights(str(run_dir)),
+    ]
+    return pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **args)
+
+
+def _stats(trainer: pl.Trainer) -> dict[str, Any]:
+    return next(c.stats for c in trainer.callbacks if isinstance(c, TrainStats))
+
+
+def fit_run(
+    run_dir: str | os.PathLike,
+    identity: Mapping[str, Any],
+    module_kwargs: Mapping[str, Any],
+    datamodule_kwargs: Mapping[str, Any],
+    trainer_kwargs: Mapping[str, Any],
+    seed: int = 0,
+    ckpt_path: Optional[str] = None,
+    eval_base: bool = True,
+    checkpoint_every: Optional[int] = None,
+    callbacks: Optional[list[pl.Callback]] = None,
+) -> dict[str, Any]:
+    """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
+
+    Args:
+        identity: experiment, method, fold, ... (written under ``run`` in config.yaml and metrics.json).
+        eval_base: also validate the network before tuning (``base_val`` in metrics.json).
+        ckpt_path: ``'last'`` (or a path) resumes training from that Lightning checkpoint.
+        callbacks: extra Lightning callbacks.
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tuning = tuning_name(module_kwargs["adapter"])
+    write_yaml(run_dir / CONFIG_FILE, {
+        "format": RUN_FORMAT,
+        "run": {**identity, "tuning": tuning, "seed": seed, "run_dir": str(run_dir)},
+        "module": dict(module_kwargs),
+        "datamodule": dict(datamodule_kwargs),
+        "trainer": dict(trainer_kwargs),
+    })
+    pl.seed_everything(seed, workers=True)
+    datamodule = SegDataModule(**datamodule_kwargs)
+    module = SegAdaptModule(**module_kwargs)
+    trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every)
+    for callback in callbacks or []:
+        trainer.callbacks.append(callback)
+
+    base_cases = None
+    if tuning == "none" or (eval_base and tuning != "scratch"):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        base_cases = module.case_rows
+    if tuning != "none":
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.interrupted:
+            raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
+        trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    cases = module.case_rows
+    bins = module.hparams.volume_bins_ml
+    result = {
+        "format": "segadapt-metrics/1",
+        "run": {**identity, "tuning": tuning, "seed": seed},
+        "val": summarize(cases, bins),
+        "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
+        "volume_bins_ml": list(bins),
+        "volume_bins": bin_labels(bins),
+        "cost": {"trainable_params": module.trainable_params, **(_stats(trainer) if tuning != "none" else {})},
+        "global_step": trainer.global_step,
+        "cases": cases,
+        "base_cases": None if tuning == "none" else base_cases,
+    }
+    write_json(run_dir / METRICS_FILE, _finite(result))
+    return result
+
+
+def ensure_base(cfg: Mapping[str, Any]) -> Path:
+    """The base checkpoint of ``cfg``; pretrains it on ``cfg.source`` first when missing and ``pretrain.auto``."""
+    base = Path(cfg["base_checkpoint"])
+    if base.is_file():
+        return base.resolve()
+    if not cfg["pretrain"]["auto"]:
+        raise FileNotFoundError(f"base checkpoint not found: {base}; run scripts/pretrain.py or set pretrain.auto=true")
+    log.info("no base checkpoint at %s: pretraining on %s first", base, cfg["source"]["name"])
+    pretrain(cfg)
+    if not base.is_file():
+        raise FileNotFoundError(f"pretraining wrote {cfg['pretrain']['run_dir']}/{WEIGHTS_FILE}, but base_checkpoint is {base}")
+    return base.resolve()
+
+
+def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Full training of the network from random init on the source dataset (``cfg.source``), holding out
+    fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
+    configure_threads(cfg["trainer"].get("threads"))
+    source, settings = cfg["source"], cfg["pretrain"]
+    dataset = prepare_dataset(source)
+    in_channels = SegDataModule(str(dataset), preprocess=dict(source["preprocess"])).in_channels
+    result = fit_run(
+        settings["run_dir"],
+        {"experiment": "pretrain", "method": "scratch", "fold": settings["fold"], "dataset": source["name"]},
+        module_args(cfg, source, in_channels, None, {"spec": "scratch", "lr": settings["lr"]}),
+        datamodule_args(cfg, source, dataset, settings["fold"]),
+        trainer_args(cfg, max_steps=settings["max_steps"]),
+        seed=cfg["seed"],
+        checkpoint_every=cfg["checkpoint_every"],
+    )
+    print(f"pretrained base on {source['name']}: source-fold Dice {result['val']['dice']:.3f} "
+          f"-> {Path(settings['run_dir']) / WEIGHTS_FILE}")
+    return result
+
+
+def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None) -> dict[str, Any]:
+    """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs)."""
+    configure_threads(cfg["trainer"].get("threads"))
+    data, adapter = cfg["data"], cfg["adapter"]
+    dataset = prepare_dataset(data)
+    tuning = tuning_name(adapter["spec"])
+    base = None if tuning == "scratch" else ensure_base(cfg)
+    in_channels = SegDataModule(str(dataset), preprocess=dict(data["preprocess"])).in_channels
+    result = fit_run(
+        cfg["run_dir"],
+        {"experiment": cfg["experiment"], "method": adapter["name"], "fold": cfg["fold"], "dataset": data["name"]},
+        module_args(cfg, data, in_channels, base, adapter),
+        datamodule_args(cfg, data, dataset, cfg["fold"]),
+        trainer_args(cfg),
+        seed=cfg["seed"],
+        ckpt_path=cfg["ckpt_path"],
+        eval_base=cfg["eval_base"],
+        checkpoint_every=cfg["checkpoint_every"],
+        callbacks=callbacks,
+    )
+    print(format_result(result, cfg["run_dir"]))
+    return result
+
+
+def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
+    """The lines printed at the end of a run: Dice and HD95 of the tuned and the untuned network."""
+    run = result["run"]
+    val, base, cost = result["val"], result["base_val"], result["cost"]
+    lines = [f"\n{run['experiment']} / {run['method']} / fold {run['fold']}: {int(val['n_cases'])} validation volumes"]
+    if base is not None:
+        lines.append(f"  unadapted base : Dice {base['dice']:.3f} +- {base['dice_sd']:.3f}   HD95 {base['hd95']:.1f} mm")
+    lines.append(f"  {run['method']:<15}: Dice {val['dice']:.3f} +- {val['dice_sd']:.3f}   HD95 {val['hd95']:.1f} mm"
+                 f"   volume r = {val['volume_corr']:.2f}")
+    if "train_time_s" in cost:
+        lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "
+                     f"({cost['train_steps']} steps), peak memory {cost['peak_mem_mb']:.0f} MB ({cost['memory']})")
+    lines.append(f"  run folder: {run_dir}")
+    return "\n".join(lines)
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[SegAdaptModule, dict[str, Any]]:
+    """(tuned module in eval mode, run config) rebuilt from a run folder's files only.
+
+    The module is built from ``config.yaml`` (base checkpoint loaded, the adapter injected at its
+    zero-update initialisation), then the run's ``adapter.safetensors`` or ``model.safetensors`` is
+    loaded into it. ``PreprocessConfig.from_dict(config['datamodule']['preprocess'])`` is the
+    preprocessing, ``module.predict_probabilities(image)`` the whole-volume prediction.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    module = SegAdaptModule(**config["module"])
+    adapter_file, weights_file = run_dir / ADAPTER_FILE, run_dir / WEIGHTS_FILE
+    if adapter_file.is_file():
+        load_adapter(module.net, adapter_file)
+    elif weights_file.is_file():
+        load_pretrained(module.net, weights_file)
+    elif module.tuning != "none":
+        raise FileNotFoundError(f"run folder {run_dir} has neither {ADAPTER_FILE} nor {WEIGHTS_FILE} (unfinished run?)")
+    return module.eval(), config
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {Path(run_dir)} (run not finished?)")
+    return json.loads(path.read_text())

@@ -1,0 +1,176 @@
+"""End-to-end runs of every entry point on tiny phantoms: scripts/train.py (a two-fold Hydra sweep that also
+generates the data and pretrains the base), the run folder read back, resume after an interruption, the
+Lightning CLI, and the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import yaml
+from safetensors import safe_open
+
+from segadapt.cli import main as segadapt_main
+from segadapt.training import (
+    ADAPTER_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    SegDataModule,
+    fit_run,
+    load_run,
+    read_metrics,
+    read_run_config,
+    summarize,
+    write_report,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
+PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
+TINY = [
+    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
+    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
+    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
+    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]",
+    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+]
+TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+           "num_sanity_val_steps": 0, "log_every_n_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`python scripts/train.py -m fold=0,1` on a fresh folder: phantoms, base pretraining, two adapted folds."""
+    root = tmp_path_factory.mktemp("sweep")
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "fold=0,1", f"paths.data={root}/data",
+           f"paths.runs={root}/runs", *TINY]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unadapted base" in done.stdout and "phantom_sah / cp_lora / fold 1" in done.stdout
+    return root
+
+
+def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
+    assert (sweep / "data/phantom_sah/dataset.json").is_file() and (sweep / "data/phantom_tbi/dataset.json").is_file()
+    base = sweep / "runs/base/phantom_tbi_multiview_unet"
+    assert (base / WEIGHTS_FILE).is_file() and read_metrics(base)["run"]["tuning"] == "scratch"
+    for fold in (0, 1):
+        run = sweep / f"runs/phantom_sah/cp_lora/fold{fold}"
+        for name in (CONFIG_FILE, METRICS_FILE, ADAPTER_FILE, CHECKPOINT_FILE, "logs/metrics.csv", ".hydra/config.yaml"):
+            assert (run / name).is_file(), name
+        config = read_run_config(run)
+        assert config["run"]["fold"] == fold and config["run"]["method"] == "cp_lora"
+        module = config["module"]
+        assert Path(module["base_checkpoint"]) == (base / WEIGHTS_FILE).resolve()
+        assert module["model_kwargs"]["in_channels"] == 3 and module["adapter"]["method"] == "cp_lora"
+        preprocess = config["datamodule"]["preprocess"]
+        assert preprocess["slice_size"] == [32, 32] and preprocess["windows"][0] == [40, 80]
+        assert config["datamodule"]["fold"] == fold and Path(config["datamodule"]["dataset_json"]).is_absolute()
+        metrics = read_metrics(run)
+        assert metrics["global_step"] == 2 and metrics["cost"]["train_steps"] == 2
+        assert metrics["cost"]["trainable_params"] > 0 and metrics["cost"]["peak_mem_mb"] > 0
+        assert len(metrics["cases"]) == 2 and metrics["base_val"] is not None
+        cases = [{k: (math.nan if v is None else v) for k, v in c.items()} for c in metrics["cases"]]
+        assert metrics["val"]["dice"] == pytest.approx(summarize(cases, [0, 50, 100, math.inf])["dice"])
+        with safe_open(str(run / ADAPTER_FILE), "pt") as f:  # the trained tensors only, not the base
+            assert sum(np.prod(f.get_slice(k).get_shape())
+                       for k in f.keys()) == metrics["cost"]["trainable_params"]
+    folds = [set(read_run_config(sweep / f"runs/phantom_sah/cp_lora/fold{k}")["run"].items()) for k in (0, 1)]
+    assert folds[0] != folds[1]
+
+
+def test_adapter_file_and_base_reproduce_the_validation_metrics(sweep):
+    run = sweep / "runs/phantom_sah/cp_lora/fold0"
+    module, config = load_run(run)
+    trainer = pl.Trainer(logger=False, **TRAINER)
+    trainer.validate(module, datamodule=SegDataModule(**config["datamodule"]), verbose=False)
+    stored = read_metrics(run)["cases"]
+    assert [r["case_id"] for r in module.case_rows] == [r["case_id"] for r in stored]
+    for mine, theirs in zip(module.case_rows, stored):
+        assert mine["dice"] == pytest.approx(theirs["dice"], abs=1e-6)
+        assert mine["pred_ml"] == pytest.approx(theirs["pred_ml"], abs=1e-9)
+
+
+def test_report_aggregates_folds_and_methods(sweep, tmp_path):
+    experiment = sweep / "runs/phantom_sah"
+    paths = write_report(experiment, tmp_path)
+    for key in ("markdown", "csv", "dice_by_method", "dice_vs_volume"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    assert paths["dice_by_method"].read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["method"] for r in rows] == ["cp_lora"]
+    dice = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"cp_lora/fold{k}")["cases"]]
+    assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(dice))
+    assert float(rows[0]["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
+    assert int(rows[0]["cases"]) == 4 and rows[0]["folds"] == "2"
+    assert "| cp_lora | 2 | 4 |" in paths["markdown"].read_text()
+    segadapt_main(["report", str(experiment), "--out", str(tmp_path / "cli")])  # the same through the CLI
+    assert (tmp_path / "cli" / "report.csv").read_text() == paths["csv"].read_text()
+
+
+def _run_args(sweep: Path, **module):
+    config = read_run_config(sweep / "runs/phantom_sah/cp_lora/fold0")
+    return {**config["module"], **module}, config["datamodule"]
+
+
+class _Crash(pl.Callback):
+    """Fails at a given global step, as a killed job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_interruption_continues_from_the_saved_step(sweep, tmp_path):
+    module_kwargs, data_kwargs = _run_args(sweep)
+    run = tmp_path / "run"
+    args = dict(identity={"experiment": "t", "method": "cp_lora", "fold": 0}, module_kwargs=module_kwargs,
+                datamodule_kwargs=data_kwargs, eval_base=False, checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, callbacks=[_Crash(3)], **args)
+    assert (run / CHECKPOINT_FILE).is_file() and not (run / METRICS_FILE).exists()
+    result = fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, ckpt_path="last", **args)
+    assert result["cost"]["resumed_from_step"] == 2
+    assert result["global_step"] == 5
+    assert result["cost"]["train_steps"] == 2 + 3  # 2 steps saved in last.ckpt before the crash, then steps 2-4
+
+
+def test_lightning_cli_fit_then_validate(sweep, tmp_path):
+    module_kwargs, data_kwargs = _run_args(sweep)
+    config = tmp_path / "cli.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": module_kwargs,
+        "data": data_kwargs,
+        "trainer": {**TRAINER, "max_steps": 2, "default_root_dir": str(tmp_path / "cli")},
+    }))
+    segadapt_main(["fit", "--config", str(config)])
+    log_dirs = list((tmp_path / "cli").rglob(ADAPTER_FILE))
+    assert len(log_dirs) == 1
+    assert list((tmp_path / "cli").rglob("last.ckpt"))
+    segadapt_main(["validate", "--config", str(config), "--ckpt_path", str(next((tmp_path / "cli").rglob("last.ckpt")))])
+
+
+def test_none_baseline_validates_without_training(sweep, tmp_path):
+    module_kwargs, data_kwargs = _run_args(sweep, adapter="none")
+    result = fit_run(tmp_path / "none", {"experiment": "t", "method": "none", "fold": 0}, module_kwargs, data_kwargs,
+                     {**TRAINER, "max_steps": 2})
+    assert result["global_step"] == 0 and result["cost"] == {"trainable_params": 0}
+    assert not (tmp_path / "none" / CHECKPOINT_FILE).exists()
+    base = read_metrics(sweep / "runs/phantom_sah/cp_lora/fold0")["base_cases"]
+    assert [r["dice"] for r in result["cases"]] == pytest.approx([r["dice"] for r in base])
+    text = (tmp_path / "none" / METRICS_FILE).read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json is not JSON"))
