@@ -1,0 +1,277 @@
+"""Export adapted networks: a merged plain model, and LoRA/DoRA adapters in PEFT's on-disk format.
+
+Merged model (:func:`export_merged`): the adapter folded into the base weights
+(``segadapt.adapters.merge_and_unload``), saved as the plain network's state dict (safetensors; the
+metadata names the architecture). It loads into the bare architecture with plain ``load_state_dict``,
+no adapter code involved::
+
+    net = MultiViewUNet(**model_kwargs)
+    net.load_state_dict(safetensors.torch.load_file("merged.safetensors"))
+    net = load_merged("merged.safetensors")       # the same, architecture rebuilt from the metadata
+
+PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` +
+``adapter_model.safetensors`` as ``peft.PeftModel.save_pretrained`` writes them, for the methods PEFT has
+-- ``lora`` / ``conv_lora`` as LoRA, ``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and
+``nn.Conv1d/2d/3d`` (PEFT has no LoRA for transposed convolutions, and its conv LoRA ignores dilation).
+Load with ``peft.PeftModel.from_pretrained(base, folder)``. Tensor layouts (key prefix
+``base_model.model.<module>.``):
+
+==================  =====================  ==========================================
+segadapt            shape                  PEFT key, shape
+==================  =====================  ==========================================
+``lora_A``          (r, Cin k^d)           ``lora_A.weight`` (r, Cin, *k)
+``lora_B``          (Cout, r)              ``lora_B.weight`` (Cout, r, 1, ..., 1)
+DoRA ``magnitude``  (Cout,)                ``lora_magnitude_vector`` (1, Cout, 1, ..., 1); (Cout,) on Linear
+==================  =====================  ==========================================
+
+Scaling: PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per module equals segadapt's ``alpha / r``;
+per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by the escaped module name.
+
+Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from segadapt.adapters import AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, merge_and_unload, set_active_adapter
+from segadapt.adapters.dora import DoRA
+from segadapt.data.files import atomic_path, write_json
+from segadapt.models import build_model
+from segadapt.training import load_run
+
+MERGED_FORMAT = "segadapt-merged"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_METHODS = {"lora": False, "conv_lora": False, "conv_dora": True}  # method -> use_dora
+PEFT_PREFIX = "base_model.model."
+PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+    return path
+
+
+def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
+    """`adapter`, else the active adapter, else the only one."""
+    names = adapter_names(model)
+    name = adapter or active_adapter(model) or (names[0] if len(names) == 1 else None)
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    if name is None or not layers:
+        raise ValueError(f"the model has no adapter named {name!r} to export")
+    return name
+
+
+# ---- merged plain model -------------------------------------------------------------------------
+def export_merged(model: nn.Module, path: str | os.PathLike, adapter: Optional[str] = None,
+                  architecture: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write `model` with `adapter` (default: the active or only one) merged in, as a plain state dict (atomically).
+
+    The model itself is left untouched (a copy is merged). `architecture` ({'model': name,
+    'model_kwargs': {...}} of :func:`segadapt.models.build_model`) goes into the metadata, for
+    :func:`load_merged`.
+    """
+    plain = copy.deepcopy(model)
+    set_active_adapter(plain, _adapter_name(model, adapter))
+    merge_and_unload(plain)
+    metadata = {"format": MERGED_FORMAT}
+    if architecture is not None:
+        metadata["architecture"] = json.dumps({"model": architecture["model"],
+                                               "model_kwargs": dict(architecture.get("model_kwargs") or {})})
+    return _save_safetensors(plain.state_dict(), Path(path), metadata)
+
+
+def load_merged(path: str | os.PathLike) -> nn.Module:
+    """The network of a merged export, rebuilt from its metadata and loaded strictly (eval mode)."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != MERGED_FORMAT or "architecture" not in metadata:
+        raise ValueError(f"{path} is not a merged segadapt export with its architecture in the metadata")
+    architecture = json.loads(metadata["architecture"])
+    net = build_model(architecture["model"], **architecture["model_kwargs"])
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+# ---- PEFT on-disk format ------------------------------------------------------------------------
+def _peft_layout(base: nn.Module, name: str) -> tuple[int, ...]:
+    """Trailing singleton dims of PEFT's lora_B / magnitude for this layer; rejects what PEFT cannot run."""
+    if not isinstance(base, PEFT_LAYERS):
+        raise ValueError(f"module '{name}' is a {type(base).__name__}: PEFT's LoRA supports "
+                         f"{', '.join(t.__name__ for t in PEFT_LAYERS)} only (exclude it from the adapter's targets)")
+    if isinstance(base, nn.Linear):
+        return ()
+    if any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
+        raise ValueError(f"module '{name}' has dilation {base.dilation} / padding mode {base.padding_mode!r}: "
+                         "PEFT's conv LoRA assumes dilation 1 and zero padding")
+    return (1,) * (base.weight.dim() - 2)
+
+
+def _alpha(config: AdapterConfig, rank: int) -> float:
+    return float(rank if config.alpha is None else config.alpha)
+
+
+def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[str] = None) -> Path:
+    """Write `adapter` (default: the active or only one) as a PEFT LoRA/DoRA adapter folder; returns the folder.
+
+    Raises:
+        ValueError: the method has no PEFT counterpart, or a layer is one PEFT's LoRA cannot wrap.
+    """
+    name = _adapter_name(model, adapter)
+    layers = [(n, layer) for n, layer in adapted_layers(model) if name in layer.adapters]
+    config = layers[0][1].adapters[name].config
+    if config.method not in PEFT_METHODS:
+        raise ValueError(f"method {config.method!r} has no PEFT counterpart; PEFT export supports "
+                         f"{', '.join(PEFT_METHODS)} (lora/conv_lora as LoRA, conv_dora as DoRA)")
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for module, layer in layers:
+        base, adapter_ = layer.base_layer, layer.adapters[name]
+        ones, spec = _peft_layout(base, module), layer.spec
+        lora = adapter_.direction if isinstance(adapter_, DoRA) else adapter_
+        prefix = f"{PEFT_PREFIX}{module}."
+        tensors[prefix + "lora_A.weight"] = lora.lora_A.reshape(adapter_.rank, spec.cin, *spec.kernel)
+        tensors[prefix + "lora_B.weight"] = lora.lora_B.reshape(spec.cout, adapter_.rank, *ones)
+        if isinstance(adapter_, DoRA):
+            shape = (spec.cout,) if not ones else (1, spec.cout, *ones)
+            tensors[prefix + "lora_magnitude_vector"] = adapter_.magnitude.reshape(shape)
+        if adapter_.rank != config.rank:
+            rank_pattern[re.escape(module)] = adapter_.rank
+        if _alpha(config, adapter_.rank) != _alpha(config, config.rank):
+            alpha_pattern[re.escape(module)] = _alpha(config, adapter_.rank)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": _alpha(config, config.rank),
+        "target_modules": "(" + "|".join(re.escape(module) for module, _ in layers) + ")",  # re.fullmatch by PEFT
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": config.use_rslora,
+        "use_dora": PEFT_METHODS[config.method],
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    folder = Path(folder)
+    _save_safetensors(tensors, folder / PEFT_WEIGHTS_FILE, {"format": "pt"})
+    write_json(folder / PEFT_CONFIG_FILE, peft_config)
+    return folder
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's lookup (``peft.utils.other.get_pattern_key``): the first key matching the end of the name."""
+    return next((v for key, v in patterns.items() if re.match(rf"(.*\.)?({key})$", module)), default)
+
+
+def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "default", active: bool = True) -> nn.Module:
+    """Inject the LoRA/DoRA adapter of a PEFT adapter folder into `model` under `name` (in place).
+
+    Raises:
+        FileNotFoundError: the folder lacks ``adapter_config.json`` or ``adapter_model.safetensors``.
+        ValueError: not a LoRA adapter, a feature segadapt has no counterpart for (biases, modules to save,
+            per-module alphas not of the form alpha / r), or modules the model does not have.
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / PEFT_CONFIG_FILE, folder / PEFT_WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"not a PEFT adapter folder: {path} is missing")
+    peft_config = json.loads(config_path.read_text())
+    if peft_config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be imported")
+    unsupported = {k: peft_config.get(k) for k in ("bias", "modules_to_save", "fan_in_fan_out", "lora_bias")}
+    if unsupported["bias"] not in (None, "none") or unsupported["modules_to_save"] or unsupported["fan_in_fan_out"] \
+            or unsupported["lora_bias"]:
+        raise ValueError(f"{config_path}: {unsupported} -- segadapt adapters have no trained biases or saved modules")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_path)).items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA/DoRA tensor segadapt can import")
+        tensors.setdefault(match["module"], {})[match["tensor"]] = tensor
+    modules = sorted(tensors)
+    for module in modules:
+        try:
+            _peft_layout(model.get_submodule(module), module)
+        except AttributeError:
+            raise ValueError(f"{weights_path}: module '{module}' does not exist in this {type(model).__name__}") from None
+
+    use_dora, rslora = bool(peft_config.get("use_dora")), bool(peft_config.get("use_rslora"))
+    ranks = {m: int(tensors[m]["lora_A.weight"].shape[0]) for m in modules}
+    alphas = {m: float(_pattern_value(peft_config.get("alpha_pattern") or {}, m, peft_config.get("lora_alpha", 8))) for m in modules}
+    if all(alphas[m] == ranks[m] for m in modules):
+        alpha = None  # s = 1 on every layer
+    elif len(set(alphas.values())) == 1:
+        alpha = alphas[modules[0]]
+    else:
+        raise ValueError(f"{config_path}: per-module alphas {alphas} are not one alpha (s = alpha / r) nor alpha = r")
+    rank = int(peft_config.get("r", ranks[modules[0]]))
+    convs = any(not isinstance(model.get_submodule(m), nn.Linear) for m in modules)
+    config = AdapterConfig(
+        method="conv_dora" if use_dora else ("conv_lora" if convs else "lora"),
+        rank=rank,
+        alpha=alpha,
+        targets="(" + "|".join(re.escape(m) for m in modules) + ")",
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != rank},
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+        use_rslora=rslora,
+    )
+    inject(model, config, name=name, active=active)
+    with torch.no_grad():
+        for module in modules:
+            adapter = model.get_submodule(module).adapters[name]
+            lora = adapter.direction if use_dora else adapter
+            for ours, key in ((lora.lora_A, "lora_A.weight"), (lora.lora_B, "lora_B.weight")) + (
+                    ((adapter.magnitude, "lora_magnitude_vector"),) if use_dora else ()):
+                given = tensors[module].get(key)
+                if given is None or given.numel() != ours.numel():
+                    raise ValueError(f"{weights_path}: module '{module}': {key} is missing or has shape "
+                                     f"{None if given is None else list(given.shape)} for {list(ours.shape)}")
+                ours.copy_(given.reshape(ours.shape))
+    return model
+
+
+# ---- command line -------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m segadapt.export",
+                                     description="Export a run's adapter: merged plain model and/or PEFT format.")
+    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
+    parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
+    parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
+    args = parser.parse_args(argv)
+    if not (args.merged or args.peft):
+        parser.error("give --merged FILE and/or --peft FOLDER")
+    try:
+        module, config = load_run(args.run_dir)
+        if args.merged:
+            print(f"merged model: {export_merged(module.net, args.merged, architecture=config['module'])}")
+        if args.peft:
+            print(f"PEFT adapter: {export_peft(module.net, args.peft)}")
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"segadapt export: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
