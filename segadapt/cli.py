@@ -6,6 +6,9 @@
   (``segadapt fit --print_config`` prints a complete one). Training writes ``last.ckpt`` (resume with
   ``--ckpt_path last``) and, at the end, the trained adapter or weights into the trainer's log folder.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
+* ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference on CT
+  scans with a fold ensemble of adapters (:mod:`segadapt.inference`; ``--run``, ``--adapters``, ``--base`` or
+  ``--input`` select it over Lightning's ``predict --config``).
 
 Fold-by-fold experiments with automatic data and base preparation use ``scripts/train.py`` (Hydra).
 """
@@ -20,6 +23,8 @@ from typing import Optional
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from segadapt.inference import is_cli_call
+from segadapt.inference import main as predict_main
 from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
 
 
@@ -37,6 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         report_main(argv[1:])
+        return
+    if argv[:1] == ["predict"] and is_cli_call(argv[1:]):
+        predict_main(argv[1:])
         return
     LightningCLI(
         SegAdaptModule,

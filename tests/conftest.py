@@ -15,3 +15,11 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real sample data not found at {root} (set SEGADAPT_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory) -> list[Path]:
+    """Three tiny cp_lora fold runs on one tiny base (segadapt.inference.make_demo_runs, a few steps each)."""
+    from segadapt.inference import make_demo_runs
+
+    return make_demo_runs(tmp_path_factory.mktemp("demo"), steps=(2, 2))

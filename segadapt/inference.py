@@ -1,0 +1,473 @@
+"""Inference on CT scans: the fold adapters of a run on one shared base -> masks on the input's grid.
+
+One frozen base network holds the K fold adapters side by side (``segadapt.adapters.load_adapter`` under
+the names ``m0 .. m{K-1}``). A scan is preprocessed once with the preprocessing saved in the run
+(``segadapt.data.inference_transforms``); each adapter in turn is made active (``set_active_adapter``) and
+predicts whole-volume probabilities (multi-view fusion or MONAI sliding window, exactly as in validation:
+``SegAdaptModule.predict_probabilities``); the K probability volumes are averaged,
+
+    p(x) = 1/K sum_k p_k(x),
+
+and ``segadapt.data.invert_transform`` maps the mean back onto the input's grid (orientation, spacing
+and crop undone): the mask has the input's shape and affine. Memory: one base + K adapters.
+
+Python::
+
+    predictor = Predictor.from_runs(["runs/phantom_sah/cp_lora/fold0", ".../fold1", ".../fold2"])
+    prediction = predictor.predict("ct.nii.gz")   # .probabilities (C, *shape) .mask .affine .volume_ml
+    rows = predict_to_folder(predictor, "scans/", "predictions/", probabilities=True)
+
+Command line (``segadapt predict`` with these arguments, or ``python scripts/predict.py``)::
+
+    segadapt predict --run runs/phantom_sah/cp_lora/fold0 runs/phantom_sah/cp_lora/fold1 \
+        --input ct.nii.gz --output predictions/
+    segadapt predict --adapters fold0.safetensors fold1.safetensors --run-config runs/.../fold0 \
+        --base base.safetensors --input scans/ --output predictions/ --probabilities
+
+Inputs: a NIfTI (``.nii``/``.nii.gz``), NRRD or MHA/MHD file, a DICOM series folder, or a folder of
+those. Per input ``<name>``: ``<name>_mask.nii.gz`` (uint8 label map), with ``--probabilities``
+``<name>_probabilities.nii.gz`` (float32; channels last when there are several), and a row of
+``volumes.csv`` (lesion volume in mL = foreground voxels x |det A| / 1000). Every file is written to a
+temporary file beside it and moved into place, so an interruption leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from torch import nn
+from tqdm.auto import tqdm
+
+from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
+from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, make_phantom_dataset
+from segadapt.data.files import atomic_path, save_nifti
+from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
+from segadapt.training.metrics import voxel_volume_ml
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+CSV_FILE = "volumes.csv"
+CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "lesion_volume_ml", "members")
+# A flag that only segadapt's inference CLI has: `segadapt predict` with one of these runs :func:`main`.
+CLI_FLAGS = ("--run", "--adapters", "--run-config", "--base", "--input", "-i")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def is_dicom_series(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds DICOM files of at least one series (GDCM's scan, not recursive)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM files
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def input_name(path: str | os.PathLike) -> str:
+    """Output stem of an input: the file name without its image suffix, or the DICOM folder's name."""
+    name = Path(path).name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def find_inputs(path: str | os.PathLike) -> list[Path]:
+    """The scans `path` names: itself (an image file or a DICOM series folder), or the image files and
+    DICOM series sub-folders of a folder, sorted by name.
+
+    Raises:
+        FileNotFoundError: `path` does not exist, or a folder holds no scan.
+        ValueError: `path` is a file of an unsupported type.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_file():
+        if not is_image_file(path):
+            raise ValueError(f"{path} is not a supported scan: give a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or "
+                             "MHA/MHD file, or the folder of a DICOM series")
+        return [path]
+    if is_dicom_series(path):
+        return [path]
+    found = [p for p in sorted(path.iterdir()) if is_image_file(p) or (p.is_dir() and is_dicom_series(p))]
+    if not found:
+        raise FileNotFoundError(f"no NIfTI, NRRD, MHA/MHD file or DICOM series folder in {path}")
+    return found
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+# ---- the predictor ------------------------------------------------------------------------------
+@contextmanager
+def folded(net: nn.Module, name: str) -> Iterator[nn.Module]:
+    """`net` computing as if adapter `name` were merged: each adapted layer's base weight is swapped for
+    W = f(W0) (the adapter's weight-space formula) and W0 is put back afterwards, untouched.
+
+    A temporary, out-of-place merge: built once per volume instead of once per forward call (unmerged
+    adapters rebuild W in every slice batch), so each member runs at the plain network's speed; unlike
+    ``merge``/``unmerge`` it restores W0 bit for bit. Extra memory while active: one adapter's folded weights.
+    """
+    layers = [layer for _, layer in adapted_layers(net) if name in layer.adapters]
+    if not layers:
+        raise ValueError(f"no adapter named {name!r} to fold")
+    originals = [layer.base_layer.weight for layer in layers]
+    active = active_adapter(net)
+    try:
+        set_active_adapter(net, None)
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.adapters[name].adapted_weight(layer.spec.canonical(layer.base_layer.weight))
+                layer.base_layer.weight = nn.Parameter(layer.spec.to_base(weight).contiguous(), requires_grad=False)
+        yield net
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.base_layer.weight = weight
+        set_active_adapter(net, active)
+
+
+@dataclass
+class Prediction:
+    """One scan's prediction on the input's own grid.
+
+    Attributes:
+        source: the input file or DICOM folder.
+        probabilities: (C, *shape) float32, the ensemble mean (C = 1: foreground probability).
+        mask: (*shape) uint8 label map: p > threshold (C = 1) or the argmax class.
+        affine: (4, 4) voxel -> RAS mm of the input (equal to the input's).
+        volume_ml: lesion (mask > 0) volume in mL.
+    """
+
+    source: Path
+    probabilities: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    volume_ml: float
+
+    @property
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+class Predictor:
+    """A base network with K adapters (K >= 0), the preprocessing of its run, and the fold-ensemble mean.
+
+    Args:
+        config: a run's ``config.yaml`` (:func:`segadapt.training.read_run_config`): ``module`` gives the
+            network, its base checkpoint and inference settings, ``datamodule.preprocess`` the preprocessing.
+        adapters: adapter files (``adapter.safetensors``) made on that base; each is loaded under its own
+            name and their probabilities are averaged. None: the base alone.
+        base: base checkpoint to use instead of ``config['module']['base_checkpoint']``.
+        device: ``'cpu'``, ``'cuda'``, ... (default: CUDA when available).
+        threshold: foreground probability threshold (default: the run's).
+
+    Raises:
+        FileNotFoundError: the base checkpoint or an adapter file is missing.
+        ValueError: an adapter file was made for another base (the message names the first differing module).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        adapters: Sequence[str | os.PathLike] = (),
+        base: Optional[str | os.PathLike] = None,
+        device: Optional[str] = None,
+        threshold: Optional[float] = None,
+    ) -> None:
+        module_args = dict(config["module"])
+        base = base if base is not None else module_args.get("base_checkpoint")
+        if base is None or not Path(base).is_file():
+            raise FileNotFoundError(f"base checkpoint not found: {base} (set by the run config's "
+                                    "module.base_checkpoint; give another with --base)")
+        self.config = config
+        self.base = Path(base)
+        self.preprocess = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
+        self.module = SegAdaptModule(**{**module_args, "adapter": "none", "base_checkpoint": str(base)})
+        in_channels = int(module_args.get("model_kwargs", {}).get("in_channels", self.preprocess.in_channels))
+        self.channels = max(in_channels // self.preprocess.in_channels, 1)  # image channels before windowing
+        self.adapters = [Path(a) for a in adapters]
+        self.members = [f"m{i}" for i in range(len(self.adapters))]
+        for name, path in zip(self.members, self.adapters):
+            load_adapter(self.module.net, path, name=name, active=False)
+        self.threshold = self.module.hparams.threshold if threshold is None else float(threshold)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module.to(self.device).eval()
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[str | os.PathLike], base: Optional[str | os.PathLike] = None,
+                  device: Optional[str] = None, threshold: Optional[float] = None) -> Predictor:
+        """The fold ensemble of run folders (each ``config.yaml`` + ``adapter.safetensors``) on their shared base.
+
+        A single run without an adapter file is used alone: a full / decoder / scratch run's
+        ``model.safetensors`` is the network; a ``none`` run is its base.
+
+        Raises:
+            FileNotFoundError: a run folder without ``config.yaml``, or an unfinished run.
+            ValueError: the runs differ in network, base checkpoint or preprocessing.
+        """
+        runs = [Path(r) for r in runs]
+        if not runs:
+            raise ValueError("give at least one run folder")
+        configs = [read_run_config(r) for r in runs]
+        for run, config in zip(runs[1:], configs[1:]):
+            pairs = [(f"module.{k}", config["module"].get(k), configs[0]["module"].get(k))
+                     for k in ("model", "model_kwargs", "base_checkpoint")]
+            pairs.append(("datamodule.preprocess", config["datamodule"]["preprocess"], configs[0]["datamodule"]["preprocess"]))
+            for key, value, first in pairs:
+                if value != first:
+                    raise ValueError(f"runs {runs[0]} and {run} differ in {key} ({first!r} vs {value!r}); "
+                                     "a fold ensemble shares one base network and one preprocessing")
+        adapters = [run / ADAPTER_FILE for run in runs]
+        missing = [run for run, a in zip(runs, adapters) if not a.is_file()]
+        if len(runs) == 1 and missing:
+            weights = runs[0] / WEIGHTS_FILE
+            if weights.is_file() or configs[0]["run"].get("tuning") == "none":
+                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold)
+        if missing:
+            raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a full/decoder/"
+                                    "scratch run: those are used alone, not in a fold ensemble)")
+        return cls(configs[0], adapters, base, device, threshold)
+
+    @classmethod
+    def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,
+                           base: Optional[str | os.PathLike] = None, device: Optional[str] = None,
+                           threshold: Optional[float] = None) -> Predictor:
+        """Adapter files on one base; network and preprocessing from `run_config` (a ``config.yaml`` or its
+        run folder; default: the folder of the first adapter file)."""
+        if not adapters:
+            raise ValueError("give at least one adapter file")
+        source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
+        run_dir = source.parent if source.name == CONFIG_FILE else source
+        return cls(read_run_config(run_dir), adapters, base, device, threshold)
+
+    @property
+    def description(self) -> str:
+        module = self.config["module"]
+        members = f"{len(self.members)} adapter(s)" if self.members else "no adapter"
+        return f"{module['model']} with {members} on base {self.base}, device {self.device}"
+
+    @torch.no_grad()
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Mean over the adapters of the probabilities ``(B, C, *spatial)`` of preprocessed volumes ``(B, C_in, *spatial)``."""
+        image = image.to(self.device)
+        if not self.members:
+            return self.module.predict_probabilities(image)
+        total = None
+        for name in self.members:
+            with folded(self.module.net, name):
+                probabilities = self.module.predict_probabilities(image)
+            total = probabilities if total is None else total.add_(probabilities)
+        return total / len(self.members)
+
+    def predict(self, path: str | os.PathLike) -> Prediction:
+        """Read one scan, run the ensemble, and map the probabilities back onto the scan's grid.
+
+        Raises:
+            ValueError: the scan cannot be read or used (the message names the file and the reason).
+        """
+        path = Path(path)
+        pipeline = inference_transforms(self.preprocess, self.channels)
+        try:
+            data = pipeline({"image": str(path), "case_id": input_name(path)})
+        except Exception as error:  # MONAI wraps the reader's error: report the root cause
+            raise ValueError(f"cannot use input {path}: {_root_cause(error)}") from error
+        image = data["image"]
+        data["pred"] = MetaTensor(self.predict_probabilities(image[None])[0].float().cpu())
+        restored = invert_transform(pipeline, keys="pred")(data)["pred"]
+        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        shape = tuple(int(s) for s in image.meta["spatial_shape"])
+        if tuple(restored.shape[1:]) != shape or not np.allclose(np.asarray(restored.affine), affine, atol=1e-4):
+            raise RuntimeError(f"{path}: inverting the preprocessing gave shape {tuple(restored.shape[1:])} "
+                               f"instead of the input's {shape}")
+        probabilities = restored.as_tensor().numpy().astype(np.float32)
+        mask = probabilities[0] > self.threshold if len(probabilities) == 1 else probabilities.argmax(0)
+        mask = mask.astype(np.uint8)
+        return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine))
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def write_prediction(prediction: Prediction, out_dir: str | os.PathLike, name: str,
+                     probabilities: bool = False) -> dict[str, Path]:
+    """Write ``<name>_mask.nii.gz`` (and ``<name>_probabilities.nii.gz``) atomically with the input's affine."""
+    out_dir = Path(out_dir)
+    paths = {"mask": save_nifti(out_dir / f"{name}_mask.nii.gz", prediction.mask, prediction.affine)}
+    if probabilities:
+        p = prediction.probabilities
+        p = p[0] if len(p) == 1 else np.moveaxis(p, 0, -1)  # NIfTI keeps channels in the 4th dim
+        paths["probabilities"] = save_nifti(out_dir / f"{name}_probabilities.nii.gz", p, prediction.affine)
+    return paths
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def predict_to_folder(
+    predictor: Predictor,
+    inputs: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    probabilities: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = tqdm.write,
+) -> list[dict[str, Any]]:
+    """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns the CSV rows.
+
+    ``volumes.csv`` is rewritten (atomically) after each scan, so it always lists the masks written.
+    A scan that cannot be read stops the run with a ``ValueError`` naming it; the scans before it keep
+    their complete outputs and nothing is written for it.
+
+    Raises:
+        ValueError: two inputs would write the same output, or `out_dir` is the inputs' folder.
+    """
+    scans, out_dir = find_inputs(inputs), Path(out_dir)
+    names = [input_name(s) for s in scans]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"several inputs in {inputs} are named {duplicate!r} (e.g. .nii.gz and .nrrd): rename one")
+    if any(out_dir.resolve() == s.parent.resolve() for s in scans if s.is_file()):
+        raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
+    rows: list[dict[str, Any]] = []
+    for scan, name in zip(tqdm(scans, desc="predict", unit="scan", disable=not progress or len(scans) == 1), names):
+        prediction = predictor.predict(scan)
+        paths = write_prediction(prediction, out_dir, name, probabilities)
+        rows.append({
+            "input": str(scan),
+            "mask": str(paths["mask"]),
+            "probabilities": str(paths.get("probabilities", "")),
+            "lesion_voxels": prediction.voxels,
+            "voxel_ml": f"{voxel_volume_ml(prediction.affine):.6g}",
+            "lesion_volume_ml": f"{prediction.volume_ml:.3f}",
+            "members": max(len(predictor.members), 1),
+        })
+        write_csv(out_dir / CSV_FILE, rows)
+        echo(f"{name}: lesion volume {prediction.volume_ml:.2f} mL ({prediction.voxels} voxels, shape "
+             f"{prediction.mask.shape}) -> {paths['mask']}")
+    return rows
+
+
+# ---- a tiny demo run, for a fresh clone -----------------------------------------------------------
+DEMO_MODEL = {"out_channels": 1, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1,
+              "norm": "instance", "shared_weights": True, "fusion": "mean"}
+
+
+def make_demo_runs(
+    out_dir: str | os.PathLike,
+    members: int = 3,
+    method: str = "cp_lora",
+    rank: int = 4,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    shape: Sequence[int] = (40, 40, 20),
+    steps: tuple[int, int] = (10, 4),
+    seed: int = 0,
+) -> list[Path]:
+    """Small real run folders to try inference on in seconds (CPU): returns the `members` fold runs.
+
+    Writes the phantom source (``tbi``) and target (``sah``) datasets under ``out_dir/data``, a
+    multi-view UNet base trained ``steps[0]`` steps from scratch on the source (``out_dir/runs/base``),
+    and one `method` adapter per fold of the target trained ``steps[1]`` steps at a high learning rate, so
+    that the folds differ (``out_dir/runs/demo/<method>/fold<k>``), all with :func:`segadapt.training.fit_run`.
+    Folders that are complete already are reused. The schedules are far too short to segment well: this
+    exercises the pipeline; ``python scripts/train.py`` makes a real run.
+    """
+    out_dir = Path(out_dir).resolve()
+    runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
+    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs):
+        return runs
+    spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm
+    preprocess = PreprocessConfig(slice_size=list(shape[:2]), samples_per_volume=4, augment=False).to_dict()
+    trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+               "num_sanity_val_steps": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 10_000}
+    model = {"model": "multiview_unet", "model_kwargs": {"in_channels": PreprocessConfig().in_channels,
+                                                         **dict(model_kwargs or DEMO_MODEL)}}
+
+    def data(domain: str, fold: int) -> dict[str, Any]:
+        n = max(members, 2)  # one validation case per fold
+        dataset = make_phantom_dataset(out_dir / "data" / domain, domain, n, seed, shape, spacing)
+        return {"dataset_json": str(dataset), "fold": fold, "n_folds": n, "split_seed": seed,
+                "preprocess": preprocess, "batch_size": 2}
+
+    base_run = out_dir / "runs" / "base"
+    fit_run(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
+            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False)
+    adapter = {"method": method, "rank": rank}
+    for k, run in enumerate(runs):
+        fit_run(run, {"experiment": "demo", "method": method, "fold": k},
+                {**model, "adapter": adapter, "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_run / WEIGHTS_FILE)},
+                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False)
+    return runs
+
+
+# ---- command line -------------------------------------------------------------------------------
+def is_cli_call(argv: Sequence[str]) -> bool:
+    """True if `argv` (after ``predict``) uses this module's flags rather than LightningCLI's ``--config``."""
+    return any(arg.split("=", 1)[0] in CLI_FLAGS for arg in argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segadapt predict",
+        description="Segment CT scans with the fold adapters of a run on their shared base: masks on each "
+                    "input's grid, lesion volumes in volumes.csv. (segadapt predict --config ... is Lightning's "
+                    "predict loop instead.)",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", nargs="+", metavar="RUN_DIR",
+                        help="run folder(s) with config.yaml + adapter.safetensors; several = fold ensemble")
+    source.add_argument("--adapters", nargs="+", metavar="FILE", help="adapter files made on one base")
+    parser.add_argument("--run-config", metavar="PATH",
+                        help="with --adapters: the run's config.yaml (or its folder) giving network and "
+                             "preprocessing (default: the folder of the first adapter)")
+    parser.add_argument("--base", metavar="FILE", help="base checkpoint (default: the run config's)")
+    parser.add_argument("--input", "-i", required=True, metavar="PATH",
+                        help="NIfTI / NRRD / MHA file, DICOM series folder, or a folder of those")
+    parser.add_argument("--output", "-o", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
+    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
+    parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    """``segadapt predict --run ... --input ...``; bad inputs exit with status 2 and a one-line error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    try:
+        find_inputs(args.input)  # a bad input path fails before the network is built
+        if args.run:
+            predictor = Predictor.from_runs(args.run, args.base, args.device, args.threshold)
+        else:
+            predictor = Predictor.from_adapter_files(args.adapters, args.run_config, args.base, args.device, args.threshold)
+        print(f"segadapt predict: {predictor.description}")
+        rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"segadapt predict: error: {error}\n")
+    total = sum(float(r["lesion_volume_ml"]) for r in rows)
+    print(f"{len(rows)} scan(s), total lesion volume {total:.2f} mL -> {Path(args.output) / CSV_FILE}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
