@@ -2,14 +2,17 @@
 
 One frozen base network holds the K fold adapters side by side (``segadapt.adapters.load_adapter`` under
 the names ``m0 .. m{K-1}``). A scan is preprocessed once with the preprocessing saved in the run
-(``segadapt.data.inference_transforms``); each adapter in turn is made active (``set_active_adapter``) and
-predicts whole-volume probabilities (multi-view fusion or MONAI sliding window, exactly as in validation:
-``SegAdaptModule.predict_probabilities``); the K probability volumes are averaged,
+(``segadapt.data.inference_transforms``); each adapter in turn is folded into the weights (:func:`folded`,
+a temporary merge that puts the base weights back bit for bit) and predicts whole-volume probabilities
+(multi-view fusion or MONAI sliding window, exactly as in validation: ``SegAdaptModule.predict_probabilities``);
+the K probability volumes are averaged,
 
     p(x) = 1/K sum_k p_k(x),
 
 and ``segadapt.data.invert_transform`` maps the mean back onto the input's grid (orientation, spacing
-and crop undone): the mask has the input's shape and affine. Memory: one base + K adapters.
+and crop undone): the mask has the input's shape and affine. Memory: one base + K adapters (+ one
+adapter's folded weights while it runs). ``scripts/benchmark_ensemble.py`` measures it against K
+separate models.
 
 Python::
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -394,12 +398,14 @@ def make_demo_runs(
     runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
     if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs):
         return runs
+    model_kwargs = dict(model_kwargs or DEMO_MODEL)
     spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm
-    preprocess = PreprocessConfig(slice_size=list(shape[:2]), samples_per_volume=4, augment=False).to_dict()
+    divisor = math.prod(model_kwargs.get("strides", [2]))
+    slice_size = [math.ceil(s / divisor) * divisor for s in shape[:2]]  # training slices are padded up to this
+    preprocess = PreprocessConfig(slice_size=slice_size, samples_per_volume=4, augment=False).to_dict()
     trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
                "num_sanity_val_steps": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 10_000}
-    model = {"model": "multiview_unet", "model_kwargs": {"in_channels": PreprocessConfig().in_channels,
-                                                         **dict(model_kwargs or DEMO_MODEL)}}
+    model = {"model": "multiview_unet", "model_kwargs": {"in_channels": PreprocessConfig().in_channels, **model_kwargs}}
 
     def data(domain: str, fold: int) -> dict[str, Any]:
         n = max(members, 2)  # one validation case per fold
