@@ -17,6 +17,7 @@ from segadapt.adapters import AdapterConfig, adapter_names, inject, save_adapter
 from segadapt.data import inference_transforms, load_dataset_json, make_loader
 from segadapt.data.files import save_nifti
 from segadapt.export import export_merged, load_merged
+from segadapt.export import main as export_main
 from segadapt import cli
 from segadapt.inference import CSV_FILE, Predictor, find_inputs, is_cli_call, main, predict_to_folder
 from segadapt.models import MultiViewUNet, preset_targets
@@ -129,6 +130,9 @@ def test_merged_export_reproduces_the_adapted_predictions(demo_runs, scans, tmp_
         merged = plain.eval().predict_volume(image, slice_batch_size=64)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
     torch.testing.assert_close(load_merged(path).predict_volume(image), merged, atol=0, rtol=0)
+    export_main([str(demo_runs[0]), "--merged", str(tmp_path / "cli.safetensors")])  # python -m segadapt.export
+    from_cli = load_file(tmp_path / "cli.safetensors")
+    assert all(torch.equal(from_cli[k], v) for k, v in load_file(path).items())
     base = Predictor(single.config, device="cpu").predict_probabilities(image)
     assert (merged - base).abs().max() > 1e-3  # the adapter changed the function
 
