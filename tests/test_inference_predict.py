@@ -161,6 +161,19 @@ def test_inputs_are_found_by_type(tmp_path):
         find_inputs(folder / "sub")
 
 
+def test_an_ensemble_refuses_runs_with_another_preprocessing_or_an_unfinished_run(demo_runs, tmp_path):
+    other = tmp_path / "fold9"
+    shutil.copytree(demo_runs[1], other)
+    config = (other / "config.yaml").read_text()
+    (other / "config.yaml").write_text(config.replace("crop_foreground: true", "crop_foreground: false"))
+    with pytest.raises(ValueError, match="differ in datamodule.preprocess"):
+        Predictor.from_runs([demo_runs[0], other])
+    (other / "config.yaml").write_text(config)
+    (other / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="fold9 has no adapter.safetensors"):
+        Predictor.from_runs([demo_runs[0], other])
+
+
 @pytest.fixture()
 def other_base_adapter(tmp_path):
     """An adapter file made on a smaller multi-view UNet (another base)."""
