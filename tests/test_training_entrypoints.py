@@ -53,7 +53,7 @@ TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "en
 def sweep(tmp_path_factory) -> Path:
     """`python scripts/train.py -m fold=0,1` on a fresh folder: phantoms, base pretraining, two adapted folds."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "fold=0,1", f"paths.data={root}/data",
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "fold=0,1", "adapter=cp_lora", f"paths.data={root}/data",
            f"paths.runs={root}/runs", *TINY]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -168,7 +168,7 @@ def test_none_baseline_validates_without_training(sweep, tmp_path):
     module_kwargs, data_kwargs = _run_args(sweep, adapter="none")
     result = fit_run(tmp_path / "none", {"experiment": "t", "method": "none", "fold": 0}, module_kwargs, data_kwargs,
                      {**TRAINER, "max_steps": 2})
-    assert result["global_step"] == 0 and result["cost"] == {"trainable_params": 0}
+    assert result["global_step"] == 0 and result["cost"]["trainable_params"] == 0 and "train_time_s" not in result["cost"]
     assert not (tmp_path / "none" / CHECKPOINT_FILE).exists()
     base = read_metrics(sweep / "runs/phantom_sah/cp_lora/fold0")["base_cases"]
     assert [r["dice"] for r in result["cases"]] == pytest.approx([r["dice"] for r in base])

@@ -23,6 +23,7 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -57,10 +58,19 @@ CHECKPOINT_FILE = "last.ckpt"
 
 
 # ---- configuration ------------------------------------------------------------------------------
-def configure_threads(threads: Optional[int]) -> int:
-    """Set torch's intra-op threads (None: one per available core); returns the number set."""
+@functools.cache
+def free_cores() -> int:
+    """Available cores minus the 1-minute load average, at least 1 (decided once per process, so that every
+    run of a sweep uses the same number). More intra-op threads than free cores make each parallel op wait
+    for a thread the OS has descheduled: on a shared 2-core machine a step then takes many times longer."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = threads or cores
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
+def configure_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads (None: :func:`free_cores`); returns the number set."""
+    n = threads or free_cores()
     torch.set_num_threads(n)
     return n
 
@@ -226,7 +236,8 @@ def fit_run(
         "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
         "volume_bins_ml": list(bins),
         "volume_bins": bin_labels(bins),
-        "cost": {"trainable_params": module.trainable_params, **(_stats(trainer) if tuning != "none" else {})},
+        "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
+                 **(_stats(trainer) if tuning != "none" else {})},
         "global_step": trainer.global_step,
         "cases": cases,
         "base_cases": None if tuning == "none" else base_cases,
@@ -299,13 +310,15 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
     run = result["run"]
     val, base, cost = result["val"], result["base_val"], result["cost"]
     lines = [f"\n{run['experiment']} / {run['method']} / fold {run['fold']}: {int(val['n_cases'])} validation volumes"]
-    if base is not None:
-        lines.append(f"  unadapted base : Dice {base['dice']:.3f} +- {base['dice_sd']:.3f}   HD95 {base['hd95']:.1f} mm")
-    lines.append(f"  {run['method']:<15}: Dice {val['dice']:.3f} +- {val['dice_sd']:.3f}   HD95 {val['hd95']:.1f} mm"
-                 f"   volume r = {val['volume_corr']:.2f}")
+    for name, m in (("unadapted base", base), (run["method"], val)):
+        if m is not None:
+            missed = f" ({int(m['hd95_undefined'])} with an empty mask)" if m["hd95_undefined"] else ""
+            lines.append(f"  {name:<15}: Dice {m['dice']:.3f} +- {m['dice_sd']:.3f}   HD95 {m['hd95']:.1f} mm{missed}"
+                         f"   volume r = {m['volume_corr']:.2f}")
     if "train_time_s" in cost:
         lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "
-                     f"({cost['train_steps']} steps), peak memory {cost['peak_mem_mb']:.0f} MB ({cost['memory']})")
+                     f"({cost['train_steps']} steps, {cost['threads']} thread{'s' if cost['threads'] > 1 else ''}), peak memory {cost['peak_mem_mb']:.0f} MB "
+                     f"({cost['memory']})")
     lines.append(f"  run folder: {run_dir}")
     return "\n".join(lines)
 
