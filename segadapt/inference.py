@@ -355,17 +355,18 @@ def predict_to_folder(
     for scan, name in zip(tqdm(scans, desc="predict", unit="scan", disable=not progress or len(scans) == 1), names):
         prediction = predictor.predict(scan)
         paths = write_prediction(prediction, out_dir, name, probabilities)
-        rows.append({
+        row = {
             "input": str(scan),
             "mask": str(paths["mask"]),
             "probabilities": str(paths.get("probabilities", "")),
             "lesion_voxels": prediction.voxels,
             "voxel_ml": f"{voxel_volume_ml(prediction.affine):.6g}",
-            "lesion_volume_ml": f"{prediction.volume_ml:.3f}",
+            "lesion_volume_ml": f"{prediction.volume_ml:.4f}",
             "members": max(len(predictor.members), 1),
-        })
+        }
+        rows.append(row)
         write_csv(out_dir / CSV_FILE, rows)
-        echo(f"{name}: lesion volume {prediction.volume_ml:.2f} mL ({prediction.voxels} voxels, shape "
+        echo(f"{name}: lesion volume {row['lesion_volume_ml']} mL ({prediction.voxels} voxels, shape "
              f"{prediction.mask.shape}) -> {paths['mask']}")
     return rows
 

@@ -28,7 +28,7 @@ def test_inference_notebook_runs_and_reports_the_ensemble_volume(demo_runs, tmp_
     assert "making tiny demo runs" not in text  # it used the given runs
     (row,) = csv.DictReader(open(tmp_path / "predictions" / "volumes.csv", newline=""))
     printed = re.search(r"ensemble of 3: lesion volume ([0-9.]+) mL", text)
-    assert printed and float(printed.group(1)) == pytest.approx(float(row["lesion_volume_ml"]), abs=0.01)
+    assert printed and printed.group(1) == row["lesion_volume_ml"]
     assert len(re.findall(r"fold\d alone: [0-9.]+ mL", text)) == 3
     png = tmp_path / "inference_overlay.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
