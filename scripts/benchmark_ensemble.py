@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from segadapt.adapters import set_active_adapter
 from segadapt.data import inference_transforms, make_phantom_dataset
@@ -40,10 +41,10 @@ from segadapt.export import export_merged
 from segadapt.inference import Predictor, make_demo_runs
 from segadapt.training.callbacks import peak_rss_mb, reset_peak_rss
 
-# The model of configs/model/multiview_unet.yaml (what scripts/train.py trains by default).
 KINDS = ("ensemble", "switched", "separate")
-DEFAULT_MODEL = {"out_channels": 1, "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1,
-                 "norm": "instance", "shared_weights": True, "fusion": "mean"}
+# The model scripts/train.py trains by default.
+MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "multiview_unet.yaml"
+DEFAULT_MODEL = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIG))["kwargs"]
 
 
 def rss_mb() -> float:

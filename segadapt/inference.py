@@ -372,7 +372,7 @@ def predict_to_folder(
 
 
 # ---- a tiny demo run, for a fresh clone -----------------------------------------------------------
-DEMO_MODEL = {"out_channels": 1, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1,
+DEMO_MODEL = {"out_channels": 1, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
               "norm": "instance", "shared_weights": True, "fusion": "mean"}
 
 
@@ -392,21 +392,22 @@ def make_demo_runs(
     multi-view UNet base trained ``steps[0]`` steps from scratch on the source (``out_dir/runs/base``),
     and one `method` adapter per fold of the target trained ``steps[1]`` steps at a high learning rate, so
     that the folds differ (``out_dir/runs/demo/<method>/fold<k>``), all with :func:`segadapt.training.fit_run`.
-    Folders that are complete already are reused. The schedules are far too short to segment well: this
+    Complete folders of the same network are reused. The schedules are far too short to segment well: this
     exercises the pipeline; ``python scripts/train.py`` makes a real run.
     """
     out_dir = Path(out_dir).resolve()
     runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
-    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs):
+    model_kwargs = {"in_channels": PreprocessConfig().in_channels, **dict(model_kwargs or DEMO_MODEL)}
+    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs) \
+            and read_run_config(runs[0])["module"]["model_kwargs"] == model_kwargs:
         return runs
-    model_kwargs = dict(model_kwargs or DEMO_MODEL)
     spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm
     divisor = math.prod(model_kwargs.get("strides", [2]))
     slice_size = [math.ceil(s / divisor) * divisor for s in shape[:2]]  # training slices are padded up to this
     preprocess = PreprocessConfig(slice_size=slice_size, samples_per_volume=4, augment=False).to_dict()
     trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
                "num_sanity_val_steps": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 10_000}
-    model = {"model": "multiview_unet", "model_kwargs": {"in_channels": PreprocessConfig().in_channels, **model_kwargs}}
+    model = {"model": "multiview_unet", "model_kwargs": model_kwargs}
 
     def data(domain: str, fold: int) -> dict[str, Any]:
         n = max(members, 2)  # one validation case per fold
