@@ -179,11 +179,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=sorted(set(METHODS) - {"lora"}), help="lora is the same class as conv_lora")
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/benchmark_adapters.json")
     args = parser.parse_args()
 
     pin_malloc_mmap_threshold()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device

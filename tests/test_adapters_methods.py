@@ -195,3 +195,14 @@ def test_dropout_applies_in_training_only():
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("method", ACTIVATION_METHODS)
+def test_in_place_activation_after_adapted_layer(method):
+    """A following nn.ReLU(inplace=True) must not break the backward of either computation order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True))
+    inject(model, AdapterConfig(method=method, rank=2, lora_rank=2, targets=["0", "2"], compute="activation"))
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -192,12 +192,15 @@ class FrozenPlusLowRank(torch.autograd.Function):
                 out = x @ weight.t()
                 base_out, hidden = out.split([cout, k], dim=-1)
                 y = torch.addmm(base_out.reshape(-1, cout), hidden.reshape(-1, k), up.t()).view(base_out.shape)
+                hidden = hidden.contiguous()
             else:
                 stride, padding, dilation = geometry
                 out = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0] * len(stride), 1)
                 base_out, hidden = out.split([cout, k], dim=1)
-                y = base_out + torch.einsum("ck,nk...->nc...", up, hidden)
-            hidden = hidden.contiguous()
+                n = out.shape[0]
+                y = torch.baddbmm(base_out.reshape(n, cout, -1), up.expand(n, cout, k), hidden.reshape(n, k, -1))
+                y = y.view(base_out.shape)
+                hidden = hidden.clone()  # its own storage, so the conv's output can be freed
         ctx.geometry = geometry
         ctx.save_for_backward(x, weight, hidden, up)
         return y
@@ -219,8 +222,10 @@ class FrozenPlusLowRank(torch.autograd.Function):
                 grad_down = grad_hidden.t() @ x.reshape(-1, x.shape[-1])
         else:
             stride, padding, dilation = geometry
-            grad_up = torch.einsum("nc...,nk...->ck", grad_y, hidden)
-            grad_hidden = torch.einsum("ck,nc...->nk...", up, grad_y)
+            n = grad_y.shape[0]
+            grad_y3, hidden3 = grad_y.reshape(n, cout, -1), hidden.reshape(n, k, -1)
+            grad_up = (grad_y3 @ hidden3.transpose(1, 2)).sum(0)
+            grad_hidden = (up.t() @ grad_y3).view(n, k, *grad_y.shape[2:])
             zeros = [0] * len(stride)
             if ctx.needs_input_grad[0]:
                 grad_x = torch.ops.aten.convolution_backward(
