@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.cli import main as segadapt_main
@@ -30,6 +32,7 @@ from segadapt.training import (
     read_metrics,
     read_run_config,
     summarize,
+    train,
     write_report,
 )
 
@@ -42,11 +45,16 @@ TINY = [
     *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
     *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
     "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]",
     "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
 ]
+TINY_UNET = ["model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]"]
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
            "num_sanity_val_steps": 0, "log_every_n_steps": 1}
+
+
+def _nan(row: dict) -> dict:
+    """metrics.json writes NaN as null; back to NaN."""
+    return {k: (math.nan if v is None else v) for k, v in row.items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def sweep(tmp_path_factory) -> Path:
     """`python scripts/train.py -m fold=0,1` on a fresh folder: phantoms, base pretraining, two adapted folds."""
     root = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "fold=0,1", "adapter=cp_lora", f"paths.data={root}/data",
-           f"paths.runs={root}/runs", *TINY]
+           f"paths.runs={root}/runs", *TINY, *TINY_UNET]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unadapted base" in done.stdout and "phantom_sah / cp_lora / fold 1" in done.stdout
@@ -81,8 +89,9 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
         assert metrics["global_step"] == 2 and metrics["cost"]["train_steps"] == 2
         assert metrics["cost"]["trainable_params"] > 0 and metrics["cost"]["peak_mem_mb"] > 0
         assert len(metrics["cases"]) == 2 and metrics["base_val"] is not None
-        cases = [{k: (math.nan if v is None else v) for k, v in c.items()} for c in metrics["cases"]]
-        assert metrics["val"]["dice"] == pytest.approx(summarize(cases, [0, 50, 100, math.inf])["dice"])
+        cases = [_nan(c) for c in metrics["cases"]]
+        edges = metrics["volume_bins_ml"][:-1] + [math.inf]  # JSON holds the last edge, inf, as null
+        assert _nan(metrics["val"]) == pytest.approx(summarize(cases, edges), nan_ok=True)
         with safe_open(str(run / ADAPTER_FILE), "pt") as f:  # the trained tensors only, not the base
             assert sum(np.prod(f.get_slice(k).get_shape())
                        for k in f.keys()) == metrics["cost"]["trainable_params"]
@@ -174,3 +183,40 @@ def test_none_baseline_validates_without_training(sweep, tmp_path):
     assert [r["dice"] for r in result["cases"]] == pytest.approx([r["dice"] for r in base])
     text = (tmp_path / "none" / METRICS_FILE).read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json is not JSON"))
+
+
+@pytest.mark.parametrize("model, adapter, overrides", [
+    ("unet3d", "cp_lora", TINY_UNET),
+    ("dynunet", "conv_lora", ["model.kwargs.filters=[4,8,16]", "model.kwargs.kernel_size=[3,3,3]", "model.kwargs.strides=[1,2,2]"]),
+    ("vit_seg", "lora", ["model.kwargs.img_size=32", "+model.kwargs.encoder_kwargs={depth:1}"]),
+])
+def test_other_models_run_from_the_same_configs(sweep, tmp_path, model, adapter, overrides):
+    """3D UNet and DynUNet on patches with sliding-window validation, a 2D ViT on slices with axial slice
+    inference: each pretrains its own base, adapts, and writes a run folder (Hydra compose API, in process)."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}", f"adapter={adapter}", f"paths.data={sweep}/data",
+                                          f"paths.runs={tmp_path}", *TINY, *overrides, "trainer.max_steps=1",
+                                          "pretrain.max_steps=1"])
+    result = train(OmegaConf.to_container(cfg, resolve=True))
+    run = tmp_path / "phantom_sah" / adapter / "fold0"
+    assert (tmp_path / "base" / f"phantom_tbi_{model}" / WEIGHTS_FILE).is_file()
+    assert (run / ADAPTER_FILE).is_file() and result["global_step"] == 1 and len(result["cases"]) == 2
+    module, _ = load_run(run)
+    expected = {"unet3d": [32, 32, 16], "dynunet": [32, 32, 16], "vit_seg": [32, 32]}[model]
+    assert module.hparams.roi_size == expected
+
+
+def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):
+    """Two CPU processes (gloo): the 3 validation cases are split over the ranks (the sampler pads one) and
+    gathered; metrics.json holds each case exactly once and is written by rank 0 alone."""
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "adapter=cp_lora", "data.n_folds=2", "eval_base=false",
+           f"paths.data={sweep}/data", f"paths.runs={sweep}/runs", f"run_dir={tmp_path}/ddp", *TINY, *TINY_UNET,
+           "trainer.accelerator=cpu", "+trainer.strategy=ddp", "trainer.devices=2", "trainer.threads=1"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("phantom_sah / cp_lora / fold 0") == 1
+    metrics = read_metrics(tmp_path / "ddp")
+    ids = [c["case_id"] for c in metrics["cases"]]
+    split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text())
+    assert sorted(ids) == sorted(split["folds"][0]["val"]) and len(ids) == 3
+    assert metrics["val"]["n_cases"] == 3

@@ -32,16 +32,30 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB since the last :func:`reset_peak_rss`."""
+def _status_mb(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status (e.g. 'VmHWM', 'VmRSS') in MB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB since the last :func:`reset_peak_rss`."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB (the peak where the current value cannot be read)."""
+    current = _status_mb("VmRSS")
+    return peak_rss_mb() if current is None else current
 
 
 class TrainStats(pl.Callback):
@@ -50,21 +64,26 @@ class TrainStats(pl.Callback):
     ``stats``: ``trainable_params``, ``train_time_s`` (forward + backward + optimiser steps, summed over
     training batches and over resumed sessions; data loading and validation excluded), ``train_steps``,
     ``fit_time_s`` (wall time of all fit sessions), ``peak_mem_mb`` and ``memory`` ('cuda' or 'cpu_rss'),
-    ``resumed_from_step`` (global step at the start of the last session).
+    ``peak_mem_increase_mb`` (the peak minus the memory in use at fit start: what training itself needed,
+    without the process's baseline), ``resumed_from_step`` (global step at the start of the last session).
     """
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
-        self._batch_start = self._fit_start = 0.0
+        self._batch_start = self._fit_start = self._mem_start = 0.0
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-        reset_peak_rss()
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._mem_start = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            reset_peak_rss()
+            self._mem_start = rss_mb()
         self._fit_start = time.perf_counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -87,6 +106,7 @@ class TrainStats(pl.Callback):
             self.stats.update(peak_mem_mb=torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20, memory="cuda")
         else:
             self.stats.update(peak_mem_mb=peak_rss_mb(), memory="cpu_rss")
+        self.stats["peak_mem_increase_mb"] = self.stats["peak_mem_mb"] - self._mem_start
         numbers = {f"cost/{k}": float(v) for k, v in self.stats.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(numbers, step=trainer.global_step)
@@ -105,7 +125,8 @@ def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:
     folder = Path(folder)
     if any(True for _ in adapted_layers(net)):
         return save_adapter(net, folder / ADAPTER_FILE)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    # clone: some networks alias one tensor under two names (DynUNet's skip_layers), which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "segadapt-weights"})
     return folder / WEIGHTS_FILE

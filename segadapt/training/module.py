@@ -15,9 +15,9 @@ How the network is tuned (``adapter``):
 Training: MONAI ``DiceCELoss`` on slices or patches (+ ``reg_weight`` x the adapters' regulariser, e.g.
 TLoRA's identity term), AdamW over the trainable parameters only, linear warm-up then cosine decay per
 step. Validation/test: whole volumes -- the multi-view UNet's fused ``predict_volume``, any other network
-through MONAI ``sliding_window_inference`` -- then per-case Dice, HD95 (mm), predicted and true lesion
-volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>`` (``test/<name>``); the per-case
-rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
+through MONAI sliding-window inference (a 2D network slice by slice) -- then per-case Dice, HD95 (mm),
+predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>``
+(``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
+from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, inject, regularization_loss
@@ -72,10 +72,11 @@ class SegAdaptModule(pl.LightningModule):
         warmup_steps: linear warm-up from lr/100, then cosine decay to 0 at the last step.
         loss: ``monai.losses.DiceCELoss`` keyword arguments (sigmoid/softmax are set from the output channels).
         reg_weight: weight of ``segadapt.adapters.regularization_loss`` in the loss.
-        volume_bins_ml: edges of the lesion-volume bins (mL) for Dice per bin.
+        volume_bins_ml: edges of the lesion-volume bins (mL) for Dice per bin (default 0, 5, 15, 30, inf).
         threshold: foreground probability threshold (one output channel); argmax otherwise.
         slice_batch_size: slices per UNet call in the multi-view volume prediction.
-        roi_size, sw_batch_size, overlap: MONAI sliding-window inference for other networks.
+        roi_size, sw_batch_size, overlap: MONAI sliding-window inference for other networks (a 2D
+            ``roi_size`` on 3D volumes: slice by slice, axially).
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class SegAdaptModule(pl.LightningModule):
         warmup_steps: int = 0,
         loss: Optional[dict] = None,
         reg_weight: float = 0.0,
-        volume_bins_ml: list[float] = list(DEFAULT_BINS_ML),
+        volume_bins_ml: Optional[list[float]] = None,
         threshold: float = 0.5,
         slice_batch_size: int = 32,
         roi_size: Optional[list[int]] = None,
@@ -99,6 +100,7 @@ class SegAdaptModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.bins = list(DEFAULT_BINS_ML if volume_bins_ml is None else volume_bins_ml)
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
         if self.tuning != "scratch":
@@ -177,14 +179,22 @@ class SegAdaptModule(pl.LightningModule):
     # ---- whole-volume evaluation ----------------------------------------------------------------
     @torch.no_grad()
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Probabilities ``(B, out_channels, *spatial)`` of whole volumes (or whole 2D images)."""
+        """Probabilities ``(B, out_channels, *spatial)`` of whole volumes (or whole 2D images).
+
+        Multi-view UNet: its fused volume prediction. Otherwise MONAI sliding-window inference with
+        ``roi_size``; a 2D ``roi_size`` on a 3D volume runs a 2D network slice by slice along the axial
+        axis (``monai.inferers.SliceInferer``).
+        """
         if isinstance(self.net, MultiViewUNet):
             return self.net.predict_volume(image, slice_batch_size=self.hparams.slice_batch_size).float()
-        if self.hparams.roi_size is None:
+        roi = self.hparams.roi_size
+        if roi is None:
             raise ValueError(f"roi_size is needed for sliding-window inference with {type(self.net).__name__}")
-        logits = sliding_window_inference(
-            image, self.hparams.roi_size, self.hparams.sw_batch_size, self.net, overlap=self.hparams.overlap, mode="gaussian"
-        )
+        window = dict(roi_size=roi, sw_batch_size=self.hparams.sw_batch_size, overlap=self.hparams.overlap, mode="gaussian")
+        if len(roi) == image.ndim - 3:
+            logits = SliceInferer(spatial_dim=SLICE_AXES["axial"], **window)(image, self.net)
+        else:
+            logits = sliding_window_inference(image, predictor=self.net, **window)
         return logits_to_probabilities(logits.float())
 
     def foreground(self, probabilities: torch.Tensor) -> torch.Tensor:
@@ -209,9 +219,10 @@ class SegAdaptModule(pl.LightningModule):
             rows = list({r["case_id"]: r for part in gathered for r in part}.values())  # drop sampler padding
         self.case_rows, self._rows = sorted(rows, key=lambda r: r["case_id"]), []
         if rows:
-            summary = summarize(self.case_rows, self.hparams.volume_bins_ml)
-            self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "dice"})
-            self.log(f"{stage}/dice", summary["dice"], prog_bar=True)
+            summary = summarize(self.case_rows, self.bins)
+            # every rank holds the same gathered summary; sync_dist averages equal values (and says so to Lightning)
+            self.log_dict({f"{stage}/{k}": v for k, v in summary.items() if k != "dice"}, sync_dist=True)
+            self.log(f"{stage}/dice", summary["dice"], prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch)

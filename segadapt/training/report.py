@@ -8,7 +8,8 @@ writes into the experiment folder (or `out_dir`):
   pooled (in k-fold CV each case is validated exactly once); mean +- sample sd over cases. Trainable
   parameters, training time (forward + backward + step, per fold) and peak memory are means over folds.
 * ``dice_by_method.png``: mean Dice per method with sd error bars (and each fold's mean as a dot).
-* ``dice_vs_volume.png``: each validation case's Dice against its true lesion volume, per method.
+* ``dice_vs_volume.png``: each validation case's Dice against its true lesion volume, per method, with
+  the mean Dice of each volume bin (at the bin's median volume) joined by a line.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from segadapt.adapters import METHODS
 from segadapt.data.files import atomic_path
 
-from .metrics import bin_labels, summarize
+from .metrics import bin_labels, summarize, volume_bin
 from .module import BASELINES
 
 
@@ -85,6 +86,7 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             "train_time_s": _mean_sd([c.get("train_time_s") for c in cost]),
             "train_steps": _mean_sd([c.get("train_steps") for c in cost])[0],
             "peak_mem_mb": _mean_sd([c.get("peak_mem_mb") for c in cost])[0],
+            "peak_mem_increase_mb": _mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
             "memory": cost[0].get("memory", ""),
         }
         rows.append(row)
@@ -99,14 +101,14 @@ def _fmt(mean: float, sd: float | None = None, digits: int = 3) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     head = ["method", "folds", "cases", "Dice", "HD95 (mm)", *[f"Dice {b}" for b in labels], "volume r",
-            "trainable params", "train time (s)", "peak mem (MB)"]
+            "trainable params", "train time (s)", "peak mem (MB)", "+ over fit start (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bins = [f"{_fmt(r[f'dice_bin{i}'])} (n={int(r[f'n_bin{i}'])})" for i in range(len(labels))]
         hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + (f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else "")
         cells = [r["method"], str(len(r["folds"])), str(int(r["n_cases"])), _fmt(r["dice"], r["dice_sd"]), hd95, *bins,
                  _fmt(r["volume_corr"], digits=2), f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1),
-                 _fmt(r["peak_mem_mb"], digits=0)]
+                 _fmt(r["peak_mem_mb"], digits=0), _fmt(r["peak_mem_increase_mb"], digits=0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,12 +119,13 @@ def csv_text(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     writer.writerow(["method", "tuning", "folds", "cases", "dice_mean", "dice_sd", "hd95_mean_mm", "hd95_sd_mm",
                      "hd95_undefined", *[f"dice_bin[{b}]" for b in labels], *[f"n_bin[{b}]" for b in labels],
                      "volume_corr", "volume_abs_err_ml", "trainable_params", "train_time_s_mean", "train_time_s_sd",
-                     "train_steps", "peak_mem_mb", "memory"])
+                     "train_steps", "peak_mem_mb", "peak_mem_increase_mb", "memory"])
     for r in rows:
         writer.writerow([r["method"], r["tuning"], len(r["folds"]), int(r["n_cases"]), r["dice"], r["dice_sd"], r["hd95"],
                          r["hd95_sd"], int(r["hd95_undefined"]), *[r[f"dice_bin{i}"] for i in range(len(labels))],
                          *[int(r[f"n_bin{i}"]) for i in range(len(labels))], r["volume_corr"], r["volume_abs_err_ml"],
-                         int(r["trainable_params"]), *r["train_time_s"], r["train_steps"], r["peak_mem_mb"], r["memory"]])
+                         int(r["trainable_params"]), *r["train_time_s"], r["train_steps"], r["peak_mem_mb"],
+                         r["peak_mem_increase_mb"], r["memory"]])
     return out.getvalue()
 
 
@@ -155,11 +158,14 @@ def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], 
     ax = figure.subplots()
     markers = "os^vD<>phx*+"
     for i, r in enumerate(rows):
-        ax.scatter([c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]], s=14,
-                   marker=markers[i % len(markers)], label=r["method"], alpha=0.8)
+        volumes, dice = [c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]]
+        points = ax.scatter(volumes, dice, s=14, marker=markers[i % len(markers)], label=r["method"], alpha=0.6)
+        bins = [[k for k, v in enumerate(volumes) if volume_bin(v, edges) == b] for b in range(len(edges) - 1)]
+        means = [(np.median([volumes[k] for k in b]), np.mean([dice[k] for k in b])) for b in bins if b]
+        ax.plot(*zip(*means), color=points.get_facecolor()[0][:3], linewidth=1.2)  # mean Dice per volume bin
     for edge in edges[1:-1]:
         ax.axvline(edge, color="0.8", linewidth=0.8)
-    ax.set_xlabel("true lesion volume (mL)")
+    ax.set_xlabel("true lesion volume (mL); lines: mean Dice per volume bin")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
@@ -182,7 +188,8 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "Pearson correlation of predicted with true lesion volume over the validation cases of all folds "
         "(mean ± sd over cases); trainable parameters, training time (forward + backward + optimiser step, per "
         f"fold; training steps per fold: {', '.join(map(str, steps)) or '-'}) and peak memory "
-        f"({rows[0]['memory'] or 'n/a'}) as means over folds.",
+        f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use when training started) as means "
+        "over folds.",
         "",
         markdown_table(rows, labels),
         "",

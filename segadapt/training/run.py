@@ -37,6 +37,7 @@ import torch
 from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from segadapt.adapters import load_adapter
@@ -52,6 +53,7 @@ from .module import SegAdaptModule, tuning_name
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "segadapt-run/1"
+rank_zero_print = rank_zero_only(print)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"
@@ -95,8 +97,9 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
     preset, lr, reg_weight) and the top-level optim/loss/threshold settings."""
     model = cfg["model"]
     inference = dict(model.get("inference") or {})
-    if model["sampling"] == "patch" and inference.get("roi_size") is None:
-        inference["roi_size"] = list(PreprocessConfig.from_dict(dict(data["preprocess"])).patch_size)
+    if inference.get("roi_size") is None:  # the training sample size (the multi-view UNet does not use it)
+        preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
+        inference["roi_size"] = list(preprocess.slice_size if model["sampling"] == "slice" else preprocess.patch_size)
     return {
         "model": model["name"],
         "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
@@ -203,13 +206,15 @@ def fit_run(
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tuning = tuning_name(module_kwargs["adapter"])
-    write_yaml(run_dir / CONFIG_FILE, {
-        "format": RUN_FORMAT,
-        "run": {**identity, "tuning": tuning, "seed": seed, "run_dir": str(run_dir)},
-        "module": dict(module_kwargs),
-        "datamodule": dict(datamodule_kwargs),
-        "trainer": dict(trainer_kwargs),
-    })
+    main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
+    if main_process:
+        write_yaml(run_dir / CONFIG_FILE, {
+            "format": RUN_FORMAT,
+            "run": {**identity, "tuning": tuning, "seed": seed, "run_dir": str(run_dir)},
+            "module": dict(module_kwargs),
+            "datamodule": dict(datamodule_kwargs),
+            "trainer": dict(trainer_kwargs),
+        })
     pl.seed_everything(seed, workers=True)
     datamodule = SegDataModule(**datamodule_kwargs)
     module = SegAdaptModule(**module_kwargs)
@@ -228,7 +233,7 @@ def fit_run(
         trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     cases = module.case_rows
-    bins = module.hparams.volume_bins_ml
+    bins = module.bins
     result = {
         "format": "segadapt-metrics/1",
         "run": {**identity, "tuning": tuning, "seed": seed},
@@ -242,7 +247,8 @@ def fit_run(
         "cases": cases,
         "base_cases": None if tuning == "none" else base_cases,
     }
-    write_json(run_dir / METRICS_FILE, _finite(result))
+    if main_process:
+        write_json(run_dir / METRICS_FILE, _finite(result))
     return result
 
 
@@ -276,8 +282,8 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
         seed=cfg["seed"],
         checkpoint_every=cfg["checkpoint_every"],
     )
-    print(f"pretrained base on {source['name']}: source-fold Dice {result['val']['dice']:.3f} "
-          f"-> {Path(settings['run_dir']) / WEIGHTS_FILE}")
+    rank_zero_print(f"pretrained base on {source['name']}: source-fold Dice {result['val']['dice']:.3f} "
+                    f"-> {Path(settings['run_dir']) / WEIGHTS_FILE}")
     return result
 
 
@@ -301,7 +307,7 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None)
         checkpoint_every=cfg["checkpoint_every"],
         callbacks=callbacks,
     )
-    print(format_result(result, cfg["run_dir"]))
+    rank_zero_print(format_result(result, cfg["run_dir"]))
     return result
 
 
@@ -316,9 +322,9 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
             lines.append(f"  {name:<15}: Dice {m['dice']:.3f} +- {m['dice_sd']:.3f}   HD95 {m['hd95']:.1f} mm{missed}"
                          f"   volume r = {m['volume_corr']:.2f}")
     if "train_time_s" in cost:
+        threads = f"{cost['threads']} thread" + ("s" if cost["threads"] > 1 else "")
         lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "
-                     f"({cost['train_steps']} steps, {cost['threads']} thread{'s' if cost['threads'] > 1 else ''}), peak memory {cost['peak_mem_mb']:.0f} MB "
-                     f"({cost['memory']})")
+                     f"({cost['train_steps']} steps, {threads}), peak memory {cost['peak_mem_mb']:.0f} MB ({cost['memory']})")
     lines.append(f"  run folder: {run_dir}")
     return "\n".join(lines)
 
