@@ -62,11 +62,11 @@ CHECKPOINT_FILE = "last.ckpt"
 # ---- configuration ------------------------------------------------------------------------------
 @functools.cache
 def free_cores() -> int:
-    """Available cores minus the 1-minute load average, at least 1 (decided once per process, so that every
-    run of a sweep uses the same number). More intra-op threads than free cores make each parallel op wait
+    """Available cores minus the whole part of the 1-minute load average, at least 1 (decided once per process,
+    so that every run of a sweep uses the same number). More intra-op threads than free cores make each parallel op wait
     for a thread the OS has descheduled: on a shared 2-core machine a step then takes many times longer."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0  # whole cores kept busy by others
     return max(1, min(cores, cores - busy))
 
 
