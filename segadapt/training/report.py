@@ -154,21 +154,24 @@ def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.0, 4.0))
+    from matplotlib import colormaps
+
+    figure = Figure(figsize=(7.0, 4.0))
     ax = figure.subplots()
-    markers = "os^vD<>phx*+"
+    markers, colors = "os^vD<>phx*+", colormaps["tab20"]
     for i, r in enumerate(rows):
         volumes, dice = [c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]]
-        points = ax.scatter(volumes, dice, s=14, marker=markers[i % len(markers)], label=r["method"], alpha=0.6)
+        color = colors(i % 20)
+        ax.scatter(volumes, dice, s=14, marker=markers[i % len(markers)], color=color, label=r["method"], alpha=0.6)
         bins = [[k for k, v in enumerate(volumes) if volume_bin(v, edges) == b] for b in range(len(edges) - 1)]
         means = [(np.median([volumes[k] for k in b]), np.mean([dice[k] for k in b])) for b in bins if b]
-        ax.plot(*zip(*means), color=points.get_facecolor()[0][:3], linewidth=1.2)  # mean Dice per volume bin
+        ax.plot(*zip(*means), color=color, linewidth=1.2)  # mean Dice per volume bin
     for edge in edges[1:-1]:
         ax.axvline(edge, color="0.8", linewidth=0.8)
     ax.set_xlabel("true lesion volume (mL); lines: mean Dice per volume bin")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
 
 
