@@ -252,7 +252,7 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"setup": header, "args": vars(args), "rows": rows, "times": times, "memory_mb": memory}, indent=2))
+    out.write_text(json.dumps({"setup": header, "args": vars(args), "rows": rows, "times": times, "memory_mb": memory}, indent=2), encoding="utf-8")
     print(f"\nwrote {out}")
 
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['mode']} | {r['build_s']:.2f} | {speed} | {waits} |")
     result = {"cases": args.cases, "rounds": args.rounds, "steps": args.steps, "batch": args.batch, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
     return result
 

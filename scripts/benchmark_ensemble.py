@@ -103,7 +103,7 @@ def measure(kind: str, args: argparse.Namespace, merged: list[Path], save: Path)
     command = [sys.executable, __file__, "--worker", kind, "--runs", *map(str, args.runs), "--input", str(args.input),
                "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats), "--save", str(save),
                "--merged", *map(str, merged)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

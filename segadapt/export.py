@@ -198,7 +198,7 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"not a PEFT adapter folder: {path} is missing")
-    peft_config = json.loads(config_path.read_text())
+    peft_config = json.loads(config_path.read_text(encoding="utf-8"))
     if peft_config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters can be imported")
     unsupported = {k: peft_config.get(k) for k in ("bias", "modules_to_save", "fan_in_fan_out", "lora_bias")}

@@ -19,7 +19,7 @@ def _case_files(root: Path, name: str) -> dict[str, object]:
 
 
 def _write(path: Path, doc: dict) -> Path:
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc), encoding="utf-8")
     return path
 
 
@@ -28,7 +28,7 @@ def test_round_trip_relative_paths_and_patient_ids(tmp_path):
     cases[1]["patient_id"] = "p0"
     cases[2]["patient_id"] = "p0"
     path = write_dataset_json(tmp_path / "meta" / "dataset.json", "toy", cases, {0: "background", 1: "blood"})
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     assert raw["training"][0]["image"] == "../raw/images/c0.nii.gz"  # relative to the json's folder
     assert raw["numTraining"] == 3
     desc = load_dataset_json(path)
@@ -73,7 +73,7 @@ def test_bad_files_and_fields(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset description not found"):
         load_dataset_json(tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
+    bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_dataset_json(bad)
     with pytest.raises(ValueError, match="'labels' keys must be integers"):

@@ -58,7 +58,7 @@ def test_decathlon_task(abdomen, tmp_path):
     (task / "dataset.json").write_text(json.dumps({
         "name": "Spleen", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
         "training": [{"image": "./imagesTr/spleen_1.nii.gz", "label": "./labelsTr/spleen_1.nii.gz"}],
-        "test": []}))
+        "test": []}), encoding="utf-8")
     path = _script("prepare_decathlon")(["--root", str(task), "--out", str(tmp_path / "out")])
     description = load_dataset_json(path)
     assert [c.case_id for c in description.cases] == ["spleen_1"] and description.labels == {0: "background",

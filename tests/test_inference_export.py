@@ -77,7 +77,7 @@ def test_peft_export_loads_in_peft_and_imports_back(method, alpha, tmp_path):
     config = AdapterConfig(method=method, rank=3, alpha=alpha, targets=["conv2", "conv3", "head"], rank_pattern={"conv3": 2})
     ours = randomized(inject(copy.deepcopy(base), config))
     folder = export_peft(ours, tmp_path / "peft")
-    written = json.loads((folder / PEFT_CONFIG_FILE).read_text())
+    written = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
     assert written["peft_type"] == "LORA" and written["use_dora"] == (method == "conv_dora")
     assert all(k.startswith("base_model.model.") for k in load_file(folder / PEFT_WEIGHTS_FILE))
 

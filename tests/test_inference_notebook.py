@@ -26,7 +26,7 @@ def test_inference_notebook_runs_and_reports_the_ensemble_volume(demo_runs, tmp_
 
     text = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
     assert "making tiny demo runs" not in text  # it used the given runs
-    (row,) = csv.DictReader(open(tmp_path / "predictions" / "volumes.csv", newline=""))
+    (row,) = csv.DictReader(open(tmp_path / "predictions" / "volumes.csv", newline="", encoding="utf-8"))
     printed = re.search(r"ensemble of 3: lesion volume ([0-9.]+) mL", text)
     assert printed and printed.group(1) == row["lesion_volume_ml"]
     assert len(re.findall(r"fold\d alone: [0-9.]+ mL", text)) == 3

@@ -48,7 +48,7 @@ def preprocessed(predictor: Predictor, path) -> torch.Tensor:
 
 
 def read_csv(path):
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -164,11 +164,11 @@ def test_inputs_are_found_by_type(tmp_path):
 def test_an_ensemble_refuses_runs_with_another_preprocessing_or_an_unfinished_run(demo_runs, tmp_path):
     other = tmp_path / "fold9"
     shutil.copytree(demo_runs[1], other)
-    config = (other / "config.yaml").read_text()
-    (other / "config.yaml").write_text(config.replace("crop_foreground: true", "crop_foreground: false"))
+    config = (other / "config.yaml").read_text(encoding="utf-8")
+    (other / "config.yaml").write_text(config.replace("crop_foreground: true", "crop_foreground: false"), encoding="utf-8")
     with pytest.raises(ValueError, match="differ in datamodule.preprocess"):
         Predictor.from_runs([demo_runs[0], other])
-    (other / "config.yaml").write_text(config)
+    (other / "config.yaml").write_text(config, encoding="utf-8")
     (other / "adapter.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="fold9 has no adapter.safetensors"):
         Predictor.from_runs([demo_runs[0], other])

@@ -63,7 +63,7 @@ def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "fold=0,1", "adapter=cp_lora", f"paths.data={root}/data",
            f"paths.runs={root}/runs", *TINY, *TINY_UNET]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unadapted base" in done.stdout and "phantom_sah / cp_lora / fold 1" in done.stdout
     return root
@@ -117,15 +117,15 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
     for key in ("markdown", "csv", "dice_by_method", "dice_vs_volume"):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     assert paths["dice_by_method"].read_bytes()[:4] == b"\x89PNG"
-    rows = list(csv.DictReader(paths["csv"].open()))
+    rows = list(csv.DictReader(paths["csv"].open(encoding="utf-8")))
     assert [r["method"] for r in rows] == ["cp_lora"]
     dice = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"cp_lora/fold{k}")["cases"]]
     assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(dice))
     assert float(rows[0]["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
     assert int(rows[0]["cases"]) == 4 and rows[0]["folds"] == "2"
-    assert "| cp_lora | 2 | 4 |" in paths["markdown"].read_text()
+    assert "| cp_lora | 2 | 4 |" in paths["markdown"].read_text(encoding="utf-8")
     segadapt_main(["report", str(experiment), "--out", str(tmp_path / "cli")])  # the same through the CLI
-    assert (tmp_path / "cli" / "report.csv").read_text() == paths["csv"].read_text()
+    assert (tmp_path / "cli" / "report.csv").read_text(encoding="utf-8") == paths["csv"].read_text(encoding="utf-8")
 
 
 def _run_args(sweep: Path, **module):
@@ -165,7 +165,7 @@ def test_lightning_cli_fit_then_validate(sweep, tmp_path):
         "model": module_kwargs,
         "data": data_kwargs,
         "trainer": {**TRAINER, "max_steps": 2, "default_root_dir": str(tmp_path / "cli")},
-    }))
+    }), encoding="utf-8")
     segadapt_main(["fit", "--config", str(config)])
     log_dirs = list((tmp_path / "cli").rglob(ADAPTER_FILE))
     assert len(log_dirs) == 1
@@ -181,7 +181,7 @@ def test_none_baseline_validates_without_training(sweep, tmp_path):
     assert not (tmp_path / "none" / CHECKPOINT_FILE).exists()
     base = read_metrics(sweep / "runs/phantom_sah/cp_lora/fold0")["base_cases"]
     assert [r["dice"] for r in result["cases"]] == pytest.approx([r["dice"] for r in base])
-    text = (tmp_path / "none" / METRICS_FILE).read_text()
+    text = (tmp_path / "none" / METRICS_FILE).read_text(encoding="utf-8")
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json is not JSON"))
 
 
@@ -212,11 +212,11 @@ def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "adapter=cp_lora", "data.n_folds=2", "eval_base=false",
            f"paths.data={sweep}/data", f"paths.runs={sweep}/runs", f"run_dir={tmp_path}/ddp", *TINY, *TINY_UNET,
            "trainer.accelerator=cpu", "+trainer.strategy=ddp", "trainer.devices=2", "trainer.threads=1"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("phantom_sah / cp_lora / fold 0") == 1
     metrics = read_metrics(tmp_path / "ddp")
     ids = [c["case_id"] for c in metrics["cases"]]
-    split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text())
+    split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text(encoding="utf-8"))
     assert sorted(ids) == sorted(split["folds"][0]["val"]) and len(ids) == 3
     assert metrics["val"]["n_cases"] == 3

@@ -104,7 +104,7 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
     if not path.is_file():
         raise FileNotFoundError(f"dataset description not found: {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, Mapping):

@@ -46,7 +46,7 @@ def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
 def write_json(path: str | os.PathLike, obj: object) -> Path:
     """Write `obj` as indented JSON to `path`, atomically."""
-    return _write_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    return _write_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:

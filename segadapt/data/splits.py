@@ -126,7 +126,7 @@ def load_or_create_splits(
             "lesion_volume_ml": {k: round(v, 4) for k, v in sorted(volumes.items())},
         })
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
         folds = tuple(tuple(f["val"]) for f in doc["folds"])
         stored_k, stored_seed = int(doc["n_folds"]), int(doc["seed"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -41,7 +41,7 @@ def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/fold*/metrics.json"))]
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/fold*/metrics.json"))]
     if not runs:
         raise FileNotFoundError(f"no finished runs under {root} (expected <method>/fold<k>/metrics.json)")
     return runs
@@ -202,9 +202,9 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     ])
     paths = {"markdown": out / "report.md", "csv": out / "report.csv"}
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     with atomic_path(paths["csv"]) as tmp:
-        tmp.write_text(csv_text(rows, labels))
+        tmp.write_text(csv_text(rows, labels), encoding="utf-8")
     paths["dice_by_method"] = plot_dice_by_method(rows, out / "dice_by_method.png")
     paths["dice_vs_volume"] = plot_dice_vs_volume(rows, edges, out / "dice_vs_volume.png")
     return paths

@@ -354,4 +354,4 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {Path(run_dir)} (run not finished?)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
