@@ -11,11 +11,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from segadapt.cli import tolerate_ascii_console
 from segadapt.training import pretrain
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
 def main(cfg: DictConfig) -> float:
+    tolerate_ascii_console()
     return pretrain(OmegaConf.to_container(cfg, resolve=True))["val"]["dice"]
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from segadapt.cli import tolerate_ascii_console
 from segadapt.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the fold's validation Dice (the objective for Hydra sweepers)."""
+    tolerate_ascii_console()
     return train(OmegaConf.to_container(cfg, resolve=True))["val"]["dice"]
 
 

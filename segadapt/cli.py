@@ -16,6 +16,7 @@ Fold-by-fold experiments with automatic data and base preparation use ``scripts/
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -26,6 +27,18 @@ from lightning.pytorch.cli import LightningCLI
 from segadapt.inference import is_cli_call
 from segadapt.inference import main as predict_main
 from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
+
+
+def tolerate_ascii_console() -> None:
+    """On a console that cannot encode Unicode (e.g. ``LC_ALL=C``), print escapes instead of failing.
+
+    Lightning's default progress bar and model summary (rich) write symbols such as U+2022; with an ASCII
+    stdout those raise UnicodeEncodeError at the end of a fit. A UTF-8 console is left as it is.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        if codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def report_main(argv: Optional[Sequence[str]] = None) -> None:
@@ -40,6 +53,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    tolerate_ascii_console()
     if argv[:1] == ["report"]:
         report_main(argv[1:])
         return
