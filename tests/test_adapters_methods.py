@@ -206,3 +206,23 @@ def test_in_place_activation_after_adapted_layer(method):
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("cin, cout, size", [(64, 64, 12), (4, 4, 12), (32, 8, 6)])
+def test_auto_order_follows_the_flop_model_on_cpu_and_weight_space_elsewhere(cin, cout, size):
+    """compute="auto": the cheaper order of the documented FLOP model on CPU (training and inference);
+    weight space for an input on another device (meta stands in for a GPU: no data is touched)."""
+    from segadapt.adapters.base import NARROW_OP_PENALTY
+
+    model = nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1))
+    inject(model, AdapterConfig(method="conv_lora", rank=8, targets=["0"]))
+    adapter, base = model[0].adapters["default"], model[0].base_layer
+    x = torch.randn(1, cin, size, size, size)
+    n_out, fan_in, k = size**3, cin * 27, 8
+    build = 2.0 * cout * fan_in * k
+    for passes, grad in ((3.0, True), (1.0, False)):
+        weight_cost = passes * build + (2.0 * n_out * cout * fan_in if grad else 0.0)
+        activation_cost = passes * 2.0 * n_out * k * (fan_in + NARROW_OP_PENALTY * cout)
+        with torch.set_grad_enabled(grad):
+            assert adapter.uses_activation_space(base, x) == (activation_cost < weight_cost)
+            assert not adapter.uses_activation_space(base, x.to("meta"))

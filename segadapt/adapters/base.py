@@ -16,7 +16,7 @@ Two computation orders exist for most methods (DESIGN.md, "Performance notes"):
   number of output positions; the 1x1 up-projection is memory-bound.
 
 ``compute="auto"`` picks the cheaper order per layer and per input shape from the FLOP model in
-:meth:`Adapter.uses_activation_space`.
+:meth:`Adapter.uses_activation_space` on CPU, and weight space on GPUs (see there).
 """
 
 from __future__ import annotations
@@ -131,11 +131,17 @@ class Adapter(nn.Module):
         * activation space (:class:`FrozenPlusLowRank`): k extra channels in the fused conv and its
           two backward products (2 N_out k Cin k^d each), plus the 1x1 up-projection and its two
           gradients, which are memory-bound and weighted by ``NARROW_OP_PENALTY``.
+
+        On accelerators (any non-CPU input) auto means weight space: a GPU does ~100x more FLOPs per byte
+        than this CPU, so the memory-bound narrow ops cost far more than the CPU calibration says. On an
+        H200 (bf16, 96^3 UNet) weight space was faster for every method, by 1.1-1.7x over the FLOP model's mix.
         """
         if not self.has_activation_form or self.compute == "weight":
             return False
         if self.compute == "activation":
             return True
+        if x.device.type != "cpu":
+            return False
         spec, k = self.spec, self.branch_rank()
         n_out = output_positions(base, spec, x)
         passes = 3.0 if torch.is_grad_enabled() else 1.0
