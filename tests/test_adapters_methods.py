@@ -226,3 +226,20 @@ def test_auto_order_follows_the_flop_model_on_cpu_and_weight_space_elsewhere(cin
         with torch.set_grad_enabled(grad):
             assert adapter.uses_activation_space(base, x) == (activation_cost < weight_cost)
             assert not adapter.uses_activation_space(base, x.to("meta"))
+
+
+@pytest.mark.parametrize("method", ["conv_lora", "cp_dora", "salt"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+@pytest.mark.parametrize("compute", ["auto", "activation"])
+def test_unfrozen_base_weight_trains_in_every_compute_mode(method, layer, compute):
+    """A base weight the user unfreezes gets the same gradient as in weight space (the fused
+    activation-space op would return none for it)."""
+    grads = {}
+    for mode in ("weight", compute):
+        _, model, x = make(layer, method, compute=mode)
+        model[0].base_layer.weight.requires_grad_(True)
+        assert not adapter_of(model).uses_activation_space(model[0].base_layer, x)
+        model(x).square().sum().backward()
+        grads[mode] = model[0].base_layer.weight.grad
+    assert grads[compute] is not None
+    torch.testing.assert_close(grads[compute], grads["weight"], rtol=1e-4, atol=1e-5)

@@ -135,8 +135,13 @@ class Adapter(nn.Module):
         On accelerators (any non-CPU input) auto means weight space: a GPU does ~100x more FLOPs per byte
         than this CPU, so the memory-bound narrow ops cost far more than the CPU calibration says. On an
         H200 (bf16, 96^3 UNet) weight space was faster for every method, by 1.1-1.7x over the FLOP model's mix.
+
+        Weight space always (even with ``compute="activation"``) where the base weight requires grad:
+        the activation form treats W0 as frozen and returns no gradient for it.
         """
         if not self.has_activation_form or self.compute == "weight":
+            return False
+        if base.weight.requires_grad:  # FrozenPlusLowRank returns no gradient for W0
             return False
         if self.compute == "activation":
             return True

@@ -31,7 +31,7 @@ class AdapterConfig:
         use_rslora: s = alpha / sqrt(r) (rank-stabilised scaling).
         compute: ``"auto"`` picks weight space or activation space per layer from a cost model;
             ``"weight"`` / ``"activation"`` force one (activation falls back to weight where a layer
-            has no activation form).
+            has no activation form or its base weight requires grad).
         lora_rank: SALT: rank of the low-rank update on the remaining singular directions.
         salt_relu: SALT: clamp the transformed top singular values at zero (as the SALT code does).
         ring_rank: TLoRA: tensor-ring rank of the transform T (its cost grows as ring_rank^3).
