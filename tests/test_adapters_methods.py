@@ -243,3 +243,12 @@ def test_unfrozen_base_weight_trains_in_every_compute_mode(method, layer, comput
         grads[mode] = model[0].base_layer.weight.grad
     assert grads[compute] is not None
     torch.testing.assert_close(grads[compute], grads["weight"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["conv_lora", "conv_dora", "salt"])
+@pytest.mark.parametrize("layer", ["conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("compute", ["auto", "activation"])
+def test_unbatched_conv_input_matches_the_batched_result(method, layer, compute):
+    _, model, x = make(layer, method, compute=compute)
+    train_steps(model, x, steps=1)
+    torch.testing.assert_close(model(x[0]), model(x[:1])[0], rtol=1e-4, atol=1e-5)

@@ -137,11 +137,14 @@ class Adapter(nn.Module):
         H200 (bf16, 96^3 UNet) weight space was faster for every method, by 1.1-1.7x over the FLOP model's mix.
 
         Weight space always (even with ``compute="activation"``) where the base weight requires grad:
-        the activation form treats W0 as frozen and returns no gradient for it.
+        the activation form treats W0 as frozen and returns no gradient for it; and for an unbatched
+        conv input (Cin, *S), which the fused op does not take.
         """
         if not self.has_activation_form or self.compute == "weight":
             return False
         if base.weight.requires_grad:  # FrozenPlusLowRank returns no gradient for W0
+            return False
+        if self.spec.kind != "linear" and x.dim() == self.spec.ndim + 1:  # unbatched (Cin, *S) input
             return False
         if self.compute == "activation":
             return True
