@@ -229,3 +229,19 @@ def test_timm_vit_attention_and_mlp(method):
     net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=3)
     targets = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     check_network(net, torch.randn(2, 3, 32, 32), AdapterConfig(method=method, rank=4, targets=targets, ring_rank=2), 8)
+
+
+def trainable_adapters(model: nn.Module) -> set[str]:
+    return {n.split(".adapters.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_inactive_injection_leaves_the_active_adapter_trainable():
+    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="a")
+    inject(model, AdapterConfig(method="cp_lora", targets=["decoder.0", "encoder.0"]), name="b", active=False)
+    assert active_adapter(model) == "a" and trainable_adapters(model) == {"a"}
+    assert model.encoder[0].active_adapter == "a"  # a new adapted layer follows the model's active adapter
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".adapters." not in n)
+    set_active_adapter(model, "b")
+    assert trainable_adapters(model) == {"b"}
+    only_inactive = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="c", active=False)
+    assert active_adapter(only_inactive) is None and trainable_adapters(only_inactive) == set()

@@ -52,8 +52,10 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
     """Inject one named adapter into every module that ``config.targets`` selects, in place.
 
     Adapters attach to weights: selected modules without parameters (Identity, Dropout, activations)
-    are skipped; a selected module with weights of an unsupported type is an error. Every base parameter is frozen; the new adapter's parameters are the only trainable ones when it
-    is made active. Several adapters may sit on one model under different names. All adapters are
+        are skipped; a selected module with weights of an unsupported type is an error. Every base
+    parameter is frozen. Only the active adapter is trainable: with ``active=True`` the new one
+    (the others are frozen), with ``active=False`` the new one is frozen and the active one is
+    left as it was. Several adapters may sit on one model under different names. All adapters are
     built before the model is touched, so a bad config leaves the model unchanged.
 
     Raises:
@@ -92,13 +94,20 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         adapter.config = config
         built.append((module_name, module, base, spec, adapter))
 
+    # Freeze the base only: the adapters already injected keep their trainability (that of the
+    # active one), and the new one is trainable only if it becomes the active one.
+    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
     for param in model.parameters():
-        param.requires_grad_(False)
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+    previous = active_adapter(model)
     for module_name, module, base, spec, adapter in built:
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base, spec)
+            module.active_adapter = previous
             parent, child = _parent(model, module_name)
             setattr(parent, child, module)
+        adapter.requires_grad_(False)
         module.adapters[name] = adapter
     if active:
         set_active_adapter(model, name)
