@@ -245,3 +245,26 @@ def test_inactive_injection_leaves_the_active_adapter_trainable():
     assert trainable_adapters(model) == {"b"}
     only_inactive = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="c", active=False)
     assert active_adapter(only_inactive) is None and trainable_adapters(only_inactive) == set()
+
+
+def drop_tensor(path, key):
+    """Rewrite an adapter file without one of its tensors (metadata kept)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != key}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_failed_load_restores_the_active_adapter(tmp_path, active):
+    source = inject(TinyNet(), AdapterConfig(method="cp_lora", targets=["decoder.0"]), name="b")
+    path = save_adapter(source, tmp_path / "b.safetensors")
+    drop_tensor(path, "decoder.0.cp_in")
+    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="a")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not fit: missing \['decoder.0.cp_in'\]"):
+        load_adapter(model, path, active=active)
+    assert adapter_names(model) == ["a"] and active_adapter(model) == "a" and trainable_adapters(model) == {"a"}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

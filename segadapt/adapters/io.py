@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .model import active_adapter, adapted_layers, adapter_names, inject, remove_adapter
+from .model import active_adapter, adapted_layers, adapter_names, inject, remove_adapter, set_active_adapter
 
 FORMAT = "segadapt-adapter"
 FORMAT_VERSION = "1"
@@ -130,6 +130,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         raise ValueError(f"adapter file {path} was made for another base model: {mismatch}")
 
     injected_here = name not in adapter_names(model)
+    previous = active_adapter(model)
     if injected_here:
         inject(model, config, name=name, active=active)
     else:
@@ -155,5 +156,6 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
     except Exception:
         if injected_here:
             remove_adapter(model, name)
+            set_active_adapter(model, previous)  # inject made `name` active and froze `previous`
         raise
     return model
