@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,21 +17,17 @@ import nibabel as nib
 import numpy as np
 
 
-_UMASK = os.umask(0)  # read the process umask once (setting it is the only way to read it) ...
-os.umask(_UMASK)  # ... and put it back: temporary files are 0600, finished ones get the usual 0666 & ~umask
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffixes); on success move it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name.split('.')[0]}-{uuid.uuid4().hex}{suffix}"
+    # Mode 0o666 so the usual umask applies, as for any new file (mkstemp would make it 0600).
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
