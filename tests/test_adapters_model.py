@@ -268,3 +268,20 @@ def test_failed_load_restores_the_active_adapter(tmp_path, active):
         load_adapter(model, path, active=active)
     assert adapter_names(model) == ["a"] and active_adapter(model) == "a" and trainable_adapters(model) == {"a"}
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_loading_into_a_merged_adapter_is_refused(tmp_path):
+    torch.manual_seed(0)
+    trained = inject(TinyNet(), AdapterConfig(targets=["decoder.0", "decoder.2"]))
+    randomize(trained)
+    path = save_adapter(trained, tmp_path / "a.safetensors")
+    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0", "decoder.2"]))
+    randomize(model)
+    w0 = model.decoder[0].base_layer.weight.detach().clone()
+    merge(model)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="adapter 'default' is merged into 'decoder.0'; unmerge"):
+        load_adapter(model, path)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    unmerge(model)
+    torch.testing.assert_close(model.decoder[0].base_layer.weight, w0, rtol=0, atol=1e-6)

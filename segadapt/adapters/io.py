@@ -121,6 +121,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         ValueError: the file was made for another base (the message names the first mismatching
             module), for another method or rank than the adapter already injected, or its tensors
             do not fit. The model is left as it was.
+        RuntimeError: the adapter ``name`` on the model is merged (unmerge first).
     """
     path = Path(path)
     config, fingerprint, metadata = read_adapter_metadata(path)
@@ -134,6 +135,9 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
     if injected_here:
         inject(model, config, name=name, active=active)
     else:
+        merged = next((layer_name for layer_name, layer in adapted_layers(model) if layer.merged_adapter == name), None)
+        if merged is not None:  # new tensors under a merged W would make unmerge() restore a wrong W0
+            raise RuntimeError(f"adapter '{name}' is merged into '{merged}'; unmerge() before loading {path} into it")
         existing = next(layer.adapters[name].config for _, layer in adapted_layers(model) if name in layer.adapters)
         differing = [k for k, v in config.to_dict().items() if existing.to_dict()[k] != v and k not in ("dropout", "compute")]
         if differing:
