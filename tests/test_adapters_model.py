@@ -285,3 +285,15 @@ def test_loading_into_a_merged_adapter_is_refused(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     unmerge(model)
     torch.testing.assert_close(model.decoder[0].base_layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_active_injection_into_a_merged_model_is_refused_and_leaves_it_unchanged():
+    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="a")
+    merge(model)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="module 'decoder.0' has adapter 'a' merged; unmerge"):
+        inject(model, AdapterConfig(targets=["decoder.0", "decoder.2"]), name="b")
+    assert adapter_names(model) == ["a"] and not isinstance(model.decoder[2], AdaptedLayer)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    inject(model, AdapterConfig(targets=["decoder.0", "decoder.2"]), name="b", active=False)  # allowed
+    assert active_adapter(model) == "a"

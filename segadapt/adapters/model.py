@@ -62,6 +62,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         ValueError: unknown method, bad rank, targets matching nothing, a grouped conv, or ``name``
             already injected.
         TypeError: a targeted module of an unsupported type.
+        RuntimeError: ``active=True`` while an adapter is merged.
     """
     config = AdapterConfig.from_dict(config) if isinstance(config, dict) else config
     method = get_method(config.method)
@@ -69,6 +70,9 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         raise ValueError(f"adapter name must be non-empty and contain no '.', got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named '{name}' is already injected; remove_adapter() it or use another name")
+    merged = next(((n, layer.merged_adapter) for n, layer in adapted_layers(model) if layer.merged_adapter), None)
+    if active and merged is not None:
+        raise RuntimeError(f"module '{merged[0]}' has adapter '{merged[1]}' merged; unmerge() before injecting an active adapter")
 
     candidates = list(_candidate_modules(model))
     selected = [
