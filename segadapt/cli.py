@@ -1,14 +1,14 @@
 """The ``segadapt`` command.
 
-* ``segadapt fit|validate|test|predict --config run.yaml`` -- Lightning's CLI over
+* ``segadapt fit|validate|test --config run.yaml`` -- Lightning's CLI over
   :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
   ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
-  (``segadapt fit --print_config`` prints a complete one). Training writes ``last.ckpt`` (resume with
-  ``--ckpt_path last``) and, at the end, the trained adapter or weights into the trainer's log folder.
+  (``segadapt fit --print_config`` prints a complete one). Training writes
+  ``<default_root_dir>/checkpoints/last.ckpt`` (resume with ``--ckpt_path last``) and, at the end, the
+  trained adapter or weights into the trainer's log folder.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
 * ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference on CT
-  scans with a fold ensemble of adapters (:mod:`segadapt.inference`; ``--run``, ``--adapters``, ``--base`` or
-  ``--input`` select it over Lightning's ``predict --config``).
+  scans with a fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 
 Fold-by-fold experiments with automatic data and base preparation use ``scripts/train.py`` (Hydra).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -24,7 +25,6 @@ from typing import Optional
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from segadapt.inference import is_cli_call
 from segadapt.inference import main as predict_main
 from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
 
@@ -51,16 +51,32 @@ def report_main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"{kind:>15}: {path}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+class SegAdaptCLI(LightningCLI):
+    """LightningCLI that keeps ``last.ckpt`` in ``<default_root_dir>/checkpoints``.
+
+    Lightning's default folder is the logger's ``version_N``, a new one in every process, so a later
+    ``--ckpt_path last`` would find nothing and silently start again from step 0.
+    """
+
+    def _fixed_checkpoint_folder(self) -> None:
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is None:
+                callback.dirpath = os.path.join(self.trainer.default_root_dir, "checkpoints")
+
+    before_fit = before_validate = before_test = _fixed_checkpoint_folder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[LightningCLI]:
+    """The ``segadapt`` command; returns the LightningCLI object for fit/validate/test."""
     argv = list(sys.argv[1:] if argv is None else argv)
     tolerate_ascii_console()
     if argv[:1] == ["report"]:
         report_main(argv[1:])
-        return
-    if argv[:1] == ["predict"] and is_cli_call(argv[1:]):
+        return None
+    if argv[:1] == ["predict"]:
         predict_main(argv[1:])
-        return
-    LightningCLI(
+        return None
+    return SegAdaptCLI(
         SegAdaptModule,
         SegDataModule,
         args=argv,

@@ -63,8 +63,6 @@ from segadapt.training.metrics import voxel_volume_ml
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 CSV_FILE = "volumes.csv"
 CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "lesion_volume_ml", "members")
-# A flag that only segadapt's inference CLI has: `segadapt predict` with one of these runs :func:`main`.
-CLI_FLAGS = ("--run", "--adapters", "--run-config", "--base", "--input", "-i")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -298,8 +296,9 @@ class Predictor:
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         shape = tuple(int(s) for s in image.meta["spatial_shape"])
         if tuple(restored.shape[1:]) != shape or not np.allclose(np.asarray(restored.affine), affine, atol=1e-4):
-            raise RuntimeError(f"{path}: inverting the preprocessing gave shape {tuple(restored.shape[1:])} "
-                               f"instead of the input's {shape}")
+            raise RuntimeError(f"{path}: inverting the preprocessing gave shape {tuple(restored.shape[1:])} and affine "
+                               f"{np.asarray(restored.affine).round(4).tolist()} instead of the input's {shape} and "
+                               f"{affine.round(4).tolist()}")
         probabilities = restored.as_tensor().numpy().astype(np.float32)
         mask = probabilities[0] > self.threshold if len(probabilities) == 1 else probabilities.argmax(0)
         mask = mask.astype(np.uint8)
@@ -427,17 +426,11 @@ def make_demo_runs(
 
 
 # ---- command line -------------------------------------------------------------------------------
-def is_cli_call(argv: Sequence[str]) -> bool:
-    """True if `argv` (after ``predict``) uses this module's flags rather than LightningCLI's ``--config``."""
-    return any(arg.split("=", 1)[0] in CLI_FLAGS for arg in argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segadapt predict",
         description="Segment CT scans with the fold adapters of a run on their shared base: masks on each "
-                    "input's grid, lesion volumes in volumes.csv. (segadapt predict --config ... is Lightning's "
-                    "predict loop instead.)",
+                    "input's grid, lesion volumes in volumes.csv.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", nargs="+", metavar="RUN_DIR",

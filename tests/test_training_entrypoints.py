@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from segadapt.training import (
     METRICS_FILE,
     WEIGHTS_FILE,
     SegDataModule,
+    TrainStats,
     fit_run,
     load_run,
     read_metrics,
@@ -101,8 +103,9 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
         with safe_open(str(run / ADAPTER_FILE), "pt") as f:  # the trained tensors only, not the base
             assert sum(np.prod(f.get_slice(k).get_shape())
                        for k in f.keys()) == metrics["cost"]["trainable_params"]
-    folds = [set(read_run_config(sweep / f"runs/phantom_sah/cp_lora/fold{k}")["run"].items()) for k in (0, 1)]
-    assert folds[0] != folds[1]
+    validated = [{c["case_id"] for c in read_metrics(sweep / f"runs/phantom_sah/cp_lora/fold{k}")["cases"]} for k in (0, 1)]
+    split = json.loads((sweep / "data/phantom_sah/splits_3fold_seed0.json").read_text(encoding="utf-8"))
+    assert validated == [set(fold["val"]) for fold in split["folds"][:2]] and not validated[0] & validated[1]
 
 
 def test_adapter_file_and_base_reproduce_the_validation_metrics(sweep):
@@ -132,6 +135,15 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
     assert "| cp_lora | 2 | 4 |" in paths["markdown"].read_text(encoding="utf-8")
     segadapt_main(["report", str(experiment), "--out", str(tmp_path / "cli")])  # the same through the CLI
     assert (tmp_path / "cli" / "report.csv").read_text(encoding="utf-8") == paths["csv"].read_text(encoding="utf-8")
+    # a leftover fold of another split validates a case twice: refused, naming the method and the case
+    mixed = tmp_path / "mixed"
+    shutil.copytree(experiment, mixed)
+    leftover = read_metrics(mixed / "cp_lora/fold0")
+    leftover["run"]["fold"] = 4
+    (mixed / "cp_lora/fold4").mkdir()
+    (mixed / "cp_lora/fold4" / METRICS_FILE).write_text(json.dumps(leftover), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"method 'cp_lora': case '.+' is validated in fold 0 and fold 4"):
+        write_report(mixed, tmp_path / "mixed_report")
 
 
 def _run_args(sweep: Path, **module):
@@ -155,9 +167,13 @@ def test_resume_after_interruption_continues_from_the_saved_step(sweep, tmp_path
     run = tmp_path / "run"
     args = dict(identity={"experiment": "t", "method": "cp_lora", "fold": 0}, module_kwargs=module_kwargs,
                 datamodule_kwargs=data_kwargs, eval_base=False, checkpoint_every=2)
+    run.mkdir()
+    (run / METRICS_FILE).write_text("{}", encoding="utf-8")  # results of an earlier run in the same folder
+    (run / ADAPTER_FILE).write_bytes(b"stale")
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, callbacks=[_Crash(3)], **args)
-    assert (run / CHECKPOINT_FILE).is_file() and not (run / METRICS_FILE).exists()
+    assert (run / CHECKPOINT_FILE).is_file()
+    assert not (run / METRICS_FILE).exists() and not (run / ADAPTER_FILE).exists()  # a crash leaves no stale results
     result = fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, ckpt_path="last", **args)
     assert result["cost"]["resumed_from_step"] == 2
     assert result["global_step"] == 5
@@ -172,11 +188,16 @@ def test_lightning_cli_fit_then_validate(sweep, tmp_path):
         "data": data_kwargs,
         "trainer": {**TRAINER, "max_steps": 2, "default_root_dir": str(tmp_path / "cli")},
     }), encoding="utf-8")
-    segadapt_main(["fit", "--config", str(config)])
-    log_dirs = list((tmp_path / "cli").rglob(ADAPTER_FILE))
-    assert len(log_dirs) == 1
-    assert list((tmp_path / "cli").rglob("last.ckpt"))
-    segadapt_main(["validate", "--config", str(config), "--ckpt_path", str(next((tmp_path / "cli").rglob("last.ckpt")))])
+    first = segadapt_main(["fit", "--config", str(config)])
+    assert first.trainer.global_step == 2
+    assert len(list((tmp_path / "cli").rglob(ADAPTER_FILE))) == 1
+    assert (tmp_path / "cli" / "checkpoints" / "last.ckpt").is_file()
+    # a new process (here: a new CLI) resumes from the saved step with --ckpt_path last
+    resumed = segadapt_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    stats = next(c.stats for c in resumed.trainer.callbacks if isinstance(c, TrainStats))
+    assert stats["resumed_from_step"] == 2 and resumed.trainer.global_step == 4
+    validated = segadapt_main(["validate", "--config", str(config), "--ckpt_path", "last"])
+    assert 0.0 <= float(validated.trainer.callback_metrics["val/dice"]) <= 1.0
 
 
 def test_none_baseline_validates_without_training(sweep, tmp_path):
@@ -210,6 +231,8 @@ def test_other_models_run_from_the_same_configs(sweep, tmp_path, model, adapter,
     module, _ = load_run(run)
     expected = {"unet3d": [32, 32, 16], "dynunet": [32, 32, 16], "vit_seg": [32, 32]}[model]
     assert module.hparams.roi_size == expected
+    if model == "vit_seg":  # trained on the (axial) view it predicts along
+        assert read_run_config(run)["datamodule"]["preprocess"]["slice_axes"] == ["axial"]
 
 
 def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):

@@ -35,6 +35,14 @@ def test_hd95_of_two_points_is_their_distance_in_mm():
     assert case_metrics(pred, truth, _affine([2.0, 0.5, 3.0]))["hd95"] == pytest.approx(math.hypot(6.0, 2.0))
 
 
+def test_hd95_is_the_larger_directed_percentile_not_the_pooled_one():
+    """truth {a}, prediction {a, b} 5 mm apart: directed distances pred->truth [0, 5], truth->pred [0];
+    max of the directed 95th percentiles = 4.75 (the pooled [0, 5, 0] would give 4.5)."""
+    truth, pred = torch.zeros(8, 8, 8), torch.zeros(8, 8, 8)
+    truth[0, 0, 0] = pred[0, 0, 0] = pred[5, 0, 0] = 1
+    assert case_metrics(pred, truth, _affine([1, 1, 1]))["hd95"] == pytest.approx(np.percentile([0.0, 5.0], 95))
+
+
 def test_empty_masks():
     empty, box = torch.zeros(4, 4, 4), torch.zeros(4, 4, 4)
     box[1:3, 1:3, 1:3] = 1

@@ -20,11 +20,8 @@ from monai.data import DataLoader, Dataset
 
 from segadapt.data import (
     PreprocessConfig,
-    fold_cases,
     fold_datasets,
-    inference_transforms,
     load_dataset_json,
-    load_or_create_splits,
 )
 
 
@@ -94,11 +91,3 @@ class SegDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        h = self.hparams
-        description = load_dataset_json(h.dataset_json)
-        splits = load_or_create_splits(description, h.n_folds, h.split_seed, h.splits_path)
-        _, val_cases = fold_cases(description, splits, h.fold)
-        pipeline = inference_transforms(self.preprocess, description.channels)
-        return self._loader(Dataset([c.as_dict() for c in val_cases], pipeline), train=False)

@@ -3,9 +3,9 @@
 Per case (one whole validation volume, foreground = label > 0):
 
 * Dice = 2 |P & T| / (|P| + |T|) (MONAI ``DiceMetric``; 1 when both are empty, 0 when only one is);
-* HD95 = 95th percentile of the symmetric surface distances in mm, using the voxel spacing
-  (MONAI ``HausdorffDistanceMetric(percentile=95)``; 0 when both are empty, NaN -- undefined -- when
-  only one is);
+* HD95 = the larger of the two directed 95th-percentile surface distances (prediction to truth, truth
+  to prediction) in mm, using the voxel spacing (MONAI ``HausdorffDistanceMetric(percentile=95)``; 0 when
+  both are empty, NaN -- undefined, counted apart and left out of the mean -- when only one is);
 * lesion volume in mL = voxel count * |det(affine[:3, :3])| / 1000, for the prediction and the truth.
 
 Summaries group cases into lesion-volume bins by their *true* volume: with edges ``[e0, e1, ..., en]``
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -77,9 +78,10 @@ def volume_bin(volume_ml: float, edges: Sequence[float]) -> int | None:
     return None
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the finite values (NaN when there are none; sd 0 for one)."""
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+def mean_sd(values: Sequence[Optional[float]]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (None, NaN and inf are skipped; NaN when
+    none is left; sd 0 for one)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
@@ -102,8 +104,8 @@ def summarize(cases: Sequence[Mapping[str, float]], edges: Sequence[float]) -> d
     the cases in volume bin i; NaN when the bin is empty) with ``n_bin<i>``.
     """
     labels = bin_labels(edges)
-    dice, dice_sd = _mean_sd([c["dice"] for c in cases])
-    hd95, hd95_sd = _mean_sd([c["hd95"] for c in cases])
+    dice, dice_sd = mean_sd([c["dice"] for c in cases])
+    hd95, hd95_sd = mean_sd([c["hd95"] for c in cases])
     out = {
         "n_cases": float(len(cases)),
         "dice": dice,
@@ -112,10 +114,10 @@ def summarize(cases: Sequence[Mapping[str, float]], edges: Sequence[float]) -> d
         "hd95_sd": hd95_sd,
         "hd95_undefined": float(sum(not np.isfinite(c["hd95"]) for c in cases)),
         "volume_corr": pearson([c["pred_ml"] for c in cases], [c["true_ml"] for c in cases]),
-        "volume_abs_err_ml": _mean_sd([abs(c["pred_ml"] - c["true_ml"]) for c in cases])[0],
+        "volume_abs_err_ml": mean_sd([abs(c["pred_ml"] - c["true_ml"]) for c in cases])[0],
     }
     for i in range(len(labels)):
         in_bin = [c["dice"] for c in cases if volume_bin(c["true_ml"], edges) == i]
-        out[f"dice_bin{i}"] = _mean_sd(in_bin)[0]
+        out[f"dice_bin{i}"] = mean_sd(in_bin)[0]
         out[f"n_bin{i}"] = float(len(in_bin))
     return out

@@ -23,7 +23,7 @@ predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -235,7 +235,3 @@ class SegAdaptModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """``{'case_id': [...], 'probabilities': (B, out_channels, *spatial)}`` on the preprocessed grid."""
-        return {"case_id": list(batch["case_id"]), "probabilities": self.predict_probabilities(_plain(batch["image"]))}

@@ -28,7 +28,7 @@ import numpy as np
 from segadapt.adapters import METHODS
 from segadapt.data.files import atomic_path
 
-from .metrics import bin_labels, summarize, volume_bin
+from .metrics import bin_labels, mean_sd, summarize, volume_bin
 from .module import BASELINES
 
 
@@ -52,11 +52,17 @@ def _order(method: str) -> tuple[int, str]:
     return (known.index(method) if method in known else len(known), method)
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+def _check_each_case_once(method: str, folds: Sequence[dict[str, Any]]) -> None:
+    """In k-fold CV each case is validated once; a case in two folds means runs of different splits."""
+    seen: dict[str, Any] = {}
+    for run in folds:
+        for case in run["cases"]:
+            if case["case_id"] in seen:
+                raise ValueError(
+                    f"method {method!r}: case {case['case_id']!r} is validated in fold {seen[case['case_id']]} and "
+                    f"fold {run['run']['fold']}; the folder mixes runs of different splits (e.g. leftovers of an "
+                    "earlier k); move them out of the experiment folder")
+            seen[case["case_id"]] = run["run"]["fold"]
 
 
 def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -72,6 +78,7 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     rows = []
     for method in sorted(by_method, key=_order):
         folds = sorted(by_method[method], key=lambda r: r["run"]["fold"])
+        _check_each_case_once(method, folds)
         cases = [{k: (math.nan if v is None else v) for k, v in c.items()} for f in folds for c in f["cases"]]
         pooled = summarize(cases, edges)
         cost = [f["cost"] for f in folds]
@@ -82,11 +89,11 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             "fold_dice": [f["val"]["dice"] for f in folds],
             "cases": cases,
             **pooled,
-            "trainable_params": _mean_sd([c.get("trainable_params", 0) for c in cost])[0],
-            "train_time_s": _mean_sd([c.get("train_time_s") for c in cost]),
-            "train_steps": _mean_sd([c.get("train_steps") for c in cost])[0],
-            "peak_mem_mb": _mean_sd([c.get("peak_mem_mb") for c in cost])[0],
-            "peak_mem_increase_mb": _mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
+            "trainable_params": mean_sd([c.get("trainable_params", 0) for c in cost])[0],
+            "train_time_s": mean_sd([c.get("train_time_s") for c in cost]),
+            "train_steps": mean_sd([c.get("train_steps") for c in cost])[0],
+            "peak_mem_mb": mean_sd([c.get("peak_mem_mb") for c in cost])[0],
+            "peak_mem_increase_mb": mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
             "memory": cost[0].get("memory", ""),
         }
         rows.append(row)

@@ -24,6 +24,7 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -34,14 +35,13 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from segadapt.adapters import load_adapter
-from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
+from segadapt.data import PreprocessConfig, make_phantom_dataset
 from segadapt.data.files import atomic_path, write_json
 from segadapt.models import load_pretrained
 
@@ -117,13 +117,19 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
 
 
 def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_json: Path, fold: int) -> dict[str, Any]:
-    """SegDataModule arguments; the preprocessing config is written out in full (defaults filled in)."""
+    """SegDataModule arguments; the preprocessing config is written out in full (defaults filled in).
+
+    A model group's ``slice_axes`` (the views a 2D network predicts along) replaces the data group's, so
+    that it trains on the views it is used on."""
+    preprocess = dict(data["preprocess"])
+    if cfg["model"].get("slice_axes"):
+        preprocess["slice_axes"] = list(cfg["model"]["slice_axes"])
     return {
         "dataset_json": str(dataset_json),
         "fold": fold,
         "n_folds": data["n_folds"],
         "split_seed": data["split_seed"],
-        "preprocess": PreprocessConfig.from_dict(dict(data["preprocess"])).to_dict(),
+        "preprocess": PreprocessConfig.from_dict(preprocess).to_dict(),
         "sampling": cfg["model"]["sampling"],
         "batch_size": data["batch_size"],
         "num_workers": cfg["trainer"].get("workers", 0),
@@ -168,7 +174,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optional[int]) -> pl.Trainer:
     """A Trainer writing into `run_dir`: last.ckpt every `checkpoint_every` steps, CSV (+ TensorBoard) logs."""
     loggers: list = [CSVLogger(run_dir, name="logs", version="")]
-    if _TENSORBOARD_AVAILABLE:
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(run_dir, name="logs", version=""))
     callbacks = [
         ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every,
@@ -208,6 +214,9 @@ def fit_run(
     tuning = tuning_name(module_kwargs["adapter"])
     main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
     if main_process:
+        if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
+            for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE):
+                (run_dir / stale).unlink(missing_ok=True)
         write_yaml(run_dir / CONFIG_FILE, {
             "format": RUN_FORMAT,
             "run": {**identity, "tuning": tuning, "seed": seed, "run_dir": str(run_dir)},
@@ -259,10 +268,12 @@ def ensure_base(cfg: Mapping[str, Any]) -> Path:
         return base.resolve()
     if not cfg["pretrain"]["auto"]:
         raise FileNotFoundError(f"base checkpoint not found: {base}; run scripts/pretrain.py or set pretrain.auto=true")
+    pretrained = Path(cfg["pretrain"]["run_dir"]) / WEIGHTS_FILE
+    if base.resolve() != pretrained.resolve():
+        raise FileNotFoundError(f"base checkpoint not found: {base}; pretraining (pretrain.auto) would write "
+                                f"{pretrained} instead, so it is not started")
     log.info("no base checkpoint at %s: pretraining on %s first", base, cfg["source"]["name"])
     pretrain(cfg)
-    if not base.is_file():
-        raise FileNotFoundError(f"pretraining wrote {cfg['pretrain']['run_dir']}/{WEIGHTS_FILE}, but base_checkpoint is {base}")
     return base.resolve()
 
 
