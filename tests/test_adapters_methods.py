@@ -252,3 +252,19 @@ def test_unbatched_conv_input_matches_the_batched_result(method, layer, compute)
     _, model, x = make(layer, method, compute=compute)
     train_steps(model, x, steps=1)
     torch.testing.assert_close(model(x[0]), model(x[:1])[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["conv_dora", "cp_dora", "dora_c", "tlora"])
+def test_unmerge_after_moving_the_merged_model(method):
+    """State kept from merge for unmerge follows .to(): a dtype change restores W0 to tolerance, a
+    device change (meta stands in for a GPU) runs."""
+    base, model, x = make("conv2d", method)
+    train_steps(model, x)
+    merge(model)
+    model.double()
+    unmerge(model)
+    torch.testing.assert_close(model[0].base_layer.weight, base[0].weight.double(), rtol=0, atol=1e-6)
+    merge(model)
+    model.to("meta")
+    unmerge(model)
+    assert model[0].base_layer.weight.device.type == "meta"

@@ -12,7 +12,7 @@ g is the LoRA form's activation-space update; the frozen conv runs once (PEFT ru
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ class DoRA(Adapter):
         self.direction = self.direction_cls(base, spec, config, rank)
         self.has_activation_form = self.direction.has_activation_form
         self.magnitude = nn.Parameter(channel_norm(spec.canonical(base.weight).detach()).clone())
-        self._merge_norm: Optional[torch.Tensor] = None
+        # ||W0 + dW||_c at merge time, for unmerge; a buffer so that .to() moves and casts it
+        self.register_buffer("_merge_norm", None, persistent=False)
 
     def _scale(self, w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """m / ||W0 + dW||_c with the norm detached, shaped (Cout, 1, ..., 1) for the weight."""

@@ -20,8 +20,6 @@ the cores without building T.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import tensorly as tl
 import torch
 from torch import nn
@@ -116,7 +114,7 @@ class TLoRA(Adapter):
                 core.normal_(0.0, (rank * (size if is_input_mode else 1)) ** -0.5)
             residual.append(nn.Parameter(core))
         self.residual_cores = nn.ParameterList(residual)
-        self._merge_w0: Optional[torch.Tensor] = None
+        self.register_buffer("_merge_w0", None, persistent=False)  # W0 while merged; moved by .to()
 
     def transform_matrix(self) -> torch.Tensor:
         """T as a dense (Cin k^d) x (Cin k^d) matrix."""
