@@ -268,3 +268,17 @@ def test_unmerge_after_moving_the_merged_model(method):
     model.to("meta")
     unmerge(model)
     assert model[0].base_layer.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("method,name", [("dora_c", "DoRAC"), ("lora_c", "LoRAC"), ("tlora", "TLoRA")])
+def test_dropout_error_names_the_requested_method(method, name):
+    with pytest.raises(ValueError, match=rf"dropout=0.1 needs an activation-space form; {name} on a conv layer"):
+        make("conv2d", method, dropout=0.1)
+
+
+def test_dora_dropout_applies_to_the_branch_once():
+    """DoRA's own dropout module is the only one; its direction is built without dropout."""
+    _, model, _ = make("conv2d", "conv_dora", dropout=0.5)
+    adapter = adapter_of(model)
+    assert isinstance(adapter.dropout, nn.Dropout) and isinstance(adapter.direction.dropout, nn.Identity)
+    assert adapter.has_activation_form

@@ -12,6 +12,7 @@ g is the LoRA form's activation-space update; the frozen conv runs once (PEFT ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -31,13 +32,12 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
 class DoRA(Adapter):
     """Magnitude m (Cout) times the normalised direction W0 + dW of ``direction_cls``."""
 
-    direction_cls: ClassVar[type[Adapter]]
-    activation_form = True  # where the direction's form has one (set per layer in __init__)
+    direction_cls: ClassVar[type[Adapter]]  # subclasses set activation_form = direction_cls.activation_form
 
     def __init__(self, base, spec, config, rank):
-        super().__init__(base, spec, config, rank)
-        self.direction = self.direction_cls(base, spec, config, rank)
-        self.has_activation_form = self.direction.has_activation_form
+        super().__init__(base, spec, config, rank)  # checks dropout under this class's name
+        # the direction's own dropout would go unused: DoRA applies self.dropout in branch_output
+        self.direction = self.direction_cls(base, spec, replace(config, dropout=0.0), rank)
         self.magnitude = nn.Parameter(channel_norm(spec.canonical(base.weight).detach()).clone())
         # ||W0 + dW||_c at merge time, for unmerge; a buffer so that .to() moves and casts it
         self.register_buffer("_merge_norm", None, persistent=False)
@@ -46,9 +46,6 @@ class DoRA(Adapter):
         """m / ||W0 + dW||_c with the norm detached, shaped (Cout, 1, ..., 1) for the weight."""
         norm = channel_norm(w0 + delta).detach()
         return (self.magnitude / norm).view(-1, *(1,) * (w0.dim() - 1))
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.direction.delta_weight()
 
     def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
         delta = self.direction.delta_weight()
@@ -86,6 +83,7 @@ class DoRAC(DoRA):
     """DoRA-C: DoRA on the LoRA-C update (weight space only)."""
 
     direction_cls = LoRAC
+    activation_form = False
 
 
 @register_method("conv_dora")
@@ -93,6 +91,7 @@ class ConvDoRA(DoRA):
     """convDoRA: DoRA on the convLoRA update (plain DoRA on nn.Linear)."""
 
     direction_cls = LoRA
+    activation_form = True
 
 
 @register_method("cp_dora")
@@ -100,3 +99,4 @@ class CPDoRA(DoRA):
     """CP-DoRA: DoRA on the CP-LoRA update."""
 
     direction_cls = CPLoRA
+    activation_form = True
