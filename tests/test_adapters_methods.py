@@ -282,3 +282,12 @@ def test_dora_dropout_applies_to_the_branch_once():
     adapter = adapter_of(model)
     assert isinstance(adapter.dropout, nn.Dropout) and isinstance(adapter.direction.dropout, nn.Identity)
     assert adapter.has_activation_form
+
+
+def test_tlora_refuses_a_fan_in_with_a_large_prime_factor():
+    model = nn.Sequential(nn.Linear(257, 64))
+    with pytest.raises(ValueError, match=r"module '0': TLoRA cannot factorise the fan-in Cin\*k\^d = 257 .* tlora_max_factor=16: it has the prime factor 257.*raise tlora_max_factor"):
+        inject(model, AdapterConfig(method="tlora", rank=4, targets=["0"]))
+    assert isinstance(model[0], nn.Linear)
+    inject(model, AdapterConfig(method="tlora", rank=4, targets=["0"], tlora_max_factor=257))
+    assert model[0].adapters["default"].in_factors == [257]

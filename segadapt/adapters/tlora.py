@@ -10,7 +10,9 @@ M(W) = M(W0) T + D.
 * D (Cout x n) is a tensor ring of rank r = ``rank`` over the factorised output and input dims,
   scaled by s; its first core is zero, so D = 0 at init.
 
-Trainable parameters: R^2 sum_k I_k^2 + r^2 (sum of D's mode sizes).
+Trainable parameters: R^2 sum_k I_k^2 + r^2 (sum of D's mode sizes). A fan-in with a prime factor above
+``tlora_max_factor`` is refused (T would hold R^2 p^2 parameters or more); Cout keeps such a prime
+whole (D's cost is linear in the mode size).
 
 M(W0) T is computed either by building T densely (TensorLy's ``tr_to_tensor``; cost ~ n^2 (R^2 + Cout))
 or by contracting M(W0) with the cores one at a time (cost ~ Cout n R^3 sum I_k), whichever is
@@ -29,7 +31,8 @@ from .registry import register_method
 
 
 def factorize(n: int, max_factor: int) -> list[int]:
-    """n as a product of factors <= max_factor where the primes allow (smallest factors merged first)."""
+    """n as a product of factors <= max_factor where the primes allow (smallest factors merged first);
+    a prime above max_factor stays whole."""
     primes, m, p = [], n, 2
     while p * p <= m:
         while m % p == 0:
@@ -101,6 +104,15 @@ class TLoRA(Adapter):
         super().__init__(base, spec, config, rank)
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.in_factors = factorize(spec.fan_in, config.tlora_max_factor)
+        if max(self.in_factors) > config.tlora_max_factor:
+            # T's cores hold R^2 * sum I_k^2 parameters: a whole large prime factor can exceed the layer
+            big = max(self.in_factors)
+            raise ValueError(
+                f"TLoRA cannot factorise the fan-in Cin*k^d = {spec.fan_in} of this {spec.kind} layer "
+                f"({spec.cout} x {spec.fan_in} weights) into factors <= tlora_max_factor={config.tlora_max_factor}: "
+                f"it has the prime factor {big}, which would give the transform "
+                f"{config.ring_rank ** 2 * big ** 2:,}+ parameters; raise tlora_max_factor to {big} or pick another method"
+            )
         self.out_factors = factorize(spec.cout, config.tlora_max_factor)
         self.ring_rank = config.ring_rank
         self.transform_cores = nn.ParameterList(
