@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning.pytorch as pl
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -9,7 +12,7 @@ from safetensors.torch import save_file
 
 from segadapt.adapters import adapted_layers, regularization_loss
 from segadapt.models import build_model, preset_targets
-from segadapt.training import SegAdaptModule, tuning_name
+from segadapt.training import SegAdaptModule, TrainStats, tuning_name
 
 KWARGS = {"in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -108,3 +111,38 @@ def test_warmup_then_cosine_schedule(base):
         scheduler.step()
     assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) == 4
     assert lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+class _BigValidation(pl.LightningModule):
+    """A tiny training step and a validation step that holds `validation_mb` of memory for a moment."""
+
+    def __init__(self, validation_mb: int) -> None:
+        super().__init__()
+        self.layer, self.validation_mb = torch.nn.Linear(4, 1), validation_mb
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        held = torch.ones(self.validation_mb * 2**20 // 4)  # float32, pages touched
+        self.log("val/held", held.sum())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_train_stats_peak_memory_leaves_out_validation_inside_fit():
+    """400 MB held by each validation round inside fit (sanity check and mid-training) are not training's peak."""
+    stats = TrainStats()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, val_check_interval=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[stats])
+    trainer.fit(_BigValidation(400))
+    assert stats.stats["train_steps"] == 8 and stats.stats["memory"] == "cpu_rss"
+    assert stats.stats["peak_mem_increase_mb"] < 200

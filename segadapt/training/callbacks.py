@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 from safetensors.torch import save_file
 
@@ -63,28 +64,45 @@ class TrainStats(pl.Callback):
 
     ``stats``: ``trainable_params``, ``train_time_s`` (forward + backward + optimiser steps, summed over
     training batches and over resumed sessions; data loading and validation excluded), ``train_steps``,
-    ``fit_time_s`` (wall time of all fit sessions), ``peak_mem_mb`` and ``memory`` ('cuda' or 'cpu_rss'),
+    ``fit_time_s`` (wall time of all fit sessions), ``peak_mem_mb`` and ``memory`` ('cuda' or 'cpu_rss';
+    the peak of the training steps: validation rounds inside ``fit`` are left out),
     ``peak_mem_increase_mb`` (the peak minus the memory in use at fit start: what training itself needed,
     without the process's baseline), ``resumed_from_step`` (global step at the start of the last session).
     """
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
-        self._batch_start = self._fit_start = self._mem_start = 0.0
+        self._batch_start = self._fit_start = self._mem_start = self._train_peak = 0.0
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = trainer.strategy.root_device
+    @staticmethod
+    def _reset_peak(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            self._mem_start = torch.cuda.memory_allocated(device) / 2**20
         else:
             reset_peak_rss()
-            self._mem_start = rss_mb()
+
+    @staticmethod
+    def _peak(device: torch.device) -> float:
+        return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        self._reset_peak(device)
+        self._mem_start = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
+        self._train_peak = 0.0
         self._fit_start = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # keep the training peak, then measure apart from validation
+            self._train_peak = max(self._train_peak, self._peak(trainer.strategy.root_device))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_peak(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stats["resumed_from_step"] = trainer.global_step
@@ -102,10 +120,9 @@ class TrainStats(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stats["fit_time_s"] += time.perf_counter() - self._fit_start
-        if trainer.strategy.root_device.type == "cuda":
-            self.stats.update(peak_mem_mb=torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20, memory="cuda")
-        else:
-            self.stats.update(peak_mem_mb=peak_rss_mb(), memory="cpu_rss")
+        device = trainer.strategy.root_device
+        self.stats["peak_mem_mb"] = max(self._train_peak, self._peak(device))
+        self.stats["memory"] = "cuda" if device.type == "cuda" else "cpu_rss"
         self.stats["peak_mem_increase_mb"] = self.stats["peak_mem_mb"] - self._mem_start
         numbers = {f"cost/{k}": float(v) for k, v in self.stats.items() if isinstance(v, (int, float))}
         for logger in trainer.loggers:
