@@ -33,7 +33,8 @@ class AdapterConfig:
             ``"weight"`` / ``"activation"`` force one (activation falls back to weight where a layer
             has no activation form or its base weight requires grad).
         lora_rank: SALT: rank of the low-rank update on the remaining singular directions.
-        salt_relu: SALT: clamp the transformed top singular values at zero (as the SALT code does).
+        salt_relu: SALT: clamp the r transformed top singular values at zero (the public SALT code
+            applies relu to all of Sigma', including diag(sig_rest) + X Y; see ``salt.py``).
         ring_rank: TLoRA: tensor-ring rank of the transform T (its cost grows as ring_rank^3).
         tlora_max_factor: TLoRA: the largest factor used to factorise a dimension for the rings.
     """

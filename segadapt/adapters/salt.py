@@ -1,17 +1,20 @@
 """SALT: Singular-value Adaptation with Low-rank Transformation.
 
 M(W0) = U diag(sig) V^T (thin SVD, q = min(Cout, Cin k^d) singular values). The top r singular
-values get a trainable scale and shift, sig_i -> a_i sig_i + b_i (a = 1, b = 0 at init; clamped at
-zero with ``salt_relu``, as the SALT code does); the other q - r singular directions get
+values get a trainable scale and shift, sig_i -> a_i sig_i + b_i (a = 1, b = 0 at init; with
+``salt_relu`` clamped at zero); the other q - r singular directions get
 diag(sig_rest) + X Y with X ((q-r) x r_lora) zeros and Y (r_lora x (q-r)) kaiming-uniform. So
 
     W = W0 + U_top diag(sig'_top - sig_top) V_top^T + U_rest X Y V_rest^T,
 
 an update of rank <= r + r_lora that is exactly zero at init. Trainable parameters: 2r + 2(q-r) r_lora.
 
-Unlike the public SALT code, U, sig and V are registered buffers (moved by ``.to()``; not saved, since
-they are recomputed from W0 with a deterministic sign convention), and conv layers keep their
-padding, stride and dilation.
+Deviation from the public SALT code: ``salt_relu`` clamps only the r transformed top singular values,
+whereas that code applies relu entrywise to the whole q x q Sigma' (including diag(sig_rest) + X Y);
+clamping it all would lose the low-rank form of the update above (and with it activation space).
+Also unlike that code, U, sig and V are registered buffers (moved by ``.to()``; not saved, since they
+are recomputed from W0 with a deterministic sign convention), and conv layers keep their padding,
+stride and dilation.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class SALT(Adapter):
         r = self.rank
         top = self.S[:r]
         new_top = self.salt_scale * top + self.salt_shift
-        if self.relu:
+        if self.relu:  # the top r values only (the SALT code clamps all of Sigma', see the module doc)
             new_top = torch.relu(new_top)
         left = torch.cat([self.U[:, :r] * (new_top - top), self.U[:, r:] @ self.salt_X], dim=1)
         right = torch.cat([self.Vh[:r], self.salt_Y @ self.Vh[r:]], dim=0)
