@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 
-from segadapt.data import PreprocessConfig, disk_cache_dir, fold_datasets, load_dataset_json, make_phantom_dataset
+from segadapt.data import (
+    CaseError,
+    PreprocessConfig,
+    build_dataset,
+    disk_cache_dir,
+    fold_datasets,
+    load_dataset_json,
+    make_phantom_dataset,
+    val_transforms,
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +29,8 @@ def phantom(tmp_path_factory):
 
 
 def _cfg(tmp_path, **kw):
-    return PreprocessConfig(cache_dir=str(tmp_path / "cache"), patch_size=[16, 16, 8], slice_size=[24, 24],
-                            samples_per_volume=2, **kw)
+    kw = {"patch_size": [16, 16, 8], "slice_size": [24, 24], **kw}
+    return PreprocessConfig(cache_dir=str(tmp_path / "cache"), samples_per_volume=2, **kw)
 
 
 def test_cache_modes_give_the_same_validation_volumes(phantom, tmp_path):
@@ -64,3 +74,27 @@ def test_disk_cache_is_keyed_by_config_and_file_state(phantom, tmp_path):
     again = val[0]
     assert len(list(folder.iterdir())) == 2
     np.testing.assert_array_equal(again["image"].numpy(), first["image"].numpy())
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cached_reads_keep_values_and_meta(phantom, tmp_path, mode):
+    """Every read (first and cache hit) is the uncached MetaTensor: same values, shape and affine."""
+    cfg = _cfg(tmp_path, cache=mode)
+    train, val = fold_datasets(phantom, 0, cfg, n_folds=3)
+    _, plain = fold_datasets(phantom, 0, replace(cfg, cache="none"), n_folds=3)
+    for i in range(len(val)):
+        reads = [val[i], val[i]]
+        if mode == "disk":  # the second read is a hit: the cache file is not rewritten
+            files = {f: f.stat().st_mtime_ns for f in disk_cache_dir(cfg, "phantom_sah").iterdir()}
+            reads.append(val[i])
+            assert files == {f: f.stat().st_mtime_ns for f in disk_cache_dir(cfg, "phantom_sah").iterdir()}
+        expected = plain[i]
+        for item in reads:
+            for key in ("image", "label"):
+                assert isinstance(item[key], MetaTensor), (mode, i, key, type(item[key]))
+                assert item[key].shape == expected[key].shape
+                torch.testing.assert_close(item[key].as_tensor(), expected[key].as_tensor())
+                torch.testing.assert_close(item[key].affine, expected[key].affine)
+    for i in range(len(train)):
+        for _ in range(2):
+            assert all(isinstance(patch["image"], MetaTensor) for patch in train[i])

@@ -10,8 +10,9 @@ INTENSITY_MODES = ("ct", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
 
-# Bump when the deterministic (cached) part of the pipelines changes meaning, to invalidate disk caches.
-PIPELINE_VERSION = 1
+# Bump when the deterministic (cached) part of the pipelines or the cache file format changes, to invalidate
+# disk caches. 2: cache files hold MetaTensors (version 1 files were plain tensors, some padded for training).
+PIPELINE_VERSION = 2
 
 # The fields that change what the deterministic part of a pipeline produces; they key the disk cache.
 _CACHED_FIELDS = ("intensity", "windows", "target_spacing", "orientation", "spatial_dims", "crop_foreground",

@@ -7,7 +7,7 @@ Caches hold the output of the deterministic part of a pipeline (up to its first 
 * ``'disk'``: ``PersistentDataset`` under ``<cfg.cache_dir>/<dataset name>-<cfg.cache_key()>``; an item's
   cache file is keyed by its paths plus each file's size and modification time, so a changed config
   gets a fresh folder and a replaced file is re-read. Files appear atomically, and only after the
-  case passed its checks.
+  case passed its checks. Cache hits are MetaTensors with their affine and meta, like first reads.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def build_dataset(
         return Dataset(data, transform)
     if cfg.cache == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=cache_workers, progress=False)
-    return PersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name), hash_func=_item_hash)
+    # track_meta keeps cached items MetaTensors (affine and meta); loading those needs weights_only=False
+    # (with True, MONAI takes every such file for corrupt and recomputes it). Safe here: segadapt wrote
+    # every file in its own cache folder itself.
+    return PersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name), hash_func=_item_hash,
+                             track_meta=True, weights_only=False)
 
 
 def fold_datasets(
