@@ -98,3 +98,22 @@ def test_cached_reads_keep_values_and_meta(phantom, tmp_path, mode):
     for i in range(len(train)):
         for _ in range(2):
             assert all(isinstance(patch["image"], MetaTensor) for patch in train[i])
+
+
+def test_disk_cache_reruns_the_case_checks_when_they_change(phantom, tmp_path):
+    """The case checks (label values, channels, affine tolerance) key the cache files too."""
+    cfg = _cfg(tmp_path, cache="disk")
+    case = load_dataset_json(phantom).cases[0]
+    folder = disk_cache_dir(cfg, "p")
+    build_dataset([case], val_transforms(cfg, (0, 1), 1), cfg, "p")[0]
+    build_dataset([case], val_transforms(cfg, (0, 1), 1), cfg, "p")[0]
+    assert len(list(folder.iterdir())) == 1
+    with pytest.raises(RuntimeError) as info:  # the lesion label 1 is no longer allowed: checked, not a cache hit
+        build_dataset([case], val_transforms(cfg, (0,), 1), cfg, "p")[0]
+    assert isinstance(info.value.__cause__, CaseError) and case.case_id in str(info.value.__cause__)
+    build_dataset([case], val_transforms(cfg, (0, 1, 2), 1), cfg, "p")[0]
+    build_dataset([case], val_transforms(replace(cfg, affine_tolerance=0.5), (0, 1), 1), cfg, "p")[0]
+    assert len(list(folder.iterdir())) == 3
+    with pytest.raises(RuntimeError) as info:
+        build_dataset([case], val_transforms(cfg, (0, 1), 2), cfg, "p")[0]
+    assert isinstance(info.value.__cause__, CaseError) and "expected 2 channel(s)" in str(info.value.__cause__)

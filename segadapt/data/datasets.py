@@ -5,15 +5,17 @@ Caches hold the output of the deterministic part of a pipeline (up to its first 
 * ``'none'``: ``Dataset``, every item read and preprocessed on every visit.
 * ``'memory'``: ``CacheDataset``, every case preprocessed once when the dataset is built.
 * ``'disk'``: ``PersistentDataset`` under ``<cfg.cache_dir>/<dataset name>-<cfg.cache_key()>``; an item's
-  cache file is keyed by its paths plus each file's size and modification time, so a changed config
-  gets a fresh folder and a replaced file is re-read. Files appear atomically, and only after the
-  case passed its checks. Cache hits are MetaTensors with their affine and meta, like first reads.
+  cache file is keyed by its paths, each file's size and modification time and the case checks of the
+  pipeline's :class:`LoadCased` (label values, channels, affine tolerance), so a changed config gets a
+  fresh folder and a replaced file or changed check is re-read. Files appear atomically, and only after
+  the case passed its checks. Cache hits are MetaTensors with their affine and meta, like first reads.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -22,6 +24,7 @@ from monai.transforms import Compose
 
 from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
+from .loading import LoadCased
 from .splits import fold_cases, load_or_create_splits
 from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
 
@@ -33,13 +36,24 @@ def disk_cache_dir(cfg: PreprocessConfig, name: str) -> Path:
     return Path(cfg.cache_dir) / f"{name}-{cfg.cache_key()}"
 
 
-def _item_hash(item: Mapping[str, object]) -> bytes:
-    """Cache-file key: the item's fields plus (size, mtime) of its image and label files."""
+def _case_checks(transform: Compose) -> dict | None:
+    """The settings of the pipeline's :class:`LoadCased` (what a cached case was checked against)."""
+    for step in transform.flatten().transforms:
+        if isinstance(step, LoadCased):
+            return {"keys": list(step.keys), "label_values": step.label_values, "channels": step.channels,
+                    "spatial_dims": step.spatial_dims, "affine_tolerance": step.affine_tolerance}
+    return None
+
+
+def _item_hash(item: Mapping[str, object], checks: Mapping[str, object] | None = None) -> bytes:
+    """Cache-file key: the item's fields, (size, mtime) of its image and label files, and the case `checks`."""
     state = dict(item)
     for key in ("image", "label"):
         if key in item:
             stat = os.stat(str(item[key]))
             state[f"{key}_stat"] = (stat.st_size, stat.st_mtime_ns)
+    if checks is not None:
+        state["case_checks"] = dict(checks)
     return pickle_hashing(state)
 
 
@@ -65,7 +79,8 @@ def build_dataset(
     # track_meta keeps cached items MetaTensors (affine and meta); loading those needs weights_only=False
     # (with True, MONAI takes every such file for corrupt and recomputes it). Safe here: segadapt wrote
     # every file in its own cache folder itself.
-    return PersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name), hash_func=_item_hash,
+    return PersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name),
+                             hash_func=partial(_item_hash, checks=_case_checks(transform)),
                              track_meta=True, weights_only=False)
 
 
