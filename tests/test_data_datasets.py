@@ -100,6 +100,22 @@ def test_cached_reads_keep_values_and_meta(phantom, tmp_path, mode):
             assert all(isinstance(patch["image"], MetaTensor) for patch in train[i])
 
 
+@pytest.mark.parametrize("sampling", ["patch", "slice"])
+def test_training_cases_are_not_cached_with_training_only_steps(phantom, tmp_path, sampling):
+    """A case read for training (fold 0), then for validation (fold 1), validates on the unpadded volume."""
+    cfg = _cfg(tmp_path, cache="disk", patch_size=[64, 64, 32], slice_size=[64, 64])
+    train, _ = fold_datasets(phantom, 0, cfg, n_folds=3, sampling=sampling)
+    for i in range(len(train)):
+        patches = train[i]
+        size = (64, 64, 32) if sampling == "patch" else (64, 64)
+        assert all(p["image"].shape == (3, *size) for p in patches)
+    for fold in (1, 2):
+        _, val = fold_datasets(phantom, fold, cfg, n_folds=3)
+        _, plain = fold_datasets(phantom, fold, replace(cfg, cache="none"), n_folds=3)
+        for i in range(len(val)):
+            assert val[i]["image"].shape == plain[i]["image"].shape, val.data[i]["case_id"]
+
+
 def test_disk_cache_reruns_the_case_checks_when_they_change(phantom, tmp_path):
     """The case checks (label values, channels, affine tolerance) key the cache files too."""
     cfg = _cfg(tmp_path, cache="disk")

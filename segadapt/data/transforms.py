@@ -140,12 +140,17 @@ def _pos_neg(cfg: PreprocessConfig) -> dict:
 def patch_train_transforms(
     cfg: PreprocessConfig, label_values: Sequence[int] | None = None, channels: int = 1
 ) -> Compose:
-    """Training pipeline: ``cfg.patch_size`` patches (3D volumes, or 2D images when ``spatial_dims`` is 2)."""
+    """Training pipeline: ``cfg.patch_size`` patches (3D volumes, or 2D images when ``spatial_dims`` is 2).
+
+    Padding comes after the crop: caches hold everything up to the first random step, and that part
+    must equal the validation pipeline's, which shares the cache entry of a case.
+    """
     keys = ["image", "label"]
     return Compose([
         *deterministic_transforms(cfg, keys, label_values, channels),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, allow_smaller=True,
+                               **_pos_neg(cfg)),
         SpatialPadd(keys, spatial_size=cfg.patch_size),
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch_size, **_pos_neg(cfg)),
         *_augment(cfg, cfg.spatial_dims),
     ])
 
