@@ -291,3 +291,16 @@ def test_tlora_refuses_a_fan_in_with_a_large_prime_factor():
     assert isinstance(model[0], nn.Linear)
     inject(model, AdapterConfig(method="tlora", rank=4, targets=["0"], tlora_max_factor=257))
     assert model[0].adapters["default"].in_factors == [257]
+
+
+@pytest.mark.parametrize("method", ["conv_lora", "conv_dora", "salt"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv2d_same", "conv3d_strided"])
+def test_dropout_path_matches_weight_space_when_nothing_is_dropped(method, layer):
+    """The unfused training path (frozen layer on x, branch on dropout(x)) with p=0 is the adapted layer."""
+    _, model, x = make(layer, method, dropout=0.5, compute="activation")
+    train_steps(model, x, steps=1)
+    adapter = adapter_of(model)
+    adapter.dropout.p = 0.0
+    y = model(x)
+    adapter.compute = "weight"
+    torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)

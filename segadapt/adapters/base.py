@@ -31,6 +31,7 @@ from .config import AdapterConfig
 from .layers import (
     LayerSpec,
     forward_with_weight,
+    frozen_output,
     frozen_plus_low_rank,
     low_rank_forward,
     output_positions,
@@ -97,7 +98,7 @@ class Adapter(nn.Module):
         """conv(x, W0) + up(down(x)) without the bias. With dropout active, the branch sees dropout(x)
         and the frozen layer x, so the two cannot share one conv."""
         if self.training and isinstance(self.dropout, nn.Dropout):
-            return with_bias(base, base(x), sign=-1) + low_rank_forward(base, self.spec, self.dropout(x), down, up)
+            return frozen_output(base, self.spec, x) + low_rank_forward(base, self.spec, self.dropout(x), down, up)
         return frozen_plus_low_rank(base, self.spec, x, down, up)
 
     def activation_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,12 +171,12 @@ class Adapter(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, compute={self.compute}"
 
 
-def with_bias(base: nn.Module, y: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    """y + b0 (or y - b0 with ``sign=-1``), b0 broadcast over the output channels."""
+def with_bias(base: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """y + b0, b0 broadcast over the output channels."""
     if base.bias is None:
         return y
     shape = (-1,) if y.dim() < 2 or isinstance(base, nn.Linear) else (-1,) + (1,) * (y.dim() - 2)
-    return y + sign * base.bias.to(y.dtype).view(shape)
+    return y + base.bias.to(y.dtype).view(shape)
 
 
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:

@@ -110,9 +110,7 @@ def forward_with_weight(
 
 
 def conv_nd(spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Plain zero-padded convolution of the layer's dimensionality (F.linear for linear layers)."""
-    if spec.kind == "linear":
-        return F.linear(x, weight)
+    """Plain zero-padded convolution of the (conv) layer's dimensionality."""
     return _CONV_FN[spec.ndim](x, weight, **kwargs)
 
 
@@ -128,17 +126,13 @@ def supports_activation_space(base: nn.Module, spec: LayerSpec) -> bool:
 
 
 def output_positions(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> int:
-    """Number of output positions (batch x spatial, or tokens for linear) the layer computes for ``x``."""
+    """Number of output positions (batch x spatial, or tokens for linear) the layer computes for ``x``
+    (linear and conv layers: those with an activation-space form)."""
     if spec.kind == "linear":
         return x.numel() // spec.cin
     batch = x.numel() // (spec.cin * math.prod(x.shape[-spec.ndim :]))
     spatial = x.shape[-spec.ndim :]
-    if spec.kind == "conv_transpose":
-        out = [
-            (n - 1) * s - 2 * p + d * (k - 1) + 1
-            for n, s, p, d, k in zip(spatial, base.stride, base.padding, base.dilation, spec.kernel)
-        ]
-    elif isinstance(base.padding, str):
+    if isinstance(base.padding, str):
         out = list(spatial) if base.padding == "same" else [
             (n - d * (k - 1) - 1) // s + 1 for n, s, d, k in zip(spatial, base.stride, base.dilation, spec.kernel)
         ]
@@ -255,6 +249,13 @@ def frozen_plus_low_rank(base: nn.Module, spec: LayerSpec, x: torch.Tensor, down
         return FrozenPlusLowRank.apply(x, w0, down, up, None)
     geometry = (list(base.stride), list(explicit_padding(base, spec)), list(base.dilation))
     return FrozenPlusLowRank.apply(x, w0, down, up, geometry)
+
+
+def frozen_output(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    """conv(x, W0) without the bias (x W0^T for linear), for zero-padded layers."""
+    if spec.kind == "linear":
+        return F.linear(x, base.weight)
+    return conv_nd(spec, x, base.weight, **base_conv_kwargs(base))
 
 
 def low_rank_forward(base: nn.Module, spec: LayerSpec, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
