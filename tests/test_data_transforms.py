@@ -119,6 +119,32 @@ def test_slice_views_are_drawn_uniformly(oblique_case):
     assert set(views) == {0, 1, 2}
 
 
+def _half_bright(tmp_path, axis):
+    """A RAS volume (24, 20, 12) at 0 HU whose upper half along `axis` is 60 HU, lesion in the middle."""
+    image = np.zeros((24, 20, 12), np.float32)
+    image[(slice(None),) * axis + (slice(image.shape[axis] // 2, None),)] = 60.0
+    label = np.zeros(image.shape, np.uint8)
+    label[10:14, 8:12, 4:8] = 1
+    return {"image": str(save_nifti(tmp_path / "img.nii.gz", image, np.eye(4))),
+            "label": str(save_nifti(tmp_path / "lbl.nii.gz", label, np.eye(4))), "case_id": "half"}
+
+
+@pytest.mark.parametrize(("view", "bright_axis", "flips"), [("sagittal", 1, False), ("axial", 0, True)])
+def test_slice_flips_are_left_right_only(tmp_path, view, bright_axis, flips):
+    """A sagittal slice (Y, Z) is never mirrored front to back; axial slices are mirrored left/right."""
+    case = _half_bright(tmp_path, bright_axis)
+    cfg = PreprocessConfig(windows=[[40, 80]], crop_foreground=False, slice_size=[32, 32], slice_axes=[view],
+                           samples_per_volume=1, augment=True)
+    pipeline = slice_train_transforms(cfg, label_values=(0, 1))
+    pipeline.set_random_state(0)
+    bright_high = []
+    for _ in range(20):
+        image = pipeline(case)[0]["image"][0]  # in-plane axes (Y, Z) for sagittal, (X, Y) for axial
+        low, high = image.split(16, dim=0)  # the 32-row slice is the volume padded symmetrically
+        bright_high.append(bool(high.mean() > low.mean()))
+    assert set(bright_high) == ({True, False} if flips else {True})
+
+
 def test_mri_z_score(tmp_path):
     rng = np.random.default_rng(0)
     image = np.zeros((12, 12, 6), np.float32)

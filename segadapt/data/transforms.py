@@ -116,14 +116,19 @@ def deterministic_transforms(
     return steps
 
 
-def _augment(cfg: PreprocessConfig, dims: int) -> list:
-    """Flips, small in-plane rotation and zoom (image bilinear, label nearest), intensity scale/shift/noise."""
+def _flip(cfg: PreprocessConfig) -> list:
+    """Left/right flip (array axis 0: X in RAS)."""
+    return [RandFlipd(["image", "label"], spatial_axis=0, prob=0.5)] if cfg.augment else []
+
+
+def _augment(cfg: PreprocessConfig, dims: int, flip: bool = True) -> list:
+    """Flip (left/right), small in-plane rotation and zoom (image bilinear, label nearest), intensity jitter."""
     if not cfg.augment:
         return []
     keys = ["image", "label"]
     rotate = math.pi / 12 if dims == 2 else (0.0, 0.0, math.pi / 12)
     return [
-        RandFlipd(keys, spatial_axis=0, prob=0.5),
+        *(_flip(cfg) if flip else []),
         RandAffined(keys, prob=0.3, rotate_range=rotate, scale_range=0.1, mode=["bilinear", "nearest"],
                     padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
@@ -205,15 +210,20 @@ class RandSliced(Randomizable, MapTransform):
 def slice_train_transforms(
     cfg: PreprocessConfig, label_values: Sequence[int] | None = None, channels: int = 1
 ) -> Compose:
-    """Training pipeline for a multi-view 2D network: slices from the views in ``cfg.slice_axes``."""
+    """Training pipeline for a multi-view 2D network: slices from the views in ``cfg.slice_axes``.
+
+    The left/right flip runs on the volume before slicing: slice axis 0 is X only for axial and coronal
+    slices (a sagittal slice's axis 0 is Y, anterior/posterior).
+    """
     if cfg.spatial_dims != 3:
         raise ValueError("slice_train_transforms slices 3D volumes; use patch_train_transforms for 2D images")
     keys = ["image", "label"]
     pos_neg = _pos_neg(cfg)
     return Compose([
         *deterministic_transforms(cfg, keys, label_values, channels),
+        *_flip(cfg),
         RandSliced(keys, "label", cfg.slice_axes, cfg.slice_size, **pos_neg),
-        *_augment(cfg, 2),
+        *_augment(cfg, 2, flip=False),
     ])
 
 
