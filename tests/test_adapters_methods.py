@@ -176,14 +176,28 @@ def test_reflect_padding_uses_weight_space():
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("compute", ["weight", "activation"])
 def test_bf16_autocast(method, compute):
+    """Output and adapter gradients under bf16 autocast match an fp32 run, in relative Frobenius error
+    (measured: output ~0.4%, gradients <= 1.2%, except SALT's X at ~3%: its gradient is a projection
+    onto the weak singular directions of W0, where bf16 rounding of the weight gradient dominates)."""
+
+    def relative_error(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
     _, model, x = make("conv2d", method, compute=compute)
     train_steps(model, x, steps=1)
+    params = list(adapter_of(model).parameters())
+    reference = model(x)
+    reference.sum().backward()
+    reference_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
         y.float().sum().backward()
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    grads = [p.grad for p in adapter_of(model).parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y, reference) < 2e-2
+    for param, expected in zip(params, reference_grads):
+        assert param.grad is not None and param.grad.dtype == param.dtype
+        assert relative_error(param.grad, expected) < (5e-2 if param is getattr(adapter_of(model), "salt_X", None) else 2e-2)
 
 
 def test_dropout_applies_in_training_only():
@@ -226,6 +240,11 @@ def test_auto_order_follows_the_flop_model_on_cpu_and_weight_space_elsewhere(cin
         with torch.set_grad_enabled(grad):
             assert adapter.uses_activation_space(base, x) == (activation_cost < weight_cost)
             assert not adapter.uses_activation_space(base, x.to("meta"))
+    # the concrete decisions in training, in case the formula above drifts along with the code
+    expected = {(64, 64): True, (4, 4): False}.get((cin, cout))
+    if expected is not None:
+        with torch.enable_grad():
+            assert adapter.uses_activation_space(base, x) is expected
 
 
 @pytest.mark.parametrize("method", ["conv_lora", "cp_dora", "salt"])
