@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Randomizable
 from omegaconf import OmegaConf
 
 from segadapt.data import (
@@ -153,6 +154,16 @@ def test_mri_z_score(tmp_path):
     out = inference_transforms(PreprocessConfig(intensity="mri"))({"image": str(path)})["image"]
     assert out.shape == (1, 8, 8, 4)  # cropped to the nonzero box
     assert abs(float(out.mean())) < 1e-4 and float(out.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("train", [patch_train_transforms, slice_train_transforms])
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_pipelines_cache_only_the_validation_steps(train, augment):
+    """Caches hold the steps before the first random one, under a key shared with validation."""
+    cfg = PreprocessConfig(augment=augment)
+    steps = train(cfg, (0, 1)).transforms
+    first_random = next(i for i, t in enumerate(steps) if isinstance(t, Randomizable))
+    assert [type(t) for t in steps[:first_random]] == [type(t) for t in val_transforms(cfg, (0, 1)).transforms]
 
 
 def test_config_cache_key_tracks_only_cached_content():
