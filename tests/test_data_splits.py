@@ -99,3 +99,22 @@ def test_splits_errors(tmp_path):
     _dataset(tmp_path, [1, 2, 3, 4, 5])  # a case added after the split was made
     with pytest.raises(ValueError, match=r"does not match .*dataset\.json: cases added \['c04'\], removed \[\]"):
         load_or_create_splits(path, n_folds=2, seed=0)
+
+
+def test_stored_splits_are_rechecked_for_patients_across_folds(tmp_path):
+    """patient_ids added to dataset.json after the split: a patient in two folds is an error, not a leak."""
+    path = _dataset(tmp_path, [1, 2, 3, 4, 5, 6])
+    splits = load_or_create_splits(path, n_folds=3, seed=0)
+    a, b = splits.val_ids(0)[0], splits.val_ids(2)[0]
+    same_fold = splits.val_ids(1)
+    patients = [f"p{i}" for i in range(6)]
+    for case in same_fold:  # one patient within one fold is fine
+        patients[int(case[1:])] = "q"
+    _dataset(tmp_path, [1, 2, 3, 4, 5, 6], patients=patients)
+    assert load_or_create_splits(path, n_folds=3, seed=0).folds == splits.folds
+    patients[int(a[1:])] = patients[int(b[1:])] = "p9"
+    _dataset(tmp_path, [1, 2, 3, 4, 5, 6], patients=patients)
+    message = (rf"splits file .*splits_3fold_seed0\.json puts patient 'p9' in 2 folds: fold 0 \['{a}'\], "
+               rf"fold 2 \['{b}'\]; .*delete the splits file to re-split")
+    with pytest.raises(ValueError, match=message):
+        load_or_create_splits(path, n_folds=3, seed=0)

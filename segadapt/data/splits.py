@@ -105,8 +105,8 @@ def load_or_create_splits(
             (pass another path when the dataset folder is read-only).
 
     Raises:
-        ValueError: the stored file disagrees with the dataset (cases added or removed, other k/seed),
-            or see :func:`make_splits`.
+        ValueError: the stored file disagrees with the dataset (cases added or removed, other k/seed,
+            a patient's cases in several folds), or see :func:`make_splits`.
     """
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
     path = Path(path) if path is not None else default_splits_path(description, n_folds, seed)
@@ -140,7 +140,23 @@ def load_or_create_splits(
             f"splits file {path} does not match {description.path}: cases added {sorted(ids - stored)[:10]}, "
             f"removed {sorted(stored - ids)[:10]}; delete the splits file to re-split (fold membership will change)"
         )
+    _check_patients(description, folds, path)
     return Splits(path, n_folds, seed, folds)
+
+
+def _check_patients(description: DatasetDescription, folds: Sequence[Sequence[str]], path: Path) -> None:
+    """Raise if a patient's cases sit in more than one fold (patient ids may change after the split)."""
+    fold_of = {case: i for i, fold in enumerate(folds) for case in fold}
+    spread: dict[str, dict[int, list[str]]] = {}
+    for case in description.cases:
+        spread.setdefault(case.patient_id, {}).setdefault(fold_of[case.case_id], []).append(case.case_id)
+    for patient, by_fold in spread.items():
+        if len(by_fold) > 1:
+            where = ", ".join(f"fold {f} {sorted(c)}" for f, c in sorted(by_fold.items()))
+            raise ValueError(
+                f"splits file {path} puts patient {patient!r} in {len(by_fold)} folds: {where}; patient ids in "
+                f"{description.path} changed after the split? delete the splits file to re-split"
+            )
 
 
 def fold_cases(
