@@ -11,8 +11,6 @@ The best time is the least disturbed by other jobs on a shared machine; the medi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from segadapt.data.files import atomic_path, write_json
 from segadapt.models import MultiViewUNet, build_model, target_presets
 
 # (row name, build_model name, kwargs, input shape at typical size, input shape with --small)
@@ -101,13 +100,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="smaller inputs for a quick run")
@@ -125,8 +117,9 @@ def main() -> None:
         "repeats": args.repeats,
         "small": args.small,
     }
-    write_atomic(args.out / "profile_models.json", json.dumps({"meta": meta, "models": rows}, indent=2))
-    write_atomic(args.out / "profile_models.md", table + "\n")
+    write_json(args.out / "profile_models.json", {"meta": meta, "models": rows})
+    with atomic_path(args.out / "profile_models.md") as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
     print(f"wrote {args.out / 'profile_models.json'} and {args.out / 'profile_models.md'}")
 
 
