@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segadapt.models import MultiViewUNet, take_slice
+from segadapt.data import AXIS_VIEWS, SLICE_AXES
+from segadapt.models import VIEWS, MultiViewUNet, take_slice
 
 TINY = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 
@@ -90,3 +91,11 @@ def test_take_slice_follows_the_axis_convention(volume):
     torch.testing.assert_close(take_slice(volume[0], "sagittal", 7), volume[0, :, 7])
     with pytest.raises(ValueError, match="valid views: axial, coronal, sagittal"):
         take_slice(volume, "transverse", 0)
+
+
+def test_views_use_the_data_pipeline_axes():
+    """One view -> axis mapping for the model and the slice sampler, and its inverse for 'view' values."""
+    assert set(VIEWS) == set(SLICE_AXES) and all(AXIS_VIEWS[SLICE_AXES[v]] == v for v in VIEWS)
+    assert sorted(AXIS_VIEWS) == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown view 'transverse'; valid views: axial, coronal, sagittal"):
+        MultiViewUNet(**TINY)(torch.zeros(1, 1, 8, 8), view="transverse")

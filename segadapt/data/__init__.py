@@ -18,6 +18,8 @@ Public API (everything below is importable from ``segadapt.data``)::
     CaseError(ValueError)               # a case that cannot be used; names the case and file
 
     # preprocessing (config.py, transforms.py)
+    SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}   # view -> RAS array axis normal to it
+    AXIS_VIEWS = {0: "sagittal", 1: "coronal", 2: "axial"}   # the inverse (RandSliced's 'view' -> name)
     PreprocessConfig(intensity, windows, target_spacing, orientation, spatial_dims, crop_foreground,
                      foreground_threshold, patch_size, slice_size, slice_axes, samples_per_volume,
                      positive_fraction, augment, cache, cache_dir, affine_tolerance)
@@ -55,7 +57,7 @@ Errors: a bad ``dataset.json`` raises at :func:`load_dataset_json`; a bad case r
 arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.
 """
 
-from .config import CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
+from .config import AXIS_VIEWS, CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, pair_cases_by_name, write_dataset_json
 from .datasets import build_dataset, disk_cache_dir, fold_datasets
 from .files import remap_label_file
@@ -74,6 +76,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "AXIS_VIEWS",
     "CACHE_MODES",
     "INTENSITY_MODES",
     "SLICE_AXES",

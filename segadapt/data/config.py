@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 INTENSITY_MODES = ("ct", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
+AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (RandSliced's 'view') -> view
 
 # Bump when the deterministic (cached) part of the pipelines or the cache file format changes, to invalidate
 # disk caches. 2: cache files hold MetaTensors (version 1 files were plain tensors, some padded for training).

@@ -29,7 +29,6 @@ from pathlib import Path
 from torch import nn
 
 from segadapt.models.multiview_unet import (
-    VIEW_SPATIAL_DIM,
     VIEWS,
     MultiViewUNet,
     logits_to_probabilities,
@@ -80,7 +79,6 @@ def build_model(name: str, checkpoint: str | Path | None = None, strict: bool = 
 __all__ = [
     "MODELS",
     "VIEWS",
-    "VIEW_SPATIAL_DIM",
     "CheckpointMismatchError",
     "LoadReport",
     "MultiViewUNet",

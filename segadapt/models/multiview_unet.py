@@ -12,6 +12,8 @@ coronal    Y              ``(B, C, X, Z)``      ``volume[:, :, :, y, :]``
 sagittal   X              ``(B, C, Y, Z)``      ``volume[:, :, x, :, :]``
 =========  =============  ====================  ===========================
 
+The view -> spatial axis mapping is :data:`segadapt.data.SLICE_AXES`, the one the training slices use.
+
 Training sees 2D slices (``forward(slices, view)``); validation and inference see volumes
 (``predict_volume``), where the three per-view predictions are fused by the mean of the probabilities
 or by a learned 1x1x1 convolution over the stacked per-view logits.
@@ -28,20 +30,18 @@ from monai.inferers import SliceInferer
 from monai.networks.nets import UNet
 from torch import nn
 
+from segadapt.data.config import SLICE_AXES
 from segadapt.models.unet3d import build_unet
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 """The three views, in the order used for stacking and fusion."""
-
-VIEW_SPATIAL_DIM: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
-"""Index into the spatial dims (X, Y, Z) that each view slices along."""
 
 FUSIONS: tuple[str, ...] = ("mean", "learned")
 
 
 def check_view(view: str) -> str:
     """Return ``view`` if it is one of :data:`VIEWS`, else raise ``ValueError``."""
-    if view not in VIEW_SPATIAL_DIM:
+    if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; valid views: {', '.join(VIEWS)}")
     return view
 
@@ -59,7 +59,7 @@ def take_slice(volume: torch.Tensor, view: str, index: int) -> torch.Tensor:
     """
     if volume.ndim not in (4, 5):
         raise ValueError(f"expected a (C, X, Y, Z) or (B, C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
-    return volume.select(volume.ndim - 3 + VIEW_SPATIAL_DIM[check_view(view)], index)
+    return volume.select(volume.ndim - 3 + SLICE_AXES[check_view(view)], index)
 
 
 def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ class MultiViewUNet(nn.Module):
         In-plane sizes not divisible by ``self.divisor`` are zero-padded and cropped back
         (``monai.inferers.SliceInferer``). Follows the module's current train/eval mode and grad mode.
         """
-        dim = VIEW_SPATIAL_DIM[check_view(view)]
+        dim = SLICE_AXES[check_view(view)]
         in_plane = [s for i, s in enumerate(volume.shape[2:]) if i != dim]
         roi = [math.ceil(s / self.divisor) * self.divisor for s in in_plane]
         inferer = SliceInferer(spatial_dim=dim, roi_size=roi, sw_batch_size=slice_batch_size, overlap=0.0)
