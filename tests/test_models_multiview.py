@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from segadapt.data import AXIS_VIEWS, SLICE_AXES
-from segadapt.models import VIEWS, MultiViewUNet, take_slice
+from segadapt.models import VIEWS, MultiViewUNet
 
 TINY = dict(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 
@@ -83,14 +83,6 @@ def test_mixed_view_batch_routes_each_slice_to_its_unet():
         torch.testing.assert_close(out[i : i + 1], net.unets[v](x[i : i + 1]))
     with pytest.raises(ValueError, match="3 view names for a batch of 4"):
         net(x, view=views[:3])
-
-
-def test_take_slice_follows_the_axis_convention(volume):
-    torch.testing.assert_close(take_slice(volume, "axial", 3), volume[:, :, :, :, 3])
-    torch.testing.assert_close(take_slice(volume, "coronal", 5), volume[:, :, :, 5, :])
-    torch.testing.assert_close(take_slice(volume[0], "sagittal", 7), volume[0, :, 7])
-    with pytest.raises(ValueError, match="valid views: axial, coronal, sagittal"):
-        take_slice(volume, "transverse", 0)
 
 
 def test_views_use_the_data_pipeline_axes():

@@ -28,12 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
-from segadapt.models.multiview_unet import (
-    VIEWS,
-    MultiViewUNet,
-    logits_to_probabilities,
-    take_slice,
-)
+from segadapt.models.multiview_unet import VIEWS, MultiViewUNet, logits_to_probabilities
 from segadapt.models.presets import adaptable_modules, preset_targets, target_presets
 from segadapt.models.pretrained import (
     CheckpointMismatchError,
@@ -93,6 +88,5 @@ __all__ = [
     "logits_to_probabilities",
     "preset_targets",
     "read_state_dict",
-    "take_slice",
     "target_presets",
 ]

@@ -46,22 +46,6 @@ def check_view(view: str) -> str:
     return view
 
 
-def take_slice(volume: torch.Tensor, view: str, index: int) -> torch.Tensor:
-    """One 2D slice of a channel-first volume.
-
-    Args:
-        volume: ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)``.
-        view: ``axial`` (along Z), ``coronal`` (along Y) or ``sagittal`` (along X).
-        index: slice position along that axis.
-
-    Returns:
-        ``(C, h, w)`` or ``(B, C, h, w)``, the in-plane axes in (X, Y, Z) order (see module docstring).
-    """
-    if volume.ndim not in (4, 5):
-        raise ValueError(f"expected a (C, X, Y, Z) or (B, C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
-    return volume.select(volume.ndim - 3 + SLICE_AXES[check_view(view)], index)
-
-
 def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Sigmoid for one output channel (foreground probability), softmax over channels otherwise."""
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
