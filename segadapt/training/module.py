@@ -33,13 +33,12 @@ from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, inject, regularization_loss
-from segadapt.data import SLICE_AXES
+from segadapt.data import AXIS_VIEWS, SLICE_AXES
 from segadapt.models import MultiViewUNet, build_model, load_pretrained, logits_to_probabilities, preset_targets
 
 from .metrics import case_metrics, summarize
 
 BASELINES = ("none", "full", "decoder", "scratch")
-VIEW_NAMES = {axis: name for name, axis in SLICE_AXES.items()}  # RandSliced's 'view' (normal axis) -> view name
 DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
 
 
@@ -141,7 +140,7 @@ class SegAdaptModule(pl.LightningModule):
     def forward(self, image: torch.Tensor, view: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of training samples: slices (with their ``view``) for the multi-view UNet, else patches."""
         if isinstance(self.net, MultiViewUNet):
-            views = None if view is None else [VIEW_NAMES[int(v)] for v in view]
+            views = None if view is None else [AXIS_VIEWS[int(v)] for v in view]  # RandSliced's 'view': the normal axis
             return self.net(image, views)
         return self.net(image)
 
