@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 
 from segadapt.adapters import adapted_layers, regularization_loss
+from segadapt.data import make_phantom_dataset
 from segadapt.models import build_model, preset_targets
-from segadapt.training import SegAdaptModule, TrainStats, tuning_name
+from segadapt.training import SegAdaptModule, SegDataModule, TrainStats, tuning_name
 
 KWARGS = {"in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -146,3 +149,24 @@ def test_train_stats_peak_memory_leaves_out_validation_inside_fit():
     trainer.fit(_BigValidation(400))
     assert stats.stats["train_steps"] == 8 and stats.stats["memory"] == "cpu_rss"
     assert stats.stats["peak_mem_increase_mb"] < 200
+
+
+def test_validation_scores_each_case_on_its_file_grid(base, tmp_path):
+    """Preprocessing resamples to a coarser spacing; the rows still hold the label file's lesion volume
+    (count x file voxel volume) and a prediction mapped back onto the file's voxels."""
+    dataset = make_phantom_dataset(tmp_path / "sah", domain="sah", n=4, shape=(32, 32, 16), spacing=(6.9, 6.9, 10.0))
+    preprocess = {"windows": [[40, 80], [80, 200], [600, 2800]], "target_spacing": [9.0, 9.0, 12.0],
+                  "slice_size": [32, 32], "cache": "none"}
+    datamodule = SegDataModule(str(dataset), fold=0, n_folds=2, preprocess=preprocess)
+    module = _module(base, "none", threshold=0.5)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert len(module.case_rows) == 2
+    for row in module.case_rows:
+        label = nib.load(tmp_path / "sah" / "labelsTr" / f"{row['case_id']}.nii.gz")
+        file_ml = np.count_nonzero(np.asarray(label.dataobj)) * abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        assert row["true_ml"] == pytest.approx(file_ml, rel=1e-6)
+        assert row["pred_ml"] / (6.9 * 6.9 * 10.0 / 1000) == pytest.approx(round(row["pred_ml"] / (6.9 * 6.9 * 10.0 / 1000)))
+    # the preprocessed (resampled) labels hold other volumes: the file grid is what was scored
+    resampled = [float((item["label"] > 0).sum()) * 9.0 * 9.0 * 12.0 / 1000 for item in datamodule.val_set]
+    assert sorted(resampled) != pytest.approx(sorted(r["true_ml"] for r in module.case_rows), rel=1e-3)

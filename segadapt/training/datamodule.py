@@ -7,8 +7,8 @@ Batches:
   ``(B, C, *patch_size)`` for 3D (or 2D-image) networks. ``B = batch_size * samples_per_volume``.
 * validation / test: one whole preprocessed volume per batch (volumes differ in size after the
   foreground crop), ``image (1, C, *spatial)`` and ``label (1, 1, *spatial)`` as MetaTensors (affine
-  kept for spacing and volumes), plus ``case_id``.
-* predict: the validation cases, image only.
+  kept for spacing and volumes), plus ``case_id``; :attr:`SegDataModule.val_pipeline` maps predictions
+  back onto each case's file grid.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ class SegDataModule(pl.LightningDataModule):
             h.dataset_json, h.fold, self.preprocess, n_folds=h.n_folds, seed=h.split_seed, sampling=h.sampling,
             splits_path=h.splits_path, cache_workers=h.cache_workers,
         )
+
+    @property
+    def val_pipeline(self):
+        """The validation transforms (``monai.transforms.Compose``), for ``Invertd``; None before setup."""
+        return None if self.val_set is None else self.val_set.transform
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(

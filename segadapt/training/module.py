@@ -15,8 +15,9 @@ How the network is tuned (``adapter``):
 Training: MONAI ``DiceCELoss`` on slices or patches (+ ``reg_weight`` x the adapters' regulariser, e.g.
 TLoRA's identity term), AdamW over the trainable parameters only, linear warm-up then cosine decay per
 step. Validation/test: whole volumes -- the multi-view UNet's fused ``predict_volume``, any other network
-through MONAI sliding-window inference (a 2D network slice by slice) -- then per-case Dice, HD95 (mm),
-predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>``
+through MONAI sliding-window inference (a 2D network slice by slice) -- mapped back onto each case's file
+grid (``Invertd`` through the data module's pipeline) and scored against the label file as read: per-case
+Dice, HD95 (mm), predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>``
 (``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
 """
 
@@ -28,12 +29,12 @@ from typing import Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch
 from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, inject, regularization_loss
-from segadapt.data import AXIS_VIEWS, SLICE_AXES
+from segadapt.data import AXIS_VIEWS, SLICE_AXES, invert_transform, make_loader
 from segadapt.models import MultiViewUNet, build_model, load_pretrained, logits_to_probabilities, preset_targets
 
 from .metrics import case_metrics, summarize
@@ -203,12 +204,29 @@ class SegAdaptModule(pl.LightningModule):
         return probabilities.argmax(dim=1) > 0
 
     def _evaluate(self, batch: dict) -> None:
+        """Per-case metrics on the file grid of each case: the probabilities go back through the data
+        module's validation pipeline (orientation, resampling and crop undone) and are scored against the
+        label file. Without a data module pipeline (bare dataloaders): on the preprocessed grid."""
         image, label = batch["image"], batch["label"]
-        affines = image.affine if image.affine.ndim == 3 else image.affine[None]
-        pred = self.foreground(self.predict_probabilities(_plain(image)))
-        for b in range(image.shape[0]):
-            row = case_metrics(pred[b], _plain(label[b, 0]), affines[b])
-            self._rows.append({"case_id": str(batch["case_id"][b]), **row})
+        probabilities = self.predict_probabilities(_plain(image)).float().cpu()
+        pipeline = getattr(getattr(self.trainer, "datamodule", None), "val_pipeline", None)
+        if pipeline is None:
+            affines = image.affine if image.affine.ndim == 3 else image.affine[None]
+            pred = self.foreground(probabilities)
+            for b in range(image.shape[0]):
+                self._rows.append({"case_id": str(batch["case_id"][b]), **case_metrics(pred[b], _plain(label[b, 0]), affines[b])})
+            return
+        to_file_grid = invert_transform(pipeline, keys="pred")
+        for item, p in zip(decollate_batch(batch), probabilities):
+            item["pred"] = MetaTensor(p)
+            restored = to_file_grid(item)["pred"]
+            truth = self._read_label(item["label"].meta["filename_or_obj"])
+            pred = self.foreground(restored.as_tensor()[None])[0]
+            self._rows.append({"case_id": str(item["case_id"]), **case_metrics(pred, truth[0], restored.affine)})
+
+    @staticmethod
+    def _read_label(path: str) -> torch.Tensor:
+        return _plain(make_loader("label")({"label": path})["label"])
 
     def _log_epoch(self, stage: str) -> None:
         rows = self._rows

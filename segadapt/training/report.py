@@ -6,7 +6,7 @@ writes into the experiment folder (or `out_dir`):
 * ``report.md`` and ``report.csv``: one row per method. Dice, HD95, Dice per lesion-volume bin and the
   correlation of predicted with true lesion volume are computed over the validation cases of all folds
   pooled (in k-fold CV each case is validated exactly once); mean +- sample sd over cases. Each case is
-  scored on its preprocessed grid (the label resampled to the target spacing, not the file's). Trainable
+  scored on its label file's grid (the prediction mapped back through the preprocessing). Trainable
   parameters, training time (forward + backward + step, per fold) and peak memory are means over folds.
 * ``dice_by_method.png``: mean Dice per method with sd error bars (and each fold's mean as a dot).
 * ``dice_vs_volume.png``: each validation case's Dice against its true lesion volume, per method, with
@@ -197,8 +197,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "",
         f"{len(runs)} runs, {len(rows)} methods. Dice, HD95, Dice per lesion-volume bin (by true volume) and the "
         "Pearson correlation of predicted with true lesion volume over the validation cases of all folds "
-        "(mean ± sd over cases; each case scored on its preprocessed grid: reoriented, resampled to the target "
-        "spacing, cropped); trainable parameters, training time (forward + backward + optimiser step, per "
+        "(mean ± sd over cases; each case scored against its label file, on the file's grid); trainable parameters, training time (forward + backward + optimiser step, per "
         f"fold; training steps per fold: {', '.join(map(str, steps)) or '-'}) and peak memory "
         f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use when training started) as means "
         "over folds.",
