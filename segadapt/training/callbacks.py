@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.trainer.states import TrainerFn
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import save_file
 
 from segadapt.adapters import adapted_layers, save_adapter
