@@ -36,10 +36,12 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -122,18 +124,34 @@ def _flip(cfg: PreprocessConfig) -> list:
 
 
 def _augment(cfg: PreprocessConfig, dims: int, flip: bool = True) -> list:
-    """Flip (left/right), small in-plane rotation and zoom (image bilinear, label nearest), intensity jitter."""
+    """Flip (left/right), small in-plane rotation and zoom (image bilinear, label nearest), intensity jitter.
+
+    Windowed CT and RGB images (values in [0, 1]) get a mild scale/shift/noise. Z-scored images (unit
+    variance: MRI, CT z-score) get nnU-Net's intensity augmentation with MONAI's transforms: Gaussian
+    noise (variance up to 0.1), Gaussian blur, brightness x U(0.75, 1.25), gamma in (0.7, 1.5).
+    """
     if not cfg.augment:
         return []
     keys = ["image", "label"]
     rotate = math.pi / 12 if dims == 2 else (0.0, 0.0, math.pi / 12)
-    return [
+    spatial = [
         *(_flip(cfg) if flip else []),
         RandAffined(keys, prob=0.3, rotate_range=rotate, scale_range=0.1, mode=["bilinear", "nearest"],
                     padding_mode="zeros"),
-        RandScaleIntensityd("image", factors=0.1, prob=0.5),
-        RandShiftIntensityd("image", offsets=0.05, prob=0.5),
-        RandGaussianNoised("image", std=0.02, prob=0.3),
+    ]
+    if cfg.intensity in ("ct", "rgb"):
+        return [
+            *spatial,
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+            RandGaussianNoised("image", std=0.02, prob=0.3),
+        ]
+    return [
+        *spatial,
+        RandGaussianNoised("image", std=0.1**0.5, prob=0.1, sample_std=True),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.1),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15, retain_stats=True),
     ]
 
 
