@@ -7,6 +7,8 @@
   ``<default_root_dir>/checkpoints/last.ckpt`` (resume with ``--ckpt_path last``) and, at the end, the
   trained adapter or weights into the trainer's log folder.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
+* ``segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8]`` -- dataset fingerprint and nnU-Net-style
+  plan (:mod:`segadapt.data.plan`), written as JSON and printed.
 * ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference on CT
   scans with a fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 
@@ -25,6 +27,7 @@ from typing import Optional
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from segadapt.data.plan import main as plan_main
 from segadapt.inference import main as predict_main
 from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
 
@@ -72,6 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[LightningCLI]:
     tolerate_ascii_console()
     if argv[:1] == ["report"]:
         report_main(argv[1:])
+        return None
+    if argv[:1] == ["plan"]:
+        plan_main(argv[1:])
         return None
     if argv[:1] == ["predict"]:
         predict_main(argv[1:])

@@ -21,15 +21,22 @@ Public API (everything below is importable from ``segadapt.data``)::
     SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}   # view -> RAS array axis normal to it
     AXIS_VIEWS = {0: "sagittal", 1: "coronal", 2: "axial"}   # the inverse (RandSliced's 'view' -> name)
     PreprocessConfig(intensity, windows, target_spacing, orientation, spatial_dims, crop_foreground,
-                     foreground_threshold, patch_size, slice_size, slice_axes, samples_per_volume,
-                     positive_fraction, augment, cache, cache_dir, affine_tolerance)
+                     foreground_threshold, clip_range, norm_mean, norm_std, background_value, patch_size,
+                     slice_size, slice_axes, samples_per_volume, positive_fraction, augment, cache, cache_dir,
+                     affine_tolerance)   # intensity: 'ct' | 'ct_zscore' | 'zscore' | 'mri' | 'rgb'
         .cache_key() -> str   .in_channels -> int   .to_dict() / .from_dict(d)
     patch_train_transforms(cfg, label_values=None, channels=1) -> Compose   # 3D (or 2D-image) patches
     slice_train_transforms(cfg, label_values=None, channels=1) -> Compose   # multi-view 2D slices + 'view'
     val_transforms(cfg, label_values=None, channels=1) -> Compose           # whole volume + label
     inference_transforms(cfg, channels=1) -> Compose                        # whole volume, image only
     invert_transform(pipeline, keys="pred", nearest=False) -> Invertd       # back to the input grid
-    CTWindowd(keys, windows), RandSliced(...)
+    CTWindowd(keys, windows), CTZScored(keys, clip_range, mean, std), ZScored(keys, background), RandSliced(...)
+
+    # fingerprint and plan (plan.py; also `segadapt plan DATASET_JSON`), nnU-Net's rules
+    fingerprint(dataset_json, out=None, orientation="RAS") -> dict   # spacings, shapes, intensities, volumes
+    make_plan(fingerprint, memory_gb=8, patch_voxels=None, slice_pixels=None, intensity=None) -> Plan
+    Plan  .preprocess_fields() -> dict   .network_fields() -> dict   .to_json(path) / Plan.from_json(path)
+    load_or_make_plan(dataset_json, cache_dir, **make_plan_options) -> Plan   # fingerprint cached by content
 
     # datasets and splits (datasets.py, splits.py)
     build_dataset(cases, transform, cfg, name="dataset", cache_workers=1) -> Dataset
@@ -63,15 +70,18 @@ from .datasets import build_dataset, disk_cache_dir, fold_datasets
 from .files import remap_label_file
 from .loading import CaseError, LoadCased, check_case
 from .phantom import make_case, make_phantom_dataset
+from .plan import Plan, fingerprint, load_or_make_plan, make_plan
 from .readers import SimpleITKReader, make_loader
 from .splits import Splits, fold_cases, lesion_volume_ml, load_or_create_splits, make_splits
 from .transforms import (
     CTWindowd,
+    CTZScored,
     RandSliced,
     inference_transforms,
     invert_transform,
     patch_train_transforms,
     slice_train_transforms,
+    ZScored,
     val_transforms,
 )
 
@@ -81,27 +91,33 @@ __all__ = [
     "INTENSITY_MODES",
     "SLICE_AXES",
     "CTWindowd",
+    "CTZScored",
     "CaseEntry",
     "CaseError",
     "DatasetDescription",
     "LoadCased",
+    "Plan",
     "PreprocessConfig",
     "RandSliced",
     "SimpleITKReader",
     "Splits",
+    "ZScored",
     "build_dataset",
     "check_case",
     "disk_cache_dir",
+    "fingerprint",
     "fold_cases",
     "fold_datasets",
     "inference_transforms",
     "invert_transform",
     "lesion_volume_ml",
     "load_dataset_json",
+    "load_or_make_plan",
     "load_or_create_splits",
     "make_case",
     "make_loader",
     "make_phantom_dataset",
+    "make_plan",
     "make_splits",
     "pair_cases_by_name",
     "patch_train_transforms",

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-INTENSITY_MODES = ("ct", "mri", "rgb")
+INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
 AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (RandSliced's 'view') -> view
@@ -16,8 +16,11 @@ AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (R
 PIPELINE_VERSION = 2
 
 # The fields that change what the deterministic part of a pipeline produces; they key the disk cache.
-_CACHED_FIELDS = ("intensity", "windows", "target_spacing", "orientation", "spatial_dims", "crop_foreground",
+_CACHED_FIELDS = ("intensity", "target_spacing", "orientation", "spatial_dims", "crop_foreground",
                   "foreground_threshold")
+# ... and those that only the named intensity mode reads (left out of other modes' keys, which stay as they were).
+_MODE_FIELDS = {"ct": ("windows",), "ct_zscore": ("clip_range", "norm_mean", "norm_std"),
+                "zscore": ("background_value",)}
 
 
 def _canonical(value: object) -> object:
@@ -38,7 +41,10 @@ class PreprocessConfig:
     """
 
     intensity: str = "ct"
-    """'ct': HU windows stacked as channels; 'mri': z-score over nonzero voxels; 'rgb': x / 255."""
+    """'ct': HU windows stacked as channels; 'ct_zscore': clip to `clip_range`, then (x - `norm_mean`) / `norm_std`
+    (nnU-Net's CTNormalization, dataset-wide statistics); 'zscore': per-case z-score over the voxels that differ
+    from `background_value`; 'mri': per-case z-score over nonzero voxels; 'rgb': x / 255.
+    :func:`segadapt.data.plan.make_plan` chooses one from the dataset's modality."""
     windows: list[list[float]] = field(default_factory=lambda: [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]])
     """CT windows as [level, width] in HU (brain, subdural, bone); channel c = clip((HU - L + W/2) / W, 0, 1)."""
     target_spacing: list[float] | None = None
@@ -48,9 +54,19 @@ class PreprocessConfig:
     spatial_dims: int = 3
     """3 for volumes; 2 for plain 2D images (DRIVE)."""
     crop_foreground: bool = True
-    """Crop to the bounding box of voxels above `foreground_threshold` (the head / body)."""
+    """Crop to the bounding box of the foreground: voxels above `foreground_threshold` ('ct', 'ct_zscore'; the
+    head / body), voxels differing from `background_value` ('zscore'; no crop without one), > 0 ('mri', 'rgb')."""
     foreground_threshold: float = -500.0
-    """Raw-intensity threshold for the crop (HU for CT; MRI and RGB use > 0)."""
+    """Raw-intensity threshold (HU) for the crop of 'ct' and 'ct_zscore'."""
+    clip_range: list[list[float]] | None = None
+    """'ct_zscore': [low, high] per image channel (the dataset's foreground 0.5 and 99.5 percentiles)."""
+    norm_mean: list[float] | None = None
+    """'ct_zscore': per image channel mean of the dataset's foreground intensities."""
+    norm_std: list[float] | None = None
+    """'ct_zscore': per image channel standard deviation of the dataset's foreground intensities (> 0)."""
+    background_value: list[float | None] | None = None
+    """'zscore': per image channel constant background value (e.g. air at 0 or 17); voxels equal to it are left
+    out of the statistics, set to 0 and cropped away; None (or a None entry): no background, every voxel counts."""
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 32])
     """3D training patch size (padded up to where the volume is smaller)."""
     slice_size: list[int] = field(default_factory=lambda: [96, 96])
@@ -82,6 +98,8 @@ class PreprocessConfig:
         for window in self.windows:
             if len(window) != 2 or window[1] <= 0:
                 raise ValueError(f"each window must be [level, width > 0], got {window}")
+        if self.intensity == "ct_zscore":
+            self._check_ct_zscore()
         if self.target_spacing is not None and len(self.target_spacing) != self.spatial_dims:
             raise ValueError(f"target_spacing {self.target_spacing} needs {self.spatial_dims} values")
         if len(self.orientation) != self.spatial_dims:
@@ -96,6 +114,19 @@ class PreprocessConfig:
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
 
+    def _check_ct_zscore(self) -> None:
+        if self.clip_range is None or self.norm_mean is None or self.norm_std is None:
+            raise ValueError("intensity 'ct_zscore' needs clip_range, norm_mean and norm_std (one entry per channel); "
+                             "`segadapt plan DATASET_JSON` computes them")
+        if not len(self.clip_range) == len(self.norm_mean) == len(self.norm_std) > 0:
+            raise ValueError(f"clip_range, norm_mean and norm_std need one entry per channel, got "
+                             f"{self.clip_range}, {self.norm_mean}, {self.norm_std}")
+        for clip in self.clip_range:
+            if len(clip) != 2 or not clip[0] < clip[1]:
+                raise ValueError(f"each clip_range entry must be [low, high] with low < high, got {clip}")
+        if any(not std > 0 for std in self.norm_std):
+            raise ValueError(f"norm_std must be > 0 per channel, got {self.norm_std}")
+
     @property
     def in_channels(self) -> int:
         """Channels the network sees per image channel: one per window for CT, else one."""
@@ -105,11 +136,11 @@ class PreprocessConfig:
         """Stable 16-hex-digit hash of the fields that change cached content (and the pipeline version).
 
         Equal configs give equal keys across runs and machines; changing a window, the spacing, the
-        orientation, the crop or the intensity mode gives a new key, hence a fresh disk-cache folder.
+        orientation, the crop, the intensity mode or its statistics gives a new key, hence a fresh disk-cache
+        folder. A mode's own fields (e.g. ``windows`` of 'ct') key only that mode.
         """
-        values = {name: _canonical(getattr(self, name)) for name in _CACHED_FIELDS}
-        if self.intensity != "ct":
-            values.pop("windows")
+        names = _CACHED_FIELDS + _MODE_FIELDS.get(self.intensity, ())
+        values = {name: _canonical(getattr(self, name)) for name in names}
         text = json.dumps({"version": PIPELINE_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

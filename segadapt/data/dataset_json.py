@@ -4,7 +4,7 @@ Format (paths relative to the folder holding the file)::
 
     {
       "name": "phantom_sah",
-      "modality": {"0": "CT"},                       # one entry per image channel
+      "modality": {"0": "CT"},                       # one entry per image channel (or nnU-Net's "channel_names")
       "labels": {"0": "background", "1": "haemorrhage"},
       "training": [
         {"image": "imagesTr/sah_000.nii.gz", "label": "labelsTr/sah_000.nii.gz",
@@ -110,7 +110,7 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: top level must be an object")
     labels = _int_keyed(raw.get("labels"), "labels", path)
-    modality = _int_keyed(raw.get("modality", {"0": "CT"}), "modality", path)
+    modality = _int_keyed(raw.get("modality", raw.get("channel_names", {"0": "CT"})), "modality", path)
     training = raw.get("training")
     if not isinstance(training, list):
         raise ValueError(f"{path}: 'training' must be a list of {{image, label, case_id}} entries")

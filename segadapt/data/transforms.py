@@ -4,8 +4,9 @@ Every pipeline starts with the same deterministic part (cached by the dataset bu
 
     LoadCased -> Orientationd(cfg.orientation) -> Spacingd(cfg.target_spacing) -> CropForegroundd -> intensity
 
-intensity: 'ct' stacks HU windows as channels (:class:`CTWindowd`), 'mri' z-scores nonzero voxels,
-'rgb' divides by 255. Then, per pipeline:
+intensity: 'ct' stacks HU windows as channels (:class:`CTWindowd`), 'ct_zscore' clips and z-scores with the
+dataset's statistics (:class:`CTZScored`), 'zscore' z-scores each case over its non-background voxels
+(:class:`ZScored`), 'mri' z-scores nonzero voxels, 'rgb' divides by 255. Then, per pipeline:
 
 * :func:`patch_train_transforms`: ``spatial_dims``-D patches of ``patch_size``, lesion-centred with
   probability ``positive_fraction`` (MONAI ``RandCropByPosNegLabeld``), ``samples_per_volume`` per visit,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
@@ -34,6 +36,7 @@ from monai.transforms import (
     EnsureTyped,
     Invertd,
     MapTransform,
+    NormalizeIntensity,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
@@ -78,6 +81,93 @@ class CTWindowd(MapTransform):
         return d
 
 
+class CTZScored(MapTransform):
+    """nnU-Net's CTNormalization per channel c: x -> (clip(x, low_c, high_c) - mean_c) / std_c.
+
+    (low, high, mean, std) are dataset-wide foreground statistics (the 0.5 and 99.5 percentiles, mean and
+    standard deviation; :func:`segadapt.data.plan.fingerprint`). Done as MONAI ``ScaleIntensityRange`` from
+    [low, high] to [(low - mean) / std, (high - mean) / std] with clipping, which is the same affine map.
+    Example: clip [-100, 300], mean 100, std 50: -500 -> -4, 150 -> 1, 1000 -> 4.
+    """
+
+    def __init__(self, keys: KeysCollection, clip_range: Sequence[Sequence[float]], mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.scalers = [
+            ScaleIntensityRange(a_min=low, a_max=high, b_min=(low - m) / s, b_max=(high - m) / s, clip=True)
+            for (low, high), m, s in zip(clip_range, mean, std)
+        ]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            _check_channels(d[key], len(self.scalers), "clip_range/norm_mean/norm_std")
+            d[key] = torch.cat([scale(d[key][c : c + 1]) for c, scale in enumerate(self.scalers)], dim=0)
+        return d
+
+
+def differs_from_background(x: torch.Tensor | np.ndarray, background: float) -> torch.Tensor | np.ndarray:
+    """Voxels of `x` (tensor or array) that are not the background value: |x - b| > 1e-5 * max(1, |b|).
+
+    The tolerance absorbs the float rounding that resampling a constant region adds; nothing else.
+    """
+    return abs(x - background) > 1e-5 * max(1.0, abs(background))
+
+
+class _DiffersFrom:
+    """Picklable ``select_fn`` for ``CropForegroundd``: voxels differing from their channel's background value."""
+
+    def __init__(self, background: Sequence[float | None]) -> None:
+        self.background = list(background)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(x, len(self.background), "background_value")
+        differs = torch.zeros_like(x, dtype=torch.bool)
+        for c, b in enumerate(self.background):
+            if b is not None:
+                differs[c] = differs_from_background(x[c], b)
+        return differs
+
+
+class ZScored(MapTransform):
+    """Per-case z-score over the foreground, per channel c: x -> (x - mean_c) / std_c on voxels with x != b_c.
+
+    mean and std (population) are taken over the voxels that differ from the channel's background value b_c
+    (within float rounding); background voxels become 0. b_c None: every voxel counts (plain z-score). This
+    is nnU-Net's ZScoreNormalization with its mask "not background" instead of "nonzero"; MONAI
+    ``NormalizeIntensity(nonzero=True)`` on x - b_c does it. Example: b = 17, values [17, 17, 20, 24]
+    -> [0, 0, -1, 1].
+    """
+
+    def __init__(self, keys: KeysCollection, background: Sequence[float | None]) -> None:
+        super().__init__(keys)
+        self.background = list(background)
+        self.masked = NormalizeIntensity(nonzero=True)
+        self.plain = NormalizeIntensity(nonzero=False)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            _check_channels(image, len(self.background), "background_value")
+            channels = []
+            for c, b in enumerate(self.background):
+                x = image[c : c + 1].float()
+                if b is None:
+                    channels.append(self.plain(x))
+                else:
+                    shifted = torch.where(differs_from_background(x, b), x - b, torch.zeros_like(x))
+                    channels.append(self.masked(shifted))
+            d[key] = torch.cat(channels, dim=0)
+        return d
+
+
+def _check_channels(image: torch.Tensor, expected: int, fields: str) -> None:
+    if image.shape[0] != expected:
+        raise ValueError(f"the image has {image.shape[0]} channel(s) but {fields} give {expected}; "
+                         "one entry per image channel is needed")
+
+
 class _Above:
     """Picklable ``select_fn`` for ``CropForegroundd``: voxels above a threshold."""
 
@@ -88,12 +178,33 @@ class _Above:
         return x > self.threshold
 
 
-def _intensity(cfg: PreprocessConfig) -> MapTransform:
+def _background(cfg: PreprocessConfig, channels: int) -> list[float | None]:
+    return list(cfg.background_value) if cfg.background_value is not None else [None] * channels
+
+
+def _intensity(cfg: PreprocessConfig, channels: int) -> MapTransform:
     if cfg.intensity == "ct":
         return CTWindowd("image", cfg.windows)
+    if cfg.intensity == "ct_zscore":
+        return CTZScored("image", cfg.clip_range, cfg.norm_mean, cfg.norm_std)
+    if cfg.intensity == "zscore":
+        return ZScored("image", _background(cfg, channels))
     if cfg.intensity == "mri":
         return NormalizeIntensityd("image", nonzero=True, channel_wise=True)
     return ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)
+
+
+def _crop_select(cfg: PreprocessConfig, channels: int) -> _Above | _DiffersFrom | None:
+    """What the foreground crop keeps: HU above the threshold (CT), not background ('zscore'), else > 0.
+
+    None (no crop) for 'zscore' without any background value: nothing marks a region as empty.
+    """
+    if cfg.intensity in ("ct", "ct_zscore"):
+        return _Above(cfg.foreground_threshold)
+    if cfg.intensity == "zscore":
+        background = _background(cfg, channels)
+        return _DiffersFrom(background) if any(b is not None for b in background) else None
+    return _Above(0.0)
 
 
 def deterministic_transforms(
@@ -110,10 +221,11 @@ def deterministic_transforms(
     if cfg.target_spacing is not None:
         steps.append(Spacingd(keys, pixdim=cfg.target_spacing, mode=modes))
     if cfg.crop_foreground:
-        threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=_Above(threshold), allow_smaller=True,
-                                     start_coord_key=None, end_coord_key=None))
-    steps.append(_intensity(cfg))
+        select = _crop_select(cfg, channels)
+        if select is not None:
+            steps.append(CropForegroundd(keys, source_key="image", select_fn=select, allow_smaller=True,
+                                         start_coord_key=None, end_coord_key=None))
+    steps.append(_intensity(cfg, channels))
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
     return steps
 

@@ -1,0 +1,619 @@
+"""Dataset fingerprint and plan: nnU-Net v2's self-configuration rules, as plain data.
+
+::
+
+    fp = fingerprint("data/x/dataset.json")                # reads every training case once
+    plan = make_plan(fp, memory_gb=8)                       # -> Plan (to_json / from_json)
+    PreprocessConfig.from_dict({**defaults, **plan.preprocess_fields()})
+    plan.network_fields()["dynunet"]                        # kernel_size, strides, filters, ...
+    plan = load_or_make_plan("data/x/dataset.json", "outputs/plans")   # cached by the dataset's content
+    segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8]        # prints every planned value
+
+Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientation`, native spacing): spacing,
+shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
+channel (the value filling >= 90% of the outer faces; None when no value does), intensity statistics inside
+the labels (label > 0) per channel, label volumes in mL. Dataset-wide: intensity statistics of 10^4
+foreground voxels drawn per case (seeded, with replacement, so every case weighs alike: nnU-Net's
+``collect_foreground_intensities``) and the background per channel (the value more than half the cases share).
+
+Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topology.py`` and
+``default_normalization_schemes.py``):
+
+* target spacing: the median spacing per axis. Anisotropy: when the coarsest axis's median spacing is
+  > 3x the largest other one and its median size x 3 < the smallest other size, that axis gets the 10th
+  percentile of its spacings instead (not below the largest other spacing).
+* median shape: the per-axis median over cases of round(crop shape x spacing / target spacing).
+* topology (:func:`pooling_topology`): an axis is pooled (stride 2) while its feature-map size is >= 8 and
+  its spacing is within 2x of the finest; kernels are 3, or 1 on an axis while its spacing is >= 2x the
+  finest (1x3x3 for thick slices); the patch is padded to a multiple of 2^(poolings) per axis.
+* 3D patch (:func:`fit_patch`): start from the spacing's aspect ratio scaled to 256^3 voxels, clipped to
+  the median shape; while it holds more than the voxel budget, shrink the axis that is largest relative to
+  the median shape by one divisor step. 2D slices: the same on a square of the median shape's largest
+  edge at the finest spacing (one size fits the slices of every view of the multi-view network).
+* batch size: 2 (3D; 12 for 2D) x budget / patch voxels, at most 5% of the dataset's voxels per batch, at
+  least 2. Budgets scale with ``memory_gb`` from nnU-Net's 8 GB reference, taken as 128^3 voxels per 3D
+  patch at batch 2 and 512^2 pixels per 2D slice at batch 12 (a voxel count standing in for nnU-Net's
+  feature-map estimate).
+* normalisation from ``dataset.json`` ``modality`` / ``channel_names``: CT -> 'ct_zscore' (clip to the
+  foreground 0.5-99.5 percentiles, z-score with the foreground mean and std); RGB -> 'rgb' (x / 255);
+  MRI and anything else -> 'zscore' (per case, over the voxels that differ from the detected background;
+  the whole volume when none is detected). ``intensity='ct'`` asks for HU windows as channels instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from monai.transforms import Orientationd
+
+from .config import INTENSITY_MODES, PreprocessConfig
+from .dataset_json import DatasetDescription, load_dataset_json
+from .files import write_json
+from .loading import LoadCased
+from .transforms import differs_from_background
+
+FINGERPRINT_VERSION = 1
+PLAN_VERSION = 1
+
+FOREGROUND_SAMPLES = 10_000       # foreground voxels drawn per case and channel for the dataset statistics
+BACKGROUND_FRACTION = 0.9         # share of the outer faces one value must fill to be the background
+ANISOTROPY_THRESHOLD = 3.0        # nnU-Net's ANISO_THRESHOLD
+MIN_FEATURE_MAP = 4               # smallest bottleneck edge: an axis is pooled while its size >= 2 x this
+REFERENCE_GB = 8.0                # nnU-Net's reference GPU memory
+REFERENCE_PATCH_VOXELS = 128**3   # 3D patch voxels at batch REFERENCE_BATCH_3D in REFERENCE_GB
+REFERENCE_SLICE_PIXELS = 512**2   # 2D slice pixels at batch REFERENCE_BATCH_2D in REFERENCE_GB
+REFERENCE_BATCH_3D, REFERENCE_BATCH_2D = 2, 12
+MIN_BATCH_SIZE = 2
+MAX_DATASET_FRACTION = 0.05       # one batch covers at most this share of the dataset's voxels
+BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
+_PERCENTILES = (0.5, 50.0, 99.5)
+
+
+# ----------------------------------------------------------------------------------------------- fingerprint
+
+
+def border_background(channel: np.ndarray, fraction: float = BACKGROUND_FRACTION) -> float | None:
+    """The value that fills at least `fraction` of the outer faces of one channel (a spatial array), else None.
+
+    Example: a head CT padded with -1024 outside the field of view -> -1024.0; an MRI crop whose border
+    runs through tissue -> None.
+    """
+    faces = np.concatenate([np.take(channel, i, axis=a).ravel() for a in range(channel.ndim) for i in (0, -1)])
+    values, counts = np.unique(faces, return_counts=True)
+    best = int(counts.argmax())
+    return float(values[best]) if counts[best] >= fraction * faces.size else None
+
+
+def intensity_statistics(values: np.ndarray) -> dict[str, float | None]:
+    """mean, std (population), median, min, max and the 0.5 / 99.5 percentiles of `values` (None if empty)."""
+    keys = ("mean", "std", "median", "min", "max", "percentile_00_5", "percentile_99_5")
+    if values.size == 0:
+        return dict.fromkeys(keys)
+    values = values.astype(np.float64, copy=False)
+    low, median, high = np.percentile(values, _PERCENTILES)
+    stats = (values.mean(), values.std(), median, values.min(), values.max(), low, high)
+    return {k: float(v) for k, v in zip(keys, stats)}
+
+
+def _crop_shape(image: np.ndarray, background: Sequence[float | None]) -> list[int]:
+    """Shape of the bounding box of the voxels differing from their channel's background (all: the shape)."""
+    spatial = image.shape[1:]
+    if all(b is None for b in background):
+        return list(spatial)
+    mask = np.zeros(spatial, bool)
+    for channel, b in zip(image, background):
+        if b is not None:
+            mask |= differs_from_background(channel, b)
+    if not mask.any():
+        return list(spatial)
+    return [int(i.max() - i.min()) + 1 for i in np.nonzero(mask)]
+
+
+def _dataset_key(description: DatasetDescription, **settings: object) -> str:
+    """16 hex digits over dataset.json, every case file's (size, mtime) and `settings`."""
+
+    def stat(path: Path) -> list:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+    state = {
+        "version": FINGERPRINT_VERSION,
+        "dataset_json": description.path.read_text(encoding="utf-8"),
+        "files": [(c.case_id, stat(c.image), stat(c.label)) for c in description.cases],
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(
+    dataset: str | os.PathLike | DatasetDescription,
+    out: str | os.PathLike | None = None,
+    orientation: str = "RAS",
+    spatial_dims: int = 3,
+    samples_per_case: int = FOREGROUND_SAMPLES,
+    seed: int = 1234,
+    affine_tolerance: float = 1e-3,
+) -> dict:
+    """Read every training case of a ``dataset.json`` once and describe the dataset (see the module doc).
+
+    Cases are read and checked as the pipeline does (:class:`~segadapt.data.loading.LoadCased`, then MONAI
+    ``Orientationd``), so a bad case fails here with its name. Returns the fingerprint as a JSON-ready dict
+    (also written to `out`, atomically, when given)::
+
+        {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
+         "orientation", "spatial_dims",
+         "cases": [{"case_id", "spacing", "shape", "crop_shape", "background": [per channel],
+                    "intensity": [per channel statistics], "label_volume_ml": {"1": ..., ...}}, ...],
+         "intensity": [per channel statistics of the sampled foreground voxels],
+         "background": [per channel dataset background value or None]}
+    """
+    description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
+    raw = json.loads(description.path.read_text(encoding="utf-8"))
+    channels = description.channels
+    load = LoadCased(("image", "label"), description.label_values, channels, spatial_dims, affine_tolerance)
+    orient = Orientationd(("image", "label"), axcodes=orientation, labels=None)
+    cases, samples = [], [[] for _ in range(channels)]
+    for index, entry in enumerate(description.cases):
+        data = orient(load(entry.as_dict()))
+        spacing = [float(s) for s in data["image"].pixdim]
+        image = data["image"].numpy()
+        label = np.rint(data["label"].numpy()[0]).astype(np.int64)
+        foreground = label > 0
+        background = [border_background(c) for c in image]
+        rng = np.random.default_rng([seed, index])
+        stats = []
+        for c in range(channels):
+            values = image[c][foreground]
+            stats.append(intensity_statistics(values))
+            if values.size:  # with replacement, so every case weighs alike (nnU-Net)
+                samples[c].append(rng.choice(values, samples_per_case, replace=True))
+        voxel_ml = math.prod(spacing) / 1000.0
+        counts = np.bincount(label.ravel(), minlength=max(description.label_values) + 1)
+        cases.append({
+            "case_id": entry.case_id,
+            "spacing": spacing,
+            "shape": list(image.shape[1:]),
+            "crop_shape": _crop_shape(image, background),
+            "background": background,
+            "intensity": stats,
+            "label_volume_ml": {str(v): float(counts[v] * voxel_ml) for v in description.label_values if v != 0},
+        })
+    result = {
+        "version": FINGERPRINT_VERSION,
+        "dataset": description.name,
+        "dataset_json": str(description.path),
+        "n_cases": len(cases),
+        "modality": {str(k): v for k, v in description.modality.items()},
+        "modality_declared": "modality" in raw or "channel_names" in raw,
+        "labels": {str(k): v for k, v in description.labels.items()},
+        "orientation": orientation,
+        "spatial_dims": spatial_dims,
+        "cases": cases,
+        "intensity": [intensity_statistics(np.concatenate(s) if s else np.zeros(0)) for s in samples],
+        "background": [_shared_background([case["background"][c] for case in cases]) for c in range(channels)],
+    }
+    if out is not None:
+        write_json(out, result)
+    return result
+
+
+def _shared_background(values: Sequence[float | None]) -> float | None:
+    """The background value detected in more than half of the cases, else None."""
+    counts = Counter(v for v in values if v is not None)
+    if not counts:
+        return None
+    value, count = counts.most_common(1)[0]
+    return value if count > len(values) / 2 else None
+
+
+# -------------------------------------------------------------------------------------------------- topology
+
+
+def pooling_topology(
+    spacing: Sequence[float], patch_size: Sequence[int], min_feature_map: int = MIN_FEATURE_MAP
+) -> tuple[list[int], list[list[int]], list[list[int]], list[int]]:
+    """nnU-Net's ``get_pool_and_conv_props``: poolings per axis, strides and kernels per stage, padded patch.
+
+    Each round pools (stride 2) the axes whose size is >= 2 x `min_feature_map` and whose spacing is within
+    2x of the finest of those (a lone axis only while its size is >= 3 x `min_feature_map`), doubling
+    their spacing. An axis's kernel is 3 from the first stage where its spacing is within 2x of the finest,
+    1 before (nnU-Net compares the spacings of the size-valid axes here by position; this uses each axis's
+    own spacing, which is what that code means). The bottleneck's kernel is 3. ``strides[0]`` is all ones;
+    the patch is padded up to a multiple of 2^poolings per axis.
+
+    Example: spacing (1, 1, 1), patch (36, 50, 35) -> 3 poolings per axis, 4 stages of kernel 3, patch
+    (40, 56, 40).
+    """
+    dims = len(spacing)
+    current, size = [float(s) for s in spacing], [int(s) for s in patch_size]
+    pools, strides, kernels, kernel = [0] * dims, [[1] * dims], [], [1] * dims
+    while True:
+        valid = [i for i in range(dims) if size[i] >= 2 * min_feature_map]
+        if not valid:
+            break
+        finest = min(current[i] for i in valid)
+        valid = [i for i in valid if current[i] / finest < 2]
+        if len(valid) == 1 and size[valid[0]] < 3 * min_feature_map:
+            break
+        kernel = [3 if kernel[d] == 3 or current[d] / min(current) < 2 else 1 for d in range(dims)]
+        for i in valid:
+            pools[i] += 1
+            current[i] *= 2
+            size[i] = math.ceil(size[i] / 2)
+        strides.append([2 if i in valid else 1 for i in range(dims)])
+        kernels.append(kernel)
+    kernels.append([3] * dims)
+    padded = [math.ceil(s / 2**p) * 2**p for s, p in zip(patch_size, pools)]
+    return pools, strides, kernels, padded
+
+
+def fit_patch(
+    spacing: Sequence[float], median_shape: Sequence[int], budget: int, initial_voxels: float
+) -> tuple[list[int], list[int], list[list[int]], list[list[int]]]:
+    """nnU-Net's patch-size search with a voxel budget: (patch, poolings per axis, strides, kernels).
+
+    Start from the aspect ratio 1 / spacing scaled to `initial_voxels`, clipped to `median_shape`; while the
+    (padded) patch holds more than `budget` voxels, shrink the axis that is largest relative to the median
+    shape by its divisor 2^poolings (recomputed on the shrunk size, as nnU-Net does).
+    """
+    dims = len(spacing)
+    if budget < 16**dims:
+        raise ValueError(f"patch budget {budget} voxels is too small; at least 16^{dims} = {16**dims} are needed")
+    inverse = 1.0 / np.asarray(spacing, dtype=np.float64)
+    initial = np.round(inverse * (initial_voxels / np.prod(inverse)) ** (1.0 / dims)).astype(int)
+    patch = [max(1, min(int(i), int(m))) for i, m in zip(initial, median_shape)]
+    pools, strides, kernels, patch = pooling_topology(spacing, patch)
+    while math.prod(patch) > budget:
+        ratios = [p / max(m, 1) for p, m in zip(patch, median_shape)]
+        axis = max(i for i in range(dims) if ratios[i] == max(ratios))
+        shrunk = list(patch)
+        shrunk[axis] -= 2 ** pools[axis]
+        step = 2 ** pooling_topology(spacing, shrunk)[0][axis]
+        patch = list(patch)
+        patch[axis] -= step
+        if patch[axis] < 1:
+            raise ValueError(f"cannot fit a patch into {budget} voxels (median shape {list(median_shape)})")
+        pools, strides, kernels, patch = pooling_topology(spacing, patch)
+    return patch, pools, strides, kernels
+
+
+def _batch_size(patch: Sequence[int], budget: int, reference_batch: int, dataset_voxels: float) -> int:
+    """reference_batch x budget / patch voxels, capped at 5% of the dataset's voxels, at least 2 (nnU-Net)."""
+    voxels = math.prod(patch)
+    by_memory = round(reference_batch * budget / voxels)
+    by_dataset = round(dataset_voxels * MAX_DATASET_FRACTION / voxels)
+    return max(min(by_memory, by_dataset), MIN_BATCH_SIZE)
+
+
+def _filters(stages: int, base: int, maximum: int) -> list[int]:
+    return [min(base * 2**i, maximum) for i in range(stages)]
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """Every data and network setting decided from a fingerprint (:func:`make_plan`).
+
+    Use :meth:`preprocess_fields` (PreprocessConfig fields) and :meth:`network_fields` (model arguments);
+    ``batch_size`` / ``slice_batch_size`` are patches / slices per optimiser step (nnU-Net's batch size;
+    divide by ``samples_per_volume`` for volumes per batch). On a 2D dataset the "3D" settings are the 2D
+    image's and ``slice_size`` equals ``patch_size``.
+    """
+
+    dataset: str
+    n_cases: int
+    modality: dict[str, str]
+    spatial_dims: int
+    orientation: str
+    median_spacing: list[float]
+    """Median spacing per array axis (mm) over the cases, after reorientation."""
+    target_spacing: list[float]
+    resample: bool
+    """False when every case already has the target spacing (then the pipeline keeps the native grid)."""
+    anisotropic_axis: Optional[int]
+    """The axis whose target spacing the anisotropy rule set (10th percentile), or None."""
+    median_shape: list[int]
+    """Median shape after the foreground crop and resampling to the target spacing."""
+    patch_size: list[int]
+    pools_per_axis: list[int]
+    strides: list[list[int]]
+    """One per stage, the first all ones (MONAI DynUNet ``strides``)."""
+    kernel_sizes: list[list[int]]
+    """One per stage (MONAI DynUNet ``kernel_size``)."""
+    filters: list[int]
+    batch_size: int
+    slice_size: list[int]
+    slice_pools: int
+    slice_filters: list[int]
+    slice_batch_size: int
+    intensity: str
+    windows: Optional[list[list[float]]] = None
+    clip_range: Optional[list[list[float]]] = None
+    norm_mean: Optional[list[float]] = None
+    norm_std: Optional[list[float]] = None
+    background_value: Optional[list[Optional[float]]] = None
+    budget: dict[str, float] = field(default_factory=dict)
+    """memory_gb, patch_voxels and slice_pixels the plan was made for."""
+    notes: list[str] = field(default_factory=list)
+    """Rules that fired or assumptions made, in words."""
+    version: int = PLAN_VERSION
+
+    def preprocess_fields(self) -> dict:
+        """The :class:`~segadapt.data.PreprocessConfig` fields this plan decides.
+
+        Always ``intensity``, ``target_spacing`` (None when no case needs resampling), ``orientation``,
+        ``spatial_dims``, ``patch_size``, ``slice_size``; plus ``windows`` ('ct'), ``clip_range``,
+        ``norm_mean``, ``norm_std`` ('ct_zscore') or ``background_value`` ('zscore').
+        """
+        values = {
+            "intensity": self.intensity,
+            "target_spacing": list(self.target_spacing) if self.resample else None,
+            "orientation": self.orientation,
+            "spatial_dims": self.spatial_dims,
+            "patch_size": list(self.patch_size),
+            "slice_size": list(self.slice_size),
+        }
+        extra = {"ct": ("windows",), "ct_zscore": ("clip_range", "norm_mean", "norm_std"),
+                 "zscore": ("background_value",)}.get(self.intensity, ())
+        values.update({name: getattr(self, name) for name in extra})
+        return values
+
+    def network_fields(self) -> dict[str, dict]:
+        """Model arguments per model name (the names of ``configs/model/*.yaml``).
+
+        * ``dynunet`` (MONAI ``DynUNet``, patches of ``patch_size``): ``kernel_size``, ``strides`` (one per
+          stage, the first all ones), ``upsample_kernel_size`` (``strides[1:]``), ``filters``
+          (32 x 2^stage, at most 320).
+        * ``unet3d`` (MONAI ``UNet``): ``channels`` (= filters) and ``strides`` (one per down step; an int
+          where all axes share it). MONAI's UNet has one kernel size, so thick-slice 1x3x3 kernels are lost.
+        * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
+          most 512) and ``strides`` (2 per pooling).
+        """
+        down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
+        return {
+            "dynunet": {"kernel_size": [list(k) for k in self.kernel_sizes], "strides": [list(s) for s in self.strides],
+                        "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters)},
+            "unet3d": {"channels": list(self.filters), "strides": down},
+            "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        """Build from :meth:`to_dict` output; unknown or missing keys and other versions are errors."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown plan fields {sorted(unknown)}")
+        if values.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise ValueError(f"plan version {values.get('version')} is not {PLAN_VERSION}; run `segadapt plan` again")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ValueError(f"incomplete plan: {e}") from e
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Plan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path}: not a plan file ({e})") from e
+
+
+def _scheme(modality: str) -> str:
+    """nnU-Net's channel name -> normalisation: 'CT' -> 'ct_zscore', 'RGB' -> 'rgb', anything else -> 'zscore'."""
+    name = modality.strip().casefold()
+    if name == "ct":
+        return "ct_zscore"
+    if name in ("rgb", "rgb_to_0_1"):
+        return "rgb"
+    return "zscore"
+
+
+def _target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray, Optional[int]]:
+    """Median spacing, with nnU-Net's anisotropy rule (see the module doc); also the axis it changed."""
+    target = np.median(spacings, axis=0)
+    if len(target) < 2:
+        return target, None
+    median_size = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    aniso_spacing = target[worst] > ANISOTROPY_THRESHOLD * max(target[others])
+    aniso_voxels = median_size[worst] * ANISOTROPY_THRESHOLD < min(median_size[others])
+    if not (aniso_spacing and aniso_voxels):
+        return target, None
+    target = target.copy()
+    target[worst] = max(float(np.percentile(spacings[:, worst], 10)), float(max(target[others])) + 1e-5)
+    return target, worst
+
+
+def make_plan(
+    fp: dict,
+    memory_gb: float = REFERENCE_GB,
+    patch_voxels: int | None = None,
+    slice_pixels: int | None = None,
+    intensity: str | None = None,
+    windows: Sequence[Sequence[float]] | None = None,
+    base_filters: int = BASE_FILTERS,
+) -> Plan:
+    """A :class:`Plan` from a :func:`fingerprint` (the rules are in the module doc).
+
+    Args:
+        memory_gb: accelerator memory to plan for; scales the default budgets.
+        patch_voxels: voxels per 3D patch at batch 2 (default 128^3 x memory_gb / 8).
+        slice_pixels: pixels per 2D slice at batch 12 (default 512^2 x memory_gb / 8).
+        intensity: force a PreprocessConfig intensity mode instead of the modality's choice, e.g. 'ct' for
+            HU windows as channels (`windows`, default PreprocessConfig's brain/subdural/bone).
+        base_filters: filters of the first stage (doubled per stage up to 320 in 3D, 512 in 2D).
+
+    Raises:
+        ValueError: an unknown intensity mode, a budget too small for any patch, or CT statistics that
+            cannot be computed (no labelled voxel anywhere).
+    """
+    if intensity is not None and intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {intensity!r}")
+    if fp.get("version") != FINGERPRINT_VERSION:
+        raise ValueError(f"fingerprint version {fp.get('version')} is not {FINGERPRINT_VERSION}; make it again")
+    cases, dims = fp["cases"], int(fp["spatial_dims"])
+    notes: list[str] = []
+    spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
+    crop_shapes = np.array([c["crop_shape"] for c in cases], dtype=np.float64)
+    target, aniso_axis = _target_spacing(spacings, crop_shapes)
+    median_spacing = np.median(spacings, axis=0)
+    if aniso_axis is not None:
+        notes.append(f"anisotropy rule: axis {aniso_axis} spacing {target[aniso_axis]:.4g} mm (10th percentile) "
+                     f"instead of the median {median_spacing[aniso_axis]:.4g} mm")
+    resampled = np.round(crop_shapes * spacings / target)
+    median_float = np.median(resampled, axis=0)
+    median_shape = [int(np.floor(m + 0.5)) for m in median_float]
+    dataset_voxels = float(np.prod(median_float)) * len(cases)
+    resample = not np.allclose(spacings, target, rtol=1e-3, atol=0.0)
+
+    memory = memory_gb / REFERENCE_GB
+    patch_budget = int(patch_voxels or round(REFERENCE_PATCH_VOXELS * memory))
+    slice_budget = int(slice_pixels or round(REFERENCE_SLICE_PIXELS * memory))
+    if dims == 3:
+        patch, pools, strides, kernels = fit_patch(target, median_shape, patch_budget, 256.0**3)
+        batch = _batch_size(patch, patch_budget, REFERENCE_BATCH_3D, dataset_voxels)
+        filters = _filters(len(strides), base_filters, MAX_FILTERS_3D)
+        side = max(median_shape)  # every view's slice fits in side x side
+        finest = float(min(target))
+        slice_size, slice_pools_axes, _, _ = fit_patch([finest, finest], [side, side], slice_budget, 2048.0**2)
+        slice_pools = min(slice_pools_axes)
+        slice_batch = _batch_size(slice_size, slice_budget, REFERENCE_BATCH_2D, dataset_voxels)
+    else:
+        patch, pools, strides, kernels = fit_patch(target, median_shape, slice_budget, 2048.0**2)
+        batch = _batch_size(patch, slice_budget, REFERENCE_BATCH_2D, dataset_voxels)
+        filters = _filters(len(strides), base_filters, MAX_FILTERS_2D)
+        slice_size, slice_pools, slice_batch = list(patch), min(pools), batch
+    slice_filters = _filters(slice_pools + 1, base_filters, MAX_FILTERS_2D)
+
+    modality = {str(k): str(v) for k, v in fp["modality"].items()}
+    if not fp.get("modality_declared", True):
+        notes.append("dataset.json declares no modality (nor channel_names): CT assumed")
+    schemes = [_scheme(m) for m in modality.values()]
+    if intensity is None:
+        intensity = schemes[0] if len(set(schemes)) == 1 else "zscore"
+        if len(set(schemes)) > 1:
+            notes.append(f"mixed modalities {list(modality.values())}: per-case z-score for every channel")
+    norm: dict = {}
+    if intensity == "ct":
+        norm["windows"] = [list(map(float, w)) for w in (windows or PreprocessConfig().windows)]
+    elif intensity == "ct_zscore":
+        stats = fp["intensity"]
+        for c, s in enumerate(stats):
+            if s["mean"] is None or not s["percentile_00_5"] < s["percentile_99_5"] or not s["std"] > 0:
+                raise ValueError(f"{fp['dataset_json']}: channel {c} has no usable foreground intensities "
+                                 f"(label > 0) for CT normalisation: {s}")
+        norm = {"clip_range": [[s["percentile_00_5"], s["percentile_99_5"]] for s in stats],
+                "norm_mean": [s["mean"] for s in stats], "norm_std": [s["std"] for s in stats]}
+    elif intensity == "zscore":
+        norm["background_value"] = list(fp["background"])
+        for c, b in enumerate(fp["background"]):
+            if b is None:
+                notes.append(f"channel {c}: no constant background on the borders; z-score over the whole volume")
+
+    return Plan(
+        dataset=fp["dataset"], n_cases=len(cases), modality=modality, spatial_dims=dims,
+        orientation=fp["orientation"], median_spacing=[float(s) for s in median_spacing],
+        target_spacing=[float(s) for s in target], resample=bool(resample), anisotropic_axis=aniso_axis,
+        median_shape=median_shape, patch_size=[int(p) for p in patch], pools_per_axis=pools, strides=strides,
+        kernel_sizes=kernels, filters=filters, batch_size=batch, slice_size=[int(s) for s in slice_size],
+        slice_pools=int(slice_pools), slice_filters=slice_filters, slice_batch_size=slice_batch,
+        intensity=intensity, budget={"memory_gb": float(memory_gb), "patch_voxels": patch_budget,
+                                     "slice_pixels": slice_budget},
+        notes=notes, **norm,
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    """Every planned value, one ``name: value`` line each, then the network settings and the notes."""
+    values = plan.to_dict()
+    notes = values.pop("notes")
+    lines = [f"{name:>18}: {value}" for name, value in values.items() if value is not None]
+    lines += [f"{'network ' + model:>18}: {kwargs}" for model, kwargs in plan.network_fields().items()]
+    lines += [f"{'note':>18}: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def load_or_make_plan(
+    dataset_json: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    orientation: str = "RAS",
+    spatial_dims: int = 3,
+    **plan_options: object,
+) -> Plan:
+    """The plan of a dataset, its fingerprint cached under ``<cache_dir>/<dataset>-<key>/``.
+
+    The key covers ``dataset.json``, the size and modification time of every case file, `orientation` and
+    `spatial_dims`, so the first use reads every case and later ones reuse ``fingerprint.json``; a changed
+    or added case gives a new key. The plan (cheap) is made again from it with `plan_options`
+    (:func:`make_plan` arguments) and written beside it as ``plan.json``.
+    """
+    description = load_dataset_json(dataset_json)
+    key = _dataset_key(description, orientation=orientation, spatial_dims=spatial_dims)
+    folder = Path(cache_dir) / f"{description.name}-{key}"
+    fp_file = folder / "fingerprint.json"
+    if fp_file.is_file():
+        fp = json.loads(fp_file.read_text(encoding="utf-8"))
+    else:
+        fp = fingerprint(description, fp_file, orientation=orientation, spatial_dims=spatial_dims)
+    plan = make_plan(fp, **plan_options)
+    plan_file = folder / "plan.json"
+    if not plan_file.is_file() or json.loads(plan_file.read_text(encoding="utf-8")) != plan.to_dict():
+        plan.to_json(plan_file)
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> Plan:
+    """``segadapt plan DATASET_JSON``: fingerprint + plan, written as JSON and printed; bad input exits 2."""
+    parser = argparse.ArgumentParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
+                                     "(spacing, patch/slice size, batch size, normalisation, network).")
+    parser.add_argument("dataset_json")
+    parser.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
+    parser.add_argument("--fingerprint", help="fingerprint file (default: fingerprint.json beside --out)")
+    parser.add_argument("--memory-gb", type=float, default=REFERENCE_GB, help="memory to plan for (default 8)")
+    parser.add_argument("--patch-voxels", type=int, help="3D patch budget at batch 2 (default 128^3 x GB / 8)")
+    parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
+    parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
+    parser.add_argument("--orientation", default="RAS")
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    fp_file = Path(args.fingerprint) if args.fingerprint else out.parent / "fingerprint.json"
+    try:
+        start = time.perf_counter()
+        fp = fingerprint(args.dataset_json, orientation=args.orientation, spatial_dims=args.spatial_dims)
+        seconds = time.perf_counter() - start
+        plan = make_plan(fp, args.memory_gb, args.patch_voxels, args.slice_pixels, args.intensity)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"segadapt plan: error: {error}\n")
+    write_json(fp_file, fp)
+    plan.to_json(out)
+    print(f"fingerprint: {fp['n_cases']} cases read in {seconds:.1f} s -> {fp_file}")
+    print(format_plan(plan))
+    print(f"plan: {out}")
+    return plan
+
+
+if __name__ == "__main__":
+    main()
