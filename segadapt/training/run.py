@@ -11,6 +11,7 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
                             datamodule: SegDataModule arguments (absolute dataset_json, fold,
                                         n_folds, split_seed, the full preprocessing config, sampling)
                             trainer:    lightning.Trainer arguments
+    plan.json             the dataset plan the ``auto`` settings came from (:mod:`segadapt.training.planning`)
     metrics.json          final validation metrics of the fold (and of the untuned network), per case
     adapter.safetensors   the trained adapter (adapter methods), or
     model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining)
@@ -43,12 +44,14 @@ from omegaconf import OmegaConf
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, make_phantom_dataset
 from segadapt.data.files import atomic_path, write_json
+from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
 from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, TrainStats
 from .datamodule import SegDataModule
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
+from .planning import PLAN_FILE, apply_plan, run_plan
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,7 @@ def fit_run(
     eval_base: bool = True,
     checkpoint_every: Optional[int] = None,
     callbacks: Optional[list[pl.Callback]] = None,
+    plan: Optional[Plan] = None,
 ) -> dict[str, Any]:
     """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
 
@@ -208,6 +212,7 @@ def fit_run(
         eval_base: also validate the network before tuning (``base_val`` in metrics.json).
         ckpt_path: ``'last'`` (or a path) resumes training from that Lightning checkpoint.
         callbacks: extra Lightning callbacks.
+        plan: the dataset plan the settings came from, written as ``plan.json``.
     """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +229,8 @@ def fit_run(
             "datamodule": dict(datamodule_kwargs),
             "trainer": dict(trainer_kwargs),
         })
+        if plan is not None:
+            plan.to_json(run_dir / PLAN_FILE)
     pl.seed_everything(seed, workers=True)
     datamodule = SegDataModule(**datamodule_kwargs)
     module = SegAdaptModule(**module_kwargs)
@@ -281,6 +288,8 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Full training of the network from random init on the source dataset (``cfg.source``), holding out
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     configure_threads(cfg["trainer"].get("threads"))
+    plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
+    cfg = apply_plan(cfg, plan)
     source, settings = cfg["source"], cfg["pretrain"]
     dataset = prepare_dataset(source)
     in_channels = SegDataModule(str(dataset), preprocess=dict(source["preprocess"])).in_channels
@@ -292,6 +301,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
         trainer_args(cfg, max_steps=settings["max_steps"]),
         seed=cfg["seed"],
         checkpoint_every=cfg["checkpoint_every"],
+        plan=plan,
     )
     rank_zero_print(f"pretrained base on {source['name']}: source-fold Dice {result['val']['dice']:.3f} "
                     f"-> {Path(settings['run_dir']) / WEIGHTS_FILE}")
@@ -301,6 +311,8 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None) -> dict[str, Any]:
     """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs)."""
     configure_threads(cfg["trainer"].get("threads"))
+    plan = run_plan(cfg, pretraining=False, prepare=prepare_dataset)
+    cfg = apply_plan(cfg, plan)
     data, adapter = cfg["data"], cfg["adapter"]
     dataset = prepare_dataset(data)
     tuning = tuning_name(adapter["spec"])
@@ -317,6 +329,7 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None)
         eval_base=cfg["eval_base"],
         checkpoint_every=cfg["checkpoint_every"],
         callbacks=callbacks,
+        plan=plan,
     )
     rank_zero_print(format_result(result, cfg["run_dir"]))
     return result

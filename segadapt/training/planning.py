@@ -1,0 +1,101 @@
+"""The plan decides: every ``auto`` value of a run config is taken from one dataset plan.
+
+A run config (``configs/train.yaml``) may say ``auto`` for
+
+* ``<data group>.preprocess.<field>``: the fields :meth:`Plan.preprocess_fields` decides (``intensity`` and
+  its statistics, ``target_spacing``, ``orientation``, ``spatial_dims``, ``patch_size``, ``slice_size``);
+* ``<data group>.batch_size``: the plan's batch (patches, or slices, per step) / ``samples_per_volume``;
+* ``model.kwargs.<key>``: the keys :meth:`Plan.network_fields` gives for the model (DynUNet ``kernel_size``,
+  ``strides``, ``upsample_kernel_size``, ``filters``; UNet ``channels``, ``strides``).
+
+Any other value is the config's own and overrides the plan (``data.preprocess.patch_size=[32,48,32]``, no
+``+`` needed). Which dataset is planned: the one the network is first trained on, so that a pretrained base
+and every run adapting it see the same network and the same preprocessing (as nnU-Net transfers plans):
+
+* pretraining: the source dataset (``cfg.source``);
+* a run on segadapt's own pretrained base (``base_checkpoint`` in ``pretrain.run_dir``; also ``scratch``
+  beside it, so that it trains the same network): the base's ``plan.json``, else the source's plan;
+* a run on a base checkpoint of the user's: the run's own dataset (``cfg.data``).
+
+The plan is printed, written as ``plan.json`` into the run folder, and its values are in ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from segadapt.data.plan import Plan, format_plan, load_or_make_plan
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+PLAN_FILE = "plan.json"
+rank_zero_print = rank_zero_only(print)
+
+
+def _data_group_plan(data: Mapping[str, Any], dataset_json: Path, options: Mapping[str, Any]) -> Plan:
+    preprocess = data.get("preprocess") or {}
+    spatial_dims = preprocess.get("spatial_dims", 3)
+    spatial_dims = 3 if spatial_dims in (None, AUTO) else int(spatial_dims)
+    orientation = preprocess.get("orientation")
+    return load_or_make_plan(
+        dataset_json, options["cache_dir"],
+        orientation="RAS"[:spatial_dims] if orientation in (None, AUTO) else orientation,
+        spatial_dims=spatial_dims,
+        memory_gb=float(options["memory_gb"]), base_filters=int(options["base_filters"]),
+    )
+
+
+def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
+    """The plan that decides `cfg` (see the module docstring); `prepare(data_group) -> dataset.json path`."""
+    options = cfg["plan"]
+    own_base = Path(cfg["base_checkpoint"]).resolve().parent == Path(cfg["pretrain"]["run_dir"]).resolve()
+    if pretraining or own_base:
+        stored = Path(cfg["pretrain"]["run_dir"]) / PLAN_FILE
+        if not pretraining and stored.is_file():
+            return Plan.from_json(stored)
+        return _data_group_plan(cfg["source"], prepare(cfg["source"]), options)
+    return _data_group_plan(cfg["data"], prepare(cfg["data"]), options)
+
+
+def _fill(section: dict[str, Any], planned: Mapping[str, Any], where: str) -> list[str]:
+    """Replace each ``auto`` value of `section` by the planned one; returns the names that were pinned."""
+    pinned = []
+    for key, value in section.items():
+        if value == AUTO:
+            if key not in planned:
+                raise ValueError(f"{where}.{key}=auto, but the plan does not decide {key!r} "
+                                 f"(it decides {sorted(planned)}); give a value")
+            section[key] = copy.deepcopy(planned[key])
+        elif key in planned and value != planned[key]:
+            pinned.append(f"{where}.{key}={value} (plan: {planned[key]})")
+    return pinned
+
+
+def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = ("data", "source")) -> dict[str, Any]:
+    """A copy of `cfg` with every ``auto`` value taken from `plan` (see the module docstring).
+
+    Prints the plan and the values the config pins against it.
+    """
+    cfg = copy.deepcopy(dict(cfg))
+    pinned: list[str] = []
+    model = cfg["model"]
+    networks = plan.network_fields()
+    pinned += _fill(model["kwargs"], networks.get(model["name"], {}), "model.kwargs")
+    for key in data_keys:
+        data = cfg[key]
+        preprocess = data["preprocess"]
+        pinned += _fill(preprocess, plan.preprocess_fields(), f"{key}.preprocess")
+        if data.get("batch_size") == AUTO:
+            per_step = plan.slice_batch_size if model["sampling"] == "slice" else plan.batch_size
+            data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))
+    rank_zero_print(f"plan of {plan.dataset} ({plan.n_cases} cases):\n{format_plan(plan)}")
+    if pinned:
+        rank_zero_print("set by the config instead of the plan:\n  " + "\n  ".join(pinned))
+    return cfg
