@@ -63,6 +63,12 @@ class Adapter(nn.Module):
 
     def __init__(self, base: nn.Module, spec: LayerSpec, config: AdapterConfig, rank: int) -> None:
         super().__init__()
+        bound = self.rank_bound(spec, config)
+        if rank > bound:  # checked before any subclass allocates its factors
+            raise ValueError(
+                f"rank {rank} exceeds {bound}, the most a {type(self).__name__} update of this {spec.kind} layer "
+                f"(weight {'x'.join(map(str, spec.shape))}) can hold"
+            )
         self.spec = spec
         self.rank = rank
         self.scaling = config.scaling(rank)
@@ -74,6 +80,21 @@ class Adapter(nn.Module):
                 f"dropout={config.dropout} needs an activation-space form; {type(self).__name__} on a "
                 f"{spec.kind} layer computes in weight space only (set dropout=0)"
             )
+
+    @classmethod
+    def rank_bound(cls, spec: LayerSpec, config: AdapterConfig) -> int:
+        """The largest rank this method accepts on a layer: here min(Cout, Cin k^d), the rank of M(W).
+        Methods whose rank means something else override it (and state the bound in their docstring)."""
+        return spec.max_rank
+
+    def base_changed(self, base: nn.Module) -> None:
+        """Recompute whatever the adapter derives from the base weight (SALT's SVD). Called after a
+        ``load_state_dict`` that reaches the adapted layer; call it after editing ``base.weight`` in place."""
+
+    @property
+    def dropout_active(self) -> bool:
+        """True in training mode with a dropout probability > 0."""
+        return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
 
     # --- the update rule (canonical layout (Cout, Cin, *kernel)) ---------------------------------
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +118,7 @@ class Adapter(nn.Module):
     def branch_output(self, base: nn.Module, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """conv(x, W0) + up(down(x)) without the bias. With dropout active, the branch sees dropout(x)
         and the frozen layer x, so the two cannot share one conv."""
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.dropout_active:
             return frozen_output(base, self.spec, x) + low_rank_forward(base, self.spec, self.dropout(x), down, up)
         return frozen_plus_low_rank(base, self.spec, x, down, up)
 
@@ -140,7 +161,13 @@ class Adapter(nn.Module):
         Weight space always (even with ``compute="activation"``) where the base weight requires grad:
         the activation form treats W0 as frozen and returns no gradient for it; and for an unbatched
         conv input (Cin, *S), which the fused op does not take.
+
+        Activation space always in training with dropout (whatever the device, cost or compute mode):
+        the branch then runs as plain ops on dropout(x) beside the frozen layer (``branch_output``),
+        which also gives W0 its gradient; weight space could not apply the dropout.
         """
+        if self.has_activation_form and self.dropout_active:
+            return True
         if not self.has_activation_form or self.compute == "weight":
             return False
         if base.weight.requires_grad:  # FrozenPlusLowRank returns no gradient for W0
@@ -187,11 +214,12 @@ def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
-def init_down_factor_(tensor: torch.Tensor, fan_in: int, init: str, rank: int) -> torch.Tensor:
-    """Initialise a non-zero ("down") factor: kaiming-uniform, or N(0, 1/r) for ``init="gaussian"``."""
+def init_down_factor_(tensor: torch.Tensor, fan_in: int, init: str, rank: int, std: Optional[float] = None) -> torch.Tensor:
+    """Initialise a non-zero ("down") factor: kaiming-uniform, or ``init="gaussian"``: normal with
+    standard deviation ``std`` (default 1/r, PEFT's gaussian LoRA init)."""
     if init == "gaussian":
         with torch.no_grad():
-            return tensor.normal_(0.0, 1.0 / rank)
+            return tensor.normal_(0.0, 1.0 / rank if std is None else std)
     return kaiming_uniform_(tensor, fan_in)
 
 
@@ -212,6 +240,13 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.merged_adapter: Optional[str] = None
+        # a loaded base weight may be another base's: adapters that derive state from it recompute it
+        self.register_load_state_dict_post_hook(self._after_load)
+
+    def _after_load(self, module: nn.Module, incompatible_keys) -> None:
+        if self.merged_adapter is None:  # a merged weight is not W0; what was derived from W0 stays
+            for adapter in self.adapters.values():
+                adapter.base_changed(self.base_layer)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -12,6 +12,8 @@ B = U_out, A = U_in^T.
 
 from __future__ import annotations
 
+import math
+
 import tensorly as tl
 import torch
 from torch import nn
@@ -30,8 +32,15 @@ def cp_delta(factors: list[torch.Tensor], scaling: float) -> torch.Tensor:
 class CPLoRA(Adapter):
     """dW = s * [[U_out, U_in, U_1..U_d]]; U_out (Cout x r) zeros, the others kaiming-uniform.
 
-    Trainable parameters: r * (Cout + Cin + sum_j k_j).
+    Trainable parameters: r * (Cout + Cin + sum_j k_j). Rank bound: r <= Cout Cin prod(k) / max(Cout, Cin, k_j),
+    the largest CP rank a tensor of the weight's shape can have (min(Cout, Cin) for linear).
+    With ``init="gaussian"`` each of the d + 1 non-zero factors has standard deviation r^(-1/(d+1)), so
+    that their Khatri-Rao product (M(dW)'s down factor) has entries of standard deviation 1/r.
     """
+
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        return math.prod(spec.shape) // max(spec.shape)
 
     activation_form = True
 
@@ -41,8 +50,9 @@ class CPLoRA(Adapter):
         self.cp_out = nn.Parameter(torch.zeros(spec.cout, rank, **factory))
         self.cp_in = nn.Parameter(torch.empty(spec.cin, rank, **factory))
         self.cp_spatial = nn.ParameterList(nn.Parameter(torch.empty(k, rank, **factory)) for k in spec.kernel)
+        std = rank ** (-1.0 / (1 + spec.ndim))
         for factor in (self.cp_in, *self.cp_spatial):
-            init_down_factor_(factor, factor.shape[0], config.init, rank)
+            init_down_factor_(factor, factor.shape[0], config.init, rank, std=std)
 
     @property
     def factors(self) -> list[torch.Tensor]:

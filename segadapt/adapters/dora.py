@@ -34,6 +34,11 @@ class DoRA(Adapter):
 
     direction_cls: ClassVar[type[Adapter]]  # subclasses set activation_form = direction_cls.activation_form
 
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        """That of the LoRA form."""
+        return cls.direction_cls.rank_bound(spec, config)
+
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)  # checks dropout under this class's name
         # the direction's own dropout would go unused: DoRA applies self.dropout in branch_output
