@@ -83,9 +83,13 @@ class Adapter(nn.Module):
 
     @classmethod
     def rank_bound(cls, spec: LayerSpec, config: AdapterConfig) -> int:
-        """The largest rank this method accepts on a layer: here min(Cout, Cin k^d), the rank of M(W).
-        Methods whose rank means something else override it (and state the bound in their docstring)."""
-        return spec.max_rank
+        """The largest rank this method accepts on a layer (each method states its bound in its docstring).
+
+        Here (the LoRA forms) max(Cout, Cin k^d): M(dW) = B A has rank <= min(Cout, Cin k^d) anyway, and
+        beyond the larger size both factors are redundant, so such a rank is refused as a mistake; ranks
+        between the two sizes are accepted, so that one rank can serve a whole network whose narrowest
+        layers (e.g. a 1-channel output) have fewer channels."""
+        return max(spec.cout, spec.fan_in)
 
     def base_changed(self, base: nn.Module) -> None:
         """Recompute whatever the adapter derives from the base weight (SALT's SVD). Called after a

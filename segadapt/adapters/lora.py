@@ -22,7 +22,7 @@ from .registry import register_method
 class LoRA(Adapter):
     """W = W0 + s * reshape(B A); A (r x Cin k^d) kaiming-uniform, B (Cout x r) zeros.
 
-    Trainable parameters: r * (Cin k^d + Cout). Rank bound: r <= min(Cout, Cin k^d), the rank of M(W).
+    Trainable parameters: r * (Cin k^d + Cout). Rank bound: r <= max(Cout, Cin k^d) (see ``Adapter.rank_bound``).
     Activation space: y = base(x) + up(down(x)), down = conv(A) with the base geometry, up = 1x1 conv(s B).
     """
 
@@ -43,14 +43,14 @@ class LoRAC(Adapter):
     """LoRA-C: W = W0 + s * reshape(B A), A ((r k) x (Cin k^(d-1))) kaiming-uniform, B ((Cout k) x (r k)) zeros.
 
     k is the first kernel size (1 for linear). Trainable parameters: r k (Cin k^(d-1) + Cout k).
-    Rank bound: r <= min(Cout k, Cin k^(d-1)), the rank of the reshaped update's matrix B A (its inner
-    size r k may exceed it). Weight space only.
+    Rank bound: r <= max(Cout k, Cin k^(d-1)), the larger side of the matrix B A (as for LoRA, see
+    ``Adapter.rank_bound``). Weight space only.
     """
 
     @classmethod
     def rank_bound(cls, spec, config) -> int:
         k = spec.kernel[0] if spec.kernel else 1
-        return min(spec.cout * k, spec.fan_in // k)
+        return max(spec.cout * k, spec.fan_in // k)
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)

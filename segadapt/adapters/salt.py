@@ -48,6 +48,11 @@ class SALT(Adapter):
 
     activation_form = True
 
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        """q = min(Cout, Cin k^d), the number of singular values."""
+        return spec.max_rank
+
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)  # refuses rank > q, the number of singular values
         q = spec.max_rank
