@@ -313,7 +313,7 @@ def test_tlora_refuses_a_fan_in_with_a_large_prime_factor():
 
 
 @pytest.mark.parametrize("method", ["conv_lora", "conv_dora", "salt"])
-@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv2d_same", "conv3d_strided"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv2d_dilated_nobias", "conv2d_same", "conv3d_strided"])
 def test_dropout_path_matches_weight_space_when_nothing_is_dropped(method, layer):
     """The unfused training path (frozen layer on x, branch on dropout(x)) with p=0 is the adapted layer."""
     _, model, x = make(layer, method, dropout=0.5, compute="activation")
