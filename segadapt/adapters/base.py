@@ -60,6 +60,7 @@ class Adapter(nn.Module):
     """
 
     activation_form: ClassVar[bool] = False
+    supports_pissa: ClassVar[bool] = False  # init="pissa" defined (lora.py, cp.py)
 
     def __init__(self, base: nn.Module, spec: LayerSpec, config: AdapterConfig, rank: int) -> None:
         super().__init__()
@@ -69,6 +70,8 @@ class Adapter(nn.Module):
                 f"rank {rank} exceeds {bound}, the most a {type(self).__name__} update of this {spec.kind} layer "
                 f"(weight {'x'.join(map(str, spec.shape))}) can hold"
             )
+        if config.init == "pissa" and not self.supports_pissa:
+            raise ValueError(f"init='pissa' is not defined for {type(self).__name__}; it applies to lora, conv_lora, lora_c, cp_lora and their DoRA forms")
         self.spec = spec
         self.rank = rank
         self.scaling = config.scaling(rank)
@@ -225,6 +228,27 @@ def init_down_factor_(tensor: torch.Tensor, fan_in: int, init: str, rank: int, s
         with torch.no_grad():
             return tensor.normal_(0.0, 1.0 / rank if std is None else std)
     return kaiming_uniform_(tensor, fan_in)
+
+
+def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 with a deterministic sign: the largest-magnitude entry of each left
+    singular vector is positive. Returns U (m x q), sig (q), Vh (q x n) in the input's dtype."""
+    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1.0
+    u, vh = u * signs, vh * signs[:, None]
+    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
+def principal_factors(matrix: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's (B0, A0) with s B0 A0 = U_r diag(sig_r) V_r^T, the top-r part of ``matrix``:
+    B0 = U_r sqrt(sig_r / s), A0 = sqrt(sig_r / s) V_r^T (SVD with :func:`canonical_svd`'s signs)."""
+    if rank > min(matrix.shape):
+        raise ValueError(f"init='pissa' needs rank <= {min(matrix.shape)}, the singular values of the {matrix.shape[0]} x {matrix.shape[1]} weight matrix; got {rank}")
+    u, sig, vh = canonical_svd(matrix)
+    root = (sig[:rank] / scaling).sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 class AdaptedLayer(nn.Module):

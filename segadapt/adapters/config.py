@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 COMPUTE_MODES = ("auto", "weight", "activation")
-INIT_MODES = ("default", "gaussian")
+INIT_MODES = ("default", "gaussian", "pissa")
 
 
 @dataclass
@@ -36,7 +36,10 @@ class AdapterConfig:
             ``compute="weight"`` refuses it here.
         init: ``"default"`` (kaiming-uniform down factors) or ``"gaussian"`` (normal with standard
             deviation 1/r, PEFT's ``init_lora_weights="gaussian"``; for CP the Khatri-Rao product of
-            the d + 1 non-zero factors, i.e. M(dW)'s down factor, has that standard deviation).
+            the d + 1 non-zero factors, i.e. M(dW)'s down factor, has that standard deviation), or
+            ``"pissa"`` (lora, conv_lora, lora_c, cp_lora and their DoRA forms: the adapter starts on the
+            principal part of W0 -- top-r singular directions, or for CP a rank-r PARAFAC of W0 -- and
+            the base keeps the residual; see ``lora.py`` / ``cp.py``).
         use_rslora: s = alpha / sqrt(r) (rank-stabilised scaling).
         compute: ``"auto"`` picks weight space or activation space per layer from a cost model;
             ``"weight"`` / ``"activation"`` force one (activation falls back to weight where a layer

@@ -24,19 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, init_down_factor_
+from .base import Adapter, canonical_svd, init_down_factor_
 from .registry import register_method
-
-
-def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float64 with a deterministic sign: the largest-magnitude entry of each left
-    singular vector is positive. Returns U (m x q), sig (q), Vh (q x n) in the input's dtype."""
-    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-    pivot = u.abs().argmax(dim=0)
-    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
-    signs[signs == 0] = 1.0
-    u, vh = u * signs, vh * signs[:, None]
-    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 @register_method("salt")
