@@ -53,11 +53,19 @@ def test_matches_peft_outputs_gradients_and_merged_weights(method, layer, comput
     ours[0].adapters["default"].compute = compute
     y_ours, y_ref = ours(x), reference(x)
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
-    # gradients w.r.t. the input agree too (the backward pass is the same function)
+    # gradients w.r.t. the input and every adapter parameter agree too (DoRA: with the norm detached,
+    # as PEFT does)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours(x1).pow(2).sum().backward()
     reference(x2).pow(2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    adapter, ref_layer = ours[0].adapters["default"], reference.base_model.model[0]
+    lora = adapter.direction if method == "conv_dora" else adapter
+    pairs = [(lora.lora_A, ref_layer.lora_A["default"].weight), (lora.lora_B, ref_layer.lora_B["default"].weight)]
+    if method == "conv_dora":
+        pairs.append((adapter.magnitude, ref_layer.lora_magnitude_vector["default"].weight))
+    for param, ref_param in pairs:
+        torch.testing.assert_close(param.grad.view_as(ref_param.grad), ref_param.grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         merged_ours = merge_and_unload(ours)[0].weight
         merged_ref = reference.merge_and_unload()[0].weight

@@ -60,9 +60,18 @@ class Adapter(nn.Module):
     """
 
     activation_form: ClassVar[bool] = False
+    supports_pissa: ClassVar[bool] = False  # init="pissa" defined (lora.py, cp.py)
 
     def __init__(self, base: nn.Module, spec: LayerSpec, config: AdapterConfig, rank: int) -> None:
         super().__init__()
+        bound = self.rank_bound(spec, config)
+        if rank > bound:  # checked before any subclass allocates its factors
+            raise ValueError(
+                f"rank {rank} exceeds {bound}, the most a {type(self).__name__} update of this {spec.kind} layer "
+                f"(weight {'x'.join(map(str, spec.shape))}) can hold"
+            )
+        if config.init == "pissa" and not self.supports_pissa:
+            raise ValueError(f"init='pissa' is not defined for {type(self).__name__}; it applies to lora, conv_lora, lora_c, cp_lora and their DoRA forms")
         self.spec = spec
         self.rank = rank
         self.scaling = config.scaling(rank)
@@ -74,6 +83,25 @@ class Adapter(nn.Module):
                 f"dropout={config.dropout} needs an activation-space form; {type(self).__name__} on a "
                 f"{spec.kind} layer computes in weight space only (set dropout=0)"
             )
+
+    @classmethod
+    def rank_bound(cls, spec: LayerSpec, config: AdapterConfig) -> int:
+        """The largest rank this method accepts on a layer (each method states its bound in its docstring).
+
+        Here (the LoRA forms) max(Cout, Cin k^d): M(dW) = B A has rank <= min(Cout, Cin k^d) anyway, and
+        beyond the larger size both factors are redundant, so such a rank is refused as a mistake; ranks
+        between the two sizes are accepted, so that one rank can serve a whole network whose narrowest
+        layers (e.g. a 1-channel output) have fewer channels."""
+        return max(spec.cout, spec.fan_in)
+
+    def base_changed(self, base: nn.Module) -> None:
+        """Recompute whatever the adapter derives from the base weight (SALT's SVD). Called after a
+        ``load_state_dict`` that reaches the adapted layer; call it after editing ``base.weight`` in place."""
+
+    @property
+    def dropout_active(self) -> bool:
+        """True in training mode with a dropout probability > 0."""
+        return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
 
     # --- the update rule (canonical layout (Cout, Cin, *kernel)) ---------------------------------
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +125,7 @@ class Adapter(nn.Module):
     def branch_output(self, base: nn.Module, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """conv(x, W0) + up(down(x)) without the bias. With dropout active, the branch sees dropout(x)
         and the frozen layer x, so the two cannot share one conv."""
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.dropout_active:
             return frozen_output(base, self.spec, x) + low_rank_forward(base, self.spec, self.dropout(x), down, up)
         return frozen_plus_low_rank(base, self.spec, x, down, up)
 
@@ -140,7 +168,13 @@ class Adapter(nn.Module):
         Weight space always (even with ``compute="activation"``) where the base weight requires grad:
         the activation form treats W0 as frozen and returns no gradient for it; and for an unbatched
         conv input (Cin, *S), which the fused op does not take.
+
+        Activation space always in training with dropout (whatever the device, cost or compute mode):
+        the branch then runs as plain ops on dropout(x) beside the frozen layer (``branch_output``),
+        which also gives W0 its gradient; weight space could not apply the dropout.
         """
+        if self.has_activation_form and self.dropout_active:
+            return True
         if not self.has_activation_form or self.compute == "weight":
             return False
         if base.weight.requires_grad:  # FrozenPlusLowRank returns no gradient for W0
@@ -187,12 +221,34 @@ def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
-def init_down_factor_(tensor: torch.Tensor, fan_in: int, init: str, rank: int) -> torch.Tensor:
-    """Initialise a non-zero ("down") factor: kaiming-uniform, or N(0, 1/r) for ``init="gaussian"``."""
+def init_down_factor_(tensor: torch.Tensor, fan_in: int, init: str, rank: int, std: Optional[float] = None) -> torch.Tensor:
+    """Initialise a non-zero ("down") factor: kaiming-uniform, or ``init="gaussian"``: normal with
+    standard deviation ``std`` (default 1/r, PEFT's gaussian LoRA init)."""
     if init == "gaussian":
         with torch.no_grad():
-            return tensor.normal_(0.0, 1.0 / rank)
+            return tensor.normal_(0.0, 1.0 / rank if std is None else std)
     return kaiming_uniform_(tensor, fan_in)
+
+
+def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in float64 with a deterministic sign: the largest-magnitude entry of each left
+    singular vector is positive. Returns U (m x q), sig (q), Vh (q x n) in the input's dtype."""
+    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1.0
+    u, vh = u * signs, vh * signs[:, None]
+    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
+def principal_factors(matrix: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's (B0, A0) with s B0 A0 = U_r diag(sig_r) V_r^T, the top-r part of ``matrix``:
+    B0 = U_r sqrt(sig_r / s), A0 = sqrt(sig_r / s) V_r^T (SVD with :func:`canonical_svd`'s signs)."""
+    if rank > min(matrix.shape):
+        raise ValueError(f"init='pissa' needs rank <= {min(matrix.shape)}, the singular values of the {matrix.shape[0]} x {matrix.shape[1]} weight matrix; got {rank}")
+    u, sig, vh = canonical_svd(matrix)
+    root = (sig[:rank] / scaling).sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 class AdaptedLayer(nn.Module):
@@ -212,6 +268,13 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.merged_adapter: Optional[str] = None
+        # a loaded base weight may be another base's: adapters that derive state from it recompute it
+        self.register_load_state_dict_post_hook(self._after_load)
+
+    def _after_load(self, module: nn.Module, incompatible_keys) -> None:
+        if self.merged_adapter is None:  # a merged weight is not W0; what was derived from W0 stays
+            for adapter in self.adapters.values():
+                adapter.base_changed(self.base_layer)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 COMPUTE_MODES = ("auto", "weight", "activation")
-INIT_MODES = ("default", "gaussian")
+INIT_MODES = ("default", "gaussian", "pissa")
 
 
 @dataclass
@@ -20,18 +20,30 @@ class AdapterConfig:
         rank: r. LoRA forms: rank of the update; CP: number of rank-one terms; SALT: number of top
             singular values given a scale and shift; TLoRA: tensor-ring rank of the residual D.
         alpha: scaling numerator, s = alpha / r (alpha / sqrt(r) with ``use_rslora``). ``None``
-            means alpha = r, i.e. s = 1.
-        targets: which modules to adapt: a regex matched against the full module name
-            (``re.fullmatch``) or a list of name suffixes (``"qkv"`` matches ``blocks.0.attn.qkv``;
-            a full name is a suffix of itself).
+            means s = 1 (alpha = r, or sqrt(r) with ``use_rslora``). SALT applies s, with r =
+            ``lora_rank``, to its term X Y.
+        targets: which modules to adapt: a string is a regex that must match the *whole* module name
+            (``re.fullmatch``: ``"qkv"`` matches only a top-level ``qkv``, ``r".*\\.qkv"`` every one);
+            a list holds name suffixes (``["qkv"]`` matches ``blocks.0.attn.qkv``; a full name is a
+            suffix of itself).
         exclude: modules never adapted, same forms as ``targets``.
-        rank_pattern: per-module rank overrides, ``{regex-or-suffix: rank}``; the first match wins.
-        dropout: dropout on the adapter branch input (activation-space forms only).
-        init: ``"default"`` (kaiming-uniform down factors) or ``"gaussian"`` (N(0, 1/r)).
+        rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
+            whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
+            first match wins.
+        dropout: dropout on the adapter branch input. A layer with dropout computes its branch in
+            activation space in training, whatever ``compute`` says (weight space cannot drop
+            inputs); methods or layers without an activation form refuse it at injection, and
+            ``compute="weight"`` refuses it here.
+        init: ``"default"`` (kaiming-uniform down factors) or ``"gaussian"`` (normal with standard
+            deviation 1/r, PEFT's ``init_lora_weights="gaussian"``; for CP the Khatri-Rao product of
+            the d + 1 non-zero factors, i.e. M(dW)'s down factor, has that standard deviation), or
+            ``"pissa"`` (lora, conv_lora, lora_c, cp_lora and their DoRA forms: the adapter starts on the
+            principal part of W0 -- top-r singular directions, or for CP a rank-r PARAFAC of W0 -- and
+            the base keeps the residual; see ``lora.py`` / ``cp.py``).
         use_rslora: s = alpha / sqrt(r) (rank-stabilised scaling).
         compute: ``"auto"`` picks weight space or activation space per layer from a cost model;
             ``"weight"`` / ``"activation"`` force one (activation falls back to weight where a layer
-            has no activation form or its base weight requires grad).
+            has no activation form, or, without dropout, where its base weight requires grad).
         lora_rank: SALT: rank of the low-rank update on the remaining singular directions.
         salt_relu: SALT: clamp the r transformed top singular values at zero (the public SALT code
             applies relu to all of Sigma', including diag(sig_rest) + X Y; see ``salt.py``).
@@ -72,6 +84,8 @@ class AdapterConfig:
                 raise ValueError(f"rank_pattern['{pattern}'] must be a positive integer, got {rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout > 0 and self.compute == "weight":
+            raise ValueError(f"dropout={self.dropout} needs activation space; compute='weight' would drop it silently (use 'auto')")
         if self.compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {self.compute!r}")
         if self.init not in INIT_MODES:
@@ -81,20 +95,25 @@ class AdapterConfig:
                 f"lora_rank >= 0, ring_rank > 0 and tlora_max_factor >= 2 required, got "
                 f"{self.lora_rank}, {self.ring_rank}, {self.tlora_max_factor}"
             )
-        if isinstance(self.targets, str):
-            re.compile(self.targets)
-        elif not self.targets:
+        if not isinstance(self.targets, str) and not self.targets:
             raise ValueError("targets is empty: give a regex or a list of module-name suffixes")
+        for where, pattern in [("targets", self.targets), ("exclude", self.exclude)] + [("rank_pattern key", k) for k in self.rank_pattern]:
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"{where} {pattern!r} is not a valid regular expression: {error}") from None
 
     def scaling(self, rank: int) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        alpha = float(rank if self.alpha is None else self.alpha)
-        return alpha / (rank**0.5 if self.use_rslora else rank)
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA; 1 when alpha is None."""
+        if self.alpha is None:
+            return 1.0
+        return float(self.alpha) / (rank**0.5 if self.use_rslora else rank)
 
     def rank_for(self, module_name: str) -> int:
         """The rank for one module, after ``rank_pattern`` overrides."""
         for pattern, rank in self.rank_pattern.items():
-            if name_matches(module_name, pattern):
+            if name_matches(module_name, [pattern]) or re.fullmatch(pattern, module_name):
                 return rank
         return self.rank
 
@@ -111,8 +130,8 @@ class AdapterConfig:
 
 
 def name_matches(name: str, pattern: Union[str, list[str]]) -> bool:
-    """True if ``name`` matches a regex (fullmatch), a list of suffixes, or one suffix-or-regex
-    string used as a ``rank_pattern`` key."""
+    """True if ``name`` fullmatches a regex (a string) or ends with one of a list of suffixes
+    (``name == suffix`` or ``name.endswith("." + suffix)``)."""
     if isinstance(pattern, str):
-        return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+        return re.fullmatch(pattern, name) is not None
     return any(name == suffix or name.endswith("." + suffix) for suffix in pattern)

@@ -33,6 +33,12 @@ class DoRA(Adapter):
     """Magnitude m (Cout) times the normalised direction W0 + dW of ``direction_cls``."""
 
     direction_cls: ClassVar[type[Adapter]]  # subclasses set activation_form = direction_cls.activation_form
+    supports_pissa = True  # every direction form has it: V starts at W0 all the same
+
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        """That of the LoRA form."""
+        return cls.direction_cls.rank_bound(spec, config)
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)  # checks dropout under this class's name

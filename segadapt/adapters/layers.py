@@ -170,12 +170,15 @@ class FrozenPlusLowRank(torch.autograd.Function):
 
     Shapes: x (N, Cin, *S) or (..., Cin); w0 (Cout, Cin, *kernel); down (k, Cin, *kernel);
     up (Cout, k). ``geometry`` = (stride, padding, dilation) for convs, ``None`` for linear.
+
+    Written in the ``setup_context`` style so that ``torch.func`` transforms (``grad``, ``vjp``) apply;
+    ``forward`` returns the hidden k-channel activation as a second, non-differentiable output for the
+    backward (:func:`frozen_plus_low_rank` returns y only).
     """
 
     @staticmethod
-    def forward(ctx, x, w0, down, up, geometry):
+    def forward(x, w0, down, up, geometry):
         device = x.device.type
-        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             x, w0, down, up = (t.to(dtype) for t in (x, w0, down, up))
@@ -195,12 +198,22 @@ class FrozenPlusLowRank(torch.autograd.Function):
                 y = torch.baddbmm(base_out.reshape(n, cout, -1), up.expand(n, cout, k), hidden.reshape(n, k, -1))
                 y = y.view(base_out.shape)
                 hidden = hidden.clone()  # its own storage, so the conv's output can be freed
-        ctx.geometry = geometry
-        ctx.save_for_backward(x, weight, hidden, up)
-        return y
+        return y, hidden, weight
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def setup_context(ctx, inputs, output):
+        x, w0, down, up, geometry = inputs
+        _, hidden, weight = output
+        ctx.dtypes = (x.dtype, down.dtype, up.dtype)
+        ctx.geometry = geometry
+        ctx.mark_non_differentiable(hidden, weight)
+        # x and up as the forward used them (cast under autocast): the weight already is
+        x_used = x.to(weight.dtype) if x.dtype != weight.dtype else x
+        up_used = up.to(weight.dtype) if up.dtype != weight.dtype else up
+        ctx.save_for_backward(x_used, weight, hidden, up_used)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_hidden, _grad_weight):
         x, weight, hidden, up = ctx.saved_tensors
         geometry = ctx.geometry
         grad_y = grad_y.to(hidden.dtype)
@@ -246,9 +259,9 @@ def frozen_plus_low_rank(base: nn.Module, spec: LayerSpec, x: torch.Tensor, down
     w0 = spec.canonical(base.weight)
     down = down.reshape(down.shape[0], *w0.shape[1:])
     if spec.kind == "linear":
-        return FrozenPlusLowRank.apply(x, w0, down, up, None)
+        return FrozenPlusLowRank.apply(x, w0, down, up, None)[0]
     geometry = (list(base.stride), list(explicit_padding(base, spec)), list(base.dilation))
-    return FrozenPlusLowRank.apply(x, w0, down, up, geometry)
+    return FrozenPlusLowRank.apply(x, w0, down, up, geometry)[0]
 
 
 def frozen_output(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:

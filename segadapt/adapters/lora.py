@@ -7,6 +7,12 @@ The two conv forms are different maths, often conflated in public code:
   On ``nn.Linear`` it is plain LoRA, so ``lora`` and ``conv_lora`` name the same class.
 * ``lora_c`` (LoRA-C, the loralib ``ConvLoRA`` form): dW = s * reshape(B A) with A: (r k) x (Cin k^(d-1))
   and B: (Cout k) x (r k), reshaped row-major to (Cout, Cin, k, ..., k); it has no activation form.
+
+``init="pissa"`` (both): B and A start as the top singular directions of the matrix they multiply into
+(M(W0) for LoRA, W0 viewed as (Cout k) x (Cin k^(d-1)) for LoRA-C), B0 = U sqrt(sig / s),
+A0 = sqrt(sig / s) V^T, and the base keeps the residual: W = (W0 - s B0 A0) + s B A. The frozen base
+weight itself is never edited: B0 and A0 are kept as (saved) buffers and the update is
+dW = s (B A - B0 A0), exactly zero at init; in activation space it is rank 2r ([B, -B0] [A; A0]).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, init_down_factor_
+from .base import Adapter, init_down_factor_, principal_factors
 from .registry import register_method
 
 
@@ -22,20 +28,30 @@ from .registry import register_method
 class LoRA(Adapter):
     """W = W0 + s * reshape(B A); A (r x Cin k^d) kaiming-uniform, B (Cout x r) zeros.
 
-    Trainable parameters: r * (Cin k^d + Cout).
+    Trainable parameters: r * (Cin k^d + Cout). Rank bound: r <= max(Cout, Cin k^d) (see ``Adapter.rank_bound``).
     Activation space: y = base(x) + up(down(x)), down = conv(A) with the base geometry, up = 1x1 conv(s B).
     """
 
     activation_form = True
+    supports_pissa = True
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
         self.lora_A = nn.Parameter(torch.empty(rank, spec.fan_in, dtype=base.weight.dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(spec.cout, rank, dtype=base.weight.dtype, device=base.weight.device))
         init_down_factor_(self.lora_A, spec.fan_in, config.init, rank)
+        start_on_principal_directions(self, spec.canonical(base.weight).reshape(spec.cout, spec.fan_in), config.init)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scaling * self.lora_B, self.lora_A
+        if self.initial_A is None:
+            return self.scaling * self.lora_B, self.lora_A
+        return self.scaling * torch.cat([self.lora_B, -self.initial_B], 1), torch.cat([self.lora_A, self.initial_A])
+
+    def delta_weight(self) -> torch.Tensor:
+        return lora_product(self).view(self.spec.shape)
+
+    def branch_rank(self) -> int:
+        return self.rank if self.initial_A is None else 2 * self.rank
 
 
 @register_method("lora_c")
@@ -43,8 +59,16 @@ class LoRAC(Adapter):
     """LoRA-C: W = W0 + s * reshape(B A), A ((r k) x (Cin k^(d-1))) kaiming-uniform, B ((Cout k) x (r k)) zeros.
 
     k is the first kernel size (1 for linear). Trainable parameters: r k (Cin k^(d-1) + Cout k).
-    Weight space only.
+    Rank bound: r <= max(Cout k, Cin k^(d-1)), the larger side of the matrix B A (as for LoRA, see
+    ``Adapter.rank_bound``). Weight space only.
     """
+
+    supports_pissa = True
+
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        k = spec.kernel[0] if spec.kernel else 1
+        return max(spec.cout * k, spec.fan_in // k)
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
@@ -54,9 +78,37 @@ class LoRAC(Adapter):
         self.lora_A = nn.Parameter(torch.empty(rank * k, a_cols, **factory))
         self.lora_B = nn.Parameter(torch.zeros(spec.cout * k, rank * k, **factory))
         init_down_factor_(self.lora_A, a_cols, config.init, rank)
+        start_on_principal_directions(self, spec.canonical(base.weight).reshape(spec.cout * k, a_cols), config.init)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.scaling * self.lora_B @ self.lora_A).view(self.spec.shape)
+        if self.initial_A is None:
+            return (self.scaling * self.lora_B @ self.lora_A).view(self.spec.shape)
+        return lora_product(self).view(self.spec.shape)
 
     def build_flops(self) -> float:
         return 2.0 * self.lora_B.shape[0] * self.lora_B.shape[1] * self.lora_A.shape[1]
+
+
+def start_on_principal_directions(adapter: Adapter, matrix: torch.Tensor, init: str) -> None:
+    """``init="pissa"``: lora_B, lora_A <- (B0, A0) of :func:`principal_factors` for ``matrix``, kept as
+    buffers ``initial_B`` / ``initial_A`` (saved with the adapter, so that loading needs no SVD to agree);
+    otherwise both buffers are ``None``."""
+    if init != "pissa":
+        adapter.register_buffer("initial_A", None)
+        adapter.register_buffer("initial_B", None)
+        return
+    b0, a0 = principal_factors(matrix.detach(), adapter.lora_A.shape[0], adapter.scaling)
+    with torch.no_grad():
+        adapter.lora_A.copy_(a0)
+        adapter.lora_B.copy_(b0)
+    adapter.register_buffer("initial_A", a0.clone())
+    adapter.register_buffer("initial_B", b0.clone())
+
+
+def lora_product(adapter: Adapter) -> torch.Tensor:
+    """s (B A - B0 A0) (s B A without PiSSA); the two products run the same kernel on equal inputs at
+    init, so the update is exactly zero there."""
+    product = adapter.lora_B @ adapter.lora_A
+    if adapter.initial_A is not None:
+        product = product - adapter.initial_B @ adapter.initial_A
+    return adapter.scaling * product

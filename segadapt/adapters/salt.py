@@ -5,16 +5,18 @@ values get a trainable scale and shift, sig_i -> a_i sig_i + b_i (a = 1, b = 0 a
 ``salt_relu`` clamped at zero); the other q - r singular directions get
 diag(sig_rest) + X Y with X ((q-r) x r_lora) zeros and Y (r_lora x (q-r)) kaiming-uniform. So
 
-    W = W0 + U_top diag(sig'_top - sig_top) V_top^T + U_rest X Y V_rest^T,
+    W = W0 + U_top diag(sig'_top - sig_top) V_top^T + s U_rest X Y V_rest^T,
 
-an update of rank <= r + r_lora that is exactly zero at init. Trainable parameters: 2r + 2(q-r) r_lora.
+an update of rank <= r + r_lora that is exactly zero at init, with s = alpha / r_lora (1 when alpha is
+None; alpha / sqrt(r_lora) with rslora). Trainable parameters: 2r + 2(q-r) r_lora. Rank bound: r <= q.
 
 Deviation from the public SALT code: ``salt_relu`` clamps only the r transformed top singular values,
 whereas that code applies relu entrywise to the whole q x q Sigma' (including diag(sig_rest) + X Y);
 clamping it all would lose the low-rank form of the update above (and with it activation space).
 Also unlike that code, U, sig and V are registered buffers (moved by ``.to()``; not saved, since they
-are recomputed from W0 with a deterministic sign convention), and conv layers keep their padding,
-stride and dilation.
+are recomputed from W0 with a deterministic sign convention, at injection and whenever a
+``load_state_dict`` reaches the adapted layer, see :meth:`SALT.base_changed`), and conv layers keep their
+padding, stride and dilation.
 """
 
 from __future__ import annotations
@@ -22,19 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, init_down_factor_
+from .base import Adapter, canonical_svd, init_down_factor_
 from .registry import register_method
-
-
-def canonical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float64 with a deterministic sign: the largest-magnitude entry of each left
-    singular vector is positive. Returns U (m x q), sig (q), Vh (q x n) in the input's dtype."""
-    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-    pivot = u.abs().argmax(dim=0)
-    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
-    signs[signs == 0] = 1.0
-    u, vh = u * signs, vh * signs[:, None]
-    return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 @register_method("salt")
@@ -46,17 +37,18 @@ class SALT(Adapter):
 
     activation_form = True
 
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        """q = min(Cout, Cin k^d), the number of singular values."""
+        return spec.max_rank
+
     def __init__(self, base, spec, config, rank):
-        super().__init__(base, spec, config, rank)
+        super().__init__(base, spec, config, rank)  # refuses rank > q, the number of singular values
         q = spec.max_rank
-        if rank > q:
-            raise ValueError(
-                f"SALT rank {rank} exceeds the {q} singular values of this {spec.kind} layer "
-                f"(min(Cout={spec.cout}, Cin*k^d={spec.fan_in}))"
-            )
         self.lora_rank = min(config.lora_rank, q - rank)
+        self.scaling = config.scaling(max(self.lora_rank, 1))  # s on X Y, the LoRA part
         self.relu = config.salt_relu
-        u, s, vh = canonical_svd(spec.canonical(base.weight).reshape(spec.cout, spec.fan_in))
+        u, s, vh = self._decompose(base)
         self.register_buffer("U", u, persistent=False)
         self.register_buffer("S", s, persistent=False)
         self.register_buffer("Vh", vh, persistent=False)
@@ -67,8 +59,20 @@ class SALT(Adapter):
         self.salt_Y = nn.Parameter(torch.empty(self.lora_rank, q - rank, **factory))
         init_down_factor_(self.salt_Y, max(q - rank, 1), config.init, max(self.lora_rank, 1))
 
+    def _decompose(self, base: nn.Module):
+        return canonical_svd(self.spec.canonical(base.weight).reshape(self.spec.cout, self.spec.fan_in))
+
+    @torch.no_grad()
+    def base_changed(self, base: nn.Module) -> None:
+        """U, sig, V^T recomputed from the (newly loaded) base weight, on the buffers' device and dtype."""
+        for buffer, value in zip((self.U, self.S, self.Vh), self._decompose(base)):
+            buffer.copy_(value)
+
     def branch_rank(self) -> int:
         return self.rank + self.lora_rank
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, lora_rank={self.lora_rank}, scaling={self.scaling:g} (on X Y), compute={self.compute}"
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) with M(dW) = left @ right; left: Cout x (r + r_lora), right: (r + r_lora) x Cin k^d."""
@@ -77,7 +81,7 @@ class SALT(Adapter):
         new_top = self.salt_scale * top + self.salt_shift
         if self.relu:  # the top r values only (the SALT code clamps all of Sigma', see the module doc)
             new_top = torch.relu(new_top)
-        left = torch.cat([self.U[:, :r] * (new_top - top), self.U[:, r:] @ self.salt_X], dim=1)
+        left = torch.cat([self.U[:, :r] * (new_top - top), self.scaling * (self.U[:, r:] @ self.salt_X)], dim=1)
         right = torch.cat([self.Vh[:r], self.salt_Y @ self.Vh[r:]], dim=0)
         return left, right
 

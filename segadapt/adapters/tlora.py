@@ -22,6 +22,8 @@ the cores without building T.
 
 from __future__ import annotations
 
+import math
+
 import tensorly as tl
 import torch
 from torch import nn
@@ -98,10 +100,23 @@ def tr_matrix_identity_distance(cores: list[torch.Tensor]) -> torch.Tensor:
 
 @register_method("tlora")
 class TLoRA(Adapter):
-    """W = W0 T + D with a tensor-ring-matrix transform T (= I at init) and a tensor-ring residual D (= 0)."""
+    """W = W0 T + D with a tensor-ring-matrix transform T (= I at init) and a tensor-ring residual D (= 0).
+
+    Rank bounds: r <= max over cuts of min(prod of the modes before it, prod after it) of D's modes
+    (out factors, then in factors), the largest tensor-ring rank D can use; ``ring_rank`` <= Cin k^d.
+    """
+
+    @classmethod
+    def rank_bound(cls, spec, config) -> int:
+        return ring_rank_bound(factorize(spec.cout, config.tlora_max_factor) + factorize(spec.fan_in, config.tlora_max_factor))
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
+        if config.ring_rank > spec.fan_in:
+            raise ValueError(
+                f"ring_rank {config.ring_rank} exceeds {spec.fan_in}, the fan-in Cin k^d of this {spec.kind} layer "
+                f"(the transform T is {spec.fan_in} x {spec.fan_in})"
+            )
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.in_factors = factorize(spec.fan_in, config.tlora_max_factor)
         if max(self.in_factors) > config.tlora_max_factor:
@@ -166,10 +181,15 @@ class TLoRA(Adapter):
         return tr_matrix_identity_distance(list(self.transform_cores))
 
 
+def ring_rank_bound(modes: list[int]) -> int:
+    """max_k min(prod(modes[:k]), prod(modes[k:])): a tensor-ring rank above it adds nothing (at least 1)."""
+    return max([1] + [min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes))])
+
+
 def identity_ring_cores(sizes: list[int], ring: int) -> list[torch.Tensor]:
     """Cores (R, I, I, R) of a tensor-ring matrix equal to the identity: G_k[:, i, j, :] = delta_ij M_k,
     M_k = R^(-1/m) Q_k with random orthogonal Q_k for k < m and Q_m = (Q_1 ... Q_{m-1})^T, so that
-    Tr(M_1 ... M_m) = Tr(I / R) = 1."""
+    Tr(M_1 ... M_m) = Tr(I / R) = 1. Float64; cast once to the layer's dtype (so T = I to that dtype's rounding)."""
     m = len(sizes)
     scale = ring ** (-1.0 / m)
     mats, product = [], torch.eye(ring, dtype=torch.float64)
@@ -179,6 +199,6 @@ def identity_ring_cores(sizes: list[int], ring: int) -> list[torch.Tensor]:
         product = product @ q
     mats.append(product.t())
     return [
-        scale * torch.einsum("ij,ab->aijb", torch.eye(size, dtype=torch.float64), mat).float()
+        scale * torch.einsum("ij,ab->aijb", torch.eye(size, dtype=torch.float64), mat)
         for size, mat in zip(sizes, mats)
     ]

@@ -1,0 +1,85 @@
+"""init="pissa": the adapter starts on the principal part of W0, the base keeps the residual."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from segadapt.adapters import AdapterConfig, inject, load_adapter, merge_and_unload, save_adapter
+
+PISSA_METHODS = ["conv_lora", "lora_c", "cp_lora", "conv_dora", "dora_c", "cp_dora"]
+
+
+def pissa_model(method: str, layer=None, rank: int = 2, alpha: float = 4.0):
+    torch.manual_seed(0)
+    base = nn.Sequential(layer or nn.Conv2d(6, 8, 3, padding=1))
+    model = inject(copy.deepcopy(base), AdapterConfig(method=method, rank=rank, alpha=alpha, targets=["0"], init="pissa"))
+    return base, model, model[0].adapters["default"]
+
+
+@pytest.mark.parametrize("method", PISSA_METHODS)
+def test_pissa_is_exact_at_init_and_merge_exact_after_training(method, tmp_path):
+    base, model, adapter = pissa_model(method)
+    x = torch.randn(2, 6, 7, 7)
+    orders = ["weight", "activation"] if adapter.has_activation_form else ["weight"]
+    with torch.no_grad():
+        for compute in orders:
+            adapter.compute = compute
+            tolerance = 0.0 if compute == "weight" else 1e-6  # weight space: two identical products cancel
+            assert (model(x) - base(x)).abs().max().item() <= tolerance, compute
+    assert torch.equal(model[0].base_layer.weight, base[0].weight), "the frozen base is never edited"
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        trained = model(x)
+        assert not torch.allclose(trained, base(x), atol=1e-4)
+        path = save_adapter(model, tmp_path / "pissa.safetensors")
+        fresh = load_adapter(copy.deepcopy(base), path)
+        torch.testing.assert_close(fresh(x), trained, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merge_and_unload(model)(x), trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,layer", [("lora", nn.Linear(10, 7)), ("conv_lora", nn.Conv2d(6, 8, 3)), ("lora_c", nn.Conv2d(6, 8, 3))])
+def test_pissa_starts_on_the_top_singular_directions(method, layer):
+    """s B A at init = U_r diag(sig_r) V_r^T of the matrix it multiplies into (numpy SVD)."""
+    _, model, adapter = pissa_model(method, layer, rank=2, alpha=3.0)
+    w0 = layer.weight.detach().double()
+    k = 1 if method != "lora_c" else 3
+    matrix = w0.reshape(w0.shape[0] * k, -1).numpy()
+    u, sig, vt = np.linalg.svd(matrix, full_matrices=False)
+    r = 2 * k
+    expected = u[:, :r] @ np.diag(sig[:r]) @ vt[:r]
+    start = (3.0 / 2) * (adapter.lora_B.detach().double() @ adapter.lora_A.detach().double())
+    np.testing.assert_allclose(start.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cp_pissa_starts_on_a_parafac_of_the_weight():
+    """s [[U0]] is a rank-r CP approximation of W0: closer to W0 than zero, and its residual is what
+    the frozen base keeps (W0 - s [[U0]] + s [[U]] = W0 at init)."""
+    import tensorly as tl
+
+    _, model, adapter = pissa_model("cp_lora", nn.Conv2d(6, 8, 3), rank=4, alpha=2.0)
+    w0 = model[0].base_layer.weight.detach()
+    with tl.backend_context("pytorch"):
+        start = 0.5 * tl.cp_to_tensor((None, [f.detach() for f in adapter.factors]))
+    residual = (w0 - start).norm() / w0.norm()
+    assert residual < 0.95
+    assert torch.equal(adapter.delta_weight(), torch.zeros_like(w0))
+
+
+@pytest.mark.parametrize("method", ["salt", "tlora"])
+def test_pissa_is_refused_where_it_is_not_defined(method):
+    with pytest.raises(ValueError, match=r"module '0': init='pissa' is not defined for"):
+        inject(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(method=method, rank=2, targets=["0"], init="pissa"))
+
+
+def test_pissa_rank_above_the_singular_values_is_refused():
+    with pytest.raises(ValueError, match=r"module '0': init='pissa' needs rank <= 4"):
+        inject(nn.Sequential(nn.Linear(8, 4)), AdapterConfig(method="lora", rank=6, targets=["0"], init="pissa"))
