@@ -36,6 +36,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from segadapt.adapters import METHODS, AdaptedLayer, AdapterConfig, inject
+from segadapt.errors import exits_on_user_error
 
 ACTIVATION_CAPABLE = ("conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt")
 PEFT_EQUIVALENT = {"lora": "peft_lora", "conv_lora": "peft_lora", "conv_dora": "peft_dora"}
@@ -257,4 +258,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exits_on_user_error(main)()

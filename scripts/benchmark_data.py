@@ -29,6 +29,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from segadapt.data import PreprocessConfig, disk_cache_dir, fold_datasets, load_or_create_splits, make_phantom_dataset
+from segadapt.errors import exits_on_user_error
 
 MODES = ("none", "memory", "disk")
 
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exits_on_user_error(main)()

@@ -19,6 +19,7 @@ import torch
 from monai.networks.nets import UNet
 
 from segadapt.adapters import METHODS, AdapterConfig, inject, load_adapter, merge, save_adapter, unmerge
+from segadapt.errors import exits_on_user_error
 
 
 def main() -> int:
@@ -69,4 +70,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits_on_user_error(main)())

@@ -3,7 +3,9 @@
 The same as ``segadapt predict --run ...``; see :mod:`segadapt.inference` (``--help`` lists the options).
 """
 
-from segadapt.inference import main
+import sys
+
+from segadapt.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["predict", *sys.argv[1:]])

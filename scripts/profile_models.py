@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from segadapt.data.files import atomic_path, write_json
+from segadapt.errors import exits_on_user_error
 from segadapt.models import MultiViewUNet, build_model, target_presets
 
 # (row name, build_model name, kwargs, input shape at typical size, input shape with --small)
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exits_on_user_error(main)()

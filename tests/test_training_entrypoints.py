@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from segadapt.cli import main as segadapt_main
+from segadapt.cli import run as segadapt_main
 from segadapt.training import (
     ADAPTER_FILE,
     CHECKPOINT_FILE,
@@ -82,7 +82,7 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
     base = sweep / "runs/base/phantom_tbi_multiview_unet"
     assert (base / WEIGHTS_FILE).is_file() and read_metrics(base)["run"]["tuning"] == "scratch"
     for fold in (0, 1):
-        run = sweep / f"runs/phantom_sah/cp_lora/fold{fold}"
+        run = sweep / f"runs/phantom_sah/multiview_unet/cp_lora/fold{fold}"
         for name in (CONFIG_FILE, METRICS_FILE, ADAPTER_FILE, CHECKPOINT_FILE, "logs/metrics.csv", ".hydra/config.yaml"):
             assert (run / name).is_file(), name
         config = read_run_config(run)
@@ -103,13 +103,13 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
         with safe_open(str(run / ADAPTER_FILE), "pt") as f:  # the trained tensors only, not the base
             assert sum(np.prod(f.get_slice(k).get_shape())
                        for k in f.keys()) == metrics["cost"]["trainable_params"]
-    validated = [{c["case_id"] for c in read_metrics(sweep / f"runs/phantom_sah/cp_lora/fold{k}")["cases"]} for k in (0, 1)]
+    validated = [{c["case_id"] for c in read_metrics(sweep / f"runs/phantom_sah/multiview_unet/cp_lora/fold{k}")["cases"]} for k in (0, 1)]
     split = json.loads((sweep / "data/phantom_sah/splits_3fold_seed0.json").read_text(encoding="utf-8"))
     assert validated == [set(fold["val"]) for fold in split["folds"][:2]] and not validated[0] & validated[1]
 
 
 def test_adapter_file_and_base_reproduce_the_validation_metrics(sweep):
-    run = sweep / "runs/phantom_sah/cp_lora/fold0"
+    run = sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0"
     module, config = load_run(run)
     trainer = pl.Trainer(logger=False, **TRAINER)
     trainer.validate(module, datamodule=SegDataModule(**config["datamodule"]), verbose=False)
@@ -128,7 +128,7 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
     assert paths["dice_by_method"].read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(paths["csv"].open(encoding="utf-8")))
     assert [r["method"] for r in rows] == ["cp_lora"]
-    dice = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"cp_lora/fold{k}")["cases"]]
+    dice = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"multiview_unet/cp_lora/fold{k}")["cases"]]
     assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(dice))
     assert float(rows[0]["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
     assert int(rows[0]["cases"]) == 4 and rows[0]["folds"] == "2"
@@ -138,16 +138,16 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
     # a leftover fold of another split validates a case twice: refused, naming the method and the case
     mixed = tmp_path / "mixed"
     shutil.copytree(experiment, mixed)
-    leftover = read_metrics(mixed / "cp_lora/fold0")
+    leftover = read_metrics(mixed / "multiview_unet/cp_lora/fold0")
     leftover["run"]["fold"] = 4
-    (mixed / "cp_lora/fold4").mkdir()
-    (mixed / "cp_lora/fold4" / METRICS_FILE).write_text(json.dumps(leftover), encoding="utf-8")
+    (mixed / "multiview_unet/cp_lora/fold4").mkdir()
+    (mixed / "multiview_unet/cp_lora/fold4" / METRICS_FILE).write_text(json.dumps(leftover), encoding="utf-8")
     with pytest.raises(ValueError, match=r"method 'cp_lora': case '.+' is validated in fold 0 and fold 4"):
         write_report(mixed, tmp_path / "mixed_report")
 
 
 def _run_args(sweep: Path, **module):
-    config = read_run_config(sweep / "runs/phantom_sah/cp_lora/fold0")
+    config = read_run_config(sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0")
     return {**config["module"], **module}, config["datamodule"]
 
 
@@ -171,7 +171,7 @@ def test_resume_after_interruption_continues_from_the_saved_step(sweep, tmp_path
     (run / METRICS_FILE).write_text("{}", encoding="utf-8")  # results of an earlier run in the same folder
     (run / ADAPTER_FILE).write_bytes(b"stale")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, callbacks=[_Crash(3)], **args)
+        fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, callbacks=[_Crash(3)], overwrite=True, **args)
     assert (run / CHECKPOINT_FILE).is_file()
     assert not (run / METRICS_FILE).exists() and not (run / ADAPTER_FILE).exists()  # a crash leaves no stale results
     result = fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, ckpt_path="last", **args)
@@ -206,7 +206,7 @@ def test_none_baseline_validates_without_training(sweep, tmp_path):
                      {**TRAINER, "max_steps": 2})
     assert result["global_step"] == 0 and result["cost"]["trainable_params"] == 0 and "train_time_s" not in result["cost"]
     assert not (tmp_path / "none" / CHECKPOINT_FILE).exists()
-    base = read_metrics(sweep / "runs/phantom_sah/cp_lora/fold0")["base_cases"]
+    base = read_metrics(sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0")["base_cases"]
     assert [r["dice"] for r in result["cases"]] == pytest.approx([r["dice"] for r in base])
     text = (tmp_path / "none" / METRICS_FILE).read_text(encoding="utf-8")
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json is not JSON"))
@@ -225,7 +225,7 @@ def test_other_models_run_from_the_same_configs(sweep, tmp_path, model, adapter,
                                           f"paths.runs={tmp_path}", *TINY, *overrides, "trainer.max_steps=1",
                                           "pretrain.max_steps=1"])
     result = train(OmegaConf.to_container(cfg, resolve=True))
-    run = tmp_path / "phantom_sah" / adapter / "fold0"
+    run = tmp_path / "phantom_sah" / model / adapter / "fold0"
     assert (tmp_path / "base" / f"phantom_tbi_{model}" / WEIGHTS_FILE).is_file()
     assert (run / ADAPTER_FILE).is_file() and result["global_step"] == 1 and len(result["cases"]) == 2
     module, _ = load_run(run)

@@ -25,7 +25,7 @@ from monai.transforms import Compose
 from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
 from .loading import LoadCased
-from .splits import fold_cases, load_or_create_splits
+from .splits import fold_cases, load_or_create_splits, save_splits
 from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
 
 SAMPLINGS = ("patch", "slice")
@@ -97,16 +97,25 @@ def fold_datasets(
     """(train, validation) datasets of `fold` of a ``dataset.json``.
 
     Train items are patches (``sampling='patch'``) or multi-view 2D slices (``'slice'``); validation
-    items are whole preprocessed volumes with labels. Splits come from :func:`load_or_create_splits`.
+    items are whole preprocessed volumes with labels. Splits come from :func:`load_or_create_splits`; a
+    new splits file is written only once every case passed its checks (:class:`LoadCased`; with the
+    memory cache, building it checks them).
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
-    splits = load_or_create_splits(description, n_folds, seed, splits_path)
+    splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
     train_cases, val_cases = fold_cases(description, splits, fold)
     train_pipeline = patch_train_transforms if sampling == "patch" else slice_train_transforms
     args = (cfg, description.label_values, description.channels)
-    return (
+    datasets = (
         build_dataset(train_cases, train_pipeline(*args), cfg, description.name, cache_workers),
         build_dataset(val_cases, val_transforms(*args), cfg, description.name, cache_workers),
     )
+    if splits.volumes_ml is not None:  # a new split
+        if cfg.cache != "memory":
+            check = next(t for t in val_transforms(*args).transforms if isinstance(t, LoadCased))
+            for case in description.cases:
+                check(case.as_dict())
+        save_splits(splits, description)
+    return datasets

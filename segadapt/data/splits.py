@@ -35,6 +35,8 @@ class Splits:
     n_folds: int
     seed: int
     folds: tuple[tuple[str, ...], ...]
+    volumes_ml: Mapping[str, float] | None = None
+    """Lesion volume per case when the split was just made (what :func:`save_splits` writes)."""
 
     def _check(self, fold: int) -> None:
         if not isinstance(fold, (int, np.integer)) or not 0 <= fold < self.n_folds:
@@ -91,11 +93,24 @@ def default_splits_path(description: DatasetDescription, n_folds: int, seed: int
     return description.root / f"splits_{n_folds}fold_seed{seed}.json"
 
 
+def save_splits(splits: Splits, description: DatasetDescription) -> Path:
+    """Write a split made by ``load_or_create_splits(..., write=False)`` to its file."""
+    return write_json(splits.path, {
+        "dataset": description.name,
+        "n_folds": splits.n_folds,
+        "seed": splits.seed,
+        "method": "patient-grouped k-fold, stratified by lesion volume",
+        "folds": [{"val": list(f)} for f in splits.folds],
+        "lesion_volume_ml": {k: round(v, 4) for k, v in sorted(dict(splits.volumes_ml or {}).items())},
+    })
+
+
 def load_or_create_splits(
     dataset: str | os.PathLike | DatasetDescription,
     n_folds: int = 5,
     seed: int = 0,
     path: str | os.PathLike | None = None,
+    write: bool = True,
 ) -> Splits:
     """Read the splits file for (`n_folds`, `seed`), creating it first if absent.
 
@@ -103,6 +118,8 @@ def load_or_create_splits(
         dataset: a ``dataset.json`` path or a loaded description.
         path: where the splits file lives; default ``<dataset folder>/splits_<k>fold_seed<seed>.json``
             (pass another path when the dataset folder is read-only).
+        write: False: a new split is returned unwritten (:func:`save_splits` writes it once the cases
+            passed their checks).
 
     Raises:
         ValueError: the stored file disagrees with the dataset (cases added or removed, other k/seed,
@@ -117,14 +134,10 @@ def load_or_create_splits(
             folds = make_splits(description.cases, volumes, n_folds, seed)
         except ValueError as e:
             raise ValueError(f"{description.path}: {e}") from None
-        write_json(path, {
-            "dataset": description.name,
-            "n_folds": n_folds,
-            "seed": seed,
-            "method": "patient-grouped k-fold, stratified by lesion volume",
-            "folds": [{"val": f} for f in folds],
-            "lesion_volume_ml": {k: round(v, 4) for k, v in sorted(volumes.items())},
-        })
+        made = Splits(path, n_folds, seed, tuple(tuple(f) for f in folds), volumes)
+        if not write:
+            return made
+        save_splits(made, description)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         folds = tuple(tuple(f["val"]) for f in doc["folds"])

@@ -9,14 +9,26 @@ Batches:
   foreground crop), ``image (1, C, *spatial)`` and ``label (1, 1, *spatial)`` as MetaTensors (affine
   kept for spacing and volumes), plus ``case_id``; :attr:`SegDataModule.val_pipeline` maps predictions
   back onto each case's file grid.
+
+Training samples are a function of the global step: batch t holds the cases at positions
+``(t mod E) * B ..`` of the permutation of epoch ``t // E`` (E batches of B per epoch, permutation seeded
+with (seed, fold, epoch)), each drawn through the random transforms seeded with (seed, fold, t, j), and
+torch / numpy / python RNGs are reseeded with (seed, fold, t) before step t. A run resumed at step t from
+a checkpoint therefore draws what the uninterrupted run draws, whatever it did before.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from monai.data import DataLoader, Dataset
+from torch.utils.data import Sampler
 
 from segadapt.data import (
     PreprocessConfig,
@@ -39,6 +51,7 @@ class SegDataModule(pl.LightningDataModule):
         num_workers: data-loader worker processes.
         cache_workers: threads that fill the memory cache.
         splits_path: optional splits file (default beside ``dataset.json``).
+        seed: seed of the training samples (see the module docstring).
     """
 
     def __init__(
@@ -53,6 +66,7 @@ class SegDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_workers: int = 1,
         splits_path: Optional[str] = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,13 +94,27 @@ class SegDataModule(pl.LightningDataModule):
         return None if self.val_set is None else self.val_set.transform
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size if train else 1,
-            shuffle=train,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        if not train:
+            return DataLoader(dataset, batch_size=1, num_workers=self.hparams.num_workers,
+                              persistent_workers=self.hparams.num_workers > 0)
+        h = self.hparams
+        sampler = StepSampler(len(dataset), h.batch_size, (h.seed, h.fold), self._global_step)
+        return DataLoader(SeededItems(dataset), batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
+                          persistent_workers=h.num_workers > 0)
+
+    def _global_step(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return 0 if trainer is None else trainer.global_step
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Before training step t: torch, numpy and python RNGs reseeded from (seed, fold, t) (e.g. dropout)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            seed = int(np.random.SeedSequence([self.hparams.seed, self.hparams.fold, trainer.global_step]).generate_state(1)[0])
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -96,3 +124,43 @@ class SegDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
+
+
+class StepSampler(Sampler):
+    """One epoch of training items from the epoch that global step ``first_step()`` falls in, on: the epoch
+    ``e = t // E`` (``E = ceil(n / batch_size)`` batches) visits the items in the order of a permutation
+    seeded with ``(*key, e)``; item j of batch t comes with the transform seed drawn from ``(*key, t, j)``.
+    Started at step t mid-epoch, it yields the rest of that epoch (as Lightning runs it when resuming).
+
+    Yields ``(item index, transform seed)`` pairs for :class:`SeededItems`.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, key: tuple[int, ...], first_step: Callable[[], int]) -> None:
+        self.n, self.batch_size, self.key, self.first_step = n_items, batch_size, tuple(int(k) for k in key), first_step
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        batches = math.ceil(self.n / self.batch_size)
+        epoch, batch = divmod(self.first_step(), batches)
+        order = np.random.default_rng([*self.key, epoch]).permutation(self.n)
+        for position in range(batch * self.batch_size, self.n):
+            step, j = divmod(position, self.batch_size)
+            seed = np.random.SeedSequence([*self.key, epoch * batches + step, j]).generate_state(1)[0]
+            yield int(order[position]), int(seed)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[(index, seed)]``: item `index` of `dataset` with its transforms' random state set from `seed`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        self.dataset.transform.set_random_state(seed=seed)
+        return self.dataset[index]

@@ -1,6 +1,6 @@
 """Cross-validation report: every method and fold of an experiment folder as one table and two plots.
 
-Reads ``<experiment>/<method>/fold<k>/metrics.json`` (written by :func:`segadapt.training.fit_run`) and
+Reads ``<experiment>/<model>/<method>/fold<k>/metrics.json`` (written by :func:`segadapt.training.fit_run`) and
 writes into the experiment folder (or `out_dir`):
 
 * ``report.md`` and ``report.csv``: one row per method. Dice, HD95, Dice per lesion-volume bin and the
@@ -38,13 +38,13 @@ def _edges(values: Sequence[Any]) -> list[float]:
 
 
 def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The metrics.json of every finished run under `experiment_dir` (``<method>/fold<k>/metrics.json``)."""
+    """The metrics.json of every finished run under `experiment_dir` (``<model>/<method>/fold<k>/metrics.json``)."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/fold*/metrics.json"))]
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/*/fold*/metrics.json"))]
     if not runs:
-        raise FileNotFoundError(f"no finished runs under {root} (expected <method>/fold<k>/metrics.json)")
+        raise FileNotFoundError(f"no finished runs under {root} (expected <model>/<method>/fold<k>/metrics.json)")
     return runs
 
 

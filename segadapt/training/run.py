@@ -24,13 +24,13 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
 
 from __future__ import annotations
 
-import functools
+import csv
 import importlib.util
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from segadapt.adapters import load_adapter
-from segadapt.data import PreprocessConfig, make_phantom_dataset
+from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
@@ -63,21 +63,73 @@ CHECKPOINT_FILE = "last.ckpt"
 
 
 # ---- configuration ------------------------------------------------------------------------------
-@functools.cache
-def free_cores() -> int:
-    """Available cores minus the whole part of the 1-minute load average, at least 1 (decided once per process,
-    so that every run of a sweep uses the same number). More intra-op threads than free cores make each parallel op wait
-    for a thread the OS has descheduled: on a shared 2-core machine a step then takes many times longer."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0  # whole cores kept busy by others
-    return max(1, min(cores, cores - busy))
+DEFAULT_THREADS = 1
 
 
 def configure_threads(threads: Optional[int]) -> int:
-    """Set torch's intra-op threads (None: :func:`free_cores`); returns the number set."""
-    n = threads or free_cores()
+    """Set torch's intra-op threads: `threads`, or :data:`DEFAULT_THREADS` when None; returns the number set.
+
+    A fixed default, not one read from the machine's cores or load: results depend on the thread count
+    (float sums are split differently), and the same command and seed must give the same metrics on any
+    machine, idle or busy. One thread also never waits for a core taken by another job."""
+    n = DEFAULT_THREADS if threads is None else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"trainer.threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(n)
     return n
+
+
+# Expected types of the config keys whose default is null (the others take the type of their default).
+NULLABLE_TYPES = {"trainer.threads": int, "ckpt_path": str}
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _kind(value: Any) -> Optional[type]:
+    for kind in (bool, int, float, str, list, dict):
+        if isinstance(value, kind):
+            return kind
+    return None
+
+
+def _element(values: list) -> Any:
+    """What the elements of a list from the config files look like: the first one when all have its type,
+    a float when they are numbers, None (unchecked) otherwise."""
+    kinds = {_kind(v) for v in values}
+    if len(kinds) == 1 and None not in kinds:
+        return values[0]
+    return 0.0 if kinds <= {int, float} and kinds else None
+
+
+def _type_error(key: str, value: Any, expected: Any) -> Optional[str]:
+    """Why `value` cannot stand where the config files have `expected` (a value, or a type), or None."""
+    want = expected if isinstance(expected, type) else _kind(expected)
+    got = _kind(value)
+    if value is None or want is None or got == want or (want is float and got is int) or \
+            (want is str and got in (int, float)):
+        if isinstance(expected, list) and isinstance(value, list) and _element(expected) is not None:
+            element = _element(expected)
+            return next(filter(None, (_type_error(f"{key}[{i}]", v, element) for i, v in enumerate(value))), None)
+        if isinstance(expected, dict) and isinstance(value, dict):
+            return next(filter(None, (_type_error(f"{key}.{k}", v, expected[k]) for k, v in value.items()
+                                      if k in expected)), None)
+        return None
+    return f"{key}={value!r}: expected {_TYPE_NAMES[want]}, got {type(value).__name__}"
+
+
+def check_config_types(cfg: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the key and the expected type where a value of `cfg` (a composed config with
+    overrides) has another type than in `reference` (the same config groups, no overrides): ``rank=abc``.
+    Integers may stand for floats; keys that are null in `reference` are typed by :data:`NULLABLE_TYPES`."""
+    leaves = _leaves(cfg)
+    for key, expected in NULLABLE_TYPES.items():
+        if leaves.get(key) is not None and _leaves(reference).get(key) is None:
+            error = _type_error(key, leaves[key], expected)
+            if error:
+                raise ValueError(error)
+    error = _type_error("", dict(cfg), dict(reference))
+    if error:
+        raise ValueError(error.lstrip("."))
 
 
 def prepare_dataset(data: Mapping[str, Any]) -> Path:
@@ -136,6 +188,7 @@ def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_jso
         "sampling": cfg["model"]["sampling"],
         "batch_size": data["batch_size"],
         "num_workers": cfg["trainer"].get("workers", 0),
+        "seed": cfg["seed"],
     }
 
 
@@ -174,9 +227,113 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optional[int]) -> pl.Trainer:
-    """A Trainer writing into `run_dir`: last.ckpt every `checkpoint_every` steps, CSV (+ TensorBoard) logs."""
-    loggers: list = [CSVLogger(run_dir, name="logs", version="")]
+# Keys of config.yaml that do not change what a run computes: a resume may change them.
+NON_IDENTITY_KEYS = frozenset({"run.run_dir", "datamodule.num_workers", "trainer.enable_progress_bar",
+                               "trainer.enable_model_summary", "trainer.log_every_n_steps"})
+
+
+def run_record(run_dir: Path, identity: Mapping[str, Any], module_kwargs: Mapping[str, Any],
+               datamodule_kwargs: Mapping[str, Any], trainer_kwargs: Mapping[str, Any], seed: int,
+               threads: int) -> dict[str, Any]:
+    """The content of a run's ``config.yaml`` (as read back from YAML)."""
+    record = {
+        "format": RUN_FORMAT,
+        "run": {**identity, "tuning": tuning_name(module_kwargs["adapter"]), "seed": seed, "threads": threads,
+                "run_dir": str(run_dir)},
+        "module": dict(module_kwargs),
+        "datamodule": dict(datamodule_kwargs),
+        "trainer": dict(trainer_kwargs),
+    }
+    return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(record))), resolve=True)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def run_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``'key: old -> new'`` for every setting that differs between two run configs (NON_IDENTITY_KEYS aside)."""
+    old, now = _leaves(stored), _leaves(new)
+    missing = object()
+    return [f"{key}: {old.get(key, missing)!r} -> {now.get(key, missing)!r}".replace(repr(missing), "(absent)")
+            for key in sorted(set(old) | set(now))
+            if key not in NON_IDENTITY_KEYS and old.get(key, missing) != now.get(key, missing)]
+
+
+def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+                     ckpt_path: Optional[str] = None, overwrite: bool = False) -> None:
+    """Refuse, before anything is written, a run that would silently lose or mix results in `run_dir`.
+
+    A fresh run (``ckpt_path`` None) may not replace a finished run (``metrics.json`` present) unless
+    `overwrite`. A resume needs its checkpoint, and its settings (`record`, the config.yaml it would write,
+    or a function computing it) must equal the folder's config.yaml up to :data:`NON_IDENTITY_KEYS`.
+    """
+    run_dir = Path(run_dir)
+    if ckpt_path is None:
+        if (run_dir / METRICS_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{run_dir} holds a finished run ({METRICS_FILE}); overwrite=true replaces it, "
+                                  f"ckpt_path=last resumes it")
+        return
+    checkpoint = run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: nothing to resume, no checkpoint {checkpoint}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        if ckpt_path == "last":
+            raise FileNotFoundError(f"ckpt_path=last: {run_dir} has {CHECKPOINT_FILE} but no {CONFIG_FILE}")
+        return  # a new run folder started from another run's checkpoint
+    changes = run_changes(read_run_config(run_dir), record() if callable(record) else record)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {shown}; resume with "
+                         "the run's own settings, or start it anew (overwrite=true, or another run_dir)")
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not path.is_file():
+        return [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class KeepLogHistory(pl.Callback):
+    """Keeps the rows of ``logs/metrics.csv`` from before a resume: Lightning's CSVLogger deletes the file
+    when it starts. The rows are written back at once, and at the start of training those of steps at or
+    after the resumed step (logged after the checkpoint was saved) are dropped."""
+
+    def __init__(self, logger: CSVLogger) -> None:
+        fields, rows = _read_csv(Path(logger.log_dir) / "metrics.csv")  # before the logger starts and deletes it
+        self.writer = logger.experiment
+        self.path = Path(self.writer.metrics_file_path)
+        if fields:
+            _write_csv(self.path, fields, rows)
+            self.writer.metrics_keys = sorted(set(self.writer.metrics_keys) | set(fields))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fields, rows = _read_csv(self.path)
+        if not fields:
+            return
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) < trainer.global_step]
+        fields = sorted(set(fields) | set(self.writer.metrics_keys))
+        _write_csv(self.path, fields, kept)
+        self.writer.metrics_keys = fields
+
+
+def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optional[int],
+                 resume: bool = False) -> pl.Trainer:
+    """A Trainer writing into `run_dir`: last.ckpt every `checkpoint_every` steps, CSV (+ TensorBoard) logs
+    (``resume``: logs/metrics.csv keeps the rows of the steps before the checkpoint)."""
+    csv_logger = CSVLogger(run_dir, name="logs", version="")
+    loggers: list = [csv_logger]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(run_dir, name="logs", version=""))
     callbacks = [
@@ -185,6 +342,8 @@ def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optio
         TrainStats(),
         ExportWeights(str(run_dir)),
     ]
+    if resume and rank_zero_only.rank == 0:
+        callbacks.append(KeepLogHistory(csv_logger))
     return pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **args)
 
 
@@ -203,38 +362,42 @@ def fit_run(
     eval_base: bool = True,
     checkpoint_every: Optional[int] = None,
     callbacks: Optional[list[pl.Callback]] = None,
+    overwrite: bool = False,
     plan: Optional[Plan] = None,
 ) -> dict[str, Any]:
     """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
+
+    Nothing is written before the run is known to be sound: the folder is checked
+    (:func:`check_run_folder`), every case read and checked, the network built.
 
     Args:
         identity: experiment, method, fold, ... (written under ``run`` in config.yaml and metrics.json).
         eval_base: also validate the network before tuning (``base_val`` in metrics.json).
         ckpt_path: ``'last'`` (or a path) resumes training from that Lightning checkpoint.
         callbacks: extra Lightning callbacks.
+        overwrite: a fresh run may replace a finished one in `run_dir`.
         plan: the dataset plan the settings came from, written as ``plan.json``.
     """
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     tuning = tuning_name(module_kwargs["adapter"])
+    record = run_record(run_dir, identity, module_kwargs, datamodule_kwargs, trainer_kwargs, seed,
+                        torch.get_num_threads())
     main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
     if main_process:
-        if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
-            for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE):
-                (run_dir / stale).unlink(missing_ok=True)
-        write_yaml(run_dir / CONFIG_FILE, {
-            "format": RUN_FORMAT,
-            "run": {**identity, "tuning": tuning, "seed": seed, "run_dir": str(run_dir)},
-            "module": dict(module_kwargs),
-            "datamodule": dict(datamodule_kwargs),
-            "trainer": dict(trainer_kwargs),
-        })
-        if plan is not None:
-            plan.to_json(run_dir / PLAN_FILE)
+        check_run_folder(run_dir, record, ckpt_path, overwrite)
     pl.seed_everything(seed, workers=True)
     datamodule = SegDataModule(**datamodule_kwargs)
+    datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
     module = SegAdaptModule(**module_kwargs)
-    trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
+            for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, "logs/metrics.csv"):
+                (run_dir / stale).unlink(missing_ok=True)
+        write_yaml(run_dir / CONFIG_FILE, record)
+        if plan is not None:
+            plan.to_json(run_dir / PLAN_FILE)
+    trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
     for callback in callbacks or []:
         trainer.callbacks.append(callback)
 
@@ -284,53 +447,77 @@ def ensure_base(cfg: Mapping[str, Any]) -> Path:
     return base.resolve()
 
 
+def _fit_args(cfg: Mapping[str, Any], kind: str, dataset: Path) -> dict[str, Any]:
+    """:func:`fit_run` arguments of a ``train`` or ``pretrain`` job (`dataset`: its absolute dataset.json)."""
+    if kind == "pretrain":
+        source, settings = cfg["source"], cfg["pretrain"]
+        in_channels = SegDataModule(str(dataset), preprocess=dict(source["preprocess"])).in_channels
+        return {
+            "run_dir": settings["run_dir"],
+            "identity": {"experiment": "pretrain", "method": "scratch", "fold": settings["fold"], "dataset": source["name"]},
+            "module_kwargs": module_args(cfg, source, in_channels, None, {"spec": "scratch", "lr": settings["lr"]}),
+            "datamodule_kwargs": datamodule_args(cfg, source, dataset, settings["fold"]),
+            "trainer_kwargs": trainer_args(cfg, max_steps=settings["max_steps"]),
+            "seed": cfg["seed"],
+        }
+    data, adapter = cfg["data"], cfg["adapter"]
+    base = None if tuning_name(adapter["spec"]) == "scratch" else Path(cfg["base_checkpoint"]).resolve()
+    in_channels = SegDataModule(str(dataset), preprocess=dict(data["preprocess"])).in_channels
+    return {
+        "run_dir": cfg["run_dir"],
+        "identity": {"experiment": cfg["experiment"], "method": adapter["name"], "fold": cfg["fold"], "dataset": data["name"]},
+        "module_kwargs": module_args(cfg, data, in_channels, base, adapter),
+        "datamodule_kwargs": datamodule_args(cfg, data, dataset, cfg["fold"]),
+        "trainer_kwargs": trainer_args(cfg),
+        "seed": cfg["seed"],
+    }
+
+
+def check_request(cfg: Mapping[str, Any], kind: str = "train") -> None:
+    """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
+    an existing dataset.json, and the run folder (:func:`check_run_folder`: finished run, resume)."""
+    data = cfg["source"] if kind == "pretrain" else cfg["data"]
+    threads = cfg["trainer"].get("threads")
+    configure_threads(threads)
+    dataset = Path(data["dataset_json"])
+    if dataset.is_file():
+        load_dataset_json(dataset)
+    ckpt_path = None if kind == "pretrain" else cfg["ckpt_path"]
+
+    def record() -> dict[str, Any]:
+        if not dataset.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: dataset description not found: {dataset}")
+        args = _fit_args(cfg, kind, dataset.resolve())
+        return run_record(Path(args.pop("run_dir")).resolve(), threads=torch.get_num_threads(), **args)
+
+    run_dir = cfg["pretrain"]["run_dir"] if kind == "pretrain" else cfg["run_dir"]
+    check_run_folder(run_dir, record, ckpt_path, bool(cfg.get("overwrite", False)))
+
+
 def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Full training of the network from random init on the source dataset (``cfg.source``), holding out
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
-    configure_threads(cfg["trainer"].get("threads"))
     plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
-    source, settings = cfg["source"], cfg["pretrain"]
-    dataset = prepare_dataset(source)
-    in_channels = SegDataModule(str(dataset), preprocess=dict(source["preprocess"])).in_channels
-    result = fit_run(
-        settings["run_dir"],
-        {"experiment": "pretrain", "method": "scratch", "fold": settings["fold"], "dataset": source["name"]},
-        module_args(cfg, source, in_channels, None, {"spec": "scratch", "lr": settings["lr"]}),
-        datamodule_args(cfg, source, dataset, settings["fold"]),
-        trainer_args(cfg, max_steps=settings["max_steps"]),
-        seed=cfg["seed"],
-        checkpoint_every=cfg["checkpoint_every"],
-        plan=plan,
-    )
-    rank_zero_print(f"pretrained base on {source['name']}: source-fold Dice {result['val']['dice']:.3f} "
-                    f"-> {Path(settings['run_dir']) / WEIGHTS_FILE}")
+    check_request(cfg, "pretrain")
+    result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
+                     checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan)
+    rank_zero_print(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
+                    f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
     return result
 
 
 def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None) -> dict[str, Any]:
     """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs)."""
-    configure_threads(cfg["trainer"].get("threads"))
     plan = run_plan(cfg, pretraining=False, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
-    data, adapter = cfg["data"], cfg["adapter"]
-    dataset = prepare_dataset(data)
-    tuning = tuning_name(adapter["spec"])
-    base = None if tuning == "scratch" else ensure_base(cfg)
-    in_channels = SegDataModule(str(dataset), preprocess=dict(data["preprocess"])).in_channels
-    result = fit_run(
-        cfg["run_dir"],
-        {"experiment": cfg["experiment"], "method": adapter["name"], "fold": cfg["fold"], "dataset": data["name"]},
-        module_args(cfg, data, in_channels, base, adapter),
-        datamodule_args(cfg, data, dataset, cfg["fold"]),
-        trainer_args(cfg),
-        seed=cfg["seed"],
-        ckpt_path=cfg["ckpt_path"],
-        eval_base=cfg["eval_base"],
-        checkpoint_every=cfg["checkpoint_every"],
-        callbacks=callbacks,
-        plan=plan,
-    )
+    check_request(cfg, "train")  # before the base is pretrained or the run folder touched
+    args = _fit_args(cfg, "train", prepare_dataset(cfg["data"]))
+    if tuning_name(cfg["adapter"]["spec"]) != "scratch":
+        ensure_base(cfg)
+    result = fit_run(**args, ckpt_path=cfg["ckpt_path"], eval_base=cfg["eval_base"],
+                     checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
+                     overwrite=bool(cfg.get("overwrite", False)), plan=plan)
     rank_zero_print(format_result(result, cfg["run_dir"]))
     return result
 

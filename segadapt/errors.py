@@ -1,0 +1,87 @@
+"""One-line errors at the command line: the handler shared by every entry point.
+
+Bad input (a case file, a config key, a checkpoint, a path) is a user error: the command prints
+``error: <message>`` on stderr, one line, and exits with code 2. Anything else is a bug and keeps its
+traceback. ``SEGADAPT_DEBUG=1`` prints the traceback of user errors too.
+
+The message is the package's own: libraries wrap errors raised inside them (MONAI raises
+``RuntimeError: applying transform <...>`` from a transform's :class:`~segadapt.data.loading.CaseError`),
+so the handler walks the exception chain (``__cause__`` / ``__context__``) to the first user error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, Optional, TypeVar
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+EXIT_CODE = 2
+DEBUG_ENV = "SEGADAPT_DEBUG"
+
+# ValueError covers CaseError and the checkpoint errors of segadapt.models.pretrained; OSError the missing,
+# unreadable or unwritable files; re.error an invalid module pattern; Hydra / OmegaConf the config errors.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, re.error, HydraException, OmegaConfBaseException)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from or while handling, outermost first (cycles cut)."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def user_error(error: BaseException) -> Optional[BaseException]:
+    """The user error behind `error` (itself, or the first one in its chain), or None for a bug."""
+    return next((e for e in _chain(error) if isinstance(e, USER_ERRORS)), None)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (lines joined with ' / '; the type name when it has none)."""
+    if isinstance(error, re.error) and error.pattern is not None:
+        text = f"invalid regular expression {error.pattern!r}: {error}"
+    elif isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.strerror}: {error.filename}"  # str() would add '[Errno 2]'
+    else:
+        text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines) or type(error).__name__
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user error raised inside the block into ``error: <message>`` on stderr and exit code 2."""
+    try:
+        yield
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exception(error)
+        sys.stdout.flush()
+        print(f"error: {one_line(cause)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CODE) from None
+
+
+def exits_on_user_error(func: F) -> F:
+    """Decorator form of :func:`user_errors` for a command's main function."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_errors():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
