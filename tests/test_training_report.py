@@ -117,8 +117,8 @@ def test_base_row_from_the_runs_and_nested_layouts(tmp_path):
         _write(folder, "full", "full", DICE["full"], base=DICE["none"])
         _write(folder, "lora_c_r2", "lora_c", DICE["lora_c"], base=DICE["none"])
     (tmp_path / "nested" / "base" / "fold0").mkdir(parents=True)  # a pretraining run in the tree is left out
-    (tmp_path / "nested" / "base" / "fold0" / "metrics.json").write_text(json.dumps({"run": {"experiment": "pretrain"}}),
-                                                                         encoding="utf-8")
+    pretraining = json.dumps({"run": {"experiment": "pretrain"}})
+    (tmp_path / "nested" / "base" / "fold0" / "metrics.json").write_text(pretraining, encoding="utf-8")
     _, rows = _rows(write_report(flat)["csv"])
     assert list(rows) == ["none", "full", "lora_c_r2"] and rows["none"]["base_from_runs"] == "1"
     assert float(rows["none"]["dice_mean"]) == pytest.approx(np.mean(DICE["none"]))

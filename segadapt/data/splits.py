@@ -191,8 +191,8 @@ def inner_split(
         return list(train), []
     patients = sorted({c.patient_id for c in train})
     if len(patients) < 2:
-        raise ValueError(f"fold {fold}: cannot carve an inner validation split from {len(patients)} training patient(s) "
-                         "(set inner_fraction to 0)")
+        raise ValueError(f"fold {fold}: cannot carve an inner validation split from {len(patients)} training "
+                         "patient(s) (set inner_fraction to 0)")
     n_inner = min(max(1, round(fraction * len(patients))), len(patients) - 1)
     order = _fold_rng(seed, fold, 0).permutation(len(patients))
     inner = {patients[i] for i in order[:n_inner]}

@@ -2,8 +2,9 @@
 inner validation split, and weight export.
 
 ``TrainStats`` keeps its totals in the Lightning checkpoint, so a resumed run reports the time of all its
-sessions (``SelectBest`` keeps its curve and the selected state there too). Peak memory is the CUDA allocator's peak on GPU, and the process's peak resident set size
-(Linux ``VmHWM``, reset at fit start through ``/proc/self/clear_refs``) on CPU.
+sessions (``SelectBest`` keeps its curve and the selected state there too). Peak memory is the CUDA
+allocator's peak on GPU, and the process's peak resident set size (Linux ``VmHWM``, reset at fit start
+through ``/proc/self/clear_refs``) on CPU.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class SelectBest(pl.Callback):
         return True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.monitor not in trainer.callback_metrics:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if not fitting or self.monitor not in trainer.callback_metrics:
             return
         self.record(trainer.global_step, float(trainer.callback_metrics[self.monitor]), pl_module)
 

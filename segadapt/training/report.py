@@ -244,14 +244,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bins = [f"{_fmt(r[f'dice_bin{i}'])} (n={int(r[f'n_bin{i}'])})" for i in range(len(labels))]
-        hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + (f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else "")
+        undefined = f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else ""
+        hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + undefined
         low, high = r["dice_ci"]
         name = r["method"] + ("²" if r["base_from_runs"] else "")
         cells = [name, str(len(r["folds"])), str(int(r["n_cases"])), _fmt(r["dice"], r["dice_sd"]),
                  "-" if not math.isfinite(low) else f"{low:.3f}–{high:.3f}", _fmt_p(r["p_vs_none"]),
                  _fmt_p(r["p_vs_full"]), _flag(r), _fmt(r["dice_last"]), hd95, *bins, _fmt(r["volume_corr"], digits=2),
-                 f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1), _fmt(r["peak_mem_mb"], digits=0),
-                 _fmt(r["peak_mem_increase_mb"], digits=0)]
+                 f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1),
+                 _fmt(r["peak_mem_mb"], digits=0), _fmt(r["peak_mem_increase_mb"], digits=0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,8 +273,8 @@ def csv_text(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
                      "volume_corr", "volume_abs_err_ml", "train_time_s_sd", "train_steps", "peak_mem_mb",
                      "peak_mem_increase_mb", "memory", "base_from_runs"])
     for r in rows:
-        values = [r["method"], int(r["n_cases"]), r["dice"], r["dice_sd"], *r["dice_ci"], r["p_vs_none"], r["p_vs_full"],
-                  int(r["trainable_params"]), r["train_time_s"][0], r["tuning"], len(r["folds"]), r["dice_last"],
+        values = [r["method"], int(r["n_cases"]), r["dice"], r["dice_sd"], *r["dice_ci"], r["p_vs_none"],
+                  r["p_vs_full"], int(r["trainable_params"]), r["train_time_s"][0], r["tuning"], len(r["folds"]), r["dice_last"],
                   r["selected_folds"], r["below_base_folds"], r["hd95"], r["hd95_sd"], int(r["hd95_undefined"]),
                   *[r[f"dice_bin{i}"] for i in range(len(labels))], *[int(r[f"n_bin{i}"]) for i in range(len(labels))],
                   r["volume_corr"], r["volume_abs_err_ml"], r["train_time_s"][1], r["train_steps"], r["peak_mem_mb"],
@@ -289,10 +290,12 @@ def _save(figure: Any, path: Path) -> Path:
 
 
 def _colours(n: int) -> list[Any]:
-    """One distinct colour per method (tab20, then tab20b / tab20c beyond 20 methods)."""
+    """One distinct colour per method: tab20's ten dark hues, then its ten light ones (so that neighbouring
+    methods do not share a hue), then tab20b / tab20c beyond 20 methods."""
     from matplotlib import colormaps
 
-    palette = [colormaps[name](i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)]
+    tab20 = [colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    palette = tab20 + [colormaps[name](i) for name in ("tab20b", "tab20c") for i in range(20)]
     return [palette[i % len(palette)] for i in range(n)]
 
 

@@ -396,13 +396,13 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
         last = result["val_last"]
         base_inner = result.get("base_inner_dice")
         stop = ", stopped early" if selection["stopped_early"] else ""
-        lines.append(f"  model selection: step {selection['selected_step']} of {result['global_step']}{stop}, inner-split "
-                     f"Dice {selection['selected_dice']:.3f} ({len(selection['inner_cases'])} inner cases)"
+        lines.append(f"  model selection: step {selection['selected_step']} of {result['global_step']}{stop}, "
+                     f"inner-split Dice {selection['selected_dice']:.3f} ({len(selection['inner_cases'])} inner cases)"
                      + ("" if base_inner is None else f", unadapted base {base_inner:.3f}")
                      + f"; last step on the validation cases: Dice {last['dice']:.3f}")
         if selection["below_base"]:
-            lines.append(f"  WARNING: the selected network's inner-split Dice {selection['selected_dice']:.3f} is below the "
-                         f"unadapted base's {base_inner:.3f}: training did not help on this fold")
+            lines.append(f"  WARNING: the selected network's inner-split Dice {selection['selected_dice']:.3f} is "
+                         f"below the unadapted base's {base_inner:.3f}: training did not help on this fold")
     if "train_time_s" in cost:
         threads = f"{cost['threads']} thread" + ("s" if cost["threads"] > 1 else "")
         lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "
