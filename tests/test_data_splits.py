@@ -10,10 +10,12 @@ import pytest
 from segadapt.data import (
     CaseEntry,
     fold_cases,
+    inner_split,
     lesion_volume_ml,
     load_dataset_json,
     load_or_create_splits,
     make_splits,
+    subset_cases,
     write_dataset_json,
 )
 from segadapt.data.files import save_nifti
@@ -118,3 +120,48 @@ def test_stored_splits_are_rechecked_for_patients_across_folds(tmp_path):
                rf"fold 2 \['{b}'\]; .*delete the splits file to re-split")
     with pytest.raises(ValueError, match=message):
         load_or_create_splits(path, n_folds=3, seed=0)
+
+
+def test_inner_split_is_carved_from_training_patients_only():
+    """The inner validation split groups a patient's scans, never holds a validation case of the fold, and is
+    the same for the same (seed, fold)."""
+    cases = _entries(10, scans_per_patient=2)
+    folds = make_splits(cases, {c.case_id: 1.0 for c in cases}, n_folds=3, seed=0)
+    for fold in range(3):
+        train, val = [c for c in cases if c.case_id not in folds[fold]], [c for c in cases if c.case_id in folds[fold]]
+        rest, inner = inner_split(train, 0.25, seed=0, fold=fold)
+        val_patients = {c.patient_id for c in val}
+        inner_patients, rest_patients = {c.patient_id for c in inner}, {c.patient_id for c in rest}
+        assert not inner_patients & val_patients and not inner_patients & rest_patients
+        assert sorted(c.case_id for c in rest + inner) == sorted(c.case_id for c in train)  # nothing lost
+        n_patients = len({c.patient_id for c in train})
+        assert len(inner_patients) == max(1, round(0.25 * n_patients)) and len(inner) == 2 * len(inner_patients)
+        assert inner_split(train, 0.25, seed=0, fold=fold) == (rest, inner)  # deterministic
+    train = [c for c in cases if c.case_id not in folds[0]]
+    seeds = {tuple(c.case_id for c in inner_split(train, 0.25, seed=s, fold=0)[1]) for s in range(6)}
+    assert len(seeds) > 1  # the seed decides which patients
+    assert inner_split(train, 0.0, seed=0, fold=0) == (train, [])
+
+
+def test_inner_split_sizes_and_errors():
+    two = _entries(2)
+    assert [len(part) for part in inner_split(two, 0.9, seed=0, fold=0)] == [1, 1]  # one patient stays to train
+    assert [len(part) for part in inner_split(_entries(7), 0.01, seed=0, fold=0)] == [6, 1]  # at least one inner
+    with pytest.raises(ValueError, match="cannot carve an inner validation split from 1 training patient"):
+        inner_split(_entries(1, scans_per_patient=3), 0.2, seed=0, fold=1)
+    with pytest.raises(ValueError, match=r"inner_fraction must be in \[0, 1\), got 1.0"):
+        inner_split(two, 1.0, seed=0, fold=0)
+
+
+def test_subset_cases_are_nested_and_seeded():
+    cases = _entries(20)
+    sizes = [subset_cases(cases, n, seed=3, fold=1) for n in (5, 10, 20, 50)]
+    assert [len(s) for s in sizes] == [5, 10, 20, 20]
+    for small, large in zip(sizes, sizes[1:]):
+        assert set(small) <= set(large)  # a learning curve only adds cases
+    assert sizes[0] == subset_cases(cases, 5, seed=3, fold=1)
+    assert sizes[0] != subset_cases(cases, 5, seed=3, fold=2)
+    assert sizes[1] == [c for c in cases if c in sizes[1]]  # the input order is kept
+    assert subset_cases(cases, None, seed=0, fold=0) == cases
+    with pytest.raises(ValueError, match="max_train_cases must be at least 1"):
+        subset_cases(cases, 0, seed=0, fold=0)

@@ -97,6 +97,10 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
         assert metrics["global_step"] == 2 and metrics["cost"]["train_steps"] == 2
         assert metrics["cost"]["trainable_params"] > 0 and metrics["cost"]["peak_mem_mb"] > 0
         assert len(metrics["cases"]) == 2 and metrics["base_val"] is not None
+        selection = metrics["selection"]  # 2 steps, inner check every 50: the last step is the one candidate
+        assert [c["step"] for c in selection["curve"]] == [2] and selection["selected_step"] == 2
+        assert len(selection["inner_cases"]) == 1 and not set(selection["inner_cases"]) & {c["case_id"] for c in metrics["cases"]}
+        assert metrics["val_last"] == metrics["val"] and metrics["base_inner_dice"] is not None
         cases = [_nan(c) for c in metrics["cases"]]
         edges = metrics["volume_bins_ml"][:-1] + [math.inf]  # JSON holds the last edge, inf, as null
         assert _nan(metrics["val"]) == pytest.approx(summarize(cases, edges), nan_ok=True)
@@ -127,11 +131,13 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     assert paths["dice_by_method"].read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(paths["csv"].open(encoding="utf-8")))
-    assert [r["method"] for r in rows] == ["cp_lora"]
+    assert [r["method"] for r in rows] == ["none", "cp_lora"]  # the unadapted base (from base_cases) is always a row
     dice = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"multiview_unet/cp_lora/fold{k}")["cases"]]
-    assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(dice))
-    assert float(rows[0]["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
-    assert int(rows[0]["cases"]) == 4 and rows[0]["folds"] == "2"
+    assert float(rows[1]["dice_mean"]) == pytest.approx(np.mean(dice))
+    assert float(rows[1]["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
+    assert int(rows[1]["n_cases"]) == 4 and rows[1]["folds"] == "2"
+    base = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"multiview_unet/cp_lora/fold{k}")["base_cases"]]
+    assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(base)) and rows[0]["p_vs_none"] == ""
     assert "| cp_lora | 2 | 4 |" in paths["markdown"].read_text(encoding="utf-8")
     segadapt_main(["report", str(experiment), "--out", str(tmp_path / "cli")])  # the same through the CLI
     assert (tmp_path / "cli" / "report.csv").read_text(encoding="utf-8") == paths["csv"].read_text(encoding="utf-8")

@@ -42,10 +42,13 @@ Public API (everything below is importable from ``segadapt.data``)::
     build_dataset(cases, transform, cfg, name="dataset", cache_workers=1) -> Dataset
     fold_datasets(dataset_json, fold, cfg, n_folds=5, seed=0, sampling="patch"|"slice",
                   splits_path=None, cache_workers=1) -> (train Dataset, val Dataset)
+    fold_datasets_with_inner(..., inner_fraction=0.0, max_train_cases=None) -> FoldDatasets(train, val, inner)
     disk_cache_dir(cfg, name) -> Path
     load_or_create_splits(dataset_json, n_folds=5, seed=0, path=None) -> Splits  # .val_ids(f) .train_ids(f)
     make_splits(cases, volumes_ml, n_folds, seed) -> list[list[str]]
     fold_cases(description, splits, fold) -> (train cases, val cases)
+    inner_split(train_cases, fraction, seed, fold) -> (rest, inner)   # model selection, patient-grouped
+    subset_cases(cases, n, seed, fold) -> first n of a seeded permutation (learning curves)
     lesion_volume_ml(label_path) -> float
 
     # phantom (phantom/; also `python -m segadapt.data.phantom --domain tbi --n 24 --out DIR`)
@@ -66,13 +69,13 @@ arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.
 
 from .config import AXIS_VIEWS, CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, pair_cases_by_name, write_dataset_json
-from .datasets import build_dataset, disk_cache_dir, fold_datasets
+from .datasets import FoldDatasets, build_dataset, disk_cache_dir, fold_datasets, fold_datasets_with_inner
 from .files import remap_label_file
 from .loading import CaseError, LoadCased, check_case
 from .phantom import make_case, make_phantom_dataset
 from .plan import Plan, fingerprint, load_or_make_plan, make_plan
 from .readers import SimpleITKReader, make_loader
-from .splits import Splits, fold_cases, lesion_volume_ml, load_or_create_splits, make_splits
+from .splits import Splits, fold_cases, inner_split, lesion_volume_ml, load_or_create_splits, make_splits, subset_cases
 from .transforms import (
     CTWindowd,
     CTZScored,
@@ -95,6 +98,7 @@ __all__ = [
     "CaseEntry",
     "CaseError",
     "DatasetDescription",
+    "FoldDatasets",
     "LoadCased",
     "Plan",
     "PreprocessConfig",
@@ -108,7 +112,9 @@ __all__ = [
     "fingerprint",
     "fold_cases",
     "fold_datasets",
+    "fold_datasets_with_inner",
     "inference_transforms",
+    "inner_split",
     "invert_transform",
     "lesion_volume_ml",
     "load_dataset_json",
@@ -123,6 +129,7 @@ __all__ = [
     "patch_train_transforms",
     "remap_label_file",
     "slice_train_transforms",
+    "subset_cases",
     "val_transforms",
     "write_dataset_json",
 ]

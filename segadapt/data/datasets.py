@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
@@ -25,7 +26,7 @@ from monai.transforms import Compose
 from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
 from .loading import LoadCased
-from .splits import fold_cases, load_or_create_splits, save_splits
+from .splits import fold_cases, inner_split, load_or_create_splits, save_splits, subset_cases
 from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
 
 SAMPLINGS = ("patch", "slice")
@@ -84,6 +85,60 @@ def build_dataset(
                              track_meta=True, weights_only=False)
 
 
+class FoldDatasets(NamedTuple):
+    """Datasets of one fold: `train` (what the network trains on), `val` (the fold's held-out cases) and
+    `inner` (model selection: cases carved from the fold's training cases; None without an inner split)."""
+
+    train: Dataset
+    val: Dataset
+    inner: Optional[Dataset]
+
+
+def fold_datasets_with_inner(
+    dataset: str | os.PathLike | DatasetDescription,
+    fold: int,
+    cfg: PreprocessConfig,
+    n_folds: int = 5,
+    seed: int = 0,
+    sampling: str = "patch",
+    splits_path: str | os.PathLike | None = None,
+    cache_workers: int | None = 1,
+    inner_fraction: float = 0.0,
+    max_train_cases: Optional[int] = None,
+) -> FoldDatasets:
+    """(train, validation, inner) datasets of `fold` of a ``dataset.json``.
+
+    The fold's training cases are split first (:func:`~segadapt.data.splits.inner_split`, `inner_fraction`
+    of the patients become the inner cases), then the rest is cut to `max_train_cases`
+    (:func:`~segadapt.data.splits.subset_cases`: the first N of a seeded permutation), so every point of a
+    learning curve shares the inner and the validation cases. Train items are patches (``sampling='patch'``)
+    or multi-view 2D slices (``'slice'``); validation and inner items are whole preprocessed volumes with
+    labels, through one and the same pipeline. Splits come from :func:`load_or_create_splits`.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
+    splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
+    train_cases, val_cases = fold_cases(description, splits, fold)
+    train_cases, inner_cases = inner_split(train_cases, inner_fraction, seed, fold)
+    train_cases = subset_cases(train_cases, max_train_cases, seed, fold)
+    train_pipeline = patch_train_transforms if sampling == "patch" else slice_train_transforms
+    args = (cfg, description.label_values, description.channels)
+    evaluation = val_transforms(*args)
+    datasets = FoldDatasets(
+        build_dataset(train_cases, train_pipeline(*args), cfg, description.name, cache_workers),
+        build_dataset(val_cases, evaluation, cfg, description.name, cache_workers),
+        build_dataset(inner_cases, evaluation, cfg, description.name, cache_workers) if inner_cases else None,
+    )
+    if splits.volumes_ml is not None:  # a new split: written only once every case passed its checks
+        if cfg.cache != "memory" or max_train_cases is not None:  # else building the caches checked every case
+            check = next(t for t in evaluation.transforms if isinstance(t, LoadCased))
+            for case in description.cases:
+                check(case.as_dict())
+        save_splits(splits, description)
+    return datasets
+
+
 def fold_datasets(
     dataset: str | os.PathLike | DatasetDescription,
     fold: int,
@@ -94,28 +149,7 @@ def fold_datasets(
     splits_path: str | os.PathLike | None = None,
     cache_workers: int | None = 1,
 ) -> tuple[Dataset, Dataset]:
-    """(train, validation) datasets of `fold` of a ``dataset.json``.
-
-    Train items are patches (``sampling='patch'``) or multi-view 2D slices (``'slice'``); validation
-    items are whole preprocessed volumes with labels. Splits come from :func:`load_or_create_splits`; a
-    new splits file is written only once every case passed its checks (:class:`LoadCased`; with the
-    memory cache, building it checks them).
-    """
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
-    splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
-    train_cases, val_cases = fold_cases(description, splits, fold)
-    train_pipeline = patch_train_transforms if sampling == "patch" else slice_train_transforms
-    args = (cfg, description.label_values, description.channels)
-    datasets = (
-        build_dataset(train_cases, train_pipeline(*args), cfg, description.name, cache_workers),
-        build_dataset(val_cases, val_transforms(*args), cfg, description.name, cache_workers),
-    )
-    if splits.volumes_ml is not None:  # a new split
-        if cfg.cache != "memory":
-            check = next(t for t in val_transforms(*args).transforms if isinstance(t, LoadCased))
-            for case in description.cases:
-                check(case.as_dict())
-        save_splits(splits, description)
-    return datasets
+    """(train, validation) datasets of `fold` of a ``dataset.json``: every training case of the fold trains
+    (:func:`fold_datasets_with_inner` without an inner split)."""
+    train, val, _ = fold_datasets_with_inner(dataset, fold, cfg, n_folds, seed, sampling, splits_path, cache_workers)
+    return train, val

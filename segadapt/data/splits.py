@@ -178,3 +178,51 @@ def fold_cases(
     """(train cases, validation cases) of `fold`, in dataset order."""
     val = set(splits.val_ids(fold))
     return [c for c in description.cases if c.case_id not in val], [c for c in description.cases if c.case_id in val]
+
+
+def _fold_rng(seed: int, fold: int, stream: int) -> np.random.Generator:
+    """The generator of one (split seed, fold) pair; `stream` keeps the inner split and the subset apart."""
+    return np.random.default_rng([int(seed), int(fold), stream])
+
+
+def inner_split(
+    train: Sequence[CaseEntry], fraction: float, seed: int, fold: int
+) -> tuple[list[CaseEntry], list[CaseEntry]]:
+    """(remaining training cases, inner validation cases) carved from a fold's training cases `train`.
+
+    Patients are grouped as in the outer split (all scans of a patient fall on one side): a seeded
+    permutation of the patients (generator seeded by (`seed`, `fold`)) is cut after
+    ``min(max(1, round(fraction * P)), P - 1)`` patients, P the number of patients in `train`, so both
+    sides hold at least one patient. ``fraction == 0`` returns ``(train, [])``. Both lists keep `train`'s order.
+
+    Raises:
+        ValueError: `fraction` outside [0, 1), or a positive fraction with fewer than 2 patients.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"inner_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(train), []
+    patients = sorted({c.patient_id for c in train})
+    if len(patients) < 2:
+        raise ValueError(f"fold {fold}: cannot carve an inner validation split from {len(patients)} training "
+                         "patient(s) (set inner_fraction to 0)")
+    n_inner = min(max(1, round(fraction * len(patients))), len(patients) - 1)
+    order = _fold_rng(seed, fold, 0).permutation(len(patients))
+    inner = {patients[i] for i in order[:n_inner]}
+    return [c for c in train if c.patient_id not in inner], [c for c in train if c.patient_id in inner]
+
+
+def subset_cases(cases: Sequence[CaseEntry], n: int | None, seed: int, fold: int) -> list[CaseEntry]:
+    """The first `n` cases of a seeded permutation of `cases` (generator seeded by (`seed`, `fold`)), in `cases`'
+    order; all of them when `n` is None or at least ``len(cases)``. The permutation depends on `cases` only, so the
+    subsets of one fold are nested (5 within 10 within 20): a learning curve adds cases, it never swaps them.
+
+    Raises:
+        ValueError: `n` < 1.
+    """
+    if n is None or n >= len(cases):
+        return list(cases)
+    if n < 1:
+        raise ValueError(f"max_train_cases must be at least 1, got {n}")
+    keep = set(_fold_rng(seed, fold, 1).permutation(len(cases))[:n].tolist())
+    return [c for i, c in enumerate(cases) if i in keep]

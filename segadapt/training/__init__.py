@@ -11,12 +11,12 @@ Public API::
     read_metrics(run_dir) -> dict
     write_report(experiment_dir, out_dir=None) -> paths   # markdown + CSV table, PNG plots
     case_metrics(pred, truth, affine), summarize(cases, bin_edges), bin_labels, volume_bin, mask_volume_ml
-    TrainStats, ExportWeights           # callbacks: cost figures; adapter / weights export
+    TrainStats, SelectBest, ExportWeights   # callbacks: cost figures; inner-split model selection; export
 
 Run-folder layout and config keys: see :mod:`segadapt.training.run`.
 """
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, TrainStats, export_weights
+from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights
 from .datamodule import SegDataModule
 from .metrics import bin_labels, case_metrics, mask_volume_ml, summarize, voxel_volume_ml, volume_bin
 from .module import BASELINES, SegAdaptModule, tuning_name
@@ -33,6 +33,7 @@ __all__ = [
     "ExportWeights",
     "SegAdaptModule",
     "SegDataModule",
+    "SelectBest",
     "TrainStats",
     "bin_labels",
     "case_metrics",

@@ -1,12 +1,15 @@
-"""Lightning callbacks: training cost (time, peak memory, trainable parameters) and weight export.
+"""Lightning callbacks: training cost (time, peak memory, trainable parameters), model selection on the
+inner validation split, and weight export.
 
 ``TrainStats`` keeps its totals in the Lightning checkpoint, so a resumed run reports the time of all its
-sessions. Peak memory is the CUDA allocator's peak on GPU, and the process's peak resident set size
-(Linux ``VmHWM``, reset at fit start through ``/proc/self/clear_refs``) on CPU.
+sessions (``SelectBest`` keeps its curve and the selected state there too). Peak memory is the CUDA
+allocator's peak on GPU, and the process's peak resident set size (Linux ``VmHWM``, reset at fit start
+through ``/proc/self/clear_refs``) on CPU.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -159,3 +162,61 @@ class ExportWeights(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.path = export_weights(pl_module, self.dirpath or trainer.log_dir or trainer.default_root_dir)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of what training changes in `module`: the parameters that require grad (the adapter, or
+    the fine-tuned layers) and the persistent buffers (e.g. BatchNorm running statistics, which move in
+    training mode even in a frozen base)."""
+    return {name: value.detach().cpu().clone() for name, value in module.state_dict(keep_vars=True).items()
+            if not isinstance(value, torch.nn.Parameter) or value.requires_grad}
+
+
+class SelectBest(pl.Callback):
+    """Model selection on the inner validation split (the data module validates on it while fitting).
+
+    After each validation while fitting (Trainer ``val_check_interval`` / ``check_val_every_n_epoch``) the
+    logged `monitor` (inner Dice) is appended to :attr:`curve` as ``{'step', 'dice'}``; when it beats the
+    best so far (strictly: of equal scores the earlier step stays), a copy of the module's
+    :func:`trainable_state` is kept in memory. :meth:`restore` loads the selected state into the module.
+    Curve and selected state are kept in the Lightning checkpoint, so a resumed run selects over all its
+    sessions.
+    """
+
+    def __init__(self, monitor: str = "val/dice") -> None:
+        self.monitor = monitor
+        self.curve: list[dict[str, float]] = []
+        self.best_step: Optional[int] = None
+        self.best_score: Optional[float] = None
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def record(self, step: int, score: float, pl_module: torch.nn.Module) -> bool:
+        """Add (step, score) to the curve; keep the module's state if the score is the best. True if kept."""
+        self.curve.append({"step": int(step), "dice": float(score)})
+        if not math.isfinite(score) or (self.best_score is not None and score <= self.best_score):
+            return False
+        self.best_step, self.best_score, self.best_state = int(step), float(score), trainable_state(pl_module)
+        return True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if not fitting or self.monitor not in trainer.callback_metrics:
+            return
+        self.record(trainer.global_step, float(trainer.callback_metrics[self.monitor]), pl_module)
+
+    def restore(self, pl_module: torch.nn.Module) -> None:
+        """Load the selected state into `pl_module` (the module whose state was recorded)."""
+        if self.best_state is None:
+            raise RuntimeError("no network was selected: no validation ran while fitting")
+        keys = pl_module.load_state_dict(self.best_state, strict=False)
+        if keys.unexpected_keys:
+            raise RuntimeError(f"the selected state does not fit this module: unexpected {keys.unexpected_keys[:5]}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": list(self.curve), "best_step": self.best_step, "best_score": self.best_score,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = list(state_dict.get("curve", []))
+        self.best_step, self.best_score = state_dict.get("best_step"), state_dict.get("best_score")
+        self.best_state = state_dict.get("best_state")

@@ -15,6 +15,11 @@ Training samples are a function of the global step: batch t holds the cases at p
 with (seed, fold, epoch)), each drawn through the random transforms seeded with (seed, fold, t, j), and
 torch / numpy / python RNGs are reseeded with (seed, fold, t) before step t. A run resumed at step t from
 a checkpoint therefore draws what the uninterrupted run draws, whatever it did before.
+
+Model selection without leakage (``inner_fraction`` > 0): part of the fold's *training* patients form an
+inner validation split (:func:`segadapt.data.inner_split`). While fitting, validation runs on those inner
+cases only; ``trainer.validate`` / ``trainer.test`` score the fold's validation cases (and the inner cases
+inside :meth:`SegDataModule.inner_validation`). Without an inner split nothing is validated while fitting.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from monai.data import DataLoader, Dataset
 from torch.utils.data import Sampler
 
 from segadapt.data import (
     PreprocessConfig,
-    fold_datasets,
+    fold_datasets_with_inner,
     load_dataset_json,
 )
 
@@ -52,6 +59,10 @@ class SegDataModule(pl.LightningDataModule):
         cache_workers: threads that fill the memory cache.
         splits_path: optional splits file (default beside ``dataset.json``).
         seed: seed of the training samples (see the module docstring).
+        inner_fraction: share of the fold's training patients held out as the inner validation split
+            (model selection); 0: none.
+        max_train_cases: train on at most this many of the remaining training cases (the first N of a
+            permutation seeded by (split_seed, fold): nested subsets for a learning curve); None: all.
     """
 
     def __init__(
@@ -67,12 +78,16 @@ class SegDataModule(pl.LightningDataModule):
         cache_workers: int = 1,
         splits_path: Optional[str] = None,
         seed: int = 0,
+        inner_fraction: float = 0.0,
+        max_train_cases: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.preprocess = PreprocessConfig.from_dict(dict(preprocess or {}))
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self.inner_set: Optional[Dataset] = None
+        self._inner_outside_fit = False
 
     @property
     def in_channels(self) -> int:
@@ -83,10 +98,28 @@ class SegDataModule(pl.LightningDataModule):
         if self.val_set is not None:
             return
         h = self.hparams
-        self.train_set, self.val_set = fold_datasets(
+        self.train_set, self.val_set, self.inner_set = fold_datasets_with_inner(
             h.dataset_json, h.fold, self.preprocess, n_folds=h.n_folds, seed=h.split_seed, sampling=h.sampling,
-            splits_path=h.splits_path, cache_workers=h.cache_workers,
+            splits_path=h.splits_path, cache_workers=h.cache_workers, inner_fraction=h.inner_fraction,
+            max_train_cases=h.max_train_cases,
         )
+
+    @property
+    def inner_case_ids(self) -> list[str]:
+        """The case ids of the inner validation split (empty without one); after setup."""
+        return [] if self.inner_set is None else [d["case_id"] for d in self.inner_set.data]
+
+    @contextmanager
+    def inner_validation(self) -> Iterator[None]:
+        """Within this block ``trainer.validate`` scores the inner cases (e.g. the untuned network's inner Dice)."""
+        self.setup()
+        if self.inner_set is None:
+            raise ValueError("this data module has no inner validation split (inner_fraction is 0)")
+        self._inner_outside_fit = True
+        try:
+            yield
+        finally:
+            self._inner_outside_fit = False
 
     @property
     def val_pipeline(self):
@@ -119,7 +152,12 @@ class SegDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The inner cases while fitting (none without an inner split) or inside :meth:`inner_validation`;
+        otherwise the fold's validation cases."""
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting or self._inner_outside_fit:
+            return [] if self.inner_set is None else self._loader(self.inner_set, train=False)
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -1,16 +1,29 @@
 """Cross-validation report: every method and fold of an experiment folder as one table and two plots.
 
-Reads ``<experiment>/<model>/<method>/fold<k>/metrics.json`` (written by :func:`segadapt.training.fit_run`) and
-writes into the experiment folder (or `out_dir`):
+Reads every ``metrics.json`` of a ``fold<k>`` folder under the experiment folder (written by
+:func:`segadapt.training.fit_run`; ``<experiment>/<method>/fold<k>`` or, one level deeper,
+``<experiment>/<model>/<method>/fold<k>``) and writes into the experiment folder (or `out_dir`):
 
-* ``report.md`` and ``report.csv``: one row per method. Dice, HD95, Dice per lesion-volume bin and the
-  correlation of predicted with true lesion volume are computed over the validation cases of all folds
-  pooled (in k-fold CV each case is validated exactly once); mean +- sample sd over cases. Each case is
-  scored on its label file's grid (the prediction mapped back through the preprocessing). Trainable
-  parameters, training time (forward + backward + step, per fold) and peak memory are means over folds.
-* ``dice_by_method.png``: mean Dice per method with sd error bars (and each fold's mean as a dot).
+* ``report.md`` and ``report.csv``: one row per method, where a method is the folder that holds the fold
+  folders (``lora_c``, or ``lora_c_r2`` / ``lora_c_n5`` in a rank study or learning curve run under their
+  own names, or ``<model>/<method>`` when the folder holds several models' runs). The unadapted base is
+  always a row (``none``): from the ``none`` runs, or else from the other runs' ``base_cases`` (the base
+  validated on each fold before tuning). Over the validation cases of all folds pooled (in k-fold CV each
+  case is validated exactly once): Dice mean +- sample sd, its 95% bootstrap interval (percentile
+  method, :data:`BOOTSTRAP_RESAMPLES` resamples of the cases, seed :data:`BOOTSTRAP_SEED`;
+  ``scipy.stats.bootstrap``), the two-sided Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``) of
+  the paired per-case Dice (paired by case id, over the cases both validated) against ``none`` and against
+  ``full`` (blank for the reference itself or when it is absent), HD95, Dice per lesion-volume bin, the
+  correlation of predicted with true lesion volume, the Dice of the last training step (the table's Dice is
+  the selected network's), and the folds whose selected inner-split Dice fell below the unadapted base's.
+  Trainable parameters, training time (forward + backward + step, per fold) and peak memory are means over
+  folds. Each case is scored on its label file's grid.
+* ``dice_by_method.png``: mean Dice per method with its 95% bootstrap interval (and each fold's mean as a dot).
 * ``dice_vs_volume.png``: each validation case's Dice against its true lesion volume, per method, with
-  the mean Dice of each volume bin (at the bin's median volume) joined by a line.
+  the mean Dice of each volume bin (at the bin's median volume) joined by a line; bin edges labelled.
+
+A learning curve or a study of several models is either one experiment folder per point (one report each)
+or method folders whose names say the setting (``lora_c_n5``, ``lora_c_n10``): both need nothing more.
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from segadapt.adapters import METHODS
 from segadapt.data.files import atomic_path
@@ -32,25 +48,77 @@ from segadapt.data.files import atomic_path
 from .metrics import bin_labels, mean_sd, summarize, volume_bin
 from .module import BASELINES
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+REFERENCES = ("none", "full")  # the paired tests' references
+_FOLD_DIR = re.compile(r"fold\d+")
+
 
 def _edges(values: Sequence[Any]) -> list[float]:
     return [math.inf if v is None else float(v) for v in values]
 
 
+def _nan(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (``scipy.stats.bootstrap``, resampling the
+    values, fixed `seed`); NaN with fewer than two finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return math.nan, math.nan
+    result = stats.bootstrap((v,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                             method="percentile", random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def paired_p(values: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon`` defaults) of per-case values paired by
+    case id with `reference`'s, over the cases both hold with finite values; NaN without any such case."""
+    common = sorted(k for k in set(values) & set(reference)
+                    if math.isfinite(values[k]) and math.isfinite(reference[k]))
+    if not common:
+        return math.nan
+    x = np.array([values[k] for k in common], dtype=np.float64)
+    y = np.array([reference[k] for k in common], dtype=np.float64)
+    with warnings.catch_warnings():  # all differences zero: scipy warns and answers p = 1
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.wilcoxon(x, y).pvalue)
+
+
 def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The metrics.json of every finished run under `experiment_dir` (``<model>/<method>/fold<k>/metrics.json``)."""
+    """The metrics.json of every finished run in a ``fold<k>`` folder under `experiment_dir` (any depth;
+    source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/*/fold*/metrics.json"))]
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        if not _FOLD_DIR.fullmatch(path.parent.name) or path.parent.parent == root:
+            continue
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if run.get("run", {}).get("experiment") == "pretrain":
+            continue
+        runs.append({**run, "method_dir": path.parent.parent.relative_to(root).as_posix()})
     if not runs:
         raise FileNotFoundError(f"no finished runs under {root} (expected <model>/<method>/fold<k>/metrics.json)")
     return runs
 
 
-def _order(method: str) -> tuple[int, str]:
+def _method_names(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Each run's method: its method folder, less a first level that all runs share (e.g. one model folder)."""
+    parts = [r["method_dir"].split("/") for r in runs]
+    while all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]
+    return ["/".join(p) for p in parts]
+
+
+def _order(row: Mapping[str, Any]) -> tuple[str, int, str]:
     known = list(BASELINES) + list(METHODS)
-    return (known.index(method) if method in known else len(known), method)
+    group, _, name = row["method"].rpartition("/")
+    return (group, known.index(row["tuning"]) if row["tuning"] in known else len(known), name)
 
 
 def _check_each_case_once(method: str, folds: Sequence[dict[str, Any]]) -> None:
@@ -66,38 +134,92 @@ def _check_each_case_once(method: str, folds: Sequence[dict[str, Any]]) -> None:
             seen[case["case_id"]] = run["run"]["fold"]
 
 
+def _cases(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: _nan(v) for k, v in c.items()} for c in rows]
+
+
+def _row(method: str, tuning: str, folds: Sequence[dict[str, Any]], cases: list[dict[str, Any]],
+         last_cases: list[dict[str, Any]], edges: Sequence[float]) -> dict[str, Any]:
+    cost = [f.get("cost", {}) for f in folds]
+    selected = [f.get("selection") for f in folds]
+    return {
+        "method": method,
+        "tuning": tuning,
+        "folds": [f["run"]["fold"] for f in folds],
+        "fold_dice": [_nan(f["val"]["dice"]) for f in folds],
+        "cases": cases,
+        **summarize(cases, edges),
+        "dice_ci": bootstrap_ci([c["dice"] for c in cases]),
+        "dice_last": mean_sd([c["dice"] for c in last_cases])[0],
+        "selected_folds": sum(s is not None for s in selected),
+        "below_base_folds": sum(bool(s and s.get("below_base")) for s in selected),
+        "trainable_params": mean_sd([c.get("trainable_params", 0) for c in cost])[0],
+        "train_time_s": mean_sd([c.get("train_time_s") for c in cost]),
+        "train_steps": mean_sd([c.get("train_steps") for c in cost])[0],
+        "peak_mem_mb": mean_sd([c.get("peak_mem_mb") for c in cost])[0],
+        "peak_mem_increase_mb": mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
+        "memory": cost[0].get("memory", ""),
+        "base_from_runs": False,
+    }
+
+
+def _base_row(group: str, runs: Sequence[dict[str, Any]], edges: Sequence[float]) -> dict[str, Any] | None:
+    """The unadapted base of a group without ``none`` runs: the first ``base_cases`` seen for each case."""
+    by_case: dict[str, dict[str, Any]] = {}
+    folds: dict[Any, dict[str, Any]] = {}
+    for run in runs:
+        for case in run.get("base_cases") or []:
+            if case["case_id"] not in by_case:
+                by_case[case["case_id"]] = case
+                folds.setdefault(run["run"]["fold"], {"run": {"fold": run["run"]["fold"]}, "val": run["base_val"]})
+    if not by_case:
+        return None
+    cases = _cases([by_case[k] for k in sorted(by_case)])
+    fake_folds = [{**f, "cost": {"trainable_params": 0}} for _, f in sorted(folds.items())]
+    row = _row(f"{group}/none" if group else "none", "none", fake_folds, cases, cases, edges)
+    return {**row, "base_from_runs": True}
+
+
+def _p_values(rows: list[dict[str, Any]]) -> None:
+    """Set ``p_vs_none`` / ``p_vs_full`` of each row: paired against the group's reference rows."""
+    for row in rows:
+        group = row["method"].rpartition("/")[0]
+        dice = {c["case_id"]: c["dice"] for c in row["cases"]}
+        for reference in REFERENCES:
+            candidates = [r for r in rows if r["tuning"] == reference and r["method"].rpartition("/")[0] == group]
+            named = [r for r in candidates if r["method"].rpartition("/")[2] == reference]
+            ref = (named or candidates or [None])[0]
+            if ref is None or ref is row:
+                row[f"p_vs_{reference}"] = math.nan
+            else:
+                row[f"p_vs_{reference}"] = paired_p(dice, {c["case_id"]: c["dice"] for c in ref["cases"]})
+
+
 def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(one aggregated row per method, the volume-bin labels)."""
+    """(one aggregated row per method, the unadapted base always among them; the volume-bin labels)."""
     edges = _edges(runs[0]["volume_bins_ml"])
     for run in runs:
         if _edges(run["volume_bins_ml"]) != edges:
             raise ValueError(f"runs of one report must share volume bins; {run['run']} has {run['volume_bins_ml']}")
     labels = bin_labels(edges)
     by_method: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_method.setdefault(run["run"]["method"], []).append(run)
+    for run, name in zip(runs, _method_names(runs)):
+        by_method.setdefault(name, []).append(run)
     rows = []
-    for method in sorted(by_method, key=_order):
-        folds = sorted(by_method[method], key=lambda r: r["run"]["fold"])
+    for method, group_runs in by_method.items():
+        folds = sorted(group_runs, key=lambda r: r["run"]["fold"])
         _check_each_case_once(method, folds)
-        cases = [{k: (math.nan if v is None else v) for k, v in c.items()} for f in folds for c in f["cases"]]
-        pooled = summarize(cases, edges)
-        cost = [f["cost"] for f in folds]
-        row = {
-            "method": method,
-            "tuning": folds[0]["run"]["tuning"],
-            "folds": [f["run"]["fold"] for f in folds],
-            "fold_dice": [f["val"]["dice"] for f in folds],
-            "cases": cases,
-            **pooled,
-            "trainable_params": mean_sd([c.get("trainable_params", 0) for c in cost])[0],
-            "train_time_s": mean_sd([c.get("train_time_s") for c in cost]),
-            "train_steps": mean_sd([c.get("train_steps") for c in cost])[0],
-            "peak_mem_mb": mean_sd([c.get("peak_mem_mb") for c in cost])[0],
-            "peak_mem_increase_mb": mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
-            "memory": cost[0].get("memory", ""),
-        }
-        rows.append(row)
+        cases = _cases(c for f in folds for c in f["cases"])
+        last = _cases(c for f in folds for c in (f.get("last_cases") or f["cases"]))
+        rows.append(_row(method, folds[0]["run"]["tuning"], folds, cases, last, edges))
+    for group in sorted({m.rpartition("/")[0] for m in by_method}):
+        if not any(r["tuning"] == "none" and r["method"].rpartition("/")[0] == group for r in rows):
+            members = [run for m, rs in by_method.items() if m.rpartition("/")[0] == group for run in rs]
+            base = _base_row(group, sorted(members, key=lambda r: r["run"]["fold"]), edges)
+            if base is not None:
+                rows.append(base)
+    rows.sort(key=_order)
+    _p_values(rows)
     return rows, labels
 
 
@@ -107,33 +229,57 @@ def _fmt(mean: float, sd: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if sd is None or not math.isfinite(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _fmt_p(p: float) -> str:
+    return "-" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _flag(row: Mapping[str, Any]) -> str:
+    return f"⚠ {row['below_base_folds']}/{len(row['folds'])}" if row["below_base_folds"] else ""
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
-    head = ["method", "folds", "cases", "Dice", "HD95 (mm)", *[f"Dice {b}" for b in labels], "volume r",
-            "trainable params", "train time (s)", "peak mem (MB)", "+ over fit start (MB)"]
+    head = ["method", "folds", "n", "Dice", "95% CI", "p vs none", "p vs full", "below base¹", "Dice (last step)",
+            "HD95 (mm)", *[f"Dice {b}" for b in labels], "volume r", "trainable params", "train time (s)",
+            "peak mem (MB)", "+ over fit start (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bins = [f"{_fmt(r[f'dice_bin{i}'])} (n={int(r[f'n_bin{i}'])})" for i in range(len(labels))]
-        hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + (f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else "")
-        cells = [r["method"], str(len(r["folds"])), str(int(r["n_cases"])), _fmt(r["dice"], r["dice_sd"]), hd95, *bins,
-                 _fmt(r["volume_corr"], digits=2), f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1),
+        undefined = f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else ""
+        hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + undefined
+        low, high = r["dice_ci"]
+        name = r["method"] + ("²" if r["base_from_runs"] else "")
+        cells = [name, str(len(r["folds"])), str(int(r["n_cases"])), _fmt(r["dice"], r["dice_sd"]),
+                 "-" if not math.isfinite(low) else f"{low:.3f}–{high:.3f}", _fmt_p(r["p_vs_none"]),
+                 _fmt_p(r["p_vs_full"]), _flag(r), _fmt(r["dice_last"]), hd95, *bins, _fmt(r["volume_corr"], digits=2),
+                 f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1),
                  _fmt(r["peak_mem_mb"], digits=0), _fmt(r["peak_mem_increase_mb"], digits=0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+CSV_COLUMNS = ("method", "n_cases", "dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high", "p_vs_none", "p_vs_full",
+               "trainable_params", "train_time_s", "tuning", "folds", "dice_last_mean", "selected_folds",
+               "below_base_folds", "hd95_mean_mm", "hd95_sd_mm", "hd95_undefined")
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if isinstance(value, float) and not math.isfinite(value) else value  # NaN / undefined: blank
+
+
 def csv_text(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["method", "tuning", "folds", "cases", "dice_mean", "dice_sd", "hd95_mean_mm", "hd95_sd_mm",
-                     "hd95_undefined", *[f"dice_bin[{b}]" for b in labels], *[f"n_bin[{b}]" for b in labels],
-                     "volume_corr", "volume_abs_err_ml", "trainable_params", "train_time_s_mean", "train_time_s_sd",
-                     "train_steps", "peak_mem_mb", "peak_mem_increase_mb", "memory"])
+    writer.writerow([*CSV_COLUMNS, *[f"dice_bin[{b}]" for b in labels], *[f"n_bin[{b}]" for b in labels],
+                     "volume_corr", "volume_abs_err_ml", "train_time_s_sd", "train_steps", "peak_mem_mb",
+                     "peak_mem_increase_mb", "memory", "base_from_runs"])
     for r in rows:
-        writer.writerow([r["method"], r["tuning"], len(r["folds"]), int(r["n_cases"]), r["dice"], r["dice_sd"], r["hd95"],
-                         r["hd95_sd"], int(r["hd95_undefined"]), *[r[f"dice_bin{i}"] for i in range(len(labels))],
-                         *[int(r[f"n_bin{i}"]) for i in range(len(labels))], r["volume_corr"], r["volume_abs_err_ml"],
-                         int(r["trainable_params"]), *r["train_time_s"], r["train_steps"], r["peak_mem_mb"],
-                         r["peak_mem_increase_mb"], r["memory"]])
+        values = [r["method"], int(r["n_cases"]), r["dice"], r["dice_sd"], *r["dice_ci"], r["p_vs_none"],
+                  r["p_vs_full"], int(r["trainable_params"]), r["train_time_s"][0], r["tuning"], len(r["folds"]), r["dice_last"],
+                  r["selected_folds"], r["below_base_folds"], r["hd95"], r["hd95_sd"], int(r["hd95_undefined"]),
+                  *[r[f"dice_bin{i}"] for i in range(len(labels))], *[int(r[f"n_bin{i}"]) for i in range(len(labels))],
+                  r["volume_corr"], r["volume_abs_err_ml"], r["train_time_s"][1], r["train_steps"], r["peak_mem_mb"],
+                  r["peak_mem_increase_mb"], r["memory"], int(r["base_from_runs"])]
+        writer.writerow([_csv_value(v) for v in values])
     return out.getvalue()
 
 
@@ -143,18 +289,30 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def _colours(n: int) -> list[Any]:
+    """One distinct colour per method: tab20's ten dark hues, then its ten light ones (so that neighbouring
+    methods do not share a hue), then tab20b / tab20c beyond 20 methods."""
+    from matplotlib import colormaps
+
+    tab20 = [colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    palette = tab20 + [colormaps[name](i) for name in ("tab20b", "tab20c") for i in range(20)]
+    return [palette[i % len(palette)] for i in range(n)]
+
+
 def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.6))
     ax = figure.subplots()
     x = np.arange(len(rows))
-    ax.bar(x, [r["dice"] for r in rows], yerr=[0 if not math.isfinite(r["dice_sd"]) else r["dice_sd"] for r in rows],
-           capsize=3, color=["0.6" if r["tuning"] in BASELINES else "tab:blue" for r in rows])
+    means = np.array([r["dice"] for r in rows])
+    ci = np.array([r["dice_ci"] for r in rows], dtype=np.float64).reshape(len(rows), 2)
+    errors = np.nan_to_num(np.abs(np.stack([means - ci[:, 0], ci[:, 1] - means])))
+    ax.bar(x, means, yerr=errors, capsize=3, color=_colours(len(rows)), edgecolor="k", linewidth=0.5)
     for i, r in enumerate(rows):
         ax.plot([i] * len(r["fold_dice"]), r["fold_dice"], "k.", markersize=4)
     ax.set_xticks(x, [r["method"] for r in rows], rotation=45, ha="right")
-    ax.set_ylabel("Dice (mean ± sd over cases; dots: folds)")
+    ax.set_ylabel("Dice (mean, 95% bootstrap CI; dots: folds)")
     ax.set_ylim(0, 1)
     return _save(figure, path)
 
@@ -162,24 +320,24 @@ def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from matplotlib import colormaps
-
     figure = Figure(figsize=(7.0, 4.0))
     ax = figure.subplots()
-    markers, colors = "os^vD<>phx*+", colormaps["tab20"]
-    for i, r in enumerate(rows):
+    markers = "os^vD<>phx*+"
+    for i, (r, color) in enumerate(zip(rows, _colours(len(rows)))):
         volumes, dice = [c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]]
-        color = colors(i % 20)
-        ax.scatter(volumes, dice, s=14, marker=markers[i % len(markers)], color=color, label=r["method"], alpha=0.6)
+        marker = markers[i % len(markers)]
+        ax.scatter(volumes, dice, s=14, marker=marker, color=color, alpha=0.5)
         bins = [[k for k, v in enumerate(volumes) if volume_bin(v, edges) == b] for b in range(len(edges) - 1)]
         means = [(np.median([volumes[k] for k in b]), np.mean([dice[k] for k in b])) for b in bins if b]
-        ax.plot(*zip(*means), color=color, linewidth=1.2)  # mean Dice per volume bin
+        ax.plot(*zip(*means), color=color, marker=marker, linewidth=1.2, label=r["method"])  # mean Dice per bin
     for edge in edges[1:-1]:
-        ax.axvline(edge, color="0.8", linewidth=0.8)
-    ax.set_xlabel("true lesion volume (mL); lines: mean Dice per volume bin")
+        ax.axvline(edge, color="0.75", linewidth=0.8, linestyle="--")
+        ax.annotate(f"{edge:g} mL", (edge, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.4")
+    ax.set_xlabel("true lesion volume (mL); lines: mean Dice per volume bin (dashed: bin edges)")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
     return _save(figure, path)
 
 
@@ -192,17 +350,27 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     edges = _edges(runs[0]["volume_bins_ml"])
     name = Path(experiment_dir).resolve().name
     steps = sorted({int(r["train_steps"]) for r in rows if math.isfinite(r["train_steps"])})
+    notes = ["¹ folds whose selected network's Dice on the inner validation split (carved from the fold's training "
+             "cases) stayed below the unadapted base's there: training did not help on them."]
+    if any(r["base_from_runs"] for r in rows):
+        notes.append("² no `none` runs: the unadapted base as validated by the other runs before tuning.")
     text = "\n".join([
         f"# Cross-validation report: {name}",
         "",
-        f"{len(runs)} runs, {len(rows)} methods. Dice, HD95, Dice per lesion-volume bin (by true volume) and the "
-        "Pearson correlation of predicted with true lesion volume over the validation cases of all folds "
-        "(mean ± sd over cases; each case scored against its label file, on the file's grid); trainable parameters, training time (forward + backward + optimiser step, per "
+        f"{len(runs)} runs, {len(rows)} methods. Over the validation cases of all folds pooled (each case scored "
+        "against its label file, on the file's grid): Dice mean ± sd over cases, its 95% bootstrap interval "
+        f"(percentile method, {BOOTSTRAP_RESAMPLES:,} resamples of the cases, seed {BOOTSTRAP_SEED}), the "
+        "two-sided Wilcoxon signed-rank p-value of the per-case Dice paired by case against `none` and `full`, "
+        "the Dice of the last training step (the Dice column is the network selected on the inner split), HD95, "
+        "Dice per lesion-volume bin (by true volume) and the Pearson correlation of predicted with true lesion "
+        "volume; trainable parameters, training time (forward + backward + optimiser step, per "
         f"fold; training steps per fold: {', '.join(map(str, steps)) or '-'}) and peak memory "
-        f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use when training started) as means "
-        "over folds.",
+        f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use "
+        "when training started) as means over folds.",
         "",
         markdown_table(rows, labels),
+        "",
+        *notes,
         "",
         "![Dice per method](dice_by_method.png)",
         "![Dice vs lesion volume](dice_vs_volume.png)",

@@ -12,9 +12,13 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
                                         n_folds, split_seed, the full preprocessing config, sampling)
                             trainer:    lightning.Trainer arguments
     plan.json             the dataset plan the ``auto`` settings came from (:mod:`segadapt.training.planning`)
-    metrics.json          final validation metrics of the fold (and of the untuned network), per case
+    metrics.json          final validation metrics of the fold (and of the untuned network), per case;
+                          with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
+                          ``last_cases`` of the last one, ``selection`` (inner cases, inner-Dice curve,
+                          selected step, ``below_base``) and ``base_inner_dice``
     adapter.safetensors   the trained adapter (adapter methods), or
-    model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining)
+    model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining);
+                          the selected network where model selection ran
     last.ckpt             resumable Lightning checkpoint (``ckpt_path=last``)
     logs/metrics.csv      training curves (CSV; TensorBoard events beside it when installed)
     .hydra/               Hydra's own record of the run (when started through Hydra)
@@ -36,7 +40,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
@@ -47,7 +51,7 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, TrainStats
+from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights
 from .datamodule import SegDataModule
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
@@ -189,12 +193,22 @@ def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_jso
         "batch_size": data["batch_size"],
         "num_workers": cfg["trainer"].get("workers", 0),
         "seed": cfg["seed"],
+        "inner_fraction": float(_selection(cfg).get("inner_fraction") or 0.0),
+        "max_train_cases": data.get("max_train_cases"),
     }
 
 
+def _selection(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    return cfg.get("selection") or {}
+
+
 def trainer_args(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
-    """lightning.Trainer arguments: the trainer group without segadapt's own keys (threads, workers)."""
+    """lightning.Trainer arguments: the trainer group without segadapt's own keys (threads, workers); with
+    model selection, the inner validation every ``selection.every_n_steps`` training steps."""
     args = {k: v for k, v in cfg["trainer"].items() if k not in ("threads", "workers")}
+    selection = _selection(cfg)
+    if selection.get("inner_fraction") and selection.get("every_n_steps"):
+        args.update(val_check_interval=int(selection["every_n_steps"]), check_val_every_n_epoch=None)
     return {**args, **overrides}
 
 
@@ -364,11 +378,17 @@ def fit_run(
     callbacks: Optional[list[pl.Callback]] = None,
     overwrite: bool = False,
     plan: Optional[Plan] = None,
+    patience: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
 
     Nothing is written before the run is known to be sound: the folder is checked
     (:func:`check_run_folder`), every case read and checked, the network built.
+
+    Model selection runs when the data module has an inner split (``inner_fraction`` > 0): the validations
+    while fitting score the inner cases (:class:`SelectBest` keeps the best state), the last step is scored
+    there too, and the fold's validation cases are scored for the last (``val_last``) and the selected
+    network (``val``, the one saved).
 
     Args:
         identity: experiment, method, fold, ... (written under ``run`` in config.yaml and metrics.json).
@@ -377,6 +397,8 @@ def fit_run(
         callbacks: extra Lightning callbacks.
         overwrite: a fresh run may replace a finished one in `run_dir`.
         plan: the dataset plan the settings came from, written as ``plan.json``.
+        patience: stop early after this many inner validations without improvement (Lightning
+            ``EarlyStopping``); None: train all steps.
     """
     run_dir = Path(run_dir).resolve()
     tuning = tuning_name(module_kwargs["adapter"])
@@ -400,23 +422,50 @@ def fit_run(
     trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
     for callback in callbacks or []:
         trainer.callbacks.append(callback)
+    selector, stopper = None, None
+    if tuning != "none" and datamodule_kwargs.get("inner_fraction"):
+        selector = SelectBest()
+        trainer.callbacks.append(selector)
+        if patience is not None:
+            stopper = EarlyStopping(monitor="val/dice", mode="max", patience=int(patience))
+            trainer.callbacks.append(stopper)
 
-    base_cases = None
+    base_cases, base_inner_dice = None, None
     if tuning == "none" or (eval_base and tuning != "scratch"):
         trainer.validate(module, datamodule=datamodule, verbose=False)
         base_cases = module.case_rows
+    if selector is not None and tuning != "scratch":  # the network is still the untuned base
+        base_inner_dice = _inner_dice(trainer, module, datamodule)
     if tuning != "none":
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
             raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
         trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
+        if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
+            selector.record(trainer.global_step, _inner_dice(trainer, module, datamodule), module)
         trainer.validate(module, datamodule=datamodule, verbose=False)
+    last_cases = module.case_rows
+    if selector is not None and selector.best_step not in (None, trainer.global_step):
+        selector.restore(module)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if main_process:
+            export_weights(module, run_dir)  # replaces the last network's file that ExportWeights wrote
     cases = module.case_rows
     bins = module.bins
     result = {
         "format": "segadapt-metrics/1",
         "run": {**identity, "tuning": tuning, "seed": seed},
         "val": summarize(cases, bins),
+        "val_last": summarize(last_cases, bins),
+        "base_inner_dice": base_inner_dice,
+        "selection": None if selector is None else {
+            "inner_cases": datamodule.inner_case_ids,
+            "curve": selector.curve,
+            "selected_step": selector.best_step,
+            "selected_dice": selector.best_score,
+            "stopped_early": stopper is not None and stopper.wait_count >= stopper.patience,
+            "below_base": base_inner_dice is not None and selector.best_score < base_inner_dice,
+        },
         "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
         "volume_bins_ml": list(bins),
         "volume_bins": bin_labels(bins),
@@ -424,11 +473,19 @@ def fit_run(
                  **(_stats(trainer) if tuning != "none" else {})},
         "global_step": trainer.global_step,
         "cases": cases,
+        "last_cases": last_cases,
         "base_cases": None if tuning == "none" else base_cases,
     }
     if main_process:
         write_json(run_dir / METRICS_FILE, _finite(result))
     return result
+
+
+def _inner_dice(trainer: pl.Trainer, module: SegAdaptModule, datamodule: SegDataModule) -> float:
+    """Mean Dice of the module's current network on the inner validation cases."""
+    with datamodule.inner_validation():
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return summarize(module.case_rows, module.bins)["dice"]
 
 
 def ensure_base(cfg: Mapping[str, Any]) -> Path:
@@ -501,7 +558,8 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg = apply_plan(cfg, plan)
     check_request(cfg, "pretrain")
     result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
-                     checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan)
+                     checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan,
+                     patience=_selection(cfg).get("patience"))
     rank_zero_print(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
                     f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
     return result
@@ -517,7 +575,8 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None)
         ensure_base(cfg)
     result = fit_run(**args, ckpt_path=cfg["ckpt_path"], eval_base=cfg["eval_base"],
                      checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
-                     overwrite=bool(cfg.get("overwrite", False)), plan=plan)
+                     overwrite=bool(cfg.get("overwrite", False)), plan=plan,
+                     patience=_selection(cfg).get("patience"))
     rank_zero_print(format_result(result, cfg["run_dir"]))
     return result
 
@@ -532,6 +591,18 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
             missed = f" ({int(m['hd95_undefined'])} with an empty mask)" if m["hd95_undefined"] else ""
             lines.append(f"  {name:<15}: Dice {m['dice']:.3f} +- {m['dice_sd']:.3f}   HD95 {m['hd95']:.1f} mm{missed}"
                          f"   volume r = {m['volume_corr']:.2f}")
+    selection = result.get("selection")
+    if selection is not None and selection["selected_step"] is not None:
+        last = result["val_last"]
+        base_inner = result.get("base_inner_dice")
+        stop = ", stopped early" if selection["stopped_early"] else ""
+        lines.append(f"  model selection: step {selection['selected_step']} of {result['global_step']}{stop}, "
+                     f"inner-split Dice {selection['selected_dice']:.3f} ({len(selection['inner_cases'])} inner cases)"
+                     + ("" if base_inner is None else f", unadapted base {base_inner:.3f}")
+                     + f"; last step on the validation cases: Dice {last['dice']:.3f}")
+        if selection["below_base"]:
+            lines.append(f"  WARNING: the selected network's inner-split Dice {selection['selected_dice']:.3f} is "
+                         f"below the unadapted base's {base_inner:.3f}: training did not help on this fold")
     if "train_time_s" in cost:
         threads = f"{cost['threads']} thread" + ("s" if cost["threads"] > 1 else "")
         lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "

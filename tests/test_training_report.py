@@ -1,0 +1,131 @@
+"""The cross-validation report on hand-written metrics.json files: the statistics against scipy and against
+values worked out by hand, the CSV read back, the unadapted base row, the below-base flag, nested layouts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from segadapt.training.report import bootstrap_ci, paired_p, write_report
+
+CASES = [f"c{i}" for i in range(6)]  # fold 0 validates c0-c2, fold 1 c3-c5
+DICE = {
+    "none": [0.10, 0.20, 0.05, 0.30, 0.15, 0.25],
+    "full": [0.50, 0.62, 0.41, 0.70, 0.58, 0.66],
+    "lora_c": [0.55, 0.60, 0.52, 0.74, 0.61, 0.72],
+}
+COLUMNS = ["method", "n_cases", "dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high", "p_vs_none", "p_vs_full",
+           "trainable_params", "train_time_s"]
+
+
+def _case(case_id, dice):
+    return {"case_id": case_id, "dice": dice, "hd95": 3.0, "pred_ml": 2.0, "true_ml": 1.0 + int(case_id[1:])}
+
+
+def _write(folder, method, tuning, dice, base=None, below_base=(False, False), last_dice=None):
+    for fold in (0, 1):
+        ids = CASES[3 * fold:3 * fold + 3]
+        cases = [_case(c, d) for c, d in zip(ids, dice[3 * fold:3 * fold + 3])]
+        base_cases = None if base is None else [_case(c, d) for c, d in zip(ids, base[3 * fold:3 * fold + 3])]
+        last = cases if last_dice is None else [_case(c, d) for c, d in zip(ids, last_dice[3 * fold:3 * fold + 3])]
+        metrics = {
+            "run": {"experiment": "x", "method": method, "tuning": tuning, "fold": fold},
+            "val": {"dice": float(np.mean(dice[3 * fold:3 * fold + 3]))},
+            "base_val": None if base is None else {"dice": float(np.mean(base[3 * fold:3 * fold + 3]))},
+            "volume_bins_ml": [0, 3, None],
+            "cost": {"trainable_params": {"none": 0, "full": 1000, "lora_c": 100}.get(tuning, 100),
+                     "train_time_s": 10.0 + fold, "train_steps": 4, "peak_mem_mb": 50.0, "memory": "cpu_rss"},
+            "selection": None if tuning == "none" else {"below_base": below_base[fold], "selected_step": 2},
+            "cases": cases,
+            "last_cases": last,
+            "base_cases": base_cases,
+        }
+        run = folder / method / f"fold{fold}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def _rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, {r["method"]: r for r in reader}
+
+
+def test_bootstrap_interval_and_wilcoxon_against_scipy_and_by_hand():
+    values = np.array([0.55, 0.60, 0.52, 0.74, 0.61, 0.72, 0.33, 0.91])
+    expected = stats.bootstrap((values,), np.mean, n_resamples=10_000, method="percentile",
+                               random_state=np.random.default_rng(0)).confidence_interval
+    assert bootstrap_ci(values) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    rng = np.random.default_rng(1)  # the percentile bootstrap written out: quantiles of resampled means
+    means = values[rng.integers(0, values.size, size=(20_000, values.size))].mean(axis=1)
+    assert bootstrap_ci(values) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=0.01)
+    assert bootstrap_ci([0.4]) == (pytest.approx(math.nan, nan_ok=True),) * 2
+    # six paired cases, every difference positive: the exact two-sided signed-rank p is 2 / 2^6
+    a = {f"c{i}": 0.5 + 0.01 * i for i in range(6)}
+    b = {f"c{i}": 0.5 - 0.02 * i - 0.001 for i in range(6)}
+    assert paired_p(a, b) == pytest.approx(2 / 2**6)
+    x, y = [0.55, 0.60, 0.52, 0.74, 0.61, 0.72], [0.50, 0.62, 0.41, 0.70, 0.58, 0.66]
+    assert paired_p(dict(zip(CASES, x)), dict(zip(CASES, y))) == pytest.approx(stats.wilcoxon(x, y).pvalue)
+    # paired by case id: the order of the cases does not matter, unshared cases are left out
+    shuffled = dict(reversed(list(zip(CASES, y))))
+    assert paired_p({**dict(zip(CASES, x)), "extra": 0.9}, shuffled) == pytest.approx(stats.wilcoxon(x, y).pvalue)
+    assert math.isnan(paired_p({"c0": 0.5}, {"c9": 0.5}))
+
+
+def test_report_table_statistics_columns_and_flag(tmp_path):
+    _write(tmp_path, "none", "none", DICE["none"])
+    _write(tmp_path, "full", "full", DICE["full"], base=DICE["none"])
+    _write(tmp_path, "lora_c", "lora_c", DICE["lora_c"], base=DICE["none"], below_base=(False, True),
+           last_dice=[0.5] * 6)
+    paths = write_report(tmp_path, tmp_path / "out")
+    fields, rows = _rows(paths["csv"])
+    assert fields[:len(COLUMNS)] == COLUMNS and "hd95_mean_mm" in fields and "dice_bin[0-3 mL]" in fields
+    assert list(rows) == ["none", "full", "lora_c"]
+    for method, dice in DICE.items():
+        row = rows[method]
+        assert int(row["n_cases"]) == 6
+        assert float(row["dice_mean"]) == pytest.approx(np.mean(dice))
+        assert float(row["dice_sd"]) == pytest.approx(np.std(dice, ddof=1))
+        ci = stats.bootstrap((np.array(dice),), np.mean, n_resamples=10_000, method="percentile",
+                             random_state=np.random.default_rng(0)).confidence_interval
+        assert (float(row["dice_ci_low"]), float(row["dice_ci_high"])) == pytest.approx((ci.low, ci.high))
+    assert rows["none"]["p_vs_none"] == "" and rows["full"]["p_vs_full"] == ""  # a reference against itself: blank
+    assert float(rows["lora_c"]["p_vs_none"]) == pytest.approx(2 / 2**6)  # better on every case
+    assert float(rows["lora_c"]["p_vs_full"]) == pytest.approx(stats.wilcoxon(DICE["lora_c"], DICE["full"]).pvalue)
+    assert float(rows["none"]["p_vs_full"]) == pytest.approx(stats.wilcoxon(DICE["none"], DICE["full"]).pvalue)
+    assert float(rows["lora_c"]["trainable_params"]) == 100 and float(rows["lora_c"]["train_time_s"]) == 10.5
+    assert float(rows["lora_c"]["dice_last_mean"]) == pytest.approx(0.5)
+    assert rows["lora_c"]["below_base_folds"] == "1" and rows["full"]["below_base_folds"] == "0"
+    text = paths["markdown"].read_text(encoding="utf-8")
+    lora = next(line for line in text.splitlines() if line.startswith("| lora_c |"))
+    assert "| 2 | 6 |" in lora and "⚠ 1/2" in lora and "0.031" in lora
+    assert "percentile method" in text and "Wilcoxon" in text
+    for key in ("dice_by_method", "dice_vs_volume"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_base_row_from_the_runs_and_nested_layouts(tmp_path):
+    """Without `none` runs the base comes from the runs' base_cases; method folders one level deeper (one
+    folder per model) give the same table, or per-model methods when there are several models."""
+    flat, nested, two = tmp_path / "flat", tmp_path / "nested" / "unet", tmp_path / "two"
+    for folder in (flat, nested, two / "unet", two / "vit"):
+        _write(folder, "full", "full", DICE["full"], base=DICE["none"])
+        _write(folder, "lora_c_r2", "lora_c", DICE["lora_c"], base=DICE["none"])
+    (tmp_path / "nested" / "base" / "fold0").mkdir(parents=True)  # a pretraining run in the tree is left out
+    pretraining = json.dumps({"run": {"experiment": "pretrain"}})
+    (tmp_path / "nested" / "base" / "fold0" / "metrics.json").write_text(pretraining, encoding="utf-8")
+    _, rows = _rows(write_report(flat)["csv"])
+    assert list(rows) == ["none", "full", "lora_c_r2"] and rows["none"]["base_from_runs"] == "1"
+    assert float(rows["none"]["dice_mean"]) == pytest.approx(np.mean(DICE["none"]))
+    assert float(rows["lora_c_r2"]["p_vs_none"]) == pytest.approx(2 / 2**6)
+    nested_rows = _rows(write_report(tmp_path / "nested")["csv"])[1]
+    assert nested_rows == rows
+    _, per_model = _rows(write_report(two)["csv"])
+    assert list(per_model) == ["unet/none", "unet/full", "unet/lora_c_r2", "vit/none", "vit/full", "vit/lora_c_r2"]
+    assert per_model["vit/lora_c_r2"]["p_vs_full"] == rows["lora_c_r2"]["p_vs_full"] != ""
+    assert "no `none` runs" in (flat / "report.md").read_text(encoding="utf-8")
