@@ -205,8 +205,8 @@ BOUNDS = [
     ("conv_dora", CONV, 54),
     ("lora_c", CONV, 18),  # max(Cout k, Cin k^(d-1)) = max(12, 18)
     ("dora_c", CONV, 18),
-    ("cp_lora", CONV, 36),  # Cout Cin k k / max(Cout, Cin, k) = 4*6*3*3 / 6
-    ("cp_dora", CONV, 36),
+    ("cp_lora", CONV, 72),  # Cout Cin k k / min(Cout, Cin, k) = 4*6*3*3 / 3
+    ("cp_dora", CONV, 72),
     ("salt", CONV, 4),  # min(Cout, Cin k^d)
     ("tlora", CONV, 9),  # modes of D: out [4] + in [6, 9]; cuts min(4, 54), min(24, 9)
 ]

@@ -114,7 +114,7 @@ def test_hippocampus_experiment_end_to_end_on_a_real_subset(tmp_path):
     train = [sys.executable, str(REPO / "scripts" / "train.py"), "experiment=hippocampus", "adapter=cp_lora",
              f"paths.data={tmp_path}/data", f"paths.runs={tmp_path}/runs", "data.n_folds=2", "source.n_folds=2",
              "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
-             "model.kwargs.filters=[4,8,8,8]", "trainer.threads=1"]
+             "model.kwargs.filters=[8,8,8,8]", "trainer.threads=1"]
     done = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "plan of hippocampus_anterior (6 cases)" in done.stdout

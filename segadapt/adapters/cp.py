@@ -38,15 +38,17 @@ def cp_delta(factors: list[torch.Tensor], scaling: float) -> torch.Tensor:
 class CPLoRA(Adapter):
     """dW = s * [[U_out, U_in, U_1..U_d]]; U_out (Cout x r) zeros, the others kaiming-uniform.
 
-    Trainable parameters: r * (Cout + Cin + sum_j k_j). Rank bound: r <= Cout Cin prod(k) / max(Cout, Cin, k_j),
-    the largest CP rank a tensor of the weight's shape can have (min(Cout, Cin) for linear).
+    Trainable parameters: r * (Cout + Cin + sum_j k_j). Rank bound: r <= Cout Cin prod(k) / min(Cout, Cin, k_j).
+    A tensor of the weight's shape has CP rank at most Cout Cin prod(k) / max(Cout, Cin, k_j); as with the LoRA
+    forms (``Adapter.rank_bound``) ranks up to the larger bound are accepted, so that one rank serves a whole
+    network whose narrowest layers (a 1-channel output: weight 1 x C x 1 x 1 x 1) hold less.
     With ``init="gaussian"`` each of the d + 1 non-zero factors has standard deviation r^(-1/(d+1)), so
     that their Khatri-Rao product (M(dW)'s down factor) has entries of standard deviation 1/r.
     """
 
     @classmethod
     def rank_bound(cls, spec, config) -> int:
-        return math.prod(spec.shape) // max(spec.shape)
+        return math.prod(spec.shape) // min(spec.shape)
 
     activation_form = True
     supports_pissa = True
