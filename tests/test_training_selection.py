@@ -27,11 +27,11 @@ class _Scripted(pl.LightningModule):
     """One weight w; each step of SGD (lr 0.1) on the loss w lowers it by 0.1, so w = -0.1 * step. Validation
     logs the next of the scripted scores as val/dice."""
 
-    def __init__(self, scores) -> None:
+    def __init__(self, scores, sd=None, n_cases=None) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.register_buffer("frozen", torch.ones(3))
-        self.scores, self.checks = list(scores), 0
+        self.scores, self.checks, self.sd, self.n_cases = list(scores), 0, sd, n_cases
 
     def training_step(self, batch, batch_idx):
         return self.w * 1.0
@@ -41,6 +41,8 @@ class _Scripted(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         self.log("val/dice", float(self.scores[self.checks]))
+        if self.sd is not None:  # as SegAdaptModule logs them: the sd over cases and the number of cases
+            self.log_dict({"val/dice_sd": float(self.sd), "val/n_cases": float(self.n_cases)})
         self.checks += 1
 
     def configure_optimizers(self):
@@ -61,17 +63,32 @@ def _fit(module, callbacks, max_steps):
 
 def test_select_best_keeps_the_state_of_the_best_inner_dice():
     selector = SelectBest()
-    module = _Scripted([0.1, 0.5, 0.3, 0.5, 0.2])  # checks at steps 2, 4, 6, 8, 10; the tie at 8 keeps step 4
+    module = _Scripted([0.1, 0.5, 0.3, 0.5, 0.2])  # checks at steps 2, 4, 6, 8, 10; no sd: ties go to the later step
     _fit(module, [selector], max_steps=10)
-    assert selector.curve == [{"step": s, "dice": pytest.approx(d)} for s, d in zip((2, 4, 6, 8, 10), module.scores)]
-    assert selector.best_step == 4 and selector.best_score == pytest.approx(0.5)
+    assert selector.curve == [{"step": s, "dice": pytest.approx(d), "se": 0.0} for s, d in zip((2, 4, 6, 8, 10), module.scores)]
+    assert selector.best_step == 8 and selector.best_score == pytest.approx(0.5)
     assert float(module.w) == pytest.approx(-1.0)  # the last network
     assert set(selector.best_state) == {"w", "frozen"}  # trainable parameters and buffers, no frozen parameter
     selector.restore(module)
-    assert float(module.w) == pytest.approx(-0.4)  # the network of step 4
+    assert float(module.w) == pytest.approx(-0.8)  # the network of step 8
     again = SelectBest()
     again.load_state_dict(selector.state_dict())  # what a resumed run reads from last.ckpt
-    assert again.curve == selector.curve and again.best_step == 4 and torch.equal(again.best_state["w"], module.w.data)
+    assert again.curve == selector.curve and again.best_step == 8 and torch.equal(again.best_state["w"], module.w.data)
+
+
+@pytest.mark.parametrize("scores,selected", [
+    ([0.1, 0.5, 0.47, 0.3, 0.465], 10),  # 0.465 >= 0.5 - 0.08/sqrt(4): the latest step within one SE of the best
+    ([0.1, 0.5, 0.47, 0.3, 0.45], 6),  # the last step fell more than one SE below the best: step 6 (0.47) stays
+    ([0.1, 0.5, 0.2, 0.9, 0.85], 8),  # a new best (0.9) moves the reference: 0.85 is more than one SE below it
+])
+def test_selection_takes_the_latest_step_within_one_standard_error_of_the_best(scores, selected):
+    selector = SelectBest()
+    module = _Scripted(scores, sd=0.08, n_cases=4)  # standard error 0.04
+    _fit(module, [selector], max_steps=10)
+    assert [c["se"] for c in selector.curve] == [pytest.approx(0.04)] * 5
+    assert selector.best_step == selected and selector.best_score == pytest.approx(scores[selected // 2 - 1])
+    selector.restore(module)
+    assert float(module.w) == pytest.approx(-0.1 * selected)
 
 
 def test_early_stopping_counts_inner_validations():
@@ -156,7 +173,7 @@ def test_fit_run_reports_the_selected_and_the_last_network(phantom, tmp_path, sc
     assert len(inner) == 1 and not inner & val
     assert script.validated == [inner, inner]  # while fitting only the inner case was scored
     assert {c["case_id"] for c in stored["cases"]} == val == {c["case_id"] for c in stored["last_cases"]}
-    assert selection["curve"] == [{"step": s, "dice": pytest.approx(scores[s], abs=1e-6)} for s in (2, 4)]
+    assert selection["curve"] == [{"step": s, "dice": pytest.approx(scores[s], abs=1e-6), "se": 0.0} for s in (2, 4)]  # one inner case
     assert selection["selected_step"] == selected and stored["global_step"] == 4
     assert selection["selected_dice"] == pytest.approx(scores[selected])
     assert 0.0 <= stored["base_inner_dice"] <= 1.0

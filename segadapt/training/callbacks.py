@@ -172,13 +172,22 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if not isinstance(value, torch.nn.Parameter) or value.requires_grad}
 
 
+def standard_error(sd: Any, n: Any) -> float:
+    """sd / sqrt(n) of a mean over n cases (0 when unknown: one case, or no sd logged)."""
+    sd, n = (float(v) if v is not None else math.nan for v in (sd, n))
+    return sd / math.sqrt(n) if math.isfinite(sd) and n > 1 else 0.0
+
+
 class SelectBest(pl.Callback):
     """Model selection on the inner validation split (the data module validates on it while fitting).
 
     After each validation while fitting (Trainer ``val_check_interval`` / ``check_val_every_n_epoch``) the
-    logged `monitor` (inner Dice) is appended to :attr:`curve` as ``{'step', 'dice'}``; when it beats the
-    best so far (strictly: of equal scores the earlier step stays), a copy of the module's
-    :func:`trainable_state` is kept in memory. :meth:`restore` loads the selected state into the module.
+    logged `monitor` (inner Dice) and its standard error over the inner cases (``<monitor>_sd`` /
+    sqrt(``n_cases``)) are appended to :attr:`curve` as ``{'step', 'dice', 'se'}``. Selection follows the
+    one-standard-error rule: the latest step whose Dice is within one standard error of the best Dice
+    (so a few inner cases, whose mean Dice wobbles by about its standard error from one check to the next,
+    do not send the selection back to an undertrained early step, while a real decline or collapse is
+    left behind). The selected step's :func:`trainable_state` is kept in memory; :meth:`restore` loads it.
     Curve and selected state are kept in the Lightning checkpoint, so a resumed run selects over all its
     sessions.
     """
@@ -190,10 +199,15 @@ class SelectBest(pl.Callback):
         self.best_score: Optional[float] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
 
-    def record(self, step: int, score: float, pl_module: torch.nn.Module) -> bool:
-        """Add (step, score) to the curve; keep the module's state if the score is the best. True if kept."""
-        self.curve.append({"step": int(step), "dice": float(score)})
-        if not math.isfinite(score) or (self.best_score is not None and score <= self.best_score):
+    def record(self, step: int, score: float, pl_module: torch.nn.Module, se: float = 0.0) -> bool:
+        """Add (step, score, se) to the curve; keep the module's state if this step is selected (see the class
+        docstring). True if kept."""
+        self.curve.append({"step": int(step), "dice": float(score), "se": float(se)})
+        if not math.isfinite(score):
+            return False
+        finite = [c for c in self.curve if math.isfinite(c["dice"])]
+        top = max(finite, key=lambda c: c["dice"])
+        if score < top["dice"] - (top["se"] if math.isfinite(top["se"]) else 0.0):
             return False
         self.best_step, self.best_score, self.best_state = int(step), float(score), trainable_state(pl_module)
         return True
@@ -202,7 +216,9 @@ class SelectBest(pl.Callback):
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if not fitting or self.monitor not in trainer.callback_metrics:
             return
-        self.record(trainer.global_step, float(trainer.callback_metrics[self.monitor]), pl_module)
+        metrics = trainer.callback_metrics
+        self.record(trainer.global_step, float(metrics[self.monitor]), pl_module,
+                    standard_error(metrics.get(f"{self.monitor}_sd"), metrics.get(self.monitor.rsplit("/", 1)[0] + "/n_cases")))
 
     def restore(self, pl_module: torch.nn.Module) -> None:
         """Load the selected state into `pl_module` (the module whose state was recorded)."""

@@ -51,7 +51,7 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights
+from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights, standard_error
 from .datamodule import SegDataModule
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
@@ -442,7 +442,8 @@ def fit_run(
             raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
         trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
         if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
-            selector.record(trainer.global_step, _inner_dice(trainer, module, datamodule), module)
+            selector.record(trainer.global_step, _inner_dice(trainer, module, datamodule), module,
+                            standard_error(*(summarize(module.case_rows, module.bins)[k] for k in ("dice_sd", "n_cases"))))
         trainer.validate(module, datamodule=datamodule, verbose=False)
     last_cases = module.case_rows
     if selector is not None and selector.best_step not in (None, trainer.global_step):
