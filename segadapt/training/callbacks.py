@@ -180,7 +180,8 @@ class SelectBest(pl.Callback):
     best so far (strictly: of equal scores the earlier step stays), a copy of the module's
     :func:`trainable_state` is kept in memory. :meth:`restore` loads the selected state into the module.
     Curve and selected state are kept in the Lightning checkpoint, so a resumed run selects over all its
-    sessions.
+    sessions; only the check at the very step the checkpoint was written is lost (Lightning saves
+    ``last.ckpt`` before that step's validation and does not repeat it on resume).
     """
 
     def __init__(self, monitor: str = "val/dice") -> None:
