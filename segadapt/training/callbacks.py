@@ -189,7 +189,8 @@ class SelectBest(pl.Callback):
     do not send the selection back to an undertrained early step, while a real decline or collapse is
     left behind). The selected step's :func:`trainable_state` is kept in memory; :meth:`restore` loads it.
     Curve and selected state are kept in the Lightning checkpoint, so a resumed run selects over all its
-    sessions.
+    sessions; only the check at the very step the checkpoint was written is lost (Lightning saves
+    ``last.ckpt`` before that step's validation and does not repeat it on resume).
     """
 
     def __init__(self, monitor: str = "val/dice") -> None:

@@ -465,7 +465,8 @@ def fit_run(
             "selected_step": selector.best_step,
             "selected_dice": selector.best_score,
             "stopped_early": stopper is not None and stopper.wait_count >= stopper.patience,
-            "below_base": base_inner_dice is not None and selector.best_score < base_inner_dice,
+            "below_base": (None not in (base_inner_dice, selector.best_score)
+                           and selector.best_score < base_inner_dice),
         },
         "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
         "volume_bins_ml": list(bins),
