@@ -148,8 +148,8 @@ def fingerprint(
     """Read every training case of a ``dataset.json`` once and describe the dataset (see the module doc).
 
     Cases are read and checked as the pipeline does (:class:`~segadapt.data.loading.LoadCased`, then MONAI
-    ``Orientationd`` to `orientation`, default ``"RAS"[:spatial_dims]``), so a bad case fails here with its name. Returns the fingerprint as a JSON-ready dict
-    (also written to `out`, atomically, when given)::
+    ``Orientationd`` to `orientation`, default ``"RAS"[:spatial_dims]``), so a bad case fails here with its
+    name. Returns the fingerprint as a JSON-ready dict (also written to `out`, atomically, when given)::
 
         {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
          "orientation", "spatial_dims",
