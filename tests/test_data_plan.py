@@ -212,6 +212,24 @@ def test_ct_plan_clips_and_z_scores_with_the_dataset_statistics(tmp_path):
     assert "clip_range" not in windows.preprocess_fields()
 
 
+def test_plan_of_2d_images(tmp_path):
+    cases = []
+    for i in range(3):
+        image = np.zeros((70, 60))
+        image[5:65, 5:55] = 10.0 + i  # 60 x 50 in a constant 0 border
+        label = (image > 0).astype(np.uint8)
+        affine = np.diag([0.5, 0.5, 1.0, 1.0])
+        cases.append({"image": save_nifti(tmp_path / f"i{i}.nii.gz", image, affine), "case_id": f"c{i}",
+                      "label": save_nifti(tmp_path / f"l{i}.nii.gz", label, affine)})
+    dataset = write_dataset_json(tmp_path / "dataset.json", "flat", cases, {0: "bg", 1: "x"}, {0: "MRI"})
+    plan = make_plan(fingerprint(dataset, spatial_dims=2))
+    assert plan.orientation == "RA" and plan.target_spacing == pytest.approx([0.5, 0.5])
+    assert plan.median_shape == [60, 50] and plan.background_value == [0.0]
+    # 60 -> 30 -> 15 -> 8 -> 4 and 50 -> 25 -> 13 -> 7 (-> the lone axis 8 < 12 stops): 3 poolings, x 8.
+    assert plan.patch_size == plan.slice_size == [64, 56] and plan.pools_per_axis == [3, 3]
+    PreprocessConfig(**plan.preprocess_fields())
+
+
 def test_ct_zscore_transform_by_hand():
     hu = MetaTensor(torch.tensor([-2000.0, -100.0, 100.0, 150.0, 300.0, 1000.0]).reshape(1, 6, 1, 1))
     out = CTZScored("image", [[-100.0, 300.0]], [100.0], [50.0])({"image": hu})["image"]

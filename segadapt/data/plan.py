@@ -139,7 +139,7 @@ def _dataset_key(description: DatasetDescription, **settings: object) -> str:
 def fingerprint(
     dataset: str | os.PathLike | DatasetDescription,
     out: str | os.PathLike | None = None,
-    orientation: str = "RAS",
+    orientation: str | None = None,
     spatial_dims: int = 3,
     samples_per_case: int = FOREGROUND_SAMPLES,
     seed: int = 1234,
@@ -148,8 +148,8 @@ def fingerprint(
     """Read every training case of a ``dataset.json`` once and describe the dataset (see the module doc).
 
     Cases are read and checked as the pipeline does (:class:`~segadapt.data.loading.LoadCased`, then MONAI
-    ``Orientationd``), so a bad case fails here with its name. Returns the fingerprint as a JSON-ready dict
-    (also written to `out`, atomically, when given)::
+    ``Orientationd`` to `orientation`, default ``"RAS"[:spatial_dims]``), so a bad case fails here with its
+    name. Returns the fingerprint as a JSON-ready dict (also written to `out`, atomically, when given)::
 
         {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
          "orientation", "spatial_dims",
@@ -159,6 +159,7 @@ def fingerprint(
          "background": [per channel dataset background value or None]}
     """
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
+    orientation = orientation or "RAS"[:spatial_dims]
     raw = json.loads(description.path.read_text(encoding="utf-8"))
     channels = description.channels
     load = LoadCased(("image", "label"), description.label_values, channels, spatial_dims, affine_tolerance)
@@ -166,7 +167,7 @@ def fingerprint(
     cases, samples = [], [[] for _ in range(channels)]
     for index, entry in enumerate(description.cases):
         data = orient(load(entry.as_dict()))
-        spacing = [float(s) for s in data["image"].pixdim]
+        spacing = [round(float(s), 6) for s in data["image"].pixdim]  # NIfTI's float32 3.45 -> 3.45, not 3.4500000477
         image = data["image"].numpy()
         label = np.rint(data["label"].numpy()[0]).astype(np.int64)
         foreground = label > 0
@@ -558,7 +559,7 @@ def format_plan(plan: Plan) -> str:
 def load_or_make_plan(
     dataset_json: str | os.PathLike,
     cache_dir: str | os.PathLike,
-    orientation: str = "RAS",
+    orientation: str | None = None,
     spatial_dims: int = 3,
     **plan_options: object,
 ) -> Plan:
@@ -595,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     parser.add_argument("--patch-voxels", type=int, help="3D patch budget at batch 2 (default 128^3 x GB / 8)")
     parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
     parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
-    parser.add_argument("--orientation", default="RAS")
+    parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3)
     args = parser.parse_args(argv)
     out = Path(args.out)
