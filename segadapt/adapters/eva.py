@@ -67,11 +67,16 @@ def eva_init(model: nn.Module, run: Callable[[], Any], name: Optional[str] = Non
         return hook
 
     handles = [layer.register_forward_pre_hook(collect(n)) for n, layer in layers.items()]
+    active = {n: layer.active_adapter for n, layer in layers.items()}
     try:
+        for layer in layers.values():  # the base alone (= the adapted layer while B = 0) during the run
+            layer.active_adapter = None
         run()
     finally:
         for handle in handles:
             handle.remove()
+        for n, layer in layers.items():
+            layer.active_adapter = active[n]
     missing = sorted(set(layers) - set(gram))
     if missing:
         raise RuntimeError(f"eva_init: layers {missing[:5]} saw no input while running the batches")
