@@ -146,7 +146,23 @@ def test_eva_down_factor_spans_the_top_right_singular_vectors_of_the_input_patch
         torch.testing.assert_close(merge_and_unload(model)(x), trained, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,layer", [("cp_lora", nn.Conv2d(4, 4, 3)), ("salt", nn.Linear(6, 6)), ("conv_lora", nn.ConvTranspose2d(4, 4, 2))])
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"), nn.Conv3d(2, 4, (3, 1, 3)),
+                                   nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1), nn.Linear(6, 5)])
+def test_patch_matrix_times_the_weight_is_the_layer_output(layer):
+    """The definition of the patches EVA decomposes: base(x) - b0 = P M(W0)^T, transposed convs included."""
+    from segadapt.adapters import spec_of
+    from segadapt.adapters.eva import patch_matrix
+
+    spec = spec_of(layer)
+    x = torch.randn(2, spec.cin, 5, 4, 5)[(slice(None),) * 2 + (slice(None),) * spec.ndim + (0,) * (3 - spec.ndim)] if spec.kind != "linear" else torch.randn(3, 6)
+    with torch.no_grad():
+        y = layer(x) - layer.bias.view(-1, *(1,) * spec.ndim)
+        m = spec.canonical(layer.weight).reshape(spec.cout, -1)
+        expected = y.movedim(1, -1).reshape(-1, spec.cout)
+        torch.testing.assert_close(patch_matrix(layer, spec, x) @ m.t(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,layer", [("cp_lora", nn.Conv2d(4, 4, 3)), ("salt", nn.Linear(6, 6)), ("lora_c", nn.Conv2d(4, 4, 3))])
 def test_eva_is_refused_where_it_is_not_defined(method, layer):
-    with pytest.raises(ValueError, match=r"module '0': init='eva' (is not defined for|needs the layer's input patches)"):
+    with pytest.raises(ValueError, match=r"module '0': init='eva' is not defined for"):
         inject(nn.Sequential(layer), AdapterConfig(method=method, rank=2, targets=["0"], init="eva"))

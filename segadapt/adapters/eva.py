@@ -10,7 +10,7 @@ keeps its configured rank.)
 Injection leaves such adapters *pending*; :func:`eva_init` runs the model on the batches, collects
 P^T P per layer (float64, Cin k^d squared) through forward hooks, and writes A. A pending adapter
 refuses to train, so a forgotten :func:`eva_init` cannot silently fall back to a random init.
-Transposed convs have no patch view and refuse ``init="eva"`` at injection.
+Transposed convs are handled alike: their "patches" are the inputs each output position sums over.
 """
 
 from __future__ import annotations
@@ -20,18 +20,25 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .base import Adapter, canonical_svd
+from .base import canonical_svd
+from .layers import _CONV_TRANSPOSE_FN as CONV_TRANSPOSE_FN
 from .layers import LayerSpec
 
 
 def patch_matrix(base: nn.Module, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
-    """P (positions x Cin k^d): the inputs each output position of ``base`` sees, flattened in M(W)'s
-    column order. Convs: ``base``'s own padding, stride and dilation through a conv with the identity
-    kernel (any d, any padding mode); linear: the input rows."""
+    """P (positions x Cin k^d) with base(x) - b0 = P M(W0)^T: what each output position of ``base`` sees,
+    in M(W)'s column order. Convs and transposed convs: the layer's own op (padding, stride, dilation,
+    output padding) run with the identity kernel, whose output channel (i, k) is input channel i at kernel
+    offset k; linear: the input rows."""
     if spec.kind == "linear":
         return x.reshape(-1, spec.cin)
+    x = x if x.dim() == spec.ndim + 2 else x.unsqueeze(0)
     eye = torch.eye(spec.fan_in, dtype=x.dtype, device=x.device).view(spec.fan_in, spec.cin, *spec.kernel)
-    patches = base._conv_forward(x if x.dim() == spec.ndim + 2 else x.unsqueeze(0), eye, None)
+    if spec.kind == "conv":
+        patches = base._conv_forward(x, eye, None)
+    else:
+        padding = base._output_padding(x, None, base.stride, base.padding, base.kernel_size, spec.ndim, base.dilation)
+        patches = CONV_TRANSPOSE_FN[spec.ndim](x, spec.to_base(eye), None, base.stride, base.padding, padding, 1, base.dilation)
     return patches.flatten(2).transpose(1, 2).reshape(-1, spec.fan_in)
 
 
@@ -92,6 +99,3 @@ def eva_down(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return vh[:rank]
 
 
-def check_eva(adapter: Adapter, spec: LayerSpec) -> None:
-    if spec.kind == "conv_transpose":
-        raise ValueError("init='eva' needs the layer's input patches; a transposed conv has none (use another init)")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, init_down_factor_, principal_factors
-from .eva import check_eva, eva_down
+from .eva import eva_down
 from .registry import register_method
 
 
@@ -45,7 +45,6 @@ class LoRA(Adapter):
         init_down_factor_(self.lora_A, spec.fan_in, config.init, rank)
         start_on_principal_directions(self, spec.canonical(base.weight).reshape(spec.cout, spec.fan_in), config.init)
         if config.init == "eva":
-            check_eva(self, spec)
             # 1 until eva_init has run; a float buffer, so that it is saved, loaded and checked like any tensor
             self.register_buffer("eva_flag", torch.ones((), dtype=base.weight.dtype, device=base.weight.device))
             self._eva_done = False
