@@ -9,6 +9,8 @@
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
 * ``segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8]`` -- dataset fingerprint and nnU-Net-style
   plan (:mod:`segadapt.data.plan`), written as JSON and printed.
+* ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- per layer ||dW|| / ||W0||, effective rank of dW and
+  intruder dimensions of adapter and full fine-tuning runs (:mod:`segadapt.diagnose`).
 * ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference on CT
   scans with a fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 
@@ -93,6 +95,11 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[LightningCLI]:
         return None
     if argv[:1] == ["predict"]:
         predict_main(argv[1:])
+        return None
+    if argv[:1] == ["diagnose"]:
+        from segadapt.diagnose import main as diagnose_main
+
+        diagnose_main(argv[1:])
         return None
     return SegAdaptCLI(
         SegAdaptModule,

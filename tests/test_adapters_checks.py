@@ -208,7 +208,7 @@ BOUNDS = [
     ("cp_lora", CONV, 72),  # Cout Cin k k / min(Cout, Cin, k) = 4*6*3*3 / 3
     ("cp_dora", CONV, 72),
     ("salt", CONV, 4),  # min(Cout, Cin k^d)
-    ("tlora", CONV, 9),  # modes of D: out [4] + in [6, 9]; cuts min(4, 54), min(24, 9)
+    ("tlora", CONV, 54),  # max(Cout, Cin k^d), as the LoRA forms
 ]
 
 

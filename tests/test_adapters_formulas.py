@@ -9,7 +9,6 @@ random non-zero factors, on Linear, a strided and dilated Conv2d and Conv3d, and
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest

@@ -18,6 +18,7 @@ Quick start::
 from . import cp, dora, lora, salt, tlora  # noqa: F401  (each file registers its methods)
 from .base import Adapter, AdaptedLayer
 from .config import AdapterConfig
+from .eva import eva_init, eva_pending
 from .io import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
 from .layers import LayerSpec, spec_of
 from .model import (
@@ -32,6 +33,7 @@ from .model import (
     set_active_adapter,
     summary,
     summary_rows,
+    truncate,
     unmerge,
 )
 from .registry import METHODS, get_method, register_method
@@ -45,6 +47,8 @@ __all__ = [
     "active_adapter",
     "adapted_layers",
     "adapter_names",
+    "eva_init",
+    "eva_pending",
     "base_fingerprint",
     "get_method",
     "inject",
@@ -60,5 +64,6 @@ __all__ = [
     "spec_of",
     "summary",
     "summary_rows",
+    "truncate",
     "unmerge",
 ]

@@ -61,6 +61,8 @@ class Adapter(nn.Module):
 
     activation_form: ClassVar[bool] = False
     supports_pissa: ClassVar[bool] = False  # init="pissa" defined (lora.py, cp.py)
+    supports_eva: ClassVar[bool] = False  # init="eva" defined (lora.py's LoRA, conv_dora; eva.py)
+    supports_nested_ranks: ClassVar[bool] = False  # truncate_ and rank sampling defined (lora.py, cp.py)
 
     def __init__(self, base: nn.Module, spec: LayerSpec, config: AdapterConfig, rank: int) -> None:
         super().__init__()
@@ -70,10 +72,16 @@ class Adapter(nn.Module):
                 f"rank {rank} exceeds {bound}, the most a {type(self).__name__} update of this {spec.kind} layer "
                 f"(weight {'x'.join(map(str, spec.shape))}) can hold"
             )
+        if config.init == "eva" and not self.supports_eva:
+            raise ValueError(f"init='eva' is not defined for {type(self).__name__}; it applies to lora, conv_lora and conv_dora")
         if config.init == "pissa" and not self.supports_pissa:
             raise ValueError(f"init='pissa' is not defined for {type(self).__name__}; it applies to lora, conv_lora, lora_c, cp_lora and their DoRA forms")
+        if config.nested_ranks and not self.supports_nested_ranks:
+            raise ValueError(f"nested_ranks is not defined for {type(self).__name__}; it applies to lora, conv_lora, lora_c, cp_lora and their DoRA forms")
+        self.config = config
         self.spec = spec
         self.rank = rank
+        self.sampled_rank: Optional[int] = None  # nested ranks: the b of the current training forward
         self.scaling = config.scaling(rank)
         self.compute = config.compute
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -93,6 +101,26 @@ class Adapter(nn.Module):
         between the two sizes are accepted, so that one rank can serve a whole network whose narrowest
         layers (e.g. a 1-channel output) have fewer channels."""
         return max(spec.cout, spec.fan_in)
+
+    def used_rank(self) -> tuple[int, float]:
+        """(b, s_b): the components in use and their scaling -- all r and s, except in a training
+        forward with ``nested_ranks`` (b sampled in :meth:`forward`, s_b = alpha / b)."""
+        if self.training and self.config.nested_ranks and self.sampled_rank is not None:
+            return self.sampled_rank, self.config.scaling(self.sampled_rank)
+        return self.rank, self.scaling
+
+    def sample_rank(self) -> None:
+        """Draw b ~ U{1..r} for this forward (nested ranks, training only)."""
+        self.sampled_rank = int(torch.randint(1, self.rank + 1, ())) if self.training and self.config.nested_ranks else None
+
+    def truncate_(self, rank: int) -> None:
+        """Keep the first ``rank`` components (nested ranks); methods with ``supports_nested_ranks`` define it."""
+        raise ValueError(f"{type(self).__name__} has no nested ranks to truncate")
+
+    @property
+    def eva_pending(self) -> bool:
+        """True while an ``init="eva"`` adapter waits for :func:`~segadapt.adapters.eva.eva_init`."""
+        return False
 
     def base_changed(self, base: nn.Module) -> None:
         """Recompute whatever the adapter derives from the base weight (SALT's SVD). Called after a
@@ -196,6 +224,10 @@ class Adapter(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, base: nn.Module, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if self.training and self.config.init == "eva" and self.eva_pending:
+            raise RuntimeError("init='eva' adapter not initialised: call segadapt.adapters.eva_init(model, run) on a few "
+                               "target batches before training")
+        self.sample_rank()
         if self.uses_activation_space(base, x):
             return self.activation_output(base, x)
         weight = self.spec.to_base(self.adapted_weight(self.spec.canonical(base.weight)))

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 COMPUTE_MODES = ("auto", "weight", "activation")
-INIT_MODES = ("default", "gaussian", "pissa")
+INIT_MODES = ("default", "gaussian", "pissa", "eva")
 
 
 @dataclass
@@ -39,7 +39,9 @@ class AdapterConfig:
             the d + 1 non-zero factors, i.e. M(dW)'s down factor, has that standard deviation), or
             ``"pissa"`` (lora, conv_lora, lora_c, cp_lora and their DoRA forms: the adapter starts on the
             principal part of W0 -- top-r singular directions, or for CP a rank-r PARAFAC of W0 -- and
-            the base keeps the residual; see ``lora.py`` / ``cp.py``).
+            the base keeps the residual; see ``lora.py`` / ``cp.py``), or ``"eva"`` (lora, conv_lora,
+            conv_dora: A from the top right-singular vectors of the layer's input patches on a few
+            target batches, set by ``segadapt.adapters.eva_init``; see ``eva.py``).
         use_rslora: s = alpha / sqrt(r) (rank-stabilised scaling).
         compute: ``"auto"`` picks weight space or activation space per layer from a cost model;
             ``"weight"`` / ``"activation"`` force one (activation falls back to weight where a layer
@@ -49,6 +51,10 @@ class AdapterConfig:
             applies relu to all of Sigma', including diag(sig_rest) + X Y; see ``salt.py``).
         ring_rank: TLoRA: tensor-ring rank of the transform T (its cost grows as ring_rank^3).
         tlora_max_factor: TLoRA: the largest factor used to factorise a dimension for the rings.
+        nested_ranks: DyLoRA-style training (lora, conv_lora, lora_c, cp_lora and their DoRA forms):
+            each training forward uses only the first b components, b ~ U{1..r} drawn per layer and
+            call, with s = alpha / b, so that ``segadapt.adapters.truncate(model, k)`` later gives a
+            working rank-k adapter for any k <= r. Eval mode uses all r.
     """
 
     method: str = "lora"
@@ -65,6 +71,7 @@ class AdapterConfig:
     salt_relu: bool = True
     ring_rank: int = 2
     tlora_max_factor: int = 16
+    nested_ranks: bool = False
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand over ListConfig/DictConfig; keep plain Python values.
@@ -84,6 +91,8 @@ class AdapterConfig:
                 raise ValueError(f"rank_pattern['{pattern}'] must be a positive integer, got {rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.nested_ranks and self.init == "pissa":
+            raise ValueError("nested_ranks and init='pissa' cannot be combined (the residual is the top-r part)")
         if self.dropout > 0 and self.compute == "weight":
             raise ValueError(f"dropout={self.dropout} needs activation space; compute='weight' would drop it silently (use 'auto')")
         if self.compute not in COMPUTE_MODES:

@@ -52,6 +52,7 @@ class CPLoRA(Adapter):
 
     activation_form = True
     supports_pissa = True
+    supports_nested_ranks = True
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
@@ -84,20 +85,32 @@ class CPLoRA(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         if self.initial is None:
-            return cp_delta(self.factors, self.scaling)
+            b, s = self.used_rank()
+            return cp_delta([f[:, :b] for f in self.factors], s)
         return cp_delta(self.factors, self.scaling) - cp_delta(self.initial, self.scaling)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """up = s U_out (Cout x r); down = the Khatri-Rao product of U_in, U_1..U_d, transposed (r x Cin k^d)
         (with PiSSA init: up = s [U_out, -U0_out], down = [KR(U); KR(U0)])."""
-        up, down = self.scaling * self.cp_out, khatri_rao_t(self.factors[1:])
         if self.initial is None:
-            return up, down
+            b, s = self.used_rank()
+            return s * self.cp_out[:, :b], khatri_rao_t([f[:, :b] for f in self.factors[1:]])
+        up, down = self.scaling * self.cp_out, khatri_rao_t(self.factors[1:])
         initial = self.initial
         return torch.cat([up, -self.scaling * initial[0]], 1), torch.cat([down, khatri_rao_t(initial[1:])])
 
     def branch_rank(self) -> int:
         return self.rank if self.initial is None else 2 * self.rank
+
+    def truncate_(self, rank: int) -> None:
+        """Keep the first ``rank`` rank-one terms; s = alpha / rank."""
+        if self.pissa:
+            raise ValueError("a PiSSA-initialised adapter cannot be truncated (its residual is the top-r part)")
+        trainable = self.cp_out.requires_grad
+        keep = lambda f: nn.Parameter(f.detach()[:, :rank].clone(), requires_grad=trainable)  # noqa: E731
+        self.cp_out, self.cp_in = keep(self.cp_out), keep(self.cp_in)
+        self.cp_spatial = nn.ParameterList(keep(f) for f in self.cp_spatial)
+        self.rank, self.scaling = rank, self.config.scaling(rank)
 
 
 def khatri_rao_t(factors: list[torch.Tensor]) -> torch.Tensor:

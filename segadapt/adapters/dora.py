@@ -34,6 +34,7 @@ class DoRA(Adapter):
 
     direction_cls: ClassVar[type[Adapter]]  # subclasses set activation_form = direction_cls.activation_form
     supports_pissa = True  # every direction form has it: V starts at W0 all the same
+    supports_nested_ranks = True
 
     @classmethod
     def rank_bound(cls, spec, config) -> int:
@@ -77,6 +78,21 @@ class DoRA(Adapter):
         self._merge_norm = None
         return w / scale - self.direction.delta_weight()
 
+    @property
+    def eva_pending(self) -> bool:
+        return self.direction.eva_pending
+
+    def set_eva_down(self, gram: torch.Tensor) -> None:
+        self.direction.set_eva_down(gram)
+
+    def sample_rank(self) -> None:
+        super().sample_rank()
+        self.direction.sampled_rank = self.sampled_rank
+
+    def truncate_(self, rank: int) -> None:
+        self.direction.truncate_(rank)
+        self.rank = rank
+
     def branch_rank(self) -> int:
         return self.direction.branch_rank()
 
@@ -98,6 +114,7 @@ class ConvDoRA(DoRA):
 
     direction_cls = LoRA
     activation_form = True
+    supports_eva = True
 
 
 @register_method("cp_dora")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, init_down_factor_, principal_factors
+from .eva import eva_down
 from .registry import register_method
 
 
@@ -34,6 +35,8 @@ class LoRA(Adapter):
 
     activation_form = True
     supports_pissa = True
+    supports_eva = True
+    supports_nested_ranks = True
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
@@ -41,10 +44,28 @@ class LoRA(Adapter):
         self.lora_B = nn.Parameter(torch.zeros(spec.cout, rank, dtype=base.weight.dtype, device=base.weight.device))
         init_down_factor_(self.lora_A, spec.fan_in, config.init, rank)
         start_on_principal_directions(self, spec.canonical(base.weight).reshape(spec.cout, spec.fan_in), config.init)
+        if config.init == "eva":
+            # 1 until eva_init has run; a float buffer, so that it is saved, loaded and checked like any tensor
+            self.register_buffer("eva_flag", torch.ones((), dtype=base.weight.dtype, device=base.weight.device))
+            self._eva_done = False
+
+    @property
+    def eva_pending(self) -> bool:
+        if getattr(self, "eva_flag", None) is None or self._eva_done:
+            return False
+        self._eva_done = not bool(self.eva_flag)  # one host sync until it is 0
+        return not self._eva_done
+
+    @torch.no_grad()
+    def set_eva_down(self, gram: torch.Tensor) -> None:
+        """A <- top-r right singular vectors of the patch matrix P, from G = P^T P (``eva.py``)."""
+        self.lora_A.copy_(eva_down(gram, self.rank))
+        self.eva_flag.zero_()
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.initial_A is None:
-            return self.scaling * self.lora_B, self.lora_A
+            b, s = self.used_rank()
+            return s * self.lora_B[:, :b], self.lora_A[:b]
         return self.scaling * torch.cat([self.lora_B, -self.initial_B], 1), torch.cat([self.lora_A, self.initial_A])
 
     def delta_weight(self) -> torch.Tensor:
@@ -52,6 +73,9 @@ class LoRA(Adapter):
 
     def branch_rank(self) -> int:
         return self.rank if self.initial_A is None else 2 * self.rank
+
+    def truncate_(self, rank: int) -> None:
+        truncate_lora_(self, rank, rank)
 
 
 @register_method("lora_c")
@@ -64,6 +88,7 @@ class LoRAC(Adapter):
     """
 
     supports_pissa = True
+    supports_nested_ranks = True
 
     @classmethod
     def rank_bound(cls, spec, config) -> int:
@@ -81,9 +106,14 @@ class LoRAC(Adapter):
         start_on_principal_directions(self, spec.canonical(base.weight).reshape(spec.cout * k, a_cols), config.init)
 
     def delta_weight(self) -> torch.Tensor:
-        if self.initial_A is None:
-            return (self.scaling * self.lora_B @ self.lora_A).view(self.spec.shape)
+        if self.initial_A is None:  # component j of the rank is the block of k inner columns j k .. j k + k - 1
+            b, s = self.used_rank()
+            inner = b * self.lora_A.shape[0] // self.rank
+            return (s * self.lora_B[:, :inner] @ self.lora_A[:inner]).view(self.spec.shape)
         return lora_product(self).view(self.spec.shape)
+
+    def truncate_(self, rank: int) -> None:
+        truncate_lora_(self, rank, rank * self.lora_A.shape[0] // self.rank)
 
     def build_flops(self) -> float:
         return 2.0 * self.lora_B.shape[0] * self.lora_B.shape[1] * self.lora_A.shape[1]
@@ -106,9 +136,19 @@ def start_on_principal_directions(adapter: Adapter, matrix: torch.Tensor, init: 
 
 
 def lora_product(adapter: Adapter) -> torch.Tensor:
-    """s (B A - B0 A0) (s B A without PiSSA); the two products run the same kernel on equal inputs at
-    init, so the update is exactly zero there."""
-    product = adapter.lora_B @ adapter.lora_A
+    """s (B A - B0 A0) (s_b B A over the b components in use without PiSSA); with PiSSA the two
+    products run the same kernel on equal inputs at init, so the update is exactly zero there."""
+    if adapter.initial_A is None:
+        b, s = adapter.used_rank()
+        return s * (adapter.lora_B[:, :b] @ adapter.lora_A[:b])
+    return adapter.scaling * (adapter.lora_B @ adapter.lora_A - adapter.initial_B @ adapter.initial_A)
+
+
+def truncate_lora_(adapter: Adapter, rank: int, inner: int) -> None:
+    """Keep the first ``inner`` rows of A and columns of B: a rank-``rank`` adapter, s = alpha / rank."""
     if adapter.initial_A is not None:
-        product = product - adapter.initial_B @ adapter.initial_A
-    return adapter.scaling * product
+        raise ValueError("a PiSSA-initialised adapter cannot be truncated (its residual is the top-r part)")
+    trainable = adapter.lora_A.requires_grad
+    adapter.lora_A = nn.Parameter(adapter.lora_A.detach()[:inner].clone(), requires_grad=trainable)
+    adapter.lora_B = nn.Parameter(adapter.lora_B.detach()[:, :inner].clone(), requires_grad=trainable)
+    adapter.rank, adapter.scaling = rank, adapter.config.scaling(rank)

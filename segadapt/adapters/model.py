@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Optional, Union
 
 import torch
@@ -115,6 +116,38 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         module.adapters[name] = adapter
     if active:
         set_active_adapter(model, name)
+    return model
+
+
+def truncate(model: nn.Module, rank: int, name: Optional[str] = None) -> nn.Module:
+    """Keep the first ``rank`` components of one adapter (default: the active one) in every layer, in
+    place: each becomes the rank-``min(rank, its rank)`` adapter with the same leading factors and
+    s = alpha / rank. Meant for adapters trained with ``nested_ranks`` (DyLoRA), whose leading
+    components work on their own; the saved config records the new ranks.
+
+    Raises:
+        ValueError: rank < 1, no such adapter, a method without nested ranks, or a merged adapter.
+    """
+    name = name or active_adapter(model)
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r} to truncate; injected adapters: {adapter_names(model)}")
+    if int(rank) != rank or rank < 1:
+        raise ValueError(f"truncate rank must be a positive integer, got {rank!r}")
+    layers = [(n, layer) for n, layer in adapted_layers(model) if name in layer.adapters]
+    merged = next((n for n, layer in layers if layer.merged_adapter == name), None)
+    if merged is not None:
+        raise ValueError(f"adapter '{name}' is merged into '{merged}'; unmerge() before truncating")
+    config = layers[0][1].adapters[name].config
+    if not layers[0][1].adapters[name].supports_nested_ranks:
+        raise ValueError(f"method '{config.method}' has no nested ranks to truncate")
+    new_config = replace(config, rank=min(config.rank, rank), rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()})
+    for _, layer in layers:
+        adapter = layer.adapters[name]
+        if adapter.rank > rank:
+            adapter.truncate_(rank)
+        adapter.config = new_config
+        if hasattr(adapter, "direction"):
+            adapter.direction.config = new_config
     return model
 
 

@@ -22,8 +22,6 @@ the cores without building T.
 
 from __future__ import annotations
 
-import math
-
 import tensorly as tl
 import torch
 from torch import nn
@@ -102,13 +100,11 @@ def tr_matrix_identity_distance(cores: list[torch.Tensor]) -> torch.Tensor:
 class TLoRA(Adapter):
     """W = W0 T + D with a tensor-ring-matrix transform T (= I at init) and a tensor-ring residual D (= 0).
 
-    Rank bounds: r <= max over cuts of min(prod of the modes before it, prod after it) of D's modes
-    (out factors, then in factors), the largest tensor-ring rank D can use; ``ring_rank`` <= Cin k^d.
+    Rank bounds: r <= max(Cout, Cin k^d), as for the LoRA forms (``Adapter.rank_bound``: D never needs a
+    tensor-ring rank above max over cuts of min(prod of the modes before it, prod after it), which is
+    smaller; ranks up to the larger side are accepted so that one rank serves a whole network);
+    ``ring_rank`` <= Cin k^d.
     """
-
-    @classmethod
-    def rank_bound(cls, spec, config) -> int:
-        return ring_rank_bound(factorize(spec.cout, config.tlora_max_factor) + factorize(spec.fan_in, config.tlora_max_factor))
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
@@ -179,11 +175,6 @@ class TLoRA(Adapter):
     def regularization(self) -> torch.Tensor:
         """Identity regulariser ||T - I||_F^2."""
         return tr_matrix_identity_distance(list(self.transform_cores))
-
-
-def ring_rank_bound(modes: list[int]) -> int:
-    """max_k min(prod(modes[:k]), prod(modes[k:])): a tensor-ring rank above it adds nothing (at least 1)."""
-    return max([1] + [min(math.prod(modes[:k]), math.prod(modes[k:])) for k in range(1, len(modes))])
 
 
 def identity_ring_cores(sizes: list[int], ring: int) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ Dice, HD95 (mm), predicted and true lesion volume (mL) (:mod:`segadapt.training.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Union
 
@@ -33,7 +34,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
-from segadapt.adapters import AdapterConfig, inject, regularization_loss
+from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, invert_transform, make_loader
 from segadapt.models import MultiViewUNet, build_model, load_pretrained, logits_to_probabilities, preset_targets
 
@@ -138,6 +139,13 @@ class SegAdaptModule(pl.LightningModule):
         return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
 
     # ---- training -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """``init="eva"`` adapters get their down factors from the first 4 training batches here, before
+        the optimiser and DDP (which broadcasts rank 0's weights) see the parameters."""
+        if stage == "fit" and eva_pending(self.net):
+            batches = itertools.islice(self.trainer.datamodule.train_dataloader(), 4)
+            eva_init(self.net, lambda: [self(_plain(b["image"]), b.get("view")) for b in batches])
+
     def forward(self, image: torch.Tensor, view: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of training samples: slices (with their ``view``) for the multi-view UNet, else patches."""
         if isinstance(self.net, MultiViewUNet):
