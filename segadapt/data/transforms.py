@@ -3,6 +3,7 @@
 Every pipeline starts with the same deterministic part (cached by the dataset builders)::
 
     LoadCased -> Orientationd(cfg.orientation) -> Spacingd(cfg.target_spacing) -> CropForegroundd -> intensity
+        -> RequireForegroundd (an all-air / blank case is refused, naming it)
 
 intensity: 'ct' stacks HU windows as channels (:class:`CTWindowd`), 'mri' z-scores nonzero voxels,
 'rgb' divides by 255. Then, per pipeline:
@@ -51,7 +52,7 @@ from monai.transforms import (
 )
 
 from .config import SLICE_AXES, PreprocessConfig
-from .loading import LoadCased
+from .loading import LoadCased, RequireForegroundd
 
 
 class CTWindowd(MapTransform):
@@ -107,12 +108,15 @@ def deterministic_transforms(
     steps.append(Orientationd(keys, axcodes=cfg.orientation, labels=None))  # labels from the MetaTensor space
     if cfg.target_spacing is not None:
         steps.append(Spacingd(keys, pixdim=cfg.target_spacing, mode=modes))
+    threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0
     if cfg.crop_foreground:
-        threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0
         steps.append(CropForegroundd(keys, source_key="image", select_fn=_Above(threshold), allow_smaller=True,
                                      start_coord_key=None, end_coord_key=None))
     steps.append(_intensity(cfg))
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    unit = " HU" if cfg.intensity == "ct" else ""
+    crop = f"none above the crop threshold {threshold:g}{unit}, or " if cfg.crop_foreground else ""
+    steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step"))
     return steps
 
 
