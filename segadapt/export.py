@@ -271,6 +271,8 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
         config = read_run_config(run_dir)
     except (OmegaConfBaseException, yaml.YAMLError) as error:
         raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(config.get("module"), dict) or "model" not in config["module"]:
+        raise ValueError(f"{config_path} has no module.model (the network's name)")
     try:
         module = SegAdaptModule(**config["module"])
     except (KeyError, TypeError) as error:

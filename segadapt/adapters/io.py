@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .config import AdapterConfig
@@ -120,11 +120,11 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors creates the file itself (mode 0o666 less the umask, like any other output; mkstemp
-    # would make it 0600); the unique hidden name is moved onto `path` once complete.
+    # Written by open() so the usual umask applies, as for every other output (safetensors' save_file and
+    # mkstemp make 0600 files); the unique hidden name is moved onto `path` once complete.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(save(tensors, metadata=metadata))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
