@@ -27,7 +27,8 @@ DoRA ``magnitude``  (Cout,)                ``lora_magnitude_vector`` (1, Cout, 1
 Scaling: PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per module equals segadapt's ``alpha / r``;
 per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by the escaped module name.
 
-Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER]``.
+Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER] [--force]``; outputs
+that are folders / files / not writable, and a broken ``config.yaml``, exit 2 with one line before any work.
 """
 
 from __future__ import annotations
@@ -42,15 +43,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from segadapt.adapters import AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, merge_and_unload, set_active_adapter
+from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, load_adapter,
+                               merge_and_unload, set_active_adapter)
 from segadapt.adapters.dora import DoRA
-from segadapt.data.files import atomic_path, write_json
+from segadapt.data.files import atomic_path, check_output_file, check_output_folder, write_json
 from segadapt.models import build_model
-from segadapt.training import load_run
+from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 
 MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -254,21 +258,54 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
 
 
 # ---- command line -------------------------------------------------------------------------------
+def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
+    FileNotFoundError naming the file.
+
+    Like :func:`segadapt.training.load_run`, with `strict` passed to ``load_adapter`` (False: an adapter
+    made on a base with the same modules but other weights loads with a warning), and a ``config.yaml``
+    that is not YAML or lacks a key reported as such instead of a parser traceback.
+    """
+    config_path = Path(run_dir) / CONFIG_FILE
+    try:
+        config = read_run_config(run_dir)
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(config.get("module"), dict) or "model" not in config["module"]:
+        raise ValueError(f"{config_path} has no module.model (the network's name)")
+    try:
+        module = SegAdaptModule(**config["module"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{config_path} does not describe a run's network: {type(error).__name__}: {error}") from None
+    adapter_file = Path(run_dir) / ADAPTER_FILE
+    if not adapter_file.is_file():
+        raise FileNotFoundError(f"run folder {run_dir} has no {ADAPTER_FILE}: nothing to export (a full / decoder / "
+                                f"scratch run's {WEIGHTS_FILE} is already a plain network)")
+    load_adapter(module.net, adapter_file, strict=strict)
+    return module.net.eval(), config
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segadapt.export",
                                      description="Export a run's adapter: merged plain model and/or PEFT format.")
     parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
     parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
     parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
+    parser.add_argument("--force", action="store_true",
+                        help="load an adapter made on a base with the same modules but other weights (a warning)")
     args = parser.parse_args(argv)
     if not (args.merged or args.peft):
         parser.error("give --merged FILE and/or --peft FOLDER")
     try:
-        module, config = load_run(args.run_dir)
-        if args.merged:
-            print(f"merged model: {export_merged(module.net, args.merged, architecture=config['module'])}")
+        if args.merged:  # outputs are checked before any work, so a bad one leaves nothing half done
+            check_output_file(args.merged, "--merged file")
         if args.peft:
-            print(f"PEFT adapter: {export_peft(module.net, args.peft)}")
+            check_output_folder(args.peft, "--peft folder")
+        net, config = load_run_for_export(args.run_dir, strict=not args.force)
+        if args.peft:  # first: its checks (method, layer types) all come before it writes
+            print(f"PEFT adapter: {export_peft(net, args.peft)}")
+        if args.merged:
+            print(f"merged model: {export_merged(net, args.merged, architecture=config['module'])}")
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt export: error: {error}\n")
 

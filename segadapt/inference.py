@@ -42,11 +42,12 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -56,7 +57,7 @@ from tqdm.auto import tqdm
 
 from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, make_phantom_dataset
-from segadapt.data.files import atomic_path, save_nifti
+from segadapt.data.files import atomic_path, check_output_folder, nifti_image, stale_temp_files
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
 
@@ -115,6 +116,32 @@ def _root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None:
         error = error.__cause__
     return error
+
+
+def check_threshold(threshold: float) -> float:
+    """`threshold` as a float, refused unless 0 < threshold < 1 (a probability cut-off)."""
+    value = float(threshold)
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    return value
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """`device` (default: CUDA when available, else CPU), refused when it is not on this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU that torch can use; "
+                             "use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s)")
+    return resolved
 
 
 # ---- the predictor ------------------------------------------------------------------------------
@@ -178,11 +205,13 @@ class Predictor:
             name and their probabilities are averaged. None: the base alone.
         base: base checkpoint to use instead of ``config['module']['base_checkpoint']``.
         device: ``'cpu'``, ``'cuda'``, ... (default: CUDA when available).
-        threshold: foreground probability threshold (default: the run's).
+        threshold: foreground probability threshold in (0, 1) (default: the run's).
+        strict: refuse an adapter made on a base with other weights (False: load it with a warning).
 
     Raises:
         FileNotFoundError: the base checkpoint or an adapter file is missing.
-        ValueError: an adapter file was made for another base (the message names the first differing module).
+        ValueError: an adapter file was made for another base (the message names the first differing
+            module, or says the weights differ), a threshold outside (0, 1), a device that is not there.
     """
 
     def __init__(
@@ -192,7 +221,11 @@ class Predictor:
         base: Optional[str | os.PathLike] = None,
         device: Optional[str] = None,
         threshold: Optional[float] = None,
+        strict: bool = True,
     ) -> None:
+        self.device = resolve_device(device)
+        if threshold is not None:
+            check_threshold(threshold)
         module_args = dict(config["module"])
         base = base if base is not None else module_args.get("base_checkpoint")
         if base is None or not Path(base).is_file():
@@ -207,14 +240,13 @@ class Predictor:
         self.adapters = [Path(a) for a in adapters]
         self.members = [f"m{i}" for i in range(len(self.adapters))]
         for name, path in zip(self.members, self.adapters):
-            load_adapter(self.module.net, path, name=name, active=False)
-        self.threshold = self.module.hparams.threshold if threshold is None else float(threshold)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            load_adapter(self.module.net, path, name=name, active=False, strict=strict)
+        self.threshold = check_threshold(self.module.hparams.threshold if threshold is None else threshold)
         self.module.to(self.device).eval()
 
     @classmethod
     def from_runs(cls, runs: Sequence[str | os.PathLike], base: Optional[str | os.PathLike] = None,
-                  device: Optional[str] = None, threshold: Optional[float] = None) -> Predictor:
+                  device: Optional[str] = None, threshold: Optional[float] = None, strict: bool = True) -> Predictor:
         """The fold ensemble of run folders (each ``config.yaml`` + ``adapter.safetensors``) on their shared base.
 
         A single run without an adapter file is used alone: a full / decoder / scratch run's
@@ -241,23 +273,23 @@ class Predictor:
         if len(runs) == 1 and missing:
             weights = runs[0] / WEIGHTS_FILE
             if weights.is_file() or configs[0]["run"].get("tuning") == "none":
-                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold)
+                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict)
         if missing:
             raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a full/decoder/"
                                     "scratch run: those are used alone, not in a fold ensemble)")
-        return cls(configs[0], adapters, base, device, threshold)
+        return cls(configs[0], adapters, base, device, threshold, strict)
 
     @classmethod
     def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,
                            base: Optional[str | os.PathLike] = None, device: Optional[str] = None,
-                           threshold: Optional[float] = None) -> Predictor:
+                           threshold: Optional[float] = None, strict: bool = True) -> Predictor:
         """Adapter files on one base; network and preprocessing from `run_config` (a ``config.yaml`` or its
         run folder; default: the folder of the first adapter file)."""
         if not adapters:
             raise ValueError("give at least one adapter file")
         source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
         run_dir = source.parent if source.name == CONFIG_FILE else source
-        return cls(read_run_config(run_dir), adapters, base, device, threshold)
+        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict)
 
     @property
     def description(self) -> str:
@@ -306,15 +338,37 @@ class Predictor:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def write_prediction(prediction: Prediction, out_dir: str | os.PathLike, name: str,
-                     probabilities: bool = False) -> dict[str, Path]:
-    """Write ``<name>_mask.nii.gz`` (and ``<name>_probabilities.nii.gz``) atomically with the input's affine."""
-    out_dir = Path(out_dir)
-    paths = {"mask": save_nifti(out_dir / f"{name}_mask.nii.gz", prediction.mask, prediction.affine)}
+def output_paths(out_dir: str | os.PathLike, name: str, probabilities: bool = False) -> dict[str, Path]:
+    """{'mask': <out_dir>/<name>_mask.nii.gz[, 'probabilities': <out_dir>/<name>_probabilities.nii.gz]}."""
+    paths = {"mask": Path(out_dir) / f"{name}_mask.nii.gz"}
+    if probabilities:
+        paths["probabilities"] = Path(out_dir) / f"{name}_probabilities.nii.gz"
+    return paths
+
+
+@contextmanager
+def writing_prediction(prediction: Prediction, out_dir: str | os.PathLike, name: str,
+                       probabilities: bool = False) -> Iterator[dict[str, Path]]:
+    """Write the mask (and probabilities) to temporary files; they move onto their names (yielded) when the
+    block ends without error, and are removed otherwise. What the block records (``volumes.csv``) is thus
+    on disk before the files it lists: a kill in between leaves a listed mask missing, never an unlisted one."""
+    paths = output_paths(out_dir, name, probabilities)
+    images = {"mask": nifti_image(prediction.mask, prediction.affine)}
     if probabilities:
         p = prediction.probabilities
         p = p[0] if len(p) == 1 else np.moveaxis(p, 0, -1)  # NIfTI keeps channels in the 4th dim
-        paths["probabilities"] = save_nifti(out_dir / f"{name}_probabilities.nii.gz", p, prediction.affine)
+        images["probabilities"] = nifti_image(p, prediction.affine)
+    with ExitStack() as stack:
+        for key, image in images.items():
+            nib.save(image, stack.enter_context(atomic_path(paths[key])))
+        yield paths
+
+
+def write_prediction(prediction: Prediction, out_dir: str | os.PathLike, name: str,
+                     probabilities: bool = False) -> dict[str, Path]:
+    """Write ``<name>_mask.nii.gz`` (and ``<name>_probabilities.nii.gz``) atomically with the input's affine."""
+    with writing_prediction(prediction, out_dir, name, probabilities) as paths:
+        pass
     return paths
 
 
@@ -326,6 +380,16 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     return path
 
 
+def _kept_rows(csv_path: Path, replaced: set[Path]) -> list[dict[str, Any]]:
+    """Rows of an earlier ``volumes.csv`` whose mask is still on disk and not about to be rewritten."""
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows
+            if r.get("mask") and Path(r["mask"]).is_file() and Path(r["mask"]).resolve() not in replaced]
+
+
 def predict_to_folder(
     predictor: Predictor,
     inputs: str | os.PathLike,
@@ -334,37 +398,46 @@ def predict_to_folder(
     progress: bool = True,
     echo: Callable[[str], None] = tqdm.write,
 ) -> list[dict[str, Any]]:
-    """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns the CSV rows.
+    """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns this run's CSV rows.
 
-    ``volumes.csv`` is rewritten (atomically) after each scan, so it always lists the masks written.
+    ``volumes.csv`` lists every mask in `out_dir`: the rows of an earlier run whose masks are still
+    there, then this run's. It is rewritten (atomically) for each scan *before* that scan's files move
+    into place, so whatever stops the run -- an error, Ctrl-C, kill -9 -- no mask is left unlisted;
+    temporary files are removed on errors and interrupts, and those of a killed run on the next one.
     A scan that cannot be read stops the run with a ``ValueError`` naming it; the scans before it keep
     their complete outputs and nothing is written for it.
 
     Raises:
-        ValueError: two inputs would write the same output, or `out_dir` is the inputs' folder.
+        ValueError: two inputs would write the same output, `out_dir` is the inputs' folder, a file,
+            or not writable.
     """
-    scans, out_dir = find_inputs(inputs), Path(out_dir)
+    scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
     names = [input_name(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise ValueError(f"several inputs in {inputs} are named {duplicate!r} (e.g. .nii.gz and .nrrd): rename one")
     if any(out_dir.resolve() == s.parent.resolve() for s in scans if s.is_file()):
         raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
+    csv_path = out_dir / CSV_FILE
+    for path in [csv_path, *(p for n in names for p in output_paths(out_dir, n, True).values())]:
+        for stale in stale_temp_files(path):  # left by a killed run
+            stale.unlink()
+    kept = _kept_rows(csv_path, {p.resolve() for n in names for p in output_paths(out_dir, n, True).values()})
     rows: list[dict[str, Any]] = []
     for scan, name in zip(tqdm(scans, desc="predict", unit="scan", disable=not progress or len(scans) == 1), names):
         prediction = predictor.predict(scan)
-        paths = write_prediction(prediction, out_dir, name, probabilities)
-        row = {
-            "input": str(scan),
-            "mask": str(paths["mask"]),
-            "probabilities": str(paths.get("probabilities", "")),
-            "lesion_voxels": prediction.voxels,
-            "voxel_ml": f"{voxel_volume_ml(prediction.affine):.6g}",
-            "lesion_volume_ml": f"{prediction.volume_ml:.4f}",
-            "members": max(len(predictor.members), 1),
-        }
-        rows.append(row)
-        write_csv(out_dir / CSV_FILE, rows)
+        with writing_prediction(prediction, out_dir, name, probabilities) as paths:
+            row = {
+                "input": str(scan),
+                "mask": str(paths["mask"]),
+                "probabilities": str(paths.get("probabilities", "")),
+                "lesion_voxels": prediction.voxels,
+                "voxel_ml": f"{voxel_volume_ml(prediction.affine):.6g}",
+                "lesion_volume_ml": f"{prediction.volume_ml:.4f}",
+                "members": max(len(predictor.members), 1),
+            }
+            rows.append(row)
+            write_csv(csv_path, kept + rows)
         echo(f"{name}: lesion volume {row['lesion_volume_ml']} mL ({prediction.voxels} voxels, shape "
              f"{prediction.mask.shape}) -> {paths['mask']}")
     return rows
@@ -447,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
+    parser.add_argument("--force", action="store_true",
+                        help="load adapters made on a base with the same modules and shapes but other weights "
+                             "(a warning instead of an error)")
     return parser
 
 
@@ -455,16 +531,25 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    strict = not args.force
     try:
-        find_inputs(args.input)  # a bad input path fails before the network is built
+        # bad inputs, output folder, threshold or device fail before the network is built
+        find_inputs(args.input)
+        check_output_folder(args.output)
+        if args.threshold is not None:
+            check_threshold(args.threshold)
+        resolve_device(args.device)
         if args.run:
-            predictor = Predictor.from_runs(args.run, args.base, args.device, args.threshold)
+            predictor = Predictor.from_runs(args.run, args.base, args.device, args.threshold, strict)
         else:
-            predictor = Predictor.from_adapter_files(args.adapters, args.run_config, args.base, args.device, args.threshold)
+            predictor = Predictor.from_adapter_files(args.adapters, args.run_config, args.base, args.device,
+                                                     args.threshold, strict)
         print(f"segadapt predict: {predictor.description}")
         rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt predict: error: {error}\n")
+    except KeyboardInterrupt:  # temporary files are already removed; finished scans are listed in volumes.csv
+        parser.exit(130, f"segadapt predict: interrupted; complete outputs are listed in {Path(args.output) / CSV_FILE}\n")
     total = sum(float(r["lesion_volume_ml"]) for r in rows)
     print(f"{len(rows)} scan(s), total lesion volume {total:.2f} mL -> {Path(args.output) / CSV_FILE}")
     return rows

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,31 @@ def demo_runs(tmp_path_factory) -> list[Path]:
     from segadapt.inference import make_demo_runs
 
     return make_demo_runs(tmp_path_factory.mktemp("demo"), steps=(2, 2))
+
+
+def _write_dicom_series(folder: Path, image: sitk.Image, uid: str, first_instance: int = 0) -> None:
+    """Write `image` as one DICOM file per slice (SimpleITK's series-from-array recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000e": uid,
+            "0020|000d": uid + ".0",
+            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0013": str(first_instance + k),
+            "0008|0018": f"{uid}.{k + 1}",
+        }.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{uid}-{k:03d}.dcm"))
+        writer.Execute(piece)
+
+
+@pytest.fixture(scope="session")
+def write_dicom_series():
+    """``write(folder, sitk_image, series_uid, first_instance=0)``: one DICOM file per slice."""
+    return _write_dicom_series

@@ -259,10 +259,11 @@ def drop_tensor(path, key):
 
 @pytest.mark.parametrize("active", [True, False])
 def test_failed_load_restores_the_active_adapter(tmp_path, active):
-    source = inject(TinyNet(), AdapterConfig(method="cp_lora", targets=["decoder.0"]), name="b")
+    base = TinyNet()
+    source = inject(copy.deepcopy(base), AdapterConfig(method="cp_lora", targets=["decoder.0"]), name="b")
     path = save_adapter(source, tmp_path / "b.safetensors")
     drop_tensor(path, "decoder.0.cp_in")
-    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0"]), name="a")
+    model = inject(base, AdapterConfig(targets=["decoder.0"]), name="a")
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"does not fit: missing \['decoder.0.cp_in'\]"):
         load_adapter(model, path, active=active)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -133,3 +134,61 @@ def test_disk_cache_reruns_the_case_checks_when_they_change(phantom, tmp_path):
     with pytest.raises(RuntimeError) as info:
         build_dataset([case], val_transforms(cfg, (0, 1), 2), cfg, "p")[0]
     assert isinstance(info.value.__cause__, CaseError) and "expected 2 channel(s)" in str(info.value.__cause__)
+
+
+class _Marker:
+    """A pickle that, when unpickled, creates the file `path` (stands for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _same(a, b, where=""):
+    """Equal trees: dicts, lists/tuples (type kept), arrays/tensors by value, transform ids left out."""
+    if isinstance(a, (torch.Tensor, np.ndarray)):
+        assert type(a) is type(b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)), where
+        assert a.shape == b.shape and a.dtype == b.dtype, (where, a.shape, b.shape, a.dtype, b.dtype)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+        return
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            if k != "id":
+                _same(a[k], b[k], f"{where}.{k}")
+        return
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+        return
+    assert a == b or (a != a and b != b), (where, a, b)  # NaN == NaN here
+
+
+def test_disk_cache_never_unpickles_and_rebuilds_a_tampered_file(phantom, tmp_path):
+    cfg = _cfg(tmp_path, cache="disk", target_spacing=[6.0, 6.0, 10.0])
+    _, val = fold_datasets(phantom, 0, cfg, n_folds=3)
+    _, plain = fold_datasets(phantom, 0, replace(cfg, cache="none"), n_folds=3)
+    first = val[0]
+    (cached,) = disk_cache_dir(cfg, "phantom_sah").iterdir()
+    hit = val[0]  # a cache hit is the first read: values, affine, meta and the transform trace (Invertd needs it)
+    for key in ("image", "label"):
+        torch.testing.assert_close(hit[key].as_tensor(), plain[0][key].as_tensor(), rtol=0, atol=0)
+        _same(dict(hit[key].meta), dict(first[key].meta), key)
+        _same(list(hit[key].applied_operations), list(first[key].applied_operations), key)
+    marker = tmp_path / "pwned"
+    for name in (cached, cached.with_suffix(".pt")):  # our file name, and MONAI's pickle name for the same key
+        torch.save({"image": _Marker(marker)}, name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, again = fold_datasets(phantom, 0, cfg, n_folds=3)  # a new setup()
+        item = again[0]
+    assert not marker.exists(), "the planted pickle ran"
+    assert any(f"{cached.name} is unreadable" in str(w.message) and "rebuilding" in str(w.message) for w in caught)
+    torch.testing.assert_close(item["image"].as_tensor(), plain[0]["image"].as_tensor())
+    torch.testing.assert_close(item["label"].affine, plain[0]["label"].affine)
+    from segadapt.data.cache import load_item
+
+    torch.testing.assert_close(load_item(cached)["image"].as_tensor(), plain[0]["image"].as_tensor())  # rebuilt

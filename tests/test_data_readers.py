@@ -51,33 +51,11 @@ def test_nifti_goes_through_nibabel(tmp_path):
     assert not SimpleITKReader().verify_suffix(str(tmp_path / "x.nii"))
 
 
-def _write_dicom_series(folder: Path, image: sitk.Image, uid: str, first_instance: int = 0) -> None:
-    """Write `image` as one DICOM file per slice (SimpleITK's series-from-array recipe)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    for k in range(image.GetDepth()):
-        piece = image[:, :, k]
-        for tag, value in {
-            "0008|0060": "CT",
-            "0020|000e": uid,
-            "0020|000d": uid + ".0",
-            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0013": str(first_instance + k),
-            "0008|0018": f"{uid}.{k + 1}",
-        }.items():
-            piece.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{uid}-{k:03d}.dcm"))
-        writer.Execute(piece)
-
-
-def test_dicom_series_folder(tmp_path):
+def test_dicom_series_folder(tmp_path, write_dicom_series):
     image = sitk.GetImageFromArray(np.random.default_rng(1).integers(-1000, 1000, (4, 6, 5), dtype=np.int16))
     image.SetSpacing((0.8, 0.6, 2.5))
     image.SetOrigin((10.0, -20.0, 30.0))
-    _write_dicom_series(tmp_path / "series", image, "1.2.826.0.1.3680043.2.1125.1")
+    write_dicom_series(tmp_path / "series", image, "1.2.826.0.1.3680043.2.1125.1")
     loaded = _load(tmp_path / "series")
     assert loaded.shape == (1, 5, 6, 4)
     np.testing.assert_array_equal(loaded[0].numpy(), sitk.GetArrayFromImage(image).T)
@@ -86,10 +64,10 @@ def test_dicom_series_folder(tmp_path):
     np.testing.assert_allclose(loaded.affine.numpy(), expected, atol=1e-4)
 
 
-def test_dicom_folder_with_mixed_series_is_rejected(tmp_path):
+def test_dicom_folder_with_mixed_series_is_rejected(tmp_path, write_dicom_series):
     image = sitk.GetImageFromArray(np.zeros((3, 4, 4), np.int16))
-    _write_dicom_series(tmp_path / "mixed", image, "1.2.826.0.1.3680043.2.1125.7")
-    _write_dicom_series(tmp_path / "mixed", image, "1.2.826.0.1.3680043.2.1125.8", first_instance=10)
+    write_dicom_series(tmp_path / "mixed", image, "1.2.826.0.1.3680043.2.1125.7")
+    write_dicom_series(tmp_path / "mixed", image, "1.2.826.0.1.3680043.2.1125.8", first_instance=10)
     with pytest.raises(ValueError, match=r"DICOM folder .*mixed mixes 2 series \(1\.2\.826.*\.7, 1\.2\.826.*\.8\)"):
         read_dicom_series(tmp_path / "mixed")
     (tmp_path / "empty").mkdir()

@@ -1,5 +1,7 @@
 """Adapter files: one ``.safetensors`` file holding only the adapter's tensors, with its JSON config
-and a fingerprint of the base (module names and shapes) in the safetensors header metadata.
+and a fingerprint of the base in the safetensors header metadata: module names and shapes, and a digest
+of the base's weights (:func:`base_weights_digest`), so an adapter is refused on a base of the same
+architecture with other weights.
 
 Read the metadata without torch: ``safetensors.safe_open(path, "pt").metadata()``.
 """
@@ -9,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .config import AdapterConfig
@@ -23,6 +26,12 @@ from .model import active_adapter, adapted_layers, adapter_names, inject, remove
 
 FORMAT = "segadapt-adapter"
 FORMAT_VERSION = "1"
+WEIGHTS_DIGEST = "strided-1024-v1"  # how base_weights_digest samples; files with another scheme are not compared
+SAMPLES_PER_TENSOR = 1024
+
+
+def _base_key(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part != "base_layer")
 
 
 def base_fingerprint(model: nn.Module) -> list[list]:
@@ -32,9 +41,29 @@ def base_fingerprint(model: nn.Module) -> list[list]:
     for key, tensor in model.state_dict().items():
         if ".adapters." in f".{key}":
             continue
-        base_key = ".".join(part for part in key.split(".") if part != "base_layer")
-        entries.append([base_key, list(tensor.shape)])
+        entries.append([_base_key(key), list(tensor.shape)])
     return entries
+
+
+def base_weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the base's parameters (adapter parameters left out, ``.base_layer`` folded away):
+    per parameter, in name order, its name, dtype, shape and the bytes of ``SAMPLES_PER_TENSOR`` elements
+    at a fixed stride (``flat[::max(1, n // 1024)][:1024]``).
+
+    Parameters only: buffers such as BatchNorm running statistics move while an adapter trains, the frozen
+    parameters do not. A sample, not every byte, so it costs milliseconds even on a ViT-B (~86M
+    parameters): it tells another base apart (any retraining moves every sampled weight), not a single
+    edited weight. Call it with the adapters unmerged (a merged layer holds W, not W0).
+    """
+    digest = hashlib.sha256()
+    params = sorted((_base_key(name), p) for name, p in model.named_parameters(remove_duplicate=False)
+                    if ".adapters." not in f".{name}")
+    for name, param in params:
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR].contiguous().cpu()
+        digest.update(f"{name}|{param.dtype}|{list(param.shape)}|".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint_digest(entries: list[list]) -> str:
@@ -74,6 +103,10 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         raise ValueError(f"no adapter named {name!r} to save; injected adapters: {adapter_names(model)}")
     config = next(layer.adapters[name].config for _, layer in adapted_layers(model) if name in layer.adapters)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state(model, name).items()}
+    merged = next((layer_name for layer_name, layer in adapted_layers(model) if layer.merged_adapter is not None), None)
+    if merged is not None:
+        raise RuntimeError(f"an adapter is merged into '{merged}': unmerge() before saving {path} (the file "
+                           "records a digest of the base weights, which a merged layer no longer holds)")
     fingerprint = base_fingerprint(model)
     metadata = {
         "format": FORMAT,
@@ -82,17 +115,20 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         "config": json.dumps(config.to_dict()),
         "base_fingerprint": json.dumps(fingerprint),
         "base_digest": fingerprint_digest(fingerprint),
+        "base_weights_digest": base_weights_digest(model),
+        "base_weights_digest_scheme": WEIGHTS_DIGEST,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    # Written by open() so the usual umask applies, as for every other output (safetensors' save_file and
+    # mkstemp make 0600 files); the unique hidden name is moved onto `path` once complete.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        tmp.write_bytes(save(tensors, metadata=metadata))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
@@ -111,16 +147,52 @@ def read_adapter_metadata(path: Union[str, Path]) -> tuple[AdapterConfig, list[l
     return AdapterConfig.from_dict(json.loads(metadata["config"])), json.loads(metadata["base_fingerprint"]), metadata
 
 
-def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] = None, active: bool = True) -> nn.Module:
+def check_base_weights(model: nn.Module, path: Union[str, Path], metadata: dict, strict: bool = True) -> None:
+    """Compare the file's ``base_weights_digest`` with `model`'s (:func:`base_weights_digest`).
+
+    A file without one (written before digests existed) loads with a warning: its names and shapes were
+    still checked, and refusing it would strand every earlier run folder. A different digest raises, or
+    with ``strict=False`` warns.
+
+    Raises:
+        ValueError: the base has the file's names and shapes but other weights (``strict=True``).
+    """
+    recorded = metadata.get("base_weights_digest")
+    if recorded is None or metadata.get("base_weights_digest_scheme") != WEIGHTS_DIGEST:
+        warnings.warn(f"adapter file {path} records no digest of its base weights (an older file): only the base's "
+                      "module names and shapes were checked", stacklevel=3)
+        return
+    if recorded != base_weights_digest(model):
+        message = (f"adapter file {path} was made for a base with the same modules and shapes but other weights "
+                   f"(base weight digest {recorded[:12]} in the file, {base_weights_digest(model)[:12]} here)")
+        if strict:
+            raise ValueError(f"{message}; load the base it was trained on (or strict=False / --force to load anyway)")
+        warnings.warn(f"{message}; loaded anyway (strict=False)", stacklevel=3)
+
+
+def check_tensor(path: Union[str, Path], key: str, tensor: torch.Tensor) -> None:
+    """Refuse a weight that is not floating point or holds NaN/inf (it would load by a silent cast, or
+    turn every prediction into NaN)."""
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(f"{path}: tensor '{key}' has dtype {tensor.dtype}, expected floating point weights")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{path}: tensor '{key}' holds {bad} NaN or infinite value(s) of {tensor.numel()}")
+
+
+def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] = None, active: bool = True,
+                 strict: bool = True) -> nn.Module:
     """Inject the adapter stored in ``path`` into ``model`` and load its weights (in place).
 
     ``name`` defaults to the name it was saved under. If the model already holds an adapter of that
-    name (e.g. injected from a training config), its config must match the file's.
+    name (e.g. injected from a training config), its config must match the file's. ``strict=False``
+    loads an adapter whose base had other weights (same names and shapes) with a warning.
 
     Raises:
         ValueError: the file was made for another base (the message names the first mismatching
-            module), for another method or rank than the adapter already injected, or its tensors
-            do not fit. The model is left as it was.
+            module, or says the weights differ), for another method or rank than the adapter already
+            injected, or its tensors do not fit, are not floating point or are not finite. The model is
+            left as it was.
         RuntimeError: the adapter ``name`` on the model is merged (unmerge first).
     """
     path = Path(path)
@@ -132,9 +204,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
 
     injected_here = name not in adapter_names(model)
     previous = active_adapter(model)
-    if injected_here:
-        inject(model, config, name=name, active=active)
-    else:
+    if not injected_here:
         merged = next((layer_name for layer_name, layer in adapted_layers(model) if layer.merged_adapter == name), None)
         if merged is not None:  # new tensors under a merged W would make unmerge() restore a wrong W0
             raise RuntimeError(f"adapter '{name}' is merged into '{merged}'; unmerge() before loading {path} into it")
@@ -143,6 +213,10 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         if differing:
             detail = ", ".join(f"{k}: file {config.to_dict()[k]!r} vs model {existing.to_dict()[k]!r}" for k in differing)
             raise ValueError(f"adapter file {path} does not match adapter '{name}' already on the model ({detail})")
+    if not any(layer.merged_adapter is not None for _, layer in adapted_layers(model)):  # merged: W0 is not there
+        check_base_weights(model, path, metadata, strict)
+    if injected_here:
+        inject(model, config, name=name, active=active)
     try:
         expected = adapter_state(model, name)
         with safe_open(str(path), framework="pt") as handle:
@@ -152,6 +226,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
                 raise ValueError(f"adapter file {path} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
             loaded = {key: handle.get_tensor(key) for key in expected}
         for key, tensor in loaded.items():
+            check_tensor(path, key, tensor)
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"adapter file {path}: '{key}' has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
         with torch.no_grad():

@@ -4,8 +4,9 @@ Caches hold the output of the deterministic part of a pipeline (up to its first 
 
 * ``'none'``: ``Dataset``, every item read and preprocessed on every visit.
 * ``'memory'``: ``CacheDataset``, every case preprocessed once when the dataset is built.
-* ``'disk'``: ``PersistentDataset`` under ``<cfg.cache_dir>/<dataset name>-<cfg.cache_key()>``; an item's
-  cache file is keyed by its paths, each file's size and modification time and the case checks of the
+* ``'disk'``: :class:`~segadapt.data.cache.SafePersistentDataset` (a ``PersistentDataset`` whose files are
+  safetensors + JSON, never pickles; an unreadable or tampered file is rebuilt) under
+  ``<cfg.cache_dir>/<dataset name>-<cfg.cache_key()>``; an item's cache file is keyed by its paths, each file's size and modification time and the case checks of the
   pipeline's :class:`LoadCased` (label values, channels, affine tolerance), so a changed config gets a
   fresh folder and a replaced file or changed check is re-read. Files appear atomically, and only after
   the case passed its checks. Cache hits are MetaTensors with their affine and meta, like first reads.
@@ -19,10 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
+from .cache import SafePersistentDataset
 from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
 from .loading import LoadCased
@@ -77,12 +79,8 @@ def build_dataset(
         return Dataset(data, transform)
     if cfg.cache == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=cache_workers, progress=False)
-    # track_meta keeps cached items MetaTensors (affine and meta); loading those needs weights_only=False
-    # (with True, MONAI takes every such file for corrupt and recomputes it). Safe here: segadapt wrote
-    # every file in its own cache folder itself.
-    return PersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name),
-                             hash_func=partial(_item_hash, checks=_case_checks(transform)),
-                             track_meta=True, weights_only=False)
+    return SafePersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name),
+                                 hash_func=partial(_item_hash, checks=_case_checks(transform)))
 
 
 class FoldDatasets(NamedTuple):

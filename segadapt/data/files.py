@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +35,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside `path` when its process was killed (kill -9)."""
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".tmp"
+    pattern = re.compile(rf"\.{re.escape(path.name.split('.')[0])}-[0-9a-f]{{32}}{re.escape(suffix)}")
+    return sorted(p for p in path.parent.glob(f".*{suffix}") if pattern.fullmatch(p.name)) if path.parent.is_dir() else []
+
+
+def _writable_ancestor(path: Path, what: str) -> None:
+    """Raise ValueError unless the nearest existing folder on the way to `path` is a writable folder."""
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: folder {ancestor} is not writable")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse, before any work, an output file name that is a folder or lies in a folder that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    _writable_ancestor(path.parent if path.exists() else path, what)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    _writable_ancestor(path, what)
+    return path
+
+
+def nifti_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """NIfTI-1 image of `array` with voxel-to-RAS-mm `affine` as both qform and sform (code 1)."""
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    return image
+
+
 def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         write(tmp)
@@ -47,9 +93,7 @@ def write_json(path: str | os.PathLike, obj: object) -> Path:
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write a NIfTI-1 file (`.nii` or `.nii.gz`) with the given voxel-to-RAS-mm `affine`, atomically."""
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
+    image = nifti_image(array, affine)
     return _write_with(path, lambda tmp: nib.save(image, tmp))
 
 

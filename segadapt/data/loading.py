@@ -128,3 +128,26 @@ class LoadCased(MapTransform):
         if "label" in d:
             d["label"].affine = d["image"].affine.clone()
         return d
+
+
+class RequireForegroundd(MapTransform):
+    """Refuse a case whose preprocessed ``image`` has no voxel above 0 (CaseError naming the case and file).
+
+    Placed at the end of the deterministic pipeline: after the foreground crop and the intensity step,
+    an all-air or blank volume is empty (nothing above the crop threshold) or all zeros, and would
+    otherwise fail in MONAI's patch sampler with "No sampling location available." (or be scored as
+    an empty volume). `what` says what "foreground" meant, for the message.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image",), what: str = "above 0 after intensity scaling") -> None:
+        super().__init__(keys)
+        self.what = what
+
+    def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
+        for key in self.key_iterator(data):
+            image = data[key]
+            if image.numel() == 0 or not bool((image > 0).any()):
+                raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} has no foreground voxel "
+                                f"({self.what}; shape after cropping {tuple(image.shape[1:])}): an all-air or blank "
+                                "volume cannot be sampled or scored")
+        return data

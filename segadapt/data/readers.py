@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from monai.data.image_reader import ImageReader
+from monai.data.image_reader import ImageReader, NibabelReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
@@ -22,6 +23,39 @@ SITK_SUFFIXES = (".nrrd", ".mha", ".mhd")
 
 # LPS (ITK/DICOM world) <-> RAS (NIfTI/MONAI world): flip the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_header_size(path: str | os.PathLike, shape: Sequence[int], components: int = 1) -> None:
+    """Refuse an image whose header claims more voxels than fit in memory, before any allocation.
+
+    A voxel costs 4 bytes (the float32 the loader returns); a corrupt or hostile header (30000^3 voxels)
+    would otherwise end in a MemoryError with no message, or the kernel's out-of-memory killer.
+
+    Raises:
+        ValueError: naming the file, the claimed shape and its size against this machine's memory.
+    """
+    voxels = math.prod(int(n) for n in shape) * max(int(components), 1)
+    need, have = 4 * voxels, memory_bytes()
+    if need > have:
+        raise ValueError(f"image {path}: header claims shape {tuple(int(n) for n in shape)} ({voxels:.3g} voxels, "
+                         f"{need / 2**30:.4g} GiB as float32), more than this machine's {have / 2**30:.4g} GiB of "
+                         "memory (a corrupt header?)")
+
+
+class NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader`` with the header's size checked (:func:`check_header_size`) before the
+    voxels are read (``nib.load`` reads only the header)."""
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs):
+        images = super().read(data, **kwargs)
+        for name, image in zip(ensure_tuple(data), ensure_tuple(images)):
+            check_header_size(name, image.shape)
+        return images
 
 
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
@@ -40,9 +74,50 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
             f"DICOM folder {folder} mixes {len(series)} series ({', '.join(series)}); "
             "put each series in its own folder"
         )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
+    check_slice_spacing(folder, _slice_positions(files))  # before the pixels are read
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0]))
+    reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _slice_positions(files: Sequence[str]) -> np.ndarray | None:
+    """Each slice's position along the slice normal (mm) from its header; None without the tags."""
+    headers = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return None  # no ImagePositionPatient / ImageOrientationPatient: nothing to check against
+        headers.append((reader.GetMetaData("0020|0032"), reader.GetMetaData("0020|0037")))
+    row_col = np.array(headers[0][1].split("\\"), dtype=np.float64)
+    normal = np.cross(row_col[:3], row_col[3:])
+    return np.array([np.array(position.split("\\"), dtype=np.float64) @ normal for position, _ in headers])
+
+
+def check_slice_spacing(folder: str | os.PathLike, positions: np.ndarray | None, tolerance: float = 0.01) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing, duplicated or misplaced slice).
+
+    ITK builds one uniform grid from the first and last slice whatever lies between (and only warns),
+    so a gap would silently stretch every slice. Every gap between neighbouring positions along the
+    slice normal must equal the median gap to within `tolerance` (relative). DICOM positions are decimal
+    strings; their rounding is far below 1%.
+
+    Raises:
+        ValueError: the gaps differ (the message lists the folder, the median and the gaps found).
+    """
+    if positions is None or len(positions) < 3:
+        return
+    gaps = np.diff(np.sort(positions))
+    median = float(np.median(gaps))
+    bad = np.abs(gaps - median) > tolerance * max(median, 1e-6)
+    if bad.any():
+        found = sorted({round(float(g), 4) for g in gaps})
+        raise ValueError(
+            f"DICOM series in {folder} is not evenly spaced: {int(bad.sum())} of {len(gaps)} slice gaps differ from "
+            f"the median {median:.4g} mm (gaps found: {found[:8]} mm); a slice is missing, duplicated or misplaced"
+        )
 
 
 def sitk_affine(image: sitk.Image) -> np.ndarray:
@@ -79,7 +154,11 @@ class SimpleITKReader(ImageReader):
             elif not Path(name).is_file():
                 raise FileNotFoundError(f"image file not found: {name}")
             else:
-                images.append(sitk.ReadImage(str(name)))
+                header = sitk.ImageFileReader()
+                header.SetFileName(str(name))
+                header.ReadImageInformation()
+                check_header_size(name, header.GetSize(), header.GetNumberOfComponents())
+                images.append(header.Execute())
         return images if len(images) > 1 else images[0]
 
     def get_data(self, img: sitk.Image | Sequence[sitk.Image]) -> tuple[np.ndarray, dict]:
@@ -114,5 +193,6 @@ class SimpleITKReader(ImageReader):
 def make_loader(keys: str | Sequence[str], allow_missing_keys: bool = False) -> LoadImaged:
     """``LoadImaged`` (channel first, float32) that reads NIfTI, NRRD, MHA/MHD, PNG and DICOM series folders."""
     loader = LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=allow_missing_keys)
+    loader.register(NiftiReader())
     loader.register(SimpleITKReader())
     return loader

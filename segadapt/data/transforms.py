@@ -3,6 +3,7 @@
 Every pipeline starts with the same deterministic part (cached by the dataset builders)::
 
     LoadCased -> Orientationd(cfg.orientation) -> Spacingd(cfg.target_spacing) -> CropForegroundd -> intensity
+        -> RequireForegroundd (an all-air / blank case is refused, naming it)
 
 intensity: 'ct' stacks HU windows as channels (:class:`CTWindowd`), 'ct_zscore' clips and z-scores with the
 dataset's statistics (:class:`CTZScored`), 'zscore' z-scores each case over its non-background voxels
@@ -56,7 +57,7 @@ from monai.transforms import (
 )
 
 from .config import SLICE_AXES, PreprocessConfig
-from .loading import LoadCased
+from .loading import LoadCased, RequireForegroundd
 
 
 class CTWindowd(MapTransform):
@@ -220,6 +221,7 @@ def deterministic_transforms(
     steps.append(Orientationd(keys, axcodes=cfg.orientation, labels=None))  # labels from the MetaTensor space
     if cfg.target_spacing is not None:
         steps.append(Spacingd(keys, pixdim=cfg.target_spacing, mode=modes))
+    threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0
     if cfg.crop_foreground:
         select = _crop_select(cfg, channels)
         if select is not None:
@@ -227,6 +229,9 @@ def deterministic_transforms(
                                          start_coord_key=None, end_coord_key=None))
     steps.append(_intensity(cfg, channels))
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    unit = " HU" if cfg.intensity == "ct" else ""
+    crop = f"none above the crop threshold {threshold:g}{unit}, or " if cfg.crop_foreground else ""
+    steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step"))
     return steps
 
 

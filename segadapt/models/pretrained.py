@@ -6,7 +6,9 @@ Files accepted by :func:`read_state_dict`:
 - a plain ``torch.save``-d state dict (``.pt``/``.pth``/...);
 - a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"`` or ``"model"``.
 
-Pickles are read with ``torch.load(..., weights_only=True)``: a file whose unpickling would build
+Every floating tensor must be finite, and a tensor must be floating point where the model's is
+(:func:`check_finite`, :func:`check_dtypes`): a NaN base or an integer copy would otherwise load
+silently. Pickles are read with ``torch.load(..., weights_only=True)``: a file whose unpickling would build
 arbitrary objects (and so could run code) is refused with :class:`UnsafeCheckpointError`.
 :func:`load_pretrained` strips a common key prefix (Lightning's ``model.``, DDP's ``module.``,
 ``torch.compile``'s ``_orig_mod.``) found by matching keys against the model.
@@ -112,6 +114,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def check_finite(path: str | Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a state dict with a NaN or infinite value in any floating tensor (naming the file and tensor)."""
+    for key, tensor in state.items():
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor '{key}' holds {bad} NaN or infinite value(s) of {tensor.numel()}")
+
+
+def check_dtypes(path: str | Path, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a tensor that is not floating point where the model's is (it would load by a silent cast);
+    integer buffers such as BatchNorm's ``num_batches_tracked`` stay integer on both sides."""
+    for key, tensor in state.items():
+        if key in target and target[key].dtype.is_floating_point and not tensor.dtype.is_floating_point:
+            raise ValueError(f"{path}: tensor '{key}' has dtype {tensor.dtype}; the model's is {target[key].dtype} "
+                             "(expected floating point weights)")
+
+
 def _detect_prefix(keys: list[str], model_keys: set[str]) -> str:
     """The key prefix whose removal matches most checkpoint keys to model keys ('' on a tie)."""
     votes: Counter[str] = Counter()
@@ -138,6 +157,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     A file that shares no tensor with the model (another architecture) is refused even when not strict.
     """
     state = read_state_dict(path)
+    check_finite(path, state)
     target = model.state_dict()
     prefix = _detect_prefix(list(state), set(target))
     report = LoadReport(path=str(path), prefix=prefix)
@@ -150,6 +170,7 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
             report.mismatched.append((name, tuple(tensor.shape), tuple(target[name].shape)))
         else:
             usable[name] = tensor
+    check_dtypes(path, usable, target)
     report.loaded = [k for k in target if k in usable]
     mismatched = {name for name, _, _ in report.mismatched}
     report.missing = [k for k in target if k not in usable and k not in mismatched]
@@ -177,6 +198,8 @@ def create_timm_encoder(name: str, weights_file: str | Path | None = None, **kwa
     if weights_file is None:
         return encoder
     state = read_state_dict(weights_file)
+    check_finite(weights_file, state)
+    check_dtypes(weights_file, state, encoder.state_dict())  # keys timm's filter remaps are cast by timm
     # timm keeps each architecture's checkpoint filter beside its model entrypoint.
     module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
     report = LoadReport(path=str(weights_file))
