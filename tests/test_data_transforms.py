@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,22 @@ def test_config_is_hydra_friendly_and_validated():
                          (dict(positive_fraction=1.5), "positive_fraction")]:
         with pytest.raises(ValueError, match=message):
             PreprocessConfig(**bad)
+
+
+def test_z_scored_cases_darker_than_the_dataset_mean_still_give_negative_patches(tmp_path):
+    """'ct_zscore' centres intensities on the dataset mean: a case darker than it is all <= 0 after
+    normalisation, yet anatomy; its negative patches are centred anywhere in the volume, not refused."""
+    image = np.full((12, 12, 8), -100.0, np.float32)  # below the dataset mean of 0 HU everywhere
+    label = np.zeros(image.shape, np.uint8)
+    label[5:7, 5:7, 3:5] = 1
+    case = {"image": str(save_nifti(tmp_path / "dark.nii.gz", image, np.eye(4))),
+            "label": str(save_nifti(tmp_path / "dark_lbl.nii.gz", label, np.eye(4))), "case_id": "dark"}
+    cfg = PreprocessConfig(intensity="ct_zscore", clip_range=[[-1000.0, 1000.0]], norm_mean=[0.0], norm_std=[100.0],
+                           patch_size=[4, 4, 4], samples_per_volume=6, positive_fraction=0.0, augment=False)
+    patches = patch_train_transforms(cfg, label_values=(0, 1))(case)
+    assert len(patches) == 6 and all(float(p["image"].max()) == pytest.approx(-1.0) for p in patches)
+    assert all(p["label"].sum() < 64 for p in patches)  # negatives: none is the lesion alone
+    flat = PreprocessConfig(intensity="zscore", background_value=[None], patch_size=[4, 4, 4])
+    with pytest.raises(RuntimeError) as raised:  # MONAI's wrapper of the transform's error
+        val_transforms(flat, label_values=(0, 1))(case)  # a constant volume z-scores to all 0
+    assert re.search(r"case 'dark': image .*dark.nii.gz has no foreground voxel .*constant volume", str(raised.value.__cause__))

@@ -131,7 +131,8 @@ class LoadCased(MapTransform):
 
 
 class RequireForegroundd(MapTransform):
-    """Refuse a case whose preprocessed ``image`` has no voxel above 0 (CaseError naming the case and file).
+    """Refuse a case whose preprocessed ``image`` has no voxel above 0 (``nonzero``: no voxel other than 0, for
+    z-scored images, which a constant volume leaves all 0) (CaseError naming the case and file).
 
     Placed at the end of the deterministic pipeline: after the foreground crop and the intensity step,
     an all-air or blank volume is empty (nothing above the crop threshold) or all zeros, and would
@@ -139,14 +140,15 @@ class RequireForegroundd(MapTransform):
     an empty volume). `what` says what "foreground" meant, for the message.
     """
 
-    def __init__(self, keys: Sequence[str] = ("image",), what: str = "above 0 after intensity scaling") -> None:
+    def __init__(self, keys: Sequence[str] = ("image",), what: str = "above 0 after intensity scaling",
+                 nonzero: bool = False) -> None:
         super().__init__(keys)
-        self.what = what
+        self.what, self.nonzero = what, nonzero
 
     def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
         for key in self.key_iterator(data):
             image = data[key]
-            if image.numel() == 0 or not bool((image > 0).any()):
+            if image.numel() == 0 or not bool(((image != 0) if self.nonzero else (image > 0)).any()):
                 raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} has no foreground voxel "
                                 f"({self.what}; shape after cropping {tuple(image.shape[1:])}): an all-air or blank "
                                 "volume cannot be sampled or scored")

@@ -231,7 +231,11 @@ def deterministic_transforms(
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
     unit = " HU" if cfg.intensity == "ct" else ""
     crop = f"none above the crop threshold {threshold:g}{unit}, or " if cfg.crop_foreground else ""
-    steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step"))
+    if cfg.intensity in CENTRED_MODES:
+        steps.append(RequireForegroundd("image", what=f"{crop}none left after the crop or a constant volume",
+                                        nonzero=True))
+    else:
+        steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step"))
     return steps
 
 
@@ -272,9 +276,16 @@ def _augment(cfg: PreprocessConfig, dims: int, flip: bool = True) -> list:
     ]
 
 
+# Intensity modes whose output is centred on 0 over the whole cropped volume: any voxel of it is anatomy.
+CENTRED_MODES = ("ct_zscore", "zscore")
+
+
 def _pos_neg(cfg: PreprocessConfig) -> dict:
+    """RandCropByPosNegLabeld arguments: negative centres on voxels above 0 ('ct', 'rgb', 'mri': the image
+    after its intensity step is 0 outside the body), or anywhere in the cropped volume (z-scored modes)."""
+    anywhere = cfg.intensity in CENTRED_MODES
     return {"pos": cfg.positive_fraction, "neg": 1.0 - cfg.positive_fraction, "num_samples": cfg.samples_per_volume,
-            "image_key": "image", "image_threshold": 0.0}
+            "image_key": None if anywhere else "image", "image_threshold": 0.0}
 
 
 def patch_train_transforms(
