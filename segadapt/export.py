@@ -46,13 +46,13 @@ import torch
 import yaml
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, load_adapter,
                                merge_and_unload, set_active_adapter)
 from segadapt.adapters.dora import DoRA
-from segadapt.data.files import atomic_path, check_output_file, check_output_folder, write_json
+from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.models import build_model
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 
@@ -66,9 +66,7 @@ PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-    return path
+    return save_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
 
 
 def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:

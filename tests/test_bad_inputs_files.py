@@ -29,6 +29,7 @@ from torch import nn
 
 from segadapt.adapters import AdapterConfig, inject, load_adapter, merge, save_adapter
 from segadapt.data import CaseError, PreprocessConfig, make_loader, val_transforms
+from segadapt.data.files import save_nifti, save_safetensors, write_json
 from segadapt.data.loading import LoadCased
 from segadapt.data.readers import read_dicom_series
 from segadapt.export import main as export_main
@@ -336,14 +337,24 @@ def test_the_weights_digest_ignores_buffers_and_injection_but_not_one_changed_la
     assert base_weights_digest(changed) != digest
 
 
-def test_adapter_files_get_the_umask_permissions(tmp_path):
+UMASK_WRITERS = {
+    "adapter file (save_adapter)": lambda d: tiny_adapter(d, tiny_net()),
+    "safetensors (merged export, PEFT weights, disk cache)": lambda d: save_safetensors(d / "x.safetensors",
+                                                                                         {"a": torch.zeros(2)}),
+    "NIfTI (masks, phantoms)": lambda d: save_nifti(d / "x.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4)),
+    "JSON": lambda d: write_json(d / "x.json", {"a": 1}),
+}
+
+
+@pytest.mark.parametrize("writer", UMASK_WRITERS)
+def test_files_get_the_umask_permissions(writer, tmp_path):
     old = os.umask(0o022)
     try:
-        path = tiny_adapter(tmp_path, tiny_net())
+        path = UMASK_WRITERS[writer](tmp_path)
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
 
 
 # ---- predict command line ------------------------------------------------------------------------

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, PersistentDataset
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .files import atomic_path
+from .files import save_safetensors
 
 FORMAT = "segadapt-cache-item"
 FORMAT_VERSION = "1"
@@ -91,9 +90,7 @@ def save_item(path: str | os.PathLike, item: Mapping[str, object]) -> Path:
     """Write a preprocessed item (see the module docstring) to `path`, atomically."""
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(item, tensors))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "tree": tree})
-    return Path(path)
+    return save_safetensors(path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "tree": tree})
 
 
 def load_item(path: str | os.PathLike) -> dict:

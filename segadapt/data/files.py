@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from safetensors.torch import save
 
 
 @contextmanager
@@ -89,6 +90,13 @@ def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 def write_json(path: str | os.PathLike, obj: object) -> Path:
     """Write `obj` as indented JSON to `path`, atomically."""
     return _write_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, object], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `tensors` (name -> torch tensor) as a safetensors file, atomically, with the umask's permissions
+    (``safetensors.torch.save_file`` makes 0600 files; the bytes are written here instead)."""
+    data = save(dict(tensors), metadata=None if metadata is None else dict(metadata))
+    return _write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:

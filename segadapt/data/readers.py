@@ -1,9 +1,14 @@
 """Image reading: a SimpleITK-backed MONAI ``ImageReader`` and the ``LoadImaged`` that knows every format.
 
-``nibabel`` (MONAI's ``NibabelReader``) reads ``.nii/.nii.gz``; :class:`SimpleITKReader` reads
-``.nrrd/.mha/.mhd`` files and DICOM series folders. :func:`make_loader` registers the latter on a
+``nibabel`` (:class:`NiftiReader`, MONAI's ``NibabelReader``) reads ``.nii/.nii.gz``; :class:`SimpleITKReader`
+reads ``.nrrd/.mha/.mhd`` files and DICOM series folders. :func:`make_loader` registers both on a
 ``LoadImaged`` so one transform reads all of them by suffix, each with its voxel-to-RAS affine in
 ``MetaTensor.affine`` (MONAI's convention, the same as nibabel's).
+
+What would be silently wrong is refused with a ``ValueError`` naming the file: a header claiming more
+voxels than fit in memory (:func:`check_header_size`, before any allocation), and a DICOM series whose
+slices are not evenly spaced -- one missing, duplicated or misplaced (:func:`check_slice_spacing`; ITK
+would stretch the series over one uniform grid with only a warning).
 """
 
 from __future__ import annotations
