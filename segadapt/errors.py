@@ -21,6 +21,7 @@ from functools import wraps
 from typing import Any, Optional, TypeVar
 
 from hydra.errors import HydraException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_CODE = 2
@@ -55,7 +56,9 @@ def one_line(error: BaseException) -> str:
     elif isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.strerror}: {error.filename}"  # str() would add '[Errno 2]'
     else:
-        text = str(error)
+        text = str(error).split("\nConfig search path")[0]  # Hydra: a missing config lists its search path
+        if isinstance(error, HydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+            text = f"{text.splitlines()[0]} {str(error.__cause__).splitlines()[0]}"  # 'Could not override x.' + why
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " / ".join(lines) or type(error).__name__
 
