@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,7 +78,20 @@ def user_errors() -> Iterator[None]:
             traceback.print_exception(error)
         sys.stdout.flush()
         print(f"error: {one_line(cause)}", file=sys.stderr, flush=True)
+        _let_threads_finish()
         raise SystemExit(EXIT_CODE) from None
+
+
+def _let_threads_finish(timeout_s: float = 5.0) -> None:
+    """Wait (at most `timeout_s` in all) for the other threads to end before the interpreter shuts down.
+
+    A failed item of MONAI's ``CacheDataset`` leaves its ThreadPool worker (a daemon thread) running the
+    next item; exiting under it aborts the process in torch's C++ code ("terminate called without an
+    active exception", exit code 134 instead of 2)."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def exits_on_user_error(func: F) -> F:
