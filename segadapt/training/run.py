@@ -1,10 +1,10 @@
 """Run folders: train one fold (or pretrain a base) from a resolved config, and load a run back.
 
-A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
+A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/train.py``;
 ``runs/base/<source>_<model>/`` from ``scripts/pretrain.py``) holds::
 
     config.yaml           how to rebuild everything (format 'segadapt-run/1'):
-                            run:        experiment, method, tuning, fold, seed, run_dir
+                            run:        experiment, method, tuning, fold, seed, threads, run_dir
                             module:     SegAdaptModule arguments (model name + kwargs, absolute
                                         base_checkpoint, adapter spec or baseline, preset, optimiser,
                                         loss, volume bins, inference settings)
@@ -19,6 +19,10 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
     .hydra/               Hydra's own record of the run (when started through Hydra)
 
 :func:`load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the weights file.
+
+:func:`fit_run` writes nothing before the run is known to be sound (:func:`check_run_folder`: a finished
+folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings; every
+case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume.
 """
 
 from __future__ import annotations
