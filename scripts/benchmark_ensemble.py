@@ -16,8 +16,8 @@ loaded network(s). Printed: medians and the ratios to the ensemble; written as J
 
     python scripts/benchmark_ensemble.py                        # demo runs (default model size), K=3, CPU
     python scripts/benchmark_ensemble.py --members 5 --channels 32 64 128 256 512 --shape 64 64 32   # a wider base
-    python scripts/benchmark_ensemble.py --runs runs/phantom_sah/cp_lora/fold0 runs/phantom_sah/cp_lora/fold1 \
-        runs/phantom_sah/cp_lora/fold2 --input /path/ct.nii.gz --device cuda
+    python scripts/benchmark_ensemble.py --runs runs/phantom_sah/multiview_unet/cp_lora/fold{0,1,2} \
+        --input /path/ct.nii.gz --device cuda
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from functools import wraps
 from typing import Any, Optional, TypeVar
 
 from hydra.errors import HydraException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_CODE = 2
@@ -55,7 +58,9 @@ def one_line(error: BaseException) -> str:
     elif isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.strerror}: {error.filename}"  # str() would add '[Errno 2]'
     else:
-        text = str(error)
+        text = str(error).split("\nConfig search path")[0]  # Hydra: a missing config lists its search path
+        if isinstance(error, HydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+            text = f"{text.splitlines()[0]} {str(error.__cause__).splitlines()[0]}"  # 'Could not override x.' + why
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " / ".join(lines) or type(error).__name__
 
@@ -73,7 +78,20 @@ def user_errors() -> Iterator[None]:
             traceback.print_exception(error)
         sys.stdout.flush()
         print(f"error: {one_line(cause)}", file=sys.stderr, flush=True)
+        _let_threads_finish()
         raise SystemExit(EXIT_CODE) from None
+
+
+def _let_threads_finish(timeout_s: float = 5.0) -> None:
+    """Wait (at most `timeout_s` in all) for the other threads to end before the interpreter shuts down.
+
+    A failed item of MONAI's ``CacheDataset`` leaves its ThreadPool worker (a daemon thread) running the
+    next item; exiting under it aborts the process in torch's C++ code ("terminate called without an
+    active exception", exit code 134 instead of 2)."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def exits_on_user_error(func: F) -> F:

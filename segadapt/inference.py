@@ -489,12 +489,12 @@ def make_demo_runs(
 
     base_run = out_dir / "runs" / "base"
     fit_run(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
-            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False)
+            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False, overwrite=True)
     adapter = {"method": method, "rank": rank}
     for k, run in enumerate(runs):
         fit_run(run, {"experiment": "demo", "method": method, "fold": k},
                 {**model, "adapter": adapter, "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_run / WEIGHTS_FILE)},
-                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False)
+                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False, overwrite=True)
     return runs
 
 

@@ -1,10 +1,10 @@
 """Run folders: train one fold (or pretrain a base) from a resolved config, and load a run back.
 
-A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
+A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/train.py``;
 ``runs/base/<source>_<model>/`` from ``scripts/pretrain.py``) holds::
 
     config.yaml           how to rebuild everything (format 'segadapt-run/1'):
-                            run:        experiment, method, tuning, fold, seed, run_dir
+                            run:        experiment, method, tuning, fold, seed, threads, run_dir
                             module:     SegAdaptModule arguments (model name + kwargs, absolute
                                         base_checkpoint, adapter spec or baseline, preset, optimiser,
                                         loss, volume bins, inference settings)
@@ -24,6 +24,10 @@ A run folder (``runs/<experiment>/<method>/fold<k>/`` from ``scripts/train.py``;
     .hydra/               Hydra's own record of the run (when started through Hydra)
 
 :func:`load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the weights file.
+
+:func:`fit_run` writes nothing before the run is known to be sound (:func:`check_run_folder`: a finished
+folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings; every
+case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume.
 """
 
 from __future__ import annotations
@@ -83,8 +87,11 @@ def configure_threads(threads: Optional[int]) -> int:
     return n
 
 
-# Expected types of the config keys whose default is null (the others take the type of their default).
-NULLABLE_TYPES = {"trainer.threads": int, "ckpt_path": str}
+# Expected types of the config keys whose value in the config files does not tell it (null, or an integer
+# that may be any number); None: any type (Lightning's devices: 1, 'auto', [0, 1]). The others take the
+# type of their value in the config files.
+DECLARED_TYPES: dict[str, Optional[type]] = {"trainer.threads": int, "ckpt_path": str, "adapter.spec.alpha": float,
+                                             "trainer.devices": None}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping"}
 
@@ -114,9 +121,6 @@ def _type_error(key: str, value: Any, expected: Any) -> Optional[str]:
         if isinstance(expected, list) and isinstance(value, list) and _element(expected) is not None:
             element = _element(expected)
             return next(filter(None, (_type_error(f"{key}[{i}]", v, element) for i, v in enumerate(value))), None)
-        if isinstance(expected, dict) and isinstance(value, dict):
-            return next(filter(None, (_type_error(f"{key}.{k}", v, expected[k]) for k, v in value.items()
-                                      if k in expected)), None)
         return None
     return f"{key}={value!r}: expected {_TYPE_NAMES[want]}, got {type(value).__name__}"
 
@@ -124,16 +128,17 @@ def _type_error(key: str, value: Any, expected: Any) -> Optional[str]:
 def check_config_types(cfg: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
     """Raise ValueError naming the key and the expected type where a value of `cfg` (a composed config with
     overrides) has another type than in `reference` (the same config groups, no overrides): ``rank=abc``.
-    Integers may stand for floats; keys that are null in `reference` are typed by :data:`NULLABLE_TYPES`."""
-    leaves = _leaves(cfg)
-    for key, expected in NULLABLE_TYPES.items():
-        if leaves.get(key) is not None and _leaves(reference).get(key) is None:
+    Integers may stand for floats; :data:`DECLARED_TYPES` types the keys the config files cannot."""
+    leaves, reference = _leaves(cfg), _leaves(reference)
+    for key, expected in DECLARED_TYPES.items():
+        reference.pop(key, None)
+        if expected is not None and leaves.get(key) is not None:
             error = _type_error(key, leaves[key], expected)
             if error:
                 raise ValueError(error)
-    error = _type_error("", dict(cfg), dict(reference))
+    error = next(filter(None, (_type_error(k, leaves[k], v) for k, v in reference.items() if k in leaves)), None)
     if error:
-        raise ValueError(error.lstrip("."))
+        raise ValueError(error)
 
 
 def prepare_dataset(data: Mapping[str, Any]) -> Path:
@@ -407,9 +412,9 @@ def fit_run(
     main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
     if main_process:
         check_run_folder(run_dir, record, ckpt_path, overwrite)
-    pl.seed_everything(seed, workers=True)
     datamodule = SegDataModule(**datamodule_kwargs)
     datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
+    pl.seed_everything(seed, workers=True, verbose=False)  # the seed is in config.yaml
     module = SegAdaptModule(**module_kwargs)
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,290 @@
+"""Bad input at the entry points and safe run state, on tiny phantoms.
+
+* A table of bad inputs (config overrides, dataset.json and its cases, run folders): each one is one
+  ``error:`` line on stderr naming the key / file / case, exit code 2, and nothing is written (or what was
+  there is byte for byte unchanged). The in-process cases go through the same functions as
+  ``scripts/train.py`` (:func:`segadapt.cli.check_hydra_request`, then the job); a few run the real scripts.
+* Exact resume: a run killed with SIGKILL at a random step and resumed with ``ckpt_path=last`` ends with the
+  same adapter tensors, metrics and training curve as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from segadapt.cli import check_hydra_request
+from segadapt.cli import main as segadapt_main
+from segadapt.errors import user_errors
+from segadapt.training import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, train
+from segadapt.training.run import check_request
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
+PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
+TINY = [
+    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
+    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
+    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
+    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
+    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "adapter=cp_lora", "eval_base=false",
+    "trainer.threads=1",
+]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV.pop("SEGADAPT_DEBUG", None)
+
+
+def _compose(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Phantom data, a base and one finished run, made in process; `args(...)` gives a job's overrides."""
+    root = tmp_path_factory.mktemp("bad")
+    common = [*TINY, f"paths.data={root}/data", f"paths.runs={root}/runs"]
+    finished = root / "runs/finished"
+    train(_compose([*common, f"run_dir={finished}"]))
+    # a copy of the target dataset to break, without its splits file
+    copy = root / "copy"
+    shutil.copytree(root / "data/phantom_sah", copy, ignore=shutil.ignore_patterns("splits_*"))
+    return {"root": root, "common": common, "finished": finished, "copy": copy}
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the digest of its bytes (what "unchanged" is checked against)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _broken_dataset(world: dict, tmp_path: Path, how: str) -> Path:
+    """A copy of the phantom dataset with one defect; returns its dataset.json."""
+    folder = tmp_path / "dataset"
+    shutil.copytree(world["copy"], folder)
+    description = folder / "dataset.json"
+    doc = json.loads(description.read_text(encoding="utf-8"))
+    first = doc["training"][1]
+    if how == "not json":
+        description.write_text("{not json", encoding="utf-8")
+    elif how == "missing image":
+        (folder / first["image"]).unlink()
+    elif how in ("nan image", "label value"):
+        key = "image" if how == "nan image" else "label"
+        image = nib.load(folder / first[key])
+        data = np.asarray(image.dataobj).astype(np.float32 if key == "image" else np.int16)
+        data[3, 3, 3] = np.nan if key == "image" else 7
+        nib.save(nib.Nifti1Image(data, image.affine), folder / first[key])
+    return description
+
+
+def _run_job(argv: list[str]) -> None:
+    """What scripts/train.py does with `argv`, in process: the checks before Hydra writes, then the job."""
+    check_hydra_request(CONFIGS, "train", check_request, argv)
+    with user_errors():
+        train(_compose(argv))
+
+
+# (name, extra overrides (with {run}: a fresh run folder, {finished}: the finished run, {data}: a broken
+# dataset.json), the dataset defect, the expected message (regex))
+CASES = [
+    ("rank of wrong type", ["adapter.spec.rank=abc"], None, r"adapter\.spec\.rank='abc': expected an integer, got str"),
+    ("max_steps of wrong type", ["trainer.max_steps=x"], None, r"trainer\.max_steps='x': expected an integer"),
+    ("float where an integer is expected", ["trainer.max_steps=2.5"], None,
+     r"trainer\.max_steps=2\.5: expected an integer, got float"),
+    ("boolean of wrong type", ["eval_base=maybe"], None, r"eval_base='maybe': expected a boolean"),
+    ("list element of wrong type", ["data.preprocess.slice_size=[32,x]"], None,
+     r"data\.preprocess\.slice_size\[1\]='x': expected an integer"),
+    ("number of wrong type", ["optim.weight_decay=lots"], None, r"optim\.weight_decay='lots': expected a number"),
+    ("threads of wrong type", ["trainer.threads=two"], None, r"trainer\.threads='two': expected an integer"),
+    ("threads zero", ["trainer.threads=0"], None, r"trainer\.threads must be a positive integer, got 0"),
+    ("empty override", ["fold="], None, r"fold='': expected an integer"),
+    ("unknown key", ["no_such_key=1"], None, r"Could not override 'no_such_key'\. .*no_such_key"),
+    ("unknown config group option", ["model=no_such_model"], None, r"Could not find 'model/no_such_model'"),
+    ("fold out of range", ["fold=9"], None, r"fold 9 out of range: .*splits_3fold_seed0\.json has 3 folds"),
+    ("module pattern matching nothing", ["+adapter.spec.targets=[\"(unclosed\"]"], None,
+     r"targets \['\(unclosed'\] .*match no module"),
+    ("resume with nothing to resume", ["ckpt_path=last"], None, r"ckpt_path=last: nothing to resume, no checkpoint .*last\.ckpt"),
+    ("resume from a missing checkpoint", ["ckpt_path={run}/elsewhere.ckpt"], None,
+     r"ckpt_path=.*elsewhere\.ckpt: nothing to resume"),
+    ("finished run folder", ["run_dir={finished}"], None, r"finished.* holds a finished run \(metrics\.json\); overwrite=true"),
+    ("resume with a changed setting", ["run_dir={finished}", "ckpt_path=last", "adapter.spec.rank=3"], None,
+     r"ckpt_path=last: these settings differ from the run in .*finished: module\.adapter\.rank: 8 -> 3"),
+    ("resume with more steps", ["run_dir={finished}", "ckpt_path=last", "trainer.max_steps=3"], None,
+     r"trainer\.max_steps: 2 -> 3"),
+    ("dataset.json missing", ["data.dataset_json={run}/none/dataset.json", "data.phantom=null"], None,
+     r"dataset description not found: .*none/dataset\.json"),
+    ("dataset.json not JSON", ["data.dataset_json={data}"], "not json", r"dataset[/\\]dataset\.json"),
+    ("case image missing", ["data.dataset_json={data}"], "missing image", r"sah_001"),
+    ("case image with NaN", ["data.dataset_json={data}"], "nan image", r"case 'sah_001'.*NaN"),
+    ("label value not in dataset.json", ["data.dataset_json={data}"], "label value", r"sah_001.*7"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, defect, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, capsys, name, overrides, defect, message):
+    data = _broken_dataset(world, tmp_path, defect) if defect else None
+    run = tmp_path / "run"
+    values = {"run": run, "finished": world["finished"], "data": data}
+    argv = [*world["common"], f"run_dir={run}", *[o.format(**values) for o in overrides]]
+    before = {"runs": _tree(world["root"] / "runs"), "data": _tree(world["root"] / "data"),
+              "broken": _tree(data.parent) if data else {}}
+    with pytest.raises(SystemExit) as exit_:
+        _run_job(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert "Traceback" not in err[0] and "applying transform" not in err[0]
+    assert not run.exists()  # no run folder, no .hydra, no config.yaml
+    assert _tree(world["root"] / "runs") == before["runs"]  # the finished run and the base untouched
+    assert _tree(world["root"] / "data") == before["data"]
+    if data:
+        assert _tree(data.parent) == before["broken"]  # in particular: no splits file beside a broken dataset
+
+
+def test_debug_shows_the_traceback(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SEGADAPT_DEBUG", "1")
+    data = _broken_dataset(world, tmp_path, "nan image")
+    with pytest.raises(SystemExit):
+        _run_job([*world["common"], f"run_dir={tmp_path / 'run'}", f"data.dataset_json={data}"])
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CaseError" in err and err.strip().splitlines()[-1].startswith("error: case 'sah_001'")
+
+
+def test_segadapt_command_errors_and_success(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        segadapt_main(["report", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: experiment folder not found: {tmp_path / 'nowhere'}"]
+    # success: main() returns None (the console script exits 0 and prints nothing of its own)
+    experiment = tmp_path / "experiment"
+    shutil.copytree(world["finished"], experiment / "multiview_unet/cp_lora/fold0")
+    assert segadapt_main(["report", str(experiment), "--out", str(tmp_path / "report")]) is None
+    assert (tmp_path / "report/report.csv").is_file() and capsys.readouterr().err == ""
+
+
+def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)
+
+
+def test_scripts_exit_2_with_one_line(world, tmp_path):
+    """The real scripts: an override of the wrong type (refused before Hydra writes), a bad case (raised
+    inside a MONAI transform while the job runs: Hydra's record of the job is removed again), an existing
+    base (pretrain.py does not overwrite it)."""
+    run = tmp_path / "run"
+    data = _broken_dataset(world, tmp_path, "nan image")
+    base = world["root"] / "runs/base/phantom_tbi_multiview_unet"
+    before = _tree(base)
+    for script, args, message in [
+        ("train.py", ["adapter.spec.rank=abc"], "error: adapter.spec.rank='abc': expected an integer, got str"),
+        ("train.py", [f"data.dataset_json={data}"], "error: case 'sah_001': image "),
+        ("pretrain.py", [], f"error: {base} holds a finished run (metrics.json); overwrite=true replaces it"),
+    ]:
+        done = _script(str(REPO / "scripts" / script), *world["common"], f"run_dir={run}", *args, cwd=tmp_path)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1 and err[0].startswith(message), done.stderr[-2000:]
+        assert not run.exists() and _tree(base) == before
+
+
+# ---- safe run state -----------------------------------------------------------------------------------------
+def test_overwrite_true_replaces_a_finished_run(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["finished"], run)
+    (run / "stale.txt").write_text("kept", encoding="utf-8")
+    stored = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
+    result = train(_compose([*world["common"], f"run_dir={run}", "overwrite=true", "trainer.max_steps=1"]))
+    assert result["global_step"] == 1 and stored["global_step"] == 2
+    assert json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))["global_step"] == 1
+    steps = [int(r["step"]) for r in csv.DictReader((run / "logs/metrics.csv").open(encoding="utf-8")) if r["train/loss"]]
+    assert steps == [0]  # a fresh history
+
+
+KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    import lightning.pytorch as pl
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from segadapt.training import train
+
+    class Kill(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
+        cfg = compose("train", overrides=sys.argv[3:])
+    train(OmegaConf.to_container(cfg, resolve=True), callbacks=[Kill()])
+""")
+
+
+def _curve(run: Path) -> list[tuple[int, str]]:
+    rows = csv.DictReader((run / "logs/metrics.csv").open(encoding="utf-8"))
+    return [(int(r["step"]), r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_killed_run_resumes_exactly(world, tmp_path):
+    """7 steps over two epochs (4 training cases, batch 1), checkpoints every 2 steps; SIGKILL at a random
+    step (mid-epoch or at an epoch's end), then ``scripts/train.py ... ckpt_path=last``: same adapter tensors (bit for bit), metrics and
+    training curve (each step once) as the run that was never interrupted."""
+    steps = 7
+    kill_at = random.Random().randint(2, steps - 1)  # after the first checkpoint
+    settings = [*world["common"], f"trainer.max_steps={steps}", "checkpoint_every=2", "adapter.lr=0.05"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(_compose([*settings, f"run_dir={whole}"]))
+
+    driver = tmp_path / "kill.py"
+    driver.write_text(KILL_DRIVER, encoding="utf-8")
+    done = _script(str(driver), str(kill_at), str(CONFIGS), *settings, f"run_dir={killed}", cwd=tmp_path)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not (killed / METRICS_FILE).exists()
+    assert (killed / CHECKPOINT_FILE).is_file()
+    done = _script(str(REPO / "scripts/train.py"), *settings, f"run_dir={killed}", "ckpt_path=last", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    a, b = load_file(str(whole / ADAPTER_FILE)), load_file(str(killed / ADAPTER_FILE))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), f"killed at step {kill_at}"
+    first, second = (json.loads((r / METRICS_FILE).read_text(encoding="utf-8")) for r in (whole, killed))
+    assert first["cases"] == second["cases"] and first["val"] == second["val"]
+    assert second["global_step"] == steps
+    assert second["cost"]["resumed_from_step"] == kill_at // 2 * 2  # the last checkpoint before the kill
+    assert _curve(whole) == _curve(killed) and [s for s, _ in _curve(killed)] == list(range(steps))
+    losses = {loss for _, loss in _curve(whole)}
+    assert len(losses) > 1  # the curve moves: a different sample order would show
+
+
+def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
+    """A resume with another rank, through the real script: refused, config.yaml and .hydra/ as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(world["finished"], run)
+    (run / METRICS_FILE).unlink()  # an unfinished run with its checkpoint
+    before = _tree(run)
+    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last",
+                   "adapter.spec.rank=3", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
+        "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
+    assert _tree(run) == before and CONFIG_FILE in before
