@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/mutation_check.py            # all mutants, markdown table on stdout
     python scripts/mutation_check.py --only salt_relu_on_change   # one (or several) by name
+    python scripts/mutation_check.py --only truncate_trailing --tests tests/test_adapters_nested.py
     python scripts/mutation_check.py --list
 
 Each mutant is a one-place source edit (an exact snippet replaced by a wrong one). The package and the
@@ -98,12 +99,12 @@ def copy_tree(destination: Path) -> None:
             shutil.copy2(ROOT / name, destination / name)
 
 
-def run_tests(workdir: Path, timeout: float) -> tuple[bool, str, float]:
+def run_tests(workdir: Path, timeout: float, test_files: list[str]) -> tuple[bool, str, float]:
     """(all passed, first failing test or '', seconds)."""
     env = {**os.environ, "PYTHONPATH": str(workdir), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *TEST_FILES],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *test_files],
         cwd=workdir, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
     )
     seconds = time.perf_counter() - start
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
+    parser.add_argument("--tests", nargs="+", metavar="FILE", default=TEST_FILES,
+                        help="test files to run (default: every tests/test_adapters_*.py)")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -133,11 +136,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="segadapt_mutants_") as tmp:
         workdir = Path(tmp)
         copy_tree(workdir)
-        clean, first, seconds = run_tests(workdir, args.timeout)
+        clean, first, seconds = run_tests(workdir, args.timeout, args.tests)
         if not clean:
             print(f"error: the unmutated tests fail ({first}); fix them first", file=sys.stderr)
             return 2
-        print(f"unmutated: {len(TEST_FILES)} adapter test files pass ({seconds:.0f} s)\n")
+        print(f"unmutated: {len(args.tests)} adapter test files pass ({seconds:.0f} s)\n")
         print("| mutant | bug | caught by | s |")
         print("|---|---|---|---|")
         for mutant in mutants:
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
                 continue
             path.write_text(source.replace(mutant.old, mutant.new), encoding="utf-8")
             try:
-                passed, first, seconds = run_tests(workdir, args.timeout)
+                passed, first, seconds = run_tests(workdir, args.timeout, args.tests)
             finally:
                 path.write_text(source, encoding="utf-8")
             failures += passed

@@ -229,10 +229,10 @@ def test_auto_order_follows_the_flop_model_on_cpu_and_weight_space_elsewhere(cin
     from segadapt.adapters.base import NARROW_OP_PENALTY
 
     model = nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1))
-    inject(model, AdapterConfig(method="conv_lora", rank=4, targets=["0"]))
+    inject(model, AdapterConfig(method="conv_lora", rank=8, targets=["0"]))
     adapter, base = model[0].adapters["default"], model[0].base_layer
     x = torch.randn(1, cin, size, size, size)
-    n_out, fan_in, k = size**3, cin * 27, 4
+    n_out, fan_in, k = size**3, cin * 27, 8
     build = 2.0 * cout * fan_in * k
     for passes, grad in ((3.0, True), (1.0, False)):
         weight_cost = passes * build + (2.0 * n_out * cout * fan_in if grad else 0.0)

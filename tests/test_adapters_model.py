@@ -273,10 +273,10 @@ def test_failed_load_restores_the_active_adapter(tmp_path, active):
 
 def test_loading_into_a_merged_adapter_is_refused(tmp_path):
     torch.manual_seed(0)
-    trained = inject(TinyNet(), AdapterConfig(rank=2, targets=["decoder.0", "decoder.2"]))
+    trained = inject(TinyNet(), AdapterConfig(targets=["decoder.0", "decoder.2"]))
     randomize(trained)
     path = save_adapter(trained, tmp_path / "a.safetensors")
-    model = inject(TinyNet(), AdapterConfig(rank=2, targets=["decoder.0", "decoder.2"]))
+    model = inject(TinyNet(), AdapterConfig(targets=["decoder.0", "decoder.2"]))
     randomize(model)
     w0 = model.decoder[0].base_layer.weight.detach().clone()
     merge(model)
@@ -296,5 +296,5 @@ def test_active_injection_into_a_merged_model_is_refused_and_leaves_it_unchanged
         inject(model, AdapterConfig(targets=["decoder.0", "decoder.2"]), name="b")
     assert adapter_names(model) == ["a"] and not isinstance(model.decoder[2], AdaptedLayer)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    inject(model, AdapterConfig(rank=2, targets=["decoder.0", "decoder.2"]), name="b", active=False)  # allowed
+    inject(model, AdapterConfig(targets=["decoder.0", "decoder.2"]), name="b", active=False)  # allowed
     assert active_adapter(model) == "a"
