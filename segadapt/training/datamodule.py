@@ -10,7 +10,7 @@ Batches:
   kept for spacing and volumes), plus ``case_id``; :attr:`SegDataModule.val_pipeline` maps predictions
   back onto each case's file grid.
 
-Training samples are a function of the global step: batch t holds the cases at positions
+Training samples (one process; under DDP a shuffled epoch split over the ranks) are a function of the global step: batch t holds the cases at positions
 ``(t mod E) * B ..`` of the permutation of epoch ``t // E`` (E batches of B per epoch, permutation seeded
 with (seed, fold, epoch)), each drawn through the random transforms seeded with (seed, fold, t, j), and
 torch / numpy / python RNGs are reseeded with (seed, fold, t) before step t. A run resumed at step t from
@@ -131,6 +131,11 @@ class SegDataModule(pl.LightningDataModule):
             return DataLoader(dataset, batch_size=1, num_workers=self.hparams.num_workers,
                               persistent_workers=self.hparams.num_workers > 0)
         h = self.hparams
+        if getattr(self, "trainer", None) is not None and self.trainer.world_size > 1:
+            # DDP: Lightning's DistributedSampler splits each shuffled epoch over the ranks (it cannot wrap the
+            # step-seeded sampler, whose length changes with the resume step); step-exact resume is single-process.
+            return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers,
+                              persistent_workers=h.num_workers > 0)
         sampler = StepSampler(len(dataset), h.batch_size, (h.seed, h.fold), self._global_step)
         return DataLoader(SeededItems(dataset), batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
                           persistent_workers=h.num_workers > 0)
