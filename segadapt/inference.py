@@ -16,13 +16,13 @@ separate models.
 
 Python::
 
-    predictor = Predictor.from_runs(["runs/phantom_sah/cp_lora/fold0", ".../fold1", ".../fold2"])
+    predictor = Predictor.from_runs(["runs/phantom_sah/multiview_unet/cp_lora/fold0", ".../fold1", ".../fold2"])
     prediction = predictor.predict("ct.nii.gz")   # .probabilities (C, *shape) .mask .affine .volume_ml
     rows = predict_to_folder(predictor, "scans/", "predictions/", probabilities=True)
 
 Command line (``segadapt predict`` with these arguments, or ``python scripts/predict.py``)::
 
-    segadapt predict --run runs/phantom_sah/cp_lora/fold0 runs/phantom_sah/cp_lora/fold1 \
+    segadapt predict --run runs/phantom_sah/multiview_unet/cp_lora/fold0 runs/phantom_sah/multiview_unet/cp_lora/fold1 \
         --input ct.nii.gz --output predictions/
     segadapt predict --adapters fold0.safetensors fold1.safetensors --run-config runs/.../fold0 \
         --base base.safetensors --input scans/ --output predictions/ --probabilities
