@@ -127,18 +127,16 @@ class SegDataModule(pl.LightningDataModule):
         return None if self.val_set is None else self.val_set.transform
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        if not train:
-            return DataLoader(dataset, batch_size=1, num_workers=self.hparams.num_workers,
-                              persistent_workers=self.hparams.num_workers > 0)
         h = self.hparams
+        workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
+        if not train:
+            return DataLoader(dataset, batch_size=1, **workers)
         if getattr(self, "trainer", None) is not None and self.trainer.world_size > 1:
             # DDP: Lightning's DistributedSampler splits each shuffled epoch over the ranks (it cannot wrap the
             # step-seeded sampler, whose length changes with the resume step); step-exact resume is single-process.
-            return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers,
-                              persistent_workers=h.num_workers > 0)
+            return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, **workers)
         sampler = StepSampler(len(dataset), h.batch_size, (h.seed, h.fold), self._global_step)
-        return DataLoader(SeededItems(dataset), batch_size=h.batch_size, sampler=sampler, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0)
+        return DataLoader(SeededItems(dataset), batch_size=h.batch_size, sampler=sampler, **workers)
 
     def _global_step(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -440,15 +440,15 @@ def fit_run(
         trainer.validate(module, datamodule=datamodule, verbose=False)
         base_cases = module.case_rows
     if selector is not None and tuning != "scratch":  # the network is still the untuned base
-        base_inner_dice = _inner_dice(trainer, module, datamodule)
+        base_inner_dice = _inner_dice(trainer, module, datamodule)[0]
     if tuning != "none":
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
             raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
         trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
         if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
-            selector.record(trainer.global_step, _inner_dice(trainer, module, datamodule), module,
-                            standard_error(*(summarize(module.case_rows, module.bins)[k] for k in ("dice_sd", "n_cases"))))
+            dice, se = _inner_dice(trainer, module, datamodule)
+            selector.record(trainer.global_step, dice, module, se)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     last_cases = module.case_rows
     if selector is not None and selector.best_step not in (None, trainer.global_step):
@@ -488,11 +488,12 @@ def fit_run(
     return result
 
 
-def _inner_dice(trainer: pl.Trainer, module: SegAdaptModule, datamodule: SegDataModule) -> float:
-    """Mean Dice of the module's current network on the inner validation cases."""
+def _inner_dice(trainer: pl.Trainer, module: SegAdaptModule, datamodule: SegDataModule) -> tuple[float, float]:
+    """(mean Dice, its standard error) of the module's current network on the inner validation cases."""
     with datamodule.inner_validation():
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    return summarize(module.case_rows, module.bins)["dice"]
+    summary = summarize(module.case_rows, module.bins)
+    return summary["dice"], standard_error(summary["dice_sd"], summary["n_cases"])
 
 
 def ensure_base(cfg: Mapping[str, Any]) -> Path:
