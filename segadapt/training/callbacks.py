@@ -1,5 +1,5 @@
 """Lightning callbacks: training cost (time, peak memory, trainable parameters), model selection on the
-inner validation split, and weight export.
+inner validation split, weight export, and a progress bar in optimiser steps.
 
 ``TrainStats`` keeps its totals in the Lightning checkpoint, so a resumed run reports the time of all its
 sessions (``SelectBest`` keeps its curve and the selected state there too). Peak memory is the CUDA
@@ -13,11 +13,13 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import save_file
 
@@ -237,3 +239,35 @@ class SelectBest(pl.Callback):
         self.curve = list(state_dict.get("curve", []))
         self.best_step, self.best_score = state_dict.get("best_step"), state_dict.get("best_score")
         self.best_state = state_dict.get("best_state")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One training bar for the whole fit, in optimiser steps: ``Training 120/300 [00:41<01:02, 2.9it/s, ...]``
+    (step / the steps the trainer will run, elapsed, ETA). Lightning's bars count the batches of the current
+    epoch, and with ``max_steps`` set (``max_epochs=-1``) its rich bar reads "Epoch 74/-2". A resumed fit
+    starts at its checkpoint's step, the ETA from the steps of this session."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches  # max_steps, or what max_epochs x batches allow
+        bar = self.train_progress_bar
+        bar.reset(total=int(total) if math.isfinite(total) else None)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("Training")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Nothing: the bar runs across epochs (Lightning's resets it for every epoch)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if self.is_enabled and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+
+def progress_callbacks(trainer_args: Mapping[str, Any]) -> list[pl.Callback]:
+    """``[StepProgressBar()]`` for a Trainer made with `trainer_args` that shows a bar (``enable_progress_bar``
+    not false) and gets no progress bar of its own in ``callbacks``; ``[]`` otherwise."""
+    own = any(isinstance(c, ProgressBar) for c in trainer_args.get("callbacks") or [])
+    return [] if own or trainer_args.get("enable_progress_bar") is False else [StepProgressBar()]
