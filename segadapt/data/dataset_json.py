@@ -117,25 +117,7 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
     if not training:
         raise ValueError(f"{path}: empty dataset ('training' lists no cases)")
 
-    cases: list[CaseEntry] = []
-    first_index: dict[str, int] = {}
-    for i, item in enumerate(training):
-        if not isinstance(item, Mapping):
-            raise ValueError(f"{path}: training entry {i} is not an object: {item!r}")
-        for key in ("image", "label"):
-            if not isinstance(item.get(key), str) or not item[key]:
-                raise ValueError(f"{path}: training entry {i} has no {key!r} path: {dict(item)}")
-        case_id = str(item.get("case_id") or strip_image_suffix(Path(item["image"]).name))
-        if case_id in first_index:
-            raise ValueError(
-                f"{path}: duplicate case_id {case_id!r} in training entries {first_index[case_id]} and {i}"
-            )
-        first_index[case_id] = i
-        files = {key: (path.parent / item[key]).resolve() for key in ("image", "label")}
-        for key, file in files.items():
-            if not file.exists():
-                raise FileNotFoundError(f"{path}: case {case_id!r} (entry {i}): {key} not found: {file}")
-        cases.append(CaseEntry(case_id, files["image"], files["label"], str(item.get("patient_id") or case_id)))
+    cases = _case_entries(training, "training", path)
     return DatasetDescription(path, str(raw.get("name", path.parent.name)), modality, labels, tuple(cases))
 
 
@@ -195,3 +177,50 @@ def write_dataset_json(
         "training": training,
     }
     return write_json(path, doc)
+
+
+def _case_entries(items: Sequence[object], field: str, path: Path) -> list[CaseEntry]:
+    """The ``{image, label, case_id, patient_id}`` entries of list `field` as CaseEntry items (absolute paths)."""
+    cases: list[CaseEntry] = []
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{path}: {field} entry {i} is not an object: {item!r}")
+        for key in ("image", "label"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ValueError(f"{path}: {field} entry {i} has no {key!r} path: {dict(item)}")
+        case_id = str(item.get("case_id") or strip_image_suffix(Path(item["image"]).name))
+        if case_id in first_index:
+            raise ValueError(
+                f"{path}: duplicate case_id {case_id!r} in {field} entries {first_index[case_id]} and {i}"
+            )
+        first_index[case_id] = i
+        files = {key: (path.parent / item[key]).resolve() for key in ("image", "label")}
+        for key, file in files.items():
+            if not file.exists():
+                raise FileNotFoundError(f"{path}: case {case_id!r} (entry {i}): {key} not found: {file}")
+        cases.append(CaseEntry(case_id, files["image"], files["label"], str(item.get("patient_id") or case_id)))
+    return cases
+
+
+def load_test_cases(path: str | os.PathLike) -> tuple[CaseEntry, ...]:
+    """The labelled test split of a ``dataset.json``: its ``test`` entries that have a ``label`` (Decathlon
+    ``test`` lists of bare image paths have none), else ``imagesTs/`` paired by file name with ``labelsTs/``
+    beside it; ``()`` when there is neither. A test case that is also a training case (same case_id or image
+    file) is refused: its score would not be a test score."""
+    description = load_dataset_json(path)
+    raw = json.loads(description.path.read_text(encoding="utf-8"))
+    labelled = [item for item in raw.get("test") or [] if isinstance(item, Mapping) and item.get("label")]
+    if labelled:
+        cases = _case_entries(labelled, "test", description.path)
+    elif (description.root / "imagesTs").is_dir() and (description.root / "labelsTs").is_dir():
+        pairs = pair_cases_by_name(description.root / "imagesTs", description.root / "labelsTs")
+        cases = [CaseEntry(str(c["case_id"]), Path(c["image"]).resolve(), Path(c["label"]).resolve(), str(c["case_id"]))
+                 for c in pairs]
+    else:
+        return ()
+    training = {c.case_id for c in description.cases} | {c.image for c in description.cases}
+    for case in cases:
+        if case.case_id in training or case.image in training:
+            raise ValueError(f"{description.path}: test case {case.case_id!r} ({case.image.name}) is also a training case")
+    return tuple(cases)

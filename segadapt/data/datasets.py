@@ -26,7 +26,7 @@ from monai.transforms import Compose
 
 from .cache import SafePersistentDataset
 from .config import PreprocessConfig
-from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, load_test_cases
 from .loading import LoadCased
 from .splits import fold_cases, inner_split, load_or_create_splits, save_splits, subset_cases
 from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
@@ -151,3 +151,16 @@ def fold_datasets(
     (:func:`fold_datasets_with_inner` without an inner split)."""
     train, val, _ = fold_datasets_with_inner(dataset, fold, cfg, n_folds, seed, sampling, splits_path, cache_workers)
     return train, val
+
+
+def build_test_set(dataset_json: str | os.PathLike, cfg: PreprocessConfig, cache_workers: int | None = 1) -> Dataset:
+    """Whole labelled volumes of the dataset's test split (:func:`~segadapt.data.dataset_json.load_test_cases`)
+    through the validation pipeline. Raises ValueError when the dataset has no labelled test split."""
+    description = load_dataset_json(dataset_json)
+    cases = load_test_cases(description.path)
+    if not cases:
+        raise ValueError(f"{description.path} has no labelled test split (a 'test' list of {{image, label}} entries, "
+                         "or imagesTs/ with labelsTs/ beside it): `segadapt test` would score training cases; use "
+                         "`segadapt validate` for the fold's validation cases")
+    pipeline = val_transforms(cfg, description.label_values, description.channels)
+    return build_dataset(cases, pipeline, cfg, f"{description.name}-test", cache_workers)

@@ -69,15 +69,18 @@ class SegAdaptModule(pl.LightningModule):
         adapter: a baseline name or a dict of AdapterConfig fields (see the module docstring).
         preset: model preset (``segadapt.models.preset_targets``) of the layers an adapter without
             ``targets`` adapts, or that ``adapter='decoder'`` fine-tunes.
-        lr, weight_decay: AdamW.
+        lr: AdamW learning rate (the peak, after the warm-up).
+        weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up from lr/100, then cosine decay to 0 at the last step.
         loss: ``monai.losses.DiceCELoss`` keyword arguments (sigmoid/softmax are set from the output channels).
         reg_weight: weight of ``segadapt.adapters.regularization_loss`` in the loss.
         volume_bins_ml: edges of the lesion-volume bins (mL) for Dice per bin (default 0, 5, 15, 30, inf).
         threshold: foreground probability threshold (one output channel); argmax otherwise.
         slice_batch_size: slices per UNet call in the multi-view volume prediction.
-        roi_size, sw_batch_size, overlap: MONAI sliding-window inference for other networks (a 2D
-            ``roi_size`` on 3D volumes: slice by slice, axially).
+        roi_size: window of MONAI sliding-window inference for networks other than the multi-view UNet
+            (e.g. ``[96, 96, 96]``; a 2D ``roi_size`` on 3D volumes: slice by slice, axially).
+        sw_batch_size: windows per network call in sliding-window inference.
+        overlap: overlap of neighbouring windows in sliding-window inference (0 .. 1, Gaussian-weighted).
     """
 
     def __init__(

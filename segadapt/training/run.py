@@ -55,7 +55,8 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights, standard_error
+from .callbacks import (ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights,
+                        progress_callbacks, standard_error)
 from .datamodule import SegDataModule
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
@@ -64,7 +65,18 @@ from .planning import PLAN_FILE, apply_plan, run_plan
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "segadapt-run/1"
-rank_zero_print = rank_zero_only(print)
+
+
+@rank_zero_only
+def report_summary(text: str) -> None:
+    """The end-of-run summary to the console and the job's log: in a Hydra job a log record (Hydra's handlers
+    write it to the console and to ``<run_dir>/<job name>.log``, e.g. ``train.log``); elsewhere printed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        log.info(text)
+    else:
+        print(text)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"
@@ -360,6 +372,7 @@ def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optio
                         enable_version_counter=False),
         TrainStats(),
         ExportWeights(str(run_dir)),
+        *progress_callbacks(args),
     ]
     if resume and rank_zero_only.rank == 0:
         callbacks.append(KeepLogHistory(csv_logger))
@@ -568,7 +581,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
                      checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan,
                      patience=_selection(cfg).get("patience"))
-    rank_zero_print(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
+    report_summary(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
                     f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
     return result
 
@@ -585,7 +598,7 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None)
                      checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
                      overwrite=bool(cfg.get("overwrite", False)), plan=plan,
                      patience=_selection(cfg).get("patience"))
-    rank_zero_print(format_result(result, cfg["run_dir"]))
+    report_summary(format_result(result, cfg["run_dir"]))
     return result
 
 
