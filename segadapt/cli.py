@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from segadapt import __version__
-from segadapt.console import setup_console, tolerate_ascii_console  # noqa: F401  (tolerate_ascii_console: API)
+from segadapt.console import setup_console
 from segadapt.errors import exits_on_user_error, user_errors
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")

@@ -55,13 +55,15 @@ def fit_config(world: dict, path: Path, **trainer) -> Path:
 
 
 def expect_user_error(argv: list[str], capsys, message: str) -> None:
-    """`segadapt argv` exits 2 with one line on stderr that says `error:` and contains `message`."""
+    """`segadapt argv` exits 2 with one line on stderr that says `error:` and contains `message` (no usage text,
+    no traceback; Lightning's own INFO lines such as 'Seed set to 0' may come before it)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_.value.code == 2, (argv, err)
     assert [line for line in err if "error:" in line] == err[-1:] and message in err[-1], (argv, err)
+    assert not [line for line in err if line.startswith(("usage:", "Traceback", "tip:", " "))], (argv, err)
 
 
 # ---- help --------------------------------------------------------------------------------------------------
@@ -236,6 +238,8 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         (["diagnose", str(missing)], str(missing)),
         (["report", "--config", str(tmp_path / "file")], "expected 'option: value' lines"),
         (["validate", "--config", str(missing)], str(missing)),
+        (["fit", "--data.dataset_json", "x.json", "--model.lr", "abc"], 'segadapt fit: Parser key "model.lr": Expected a'),
+        (["test", "--nothing", "3"], "segadapt test: unrecognized arguments: --nothing 3"),
     ]:
         expect_user_error(argv, capsys, message)
 

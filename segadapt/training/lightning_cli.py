@@ -9,6 +9,7 @@ builds its own optimiser (AdamW, warm-up, cosine: ``model.lr`` ...), so Lightnin
 from __future__ import annotations
 
 import os
+from argparse import ArgumentError
 from collections.abc import Sequence
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -39,9 +40,14 @@ class SegAdaptCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in DESCRIPTION}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
-        # `segadapt` hands over its own argument list (sys.argv minus the program): Lightning's warning about
-        # `args` given together with sys.argv is about a different use and does not apply
-        self.config = parser.parse_args(list(args))
+        """Parse `args` (``segadapt`` hands over its own argument list, sys.argv minus the program, so Lightning's
+        warning about `args` given together with sys.argv does not apply). A bad option or value is a user
+        error: one line (the parsers do not exit, ``exit_on_error=False``), not the 80-line usage."""
+        try:
+            self.config = parser.parse_args(list(args))
+        except ArgumentError as error:
+            command = next((a for a in args if a in DESCRIPTION), "")
+            raise ValueError(f"segadapt {command}: {' '.join(str(error).split())} (see segadapt {command} --help)") from None
 
     def _fixed_checkpoint_folder(self) -> None:
         for callback in self.trainer.checkpoint_callbacks:
@@ -68,6 +74,7 @@ def lightning_cli(argv: Sequence[str]) -> SegAdaptCLI:
         seed_everything_default=0,
         trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True, save_top_k=0), TrainStats(), ExportWeights()]},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "segadapt", **{name: {"description": text} for name, text in DESCRIPTION.items()}},
+        parser_kwargs={"prog": "segadapt", "exit_on_error": False,
+                       **{name: {"description": text, "exit_on_error": False} for name, text in DESCRIPTION.items()}},
         auto_configure_optimizers=False,
     )
