@@ -52,6 +52,7 @@ from torch import nn
 from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, load_adapter,
                                merge_and_unload, set_active_adapter)
 from segadapt.adapters.dora import DoRA
+from segadapt.adapters.io import trained_copies
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.models import build_model
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
@@ -158,6 +159,9 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
             rank_pattern[re.escape(module)] = adapter_.rank
         if _alpha(config, adapter_.rank) != _alpha(config, config.rank):
             alpha_pattern[re.escape(module)] = _alpha(config, adapter_.rank)
+    trained = trained_copies(model, name)  # modules trained in full: PEFT's modules_to_save, same key layout
+    for module, copy_ in trained.items():
+        tensors.update({f"{PEFT_PREFIX}{module}.{key}": value for key, value in copy_.state_dict().items()})
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -174,7 +178,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": list(trained) or None,
     }
     folder = Path(folder)
     _save_safetensors(tensors, folder / PEFT_WEIGHTS_FILE, {"format": "pt"})
