@@ -4,7 +4,6 @@ the Slurm launcher's code runs a 2-job sweep through submitit's local executor."
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,8 +15,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.data.cache import CASES
-from segadapt.training import METRICS_FILE, read_metrics, train
-from segadapt.training.run import pretrain
+from segadapt.training import read_metrics, train
+from segadapt.training.run import gpu_precision, pretrain, trainer_args
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -125,22 +124,42 @@ def test_train_script_help_does_not_import_torch():
 
 
 def test_submitit_local_sweep_writes_the_run_folders_of_the_basic_launcher(world, tmp_path):
-    """`hydra/launcher=submitit_local` (the Slurm launcher's code, jobs as local processes): 2 jobs, each
-    writing the run folder that the in-process basic launcher writes, with the same metrics."""
+    """`hydra/launcher=submitit_local` (the Slurm launcher's code, each job a local process): a 2-job sweep
+    writes the run folders that the basic launcher's in-process runs write, with the same metrics."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     common = [f"paths.data={world['root']}/data", *TINY, f"base_checkpoint={world['base']}",
               f"pretrain.run_dir={world['pretrain_dir']}", "adapter=cp_lora"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for launcher, out in (("basic", tmp_path / "basic"), ("submitit_local", tmp_path / "submitit")):
-        cmd = [sys.executable, str(REPO / "scripts/train.py"), "-m", "fold=0,1", f"hydra/launcher={launcher}",
-               f"paths.runs={out}", *common]
-        if launcher == "submitit_local":
-            cmd += ["hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"]
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "sweep: 2 runs in" in done.stdout
-    for fold in FOLDS:
+    cmd = [sys.executable, str(REPO / "scripts/train.py"), "-m", "fold=0,1", "hydra/launcher=submitit_local",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", f"paths.runs={tmp_path / 'submitit'}", *common]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sweep: 2 runs in" in done.stdout  # SweepSummary, from the jobs' metrics.json
+    assert len(list((tmp_path / "submitit").rglob("*_log.out"))) == 2  # two submitit jobs ran
+    clear_caches()
+    for fold in FOLDS:  # what the basic launcher runs in its own process, one job after the other
+        train(_cfg(world["root"], *common[1:], f"fold={fold}", f"paths.runs={tmp_path / 'basic'}"))
         a, b = (tmp_path / k / f"phantom_sah/multiview_unet/cp_lora/fold{fold}" for k in ("basic", "submitit"))
-        assert _untimed(read_metrics(a)) == _untimed(read_metrics(b))
-        assert {f for f in _files(a) if not f.startswith(".hydra")} <= _files(b)
-        assert json.loads((b / METRICS_FILE).read_text())["run"]["fold"] == fold
+        assert _untimed(read_metrics(a)) == _untimed(read_metrics(b)) and read_metrics(b)["run"]["fold"] == fold
+        assert _files(a) == {f for f in _files(b) if not f.startswith(".hydra/")}
+
+
+@pytest.mark.parametrize("precision, bf16, expected", [("bf16-mixed", True, "bf16-mixed"), ("bf16-mixed", False, "16-mixed"),
+                                                      ("bf16-true", False, "16-mixed"), ("32-true", False, "32-true")])
+def test_bf16_falls_back_to_16_mixed_on_a_gpu_without_bf16(precision, bf16, expected):
+    assert gpu_precision(precision, bf16) == expected
+
+
+def test_the_slurm_example_composes_one_ddp_task_per_gpu():
+    """The README's Slurm line: submitit's Slurm launcher with one task per GPU and the ddp trainer."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp", "hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4",
+                                          "hydra.launcher.tasks_per_node=4", "hydra.launcher.nodes=2", "trainer.num_nodes=2"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4
+    args = trainer_args({"trainer": OmegaConf.to_container(cfg.trainer), "selection": {}})
+    assert args["strategy"] == "ddp" and args["devices"] == -1 and "threads" not in args
+    assert cfg.trainer.num_nodes == launcher.nodes == 2 and cfg.trainer.precision == "bf16-mixed"

@@ -94,7 +94,7 @@ def configure_threads(threads: Optional[int]) -> int:
 # that may be any number); None: any type (Lightning's devices: 1, 'auto', [0, 1]). The others take the
 # type of their value in the config files.
 DECLARED_TYPES: dict[str, Optional[type]] = {"trainer.threads": int, "ckpt_path": str, "adapter.spec.alpha": float,
-                                             "trainer.devices": None}
+                                             "trainer.devices": None, "model.inference.sw_batch_size": int}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping"}
 
@@ -164,9 +164,13 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
     preset, lr, reg_weight) and the top-level optim/loss/threshold settings."""
     model = cfg["model"]
     inference = dict(model.get("inference") or {})
+    preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
     if inference.get("roi_size") is None:  # the training sample size (the multi-view UNet does not use it)
-        preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
         inference["roi_size"] = list(preprocess.slice_size if model["sampling"] == "slice" else preprocess.patch_size)
+    if "sw_batch_size" in inference and inference["sw_batch_size"] is None:
+        # the training batch (samples per step, from the plan unless the config sets it): it fits in memory with
+        # gradients, so windows batched as many at a time do without
+        inference["sw_batch_size"] = int(data["batch_size"]) * preprocess.samples_per_volume
     return {
         "model": model["name"],
         "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
@@ -212,12 +216,25 @@ def _selection(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def trainer_args(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """lightning.Trainer arguments: the trainer group without segadapt's own keys (threads, workers); with
-    model selection, the inner validation every ``selection.every_n_steps`` training steps."""
+    model selection, the inner validation every ``selection.every_n_steps`` training steps; bf16 precision
+    on a GPU without bf16 becomes 16-mixed (:func:`gpu_precision`)."""
     args = {k: v for k, v in cfg["trainer"].items() if k not in ("threads", "workers")}
     selection = _selection(cfg)
     if selection.get("inner_fraction") and selection.get("every_n_steps"):
         args.update(val_check_interval=int(selection["every_n_steps"]), check_val_every_n_epoch=None)
-    return {**args, **overrides}
+    args = {**args, **overrides}
+    if args.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+        args["precision"] = gpu_precision(args.get("precision"), torch.cuda.is_bf16_supported())
+    return args
+
+
+def gpu_precision(precision: Any, bf16_supported: bool) -> Any:
+    """Lightning precision for a GPU: ``bf16-mixed`` / ``bf16-true`` where the GPU has bf16 (Ampere and later),
+    else ``16-mixed`` (fp16 autocast with loss scaling; V100, T4, ...), with a warning; others unchanged."""
+    if isinstance(precision, str) and precision.startswith("bf16") and not bf16_supported:
+        log.warning("trainer.precision=%s: this GPU has no bf16; training with 16-mixed instead", precision)
+        return "16-mixed"
+    return precision
 
 
 # ---- running ------------------------------------------------------------------------------------
