@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +91,29 @@ def _unsafe(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
     )
 
 
+READ_CACHE_SIZE = 2  # state dicts kept in memory (the base of a sweep, read once for all its runs)
+_read_cache: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint."""
+    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint.
+
+    The last :data:`READ_CACHE_SIZE` files read stay in memory, keyed by path, size and modification time (a
+    replaced file is read again); each call returns a new dict of the same tensors, which loading copies."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _read_cache:
+        _read_cache[key] = _read_state_dict(path)
+        while len(_read_cache) > READ_CACHE_SIZE:
+            _read_cache.popitem(last=False)
+    _read_cache.move_to_end(key)
+    return dict(_read_cache[key])
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device="cpu")
     try:
