@@ -80,6 +80,27 @@ BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
 _PERCENTILES = (0.5, 50.0, 99.5)
 
 
+# ----------------------------------------------------------------------------------------- 2D or 3D, units
+
+PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # 2D image files that carry no physical pixel size
+
+
+def dataset_spatial_dims(description: DatasetDescription) -> int:
+    """2 when the dataset's images are 2D image files (PNG, JPEG, BMP: e.g. DRIVE), else 3 (NIfTI, NRRD, DICOM)."""
+    suffixes = {case.image.suffix.lower() in PIXEL_SUFFIXES for case in description.cases}
+    if len(suffixes) > 1:
+        raise ValueError(f"{description.path}: mixes 2D image files ({', '.join(PIXEL_SUFFIXES)}) and volumes")
+    return 2 if suffixes == {True} else 3
+
+
+def size_unit(description: DatasetDescription, spatial_dims: int) -> str:
+    """The unit of lesion sizes (:func:`segadapt.training.metrics.mask_volume_ml`): 'mL' for volumes,
+    'mm^2' for 2D images with a pixel spacing, 'px' for 2D image files without one (PNG, JPEG, BMP)."""
+    if spatial_dims == 3:
+        return "mL"
+    return "px" if dataset_spatial_dims(description) == 2 else "mm^2"
+
+
 # ----------------------------------------------------------------------------------------------- fingerprint
 
 
@@ -382,6 +403,7 @@ class Plan:
           where all axes share it). MONAI's UNet has one kernel size, so thick-slice 1x3x3 kernels are lost.
         * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
           most 512) and ``strides`` (2 per pooling).
+        * ``unet2d`` (2D MONAI ``UNet`` on the ``patch_size`` patches of a 2D plan): as ``unet3d``.
         """
         down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
         return {
@@ -389,6 +411,7 @@ class Plan:
                         "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters)},
             "unet3d": {"channels": list(self.filters), "strides": down},
             "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
+            "unet2d": {"channels": list(self.filters), "strides": down},
         }
 
     def to_dict(self) -> dict:

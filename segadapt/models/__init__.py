@@ -15,6 +15,7 @@ name               builds                                          input -> outp
                                                                    -> fused probabilities
 ``unet3d``         ``monai.networks.nets.UNet`` (3D)               (B,C,X,Y,Z) -> logits
 ``dynunet``        ``monai.networks.nets.DynUNet`` (3D)            (B,C,X,Y,Z) -> logits
+``unet2d``         ``monai.networks.nets.UNet`` (2D)               (B,C,H,W) -> logits
 ``vit_seg``        :class:`ViTSegmenter` (timm ``vit_*``/``samvit_*``  (B,C,H,W) -> logits (B,K,H,W)
                    encoder + light decoder)
 ``sam``            :class:`SAMSegmenter` (segment-anything's        (B,C,H,W) -> logits (B,K,H,W)
@@ -25,6 +26,7 @@ name               builds                                          input -> outp
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +54,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "multiview_unet": MultiViewUNet,
     "unet3d": build_unet,
     "dynunet": build_dynunet,
+    "unet2d": functools.partial(build_unet, spatial_dims=2),  # MONAI 2D UNet for 2D images (DRIVE)
     "vit_seg": ViTSegmenter,
     "sam": SAMSegmenter,
 }

@@ -30,7 +30,10 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from segadapt.data.plan import Plan, format_plan, load_or_make_plan
+from segadapt.data import load_dataset_json
+from segadapt.data.plan import Plan, dataset_spatial_dims, format_plan, load_or_make_plan
+
+from .datamodule import training_sampling
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ rank_zero_print = rank_zero_only(print)
 def _data_group_plan(data: Mapping[str, Any], dataset_json: Path, options: Mapping[str, Any]) -> Plan:
     preprocess = data.get("preprocess") or {}
     spatial_dims = preprocess.get("spatial_dims", 3)
-    spatial_dims = 3 if spatial_dims in (None, AUTO) else int(spatial_dims)
+    spatial_dims = dataset_spatial_dims(load_dataset_json(dataset_json)) if spatial_dims in (None, AUTO) \
+        else int(spatial_dims)
     orientation = preprocess.get("orientation")
     return load_or_make_plan(
         dataset_json, options["cache_dir"],
@@ -93,7 +97,7 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
         preprocess = data["preprocess"]
         pinned += _fill(preprocess, plan.preprocess_fields(), f"{key}.preprocess")
         if data.get("batch_size") == AUTO:
-            per_step = plan.slice_batch_size if model["sampling"] == "slice" else plan.batch_size
+            per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size
             data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))
     rank_zero_print(f"plan of {plan.dataset} ({plan.n_cases} cases):\n{format_plan(plan)}")
     if pinned:

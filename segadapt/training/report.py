@@ -54,6 +54,14 @@ REFERENCES = ("none", "full")  # the paired tests' references
 _FOLD_DIR = re.compile(r"fold\d+")
 
 
+def size_unit(runs: Sequence[dict[str, Any]]) -> str:
+    """The runs' unit of lesion sizes ('mL'; 'mm^2' or 'px' for 2D images; runs written before it: 'mL')."""
+    units = {run.get("size_unit", "mL") for run in runs}
+    if len(units) > 1:
+        raise ValueError(f"runs of one report must share the unit of lesion sizes, got {sorted(units)}")
+    return units.pop()
+
+
 def _edges(values: Sequence[Any]) -> list[float]:
     return [math.inf if v is None else float(v) for v in values]
 
@@ -201,7 +209,7 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     for run in runs:
         if _edges(run["volume_bins_ml"]) != edges:
             raise ValueError(f"runs of one report must share volume bins; {run['run']} has {run['volume_bins_ml']}")
-    labels = bin_labels(edges)
+    labels = bin_labels(edges, size_unit(runs))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run, name in zip(runs, _method_names(runs)):
         by_method.setdefault(name, []).append(run)
@@ -317,7 +325,7 @@ def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path) -> Path:
+def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path, unit: str = "mL") -> Path:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.0, 4.0))
@@ -332,9 +340,9 @@ def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], 
         ax.plot(*zip(*means), color=color, marker=marker, linewidth=1.2, label=r["method"])  # mean Dice per bin
     for edge in edges[1:-1]:
         ax.axvline(edge, color="0.75", linewidth=0.8, linestyle="--")
-        ax.annotate(f"{edge:g} mL", (edge, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+        ax.annotate(f"{edge:g} {unit}", (edge, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
                     textcoords="offset points", fontsize=7, color="0.4")
-    ax.set_xlabel("true lesion volume (mL); lines: mean Dice per volume bin (dashed: bin edges)")
+    ax.set_xlabel(f"true lesion {'volume' if unit == 'mL' else 'area'} ({unit}); lines: mean Dice per volume bin (dashed: bin edges)")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
@@ -382,5 +390,5 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     with atomic_path(paths["csv"]) as tmp:
         tmp.write_text(csv_text(rows, labels), encoding="utf-8")
     paths["dice_by_method"] = plot_dice_by_method(rows, out / "dice_by_method.png")
-    paths["dice_vs_volume"] = plot_dice_vs_volume(rows, edges, out / "dice_vs_volume.png")
+    paths["dice_vs_volume"] = plot_dice_vs_volume(rows, edges, out / "dice_vs_volume.png", size_unit(runs))
     return paths

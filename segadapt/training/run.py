@@ -51,12 +51,13 @@ from omegaconf import OmegaConf
 
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
+from segadapt.data.config import parse_number
 from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
 from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights, standard_error
-from .datamodule import SegDataModule
+from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
 from .planning import PLAN_FILE, apply_plan, run_plan
@@ -112,12 +113,21 @@ def _element(values: list) -> Any:
     return 0.0 if kinds <= {int, float} and kinds else None
 
 
+def _is_number(text: str) -> bool:
+    """Whether a string stands for a number (``.inf`` from a command line, ``inf`` from YAML)."""
+    try:
+        parse_number(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _type_error(key: str, value: Any, expected: Any) -> Optional[str]:
     """Why `value` cannot stand where the config files have `expected` (a value, or a type), or None."""
     want = expected if isinstance(expected, type) else _kind(expected)
     got = _kind(value)
     if value is None or want is None or got == want or (want is float and got is int) or \
-            (want is str and got in (int, float)):
+            (want is str and got in (int, float)) or (want is float and got is str and _is_number(value)):
         if isinstance(expected, list) and isinstance(value, list) and _element(expected) is not None:
             element = _element(expected)
             return next(filter(None, (_type_error(f"{key}[{i}]", v, element) for i, v in enumerate(value))), None)
@@ -163,7 +173,8 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
     inference = dict(model.get("inference") or {})
     if inference.get("roi_size") is None:  # the training sample size (the multi-view UNet does not use it)
         preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
-        inference["roi_size"] = list(preprocess.slice_size if model["sampling"] == "slice" else preprocess.patch_size)
+        sampling = training_sampling(model, preprocess.to_dict())
+        inference["roi_size"] = list(preprocess.slice_size if sampling == "slice" else preprocess.patch_size)
     return {
         "model": model["name"],
         "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
@@ -174,7 +185,7 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
         "reg_weight": tuning.get("reg_weight", 0.0),
         **cfg["optim"],
         "loss": dict(cfg["loss"]),
-        "volume_bins_ml": [float(b) for b in data["volume_bins_ml"]],
+        "volume_bins_ml": [parse_number(b, "volume_bins_ml") for b in data["volume_bins_ml"]],
         "threshold": cfg["threshold"],
         **inference,
     }
@@ -188,13 +199,14 @@ def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_jso
     preprocess = dict(data["preprocess"])
     if cfg["model"].get("slice_axes"):
         preprocess["slice_axes"] = list(cfg["model"]["slice_axes"])
+    preprocess = PreprocessConfig.from_dict(preprocess).to_dict()
     return {
         "dataset_json": str(dataset_json),
         "fold": fold,
         "n_folds": data["n_folds"],
         "split_seed": data["split_seed"],
-        "preprocess": PreprocessConfig.from_dict(preprocess).to_dict(),
-        "sampling": cfg["model"]["sampling"],
+        "preprocess": preprocess,
+        "sampling": training_sampling(cfg["model"], preprocess),
         "batch_size": data["batch_size"],
         "num_workers": cfg["trainer"].get("workers", 0),
         "seed": cfg["seed"],
@@ -475,7 +487,8 @@ def fit_run(
         },
         "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
         "volume_bins_ml": list(bins),
-        "volume_bins": bin_labels(bins),
+        "size_unit": datamodule.size_unit,  # of volume_bins_ml and the cases' pred_ml / true_ml
+        "volume_bins": bin_labels(bins, datamodule.size_unit),
         "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
                  **(_stats(trainer) if tuning != "none" else {})},
         "global_step": trainer.global_step,
@@ -593,11 +606,12 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
     """The lines printed at the end of a run: Dice and HD95 of the tuned and the untuned network."""
     run = result["run"]
     val, base, cost = result["val"], result["base_val"], result["cost"]
+    length = "px" if result.get("size_unit") == "px" else "mm"  # HD95 of images without a pixel spacing
     lines = [f"\n{run['experiment']} / {run['method']} / fold {run['fold']}: {int(val['n_cases'])} validation volumes"]
     for name, m in (("unadapted base", base), (run["method"], val)):
         if m is not None:
             missed = f" ({int(m['hd95_undefined'])} with an empty mask)" if m["hd95_undefined"] else ""
-            lines.append(f"  {name:<15}: Dice {m['dice']:.3f} +- {m['dice_sd']:.3f}   HD95 {m['hd95']:.1f} mm{missed}"
+            lines.append(f"  {name:<15}: Dice {m['dice']:.3f} +- {m['dice_sd']:.3f}   HD95 {m['hd95']:.1f} {length}{missed}"
                          f"   volume r = {m['volume_corr']:.2f}")
     selection = result.get("selection")
     if selection is not None and selection["selected_step"] is not None:
