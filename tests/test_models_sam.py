@@ -5,6 +5,7 @@ against ``torch.nn.functional.interpolate``), the prompt-free segmenter against 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import timm
@@ -164,16 +165,16 @@ def test_prompt_free_forward_equals_segment_anything_sam_forward():
 
 
 def test_meta_file_load_adapt_train_save_load_predict(meta_file, tmp_path):
-    """The vit_b pipeline of scripts/sam_pipeline.py on the small Meta-layout file: img_size 64 (resampled),
+    """The vit_b pipeline of scripts/sam_pipeline.py on the small Meta-layout file: img_size 32 (resampled),
     SALT on the encoder's qkv, the mask decoder trained in full (the model default), 10 steps."""
     path, _ = meta_file
     torch.manual_seed(0)
-    net = ours(64, path, in_channels=1, out_channels=2)
+    net = ours(32, path, in_channels=1, out_channels=2)
     targets = preset_targets(net, "qkv")
     assert targets == ["image_encoder.blocks.0.attn.qkv", "image_encoder.blocks.1.attn.qkv"]
     config = AdapterConfig(method="salt", rank=4, lora_rank=2, targets=targets, train_modules=default_train_modules(net))
     inject(net, config)
-    images, labels = torch.randn(2, 1, 64, 64), torch.randint(0, 2, (2, 64, 64))
+    images, labels = torch.randn(2, 1, 32, 32), torch.randint(0, 2, (2, 32, 32))
     optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     net.train()
     losses = []
@@ -187,6 +188,32 @@ def test_meta_file_load_adapt_train_save_load_predict(meta_file, tmp_path):
     net.eval()
     file = save_adapter(net, tmp_path / "sam_salt.safetensors")
     torch.manual_seed(1)  # the fresh model's new class tokens differ: the adapter file brings the trained ones
-    fresh = load_adapter(ours(64, path, in_channels=1, out_channels=2), file).eval()
+    fresh = load_adapter(ours(32, path, in_channels=1, out_channels=2), file).eval()
     with torch.no_grad():
         assert torch.equal(fresh(images), net(images))
+
+
+def test_model_sam_runs_from_the_training_configs(tmp_path, capsys):
+    """``model=sam`` (tiny variant) through scripts/train.py's config: base pretraining on the source phantom,
+    LoRA on the encoder with the mask decoder trained beside it, a run folder that loads back."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from segadapt.adapters.trained import TrainedModule
+    from segadapt.training import load_run, train
+
+    grid = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
+    preprocess = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
+    overrides = [*[f"{d}.phantom.{g}" for d in ("data", "source") for g in grid],
+                 *[f"{d}.{p}" for d in ("data", "source") for p in preprocess],
+                 "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
+                 "trainer.max_steps=1", "pretrain.max_steps=1", "trainer.enable_progress_bar=false",
+                 "model=sam", "model.kwargs.variant=tiny", "model.kwargs.img_size=32", "adapter=lora",
+                 f"paths.data={tmp_path}/data", f"paths.runs={tmp_path}/runs"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    result = train(OmegaConf.to_container(cfg, resolve=True))
+    assert result["global_step"] == 1
+    module, _ = load_run(tmp_path / "runs/phantom_sah/sam/lora/fold0")
+    assert isinstance(module.net.mask_decoder, TrainedModule)
+    assert module.hparams.roi_size == [32, 32]
