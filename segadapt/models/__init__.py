@@ -29,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from segadapt.models.multiview_unet import VIEWS, MultiViewUNet, logits_to_probabilities
+from segadapt.models.nnunet import build_nnunet
 from segadapt.models.presets import adaptable_modules, preset_targets, target_presets
 from segadapt.models.pretrained import (
     CheckpointMismatchError,
@@ -48,6 +49,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet3d": build_unet,
     "dynunet": build_dynunet,
     "vit_seg": ViTSegmenter,
+    "nnunet": build_nnunet,
 }
 
 

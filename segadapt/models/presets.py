@@ -17,11 +17,15 @@ MONAI ``DynUNet``      same; encoder = ``input_block`` + ``downsamples``, decode
 ``ViTSegmenter``       ``attention`` (every Linear in an ``attn`` block), ``qkv`` (the query/key/value
                        projections only), ``mlp``, ``all_linear`` (every Linear of the encoder),
                        ``decoder`` (decoder convs and mask head), ``all``
+nnU-Net networks       ``encoder`` (``encoder.stages``), ``bottleneck`` (the last encoder stage),
+(dynamic-network-      ``decoder`` (transposed convs, decoder stages, segmentation layers),
+architectures)         ``all_conv`` (every conv, ConvTranspose included)
 =====================  =====================================================================
 """
 
 from __future__ import annotations
 
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import DynUNet, UNet
 from torch import nn
@@ -91,6 +95,15 @@ def _vit_presets(model: ViTSegmenter) -> dict[str, list[str]]:
     return presets
 
 
+# ---- nnU-Net networks (dynamic-network-architectures) ----------------------------------------------------
+def _nnunet_presets(model: AbstractDynamicNetworkArchitectures) -> dict[str, list[str]]:
+    # the decoder holds the encoder too (``decoder.encoder``); named_modules lists it under ``encoder`` only
+    last = len(model.encoder.stages) - 1
+    parts = {"encoder": [f"encoder.stages.{i}" for i in range(last)], "bottleneck": [f"encoder.stages.{last}"],
+             "decoder": ["decoder"]}
+    return _split(model, parts, "all_conv")
+
+
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """All presets of ``model``: preset name -> fully-qualified names of the layers to adapt."""
     if isinstance(model, MultiViewUNet):
@@ -104,9 +117,11 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
         return _unet_presets(model)
     if isinstance(model, ViTSegmenter):
         return _vit_presets(model)
+    if isinstance(model, AbstractDynamicNetworkArchitectures) and hasattr(model, "decoder"):
+        return _nnunet_presets(model)
     raise TypeError(
         f"no adapter presets for {type(model).__name__}; presets exist for MultiViewUNet, MONAI UNet, "
-        "DynUNet and ViTSegmenter (for another model, pass module-name patterns to AdapterConfig directly)"
+        "DynUNet, ViTSegmenter and nnU-Net's networks (for another model, pass module-name patterns to AdapterConfig directly)"
     )
 
 
