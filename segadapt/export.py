@@ -55,6 +55,7 @@ from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.models import build_model
+from segadapt.models.nnunet import export_nnunet
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 
 MERGED_FORMAT = "segadapt-merged"
@@ -295,10 +296,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
     parser.add_argument("--force", action="store_true",
                         help="load an adapter made on a base with the same modules but other weights (a warning)")
+    parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
+                        "folder (model=nnunet runs; segadapt.models.nnunet.export_nnunet)")
     args = parser.parse_args(argv)
-    if not (args.merged or args.peft):
-        parser.error("give --merged FILE and/or --peft FOLDER")
+    if not (args.merged or args.peft or args.nnunet):
+        parser.error("give --merged FILE, --peft FOLDER and/or --nnunet FOLDER")
     try:
+        if args.nnunet:
+            print(f"nnU-Net trained-model folder: {export_nnunet(args.run_dir, args.nnunet)}")
+            if not (args.merged or args.peft):
+                return
         if args.merged:  # outputs are checked before any work, so a bad one leaves nothing half done
             check_output_file(args.merged, "--merged file")
         if args.peft:

@@ -54,8 +54,10 @@ def _item_hash(item: Mapping[str, object], checks: Mapping[str, object] | None =
     state = dict(item)
     for key in ("image", "label"):
         if key in item:
-            stat = os.stat(str(item[key]))
-            state[f"{key}_stat"] = (stat.st_size, stat.st_mtime_ns)
+            files = item[key] if isinstance(item[key], (list, tuple)) else [item[key]]
+            stats = [os.stat(str(f)) for f in files]
+            state[f"{key}_stat"] = [(s.st_size, s.st_mtime_ns) for s in stats] if len(stats) > 1 else \
+                (stats[0].st_size, stats[0].st_mtime_ns)
     if checks is not None:
         state["case_checks"] = dict(checks)
     return pickle_hashing(state)

@@ -43,6 +43,7 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -151,7 +152,8 @@ def _dataset_key(description: DatasetDescription, **settings: object) -> str:
     state = {
         "version": FINGERPRINT_VERSION,
         "dataset_json": description.path.read_text(encoding="utf-8"),
-        "files": [(c.case_id, stat(c.image), stat(c.label)) for c in description.cases],
+        "files": [(c.case_id, stat(c.image) if len(c.images) == 1 else [stat(i) for i in c.images], stat(c.label))
+                  for c in description.cases],
         **settings,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -371,6 +373,9 @@ class Plan:
     """memory_gb, patch_voxels and slice_pixels the plan was made for."""
     notes: list[str] = field(default_factory=list)
     """Rules that fired or assumptions made, in words."""
+    networks: dict[str, dict] = field(default_factory=dict)
+    """Model arguments given by the plan's source rather than the rules, per model name (an nnU-Net plans
+    file's network: ``{"nnunet": {"out_channels": 2}}``); merged into :meth:`network_fields`."""
     version: int = PLAN_VERSION
 
     def preprocess_fields(self) -> dict:
@@ -404,6 +409,7 @@ class Plan:
         * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
           most 512) and ``strides`` (2 per pooling).
         * ``unet2d`` (2D MONAI ``UNet`` on the ``patch_size`` patches of a 2D plan): as ``unet3d``.
+        * any model of :attr:`networks` (``nnunet``: ``out_channels``).
         """
         down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
         return {
@@ -412,6 +418,7 @@ class Plan:
             "unet3d": {"channels": list(self.filters), "strides": down},
             "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
             "unet2d": {"channels": list(self.filters), "strides": down},
+            **copy.deepcopy(self.networks),
         }
 
     def to_dict(self) -> dict:

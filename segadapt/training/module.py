@@ -193,11 +193,28 @@ class SegAdaptModule(pl.LightningModule):
             return self.net(image, views)
         return self.net(image)
 
-    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, (list, tuple)):  # nnU-Net deep supervision: full resolution first
+            return self._deep_supervision_loss(logits, label)
         if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...), weights 1/2^i
             weights = [0.5**i for i in range(logits.shape[1])]
             return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
         return self.loss_fn(logits, label)
+
+    def _deep_supervision_loss(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's ``DeepSupervisionWrapper``: the label downsampled (nearest) to each output's size, weights
+        1/2^i normalised to sum 1, the lowest resolution's weight 0 (``nnUNetTrainer._build_loss``)."""
+        weights = [0.5**i for i in range(len(outputs))]
+        if len(weights) > 1:
+            weights[-1] = 0.0
+        total = sum(weights)
+        loss = 0.0
+        for output, weight in zip(outputs, weights):
+            if weight:
+                target = label if output.shape[2:] == label.shape[2:] else \
+                    torch.nn.functional.interpolate(label.float(), size=output.shape[2:], mode="nearest-exact")
+                loss = loss + weight / total * self.loss_fn(output, target)
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = _plain(batch["image"]), _plain(batch["label"])
