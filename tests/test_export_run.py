@@ -139,6 +139,11 @@ def test_bundle_network_defs_are_the_builders_networks():
             network_def(model, {})
 
 
-def test_export_command_writes_a_bundle(run, tmp_path, capsys):
-    main([str(run), "--bundle", str(tmp_path / "b")])
+def test_export_command_writes_a_bundle_and_the_merged_network(run, tmp_path, capsys):
+    """DynUNet shares its blocks between two attributes (skip_layers): the merged file still saves and loads."""
+    main([str(run), "--bundle", str(tmp_path / "b"), "--merged", str(tmp_path / "merged.safetensors")])
     assert (tmp_path / "b" / MODEL_FILE).is_file() and "MONAI bundle: " in capsys.readouterr().out
+    net, _ = load_run_for_export(run)
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_merged(tmp_path / "merged.safetensors")(x), net(x), atol=1e-5, rtol=1e-5)
