@@ -85,6 +85,13 @@ MUTANTS = [
            "    return vh[:rank]\n", "    return vh[-rank:]\n"),
     Mutant("nested_no_rescale", "nested ranks: s stays alpha / r for a sampled b", "segadapt/adapters/base.py",
            "return self.sampled_rank, self.config.scaling(self.sampled_rank)", "return self.sampled_rank, self.scaling"),
+    # the fast contraction orders of issue 15
+    Mutant("tlora_chain_ring_not_closed", "TLoRA chain: the last core's ring index not matched to the first (its (b, i, a) rows built as (a, i, b))", "segadapt/adapters/tlora.py",
+           "z = z @ core.permute(0, 1, 3, 2).reshape(ring * size * ring, size)", "z = z @ core.permute(3, 1, 0, 2).reshape(ring * size * ring, size)"),
+    Mutant("tlora_chain_middle_in_out_swapped", "TLoRA chain: a middle core applied with its in and out modes swapped", "segadapt/adapters/tlora.py",
+           "z = z.reshape(-1, ring * size) @ core.reshape(ring * size, size * ring)", "z = z.reshape(-1, ring * size) @ core.transpose(1, 2).reshape(ring * size, size * ring)"),
+    Mutant("tlora_residual_split_unpaired", "TLoRA residual: the two open chains joined with their ring indices crossed", "segadapt/adapters/tlora.py",
+           "left.permute(1, 2, 0).reshape(p, b * a)", "left.permute(1, 0, 2).reshape(p, b * a)"),
     Mutant("truncate_trailing", "truncate keeps the last rows of A instead of the first", "segadapt/adapters/lora.py",
            "adapter.lora_A.detach()[:inner].clone()", "adapter.lora_A.detach()[-inner:].clone()"),
 ]
