@@ -9,6 +9,11 @@ configuration and records its peak memory; the table reports medians and ratios 
 * full fine-tuning of every parameter,
 * PEFT's equivalent method (LoRA for lora/conv_lora, DoRA for conv_dora) with the same targets.
 
+``compute="auto"`` measures both orders per layer at its first call (``segadapt/adapters/calibration.py``),
+i.e. in the warm-up steps; ``SEGADAPT_AUTO_COMPUTE=cost_model`` benchmarks the FLOP model instead. The
+table adds, per configuration, the spread of its per-round ratio to full fine-tuning (noise) and, for
+auto, its step over the faster fixed order.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the step; on
 CPU, the peak resident set size sampled every 0.5 ms above the RSS before the step (glibc's mmap
 threshold is pinned so that freed tensors go back to the OS at once).
@@ -170,6 +175,14 @@ def computation_orders(model: nn.Module, x: torch.Tensor) -> str:
     return f"{sum(chosen)}/{len(chosen)}"
 
 
+def auto_vs_fixed(name: str, median_t: dict[str, float]):
+    """compute="auto"'s median step over the faster of the two fixed orders (None for other rows)."""
+    fixed = [median_t.get(f"{name} [{order}]") for order in ("weight", "activation")]
+    if " " in name or None in fixed:
+        return None
+    return median_t[name] / min(fixed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +232,8 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
 
     median_t = {name: statistics.median(v) for name, v in times.items()}
+    # per-round ratio to full fine-tuning (the two measured in the same round): its spread shows the noise
+    round_ratios = {name: [t / f for t, f in zip(v, times["full"])] for name, v in times.items()}
     median_m = {name: statistics.median(v) for name, v in memory.items()}
     rows = []
     for name in configs:
@@ -235,6 +250,8 @@ def main() -> None:
                 "x_peft": median_t[name] / median_t[peft_name] if peft_name in median_t else None,
                 "peak_mb": median_m[name],
                 "mem_x_full": median_m[name] / median_m["full"] if median_m["full"] > 0 else None,
+                "x_full_spread": (min(round_ratios[name]), max(round_ratios[name])),
+                "auto_x_best_fixed": auto_vs_fixed(name, median_t),
             }
         )
     header = (
@@ -242,12 +259,14 @@ def main() -> None:
         f"{len(conv_targets(base))} Conv3d, {device} {'bf16 autocast' if device == 'cuda' else 'fp32'}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
     )
-    lines = [header, "", "| config | trainable | act. layers | step s | x floor | x full FT | x PEFT | peak MB | mem x full FT |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| config | trainable | act. layers | step s | x floor | x full FT | x full FT per round | auto x best fixed | x PEFT | peak MB | mem x full FT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['trainable_params']:,} | {row['activation_layers']} | {row['step_s']:.3f} | "
-            f"{fmt(row['x_floor'])} | {fmt(row['x_full'])} | {fmt(row['x_peft'])} | {row['peak_mb']:.0f} | {fmt(row['mem_x_full'])} |"
+            f"{fmt(row['x_floor'])} | {fmt(row['x_full'])} | {row['x_full_spread'][0]:.2f}-{row['x_full_spread'][1]:.2f} | "
+            f"{fmt(row['auto_x_best_fixed'])} | {fmt(row['x_peft'])} | {row['peak_mb']:.0f} | {fmt(row['mem_x_full'])} |"
         )
     table = "\n".join(lines)
     print(table)
