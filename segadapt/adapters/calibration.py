@@ -2,7 +2,7 @@
 
 At the first call for a given key -- method, layer shape and geometry, input shape, dtype, device,
 autocast dtype, whether the step trains (and whether the input needs a gradient), torch's thread count --
-both orders of the adapter are run on the call's own input (detached: nothing reaches the autograd graph,
+both orders of the adapter are run and timed (CPU time on CPU) on the call's own input (detached: nothing reaches the autograd graph,
 the parameters' ``.grad`` or the random number generators), forward plus, in training, the backward
 products a training step needs, and the faster one is kept for every later call with the same key (in
 memory, for the process). Both orders compute the same function; only the floating-point rounding of
@@ -54,23 +54,26 @@ def decision_key(adapter: nn.Module, base: nn.Module, x: torch.Tensor) -> tuple:
 
 
 def measure_order(adapter: nn.Module, base: nn.Module, x: torch.Tensor, activation: bool) -> float:
-    """Seconds of the fastest of ``REPEATS`` runs of one order (after a warm-up): forward, and in training
-    the gradients of the adapter's parameters (and of x where it needs one) via ``torch.autograd.grad``."""
+    """Seconds (CPU time on CPU, wall time elsewhere) of the fastest of ``REPEATS`` runs of one order (after a
+    warm-up): forward, and in training the gradients of the adapter's parameters (and of x where it needs
+    one) via ``torch.autograd.grad``."""
     params = [p for p in adapter.parameters() if p.requires_grad]
     training = torch.is_grad_enabled() and bool(params)
     inputs = x.detach().requires_grad_(training and x.requires_grad)
     wrt = params + ([inputs] if inputs.requires_grad else [])
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    # on CPU this process's CPU time (all torch threads): other processes' load does not inflate it
+    timer = time.process_time if x.device.type == "cpu" else time.perf_counter
     best = float("inf")
     for run in range(REPEATS + 1):
         sync()
-        start = time.perf_counter()
+        start = timer()
         y = adapter.run_order(base, inputs, activation)
         if training:
             torch.autograd.grad(y, wrt, grad_outputs=torch.ones_like(y))
         sync()
         if run > 0:
-            best = min(best, time.perf_counter() - start)
+            best = min(best, timer() - start)
         del y
     return best
 
