@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
+from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, make_phantom_dataset
 from segadapt.data.files import atomic_path, check_output_folder, nifti_image, stale_temp_files
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
@@ -161,6 +162,7 @@ def folded(net: nn.Module, name: str) -> Iterator[nn.Module]:
     active = active_adapter(net)
     try:
         set_active_adapter(net, None)
+        use_trained_copies(net, name)  # modules the adapter trains in full run its copies
         with torch.no_grad():
             for layer in layers:
                 weight = layer.adapters[name].adapted_weight(layer.spec.canonical(layer.base_layer.weight))

@@ -27,6 +27,10 @@ class AdapterConfig:
             a list holds name suffixes (``["qkv"]`` matches ``blocks.0.attn.qkv``; a full name is a
             suffix of itself).
         exclude: modules never adapted, same forms as ``targets``.
+        train_modules: modules trained in full beside the adapters (PEFT's ``modules_to_save``), same
+            forms as ``targets``, matched against every module (not only layers): e.g. a new mask head
+            or a decoder. Each adapter trains its own copy (see ``trained.py``); saved in the adapter
+            file, restored by ``load_adapter``, kept by ``merge_and_unload``. ``None`` or ``[]``: none.
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
             whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
             first match wins.
@@ -62,6 +66,7 @@ class AdapterConfig:
     alpha: Optional[float] = None
     targets: Union[str, list[str]] = field(default_factory=list)
     exclude: Union[str, list[str]] = field(default_factory=list)
+    train_modules: Optional[Union[str, list[str]]] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     dropout: float = 0.0
     init: str = "default"
@@ -79,6 +84,10 @@ class AdapterConfig:
             self.targets = [str(t) for t in self.targets]
         if not isinstance(self.exclude, str):
             self.exclude = [str(t) for t in self.exclude]
+        if self.train_modules is None:
+            self.train_modules = []
+        elif not isinstance(self.train_modules, str):
+            self.train_modules = [str(t) for t in self.train_modules]
         self.rank_pattern = {str(k): int(v) for k, v in dict(self.rank_pattern).items()}
         self.validate()
 
@@ -106,7 +115,8 @@ class AdapterConfig:
             )
         if not isinstance(self.targets, str) and not self.targets:
             raise ValueError("targets is empty: give a regex or a list of module-name suffixes")
-        for where, pattern in [("targets", self.targets), ("exclude", self.exclude)] + [("rank_pattern key", k) for k in self.rank_pattern]:
+        for where, pattern in [("targets", self.targets), ("exclude", self.exclude),
+                               ("train_modules", self.train_modules)] + [("rank_pattern key", k) for k in self.rank_pattern]:
             if isinstance(pattern, str):
                 try:
                     re.compile(pattern)

@@ -3,6 +3,12 @@ and a fingerprint of the base in the safetensors header metadata: module names a
 of the base's weights (:func:`base_weights_digest`), so an adapter is refused on a base of the same
 architecture with other weights.
 
+Modules trained in full beside the adapter (``AdapterConfig.train_modules``) are stored with it: the
+state of the adapter's copy (parameters and buffers) as ``<module>.<tensor>``, their names in the
+metadata (``train_modules``, JSON list). Their names and shapes are part of the base fingerprint (a base
+without the module, or with another shape, is refused); their weights are left out of the digest (a
+new head is freshly initialised on every build of the base).
+
 Read the metadata without torch: ``safetensors.safe_open(path, "pt").metadata()``.
 """
 
@@ -23,6 +29,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .model import active_adapter, adapted_layers, adapter_names, inject, remove_adapter, set_active_adapter
+from .trained import trained_modules
 
 FORMAT = "segadapt-adapter"
 FORMAT_VERSION = "1"
@@ -30,23 +37,34 @@ WEIGHTS_DIGEST = "strided-1024-v1"  # how base_weights_digest samples; files wit
 SAMPLES_PER_TENSOR = 1024
 
 
+WRAPPER_PARTS = ("base_layer", "original_module")  # AdaptedLayer's and TrainedModule's hold of the base's module
+
+
 def _base_key(key: str) -> str:
-    return ".".join(part for part in key.split(".") if part != "base_layer")
+    return ".".join(part for part in key.split(".") if part not in WRAPPER_PARTS)
+
+
+def _is_adapter_key(key: str) -> bool:
+    """An adapter's tensor, or that of an adapter's copy of a trained module."""
+    return ".adapters." in f".{key}" or ".modules_to_save." in f".{key}"
 
 
 def base_fingerprint(model: nn.Module) -> list[list]:
-    """[[name, shape], ...] of the base model's state (adapter tensors left out, ``.base_layer``
-    folded away, so the fingerprint is the same before and after injection)."""
+    """[[name, shape], ...] of the base model's state (adapter tensors and trained copies left out,
+    ``.base_layer`` / ``.original_module`` folded away, so the fingerprint is the same before and after
+    injection)."""
     entries = []
     for key, tensor in model.state_dict().items():
-        if ".adapters." in f".{key}":
+        if _is_adapter_key(key):
             continue
         entries.append([_base_key(key), list(tensor.shape)])
     return entries
 
 
-def base_weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the base's parameters (adapter parameters left out, ``.base_layer`` folded away):
+def base_weights_digest(model: nn.Module, leave_out: Optional[list[str]] = None) -> str:
+    """SHA-256 over the base's parameters (adapter parameters, trained copies and the parameters of the
+    modules named in ``leave_out`` -- an adapter's ``train_modules`` -- left out, ``.base_layer`` /
+    ``.original_module`` folded away):
     per parameter, in name order, its name, dtype, shape and the bytes of ``SAMPLES_PER_TENSOR`` elements
     at a fixed stride (``flat[::max(1, n // 1024)][:1024]``).
 
@@ -56,8 +74,9 @@ def base_weights_digest(model: nn.Module) -> str:
     edited weight. Call it with the adapters unmerged (a merged layer holds W, not W0).
     """
     digest = hashlib.sha256()
+    roots = [f"{module}." for module in leave_out or []]
     params = sorted((_base_key(name), p) for name, p in model.named_parameters(remove_duplicate=False)
-                    if ".adapters." not in f".{name}")
+                    if not _is_adapter_key(name) and not _base_key(name).startswith(tuple(roots)))
     for name, param in params:
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR].contiguous().cpu()
@@ -87,13 +106,23 @@ def first_mismatch(expected: list[list], actual: list[list]) -> Optional[str]:
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """{'<module>.<tensor>': tensor} of one adapter."""
-    return {
+    """{'<module>.<tensor>': tensor} of one adapter: its layers' tensors, then the state of its copies of
+    trained modules."""
+    state = {
         f"{layer_name}.{key}": tensor
         for layer_name, layer in adapted_layers(model)
         if name in layer.adapters
         for key, tensor in layer.adapters[name].state_dict().items()
     }
+    for module_name, copy in trained_copies(model, name).items():
+        state.update({f"{module_name}.{key}": tensor for key, tensor in copy.state_dict().items()})
+    return state
+
+
+def trained_copies(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """{module name: adapter ``name``'s trained copy} of the modules it trains in full."""
+    return {module_name: wrapper.modules_to_save[name] for module_name, wrapper in trained_modules(model)
+            if name in wrapper.modules_to_save}
 
 
 def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] = None) -> Path:
@@ -108,14 +137,16 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         raise RuntimeError(f"an adapter is merged into '{merged}': unmerge() before saving {path} (the file "
                            "records a digest of the base weights, which a merged layer no longer holds)")
     fingerprint = base_fingerprint(model)
+    trained = list(trained_copies(model, name))
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapter_name": name,
         "config": json.dumps(config.to_dict()),
+        "train_modules": json.dumps(trained),
         "base_fingerprint": json.dumps(fingerprint),
         "base_digest": fingerprint_digest(fingerprint),
-        "base_weights_digest": base_weights_digest(model),
+        "base_weights_digest": base_weights_digest(model, trained),
         "base_weights_digest_scheme": WEIGHTS_DIGEST,
     }
     path = Path(path)
@@ -162,9 +193,10 @@ def check_base_weights(model: nn.Module, path: Union[str, Path], metadata: dict,
         warnings.warn(f"adapter file {path} records no digest of its base weights (an older file): only the base's "
                       "module names and shapes were checked", stacklevel=3)
         return
-    if recorded != base_weights_digest(model):
+    actual = base_weights_digest(model, json.loads(metadata.get("train_modules", "[]")))
+    if recorded != actual:
         message = (f"adapter file {path} was made for a base with the same modules and shapes but other weights "
-                   f"(base weight digest {recorded[:12]} in the file, {base_weights_digest(model)[:12]} here)")
+                   f"(base weight digest {recorded[:12]} in the file, {actual[:12]} here)")
         if strict:
             raise ValueError(f"{message}; load the base it was trained on (or strict=False / --force to load anyway)")
         warnings.warn(f"{message}; loaded anyway (strict=False)", stacklevel=3)
@@ -226,7 +258,10 @@ def load_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
                 raise ValueError(f"adapter file {path} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
             loaded = {key: handle.get_tensor(key) for key in expected}
         for key, tensor in loaded.items():
-            check_tensor(path, key, tensor)
+            if expected[key].dtype.is_floating_point:
+                check_tensor(path, key, tensor)
+            elif tensor.dtype != expected[key].dtype:  # an integer buffer (BatchNorm's num_batches_tracked)
+                raise ValueError(f"adapter file {path}: '{key}' has dtype {tensor.dtype}, expected {expected[key].dtype}")
             if tensor.shape != expected[key].shape:
                 raise ValueError(f"adapter file {path}: '{key}' has shape {list(tensor.shape)}, expected {list(expected[key].shape)}")
         with torch.no_grad():

@@ -12,6 +12,7 @@ from .base import AdaptedLayer
 from .config import AdapterConfig, name_matches
 from .layers import SUPPORTED_LAYERS, spec_of
 from .registry import get_method
+from .trained import TrainedModule, trained_modules, use_trained_copies
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -37,11 +38,42 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in inside_adapted):
             continue
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, TrainedModule):  # trained in full: nothing inside is adapted
+            inside_adapted.append(name)
+        elif isinstance(module, AdaptedLayer):
             inside_adapted.append(name)
             yield name, module
         elif not any(True for _ in module.children()):
             yield name, module
+
+
+def _within(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+def resolve_train_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules ``config.train_modules`` selects (the outermost of nested matches; an existing
+    :class:`TrainedModule` by its own name); ``ValueError`` when a pattern matches nothing or a module
+    without parameters."""
+    if not config.train_modules:
+        return []
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(_within(name, kept) for kept in names):
+            continue
+        if any(_within(name, wrapper) and name != wrapper for wrapper, _ in trained_modules(model)):
+            continue  # inside a wrapper: original_module / modules_to_save are not user-visible names
+        if name_matches(name, config.train_modules):
+            inner = next((w for w, _ in trained_modules(module) if w), None)
+            if inner is not None:
+                raise ValueError(f"train_modules: module '{name}' holds '{name}.{inner}', which another adapter "
+                                 "trains in full; train the same module (or one inside it) instead")
+            if not any(True for _ in module.parameters()):
+                raise ValueError(f"train_modules: module '{name}' has no parameters to train")
+            names.append(name)
+    if not names:
+        raise ValueError(f"train_modules {config.train_modules!r} match no module of {type(model).__name__}")
+    return names
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -54,7 +86,9 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
 
     Adapters attach to weights: selected modules without parameters (Identity, Dropout, activations)
         are skipped; a selected module with weights of an unsupported type is an error. Every base
-    parameter is frozen. Only the active adapter is trainable: with ``active=True`` the new one
+    parameter is frozen. The modules ``config.train_modules`` selects are wrapped in a
+    :class:`~segadapt.adapters.trained.TrainedModule` and this adapter gets its own trainable copy of
+    each; they may not hold, or lie inside, an adapted layer. Only the active adapter is trainable: with ``active=True`` the new one
     (the others are frozen), with ``active=False`` the new one is frozen and the active one is
     left as it was. Several adapters may sit on one model under different names. All adapters are
     built before the model is touched, so a bad config leaves the model unchanged.
@@ -88,6 +122,15 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         examples = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")
         raise ValueError(f"targets {config.targets!r} (exclude {config.exclude!r}) match no module; adaptable modules include: {examples}")
 
+    train_names = resolve_train_modules(model, config)
+    adapted = [n for n, _ in adapted_layers(model)] + [n for n, _ in selected]
+    for train_name in train_names:
+        clash = next((n for n in adapted if _within(n, train_name) or _within(train_name, n)), None)
+        if clash is not None:
+            raise ValueError(f"module '{clash}' would be both adapted (targets) and trained in full (train_modules "
+                             f"'{train_name}'); take it out of one of them (e.g. exclude it from the targets, or "
+                             f"train_modules=[])")
+
     built = []
     for module_name, module in selected:
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
@@ -102,6 +145,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
     # Freeze the base only: the adapters already injected keep their trainability (that of the
     # active one), and the new one is trainable only if it becomes the active one.
     adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    adapter_params |= {id(p) for _, wrapper in trained_modules(model) for p in wrapper.modules_to_save.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:
             param.requires_grad_(False)
@@ -114,6 +158,14 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
             setattr(parent, child, module)
         adapter.requires_grad_(False)
         module.adapters[name] = adapter
+    for train_name in train_names:
+        wrapper = model.get_submodule(train_name)
+        if not isinstance(wrapper, TrainedModule):
+            wrapper = TrainedModule(wrapper)
+            parent, child = _parent(model, train_name)
+            setattr(parent, child, wrapper)
+        wrapper.add_copy(name)
+    use_trained_copies(model, previous)
     if active:
         set_active_adapter(model, name)
     return model
@@ -163,6 +215,10 @@ def set_active_adapter(model: nn.Module, name: Optional[str]) -> None:
         layer.active_adapter = name
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name == name)
+    for _, wrapper in trained_modules(model):
+        for adapter_name, copy in wrapper.modules_to_save.items():
+            copy.requires_grad_(adapter_name == name)
+    use_trained_copies(model, name)
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -179,6 +235,14 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             parent, child = _parent(model, layer_name)
             setattr(parent, child, layer.base_layer)
+    for wrapper_name, wrapper in list(trained_modules(model)):
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+            if wrapper.active_adapter == name:
+                wrapper.active_adapter = None
+        if not len(wrapper.modules_to_save):
+            parent, child = _parent(model, wrapper_name)
+            setattr(parent, child, wrapper.original_module)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -196,12 +260,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and replace every adapted layer by its plain base layer (in place);
-    the result holds only the base module types and loads into the bare architecture."""
+    """Merge the active adapter and replace every adapted layer by its plain base layer and every trained
+    module by the active adapter's copy (in place); the result holds only the base module types and loads
+    into the bare architecture."""
     merge(model)
     for layer_name, layer in list(adapted_layers(model)):
         parent, child = _parent(model, layer_name)
         setattr(parent, child, layer.base_layer)
+    for wrapper_name, wrapper in list(trained_modules(model)):
+        parent, child = _parent(model, wrapper_name)
+        setattr(parent, child, wrapper.active_module)
     return model
 
 
@@ -217,7 +285,8 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 
 
 def summary_rows(model: nn.Module, name: Optional[str] = None) -> list[dict]:
-    """One dict per adapted layer: module, method, rank, trainable parameters, % of the base layer."""
+    """One dict per adapted layer: module, method, rank, trainable parameters, % of the base layer; then
+    one per module trained in full beside the adapters (method ``"trained"``, rank 0, 100 %)."""
     name = name or active_adapter(model)
     rows = []
     for layer_name, layer in adapted_layers(model):
@@ -237,6 +306,11 @@ def summary_rows(model: nn.Module, name: Optional[str] = None) -> list[dict]:
                 "percent": 100.0 * params / max(base, 1),
             }
         )
+    for module_name, wrapper in trained_modules(model):
+        if name in wrapper.modules_to_save:
+            params = sum(p.numel() for p in wrapper.modules_to_save[name].parameters())
+            rows.append({"module": module_name, "type": type(wrapper.original_module).__name__, "method": "trained",
+                         "rank": 0, "params": params, "base_params": params, "percent": 100.0})
     return rows
 
 
@@ -245,13 +319,15 @@ def summary(model: nn.Module, name: Optional[str] = None) -> str:
     rows = summary_rows(model, name)
     lines = ["| module | layer | method | rank | params | % of layer |", "|---|---|---|---|---|---|"]
     for row in rows:
+        rank = "full" if row["method"] == "trained" else row["rank"]
         lines.append(
-            f"| {row['module']} | {row['type']} | {row['method']} | {row['rank']} | {row['params']:,} | {row['percent']:.2f} |"
+            f"| {row['module']} | {row['type']} | {row['method']} | {rank} | {row['params']:,} | {row['percent']:.2f} |"
         )
     adapter_params = sum(row["params"] for row in rows)
     adapter_ids = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    adapter_ids |= {id(p) for _, wrapper in trained_modules(model) for p in wrapper.modules_to_save.parameters()}
     base_params = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
     lines.append(
-        f"| **total** ({len(rows)} layers) | | | | {adapter_params:,} | {100.0 * adapter_params / max(base_params, 1):.3f} of {base_params:,} base |"
+        f"| **total** ({len(rows)} modules) | | | | {adapter_params:,} | {100.0 * adapter_params / max(base_params, 1):.3f} of {base_params:,} base |"
     )
     return "\n".join(lines)

@@ -23,6 +23,28 @@ _MODE_FIELDS = {"ct": ("windows",), "ct_zscore": ("clip_range", "norm_mean", "no
                 "zscore": ("background_value",)}
 
 
+_INFINITY = {"inf", ".inf", "infinity"}
+
+
+def parse_number(value: object, what: str = "value") -> float:
+    """A float from a config value: a number, or a string YAML or a command line leaves unparsed -- '1.5',
+    infinity as '.inf' (YAML), 'inf' / 'Infinity' (Python), each with an optional sign, any case.
+
+    Examples: '.inf' -> inf, '-Infinity' -> -inf, 5 -> 5.0. Raises ValueError naming `what` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text[1:] if text[:1] == "+" else text)
+        if body in _INFINITY:
+            return sign * float("inf")
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{what}: {value!r} is not a number (infinity: .inf, inf or Infinity)")
+
+
 def _canonical(value: object) -> object:
     """Numbers as floats and sequences as lists, so [40, 80] and (40.0, 80.0) hash alike."""
     if isinstance(value, bool) or value is None or isinstance(value, str):

@@ -43,6 +43,7 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -78,6 +79,27 @@ MIN_BATCH_SIZE = 2
 MAX_DATASET_FRACTION = 0.05       # one batch covers at most this share of the dataset's voxels
 BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
 _PERCENTILES = (0.5, 50.0, 99.5)
+
+
+# ----------------------------------------------------------------------------------------- 2D or 3D, units
+
+PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # 2D image files that carry no physical pixel size
+
+
+def dataset_spatial_dims(description: DatasetDescription) -> int:
+    """2 when the dataset's images are 2D image files (PNG, JPEG, BMP: e.g. DRIVE), else 3 (NIfTI, NRRD, DICOM)."""
+    suffixes = {case.image.suffix.lower() in PIXEL_SUFFIXES for case in description.cases}
+    if len(suffixes) > 1:
+        raise ValueError(f"{description.path}: mixes 2D image files ({', '.join(PIXEL_SUFFIXES)}) and volumes")
+    return 2 if suffixes == {True} else 3
+
+
+def size_unit(description: DatasetDescription, spatial_dims: int) -> str:
+    """The unit of lesion sizes (:func:`segadapt.training.metrics.mask_volume_ml`): 'mL' for volumes,
+    'mm^2' for 2D images with a pixel spacing, 'px' for 2D image files without one (PNG, JPEG, BMP)."""
+    if spatial_dims == 3:
+        return "mL"
+    return "px" if dataset_spatial_dims(description) == 2 else "mm^2"
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint
@@ -130,7 +152,8 @@ def _dataset_key(description: DatasetDescription, **settings: object) -> str:
     state = {
         "version": FINGERPRINT_VERSION,
         "dataset_json": description.path.read_text(encoding="utf-8"),
-        "files": [(c.case_id, stat(c.image), stat(c.label)) for c in description.cases],
+        "files": [(c.case_id, stat(c.image) if len(c.images) == 1 else [stat(i) for i in c.images], stat(c.label))
+                  for c in description.cases],
         **settings,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -350,6 +373,9 @@ class Plan:
     """memory_gb, patch_voxels and slice_pixels the plan was made for."""
     notes: list[str] = field(default_factory=list)
     """Rules that fired or assumptions made, in words."""
+    networks: dict[str, dict] = field(default_factory=dict)
+    """Model arguments given by the plan's source rather than the rules, per model name (an nnU-Net plans
+    file's network: ``{"nnunet": {"out_channels": 2}}``); merged into :meth:`network_fields`."""
     version: int = PLAN_VERSION
 
     def preprocess_fields(self) -> dict:
@@ -382,6 +408,8 @@ class Plan:
           where all axes share it). MONAI's UNet has one kernel size, so thick-slice 1x3x3 kernels are lost.
         * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
           most 512) and ``strides`` (2 per pooling).
+        * ``unet2d`` (2D MONAI ``UNet`` on the ``patch_size`` patches of a 2D plan): as ``unet3d``.
+        * any model of :attr:`networks` (``nnunet``: ``out_channels``).
         """
         down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
         return {
@@ -389,6 +417,8 @@ class Plan:
                         "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters)},
             "unet3d": {"channels": list(self.filters), "strides": down},
             "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
+            "unet2d": {"channels": list(self.filters), "strides": down},
+            **copy.deepcopy(self.networks),
         }
 
     def to_dict(self) -> dict:

@@ -28,9 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.utils import SpaceKeys, TraceKeys
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -39,6 +42,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensity,
     NormalizeIntensityd,
+    Orientation,
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
@@ -58,6 +62,33 @@ from monai.transforms import (
 
 from .config import SLICE_AXES, PreprocessConfig
 from .loading import LoadCased, RequireForegroundd
+
+
+class ImageOrientation(Orientation):
+    """MONAI ``Orientation`` whose inverse reorients with as many axis codes as the image has spatial dims.
+
+    MONAI (1.6) takes the inverse's codes from the original 4 x 4 affine: three letters also for a 2D image,
+    and a warning on every 2D image ('axcodes ... length is smaller than number of input spatial
+    dimensions D=2'). The first two letters are the 2D image's own codes; volumes are inverted as MONAI does.
+    """
+
+    def inverse(self, data: torch.Tensor) -> torch.Tensor:
+        transform = self.pop_transform(data)
+        labels = self.labels
+        if isinstance(data, MetaTensor) and labels is None and SpaceKeys(data.meta.get("space", "RAS")) == SpaceKeys.LPS:
+            labels = (("R", "L"), ("A", "P"), ("I", "S"))  # as MONAI: LPS tensors
+        codes = nib.orientations.aff2axcodes(transform[TraceKeys.EXTRA_INFO]["original_affine"], labels=labels)
+        inverse = Orientation(axcodes="".join(codes[: data.ndim - 1]), as_closest_canonical=False, labels=labels)
+        with inverse.trace_transform(False):
+            return inverse(data)
+
+
+class ImageOrientationd(Orientationd):
+    """``Orientationd`` with :class:`ImageOrientation` (no 3D-only warning when inverted on 2D images)."""
+
+    def __init__(self, keys: KeysCollection, axcodes: str, labels: Sequence[tuple[str, str]] | None = None) -> None:
+        super().__init__(keys, axcodes=axcodes, labels=labels)
+        self.ornt_transform = ImageOrientation(axcodes=axcodes, labels=labels)
 
 
 class CTWindowd(MapTransform):
@@ -218,7 +249,7 @@ def deterministic_transforms(
     keys = list(keys)
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     steps: list = [LoadCased(keys, label_values, channels, cfg.spatial_dims, cfg.affine_tolerance)]
-    steps.append(Orientationd(keys, axcodes=cfg.orientation, labels=None))  # labels from the MetaTensor space
+    steps.append(ImageOrientationd(keys, axcodes=cfg.orientation, labels=None))  # labels from the MetaTensor space
     if cfg.target_spacing is not None:
         steps.append(Spacingd(keys, pixdim=cfg.target_spacing, mode=modes))
     threshold = cfg.foreground_threshold if cfg.intensity == "ct" else 0.0

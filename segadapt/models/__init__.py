@@ -15,13 +15,18 @@ name               builds                                          input -> outp
                                                                    -> fused probabilities
 ``unet3d``         ``monai.networks.nets.UNet`` (3D)               (B,C,X,Y,Z) -> logits
 ``dynunet``        ``monai.networks.nets.DynUNet`` (3D)            (B,C,X,Y,Z) -> logits
+``unet2d``         ``monai.networks.nets.UNet`` (2D)               (B,C,H,W) -> logits
 ``vit_seg``        :class:`ViTSegmenter` (timm ``vit_*``/``samvit_*``  (B,C,H,W) -> logits (B,K,H,W)
                    encoder + light decoder)
+``sam``            :class:`SAMSegmenter` (segment-anything's        (B,C,H,W) -> logits (B,K,H,W)
+                   encoder, prompt encoder and mask decoder,
+                   no prompts; Meta / timm SAM files)
 =================  ==============================================  ===============================
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +34,9 @@ from pathlib import Path
 from torch import nn
 
 from segadapt.models.multiview_unet import VIEWS, MultiViewUNet, logits_to_probabilities
-from segadapt.models.presets import adaptable_modules, preset_targets, target_presets
+from segadapt.models.nnunet import build_nnunet
+from segadapt.models.presets import (adaptable_modules, default_train_modules, head_modules, preset_targets,
+                                     target_presets)
 from segadapt.models.pretrained import (
     CheckpointMismatchError,
     LoadReport,
@@ -38,6 +45,7 @@ from segadapt.models.pretrained import (
     load_pretrained,
     read_state_dict,
 )
+from segadapt.models.sam import SAMSegmenter
 from segadapt.models.unet3d import build_dynunet, build_unet
 from segadapt.models.vit_seg import ViTSegmenter
 
@@ -47,22 +55,30 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "multiview_unet": MultiViewUNet,
     "unet3d": build_unet,
     "dynunet": build_dynunet,
+    "unet2d": functools.partial(build_unet, spatial_dims=2),  # MONAI 2D UNet for 2D images (DRIVE)
     "vit_seg": ViTSegmenter,
+    "sam": SAMSegmenter,
+    "nnunet": build_nnunet,
 }
+OWN_CHECKPOINT = {"sam"}  # builders that load their own pretrained files (``checkpoint`` goes to them)
 
 
 def build_model(name: str, checkpoint: str | Path | None = None, strict: bool = True, **kwargs) -> nn.Module:
     """Build model ``name`` (a key of :data:`MODELS`) from keyword arguments.
 
     Args:
-        name: ``multiview_unet``, ``unet3d``, ``dynunet`` or ``vit_seg``.
-        checkpoint: optional local weights for the whole model, loaded with :func:`load_pretrained`.
+        name: ``multiview_unet``, ``unet3d``, ``dynunet``, ``vit_seg`` or ``sam``.
+        checkpoint: optional local weights for the whole model, loaded with :func:`load_pretrained`; for
+            ``sam``, a SAM file in Meta's or timm's layout, given to :class:`SAMSegmenter` (which resamples
+            its position tables to ``img_size``).
         strict: passed to :func:`load_pretrained`; when False, the key report is logged as a warning.
         kwargs: the builder's arguments (see :class:`MultiViewUNet`, :func:`build_unet`,
             :func:`build_dynunet`, :class:`ViTSegmenter`).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    if name in OWN_CHECKPOINT:
+        kwargs["checkpoint"], checkpoint = checkpoint, None
     model = MODELS[name](**kwargs)
     if checkpoint is not None:
         report = load_pretrained(model, checkpoint, strict=strict)
@@ -77,6 +93,7 @@ __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
     "MultiViewUNet",
+    "SAMSegmenter",
     "UnsafeCheckpointError",
     "ViTSegmenter",
     "adaptable_modules",
@@ -84,6 +101,8 @@ __all__ = [
     "build_model",
     "build_unet",
     "create_timm_encoder",
+    "default_train_modules",
+    "head_modules",
     "load_pretrained",
     "logits_to_probabilities",
     "preset_targets",

@@ -4,7 +4,8 @@ Files accepted by :func:`read_state_dict`:
 
 - ``*.safetensors`` (``safetensors.torch.load_file``; no code can run);
 - a plain ``torch.save``-d state dict (``.pt``/``.pth``/...);
-- a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"`` or ``"model"``.
+- a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"``, ``"model"`` or
+  ``"network_weights"`` (nnU-Net's ``checkpoint_final.pth``).
 
 Every floating tensor must be finite, and a tensor must be floating point where the model's is
 (:func:`check_finite`, :func:`check_dtypes`): a NaN base or an integer copy would otherwise load
@@ -18,17 +19,23 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MAX_LISTED = 20  # keys shown per category in a report; the dataclass keeps them all
+# numpy scalars (nnU-Net's checkpoints log np.float64 values): rebuilding one makes a number from a dtype and
+# bytes, nothing else, so torch.load(weights_only=True) may allow them (torch's documented allowlist).
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                        np.dtypes.Int64DType, np.dtypes.Int32DType]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -90,19 +97,38 @@ def _unsafe(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
     )
 
 
+READ_CACHE_SIZE = 2  # state dicts kept in memory (the base of a sweep, read once for all its runs)
+_read_cache: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint."""
+    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint.
+
+    The last :data:`READ_CACHE_SIZE` files read stay in memory, keyed by path, size and modification time (a
+    replaced file is read again); each call returns a new dict of the same tensors, which loading copies."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _read_cache:
+        _read_cache[key] = _read_state_dict(path)
+        while len(_read_cache) > READ_CACHE_SIZE:
+            _read_cache.popitem(last=False)
+    _read_cache.move_to_end(key)
+    return dict(_read_cache[key])
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device="cpu")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _unsafe(path, err) from None
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "network_weights"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
@@ -158,6 +184,11 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     """
     state = read_state_dict(path)
     check_finite(path, state)
+    return load_state(model, state, path, strict)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path, strict: bool = True) -> LoadReport:
+    """:func:`load_pretrained` of a state dict already read (and checked) from ``path``."""
     target = model.state_dict()
     prefix = _detect_prefix(list(state), set(target))
     report = LoadReport(path=str(path), prefix=prefix)
@@ -184,12 +215,80 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> 
     raise CheckpointMismatchError(f"checkpoint does not fit {type(model).__name__} ({reason}):\n{report}", report)
 
 
+def resample_positions(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAM-style position tables of ``state`` resampled to the shapes of ``target`` (a model's state dict)
+    where they differ (another ``img_size``), as SAMed does; every other tensor as is:
+
+    - ``*pos_embed`` (1, H, W, C), absolute: bicubic over the (H, W) grid
+      (``F.interpolate(..., mode="bicubic", align_corners=False)``);
+    - ``*rel_pos_h`` / ``*rel_pos_w`` (2S - 1, C), relative: linear along the length. Only the global-attention
+      blocks' tables follow the input size (S = img_size / patch); windowed blocks' are (2 window - 1, C) at
+      any size and keep theirs.
+    """
+    out = dict(state)
+    for key, tensor in state.items():
+        want = target.get(key)
+        if want is None or want.shape == tensor.shape or not tensor.dtype.is_floating_point:
+            continue
+        if key.endswith("pos_embed") and tensor.ndim == 4 and want.ndim == 4 and tensor.shape[-1] == want.shape[-1]:
+            grid = F.interpolate(tensor.permute(0, 3, 1, 2).float(), size=tuple(want.shape[1:3]), mode="bicubic",
+                                 align_corners=False)
+            out[key] = grid.permute(0, 2, 3, 1).to(tensor.dtype).contiguous()
+        elif key.endswith(("rel_pos_h", "rel_pos_w")) and tensor.ndim == 2 and tensor.shape[1] == want.shape[1]:
+            line = F.interpolate(tensor.T[None].float(), size=want.shape[0], mode="linear", align_corners=False)
+            out[key] = line[0].T.to(tensor.dtype).contiguous()
+    return out
+
+
+def _within(key: str, roots: list[str]) -> bool:
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def load_base(model: nn.Module, path: str | Path, heads: list[str],
+              state: Mapping[str, torch.Tensor] | None = None) -> tuple[list[str], str]:
+    """Load a base checkpoint into ``model`` strictly, except in the ``heads`` modules (those whose shapes
+    follow the number of classes, :func:`segadapt.models.presets.head_modules`): a target with another
+    class count than the base keeps the freshly built head where the base's tensors do not fit (new
+    tensors, or another shape), and loads the rest.
+
+    Args:
+        state: the file's state dict when already read (and checked); otherwise read from ``path``.
+
+    Returns:
+        (the head modules that got new tensors, the first differing tensor's shapes in words; ``""`` when none).
+
+    Raises:
+        CheckpointMismatchError: anything outside ``heads`` does not fit (the strict report).
+    """
+    if state is None:
+        state = read_state_dict(path)
+        check_finite(path, state)
+    try:
+        load_state(model, state, path)
+        return [], ""
+    except CheckpointMismatchError as error:
+        report = error.report
+        if report is None or not report.loaded:
+            raise
+        unexpected = [k[len(report.prefix):] if k.startswith(report.prefix) else k for k in report.unexpected]
+        differing = [name for name, _, _ in report.mismatched] + report.missing + unexpected
+        if not all(_within(key, heads) for key in differing):
+            raise
+    load_state(model, state, path, strict=False)
+    new = [head for head in heads if any(_within(key, [head]) for key in differing)]
+    detail = next((f"{name}: {list(c)} in {Path(path).name}, {list(m)} here" for name, c, m in report.mismatched),
+                  f"{len(report.missing)} tensors missing, {len(report.unexpected)} unexpected in {Path(path).name}")
+    return new, detail
+
+
 def create_timm_encoder(name: str, weights_file: str | Path | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, **kwargs)``, with pretrained weights from a local file instead of the hub.
 
     The file is read by :func:`read_state_dict` (an unsafe pickle raises :class:`UnsafeCheckpointError`);
-    timm's loader then applies the architecture's checkpoint filter (SAM key remapping,
-    position-embedding resampling to ``img_size``), drops a classifier the model does not have, and
+    timm's loader then applies the architecture's checkpoint filter (SAM key remapping; ViT
+    position-embedding resampling to ``img_size``), followed by :func:`resample_positions` (timm's SAM filter
+    resamples neither SAM's (1, H, W, C) position embedding nor its relative position tables, so a SAM file
+    would load only at 1024), drops a classifier the model does not have, and
     adapts the patch embedding to ``in_chans`` (channels summed for 1). Any encoder tensor left missing or
     file tensor left unused raises :class:`CheckpointMismatchError` with the report (timm alone would
     only log it).
@@ -203,6 +302,11 @@ def create_timm_encoder(name: str, weights_file: str | Path | None = None, **kwa
     # timm keeps each architecture's checkpoint filter beside its model entrypoint.
     module = importlib.import_module(timm.models.model_entrypoint(name).__module__)
     report = LoadReport(path=str(weights_file))
+    timm_filter = getattr(module, "checkpoint_filter_fn", None)
+
+    def filter_fn(state_dict: dict, model: nn.Module) -> dict:
+        remapped = state_dict if timm_filter is None else timm_filter(state_dict, model)
+        return resample_positions(remapped, model.state_dict())
 
     def record(_module: nn.Module, keys) -> None:
         report.missing, report.unexpected = list(keys.missing_keys), list(keys.unexpected_keys)
@@ -214,7 +318,7 @@ def create_timm_encoder(name: str, weights_file: str | Path | None = None, **kwa
             pretrained_cfg=dict(encoder.pretrained_cfg, state_dict=state, source=None),
             num_classes=getattr(encoder, "num_classes", 0),
             in_chans=kwargs.get("in_chans", 3),
-            filter_fn=getattr(module, "checkpoint_filter_fn", None),
+            filter_fn=filter_fn,
         )
     except RuntimeError as err:  # torch's size-mismatch message, or a filter that could not remap
         raise CheckpointMismatchError(f"timm weights {weights_file} do not fit {name}:\n{err}") from None

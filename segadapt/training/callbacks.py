@@ -79,7 +79,8 @@ class TrainStats(pl.Callback):
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
         self._batch_start = self._fit_start = self._mem_start = self._train_peak = 0.0
 
-    def _sync(self, trainer: pl.Trainer) -> None:
+    @staticmethod
+    def _sync(trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
@@ -271,3 +272,34 @@ def progress_callbacks(trainer_args: Mapping[str, Any]) -> list[pl.Callback]:
     not false) and gets no progress bar of its own in ``callbacks``; ``[]`` otherwise."""
     own = any(isinstance(c, ProgressBar) for c in trainer_args.get("callbacks") or [])
     return [] if own or trainer_args.get("enable_progress_bar") is False else [StepProgressBar()]
+
+
+class PhaseTimes(pl.Callback):
+    """Where the wall time of one session goes: ``train_steps_s`` (training batches: forward, backward,
+    optimiser; like :class:`TrainStats` but of this session only), ``validation_s`` (every validation round,
+    while fitting and standalone), ``first_step_at`` (``time.perf_counter()`` at the first training step, None
+    before it) and ``validation_before_first_step_s``."""
+
+    def __init__(self) -> None:
+        self.train_steps_s = self.validation_s = self.validation_before_first_step_s = 0.0
+        self.first_step_at: Optional[float] = None
+        self._val_start = self._batch_start = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_s += time.perf_counter() - self._val_start
+        if self.first_step_at is None:
+            self.validation_before_first_step_s = self.validation_s
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        TrainStats._sync(trainer)
+        self._batch_start = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = self._batch_start
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        TrainStats._sync(trainer)
+        self.train_steps_s += time.perf_counter() - self._batch_start

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -45,6 +45,14 @@ from segadapt.data import (
     fold_datasets_with_inner,
     load_dataset_json,
 )
+from segadapt.data.plan import size_unit
+
+
+def training_sampling(model: Mapping[str, Any], preprocess: Mapping[str, Any]) -> str:
+    """How one data group's training samples are drawn: 2D images (``preprocess.spatial_dims`` 2) always in
+    2D ``patch_size`` patches, volumes as the model group says (``model.sampling``: 'slice' for a 2D network,
+    'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run each get their own."""
+    return "patch" if preprocess.get("spatial_dims") == 2 else model["sampling"]
 
 
 class SegDataModule(pl.LightningDataModule):
@@ -97,6 +105,11 @@ class SegDataModule(pl.LightningDataModule):
     def in_channels(self) -> int:
         """Network input channels: image channels in ``dataset.json`` x CT windows (or 1)."""
         return load_dataset_json(self.hparams.dataset_json).channels * self.preprocess.in_channels
+
+    @property
+    def size_unit(self) -> str:
+        """Unit of the lesion sizes in the metrics: 'mL', 'mm^2' (2D) or 'px' (2D files without spacing)."""
+        return size_unit(load_dataset_json(self.hparams.dataset_json), self.preprocess.spatial_dims)
 
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams

@@ -6,7 +6,9 @@ Per case (one whole validation volume, foreground = label > 0):
 * HD95 = the larger of the two directed 95th-percentile surface distances (prediction to truth, truth
   to prediction) in mm, using the voxel spacing (MONAI ``HausdorffDistanceMetric(percentile=95)``; 0 when
   both are empty, NaN -- undefined, counted apart and left out of the mean -- when only one is);
-* lesion volume in mL = voxel count * |det(affine[:3, :3])| / 1000, for the prediction and the truth.
+* lesion volume in mL = voxel count * |det(affine[:3, :3])| / 1000, for the prediction and the truth; on
+  2D images (H, W) the lesion area in mm^2 = pixel count * |det(affine[:2, :2])| (in pixels when
+  the files carry no spacing: PNG, JPEG; :func:`segadapt.data.plan.size_unit`). The ``*_ml`` keys hold it.
 
 Summaries group cases into lesion-volume bins by their *true* volume: with edges ``[e0, e1, ..., en]``
 case c falls in bin i when ``e_i <= V_c < e_{i+1}`` (the last edge may be ``inf``).
@@ -26,22 +28,26 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 CASE_KEYS = ("dice", "hd95", "pred_ml", "true_ml")
 
 
-def voxel_volume_ml(affine: torch.Tensor | np.ndarray) -> float:
-    """Volume of one voxel in mL: |det(affine[:d, :d])| / 1000 for a (d+1) x (d+1) affine in mm."""
-    a = np.asarray(affine, dtype=np.float64)
-    return abs(float(np.linalg.det(a[:-1, :-1]))) / 1000.0
+def voxel_volume_ml(affine: torch.Tensor | np.ndarray, spatial_dims: int = 3) -> float:
+    """Size of one voxel of a grid with a voxel-to-mm `affine` (MONAI's 4 x 4 also for 2D images): in mL,
+    |det(affine[:3, :3])| / 1000, for volumes; in mm^2, |det(affine[:2, :2])|, for 2D images (1 per pixel
+    where the file has no spacing)."""
+    a = np.asarray(affine, dtype=np.float64)[:spatial_dims, :spatial_dims]
+    det = abs(float(np.linalg.det(a)))
+    return det / 1000.0 if spatial_dims == 3 else det
 
 
-def mask_volume_ml(mask: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray) -> float:
-    """Volume of the nonzero voxels of `mask` in mL."""
-    return float(np.count_nonzero(np.asarray(mask))) * voxel_volume_ml(affine)
+def mask_volume_ml(mask: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray,
+                   spatial_dims: int = 3) -> float:
+    """Size of the nonzero voxels of `mask`: mL for volumes, mm^2 (or pixels) for 2D images."""
+    return float(np.count_nonzero(np.asarray(mask))) * voxel_volume_ml(affine, spatial_dims)
 
 
 def case_metrics(pred: torch.Tensor, truth: torch.Tensor, affine: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """Dice, HD95 (mm), predicted and true lesion volume (mL) of one case.
+    """Dice, HD95 (mm), predicted and true lesion volume (mL; area in mm^2 for 2D) of one case.
 
     Args:
-        pred, truth: foreground masks of one volume, spatial shape only (e.g. (X, Y, Z)), any dtype.
+        pred, truth: foreground masks of one volume (X, Y, Z) or 2D image (H, W), spatial shape only, any dtype.
         affine: the volume's voxel-to-mm affine ((d+1) x (d+1)); gives the spacing and voxel volume.
     """
     if pred.shape != truth.shape:
@@ -58,16 +64,16 @@ def case_metrics(pred: torch.Tensor, truth: torch.Tensor, affine: torch.Tensor |
     return {
         "dice": float(dice),
         "hd95": hd95,
-        "pred_ml": mask_volume_ml(p, affine),
-        "true_ml": mask_volume_ml(t, affine),
+        "pred_ml": mask_volume_ml(p, affine, pred.ndim),
+        "true_ml": mask_volume_ml(t, affine, pred.ndim),
     }
 
 
-def bin_labels(edges: Sequence[float]) -> list[str]:
-    """Names of the volume bins: [0, 5, 15, inf] -> ['0-5 mL', '5-15 mL', '>=15 mL']."""
+def bin_labels(edges: Sequence[float], unit: str = "mL") -> list[str]:
+    """Names of the volume bins: [0, 5, 15, inf] -> ['0-5 mL', '5-15 mL', '>=15 mL'] (`unit`: 'mm^2', 'px' in 2D)."""
     if len(edges) < 2 or any(b <= a for a, b in zip(edges[:-1], edges[1:])):
         raise ValueError(f"volume bin edges must be at least two increasing values, got {list(edges)}")
-    return [f">={a:g} mL" if math.isinf(b) else f"{a:g}-{b:g} mL" for a, b in zip(edges[:-1], edges[1:])]
+    return [f">={a:g} {unit}" if math.isinf(b) else f"{a:g}-{b:g} {unit}" for a, b in zip(edges[:-1], edges[1:])]
 
 
 def volume_bin(volume_ml: float, edges: Sequence[float]) -> int | None:

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Optional, Union
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 import torch.distributed as dist
 from monai.data import MetaTensor, decollate_batch
@@ -36,7 +38,9 @@ from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, invert_transform, make_loader
-from segadapt.models import MultiViewUNet, build_model, load_pretrained, logits_to_probabilities, preset_targets
+from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities, preset_targets
+from segadapt.models.presets import default_train_modules, head_modules
+from segadapt.models.pretrained import load_base
 
 from .metrics import case_metrics, summarize
 
@@ -56,6 +60,26 @@ def tuning_name(adapter: Union[str, dict]) -> str:
             raise ValueError(f"unknown baseline {adapter!r}: give one of {BASELINES} or a dict of AdapterConfig fields")
         return adapter
     return str(dict(adapter).get("method", AdapterConfig.method))
+
+
+def _heads(net: torch.nn.Module) -> list[str]:
+    try:
+        return head_modules(net)
+    except TypeError:  # a model family without known heads loads strictly
+        return []
+
+
+def _with(pattern: Union[None, str, list], names: list[str], subtree: bool = False) -> Union[str, list]:
+    """A targets-style pattern (regex or suffix list) that also selects the modules ``names`` (with
+    ``subtree``: and every module inside them)."""
+    if not subtree and not isinstance(pattern, str):
+        return [*(pattern or []), *[n for n in names if n not in (pattern or [])]]
+    if isinstance(pattern, str):
+        parts = [f"(?:{pattern})"]
+    else:  # a suffix list as a regex (segadapt.adapters.config.name_matches)
+        parts = [rf"(?:.*\.)?{re.escape(suffix)}" for suffix in pattern or []]
+    tail = r"(?:\..*)?" if subtree else ""
+    return "|".join([*parts, *(re.escape(n) + tail for n in names)])
 
 
 class SegAdaptModule(pl.LightningModule):
@@ -107,11 +131,16 @@ class SegAdaptModule(pl.LightningModule):
         self.bins = list(DEFAULT_BINS_ML if volume_bins_ml is None else volume_bins_ml)
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
+        self.new_heads: list[str] = []
         if self.tuning != "scratch":
             if base_checkpoint is None:
                 raise ValueError(f"adapter {self.tuning!r} tunes a pretrained network: give base_checkpoint "
                                  "(or adapter='scratch' for random initialisation)")
-            load_pretrained(self.net, base_checkpoint)
+            # a target with another class count gets a new head (heads: the modules whose shapes follow it)
+            self.new_heads, detail = load_base(self.net, base_checkpoint, _heads(self.net))
+            if self.new_heads:
+                rank_zero_only(print)(f"new head: {', '.join(self.new_heads)} built afresh for this target's classes "
+                                      f"(the base has another class count: {detail}); trained in full")
         self._set_trainable(adapter, preset)
         out_channels = int(dict(model_kwargs or {}).get("out_channels", 1))
         binary = out_channels == 1
@@ -124,10 +153,13 @@ class SegAdaptModule(pl.LightningModule):
             return
         if isinstance(adapter, str):  # 'none' or 'decoder'
             self.net.requires_grad_(False)
+            if self.tuning == "none" and self.new_heads:
+                raise ValueError(f"adapter='none' evaluates the base as is, but {', '.join(self.new_heads)} would be "
+                                 "untrained (the base has another class count): train an adapter or a baseline")
             if self.tuning == "decoder":
                 if preset is None:
                     raise ValueError("adapter='decoder' fine-tunes the layers of a model preset: give preset (e.g. 'decoder')")
-                for name in preset_targets(self.net, preset):
+                for name in [*preset_targets(self.net, preset), *self.new_heads]:
                     self.net.get_submodule(name).requires_grad_(True)
             return
         fields = dict(adapter)
@@ -135,6 +167,11 @@ class SegAdaptModule(pl.LightningModule):
             if preset is None:
                 raise ValueError("the adapter has no targets and no preset names the layers to adapt")
             fields["targets"] = preset_targets(self.net, preset)
+        if "train_modules" not in fields:  # the model family's default (absent, not null / [])
+            fields["train_modules"] = default_train_modules(self.net)
+        if self.new_heads:  # a new head trains in full, whatever the config says, and is not adapted
+            fields["train_modules"] = _with(fields.get("train_modules"), self.new_heads)
+            fields["exclude"] = _with(fields.get("exclude"), self.new_heads, subtree=True)
         inject(self.net, AdapterConfig.from_dict(fields))
 
     @property
@@ -156,11 +193,28 @@ class SegAdaptModule(pl.LightningModule):
             return self.net(image, views)
         return self.net(image)
 
-    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, (list, tuple)):  # nnU-Net deep supervision: full resolution first
+            return self._deep_supervision_loss(logits, label)
         if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...), weights 1/2^i
             weights = [0.5**i for i in range(logits.shape[1])]
             return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
         return self.loss_fn(logits, label)
+
+    def _deep_supervision_loss(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's ``DeepSupervisionWrapper``: the label downsampled (nearest) to each output's size, weights
+        1/2^i normalised to sum 1, the lowest resolution's weight 0 (``nnUNetTrainer._build_loss``)."""
+        weights = [0.5**i for i in range(len(outputs))]
+        if len(weights) > 1:
+            weights[-1] = 0.0
+        total = sum(weights)
+        loss = 0.0
+        for output, weight in zip(outputs, weights):
+            if weight:
+                target = label if output.shape[2:] == label.shape[2:] else \
+                    torch.nn.functional.interpolate(label.float(), size=output.shape[2:], mode="nearest-exact")
+                loss = loss + weight / total * self.loss_fn(output, target)
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = _plain(batch["image"]), _plain(batch["label"])
