@@ -11,7 +11,7 @@
   fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
 * ``segadapt export RUN_DIR --merged FILE | --peft DIR | --bundle DIR | --nnunet DIR`` -- a run's network
-  in other formats (:mod:`segadapt.export`).
+  in other formats (:func:`segadapt.export.main`).
 * ``segadapt plan DATASET_JSON [--out plan.json]`` -- dataset fingerprint and nnU-Net-style plan.
 * ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- spectral diagnostics of what a tuning changed.
 
@@ -35,11 +35,11 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from segadapt import __version__
 from segadapt.console import setup_console
-from segadapt.errors import exits_on_user_error, user_errors
+from segadapt.errors import OneLineParser, exits_on_user_error, user_errors
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -50,18 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("score a checkpoint on the dataset's labelled test split", ""),
     "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference:main"),
     "report": ("cross-validation report of an experiment folder", "segadapt.cli:report_main"),
-    "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.cli:export_main"),
+    "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export:main"),
     "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
     "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.diagnose:main"),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are user errors: one ``error: <prog>: <message>`` line, exit code 2
-    (:mod:`segadapt.errors`), instead of the usage text and the message."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,59 +120,6 @@ def report_main(argv: Optional[Sequence[str]] = None) -> None:
 
     for kind, path in write_report(args.experiment_dir, args.out).items():
         print(f"{kind:>15}: {path}")
-
-
-# --format: (what it writes, export function of segadapt.export, how its output is checked before any work)
-EXPORT_FORMATS: dict[str, tuple[str, str, str]] = {
-    "merged": ("FILE", "export_merged", "file"),
-    "peft": ("DIR", "export_peft", "folder"),
-    "bundle": ("DIR", "export_bundle", "folder"),
-    "nnunet": ("DIR", "export_nnunet", "folder"),
-}
-EXPORT_HELP = {
-    "merged": "the network with the adapter folded into its weights: a plain state dict (safetensors)",
-    "peft": "the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors; LoRA/DoRA methods)",
-    "bundle": "a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt)",
-    "nnunet": "an nnU-Net results folder (plans, dataset.json, fold checkpoint)",
-}
-
-
-@exits_on_user_error
-def export_main(argv: Optional[Sequence[str]] = None) -> None:
-    """``segadapt export RUN_DIR --merged FILE | --peft DIR | --bundle DIR | --nnunet DIR`` (several at once
-    are fine): every output is checked before any work, so a bad one leaves nothing half written."""
-    parser = OneLineParser(prog="segadapt export", description="Export a run's tuned network in other formats.")
-    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
-    for name, (metavar, _, _) in EXPORT_FORMATS.items():
-        parser.add_argument(f"--{name}", metavar=metavar, help=EXPORT_HELP[name])
-    parser.add_argument("--force", action="store_true",
-                        help="load an adapter made on a base with the same modules but other weights (a warning)")
-    args = parser.parse_args(argv)
-    wanted = {name: getattr(args, name) for name in EXPORT_FORMATS if getattr(args, name)}
-    if not wanted:
-        parser.error("give at least one of " + ", ".join(f"--{n} {m}" for n, (m, _, _) in EXPORT_FORMATS.items()))
-    from segadapt import export
-    from segadapt.data.files import check_output_file, check_output_folder
-
-    functions = {}
-    for name, target in wanted.items():
-        function = EXPORT_FORMATS[name][1]
-        if not hasattr(export, function):
-            raise ValueError(f"--{name}: this segadapt has no segadapt.export.{function} yet")
-        functions[name] = getattr(export, function)
-        check = check_output_file if EXPORT_FORMATS[name][2] == "file" else check_output_folder
-        check(target, f"--{name} {EXPORT_FORMATS[name][2]}")
-    net = config = None
-    if {"merged", "peft"} & set(wanted):
-        net, config = export.load_run_for_export(args.run_dir, strict=not args.force)
-    if "peft" in wanted:  # first: its checks (method, layer types) all come before it writes
-        print(f"PEFT adapter: {functions['peft'](net, wanted['peft'])}")
-    if "merged" in wanted:
-        print(f"merged model: {functions['merged'](net, wanted['merged'], architecture=config['module'])}")
-    if "bundle" in wanted:
-        print(f"MONAI bundle: {functions['bundle'](args.run_dir, wanted['bundle'])}")
-    if "nnunet" in wanted:
-        print(f"nnU-Net folder: {functions['nnunet'](args.run_dir, wanted['nnunet'])}")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Any:

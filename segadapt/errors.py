@@ -11,6 +11,7 @@ so the handler walks the exception chain (``__cause__`` / ``__context__``) to th
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, Optional, TypeVar
+from typing import Any, NoReturn, Optional, TypeVar
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -102,3 +103,12 @@ def exits_on_user_error(func: F) -> F:
             return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors follow the convention: ``error: <prog>: <message>`` on
+    one line and exit code 2, instead of the usage text followed by the message."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stdout.flush()
+        self.exit(EXIT_CODE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

@@ -37,7 +37,6 @@ that are folders / files / not writable, and a broken ``config.yaml``, exit 2 wi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -60,6 +59,7 @@ from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
 from segadapt.bundle import export_bundle, inference_config
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
+from segadapt.errors import OneLineParser
 from segadapt.models import build_model
 from segadapt.models.nnunet import export_nnunet
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
@@ -361,7 +361,7 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segadapt.export",
+    parser = OneLineParser(prog="segadapt export",
                                      description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
     parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
     parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")

@@ -231,7 +231,7 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         (["train"], "invalid choice: 'train'"),
         (["predict", "--run", str(world["runs"][0]), "--input", str(missing)], "input not found"),
         (["report", str(missing)], f"experiment folder not found: {missing}"),
-        (["export", str(world["runs"][0])], "give at least one of --merged FILE"),
+        (["export", str(world["runs"][0])], "give --merged FILE, --peft FOLDER"),
         (["export", str(world["runs"][0]), "--merged", str(tmp_path)], "is a folder; give a file name"),
         (["export", str(world["runs"][0]), "--peft", str(tmp_path / "file")], "is a file, not a folder"),
         (["plan", str(missing)], "dataset description not found"),

@@ -42,7 +42,6 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -57,6 +56,8 @@ from typing import Optional
 
 import numpy as np
 from monai.transforms import Orientationd
+
+from segadapt.errors import OneLineParser
 
 from .config import INTENSITY_MODES, PreprocessConfig
 from .dataset_json import DatasetDescription, load_dataset_json
@@ -617,7 +618,7 @@ def load_or_make_plan(
 
 def main(argv: Sequence[str] | None = None) -> Plan:
     """``segadapt plan DATASET_JSON``: fingerprint + plan, written as JSON and printed; bad input exits 2."""
-    parser = argparse.ArgumentParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
+    parser = OneLineParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
                                      "(spacing, patch/slice size, batch size, normalisation, network).")
     parser.add_argument("dataset_json", help="the dataset description (Decathlon-style dataset.json)")
     parser.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
