@@ -31,8 +31,9 @@ per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by 
 
 MONAI bundle: :func:`segadapt.bundle.export_bundle`.
 
-Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--force]``; outputs
-that are folders / files / not writable, and a broken ``config.yaml``, exit 2 with one line before any work.
+Command line: ``segadapt export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--nnunet FOLDER] [--force]``
+(or ``python -m segadapt.export``); outputs that are folders / files / not writable, and a broken ``config.yaml``,
+exit 2 with one line before any work.
 """
 
 from __future__ import annotations
