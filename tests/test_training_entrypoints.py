@@ -85,6 +85,8 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
         run = sweep / f"runs/phantom_sah/multiview_unet/cp_lora/fold{fold}"
         for name in (CONFIG_FILE, METRICS_FILE, ADAPTER_FILE, CHECKPOINT_FILE, "logs/metrics.csv", ".hydra/config.yaml"):
             assert (run / name).is_file(), name
+        log_text = (run / "train.log").read_text(encoding="utf-8")  # Hydra's job log holds the run summary too
+        assert f"phantom_sah / cp_lora / fold {fold}:" in log_text and "unadapted base :" in log_text
         config = read_run_config(run)
         assert config["run"]["fold"] == fold and config["run"]["method"] == "cp_lora"
         module = config["module"]
