@@ -168,6 +168,8 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "initialize": ["$@network.load_state_dict(@checkpoint)", "$@network.eval()", "$torch.set_grad_enabled(False)"],
         "run": ["$[@postprocessing({**item, 'pred': @inferer(item['image'][None].to(@device), @network)[0].float()})"
                 " for item in @dataset]"],
+        # set_grad_enabled is process-wide: give it back, so `monai.bundle.run` called from Python leaves autograd on
+        "finalize": ["$torch.set_grad_enabled(True)"],
     }
 
 

@@ -89,6 +89,7 @@ def _bundle_masks(bundle: Path, scans: list[str], out: Path, threshold: float) -
     the written masks by scan name."""
     monai_run(config_file=str(bundle / INFERENCE_CONFIG), bundle_root=str(bundle), datalist=scans, output_dir=str(out),
               threshold=threshold)
+    assert torch.is_grad_enabled()  # the bundle's finalize gives autograd back to the calling process
     return {Path(s).name.split(".")[0]: nib.load(out / f"{Path(s).name.split('.')[0]}_seg.nii.gz") for s in scans}
 
 

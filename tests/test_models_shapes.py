@@ -72,8 +72,8 @@ def test_vit_seg_shapes(encoder, kwargs, in_ch, img, size):
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown model 'unet2d'.*multiview_unet"):
-        build_model("unet2d")
+    with pytest.raises(ValueError, match="unknown model 'unet4d'.*multiview_unet"):
+        build_model("unet4d")
     assert set(MODELS) >= {"multiview_unet", "unet3d", "dynunet", "vit_seg"}
     net = build_model("multiview_unet", shared_weights=False, **TINY_UNET2D)
     with pytest.raises(ValueError, match="view is required"):

@@ -210,7 +210,8 @@ class SharedCacheDataset(CacheDataset):
         missing = sum(self._key(i) not in CASES for i in indices)
         if not (self.show_progress and missing):
             return super()._fill_cache(indices)
-        with tqdm(total=len(indices), desc=f"{self.description} ({missing} new)", leave=False) as bar, \
+        with tqdm(total=len(indices), desc=f"{self.description} ({missing} new)", leave=False,
+                  disable=None) as bar, \  # disable=None: no bar when stderr is not a terminal (logs, pipes)
                 ThreadPool(self.num_workers) as pool:
             items = []
             for item in pool.imap(self._load_cache_item, indices):
