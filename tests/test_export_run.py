@@ -147,3 +147,12 @@ def test_export_command_writes_a_bundle_and_the_merged_network(run, tmp_path, ca
     x = torch.randn(1, 3, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(load_merged(tmp_path / "merged.safetensors")(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bundle_of_a_network_without_a_plain_monai_class_is_refused_before_anything_is_written(demo_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(demo_runs[0]), "--bundle", str(tmp_path / "b"), "--peft", str(tmp_path / "p")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("segadapt export: error: model 'multiview_unet' has no plain MONAI")
+    assert not any(tmp_path.iterdir())
