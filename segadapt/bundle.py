@@ -128,6 +128,7 @@ def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
 def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder)."""
     module = config["module"]
+    network = network_def(module["model"], module.get("model_kwargs") or {})
     cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
     channels = _image_channels(config, cfg)
     roi = module.get("roi_size")
@@ -151,7 +152,7 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "datalist": "$sorted(glob.glob(@dataset_dir + '/*.nii*'))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "threshold": threshold,
-        "network_def": network_def(module["model"], module.get("model_kwargs") or {}),
+        "network_def": network,
         "network": "$@network_def.to(@device)",
         "preprocessing": preprocessing(cfg, channels),
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
@@ -245,8 +246,7 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = read_run_config(run_dir)
-    network_def(config["module"]["model"], config["module"].get("model_kwargs") or {})  # refuse before any work
-    inference = inference_config(config)
+    inference = inference_config(config)  # refuses a network without a plain MONAI class before any work
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))

@@ -15,8 +15,8 @@ PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` 
 ``nn.Conv1d/2d/3d``. Layers PEFT cannot hold (transposed convolutions: PEFT has no LoRA for them; dilated
 convolutions: its conv LoRA ignores dilation) are merged into the exported base ``base_model.safetensors``
 (one warning lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
-Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``. Tensor layouts (key prefix
-``base_model.model.<module>.``):
+Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``. Tensor
+layouts (key prefix ``base_model.model.<module>.``):
 
 ==================  =====================  ==========================================
 segadapt            shape                  PEFT key, shape
@@ -152,7 +152,9 @@ def peft_base(model: nn.Module, adapter: str, merged: Sequence[str]) -> nn.Modul
     A PiSSA-started layer (segadapt: W = W0 + s (B A - B0 A0), B0 A0 its starting factors) gets the residual
     W0 - s B0 A0 as its base, on which PEFT's W = W_res + s B A is the same weight.
     """
-    folded_in = merge_and_unload(_with_active(copy.deepcopy(model), adapter))
+    folded_in = copy.deepcopy(model)
+    set_active_adapter(folded_in, adapter)
+    merge_and_unload(folded_in)
     base = copy.deepcopy(model)
     for name in adapter_names(base):
         remove_adapter(base, name)
@@ -167,11 +169,6 @@ def peft_base(model: nn.Module, adapter: str, merged: Sequence[str]) -> nn.Modul
             weight = layer.spec.canonical(base.get_submodule(module).weight)
             weight.sub_((lora.scaling * (lora.initial_B @ lora.initial_A)).reshape(weight.shape))
     return base.eval()
-
-
-def _with_active(model: nn.Module, adapter: str) -> nn.Module:
-    set_active_adapter(model, adapter)
-    return model
 
 
 def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[str] = None,

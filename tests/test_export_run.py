@@ -32,13 +32,13 @@ TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "en
            "num_sanity_val_steps": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 10_000, "max_steps": 2}
 
 
-def _fit(root: Path, preprocess: dict, name: str) -> Path:
+def _fit(root: Path, preprocess: dict, name: str, model: str = "dynunet", model_kwargs: dict = KWARGS) -> Path:
     dataset = make_phantom_dataset(root / "data", "sah", 4, 0, (24, 24, 16), [220 / 24, 220 / 24, 10.0])
-    kwargs = {**KWARGS, "in_channels": PreprocessConfig(**preprocess).in_channels}
+    kwargs = {**model_kwargs, "in_channels": PreprocessConfig(**preprocess).in_channels}
     torch.manual_seed(0)
-    base = build_model("dynunet", **kwargs)
+    base = build_model(model, **kwargs)
     base_file = save_safetensors(root / "base.safetensors", {k: v.clone() for k, v in base.state_dict().items()})
-    module = {"model": "dynunet", "model_kwargs": kwargs, "adapter": {"method": "conv_lora", "rank": 2},
+    module = {"model": model, "model_kwargs": kwargs, "adapter": {"method": "conv_lora", "rank": 2},
               "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_file), "roi_size": [16, 16, 16]}
     data = {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "batch_size": 1, "sampling": "patch",
             "preprocess": PreprocessConfig(patch_size=[16, 16, 16], samples_per_volume=1, augment=False,
@@ -58,6 +58,13 @@ def run(tmp_path_factory) -> Path:
 def mri_run(tmp_path_factory) -> Path:
     """The 'mri' intensity mode (MONAI's NormalizeIntensityd) with resampling to 12 x 12 x 8 mm."""
     return _fit(tmp_path_factory.mktemp("export_mri"), {"intensity": "mri", "target_spacing": [12.0, 12.0, 8.0]}, "run")
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory) -> Path:
+    """MONAI's UNet with two output channels (softmax, argmax: the other postprocessing branch)."""
+    kwargs = {"out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+    return _fit(tmp_path_factory.mktemp("export_unet"), {}, "run", "unet3d", kwargs)
 
 
 def test_peft_export_of_a_default_preset_run_loads_in_peft_and_matches(run, tmp_path):
@@ -93,25 +100,26 @@ def _bundle_masks(bundle: Path, scans: list[str], out: Path, threshold: float) -
     return {Path(s).name.split(".")[0]: nib.load(out / f"{Path(s).name.split('.')[0]}_seg.nii.gz") for s in scans}
 
 
-@pytest.mark.parametrize("which", ["run", "mri_run"])
+@pytest.mark.parametrize("which", ["run", "mri_run", "unet_run"])
 def test_the_bundle_runs_in_monai_and_matches_segadapt_predict(which, request, tmp_path):
     run = request.getfixturevalue(which)
     bundle = export_bundle(run, tmp_path / "bundle")
     assert {p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file()} == {INFERENCE_CONFIG, METADATA, MODEL_FILE}
     inference = json.loads((bundle / INFERENCE_CONFIG).read_text(encoding="utf-8"))
-    assert inference["network_def"]["_target_"] == "DynUNet" and inference["inferer"]["roi_size"] == [16, 16, 16]
+    network = "UNet" if which == "unet_run" else "DynUNet"
+    assert inference["network_def"]["_target_"] == network and inference["inferer"]["roi_size"] == [16, 16, 16]
     metadata = json.loads((bundle / METADATA).read_text(encoding="utf-8"))
-    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == (3 if which == "run" else 1)
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == (1 if which == "mri_run" else 3)
     # model.pt is the plain MONAI network's state dict: it loads strictly into network_def
     plain = ConfigParser(inference).get_parsed_content("network_def")
     plain.load_state_dict(torch.load(bundle / MODEL_FILE, weights_only=True))
 
     scans = sorted(str(p) for p in (run.parent / "data" / "imagesTr").glob("*.nii.gz"))[:2]
     # a threshold (between two of the first scan's probabilities: no ties) that 20% of its voxels pass: a two-step
-    # network's masks at 0.5 may be empty; the bundle takes it as an override of its `threshold`
-    values = np.unique(Predictor.from_runs([run], device="cpu").predict(scans[0]).probabilities)
+    # network's masks at 0.5 may be empty; the bundle takes it as an override of its `threshold` (two classes: argmax)
+    values = np.unique(Predictor.from_runs([run], device="cpu").predict(scans[0]).probabilities[0])
     k = int(0.8 * len(values))
-    threshold = float(values[k] + values[k + 1]) / 2
+    threshold = float(values[k] + values[k + 1]) / 2 if which != "unet_run" else 0.5
     masks = _bundle_masks(bundle, scans, tmp_path / "out", threshold)
     predictor = Predictor.from_runs([run], device="cpu", threshold=threshold)
     for scan in scans:
@@ -148,3 +156,12 @@ def test_export_command_writes_a_bundle_and_the_merged_network(run, tmp_path, ca
     x = torch.randn(1, 3, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(load_merged(tmp_path / "merged.safetensors")(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bundle_of_a_network_without_a_plain_monai_class_is_refused_before_anything_is_written(demo_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(demo_runs[0]), "--bundle", str(tmp_path / "b"), "--peft", str(tmp_path / "p")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("segadapt export: error: model 'multiview_unet' has no plain MONAI")
+    assert not any(tmp_path.iterdir())

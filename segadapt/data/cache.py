@@ -210,8 +210,9 @@ class SharedCacheDataset(CacheDataset):
         missing = sum(self._key(i) not in CASES for i in indices)
         if not (self.show_progress and missing):
             return super()._fill_cache(indices)
+        # disable=None: no bar when stderr is not a terminal (logs, pipes: the one-line error stays one line)
         with tqdm(total=len(indices), desc=f"{self.description} ({missing} new)", leave=False,
-                  disable=None) as bar, \  # disable=None: no bar when stderr is not a terminal (logs, pipes)
+                  disable=None) as bar, \
                 ThreadPool(self.num_workers) as pool:
             items = []
             for item in pool.imap(self._load_cache_item, indices):
