@@ -3,19 +3,26 @@
 Each configuration (the floor, full fine-tuning, PEFT's LoRA / DoRA, and every segadapt method in
 each computation order) gets its own copy of one UNet. Rounds interleave the configurations in a
 shuffled order; each round times one training step (forward + loss + backward + AdamW step) per
-configuration and records its peak memory; the table reports medians and ratios to
+configuration; the table reports medians and ratios to
 
 * the floor: frozen base, forward + input-gradient backward (no parameter gradients at all),
 * full fine-tuning of every parameter,
 * PEFT's equivalent method (LoRA for lora/conv_lora, DoRA for conv_dora) with the same targets.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the step; on
-CPU, the peak resident set size sampled every 0.5 ms above the RSS before the step (glibc's mmap
+``compute="auto"`` measures both orders per layer at its first call (``segadapt/adapters/calibration.py``),
+i.e. in the warm-up steps; ``SEGADAPT_AUTO_COMPUTE=cost_model`` benchmarks the FLOP model instead. The
+table adds, per configuration, the spread of its per-round ratio to full fine-tuning (noise) and, for
+auto, its step over the faster fixed order.
+
+Peak memory (one extra step per configuration after the timed rounds): on CUDA,
+``torch.cuda.max_memory_allocated`` above the memory held before the step; on CPU, the peak resident
+set size sampled every 0.5 ms above the RSS before the step (glibc's mmap
 threshold is pinned so that freed tensors go back to the OS at once).
 
     python scripts/benchmark_adapters.py                       # CPU fp32, 96^3, 7 rounds
     python scripts/benchmark_adapters.py --device cuda          # CUDA, bf16 autocast
     python scripts/benchmark_adapters.py --size 64 --rounds 3   # quicker
+    python scripts/benchmark_adapters.py --threads 1 --clock cpu  # CPU time: steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -135,22 +142,31 @@ def training_step(name: str, model: nn.Module, optimizer, x, target, device: str
         optimizer.zero_grad(set_to_none=True)
 
 
-def measure(name, model, optimizer, x, target, device) -> tuple[float, float]:
-    """(seconds, peak extra MB) of one training step."""
+def measure_seconds(name, model, optimizer, x, target, device, clock) -> float:
+    """Seconds of one training step: wall clock, or (``clock="cpu"``, CPU only) this process's CPU time,
+    which other processes' load does not inflate (all torch threads included)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = timer()
+    training_step(name, model, optimizer, x, target, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return timer() - start
+
+
+def measure_memory(name, model, optimizer, x, target, device) -> float:
+    """Peak extra MB of one training step (a separate step, so that the RSS sampler does not load the timed ones)."""
     if device == "cuda":
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
         training_step(name, model, optimizer, x, target, device)
         torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return seconds, (torch.cuda.max_memory_allocated() - held) / 2**20
+        return (torch.cuda.max_memory_allocated() - held) / 2**20
     with PeakRSS() as peak:
-        start = time.perf_counter()
         training_step(name, model, optimizer, x, target, device)
-        seconds = time.perf_counter() - start
-    return seconds, peak.extra_mb
+    return peak.extra_mb
 
 
 def computation_orders(model: nn.Module, x: torch.Tensor) -> str:
@@ -170,6 +186,14 @@ def computation_orders(model: nn.Module, x: torch.Tensor) -> str:
     return f"{sum(chosen)}/{len(chosen)}"
 
 
+def auto_vs_fixed(name: str, median_t: dict[str, float]):
+    """compute="auto"'s median step over the faster of the two fixed orders (None for other rows)."""
+    fixed = [median_t.get(f"{name} [{order}]") for order in ("weight", "activation")]
+    if " " in name or None in fixed:
+        return None
+    return median_t[name] / min(fixed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,9 +206,13 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="step time: wall clock, or this process's CPU time (CPU only; steadier on a shared machine)")
     parser.add_argument("--out", default="outputs/benchmark_adapters.json")
     args = parser.parse_args()
 
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU time: use it with --device cpu")
     pin_malloc_mmap_threshold()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,12 +241,14 @@ def main() -> None:
     for round_index in range(args.rounds):
         random.shuffle(names)
         for name in names:
-            seconds, mb = measure(name, configs[name], optimizers[name], x, target, device)
-            times[name].append(seconds)
-            memory[name].append(mb)
+            times[name].append(measure_seconds(name, configs[name], optimizers[name], x, target, device, args.clock))
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+    for name in names:
+        memory[name].append(measure_memory(name, configs[name], optimizers[name], x, target, device))
 
     median_t = {name: statistics.median(v) for name, v in times.items()}
+    # per-round ratio to full fine-tuning (the two measured in the same round): its spread shows the noise
+    round_ratios = {name: [t / f for t, f in zip(v, times["full"])] for name, v in times.items()}
     median_m = {name: statistics.median(v) for name, v in memory.items()}
     rows = []
     for name in configs:
@@ -235,19 +265,23 @@ def main() -> None:
                 "x_peft": median_t[name] / median_t[peft_name] if peft_name in median_t else None,
                 "peak_mb": median_m[name],
                 "mem_x_full": median_m[name] / median_m["full"] if median_m["full"] > 0 else None,
+                "x_full_spread": (min(round_ratios[name]), max(round_ratios[name])),
+                "auto_x_best_fixed": auto_vs_fixed(name, median_t),
             }
         )
     header = (
         f"MONAI UNet channels {tuple(args.channels)}, {args.size}^3 patch, batch 1, rank {args.rank} on all "
         f"{len(conv_targets(base))} Conv3d, {device} {'bf16 autocast' if device == 'cuda' else 'fp32'}, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds, {args.clock} clock"
     )
-    lines = [header, "", "| config | trainable | act. layers | step s | x floor | x full FT | x PEFT | peak MB | mem x full FT |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| config | trainable | act. layers | step s | x floor | x full FT | x full FT per round | auto x best fixed | x PEFT | peak MB | mem x full FT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['trainable_params']:,} | {row['activation_layers']} | {row['step_s']:.3f} | "
-            f"{fmt(row['x_floor'])} | {fmt(row['x_full'])} | {fmt(row['x_peft'])} | {row['peak_mb']:.0f} | {fmt(row['mem_x_full'])} |"
+            f"{fmt(row['x_floor'])} | {fmt(row['x_full'])} | {row['x_full_spread'][0]:.2f}-{row['x_full_spread'][1]:.2f} | "
+            f"{fmt(row['auto_x_best_fixed'])} | {fmt(row['x_peft'])} | {row['peak_mb']:.0f} | {fmt(row['mem_x_full'])} |"
         )
     table = "\n".join(lines)
     print(table)

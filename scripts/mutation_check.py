@@ -40,7 +40,7 @@ class Mutant:
 
 MUTANTS = [
     Mutant("dora_norm_not_detached", "DoRA's column norm left in the backward (both orders)", "segadapt/adapters/dora.py",
-           "        norm = channel_norm(w0 + delta).detach()\n", "        norm = channel_norm(w0 + delta)\n"),
+           "        norm = channel_norm(direction.detach())\n", "        norm = channel_norm(direction)\n"),
     Mutant("dora_norm_not_detached_activation", "DoRA's column norm left in the backward (activation space)", "segadapt/adapters/dora.py",
            "        with torch.no_grad():\n            norm = channel_norm(", "        if True:\n            norm = channel_norm("),
     Mutant("lora_c_columns_flipped", "LoRA-C: B A reshaped with its columns flipped", "segadapt/adapters/lora.py",
@@ -85,6 +85,24 @@ MUTANTS = [
            "    return vh[:rank]\n", "    return vh[-rank:]\n"),
     Mutant("nested_no_rescale", "nested ranks: s stays alpha / r for a sampled b", "segadapt/adapters/base.py",
            "return self.sampled_rank, self.config.scaling(self.sampled_rank)", "return self.sampled_rank, self.scaling"),
+    # the fast contraction orders of issue 15
+    Mutant("tlora_chain_ring_not_closed", "TLoRA chain: the last core's ring index not matched to the first (its (b, i, a) rows built as (a, i, b))", "segadapt/adapters/tlora.py",
+           "z = z @ core.permute(0, 1, 3, 2).reshape(ring * size * ring, size)", "z = z @ core.permute(3, 1, 0, 2).reshape(ring * size * ring, size)"),
+    Mutant("tlora_chain_middle_in_out_swapped", "TLoRA chain: a middle core applied with its in and out modes swapped", "segadapt/adapters/tlora.py",
+           "z = z.reshape(-1, ring * size) @ core.reshape(ring * size, size * ring)", "z = z.reshape(-1, ring * size) @ core.transpose(1, 2).reshape(ring * size, size * ring)"),
+    Mutant("tlora_residual_split_unpaired", "TLoRA residual: the two open chains joined with their ring indices crossed", "segadapt/adapters/tlora.py",
+           "left.permute(1, 2, 0).reshape(p, b * a)", "left.permute(1, 0, 2).reshape(p, b * a)"),
+    Mutant("addmm_scaling_dropped", "W0 + alpha up @ down (one addmm): alpha ignored", "segadapt/adapters/base.py",
+           "torch.addmm(w0.reshape(up.shape[0], -1), up, down, alpha=alpha)", "torch.addmm(w0.reshape(up.shape[0], -1), up, down)"),
+    Mutant("lora_c_addmm_nested_rank_ignored", "LoRA-C one-addmm path: all r components used in a nested-rank forward", "segadapt/adapters/lora.py",
+           "weight = self.plus_low_rank(w0, self.lora_B[:, :inner], self.lora_A[:inner], s)", "weight = self.plus_low_rank(w0, self.lora_B, self.lora_A, s)"),
+    Mutant("cp_addmm_khatri_rao_reversed", "CP one-addmm path: the Khatri-Rao factors in reverse order", "segadapt/adapters/cp.py",
+           "weight = None if self.initial is not None else self.plus_low_rank(w0, *self.low_rank_factors())",
+           "weight = None if self.initial is not None else self.plus_low_rank(w0, self.low_rank_factors()[0], khatri_rao_t(self.factors[1:][::-1]))"),
+    Mutant("auto_slower_order", "compute=auto keeps the slower measured order", "segadapt/adapters/calibration.py",
+           "_decisions[key] = activation < weight", "_decisions[key] = activation > weight"),
+    Mutant("auto_key_without_input_shape", "compute=auto: one measurement for every input shape of a layer", "segadapt/adapters/calibration.py",
+           "adapter.branch_rank(), geometry, tuple(x.shape), x.dtype", "adapter.branch_rank(), geometry, x.dtype"),
     Mutant("truncate_trailing", "truncate keeps the last rows of A instead of the first", "segadapt/adapters/lora.py",
            "adapter.lora_A.detach()[:inner].clone()", "adapter.lora_A.detach()[-inner:].clone()"),
 ]

@@ -6,28 +6,42 @@ adapts it to fold 0 of the target and prints the fold's Dice next to the unadapt
 Configs: configs/train.yaml (groups model/, adapter/, data/, trainer/). Bad input (an override of the
 wrong type, a finished run folder, a resume with other settings, a bad case) is one ``error:`` line,
 exit code 2, before anything is written (``SEGADAPT_DEBUG=1``: with the traceback).
+
+A local sweep (``-m``, Hydra's basic launcher) runs every job in this one process: the preprocessed cases,
+the base weights and the base's validation scores are built once and shared by every method and fold
+(:mod:`segadapt.training.sweep`); the end of the sweep prints the share of wall time spent in training steps.
+torch is imported only once Hydra has parsed the command line, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from segadapt.cli import check_hydra_request, run_hydra_task
-from segadapt.training import train
-from segadapt.training.run import check_request
-
+STARTED = time.perf_counter()  # setup time of the first run counts from here (imports included)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_INFORMATIONAL = {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the fold's validation Dice (the objective for Hydra sweepers)."""
-    return run_hydra_task(cfg, lambda job: train(job)["val"]["dice"])
+    from segadapt.cli import run_hydra_task
+    from segadapt.training import train
+
+    global STARTED
+    started, STARTED = STARTED, None  # later jobs of a sweep count their setup from their own start
+    return run_hydra_task(cfg, lambda job: train(job, started=started)["val"]["dice"])
 
 
 if __name__ == "__main__":
-    check_hydra_request(CONFIGS, "train", check_request)
+    if not _INFORMATIONAL & set(sys.argv[1:]):  # Hydra answers these itself, without running a job
+        from segadapt.cli import check_hydra_request
+        from segadapt.training.run import check_request
+
+        check_hydra_request(CONFIGS, "train", check_request)
     main()

@@ -1,18 +1,24 @@
-"""The ``segadapt`` command.
+"""The ``segadapt`` command: one entry point, one subcommand per task (``segadapt --help`` lists them).
 
-* ``segadapt fit|validate|test --config run.yaml`` -- Lightning's CLI over
+* ``segadapt fit|validate|test --config configs/cli/fit.yaml`` -- Lightning's CLI over
   :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
   ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
   (``segadapt fit --print_config`` prints a complete one). Training writes
   ``<default_root_dir>/checkpoints/last.ckpt`` (resume with ``--ckpt_path last``) and, at the end, the
-  trained adapter or weights into the trainer's log folder.
+  trained adapter or weights into the trainer's log folder. ``test`` scores the dataset's test split
+  (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses without one.
+* ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference with a
+  fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
-* ``segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8]`` -- dataset fingerprint and nnU-Net-style
-  plan (:mod:`segadapt.data.plan`), written as JSON and printed.
-* ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- per layer ||dW|| / ||W0||, effective rank of dW and
-  intruder dimensions of adapter and full fine-tuning runs (:mod:`segadapt.diagnose`).
-* ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference on CT
-  scans with a fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
+* ``segadapt export RUN_DIR --merged FILE | --peft DIR | --bundle DIR | --nnunet DIR`` -- a run's network
+  in other formats (:mod:`segadapt.export`).
+* ``segadapt plan DATASET_JSON [--out plan.json]`` -- dataset fingerprint and nnU-Net-style plan.
+* ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- spectral diagnostics of what a tuning changed.
+
+Every subcommand exits 0 on success and 2 with one ``error:`` line on a user error (:mod:`segadapt.errors`).
+The argparse subcommands also take ``--config FILE.yaml`` (``option: value`` lines, e.g.
+``configs/cli/predict.yaml``); options given on the command line after it win. Each subcommand imports its
+heavy modules (torch, Lightning, MONAI) only when it runs, so ``segadapt --help`` answers at once.
 
 Fold-by-fold experiments with automatic data and base preparation use ``scripts/train.py`` (Hydra);
 :func:`check_hydra_request` and :func:`run_hydra_task` give those scripts the same one-line errors
@@ -22,100 +28,179 @@ Fold-by-fold experiments with automatic data and base preparation use ``scripts/
 from __future__ import annotations
 
 import argparse
-import codecs
+import importlib
 import itertools
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from omegaconf import DictConfig, OmegaConf
-
-from segadapt.data.plan import main as plan_main
+from segadapt import __version__
+from segadapt.console import setup_console, tolerate_ascii_console  # noqa: F401  (tolerate_ascii_console: API)
 from segadapt.errors import exits_on_user_error, user_errors
-from segadapt.inference import main as predict_main
-from segadapt.training import ExportWeights, SegAdaptModule, SegDataModule, TrainStats, write_report
-from segadapt.training.run import check_config_types
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+# subcommand -> (one line of `segadapt --help`, "module:function" that runs it on the rest of the command line)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("train on one fold (LightningCLI: --config configs/cli/fit.yaml)", ""),
+    "validate": ("score a checkpoint on the fold's validation cases", ""),
+    "test": ("score a checkpoint on the dataset's labelled test split", ""),
+    "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference:main"),
+    "report": ("cross-validation report of an experiment folder", "segadapt.cli:report_main"),
+    "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.cli:export_main"),
+    "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
+    "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.diagnose:main"),
+}
 
 
-def tolerate_ascii_console() -> None:
-    """On a console that cannot encode Unicode (e.g. ``LC_ALL=C``), print escapes instead of failing.
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors: one ``error: <prog>: <message>`` line, exit code 2
+    (:mod:`segadapt.errors`), instead of the usage text and the message."""
 
-    Lightning's default progress bar and model summary (rich) write symbols such as U+2022; with an ASCII
-    stdout those raise UnicodeEncodeError at the end of a fit. A UTF-8 console is left as it is.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        encoding = getattr(stream, "encoding", None) or "ascii"
-        if codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``segadapt [--version] COMMAND ...``: the subcommands and their one-line descriptions."""
+    parser = OneLineParser(
+        prog="segadapt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Parameter-efficient adaptation of segmentation networks: train, score, predict, report, export.",
+        epilog="`segadapt COMMAND --help` lists the options of a command. The subcommands other than fit/validate/test\n"
+               "also read `--config FILE.yaml` (option: value per line; e.g. configs/cli/predict.yaml).\n"
+               "Exit codes: 0 success, 2 a user error (one `error:` line; SEGADAPT_DEBUG=1 adds the traceback).")
+    parser.add_argument("--version", action="version", version=f"segadapt {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, (summary, _) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with ``--config FILE`` replaced by the file's options: ``key: value`` -> ``--key value`` (``_`` in
+    keys as ``-``; a list gives several values; true gives the bare flag, false and null nothing). The file's
+    options come first, so the command line's win."""
+    argv = list(argv)
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise ValueError("--config needs a YAML file")
+    import yaml
+
+    path = Path(argv[at + 1])
+    try:
+        options = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not readable YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: expected 'option: value' lines, got {type(options).__name__}")
+    expanded: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            expanded.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            expanded += [flag, *map(str, value)]
+        else:
+            expanded += [flag, str(value)]
+    return expanded + argv[:at] + argv[at + 2:]
+
+
+def _runner(command: str) -> Callable[[list[str]], Any]:
+    module, function = COMMANDS[command][1].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @exits_on_user_error
 def report_main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="segadapt report", description="Cross-validation report of a folder of runs "
-                                     "(<experiment>/<model>/<method>/fold<k>/metrics.json): report.md, report.csv, PNG plots.")
-    parser.add_argument("experiment_dir", help="e.g. runs/phantom_sah")
+    parser = OneLineParser(prog="segadapt report", description="Cross-validation report of a folder of runs "
+                           "(<experiment>/<model>/<method>/fold<k>/metrics.json): report.md, report.csv, PNG plots.")
+    parser.add_argument("experiment_dir", help="the experiment folder, e.g. runs/phantom_sah")
     parser.add_argument("--out", help="output folder (default: the experiment folder)")
     args = parser.parse_args(argv)
+    from segadapt.training.report import write_report
+
     for kind, path in write_report(args.experiment_dir, args.out).items():
         print(f"{kind:>15}: {path}")
 
 
-class SegAdaptCLI(LightningCLI):
-    """LightningCLI that keeps ``last.ckpt`` in ``<default_root_dir>/checkpoints``.
-
-    Lightning's default folder is the logger's ``version_N``, a new one in every process, so a later
-    ``--ckpt_path last`` would find nothing and silently start again from step 0.
-    """
-
-    def _fixed_checkpoint_folder(self) -> None:
-        for callback in self.trainer.checkpoint_callbacks:
-            if callback.dirpath is None:
-                callback.dirpath = os.path.join(self.trainer.default_root_dir, "checkpoints")
-
-    before_fit = before_validate = before_test = _fixed_checkpoint_folder
-
-
-def run(argv: Optional[Sequence[str]] = None) -> Optional[LightningCLI]:
-    """The ``segadapt`` command; returns the LightningCLI object for fit/validate/test (None otherwise)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    tolerate_ascii_console()
-    if argv[:1] == ["report"]:
-        report_main(argv[1:])
-        return None
-    if argv[:1] == ["plan"]:
-        plan_main(argv[1:])
-        return None
-    if argv[:1] == ["predict"]:
-        predict_main(argv[1:])
-        return None
-    if argv[:1] == ["diagnose"]:
-        from segadapt.diagnose import main as diagnose_main
-
-        diagnose_main(argv[1:])
-        return None
-    return SegAdaptCLI(
-        SegAdaptModule,
-        SegDataModule,
-        args=argv,
-        seed_everything_default=0,
-        trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True, save_top_k=0), TrainStats(), ExportWeights()]},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
-    )
+# --format: (what it writes, export function of segadapt.export, how its output is checked before any work)
+EXPORT_FORMATS: dict[str, tuple[str, str, str]] = {
+    "merged": ("FILE", "export_merged", "file"),
+    "peft": ("DIR", "export_peft", "folder"),
+    "bundle": ("DIR", "export_bundle", "folder"),
+    "nnunet": ("DIR", "export_nnunet", "folder"),
+}
+EXPORT_HELP = {
+    "merged": "the network with the adapter folded into its weights: a plain state dict (safetensors)",
+    "peft": "the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors; LoRA/DoRA methods)",
+    "bundle": "a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt)",
+    "nnunet": "an nnU-Net results folder (plans, dataset.json, fold checkpoint)",
+}
 
 
 @exits_on_user_error
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point: :func:`run`; a user error is one line on stderr and exit code 2."""
+def export_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``segadapt export RUN_DIR --merged FILE | --peft DIR | --bundle DIR | --nnunet DIR`` (several at once
+    are fine): every output is checked before any work, so a bad one leaves nothing half written."""
+    parser = OneLineParser(prog="segadapt export", description="Export a run's tuned network in other formats.")
+    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
+    for name, (metavar, _, _) in EXPORT_FORMATS.items():
+        parser.add_argument(f"--{name}", metavar=metavar, help=EXPORT_HELP[name])
+    parser.add_argument("--force", action="store_true",
+                        help="load an adapter made on a base with the same modules but other weights (a warning)")
+    args = parser.parse_args(argv)
+    wanted = {name: getattr(args, name) for name in EXPORT_FORMATS if getattr(args, name)}
+    if not wanted:
+        parser.error("give at least one of " + ", ".join(f"--{n} {m}" for n, (m, _, _) in EXPORT_FORMATS.items()))
+    from segadapt import export
+    from segadapt.data.files import check_output_file, check_output_folder
+
+    functions = {}
+    for name, target in wanted.items():
+        function = EXPORT_FORMATS[name][1]
+        if not hasattr(export, function):
+            raise ValueError(f"--{name}: this segadapt has no segadapt.export.{function} yet")
+        functions[name] = getattr(export, function)
+        check = check_output_file if EXPORT_FORMATS[name][2] == "file" else check_output_folder
+        check(target, f"--{name} {EXPORT_FORMATS[name][2]}")
+    net = config = None
+    if {"merged", "peft"} & set(wanted):
+        net, config = export.load_run_for_export(args.run_dir, strict=not args.force)
+    if "peft" in wanted:  # first: its checks (method, layer types) all come before it writes
+        print(f"PEFT adapter: {functions['peft'](net, wanted['peft'])}")
+    if "merged" in wanted:
+        print(f"merged model: {functions['merged'](net, wanted['merged'], architecture=config['module'])}")
+    if "bundle" in wanted:
+        print(f"MONAI bundle: {functions['bundle'](args.run_dir, wanted['bundle'])}")
+    if "nnunet" in wanted:
+        print(f"nnU-Net folder: {functions['nnunet'](args.run_dir, wanted['nnunet'])}")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Any:
+    """The ``segadapt`` command without its exit code: returns the LightningCLI object for fit / validate /
+    test (its ``.trainer``, ``.model``), the subcommand's own result otherwise. User errors raise."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_console()
+    command = build_parser().parse_args(argv[:1]).command  # --help / --version exit here, before any heavy import
+    if command in LIGHTNING_COMMANDS:
+        from segadapt.training.lightning_cli import lightning_cli
+
+        return lightning_cli(argv)
+    return _runner(command)(config_argv(argv[1:]))
+
+
+@exits_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: :func:`run`; 0 on success, a user error is one line on stderr and exit code 2."""
     run(argv)
+    return 0
 
 
 # ---- Hydra scripts (scripts/train.py, scripts/pretrain.py) -----------------------------------------------
@@ -128,6 +213,10 @@ def hydra_jobs(config_dir: str | os.PathLike, config_name: str, argv: Sequence[s
     of the job (``model=unet3d``...): the types of its values are the expected ones.
 
     Yields nothing for command lines it does not model (other flags, glob sweeps): Hydra handles those."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
     if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in argv):
         return
     multirun = any(a in _HYDRA_FLAGS for a in argv)
@@ -157,16 +246,20 @@ def check_hydra_request(config_dir: str | os.PathLike, config_name: str, check: 
     """Before @hydra.main writes anything (its .hydra/ record in the run folder): compose every job of the
     command line, check the value types against the config files' (:func:`check_config_types`), then
     `check` each job (e.g. :func:`segadapt.training.run.check_request`). A user error exits with one line."""
+    from segadapt.training.run import check_config_types
+
     with user_errors():
         for cfg, reference in hydra_jobs(config_dir, config_name, sys.argv[1:] if argv is None else argv):
             check_config_types(cfg, reference)
             check(cfg)
 
 
-def run_hydra_task(cfg: DictConfig, task: Callable[[dict], Any]) -> Any:
-    """Run `task` on the resolved config of a Hydra job with one-line user errors. A job that fails leaves no
-    run folder behind that holds nothing but Hydra's own record of it."""
-    tolerate_ascii_console()
+def run_hydra_task(cfg: Any, task: Callable[[dict], Any]) -> Any:
+    """Run `task` on the resolved config (an OmegaConf ``DictConfig``) of a Hydra job with one-line user
+    errors. A job that fails leaves no run folder behind that holds nothing but Hydra's own record of it."""
+    from omegaconf import OmegaConf
+
+    setup_console()
     try:
         with user_errors():
             return task(OmegaConf.to_container(cfg, resolve=True))
@@ -176,6 +269,8 @@ def run_hydra_task(cfg: DictConfig, task: Callable[[dict], Any]) -> Any:
 
 
 def _remove_hydra_record() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -186,4 +281,4 @@ def _remove_hydra_record() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

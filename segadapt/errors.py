@@ -23,7 +23,6 @@ from functools import wraps
 from typing import Any, Optional, TypeVar
 
 from hydra.errors import HydraException
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_CODE = 2

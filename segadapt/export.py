@@ -12,8 +12,10 @@ no adapter code involved::
 PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` +
 ``adapter_model.safetensors`` as ``peft.PeftModel.save_pretrained`` writes them, for the methods PEFT has
 -- ``lora`` / ``conv_lora`` as LoRA, ``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and
-``nn.Conv1d/2d/3d`` (PEFT has no LoRA for transposed convolutions, and its conv LoRA ignores dilation).
-Load with ``peft.PeftModel.from_pretrained(base, folder)``. Tensor layouts (key prefix
+``nn.Conv1d/2d/3d``. Layers PEFT cannot hold (transposed convolutions: PEFT has no LoRA for them; dilated
+convolutions: its conv LoRA ignores dilation) are merged into the exported base ``base_model.safetensors``
+(one warning lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
+Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``. Tensor layouts (key prefix
 ``base_model.model.<module>.``):
 
 ==================  =====================  ==========================================
@@ -27,7 +29,9 @@ DoRA ``magnitude``  (Cout,)                ``lora_magnitude_vector`` (1, Cout, 1
 Scaling: PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per module equals segadapt's ``alpha / r``;
 per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by the escaped module name.
 
-Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER] [--force]``; outputs
+MONAI bundle: :func:`segadapt.bundle.export_bundle`.
+
+Command line: ``python -m segadapt.export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--force]``; outputs
 that are folders / files / not writable, and a broken ``config.yaml``, exit 2 with one line before any work.
 """
 
@@ -38,6 +42,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -50,16 +55,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, load_adapter,
-                               merge_and_unload, set_active_adapter)
+                               merge_and_unload, remove_adapter, set_active_adapter)
 from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
+from segadapt.bundle import export_bundle, inference_config
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.models import build_model
+from segadapt.models.nnunet import export_nnunet
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 
 MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_BASE_FILE = "base_model.safetensors"
 PEFT_METHODS = {"lora": False, "conv_lora": False, "conv_dora": True}  # method -> use_dora
 PEFT_PREFIX = "base_model.model."
 PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
@@ -67,7 +75,7 @@ PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
-    return save_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+    return save_safetensors(path, {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata)  # clone: DynUNet shares modules
 
 
 def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
@@ -113,35 +121,89 @@ def load_merged(path: str | os.PathLike) -> nn.Module:
 
 
 # ---- PEFT on-disk format ------------------------------------------------------------------------
+def _peft_unsupported(base: nn.Module) -> Optional[str]:
+    """Why PEFT's LoRA cannot hold this layer (None: it can)."""
+    if not isinstance(base, PEFT_LAYERS):
+        return (f"a {type(base).__name__}: PEFT's LoRA supports "
+                f"{', '.join(t.__name__ for t in PEFT_LAYERS)} only")
+    if not isinstance(base, nn.Linear) and (any(d != 1 for d in base.dilation) or base.padding_mode != "zeros"):
+        return (f"dilation {base.dilation} / padding mode {base.padding_mode!r}: PEFT's conv LoRA assumes "
+                "dilation 1 and zero padding")
+    return None
+
+
 def _peft_layout(base: nn.Module, name: str) -> tuple[int, ...]:
     """Trailing singleton dims of PEFT's lora_B / magnitude for this layer; rejects what PEFT cannot run."""
-    if not isinstance(base, PEFT_LAYERS):
-        raise ValueError(f"module '{name}' is a {type(base).__name__}: PEFT's LoRA supports "
-                         f"{', '.join(t.__name__ for t in PEFT_LAYERS)} only (exclude it from the adapter's targets)")
-    if isinstance(base, nn.Linear):
-        return ()
-    if any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
-        raise ValueError(f"module '{name}' has dilation {base.dilation} / padding mode {base.padding_mode!r}: "
-                         "PEFT's conv LoRA assumes dilation 1 and zero padding")
-    return (1,) * (base.weight.dim() - 2)
+    reason = _peft_unsupported(base)
+    if reason is not None:
+        raise ValueError(f"module '{name}' is {reason}")
+    return () if isinstance(base, nn.Linear) else (1,) * (base.weight.dim() - 2)
 
 
 def _alpha(config: AdapterConfig, rank: int) -> float:
     return float(rank if config.alpha is None else config.alpha)
 
 
-def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[str] = None) -> Path:
-    """Write `adapter` (default: the active or only one) as a PEFT LoRA/DoRA adapter folder; returns the folder.
+def peft_base(model: nn.Module, adapter: str, merged: Sequence[str]) -> nn.Module:
+    """The plain network a PEFT adapter goes on: the base weights, with `adapter` merged into the layers
+    named in `merged` (those PEFT cannot hold) and every other adapted layer back to its base layer.
+
+    A PiSSA-started layer (segadapt: W = W0 + s (B A - B0 A0), B0 A0 its starting factors) gets the residual
+    W0 - s B0 A0 as its base, on which PEFT's W = W_res + s B A is the same weight.
+    """
+    folded_in = merge_and_unload(_with_active(copy.deepcopy(model), adapter))
+    base = copy.deepcopy(model)
+    for name in adapter_names(base):
+        remove_adapter(base, name)
+    with torch.no_grad():
+        for module in merged:
+            base.get_submodule(module).load_state_dict(folded_in.get_submodule(module).state_dict())
+        for module, layer in adapted_layers(model):
+            lora = layer.adapters[adapter] if adapter in layer.adapters else None
+            lora = lora.direction if isinstance(lora, DoRA) else lora
+            if module in merged or getattr(lora, "initial_A", None) is None:
+                continue
+            weight = layer.spec.canonical(base.get_submodule(module).weight)
+            weight.sub_((lora.scaling * (lora.initial_B @ lora.initial_A)).reshape(weight.shape))
+    return base.eval()
+
+
+def _with_active(model: nn.Module, adapter: str) -> nn.Module:
+    set_active_adapter(model, adapter)
+    return model
+
+
+def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[str] = None,
+                architecture: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> Path:
+    """Write `adapter` (default: the active or only one) as a PEFT LoRA/DoRA adapter folder, with the base it
+    goes on; returns the folder.
+
+    The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files) and
+    ``base_model.safetensors``: the plain network's state dict (:func:`peft_base`; a merged export, so
+    :func:`load_merged` rebuilds it when `architecture` is given). Adapted layers PEFT cannot hold
+    (transposed convolutions, dilated convolutions) are merged into that base and named in one warning; the
+    others are PEFT LoRA/DoRA layers. ``base_model_name_or_path`` is that base file; `source` (the run's
+    base checkpoint) goes into its metadata. Usage::
+
+        base = load_merged(folder / "base_model.safetensors")
+        net = peft.PeftModel.from_pretrained(base, folder)
 
     Raises:
-        ValueError: the method has no PEFT counterpart, or a layer is one PEFT's LoRA cannot wrap.
+        ValueError: the method has no PEFT form (e.g. ``lora_c``, ``cp_lora``), or no adapted layer is one PEFT
+            can hold.
     """
     name = _adapter_name(model, adapter)
     layers = [(n, layer) for n, layer in adapted_layers(model) if name in layer.adapters]
     config = layers[0][1].adapters[name].config
     if config.method not in PEFT_METHODS:
-        raise ValueError(f"method {config.method!r} has no PEFT counterpart; PEFT export supports "
-                         f"{', '.join(PEFT_METHODS)} (lora/conv_lora as LoRA, conv_dora as DoRA)")
+        raise ValueError(f"method {config.method!r} has no PEFT form; PEFT export supports "
+                         f"{', '.join(PEFT_METHODS)} (lora/conv_lora as LoRA, conv_dora as DoRA); "
+                         "use the merged export instead")
+    merged = {n: reason for n, layer in layers if (reason := _peft_unsupported(layer.base_layer)) is not None}
+    layers = [(n, layer) for n, layer in layers if n not in merged]
+    if not layers:
+        raise ValueError(f"no adapted layer of adapter {name!r} is one PEFT's LoRA can hold "
+                         f"({'; '.join(f'{n} is {r}' for n, r in merged.items())}); use the merged export instead")
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -162,10 +224,12 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
     trained = trained_copies(model, name)  # modules trained in full: PEFT's modules_to_save, same key layout
     for module, copy_ in trained.items():
         tensors.update({f"{PEFT_PREFIX}{module}.{key}": value for key, value in copy_.state_dict().items()})
+    folder = Path(folder)
+    base_file = folder / PEFT_BASE_FILE
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": str(base_file.resolve()),
         "inference_mode": True,
         "r": config.rank,
         "lora_alpha": _alpha(config, config.rank),
@@ -180,9 +244,18 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
         "init_lora_weights": True,
         "modules_to_save": list(trained) or None,
     }
-    folder = Path(folder)
+    metadata = {"format": MERGED_FORMAT, "merged_modules": json.dumps(sorted(merged))}
+    if architecture is not None:
+        metadata["architecture"] = json.dumps({"model": architecture["model"],
+                                               "model_kwargs": dict(architecture.get("model_kwargs") or {})})
+    if source is not None:
+        metadata["source_checkpoint"] = str(source)
+    _save_safetensors(peft_base(model, name, sorted(merged)).state_dict(), base_file, metadata)
     _save_safetensors(tensors, folder / PEFT_WEIGHTS_FILE, {"format": "pt"})
     write_json(folder / PEFT_CONFIG_FILE, peft_config)
+    if merged:
+        warnings.warn(f"{len(merged)} adapted layer(s) PEFT cannot hold are merged into {base_file} instead of "
+                      f"being PEFT layers: {', '.join(sorted(merged))}", stacklevel=2)
     return folder
 
 
@@ -289,25 +362,42 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segadapt.export",
-                                     description="Export a run's adapter: merged plain model and/or PEFT format.")
+                                     description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
     parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
     parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
     parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
+    parser.add_argument("--bundle", metavar="FOLDER",
+                        help="write a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) "
+                             "of the merged network, for dynunet / unet3d runs")
     parser.add_argument("--force", action="store_true",
                         help="load an adapter made on a base with the same modules but other weights (a warning)")
+    parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
+                        "folder (model=nnunet runs; segadapt.models.nnunet.export_nnunet)")
     args = parser.parse_args(argv)
-    if not (args.merged or args.peft):
-        parser.error("give --merged FILE and/or --peft FOLDER")
+    if not (args.merged or args.peft or args.bundle or args.nnunet):
+        parser.error("give --merged FILE, --peft FOLDER, --bundle FOLDER and/or --nnunet FOLDER")
     try:
+        if args.nnunet:
+            print(f"nnU-Net trained-model folder: {export_nnunet(args.run_dir, args.nnunet)}")
+            if not (args.merged or args.peft):
+                return
         if args.merged:  # outputs are checked before any work, so a bad one leaves nothing half done
             check_output_file(args.merged, "--merged file")
         if args.peft:
             check_output_folder(args.peft, "--peft folder")
+        if args.bundle:
+            check_output_folder(args.bundle, "--bundle folder")
         net, config = load_run_for_export(args.run_dir, strict=not args.force)
+        if args.bundle:  # a network without a plain MONAI class, no roi_size: refused before anything is written
+            inference_config(config)
         if args.peft:  # first: its checks (method, layer types) all come before it writes
-            print(f"PEFT adapter: {export_peft(net, args.peft)}")
+            folder = export_peft(net, args.peft, architecture=config["module"],
+                                 source=config["module"].get("base_checkpoint"))
+            print(f"PEFT adapter: {folder}")
         if args.merged:
             print(f"merged model: {export_merged(net, args.merged, architecture=config['module'])}")
+        if args.bundle:
+            print(f"MONAI bundle: {export_bundle(args.run_dir, args.bundle, strict=not args.force)}")
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt export: error: {error}\n")
 

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+# compute="auto" from the FLOP model, not from timings: the same order on every machine and run
+# (tests/test_adapters_calibration.py switches measurement on where it tests it)
+os.environ.setdefault("SEGADAPT_AUTO_COMPUTE", "cost_model")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

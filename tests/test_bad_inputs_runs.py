@@ -179,10 +179,10 @@ def test_segadapt_command_errors_and_success(world, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: experiment folder not found: {tmp_path / 'nowhere'}"]
-    # success: main() returns None (the console script exits 0 and prints nothing of its own)
+    # success: main() returns 0 (the console script exits 0 and prints nothing of its own)
     experiment = tmp_path / "experiment"
     shutil.copytree(world["finished"], experiment / "multiview_unet/cp_lora/fold0")
-    assert segadapt_main(["report", str(experiment), "--out", str(tmp_path / "report")]) is None
+    assert segadapt_main(["report", str(experiment), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report/report.csv").is_file() and capsys.readouterr().err == ""
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from segadapt.adapters import METHODS, AdapterConfig, adapted_layers, inject
-from segadapt.export import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged, export_peft, import_peft, load_merged
+from segadapt.export import PEFT_BASE_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged, export_peft, import_peft, load_merged
 from segadapt.models import MultiViewUNet
 
 peft = pytest.importorskip("peft")
@@ -118,11 +118,12 @@ def test_an_adapter_trained_in_peft_imports_with_the_same_outputs(use_dora, tmp_
 
 
 def test_what_peft_cannot_hold_is_refused_with_the_reason(tmp_path):
-    cp = inject(Mixed(), AdapterConfig(method="cp_lora", rank=2, targets=["conv2"]))
-    with pytest.raises(ValueError, match="'cp_lora' has no PEFT counterpart"):
-        export_peft(cp, tmp_path / "cp")
+    for method in ("cp_lora", "lora_c"):
+        other = inject(Mixed(), AdapterConfig(method=method, rank=2, targets=["conv2"]))
+        with pytest.raises(ValueError, match=rf"^method '{method}' has no PEFT form"):
+            export_peft(other, tmp_path / method)
     transposed = inject(nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2)), AdapterConfig(method="conv_lora", rank=2, targets=["0"]))
-    with pytest.raises(ValueError, match="module '0' is a ConvTranspose2d"):
+    with pytest.raises(ValueError, match="no adapted layer .* PEFT's LoRA can hold .*0 is a ConvTranspose2d"):
         export_peft(transposed, tmp_path / "t")
     dilated = inject(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), AdapterConfig(method="lora", rank=2, targets=["0"]))
     with pytest.raises(ValueError, match="dilation"):
@@ -133,3 +134,44 @@ def test_what_peft_cannot_hold_is_refused_with_the_reason(tmp_path):
     folder = export_peft(randomized(inject(Mixed(), AdapterConfig(method="lora", rank=2, targets=["head"]))), tmp_path / "ok")
     with pytest.raises(ValueError, match="module 'head' does not exist"):
         import_peft(nn.Sequential(nn.Linear(10, 5)), folder)
+
+
+def test_layers_peft_cannot_hold_go_into_the_exported_base(tmp_path):
+    """A ConvTranspose (no PEFT LoRA) and a dilated conv (PEFT's conv LoRA assumes dilation 1) are merged into
+    base_model.safetensors, named in one warning; the Conv2d stays a PEFT layer; together they compute the adapter."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2), nn.Conv2d(4, 2, 3, dilation=2))
+    ours = randomized(inject(copy.deepcopy(base), AdapterConfig(method="conv_dora", rank=2, targets=["0", "1", "2"])))
+    with pytest.warns(UserWarning, match=r"2 adapted layer\(s\) PEFT cannot hold are merged .*: 1, 2$"):
+        folder = export_peft(ours, tmp_path / "peft")
+    written = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    assert written["target_modules"] == "(0)" and written["base_model_name_or_path"] == str((folder / PEFT_BASE_FILE).resolve())
+    exported = copy.deepcopy(base)
+    exported.load_state_dict(load_file(folder / PEFT_BASE_FILE))
+    torch.testing.assert_close(exported[0].weight, base[0].weight, atol=0, rtol=0)  # the PEFT layer's base is W0
+    assert (exported[1].weight - base[1].weight).abs().max() > 1e-3  # the others carry their adapter
+    reference = peft.PeftModel.from_pretrained(exported, folder)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), ours(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["conv_lora", "conv_dora"])
+def test_a_pissa_adapter_exports_with_its_residual_as_the_base(method, tmp_path):
+    """segadapt's PiSSA keeps W0 and adds s (B A - B0 A0); PEFT's LoRA adds s B A to its base, which must then
+    be the residual W0 - s B0 A0: on the original base PEFT would be off by s B0 A0."""
+    torch.manual_seed(0)
+    base, x = Mixed(), torch.randn(2, 3, 6, 6)
+    config = AdapterConfig(method=method, rank=2, init="pissa", targets=["conv2", "conv3", "head"])
+    ours = randomized(inject(copy.deepcopy(base), config))
+    folder = export_peft(ours, tmp_path / "peft")
+    exported = Mixed()
+    exported.load_state_dict(load_file(folder / PEFT_BASE_FILE))
+    for name, layer in adapted_layers(ours):
+        lora = layer.adapters["default"].direction if method == "conv_dora" else layer.adapters["default"]
+        residual = layer.base_layer.weight - lora.scaling * (lora.initial_B @ lora.initial_A).reshape(layer.base_layer.weight.shape)
+        torch.testing.assert_close(exported.get_submodule(name).weight, residual, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        expected = ours(x)
+        assert (expected - base(x)).abs().max() > 1e-2
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(exported, folder)(x), expected, atol=1e-5, rtol=1e-4)

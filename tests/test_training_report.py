@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segadapt.training.report import bootstrap_ci, paired_p, write_report
+from segadapt.training.report import _colours, bootstrap_ci, method_rows, collect_runs, nan_mean_sd, paired_p, write_report
 
 CASES = [f"c{i}" for i in range(6)]  # fold 0 validates c0-c2, fold 1 c3-c5
 DICE = {
@@ -54,6 +54,23 @@ def _rows(path):
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, {r["method"]: r for r in reader}
+
+
+def _markdown_rows(text):
+    """report.md's table as {method: {column: cell}} (cells stripped of tabulate's padding)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    head = split[0]
+    return {cells[0]: dict(zip(head, cells)) for cells in split[2:]}
+
+
+def test_mean_and_sd_skipping_missing_values_by_hand():
+    values = [0.2, None, 0.5, math.nan, 0.8]
+    mean, sd = nan_mean_sd(values)
+    assert mean == pytest.approx(0.5)
+    assert sd == pytest.approx(math.sqrt(((0.2 - 0.5) ** 2 + 0 + (0.8 - 0.5) ** 2) / (3 - 1)))  # sample sd, n - 1
+    assert math.isnan(nan_mean_sd([0.4, None])[1]) and nan_mean_sd([0.4, None])[0] == 0.4
+    assert all(math.isnan(v) for v in nan_mean_sd([None, math.nan]))
 
 
 def test_bootstrap_interval_and_wilcoxon_against_scipy_and_by_hand():
@@ -102,8 +119,15 @@ def test_report_table_statistics_columns_and_flag(tmp_path):
     assert float(rows["lora_c"]["dice_last_mean"]) == pytest.approx(0.5)
     assert rows["lora_c"]["below_base_folds"] == "1" and rows["full"]["below_base_folds"] == "0"
     text = paths["markdown"].read_text(encoding="utf-8")
-    lora = next(line for line in text.splitlines() if line.startswith("| lora_c |"))
-    assert "| 2 | 6 |" in lora and "⚠ 1/2" in lora and "0.031" in lora
+    table = _markdown_rows(text)
+    assert list(table) == list(rows)  # report.md and report.csv: the same rows, the same numbers
+    for method, row in rows.items():
+        cells = table[method]
+        assert (cells["folds"], cells["n"]) == (row["folds"], row["n_cases"])
+        assert cells["Dice"] == f"{float(row['dice_mean']):.3f} ± {float(row['dice_sd']):.3f}"
+        assert cells["95% CI"] == f"{float(row['dice_ci_low']):.3f}–{float(row['dice_ci_high']):.3f}"
+    assert table["lora_c"]["below base¹"] == "⚠ 1/2" and table["lora_c"]["p vs none"] == "0.031"
+    assert table["lora_c"]["Dice 0-3 mL"] == f"{np.mean(DICE['lora_c'][:2]):.3f} (n=2)"  # true volumes 1 and 2 mL
     assert "percentile method" in text and "Wilcoxon" in text
     for key in ("dice_by_method", "dice_vs_volume"):
         assert paths[key].read_bytes()[:4] == b"\x89PNG"
@@ -129,3 +153,20 @@ def test_base_row_from_the_runs_and_nested_layouts(tmp_path):
     assert list(per_model) == ["unet/none", "unet/full", "unet/lora_c_r2", "vit/none", "vit/full", "vit/lora_c_r2"]
     assert per_model["vit/lora_c_r2"]["p_vs_full"] == rows["lora_c_r2"]["p_vs_full"] != ""
     assert "no `none` runs" in (flat / "report.md").read_text(encoding="utf-8")
+
+
+def test_plots_give_each_method_its_own_colour_and_name_the_base(tmp_path):
+    """Distinct colours (the base grey, every other method its own hue) for up to 20 adapted methods, the same
+    in both plots; the plots read back as PNGs of the size their layout gives."""
+    for i in range(20):
+        _write(tmp_path, f"m{i:02d}", "lora_c", DICE["lora_c"], base=DICE["none"])
+    rows, _ = method_rows(collect_runs(tmp_path))
+    colours = _colours(rows)
+    assert rows[0]["method"] == "none" and colours[0] == "0.45"
+    assert len({tuple(c) for c in colours[1:]}) == 20 and all(len(set(c[:3])) > 1 for c in colours[1:])  # no greys
+    paths = write_report(tmp_path)
+    from PIL import Image
+
+    for key in ("dice_by_method", "dice_vs_volume"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and image.width > 600

@@ -15,8 +15,9 @@ Two computation orders exist for most methods (DESIGN.md, "Performance notes"):
   conv (:class:`~segadapt.adapters.layers.FrozenPlusLowRank`). Its extra cost scales with k and the
   number of output positions; the 1x1 up-projection is memory-bound.
 
-``compute="auto"`` picks the cheaper order per layer and per input shape from the FLOP model in
-:meth:`Adapter.uses_activation_space` on CPU, and weight space on GPUs (see there).
+``compute="auto"`` picks the faster order per layer and per input shape by timing both once
+(``calibration.py``); with ``SEGADAPT_AUTO_COMPUTE=cost_model`` (and where timing is impossible) from the
+FLOP model in :meth:`Adapter.uses_activation_space` on CPU, and weight space on GPUs (see there).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from . import calibration
 from .config import AdapterConfig
 from .layers import (
     LayerSpec,
@@ -40,7 +42,7 @@ from .layers import (
 
 # The 1x1 up-projection (k -> Cout channels) and its gradients are memory-bound: per FLOP they run
 # about this many times slower than the wide base conv (calibrated with scripts/benchmark_adapters.py
-# on the 2-core CPU). Used only by the compute="auto" cost model.
+# on the 2-core CPU). Used only by the compute="auto" cost model (SEGADAPT_AUTO_COMPUTE=cost_model).
 NARROW_OP_PENALTY = 4.0
 
 
@@ -150,6 +152,14 @@ class Adapter(nn.Module):
         """W = W0 + dW (canonical layout). Non-additive methods override this."""
         return w0 + self.delta_weight()
 
+    def plus_low_rank(self, w0: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float = 1.0) -> Optional[torch.Tensor]:
+        """W = W0 + alpha up @ down as one ``addmm`` on the matrix view (rows = up's rows), no dW tensor
+        (canonical layout). ``None`` under autocast, where addmm would round W0 to the autocast dtype first:
+        the caller then takes W0 + dW."""
+        if torch.is_autocast_enabled(w0.device.type):
+            return None
+        return torch.addmm(w0.reshape(up.shape[0], -1), up, down, alpha=alpha).view(w0.shape)
+
     def branch_output(self, base: nn.Module, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """conv(x, W0) + up(down(x)) without the bias. With dropout active, the branch sees dropout(x)
         and the frozen layer x, so the two cannot share one conv."""
@@ -181,7 +191,8 @@ class Adapter(nn.Module):
         return 2.0 * self.spec.cout * self.spec.fan_in * self.branch_rank()
 
     def uses_activation_space(self, base: nn.Module, x: torch.Tensor) -> bool:
-        """Pick the computation order for this call from a FLOP model of the extra cost over the
+        """Pick the computation order for this call. ``compute="auto"``: measured once per layer and input
+        shape (``calibration.py``), or with ``SEGADAPT_AUTO_COMPUTE=cost_model`` from a FLOP model of the extra cost over the
         frozen layer (training counts forward + both backward products; inference the forward only):
 
         * weight space: the weight-gradient conv (2 N_out Cout Cin k^d) + building dW;
@@ -211,6 +222,8 @@ class Adapter(nn.Module):
             return False
         if self.compute == "activation":
             return True
+        if calibration.mode() == "measure" and calibration.can_measure(x):
+            return calibration.measured_choice(self, base, x)
         if x.device.type != "cpu":
             return False
         spec, k = self.spec, self.branch_rank()
@@ -228,7 +241,11 @@ class Adapter(nn.Module):
             raise RuntimeError("init='eva' adapter not initialised: call segadapt.adapters.eva_init(model, run) on a few "
                                "target batches before training")
         self.sample_rank()
-        if self.uses_activation_space(base, x):
+        return self.run_order(base, x, self.uses_activation_space(base, x), output_size)
+
+    def run_order(self, base: nn.Module, x: torch.Tensor, activation: bool, output_size=None) -> torch.Tensor:
+        """The adapted output in the given computation order (activation or weight space)."""
+        if activation:
             return self.activation_output(base, x)
         weight = self.spec.to_base(self.adapted_weight(self.spec.canonical(base.weight)))
         return forward_with_weight(base, self.spec, x, weight, output_size)

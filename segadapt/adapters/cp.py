@@ -89,6 +89,12 @@ class CPLoRA(Adapter):
             return cp_delta([f[:, :b] for f in self.factors], s)
         return cp_delta(self.factors, self.scaling) - cp_delta(self.initial, self.scaling)
 
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """W0 + s U_out (U_in kr U_1 kr ... kr U_d)^T in one addmm (the CP tensor's matrix view), except with
+        PiSSA (two CP tensors that cancel exactly at init) and under autocast: W0 + dW."""
+        weight = None if self.initial is not None else self.plus_low_rank(w0, *self.low_rank_factors())
+        return w0 + self.delta_weight() if weight is None else weight
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """up = s U_out (Cout x r); down = the Khatri-Rao product of U_in, U_1..U_d, transposed (r x Cin k^d)
         (with PiSSA init: up = s [U_out, -U0_out], down = [KR(U); KR(U0)])."""

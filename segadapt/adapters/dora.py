@@ -49,14 +49,14 @@ class DoRA(Adapter):
         # ||W0 + dW||_c at merge time, for unmerge; a buffer so that .to() moves and casts it
         self.register_buffer("_merge_norm", None, persistent=False)
 
-    def _scale(self, w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """m / ||W0 + dW||_c with the norm detached, shaped (Cout, 1, ..., 1) for the weight."""
-        norm = channel_norm(w0 + delta).detach()
-        return (self.magnitude / norm).view(-1, *(1,) * (w0.dim() - 1))
+    def _scale(self, direction: torch.Tensor) -> torch.Tensor:
+        """m / ||V||_c with the norm detached (computed outside autograd), shaped (Cout, 1, ..., 1) for the weight."""
+        norm = channel_norm(direction.detach())
+        return (self.magnitude / norm).view(-1, *(1,) * (direction.dim() - 1))
 
     def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
-        delta = self.direction.delta_weight()
-        return self._scale(w0, delta) * (w0 + delta)
+        direction = self.direction.adapted_weight(w0)  # W0 + dW
+        return self._scale(direction) * direction
 
     def activation_output(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         up, down = self.direction.low_rank_factors()
@@ -67,9 +67,9 @@ class DoRA(Adapter):
         return with_bias(base, scale.to(y.dtype) * y)
 
     def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
-        delta = self.direction.delta_weight()
-        self._merge_norm = channel_norm(w0 + delta)
-        return self._scale(w0, delta) * (w0 + delta)
+        direction = w0 + self.direction.delta_weight()
+        self._merge_norm = channel_norm(direction)
+        return self._scale(direction) * direction
 
     def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
         if self._merge_norm is None:

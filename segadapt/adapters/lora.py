@@ -71,6 +71,13 @@ class LoRA(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return lora_product(self).view(self.spec.shape)
 
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        weight = None
+        if self.initial_A is None:  # (PiSSA: W0 + s (B A - B0 A0), two products that cancel exactly at init)
+            b, s = self.used_rank()
+            weight = self.plus_low_rank(w0, self.lora_B[:, :b], self.lora_A[:b], s)
+        return w0 + self.delta_weight() if weight is None else weight
+
     def branch_rank(self) -> int:
         return self.rank if self.initial_A is None else 2 * self.rank
 
@@ -111,6 +118,14 @@ class LoRAC(Adapter):
             inner = b * self.lora_A.shape[0] // self.rank
             return (s * self.lora_B[:, :inner] @ self.lora_A[:inner]).view(self.spec.shape)
         return lora_product(self).view(self.spec.shape)
+
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        weight = None
+        if self.initial_A is None:
+            b, s = self.used_rank()
+            inner = b * self.lora_A.shape[0] // self.rank
+            weight = self.plus_low_rank(w0, self.lora_B[:, :inner], self.lora_A[:inner], s)
+        return w0 + self.delta_weight() if weight is None else weight
 
     def truncate_(self, rank: int) -> None:
         truncate_lora_(self, rank, rank * self.lora_A.shape[0] // self.rank)

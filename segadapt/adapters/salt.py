@@ -74,6 +74,11 @@ class SALT(Adapter):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, lora_rank={self.lora_rank}, scaling={self.scaling:g} (on X Y), compute={self.compute}"
 
+    def adapted_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """W0 + left @ right in one addmm (W0 + dW under autocast)."""
+        weight = self.plus_low_rank(w0, *self.low_rank_factors())
+        return w0 + self.delta_weight() if weight is None else weight
+
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) with M(dW) = left @ right; left: Cout x (r + r_lora), right: (r + r_lora) x Cin k^d."""
         r = self.rank

@@ -15,12 +15,15 @@ Trainable parameters: R^2 sum_k I_k^2 + r^2 (sum of D's mode sizes). A fan-in wi
 whole (D's cost is linear in the mode size).
 
 M(W0) T is computed either by building T densely (TensorLy's ``tr_to_tensor``; cost ~ n^2 (R^2 + Cout))
-or by contracting M(W0) with the cores one at a time (cost ~ Cout n R^3 sum I_k), whichever is
-cheaper for the layer. ``regularization()`` is the identity regulariser ||T - I||_F^2, computed from
+or by contracting M(W0) with the cores one at a time (``tr_matrix_apply``, one GEMM per core; cost
+~ Cout n R^3 sum I_k), whichever is cheaper for the layer; D is built as one GEMM of its two open
+chains (output modes x input modes, ``tr_split_matrix``). ``regularization()`` is the identity regulariser ||T - I||_F^2, computed from
 the cores without building T.
 """
 
 from __future__ import annotations
+
+import math
 
 import tensorly as tl
 import torch
@@ -55,6 +58,24 @@ def tr_to_full(cores: list[torch.Tensor]) -> torch.Tensor:
         return tl.tr_to_tensor(list(cores))
 
 
+def tr_chain(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The open chain of tensor-ring cores (R_0, I_k, R_(k+1)) -> (R_0, I_1 ... I_m, R_m), one matmul per core."""
+    chain = cores[0]
+    for core in cores[1:]:
+        a, p, b = chain.shape
+        chain = (chain.reshape(a * p, b) @ core.reshape(b, -1)).reshape(a, -1, core.shape[-1])
+    return chain
+
+
+def tr_split_matrix(cores: list[torch.Tensor], split: int) -> torch.Tensor:
+    """A tensor ring as the matrix (modes before ``split``) x (modes from ``split``): the two open chains
+    L (a, P, b) and Q (b, N, a) give M[p, q] = sum_ab L[a, p, b] Q[b, q, a], one GEMM with inner size R^2.
+    The same tensor as :func:`tr_to_full` (reshaped), without its (R, ..., R) intermediates at full size."""
+    left, right = tr_chain(cores[:split]), tr_chain(cores[split:])
+    a, p, b = left.shape
+    return left.permute(1, 2, 0).reshape(p, b * a) @ right.permute(0, 2, 1).reshape(b * a, -1)
+
+
 def tr_matrix_to_dense(cores: list[torch.Tensor]) -> torch.Tensor:
     """Dense n x n matrix of a tensor-ring matrix with cores (R, I_k, I_k, R)."""
     sizes = [core.shape[1] for core in cores]
@@ -68,18 +89,40 @@ def tr_matrix_to_dense(cores: list[torch.Tensor]) -> torch.Tensor:
 def tr_matrix_apply(matrix: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
     """``matrix @ T`` for a tensor-ring matrix T, contracting one core at a time (T never built).
 
-    matrix: (rows, n). Memory ~ rows * n * R^2.
+    matrix: (rows, n), n = I_1 ... I_m. Core k's (ring index b, i_k) are contracted in one matrix
+    product; between the products the intermediate z is laid out (i_(k+1) ... i_m, rows, a, j_1 ... j_k, c)
+    (a: the ring index opened by the first core, c: the one to contract next), so that each core costs one
+    transpose copy (moving i_(k+1) to the end) and one GEMM; the last core also closes the ring (c = a).
+    Cost ~ 2 rows n (R^2 I_1 + R^3 (I_2 + ... + I_(m-1)) + R^2 I_m); memory ~ rows n R^2. Written by hand:
+    TensorLy has no tensor-ring-matrix product, and einsum's pairwise contractions copy z twice per core.
     """
     rows, n = matrix.shape
-    z = matrix.reshape(rows, n, 1)  # (rows, remaining i, done j)
-    for index, core in enumerate(cores):
+    ring, size = cores[0].shape[0], cores[0].shape[1]
+    if len(cores) == 1:
+        return matrix @ torch.einsum("aija->ij", cores[0])
+    # (rows, i_1, rest) -> (rest, rows, i_1) @ (i_1, a j_1 b)
+    z = matrix.reshape(rows, size, -1).permute(2, 0, 1).reshape(-1, size)
+    z = z @ cores[0].permute(1, 0, 2, 3).reshape(size, -1)
+    remaining = n // size
+    for index, core in enumerate(cores[1:], start=1):
         size = core.shape[1]
-        if index == 0:  # opens the ring: (rows, i, rest, J) x (a, i, j, b) -> (rows, rest, J, j, a, b)
-            z = torch.einsum("oirJ,aijb->orJjab", z.reshape(rows, size, -1, z.shape[-1]), core)
-        else:  # (rows, i, rest, J, a, b) x (b, i, j, c) -> (rows, rest, J, j, a, c)
-            z = torch.einsum("oirJab,bijc->orJjac", z.reshape(rows, size, -1, *z.shape[-3:]), core)
-        z = z.reshape(rows, z.shape[1], -1, *z.shape[-2:])
-    return torch.diagonal(z, dim1=-2, dim2=-1).sum(-1).reshape(rows, n)
+        remaining //= size
+        # (i_k, remaining, rows a J, b) -> (remaining, rows a J, b, i_k)
+        z = z.reshape(size, remaining, -1, ring).permute(1, 2, 3, 0)
+        if index < len(cores) - 1:
+            z = z.reshape(-1, ring * size) @ core.reshape(ring * size, size * ring)  # (remaining, rows a J, j_k c)
+        else:  # remaining = 1: (rows, a, J, b, i_m) -> (rows J, b i_m a), contracted with core (b i_m a, j_m)
+            z = z.reshape(rows, ring, -1, ring, size).permute(0, 2, 3, 4, 1).reshape(-1, ring * size * ring)
+            z = z @ core.permute(0, 1, 3, 2).reshape(ring * size * ring, size)
+    return z.reshape(rows, n)
+
+
+def tr_matrix_apply_flops(rows: int, sizes: list[int], ring: int) -> float:
+    """Forward FLOPs of :func:`tr_matrix_apply`."""
+    n = math.prod(sizes)
+    if len(sizes) == 1:
+        return 2.0 * rows * n * n
+    return 2.0 * rows * n * (ring**2 * (sizes[0] + sizes[-1]) + ring**3 * sum(sizes[1:-1]))
 
 
 def tr_matrix_identity_distance(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -145,13 +188,12 @@ class TLoRA(Adapter):
 
     def residual_matrix(self) -> torch.Tensor:
         """s * D as a dense Cout x (Cin k^d) matrix."""
-        return self.scaling * tr_to_full(list(self.residual_cores)).reshape(self.spec.cout, self.spec.fan_in)
+        return self.scaling * tr_split_matrix(list(self.residual_cores), len(self.out_factors))
 
     def _apply_transform(self, w0_matrix: torch.Tensor) -> torch.Tensor:
         n, ring = self.spec.fan_in, self.ring_rank
         dense_flops = 2.0 * n * n * (ring * ring + self.spec.cout)
-        contract_flops = 2.0 * self.spec.cout * n * ring**3 * sum(self.in_factors)
-        if dense_flops < contract_flops:
+        if dense_flops < tr_matrix_apply_flops(self.spec.cout, self.in_factors, ring):
             return w0_matrix @ self.transform_matrix()
         return tr_matrix_apply(w0_matrix, list(self.transform_cores))
 

@@ -4,6 +4,7 @@ Public API (everything below is importable from ``segadapt.data``)::
 
     # dataset description (dataset_json.py)
     load_dataset_json(path) -> DatasetDescription            # validated; absolute paths
+    load_test_cases(path) -> tuple[CaseEntry, ...]           # labelled 'test' entries, or imagesTs/ + labelsTs/
     DatasetDescription(path, name, modality, labels, cases)  # .root .channels .label_values .case(id)
     CaseEntry(case_id, image, label, patient_id)             # .as_dict() -> MONAI data dict
     write_dataset_json(path, name, cases, labels, modality=None, **extra) -> Path
@@ -43,6 +44,7 @@ Public API (everything below is importable from ``segadapt.data``)::
     fold_datasets(dataset_json, fold, cfg, n_folds=5, seed=0, sampling="patch"|"slice",
                   splits_path=None, cache_workers=1) -> (train Dataset, val Dataset)
     fold_datasets_with_inner(..., inner_fraction=0.0, max_train_cases=None) -> FoldDatasets(train, val, inner)
+    build_test_set(dataset_json, cfg) -> Dataset   # labelled test split (load_test_cases); ValueError without one
     disk_cache_dir(cfg, name) -> Path
     load_or_create_splits(dataset_json, n_folds=5, seed=0, path=None) -> Splits  # .val_ids(f) .train_ids(f)
     make_splits(cases, volumes_ml, n_folds, seed) -> list[list[str]]
@@ -68,8 +70,8 @@ arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.
 """
 
 from .config import AXIS_VIEWS, CACHE_MODES, INTENSITY_MODES, SLICE_AXES, PreprocessConfig
-from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, pair_cases_by_name, write_dataset_json
-from .datasets import FoldDatasets, build_dataset, disk_cache_dir, fold_datasets, fold_datasets_with_inner
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, load_test_cases, pair_cases_by_name, write_dataset_json
+from .datasets import FoldDatasets, build_dataset, build_test_set, disk_cache_dir, fold_datasets, fold_datasets_with_inner
 from .files import remap_label_file
 from .loading import CaseError, LoadCased, check_case
 from .phantom import make_case, make_phantom_dataset
@@ -107,6 +109,7 @@ __all__ = [
     "Splits",
     "ZScored",
     "build_dataset",
+    "build_test_set",
     "check_case",
     "disk_cache_dir",
     "fingerprint",
@@ -118,6 +121,7 @@ __all__ = [
     "invert_transform",
     "lesion_volume_ml",
     "load_dataset_json",
+    "load_test_cases",
     "load_or_make_plan",
     "load_or_create_splits",
     "make_case",

@@ -1,4 +1,15 @@
-"""Disk-cache item files that can hold no code: safetensors for the arrays, JSON for everything else.
+"""Caches of preprocessed cases: a memory cache shared by every dataset of the process, and disk-cache
+item files that can hold no code.
+
+**Shared memory cache** (:class:`SharedCacheDataset`, ``cache: memory``): MONAI's ``CacheDataset`` whose
+items come from one process-wide store, :data:`CASES`, keyed like the disk cache (dataset name, the
+preprocessing config's ``cache_key()``, the case's files with their size and modification time, and the
+case checks). Every fold and method of a local sweep (one process) reuses the cases that any earlier run
+preprocessed: a case goes through the deterministic pipeline once per process (``CASES.builds`` counts
+it); MONAI hands each epoch a copy of the cached item, so runs cannot change what the next one reads.
+
+**Disk-cache item files** (:class:`SafePersistentDataset`, ``cache: disk``): safetensors for the arrays,
+JSON for everything else.
 
 MONAI's ``PersistentDataset`` pickles each preprocessed item (``torch.save``) and unpickles it on the
 next run, so a file planted in the cache folder would run code on ``setup()``; ``weights_only=True``
@@ -19,15 +30,19 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from multiprocessing.pool import ThreadPool
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, PersistentDataset
+from monai.data import CacheDataset, MetaTensor, PersistentDataset
+from monai.transforms.utils import reset_ops_id
 from safetensors import safe_open
+from tqdm import tqdm
 
 from .files import save_safetensors
 
@@ -132,3 +147,79 @@ class SafePersistentDataset(PersistentDataset):
         except PermissionError:  # a read-only cache folder: run uncached, like MONAI
             pass
         return item
+
+
+class CaseStore:
+    """Process-wide memory cache of preprocessed cases: key -> item (the output of a pipeline's deterministic
+    part). ``builds`` counts the items computed (not found), ``hits`` those reused."""
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, object] = {}
+        self._lock = threading.Lock()
+        self.builds = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get_or_build(self, key: Hashable, build: Callable[[], object]) -> object:
+        with self._lock:
+            if key in self._items:
+                self.hits += 1
+                return self._items[key]
+        item = build()  # outside the lock: the fill threads preprocess different cases in parallel
+        with self._lock:
+            self.builds += 1
+            return self._items.setdefault(key, item)
+
+    def clear(self) -> None:
+        """Forget every cached case (and reset the counters)."""
+        with self._lock:
+            self._items.clear()
+            self.builds = self.hits = 0
+
+
+CASES = CaseStore()
+
+
+class SharedCacheDataset(CacheDataset):
+    """MONAI ``CacheDataset`` (every case cached) whose items live in :data:`CASES`, shared with every other
+    dataset of the process that has the same `scope` (dataset name + preprocessing key) and pipeline.
+
+    Args:
+        data, transform: as ``CacheDataset``.
+        scope: what besides the case decides the cached item (e.g. ``(name, cfg.cache_key())``).
+        key_func: the case's part of the key (e.g. its fields and its files' size and mtime).
+        progress: a progress bar while cases are preprocessed (none when all were cached already).
+    """
+
+    def __init__(self, data, transform, scope: Hashable, key_func: Callable[[Mapping], Hashable],
+                 cache_workers: int | None = 1, progress: bool = True, description: str = "preprocessing") -> None:
+        self.scope, self.key_func, self.description = scope, key_func, description
+        self.show_progress = progress
+        super().__init__(data, transform, cache_rate=1.0, num_workers=cache_workers, progress=False)
+
+    def _key(self, idx: int) -> Hashable:
+        return (self.scope, self.key_func(self.data[idx]))
+
+    def _fill_cache(self, indices=None) -> list:
+        indices = list(range(self.cache_num)) if indices is None else list(indices)
+        missing = sum(self._key(i) not in CASES for i in indices)
+        if not (self.show_progress and missing):
+            return super()._fill_cache(indices)
+        with tqdm(total=len(indices), desc=f"{self.description} ({missing} new)", leave=False) as bar, \
+                ThreadPool(self.num_workers) as pool:
+            items = []
+            for item in pool.imap(self._load_cache_item, indices):
+                items.append(item)
+                bar.update()
+            return items
+
+    def _load_cache_item(self, idx: int):
+        # reset_ops_id (as MONAI's PersistentDataset does): the transform trace of a shared item names no
+        # transform instance, so Invertd through any dataset's equal pipeline accepts it
+        return CASES.get_or_build(self._key(idx),
+                                  lambda: reset_ops_id(super(SharedCacheDataset, self)._load_cache_item(idx)))

@@ -3,7 +3,8 @@
 Caches hold the output of the deterministic part of a pipeline (up to its first random transform):
 
 * ``'none'``: ``Dataset``, every item read and preprocessed on every visit.
-* ``'memory'``: ``CacheDataset``, every case preprocessed once when the dataset is built.
+* ``'memory'``: :class:`~segadapt.data.cache.SharedCacheDataset` (a ``CacheDataset``), every case preprocessed
+  once per process: the datasets of every fold and run of a local sweep share one store of cases.
 * ``'disk'``: :class:`~segadapt.data.cache.SafePersistentDataset` (a ``PersistentDataset`` whose files are
   safetensors + JSON, never pickles; an unreadable or tampered file is rebuilt) under
   ``<cfg.cache_dir>/<dataset name>-<cfg.cache_key()>``; an item's cache file is keyed by its paths, each file's size and modification time and the case checks of the
@@ -20,13 +21,13 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from monai.data import CacheDataset, Dataset
+from monai.data import Dataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import Compose
+from monai.transforms import Compose, RandomizableTrait
 
-from .cache import SafePersistentDataset
+from .cache import SafePersistentDataset, SharedCacheDataset
 from .config import PreprocessConfig
-from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
+from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, load_test_cases
 from .loading import LoadCased
 from .splits import fold_cases, inner_split, load_or_create_splits, save_splits, subset_cases
 from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
@@ -53,8 +54,10 @@ def _item_hash(item: Mapping[str, object], checks: Mapping[str, object] | None =
     state = dict(item)
     for key in ("image", "label"):
         if key in item:
-            stat = os.stat(str(item[key]))
-            state[f"{key}_stat"] = (stat.st_size, stat.st_mtime_ns)
+            files = item[key] if isinstance(item[key], (list, tuple)) else [item[key]]
+            stats = [os.stat(str(f)) for f in files]
+            state[f"{key}_stat"] = [(s.st_size, s.st_mtime_ns) for s in stats] if len(stats) > 1 else \
+                (stats[0].st_size, stats[0].st_mtime_ns)
     if checks is not None:
         state["case_checks"] = dict(checks)
     return pickle_hashing(state)
@@ -77,10 +80,15 @@ def build_dataset(
     data = [c.as_dict() if isinstance(c, CaseEntry) else dict(c) for c in cases]
     if cfg.cache == "none":
         return Dataset(data, transform)
+    checks = _case_checks(transform)
     if cfg.cache == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=cache_workers, progress=False)
+        deterministic = tuple(type(t).__name__ for t in transform.flatten().transforms
+                              [:transform.get_index_of_first(lambda t: isinstance(t, RandomizableTrait))])
+        scope = (name, cfg.cache_key(), repr(checks), deterministic)
+        return SharedCacheDataset(data, transform, scope, partial(_item_hash, checks=None), cache_workers,
+                                  description=f"preprocessing {name}")
     return SafePersistentDataset(data, transform, cache_dir=disk_cache_dir(cfg, name),
-                                 hash_func=partial(_item_hash, checks=_case_checks(transform)))
+                                 hash_func=partial(_item_hash, checks=checks))
 
 
 class FoldDatasets(NamedTuple):
@@ -151,3 +159,16 @@ def fold_datasets(
     (:func:`fold_datasets_with_inner` without an inner split)."""
     train, val, _ = fold_datasets_with_inner(dataset, fold, cfg, n_folds, seed, sampling, splits_path, cache_workers)
     return train, val
+
+
+def build_test_set(dataset_json: str | os.PathLike, cfg: PreprocessConfig, cache_workers: int | None = 1) -> Dataset:
+    """Whole labelled volumes of the dataset's test split (:func:`~segadapt.data.dataset_json.load_test_cases`)
+    through the validation pipeline. Raises ValueError when the dataset has no labelled test split."""
+    description = load_dataset_json(dataset_json)
+    cases = load_test_cases(description.path)
+    if not cases:
+        raise ValueError(f"{description.path} has no labelled test split (a 'test' list of {{image, label}} entries, "
+                         "or imagesTs/ with labelsTs/ beside it): `segadapt test` would score training cases; use "
+                         "`segadapt validate` for the fold's validation cases")
+    pipeline = val_transforms(cfg, description.label_values, description.channels)
+    return build_dataset(cases, pipeline, cfg, f"{description.name}-test", cache_workers)

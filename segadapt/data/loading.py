@@ -117,11 +117,14 @@ class LoadCased(MapTransform):
         d = dict(data)
         case = d.get("case_id", "?")
         for key in self.key_iterator(d):
-            path = Path(str(d[key]))
-            if not path.exists():
-                raise FileNotFoundError(f"case {case!r}: {key} not found: {path}")
+            many = isinstance(d[key], (list, tuple))  # one file per channel (nnU-Net), stacked by the reader
+            paths = [Path(str(p)) for p in d[key]] if many else [Path(str(d[key]))]
+            for path in paths:
+                if not path.exists():
+                    raise FileNotFoundError(f"case {case!r}: {key} not found: {path}")
+            path = [str(p) for p in paths] if many else str(paths[0])
             try:
-                d[key] = self.loader({key: str(path)})[key]
+                d[key] = self.loader({key: path})[key]
             except Exception as e:  # any reader failure (corrupt gzip, bad header, mixed DICOM series, ...)
                 raise CaseError(f"case {case!r}: cannot read {key} {path}: {type(e).__name__}: {e}") from e
         check_case(d, self.label_values, self.channels, self.spatial_dims, self.affine_tolerance)

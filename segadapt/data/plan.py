@@ -43,6 +43,7 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -151,7 +152,8 @@ def _dataset_key(description: DatasetDescription, **settings: object) -> str:
     state = {
         "version": FINGERPRINT_VERSION,
         "dataset_json": description.path.read_text(encoding="utf-8"),
-        "files": [(c.case_id, stat(c.image), stat(c.label)) for c in description.cases],
+        "files": [(c.case_id, stat(c.image) if len(c.images) == 1 else [stat(i) for i in c.images], stat(c.label))
+                  for c in description.cases],
         **settings,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -371,6 +373,9 @@ class Plan:
     """memory_gb, patch_voxels and slice_pixels the plan was made for."""
     notes: list[str] = field(default_factory=list)
     """Rules that fired or assumptions made, in words."""
+    networks: dict[str, dict] = field(default_factory=dict)
+    """Model arguments given by the plan's source rather than the rules, per model name (an nnU-Net plans
+    file's network: ``{"nnunet": {"out_channels": 2}}``); merged into :meth:`network_fields`."""
     version: int = PLAN_VERSION
 
     def preprocess_fields(self) -> dict:
@@ -404,6 +409,7 @@ class Plan:
         * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
           most 512) and ``strides`` (2 per pooling).
         * ``unet2d`` (2D MONAI ``UNet`` on the ``patch_size`` patches of a 2D plan): as ``unet3d``.
+        * any model of :attr:`networks` (``nnunet``: ``out_channels``).
         """
         down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
         return {
@@ -412,6 +418,7 @@ class Plan:
             "unet3d": {"channels": list(self.filters), "strides": down},
             "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
             "unet2d": {"channels": list(self.filters), "strides": down},
+            **copy.deepcopy(self.networks),
         }
 
     def to_dict(self) -> dict:
@@ -612,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     """``segadapt plan DATASET_JSON``: fingerprint + plan, written as JSON and printed; bad input exits 2."""
     parser = argparse.ArgumentParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
                                      "(spacing, patch/slice size, batch size, normalisation, network).")
-    parser.add_argument("dataset_json")
+    parser.add_argument("dataset_json", help="the dataset description (Decathlon-style dataset.json)")
     parser.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
     parser.add_argument("--fingerprint", help="fingerprint file (default: fingerprint.json beside --out)")
     parser.add_argument("--memory-gb", type=float, default=REFERENCE_GB, help="memory to plan for (default 8)")
@@ -620,7 +627,8 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
     parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
     parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
-    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
+                        help="3 for volumes, 2 for 2D images (default 3)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     fp_file = Path(args.fingerprint) if args.fingerprint else out.parent / "fingerprint.json"

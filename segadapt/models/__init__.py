@@ -34,6 +34,7 @@ from pathlib import Path
 from torch import nn
 
 from segadapt.models.multiview_unet import VIEWS, MultiViewUNet, logits_to_probabilities
+from segadapt.models.nnunet import build_nnunet
 from segadapt.models.presets import (adaptable_modules, default_train_modules, head_modules, preset_targets,
                                      target_presets)
 from segadapt.models.pretrained import (
@@ -57,6 +58,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet2d": functools.partial(build_unet, spatial_dims=2),  # MONAI 2D UNet for 2D images (DRIVE)
     "vit_seg": ViTSegmenter,
     "sam": SAMSegmenter,
+    "nnunet": build_nnunet,
 }
 OWN_CHECKPOINT = {"sam"}  # builders that load their own pretrained files (``checkpoint`` goes to them)
 

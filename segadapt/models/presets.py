@@ -19,6 +19,9 @@ MONAI ``DynUNet``      same; encoder = ``input_block`` + ``downsamples``, decode
                        ``decoder`` (decoder convs and mask head), ``all``
 ``SAMSegmenter``       ``attention``, ``qkv``, ``mlp``, ``all_linear`` over the image encoder (as for the ViT),
                        ``mask_decoder`` (its Linear / ConvTranspose layers), ``all``
+nnU-Net networks       ``encoder`` (``encoder.stages``), ``bottleneck`` (the last encoder stage),
+(dynamic-network-      ``decoder`` (transposed convs, decoder stages, segmentation layers),
+architectures)         ``all_conv`` (every conv, ConvTranspose included)
 =====================  =====================================================================
 
 Beside the presets, each model family names the modules an adapter trains in full unless its config says
@@ -30,6 +33,7 @@ another class count than the base).
 
 from __future__ import annotations
 
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import DynUNet, UNet
 from torch import nn
@@ -110,6 +114,15 @@ def _sam_presets(model: SAMSegmenter) -> dict[str, list[str]]:
     return presets
 
 
+# ---- nnU-Net networks (dynamic-network-architectures) ----------------------------------------------------
+def _nnunet_presets(model: AbstractDynamicNetworkArchitectures) -> dict[str, list[str]]:
+    # the decoder holds the encoder too (``decoder.encoder``); named_modules lists it under ``encoder`` only
+    last = len(model.encoder.stages) - 1
+    parts = {"encoder": [f"encoder.stages.{i}" for i in range(last)], "bottleneck": [f"encoder.stages.{last}"],
+             "decoder": ["decoder"]}
+    return _split(model, parts, "all_conv")
+
+
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """All presets of ``model``: preset name -> fully-qualified names of the layers to adapt."""
     if isinstance(model, MultiViewUNet):
@@ -125,9 +138,12 @@ def target_presets(model: nn.Module) -> dict[str, list[str]]:
         return _vit_presets(model)
     if isinstance(model, SAMSegmenter):
         return _sam_presets(model)
+    if isinstance(model, AbstractDynamicNetworkArchitectures) and hasattr(model, "decoder"):
+        return _nnunet_presets(model)
     raise TypeError(
         f"no adapter presets for {type(model).__name__}; presets exist for MultiViewUNet, MONAI UNet, "
-        "DynUNet, ViTSegmenter and SAMSegmenter (for another model, pass module-name patterns to AdapterConfig directly)"
+        "DynUNet, ViTSegmenter, SAMSegmenter and nnU-Net's networks (for another model, pass module-name patterns "
+        "to AdapterConfig directly)"
     )
 
 

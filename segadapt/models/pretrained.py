@@ -4,7 +4,8 @@ Files accepted by :func:`read_state_dict`:
 
 - ``*.safetensors`` (``safetensors.torch.load_file``; no code can run);
 - a plain ``torch.save``-d state dict (``.pt``/``.pth``/...);
-- a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"`` or ``"model"``.
+- a Lightning checkpoint, or any dict holding the state dict under ``"state_dict"``, ``"model"`` or
+  ``"network_weights"`` (nnU-Net's ``checkpoint_final.pth``).
 
 Every floating tensor must be finite, and a tensor must be floating point where the model's is
 (:func:`check_finite`, :func:`check_dtypes`): a NaN base or an integer copy would otherwise load
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import timm
 import torch
@@ -30,6 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_LISTED = 20  # keys shown per category in a report; the dataclass keeps them all
+# numpy scalars (nnU-Net's checkpoints log np.float64 values): rebuilding one makes a number from a dtype and
+# bytes, nothing else, so torch.load(weights_only=True) may allow them (torch's documented allowlist).
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                        np.dtypes.Int64DType, np.dtypes.Int32DType]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -91,19 +97,38 @@ def _unsafe(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
     )
 
 
+READ_CACHE_SIZE = 2  # state dicts kept in memory (the base of a sweep, read once for all its runs)
+_read_cache: OrderedDict[tuple[str, int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint."""
+    """Read a state dict (name -> tensor) from a safetensors file, a state-dict pickle or a Lightning checkpoint.
+
+    The last :data:`READ_CACHE_SIZE` files read stay in memory, keyed by path, size and modification time (a
+    replaced file is read again); each call returns a new dict of the same tensors, which loading copies."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _read_cache:
+        _read_cache[key] = _read_state_dict(path)
+        while len(_read_cache) > READ_CACHE_SIZE:
+            _read_cache.popitem(last=False)
+    _read_cache.move_to_end(key)
+    return dict(_read_cache[key])
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device="cpu")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _unsafe(path, err) from None
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "network_weights"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break

@@ -1,5 +1,5 @@
 """Lightning callbacks: training cost (time, peak memory, trainable parameters), model selection on the
-inner validation split, and weight export.
+inner validation split, weight export, and a progress bar in optimiser steps.
 
 ``TrainStats`` keeps its totals in the Lightning checkpoint, so a resumed run reports the time of all its
 sessions (``SelectBest`` keeps its curve and the selected state there too). Peak memory is the CUDA
@@ -13,11 +13,13 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import save_file
 
@@ -77,7 +79,8 @@ class TrainStats(pl.Callback):
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
         self._batch_start = self._fit_start = self._mem_start = self._train_peak = 0.0
 
-    def _sync(self, trainer: pl.Trainer) -> None:
+    @staticmethod
+    def _sync(trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
@@ -237,3 +240,66 @@ class SelectBest(pl.Callback):
         self.curve = list(state_dict.get("curve", []))
         self.best_step, self.best_score = state_dict.get("best_step"), state_dict.get("best_score")
         self.best_state = state_dict.get("best_state")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One training bar for the whole fit, in optimiser steps: ``Training 120/300 [00:41<01:02, 2.9it/s, ...]``
+    (step / the steps the trainer will run, elapsed, ETA). Lightning's bars count the batches of the current
+    epoch, and with ``max_steps`` set (``max_epochs=-1``) its rich bar reads "Epoch 74/-2". A resumed fit
+    starts at its checkpoint's step, the ETA from the steps of this session."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches  # max_steps, or what max_epochs x batches allow
+        bar = self.train_progress_bar
+        bar.reset(total=int(total) if math.isfinite(total) else None)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("Training")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Nothing: the bar runs across epochs (Lightning's resets it for every epoch)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if self.is_enabled and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+
+def progress_callbacks(trainer_args: Mapping[str, Any]) -> list[pl.Callback]:
+    """``[StepProgressBar()]`` for a Trainer made with `trainer_args` that shows a bar (``enable_progress_bar``
+    not false) and gets no progress bar of its own in ``callbacks``; ``[]`` otherwise."""
+    own = any(isinstance(c, ProgressBar) for c in trainer_args.get("callbacks") or [])
+    return [] if own or trainer_args.get("enable_progress_bar") is False else [StepProgressBar()]
+
+
+class PhaseTimes(pl.Callback):
+    """Where the wall time of one session goes: ``train_steps_s`` (training batches: forward, backward,
+    optimiser; like :class:`TrainStats` but of this session only), ``validation_s`` (every validation round,
+    while fitting and standalone), ``first_step_at`` (``time.perf_counter()`` at the first training step, None
+    before it) and ``validation_before_first_step_s``."""
+
+    def __init__(self) -> None:
+        self.train_steps_s = self.validation_s = self.validation_before_first_step_s = 0.0
+        self.first_step_at: Optional[float] = None
+        self._val_start = self._batch_start = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_s += time.perf_counter() - self._val_start
+        if self.first_step_at is None:
+            self.validation_before_first_step_s = self.validation_s
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        TrainStats._sync(trainer)
+        self._batch_start = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = self._batch_start
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        TrainStats._sync(trainer)
+        self.train_steps_s += time.perf_counter() - self._batch_start

@@ -20,6 +20,8 @@ Model selection without leakage (``inner_fraction`` > 0): part of the fold's *tr
 inner validation split (:func:`segadapt.data.inner_split`). While fitting, validation runs on those inner
 cases only; ``trainer.validate`` / ``trainer.test`` score the fold's validation cases (and the inner cases
 inside :meth:`SegDataModule.inner_validation`). Without an inner split nothing is validated while fitting.
+``trainer.test`` scores the dataset's labelled test split (:func:`segadapt.data.build_test_set`; refused
+without one), never a fold's cases.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.utils.data import Sampler
 
 from segadapt.data import (
     PreprocessConfig,
+    build_test_set,
     fold_datasets_with_inner,
     load_dataset_json,
 )
@@ -65,7 +68,7 @@ class SegDataModule(pl.LightningDataModule):
         batch_size: training volumes per batch (each gives ``samples_per_volume`` samples).
         num_workers: data-loader worker processes.
         cache_workers: threads that fill the memory cache.
-        splits_path: optional splits file (default beside ``dataset.json``).
+        splits_path: the k-fold splits file (JSON; default: beside ``dataset.json``, created on first use).
         seed: seed of the training samples (see the module docstring).
         inner_fraction: share of the fold's training patients held out as the inner validation split
             (model selection); 0: none.
@@ -95,6 +98,7 @@ class SegDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.inner_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
         self._inner_outside_fit = False
 
     @property
@@ -108,9 +112,13 @@ class SegDataModule(pl.LightningDataModule):
         return size_unit(load_dataset_json(self.hparams.dataset_json), self.preprocess.spatial_dims)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        h = self.hparams
+        if stage == "test":  # the test split only: a dataset without one is refused before anything is built
+            if self.test_set is None:
+                self.test_set = build_test_set(h.dataset_json, self.preprocess, h.cache_workers)
+            return
         if self.val_set is not None:
             return
-        h = self.hparams
         self.train_set, self.val_set, self.inner_set = fold_datasets_with_inner(
             h.dataset_json, h.fold, self.preprocess, n_folds=h.n_folds, seed=h.split_seed, sampling=h.sampling,
             splits_path=h.splits_path, cache_workers=h.cache_workers, inner_fraction=h.inner_fraction,
@@ -177,7 +185,10 @@ class SegDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        """The labelled test split of the dataset (see :meth:`setup`)."""
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
 
 
 class StepSampler(Sampler):

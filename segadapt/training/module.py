@@ -93,15 +93,18 @@ class SegAdaptModule(pl.LightningModule):
         adapter: a baseline name or a dict of AdapterConfig fields (see the module docstring).
         preset: model preset (``segadapt.models.preset_targets``) of the layers an adapter without
             ``targets`` adapts, or that ``adapter='decoder'`` fine-tunes.
-        lr, weight_decay: AdamW.
+        lr: AdamW learning rate (the peak, after the warm-up).
+        weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up from lr/100, then cosine decay to 0 at the last step.
         loss: ``monai.losses.DiceCELoss`` keyword arguments (sigmoid/softmax are set from the output channels).
         reg_weight: weight of ``segadapt.adapters.regularization_loss`` in the loss.
         volume_bins_ml: edges of the lesion-volume bins (mL) for Dice per bin (default 0, 5, 15, 30, inf).
         threshold: foreground probability threshold (one output channel); argmax otherwise.
         slice_batch_size: slices per UNet call in the multi-view volume prediction.
-        roi_size, sw_batch_size, overlap: MONAI sliding-window inference for other networks (a 2D
-            ``roi_size`` on 3D volumes: slice by slice, axially).
+        roi_size: window of MONAI sliding-window inference for networks other than the multi-view UNet
+            (e.g. ``[96, 96, 96]``; a 2D ``roi_size`` on 3D volumes: slice by slice, axially).
+        sw_batch_size: windows per network call in sliding-window inference.
+        overlap: overlap of neighbouring windows in sliding-window inference (0 .. 1, Gaussian-weighted).
     """
 
     def __init__(
@@ -190,11 +193,28 @@ class SegAdaptModule(pl.LightningModule):
             return self.net(image, views)
         return self.net(image)
 
-    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, (list, tuple)):  # nnU-Net deep supervision: full resolution first
+            return self._deep_supervision_loss(logits, label)
         if logits.ndim == label.ndim + 1:  # DynUNet deep supervision: (B, heads, C, ...), weights 1/2^i
             weights = [0.5**i for i in range(logits.shape[1])]
             return sum(w * self.loss_fn(logits[:, i], label) for i, w in enumerate(weights)) / sum(weights)
         return self.loss_fn(logits, label)
+
+    def _deep_supervision_loss(self, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's ``DeepSupervisionWrapper``: the label downsampled (nearest) to each output's size, weights
+        1/2^i normalised to sum 1, the lowest resolution's weight 0 (``nnUNetTrainer._build_loss``)."""
+        weights = [0.5**i for i in range(len(outputs))]
+        if len(weights) > 1:
+            weights[-1] = 0.0
+        total = sum(weights)
+        loss = 0.0
+        for output, weight in zip(outputs, weights):
+            if weight:
+                target = label if output.shape[2:] == label.shape[2:] else \
+                    torch.nn.functional.interpolate(label.float(), size=output.shape[2:], mode="nearest-exact")
+                loss = loss + weight / total * self.loss_fn(output, target)
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = _plain(batch["image"]), _plain(batch["label"])

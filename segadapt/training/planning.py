@@ -15,7 +15,10 @@ and every run adapting it see the same network and the same preprocessing (as nn
 * pretraining: the source dataset (``cfg.source``);
 * a run on segadapt's own pretrained base (``base_checkpoint`` in ``pretrain.run_dir``; also ``scratch``
   beside it, so that it trains the same network): the base's ``plan.json``, else the source's plan;
-* a run on a base checkpoint of the user's: the run's own dataset (``cfg.data``).
+* a run on a base checkpoint of the user's: the run's own dataset (``cfg.data``);
+* ``model=nnunet`` (pretraining included): the nnU-Net plans of ``model.kwargs.results``
+  (:func:`segadapt.models.nnunet.plan_from_nnunet`: the spacing, normalisation, patch and network the
+  nnU-Net network was trained with), its orientation read from the run's data.
 
 The plan is printed, written as ``plan.json`` into the run folder, and its values are in ``config.yaml``.
 """
@@ -59,6 +62,12 @@ def _data_group_plan(data: Mapping[str, Any], dataset_json: Path, options: Mappi
 def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
     """The plan that decides `cfg` (see the module docstring); `prepare(data_group) -> dataset.json path`."""
     options = cfg["plan"]
+    if cfg["model"]["name"] == "nnunet":
+        from segadapt.models.nnunet import plan_from_nnunet, read_results
+
+        kwargs = cfg["model"]["kwargs"]
+        model = read_results(kwargs["results"], kwargs.get("configuration", "3d_fullres"), kwargs.get("fold", 0))
+        return plan_from_nnunet(model, prepare(cfg["source"] if pretraining else cfg["data"]))
     own_base = Path(cfg["base_checkpoint"]).resolve().parent == Path(cfg["pretrain"]["run_dir"]).resolve()
     if pretraining or own_base:
         stored = Path(cfg["pretrain"]["run_dir"]) / PLAN_FILE
@@ -95,6 +104,9 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
     for key in data_keys:
         data = cfg[key]
         preprocess = data["preprocess"]
+        if model["name"] == "nnunet":  # its plans decide every field the config leaves out (orientation too)
+            for name in plan.preprocess_fields():
+                preprocess.setdefault(name, AUTO)
         pinned += _fill(preprocess, plan.preprocess_fields(), f"{key}.preprocess")
         if data.get("batch_size") == AUTO:
             per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size

@@ -17,10 +17,15 @@ Reads every ``metrics.json`` of a ``fold<k>`` folder under the experiment folder
   correlation of predicted with true lesion volume, the Dice of the last training step (the table's Dice is
   the selected network's), and the folds whose selected inner-split Dice fell below the unadapted base's.
   Trainable parameters, training time (forward + backward + step, per fold) and peak memory are means over
-  folds. Each case is scored on its label file's grid.
-* ``dice_by_method.png``: mean Dice per method with its 95% bootstrap interval (and each fold's mean as a dot).
+  folds (``numpy.nanmean`` / ``nanstd``). Each case is scored on its label file's grid. Both files come from
+  one pandas table (:func:`report_table`): report.csv is that table, report.md its cells formatted
+  (``DataFrame.to_markdown``).
+* ``dice_by_method.png``: mean Dice per method with its 95% bootstrap interval, each fold's mean as a dot, the
+  unadapted base's mean as a dashed line, n (cases) under each method; a legend and a title.
 * ``dice_vs_volume.png``: each validation case's Dice against its true lesion volume, per method, with
-  the mean Dice of each volume bin (at the bin's median volume) joined by a line; bin edges labelled.
+  the mean Dice of each volume bin (at the bin's median volume) joined by a line; bin edges dashed and
+  labelled, each bin named; a legend of the methods with their n. The base is grey in both plots, every other
+  method has its own colour, the same in both.
 
 A learning curve or a study of several models is either one experiment folder per point (one report each)
 or method folders whose names say the setting (``lora_c_n5``, ``lora_c_n10``): both need nothing more.
@@ -28,8 +33,6 @@ or method folders whose names say the setting (``lora_c_n5``, ``lora_c_n10``): b
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -40,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from segadapt.adapters import METHODS
 from segadapt.data.files import atomic_path
 
-from .metrics import bin_labels, mean_sd, summarize, volume_bin
+from .metrics import bin_labels, summarize, volume_bin
 from .module import BASELINES
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -68,6 +72,16 @@ def _edges(values: Sequence[Any]) -> list[float]:
 
 def _nan(value: Any) -> Any:
     return math.nan if value is None else value
+
+
+def nan_mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) skipping None and NaN (``numpy.nanmean`` / ``nanstd``);
+    NaN when no value is left, sd NaN for a single one."""
+    v = np.array([math.nan if x is None else x for x in values], dtype=np.float64)
+    finite = int(np.count_nonzero(~np.isnan(v)))
+    if finite == 0:
+        return math.nan, math.nan
+    return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if finite > 1 else math.nan
 
 
 def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
@@ -158,14 +172,14 @@ def _row(method: str, tuning: str, folds: Sequence[dict[str, Any]], cases: list[
         "cases": cases,
         **summarize(cases, edges),
         "dice_ci": bootstrap_ci([c["dice"] for c in cases]),
-        "dice_last": mean_sd([c["dice"] for c in last_cases])[0],
+        "dice_last": nan_mean_sd([c["dice"] for c in last_cases])[0],
         "selected_folds": sum(s is not None for s in selected),
         "below_base_folds": sum(bool(s and s.get("below_base")) for s in selected),
-        "trainable_params": mean_sd([c.get("trainable_params", 0) for c in cost])[0],
-        "train_time_s": mean_sd([c.get("train_time_s") for c in cost]),
-        "train_steps": mean_sd([c.get("train_steps") for c in cost])[0],
-        "peak_mem_mb": mean_sd([c.get("peak_mem_mb") for c in cost])[0],
-        "peak_mem_increase_mb": mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
+        "trainable_params": nan_mean_sd([c.get("trainable_params", 0) for c in cost])[0],
+        "train_time_s": nan_mean_sd([c.get("train_time_s") for c in cost]),
+        "train_steps": nan_mean_sd([c.get("train_steps") for c in cost])[0],
+        "peak_mem_mb": nan_mean_sd([c.get("peak_mem_mb") for c in cost])[0],
+        "peak_mem_increase_mb": nan_mean_sd([c.get("peak_mem_increase_mb") for c in cost])[0],
         "memory": cost[0].get("memory", ""),
         "base_from_runs": False,
     }
@@ -241,54 +255,62 @@ def _fmt_p(p: float) -> str:
     return "-" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _flag(row: Mapping[str, Any]) -> str:
-    return f"⚠ {row['below_base_folds']}/{len(row['folds'])}" if row["below_base_folds"] else ""
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
-    head = ["method", "folds", "n", "Dice", "95% CI", "p vs none", "p vs full", "below base¹", "Dice (last step)",
-            "HD95 (mm)", *[f"Dice {b}" for b in labels], "volume r", "trainable params", "train time (s)",
-            "peak mem (MB)", "+ over fit start (MB)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        bins = [f"{_fmt(r[f'dice_bin{i}'])} (n={int(r[f'n_bin{i}'])})" for i in range(len(labels))]
-        undefined = f" ({int(r['hd95_undefined'])} undef.)" if r["hd95_undefined"] else ""
-        hd95 = _fmt(r["hd95"], r["hd95_sd"], 1) + undefined
-        low, high = r["dice_ci"]
-        name = r["method"] + ("²" if r["base_from_runs"] else "")
-        cells = [name, str(len(r["folds"])), str(int(r["n_cases"])), _fmt(r["dice"], r["dice_sd"]),
-                 "-" if not math.isfinite(low) else f"{low:.3f}–{high:.3f}", _fmt_p(r["p_vs_none"]),
-                 _fmt_p(r["p_vs_full"]), _flag(r), _fmt(r["dice_last"]), hd95, *bins, _fmt(r["volume_corr"], digits=2),
-                 f"{int(r['trainable_params']):,}", _fmt(*r["train_time_s"], digits=1),
-                 _fmt(r["peak_mem_mb"], digits=0), _fmt(r["peak_mem_increase_mb"], digits=0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 CSV_COLUMNS = ("method", "n_cases", "dice_mean", "dice_sd", "dice_ci_low", "dice_ci_high", "p_vs_none", "p_vs_full",
                "trainable_params", "train_time_s", "tuning", "folds", "dice_last_mean", "selected_folds",
                "below_base_folds", "hd95_mean_mm", "hd95_sd_mm", "hd95_undefined")
 
 
-def _csv_value(value: Any) -> Any:
-    return "" if isinstance(value, float) and not math.isfinite(value) else value  # NaN / undefined: blank
-
-
-def csv_text(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([*CSV_COLUMNS, *[f"dice_bin[{b}]" for b in labels], *[f"n_bin[{b}]" for b in labels],
-                     "volume_corr", "volume_abs_err_ml", "train_time_s_sd", "train_steps", "peak_mem_mb",
-                     "peak_mem_increase_mb", "memory", "base_from_runs"])
+def report_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> pd.DataFrame:
+    """The report as a table: one row per method, the numbers of report.csv (NaN where undefined), from which
+    report.md is formatted, so that both hold the same data."""
+    records = []
     for r in rows:
-        values = [r["method"], int(r["n_cases"]), r["dice"], r["dice_sd"], *r["dice_ci"], r["p_vs_none"],
-                  r["p_vs_full"], int(r["trainable_params"]), r["train_time_s"][0], r["tuning"], len(r["folds"]), r["dice_last"],
-                  r["selected_folds"], r["below_base_folds"], r["hd95"], r["hd95_sd"], int(r["hd95_undefined"]),
-                  *[r[f"dice_bin{i}"] for i in range(len(labels))], *[int(r[f"n_bin{i}"]) for i in range(len(labels))],
-                  r["volume_corr"], r["volume_abs_err_ml"], r["train_time_s"][1], r["train_steps"], r["peak_mem_mb"],
-                  r["peak_mem_increase_mb"], r["memory"], int(r["base_from_runs"])]
-        writer.writerow([_csv_value(v) for v in values])
-    return out.getvalue()
+        records.append({
+            "method": r["method"], "n_cases": int(r["n_cases"]), "dice_mean": r["dice"], "dice_sd": r["dice_sd"],
+            "dice_ci_low": r["dice_ci"][0], "dice_ci_high": r["dice_ci"][1], "p_vs_none": r["p_vs_none"],
+            "p_vs_full": r["p_vs_full"], "trainable_params": int(r["trainable_params"]), "train_time_s": r["train_time_s"][0],
+            "tuning": r["tuning"], "folds": len(r["folds"]), "dice_last_mean": r["dice_last"],
+            "selected_folds": r["selected_folds"], "below_base_folds": r["below_base_folds"], "hd95_mean_mm": r["hd95"],
+            "hd95_sd_mm": r["hd95_sd"], "hd95_undefined": int(r["hd95_undefined"]),
+            **{f"dice_bin[{b}]": r[f"dice_bin{i}"] for i, b in enumerate(labels)},
+            **{f"n_bin[{b}]": int(r[f"n_bin{i}"]) for i, b in enumerate(labels)},
+            "volume_corr": r["volume_corr"], "volume_abs_err_ml": r["volume_abs_err_ml"],
+            "train_time_s_sd": r["train_time_s"][1], "train_steps": r["train_steps"], "peak_mem_mb": r["peak_mem_mb"],
+            "peak_mem_increase_mb": r["peak_mem_increase_mb"], "memory": r["memory"],
+            "base_from_runs": int(r["base_from_runs"]),
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def markdown_table(table: pd.DataFrame, labels: Sequence[str]) -> str:
+    """report.md's table: the columns of :func:`report_table` formatted (pandas ``to_markdown``)."""
+    cells = pd.DataFrame({
+        "method": table["method"] + table["base_from_runs"].map({0: "", 1: "²"}),
+        "folds": table["folds"].astype(str),
+        "n": table["n_cases"].astype(str),
+        "Dice": [_fmt(m, sd) for m, sd in zip(table["dice_mean"], table["dice_sd"])],
+        "95% CI": ["-" if not math.isfinite(lo) else f"{lo:.3f}–{hi:.3f}"
+                   for lo, hi in zip(table["dice_ci_low"], table["dice_ci_high"])],
+        "p vs none": table["p_vs_none"].map(_fmt_p),
+        "p vs full": table["p_vs_full"].map(_fmt_p),
+        "below base¹": [f"⚠ {b}/{n}" if b else "" for b, n in zip(table["below_base_folds"], table["folds"])],
+        "Dice (last step)": table["dice_last_mean"].map(_fmt),
+        "HD95 (mm)": [_fmt(m, sd, 1) + (f" ({u} undef.)" if u else "")
+                      for m, sd, u in zip(table["hd95_mean_mm"], table["hd95_sd_mm"], table["hd95_undefined"])],
+        **{f"Dice {b}": [f"{_fmt(d)} (n={n})" for d, n in zip(table[f"dice_bin[{b}]"], table[f"n_bin[{b}]"])]
+           for b in labels},
+        "volume r": table["volume_corr"].map(lambda v: _fmt(v, digits=2)),
+        "trainable params": table["trainable_params"].map(lambda v: f"{v:,}"),
+        "train time (s)": [_fmt(m, sd, 1) for m, sd in zip(table["train_time_s"], table["train_time_s_sd"])],
+        "peak mem (MB)": table["peak_mem_mb"].map(lambda v: _fmt(v, digits=0)),
+        "+ over fit start (MB)": table["peak_mem_increase_mb"].map(lambda v: _fmt(v, digits=0)),
+    })
+    return cells.to_markdown(index=False, disable_numparse=True)
+
+
+def csv_text(table: pd.DataFrame) -> str:
+    """report.csv: :func:`report_table` (:data:`CSV_COLUMNS` first), undefined values blank."""
+    return table.to_csv(index=False, na_rep="", lineterminator="\r\n")
 
 
 def _save(figure: Any, path: Path) -> Path:
@@ -297,55 +319,97 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def _colours(n: int) -> list[Any]:
-    """One distinct colour per method: tab20's ten dark hues, then its ten light ones (so that neighbouring
-    methods do not share a hue), then tab20b / tab20c beyond 20 methods."""
+BASE_COLOUR = "0.45"  # the unadapted base: grey in both plots
+
+
+def _colours(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """One distinct colour per method, the same in both plots: grey for the unadapted base, then tab20's ten
+    dark hues, its ten light ones (so that neighbouring methods do not share a hue), then tab20b / tab20c."""
     from matplotlib import colormaps
 
     tab20 = [colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
-    palette = tab20 + [colormaps[name](i) for name in ("tab20b", "tab20c") for i in range(20)]
-    return [palette[i % len(palette)] for i in range(n)]
+    palette = [c for c in tab20 if abs(c[0] - c[1]) + abs(c[1] - c[2]) > 1e-3]  # tab20's greys left to the base
+    palette += [colormaps[name](i) for name in ("tab20b", "tab20c") for i in range(20)]
+    colours, k = [], 0
+    for r in rows:
+        if r["tuning"] == "none":
+            colours.append(BASE_COLOUR)
+        else:
+            colours.append(palette[k % len(palette)])
+            k += 1
+    return colours
 
 
-def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def _label(row: Mapping[str, Any]) -> str:
+    return f"{row['method']} (n={int(row['n_cases'])})"
+
+
+def plot_dice_by_method(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Bars: mean Dice over the pooled validation cases with its 95% bootstrap interval; dots: each fold's
+    mean; dashed line: the unadapted base's mean. Tick labels give each method's n (cases)."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    figure = Figure(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.6))
+    figure = Figure(figsize=(max(5.0, 0.75 * len(rows) + 2.0), 4.2))
     ax = figure.subplots()
     x = np.arange(len(rows))
     means = np.array([r["dice"] for r in rows])
     ci = np.array([r["dice_ci"] for r in rows], dtype=np.float64).reshape(len(rows), 2)
     errors = np.nan_to_num(np.abs(np.stack([means - ci[:, 0], ci[:, 1] - means])))
-    ax.bar(x, means, yerr=errors, capsize=3, color=_colours(len(rows)), edgecolor="k", linewidth=0.5)
+    ax.bar(x, means, yerr=errors, capsize=3, color=_colours(rows), edgecolor="k", linewidth=0.5)
     for i, r in enumerate(rows):
         ax.plot([i] * len(r["fold_dice"]), r["fold_dice"], "k.", markersize=4)
-    ax.set_xticks(x, [r["method"] for r in rows], rotation=45, ha="right")
-    ax.set_ylabel("Dice (mean, 95% bootstrap CI; dots: folds)")
+        if math.isfinite(means[i]):
+            top = max(means[i] + errors[1, i], np.nanmax(r["fold_dice"], initial=means[i]))
+            ax.annotate(f"{means[i]:.3f}", (i, top), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    handles = [Patch(facecolor="0.85", edgecolor="k", linewidth=0.5, label="mean Dice, 95% bootstrap CI"),
+               Line2D([], [], color="k", marker=".", linestyle="none", label="mean Dice of one fold")]
+    base = next((r for r in rows if r["tuning"] == "none" and "/" not in r["method"]), None)
+    if base is not None and math.isfinite(base["dice"]):
+        ax.axhline(base["dice"], color=BASE_COLOUR, linestyle="--", linewidth=0.8)
+        handles.append(Line2D([], [], color=BASE_COLOUR, linestyle="--", label=f"unadapted base ({base['dice']:.3f})"))
+    ax.set_xticks(x, [f"{r['method']}\nn={int(r['n_cases'])}" for r in rows], rotation=45, ha="right",
+                  rotation_mode="anchor", fontsize=8)
+    ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
+    ax.set_title(title or "Dice per method (validation cases of all folds pooled)", fontsize=10)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(figure, path)
 
 
-def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path, unit: str = "mL") -> Path:
+def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], path: Path, title: str = "",
+                        unit: str = "mL") -> Path:
+    """Each validation case's Dice against its true lesion volume (points), per method, and each volume bin's
+    mean Dice at the bin's median volume (lines); the bin edges dashed and labelled, each bin named at the top."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.0, 4.0))
+    figure = Figure(figsize=(8.0, 4.6))
     ax = figure.subplots()
     markers = "os^vD<>phx*+"
-    for i, (r, color) in enumerate(zip(rows, _colours(len(rows)))):
+    for i, (r, color) in enumerate(zip(rows, _colours(rows))):
         volumes, dice = [c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]]
         marker = markers[i % len(markers)]
-        ax.scatter(volumes, dice, s=14, marker=marker, color=color, alpha=0.5)
+        ax.scatter(volumes, dice, s=12, marker=marker, color=color, alpha=0.35, linewidths=0)
         bins = [[k for k, v in enumerate(volumes) if volume_bin(v, edges) == b] for b in range(len(edges) - 1)]
-        means = [(np.median([volumes[k] for k in b]), np.mean([dice[k] for k in b])) for b in bins if b]
-        ax.plot(*zip(*means), color=color, marker=marker, linewidth=1.2, label=r["method"])  # mean Dice per bin
+        means = [(np.median([volumes[k] for k in b]), np.nanmean([dice[k] for k in b])) for b in bins if b]
+        ax.plot(*zip(*means), color=color, marker=marker, linewidth=1.4, label=_label(r))  # mean Dice per bin
+    low, high = ax.get_xlim()
     for edge in edges[1:-1]:
-        ax.axvline(edge, color="0.75", linewidth=0.8, linestyle="--")
-        ax.annotate(f"{edge:g} {unit}", (edge, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                    textcoords="offset points", fontsize=7, color="0.4")
+        ax.axvline(edge, color="0.6", linewidth=0.8, linestyle="--")
+        ax.annotate(f"{edge:g} {unit}", (edge, 0.0), xycoords=("data", "axes fraction"), xytext=(2, 3),
+                    textcoords="offset points", fontsize=7, color="0.35")
+    for name, (a, b) in zip(bin_labels(edges, unit), zip(edges[:-1], edges[1:])):
+        a, b = max(a, low), min(b, high)
+        if a < b:  # the bin's name over its stretch of the axis
+            ax.annotate(name, ((a + b) / 2, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -10),
+                        textcoords="offset points", ha="center", fontsize=7, color="0.35")
     ax.set_xlabel(f"true lesion {'volume' if unit == 'mL' else 'area'} ({unit}); lines: mean Dice per volume bin (dashed: bin edges)")
     ax.set_ylabel("Dice")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=7)
+    ax.set_xlim(low, high)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or "Dice against lesion volume (validation cases of all folds pooled)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (n cases)", title_fontsize=7)
     return _save(figure, path)
 
 
@@ -353,6 +417,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     """Aggregate the runs of `experiment_dir` into report.md, report.csv and two PNG plots; returns their paths."""
     runs = collect_runs(experiment_dir)
     rows, labels = method_rows(runs)
+    table = report_table(rows, labels)
     out = Path(out_dir or experiment_dir)
     out.mkdir(parents=True, exist_ok=True)
     edges = _edges(runs[0]["volume_bins_ml"])
@@ -376,7 +441,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use "
         "when training started) as means over folds.",
         "",
-        markdown_table(rows, labels),
+        markdown_table(table, labels),
         "",
         *notes,
         "",
@@ -388,7 +453,9 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(paths["csv"]) as tmp:
-        tmp.write_text(csv_text(rows, labels), encoding="utf-8")
-    paths["dice_by_method"] = plot_dice_by_method(rows, out / "dice_by_method.png")
-    paths["dice_vs_volume"] = plot_dice_vs_volume(rows, edges, out / "dice_vs_volume.png", size_unit(runs))
+        tmp.write_text(csv_text(table), encoding="utf-8")
+    paths["dice_by_method"] = plot_dice_by_method(
+        rows, out / "dice_by_method.png", f"{name}: Dice per method (validation cases of all folds pooled)")
+    paths["dice_vs_volume"] = plot_dice_vs_volume(
+        rows, edges, out / "dice_vs_volume.png", f"{name}: Dice against true lesion volume, per method", size_unit(runs))
     return paths

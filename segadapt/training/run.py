@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -56,16 +57,29 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan
 from segadapt.models import load_pretrained
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, SelectBest, TrainStats, export_weights, standard_error
+from .callbacks import (ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, PhaseTimes, SelectBest, TrainStats, export_weights,
+                        progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, tuning_name
 from .planning import PLAN_FILE, apply_plan, run_plan
+from .sweep import BASE_SCORES, base_key
 
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "segadapt-run/1"
-rank_zero_print = rank_zero_only(print)
+
+
+@rank_zero_only
+def report_summary(text: str) -> None:
+    """The end-of-run summary to the console and the job's log: in a Hydra job a log record (Hydra's handlers
+    write it to the console and to ``<run_dir>/<job name>.log``, e.g. ``train.log``); elsewhere printed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        log.info(text)
+    else:
+        print(text)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"
@@ -92,7 +106,7 @@ def configure_threads(threads: Optional[int]) -> int:
 # that may be any number); None: any type (Lightning's devices: 1, 'auto', [0, 1]). The others take the
 # type of their value in the config files.
 DECLARED_TYPES: dict[str, Optional[type]] = {"trainer.threads": int, "ckpt_path": str, "adapter.spec.alpha": float,
-                                             "trainer.devices": None}
+                                             "trainer.devices": None, "model.inference.sw_batch_size": int}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping"}
 
@@ -171,10 +185,14 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
     preset, lr, reg_weight) and the top-level optim/loss/threshold settings."""
     model = cfg["model"]
     inference = dict(model.get("inference") or {})
+    preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
     if inference.get("roi_size") is None:  # the training sample size (the multi-view UNet does not use it)
-        preprocess = PreprocessConfig.from_dict(dict(data["preprocess"]))
         sampling = training_sampling(model, preprocess.to_dict())
         inference["roi_size"] = list(preprocess.slice_size if sampling == "slice" else preprocess.patch_size)
+    if "sw_batch_size" in inference and inference["sw_batch_size"] is None:
+        # the training batch (samples per step, from the plan unless the config sets it): it fits in memory with
+        # gradients, so windows batched as many at a time do without
+        inference["sw_batch_size"] = int(data["batch_size"]) * preprocess.samples_per_volume
     return {
         "model": model["name"],
         "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
@@ -221,12 +239,25 @@ def _selection(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def trainer_args(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """lightning.Trainer arguments: the trainer group without segadapt's own keys (threads, workers); with
-    model selection, the inner validation every ``selection.every_n_steps`` training steps."""
+    model selection, the inner validation every ``selection.every_n_steps`` training steps; bf16 precision
+    on a GPU without bf16 becomes 16-mixed (:func:`gpu_precision`)."""
     args = {k: v for k, v in cfg["trainer"].items() if k not in ("threads", "workers")}
     selection = _selection(cfg)
     if selection.get("inner_fraction") and selection.get("every_n_steps"):
         args.update(val_check_interval=int(selection["every_n_steps"]), check_val_every_n_epoch=None)
-    return {**args, **overrides}
+    args = {**args, **overrides}
+    if args.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+        args["precision"] = gpu_precision(args.get("precision"), torch.cuda.is_bf16_supported())
+    return args
+
+
+def gpu_precision(precision: Any, bf16_supported: bool) -> Any:
+    """Lightning precision for a GPU: ``bf16-mixed`` / ``bf16-true`` where the GPU has bf16 (Ampere and later),
+    else ``16-mixed`` (fp16 autocast with loss scaling; V100, T4, ...), with a warning; others unchanged."""
+    if isinstance(precision, str) and precision.startswith("bf16") and not bf16_supported:
+        log.warning("trainer.precision=%s: this GPU has no bf16; training with 16-mixed instead", precision)
+        return "16-mixed"
+    return precision
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -371,7 +402,9 @@ def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optio
         ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every,
                         enable_version_counter=False),
         TrainStats(),
+        PhaseTimes(),
         ExportWeights(str(run_dir)),
+        *progress_callbacks(args),
     ]
     if resume and rank_zero_only.rank == 0:
         callbacks.append(KeepLogHistory(csv_logger))
@@ -380,6 +413,50 @@ def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optio
 
 def _stats(trainer: pl.Trainer) -> dict[str, Any]:
     return next(c.stats for c in trainer.callbacks if isinstance(c, TrainStats))
+
+
+def _phase_times(trainer: pl.Trainer) -> PhaseTimes:
+    return next(c for c in trainer.callbacks if isinstance(c, PhaseTimes))
+
+
+# lightning.Trainer arguments that decide how the base is evaluated (device, precision), not how a run trains
+_EVALUATION_TRAINER_KEYS = ("accelerator", "devices", "precision", "deterministic", "inference_mode")
+
+
+def _base_scores(trainer: pl.Trainer, module_kwargs: Mapping[str, Any], datamodule: SegDataModule,
+                 datamodule_kwargs: Mapping[str, Any], trainer_kwargs: Mapping[str, Any], val: bool,
+                 inner: bool) -> tuple[Optional[list[dict]], Optional[float], float]:
+    """(case rows on the fold's validation cases, inner-split Dice, seconds spent) of the unadapted base.
+
+    Scored on the plain base network (built under a forked RNG, so the run's own initialisation is
+    unchanged) by a Trainer without loggers, and kept in :data:`~segadapt.training.sweep.BASE_SCORES`: the
+    next method on the same fold in this process reuses them. Under DDP the run's own trainer scores them
+    (one process per run there, nothing to share)."""
+    start = time.perf_counter()
+    base: list[SegAdaptModule] = []
+
+    def network() -> SegAdaptModule:
+        if not base:
+            with torch.random.fork_rng(devices=[]):
+                base.append(SegAdaptModule(**{**module_kwargs, "adapter": "none"}))
+        return base[0]
+
+    distributed = trainer.world_size > 1
+    scorer = trainer if distributed else pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **{k: v for k, v in trainer_kwargs.items() if k in _EVALUATION_TRAINER_KEYS})
+
+    def scored(kind: str, score: Callable[[], Any]) -> Any:
+        key = None if distributed else base_key(module_kwargs, datamodule_kwargs, torch.get_num_threads(), kind)
+        return score() if key is None else BASE_SCORES.get_or_build(key, score)
+
+    def validated() -> list[dict]:
+        scorer.validate(network(), datamodule=datamodule, verbose=False)
+        return network().case_rows
+
+    cases = scored("val", validated) if val else None
+    inner_dice = scored("inner", lambda: _inner_dice(scorer, network(), datamodule)[0]) if inner else None
+    return cases, inner_dice, 0.0 if distributed else time.perf_counter() - start  # DDP: in PhaseTimes
 
 
 def fit_run(
@@ -396,6 +473,7 @@ def fit_run(
     overwrite: bool = False,
     plan: Optional[Plan] = None,
     patience: Optional[int] = None,
+    started: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
 
@@ -416,7 +494,14 @@ def fit_run(
         plan: the dataset plan the settings came from, written as ``plan.json``.
         patience: stop early after this many inner validations without improvement (Lightning
             ``EarlyStopping``); None: train all steps.
+        started: ``time.perf_counter()`` at which the run's setup began (default: now); metrics.json's
+            ``timing`` splits the time since into setup (until the first training step, validation
+            aside), training steps, validation and the rest.
+
+    The unadapted base's scores (``base_val``, ``base_inner_dice``) are those of the plain base network,
+    shared by the runs of one process (:func:`_base_scores`).
     """
+    started = time.perf_counter() if started is None else started
     run_dir = Path(run_dir).resolve()
     tuning = tuning_name(module_kwargs["adapter"])
     record = run_record(run_dir, identity, module_kwargs, datamodule_kwargs, trainer_kwargs, seed,
@@ -447,12 +532,11 @@ def fit_run(
             stopper = EarlyStopping(monitor="val/dice", mode="max", patience=int(patience))
             trainer.callbacks.append(stopper)
 
-    base_cases, base_inner_dice = None, None
-    if tuning == "none" or (eval_base and tuning != "scratch"):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        base_cases = module.case_rows
-    if selector is not None and tuning != "scratch":  # the network is still the untuned base
-        base_inner_dice = _inner_dice(trainer, module, datamodule)[0]
+    base_cases, base_inner_dice, base_s = _base_scores(
+        trainer, module_kwargs, datamodule, datamodule_kwargs, trainer_kwargs,
+        val=tuning == "none" or (eval_base and tuning != "scratch"), inner=selector is not None and tuning != "scratch")
+    if tuning == "none":
+        module.case_rows = list(base_cases)
     if tuning != "none":
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
@@ -470,6 +554,10 @@ def fit_run(
             export_weights(module, run_dir)  # replaces the last network's file that ExportWeights wrote
     cases = module.case_rows
     bins = module.bins
+    phases = _phase_times(trainer)
+    validation_s = base_s + phases.validation_s
+    end = time.perf_counter()
+    first_step = phases.first_step_at or end
     result = {
         "format": "segadapt-metrics/1",
         "run": {**identity, "tuning": tuning, "seed": seed},
@@ -492,6 +580,13 @@ def fit_run(
         "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
                  **(_stats(trainer) if tuning != "none" else {})},
         "global_step": trainer.global_step,
+        "timing": {  # seconds of this session (a resumed run: of the resumed part)
+            # imports (the first run of a process), plan, data, network: until the first step, validation aside
+            "setup_s": first_step - started - base_s - phases.validation_before_first_step_s,
+            "train_steps_s": phases.train_steps_s,
+            "validation_s": validation_s,
+            "total_s": end - started,
+        },
         "cases": cases,
         "last_cases": last_cases,
         "base_cases": None if tuning == "none" else base_cases,
@@ -581,13 +676,16 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
                      checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan,
                      patience=_selection(cfg).get("patience"))
-    rank_zero_print(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
+    report_summary(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
                     f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
     return result
 
 
-def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None) -> dict[str, Any]:
-    """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs)."""
+def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None,
+          started: Optional[float] = None) -> dict[str, Any]:
+    """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs);
+    `started`: the ``time.perf_counter()`` its setup counts from (default: now)."""
+    started = time.perf_counter() if started is None else started
     plan = run_plan(cfg, pretraining=False, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
     check_request(cfg, "train")  # before the base is pretrained or the run folder touched
@@ -597,8 +695,8 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None)
     result = fit_run(**args, ckpt_path=cfg["ckpt_path"], eval_base=cfg["eval_base"],
                      checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
                      overwrite=bool(cfg.get("overwrite", False)), plan=plan,
-                     patience=_selection(cfg).get("patience"))
-    rank_zero_print(format_result(result, cfg["run_dir"]))
+                     patience=_selection(cfg).get("patience"), started=started)
+    report_summary(format_result(result, cfg["run_dir"]))
     return result
 
 
@@ -629,6 +727,11 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
         threads = f"{cost['threads']} thread" + ("s" if cost["threads"] > 1 else "")
         lines.append(f"  trainable parameters {cost['trainable_params']:,}, training {cost['train_time_s']:.0f} s "
                      f"({cost['train_steps']} steps, {threads}), peak memory {cost['peak_mem_mb']:.0f} MB ({cost['memory']})")
+    timing = result.get("timing")
+    if timing:
+        other = timing["total_s"] - timing["setup_s"] - timing["train_steps_s"] - timing["validation_s"]
+        lines.append(f"  time: setup {timing['setup_s']:.1f} s, training steps {timing['train_steps_s']:.1f} s, "
+                     f"validation {timing['validation_s']:.1f} s, other {other:.1f} s (total {timing['total_s']:.1f} s)")
     lines.append(f"  run folder: {run_dir}")
     return "\n".join(lines)
 

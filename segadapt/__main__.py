@@ -1,0 +1,7 @@
+"""``python -m segadapt``: the ``segadapt`` command."""
+
+import sys
+
+from segadapt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,256 @@
+"""A run as a MONAI bundle: the merged network with the run's preprocessing, sliding window and postprocessing.
+
+:func:`export_bundle` writes::
+
+    <folder>/configs/inference.json   network_def, preprocessing, inferer, postprocessing, initialize, run
+    <folder>/configs/metadata.json    MONAI's metadata (versions, network_data_format)
+    <folder>/models/model.pt          state dict of the merged plain MONAI network (adapters folded in)
+
+and ``python -m monai.bundle run --config_file <folder>/configs/inference.json --dataset_dir DIR`` (or
+``--datalist "['scan.nii.gz']"``; ``--output_dir`` defaults to ``<bundle_root>/eval``) writes one
+``<name>_seg.nii.gz`` mask per NIfTI scan, on the scan's grid, as ``segadapt predict`` does.
+
+The network is a plain MONAI class (``DynUNet`` for ``dynunet``, ``UNet`` for ``unet3d``) with its keyword
+arguments; segadapt's own networks (multi-view UNet, ViT segmenter) have none, and are refused. The
+preprocessing is segadapt's (:func:`segadapt.data.transforms.deterministic_transforms` of the run's
+``datamodule.preprocess``) written as MONAI transforms: orientation, spacing, the foreground crop and the
+intensity step; the intensity modes MONAI has no transform for ('ct' windows stacked as channels,
+'ct_zscore', 'zscore' with a background) use segadapt's transform classes, so such bundles need segadapt
+installed (listed in the metadata). The bundle runs its cases in a plain loop (``run``), not MONAI's
+``SupervisedEvaluator``, so it needs no pytorch-ignite.
+
+One thresholding detail: the bundle's ``AsDiscreted(threshold=t)`` keeps p >= t, ``segadapt predict`` p > t;
+they differ only on voxels whose probability is exactly t.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+import segadapt
+from segadapt.data import PreprocessConfig
+from segadapt.data.files import atomic_path, check_output_folder, write_json
+from segadapt.models import MODELS, logits_to_probabilities
+from segadapt.training import read_run_config
+
+BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
+INFERENCE_CONFIG = Path("configs") / "inference.json"
+METADATA = Path("configs") / "metadata.json"
+MODEL_FILE = Path("models") / "model.pt"
+META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+
+
+def network_def(model: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle's ``network_def``: the plain MONAI class of `model` with the keyword arguments that
+    segadapt's builder (``segadapt.models.MODELS[model]``) gives it, defaults filled in.
+
+    Raises:
+        ValueError: `model` has no plain MONAI class.
+    """
+    if model not in BUNDLE_NETWORKS:
+        raise ValueError(f"model {model!r} has no plain MONAI network class, so it cannot be a MONAI bundle; "
+                         f"bundles support {', '.join(BUNDLE_NETWORKS)} (use the merged export instead)")
+    arguments = inspect.signature(MODELS[model]).bind(**model_kwargs)
+    arguments.apply_defaults()
+    kwargs = dict(arguments.arguments)
+    if model == "dynunet":  # build_dynunet's names and its one derived default
+        kwargs["norm_name"] = kwargs.pop("norm")
+        if kwargs["upsample_kernel_size"] is None:
+            kwargs["upsample_kernel_size"] = list(kwargs["strides"])[1:]
+    return {"_target_": BUNDLE_NETWORKS[model], **json.loads(json.dumps(kwargs))}
+
+
+def _image_channels(config: Mapping[str, Any], preprocess: PreprocessConfig) -> int:
+    """Image channels before windowing (as :class:`segadapt.inference.Predictor` counts them)."""
+    in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", preprocess.in_channels))
+    return max(in_channels // preprocess.in_channels, 1)
+
+
+def _select_fn(cfg: PreprocessConfig, channels: int) -> Any:
+    """The foreground crop's ``select_fn`` (segadapt.data.transforms._crop_select) as a config value."""
+    if cfg.intensity in ("ct", "ct_zscore"):
+        return f"$lambda x: x > {float(cfg.foreground_threshold)!r}"
+    if cfg.intensity == "zscore":
+        background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
+        if all(b is None for b in background):
+            return None
+        return {"_target_": "segadapt.data.transforms._DiffersFrom", "background": background}
+    return "$lambda x: x > 0.0"
+
+
+def _intensity(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
+    """segadapt.data.transforms._intensity as a config entry."""
+    if cfg.intensity == "ct":
+        return {"_target_": "segadapt.data.transforms.CTWindowd", "keys": "image", "windows": cfg.windows}
+    if cfg.intensity == "ct_zscore":
+        return {"_target_": "segadapt.data.transforms.CTZScored", "keys": "image", "clip_range": cfg.clip_range,
+                "mean": cfg.norm_mean, "std": cfg.norm_std}
+    if cfg.intensity == "zscore":
+        background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
+        return {"_target_": "segadapt.data.transforms.ZScored", "keys": "image", "background": background}
+    if cfg.intensity == "mri":
+        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}
+    return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0, "b_max": 1.0}
+
+
+def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
+    """The inference pipeline of the run (segadapt.data.inference_transforms) as the bundle's ``preprocessing``.
+
+    The checks segadapt adds (LoadCased's header and shape checks, RequireForegroundd) are left out.
+    """
+    steps: list[dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "ensure_channel_first": True,
+         "image_only": True, "dtype": "$numpy.float32"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": cfg.orientation, "labels": None},
+    ]
+    if cfg.target_spacing is not None:
+        steps.append({"_target_": "Spacingd", "keys": "image", "pixdim": cfg.target_spacing, "mode": "bilinear"})
+    select = _select_fn(cfg, channels) if cfg.crop_foreground else None
+    if select is not None:
+        steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "select_fn": select,
+                      "allow_smaller": True, "start_coord_key": None, "end_coord_key": None})
+    steps.append(_intensity(cfg, channels))
+    steps.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32", "track_meta": True})
+    return {"_target_": "Compose", "transforms": steps}
+
+
+def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder)."""
+    module = config["module"]
+    cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
+    channels = _image_channels(config, cfg)
+    roi = module.get("roi_size")
+    if roi is None:
+        raise ValueError("the run has no module.roi_size: a bundle's sliding-window inferer needs one")
+    window = {"roi_size": list(roi), "sw_batch_size": int(module.get("sw_batch_size", 1)),
+              "overlap": float(module.get("overlap", 0.25)), "mode": "gaussian"}
+    if len(roi) == cfg.spatial_dims - 1:  # a 2D network slice by slice along the axial axis (SegAdaptModule)
+        inferer = {"_target_": "SliceInferer", "spatial_dim": 2, **window}
+    else:
+        inferer = {"_target_": "SlidingWindowInferer", **window}
+    out_channels = int(module.get("model_kwargs", {}).get("out_channels", 1))
+    threshold = float(module.get("threshold", 0.5))
+    activation = {"sigmoid": True} if out_channels == 1 else {"softmax": True}
+    discrete = {"threshold": "@threshold"} if out_channels == 1 else {"argmax": True}
+    return {
+        "imports": ["$import glob", "$import numpy", "$import torch", "$import segadapt.data.transforms"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$sorted(glob.glob(@dataset_dir + '/*.nii*'))",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "threshold": threshold,
+        "network_def": network_def(module["model"], module.get("model_kwargs") or {}),
+        "network": "$@network_def.to(@device)",
+        "preprocessing": preprocessing(cfg, channels),
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
+        "inferer": inferer,
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", **activation},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", **discrete},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+             "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False},
+        ]},
+        "checkpoint": "$torch.load(@bundle_root + '/models/model.pt', map_location=@device, weights_only=True)",
+        "initialize": ["$@network.load_state_dict(@checkpoint)", "$@network.eval()", "$torch.set_grad_enabled(False)"],
+        "run": ["$[@postprocessing({**item, 'pred': @inferer(item['image'][None].to(@device), @network)[0].float()})"
+                " for item in @dataset]"],
+    }
+
+
+def metadata(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The bundle's ``metadata.json`` (MONAI's fields; the run's identity in the description)."""
+    import monai
+
+    module, run = config["module"], config.get("run", {})
+    cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
+    in_channels = int(module.get("model_kwargs", {}).get("in_channels", cfg.in_channels))
+    out_channels = int(module.get("model_kwargs", {}).get("out_channels", 1))
+    tensor = {"type": "image", "spatial_shape": list(module["roi_size"]), "dtype": "float32", "is_patch_data": True}
+    classes = {"0": "lesion"} if out_channels == 1 else {str(c): f"class {c}" for c in range(out_channels)}
+    return {
+        "schema": META_SCHEMA,
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by segadapt {segadapt.__version__} from {run_dir}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"nibabel": _version("nibabel"), "segadapt": segadapt.__version__},
+        "task": f"{run.get('dataset', 'lesion')} segmentation",
+        "description": (f"{module['model']} adapted with {run.get('method', module.get('adapter'))} "
+                        f"(fold {run.get('fold', '?')} of experiment {run.get('experiment', '?')}), adapter merged"),
+        "authors": "segadapt",
+        "copyright": "see the training data's licence",
+        "intended_use": "research; not for diagnostic use",
+        "data_type": "nibabel",
+        "image_classes": f"{in_channels} channel(s) after segadapt's '{cfg.intensity}' intensity step",
+        "pred_classes": ("1 channel: foreground probability (sigmoid), thresholded at "
+                         f"{module.get('threshold', 0.5)}" if out_channels == 1 else f"{out_channels} classes (softmax, argmax)"),
+        "network_data_format": {
+            "inputs": {"image": {**tensor, "format": "magnitude", "num_channels": in_channels,
+                                 "value_range": [], "channel_def": {str(c): "image" for c in range(in_channels)}}},
+            "outputs": {"pred": {**tensor, "format": "segmentation", "num_channels": out_channels,
+                                 "value_range": [0, 1], "channel_def": classes}},
+        },
+        "platform": platform.platform(),
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _check_network(net: nn.Module, definition: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                   roi: list[int], in_channels: int) -> None:
+    """Refuse a bundle whose network_def does not compute what the merged network computes (a builder
+    argument the mapping missed would make it silently wrong)."""
+    plain = ConfigParser({"network_def": dict(definition)}).get_parsed_content("network_def")
+    plain.load_state_dict(state)
+    x = torch.randn(1, in_channels, *roi, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = net.eval()(x), plain.eval()(x)
+    if ours.shape != theirs.shape or not torch.allclose(logits_to_probabilities(ours), logits_to_probabilities(theirs),
+                                                         atol=1e-5):
+        raise ValueError(f"the bundle's network_def {definition['_target_']} does not reproduce the run's network")
+
+
+def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict: bool = True) -> Path:
+    """Write the run folder `run_dir` as a MONAI bundle in `folder` (see the module docstring); returns `folder`.
+
+    Raises:
+        ValueError: a network without a plain MONAI class, a run without ``roi_size``, an output folder
+            that exists and is not empty.
+        FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
+    """
+    from segadapt.adapters import merge_and_unload
+    from segadapt.export import load_run_for_export
+
+    run_dir, folder = Path(run_dir), Path(folder)
+    check_output_folder(folder, "bundle folder")
+    config = read_run_config(run_dir)
+    network_def(config["module"]["model"], config["module"].get("model_kwargs") or {})  # refuse before any work
+    inference = inference_config(config)
+    net, _ = load_run_for_export(run_dir, strict=strict)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
+    in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))
+    _check_network(net, inference["network_def"], state, list(config["module"]["roi_size"]), in_channels)
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        torch.save(state, tmp)
+    write_json(folder / METADATA, metadata(config, run_dir.resolve()))
+    write_json(folder / INFERENCE_CONFIG, inference)
+    return folder

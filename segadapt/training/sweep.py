@@ -1,0 +1,128 @@
+"""What the runs of one process share, and the time summary of a sweep.
+
+A local sweep (``scripts/train.py -m ...`` with Hydra's basic launcher) runs every job in one process, one
+after the other. What does not depend on the method is then built once for all of them:
+
+* the preprocessed cases: :data:`segadapt.data.cache.CASES` (``cache: memory``), keyed by the dataset, the
+  preprocessing config (the plan's decisions) and each case's files;
+* the base weights: :func:`segadapt.models.read_state_dict` keeps the last files it read, keyed by path,
+  size and modification time; every run loads them into its own freshly built network;
+* the unadapted base's scores on a fold (:data:`BASE_SCORES`): the validation cases (``base_val``) and the
+  inner split (``base_inner_dice``), computed on the plain base network, which is the same for every method
+  of the fold, and keyed by everything they depend on (:func:`base_key`).
+
+Each run still writes its own complete run folder, and a run alone computes the same numbers.
+Slurm (``hydra/launcher=submitit_slurm``) keeps one process per run; nothing is shared there.
+
+:class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``) prints at the end of
+a multirun the wall time and the share of it spent in training steps, from the runs' ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+# SegAdaptModule arguments the unadapted base's predictions depend on (the others say how it would be tuned).
+_BASE_MODULE_KEYS = ("model", "model_kwargs", "base_checkpoint", "volume_bins_ml", "threshold", "slice_batch_size",
+                     "roi_size", "sw_batch_size", "overlap")
+# SegDataModule arguments its validation and inner cases do not depend on.
+_TRAINING_ONLY_KEYS = ("seed", "batch_size", "num_workers", "max_train_cases")
+
+
+class ScoreStore:
+    """Memory of computed values by key; ``builds`` counts the values computed."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+        value = build()
+        with self._lock:
+            self.builds += 1
+            return self._values.setdefault(key, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self.builds = 0
+
+
+BASE_SCORES = ScoreStore()
+
+
+def base_key(module_kwargs: Mapping[str, Any], datamodule_kwargs: Mapping[str, Any], threads: int,
+             kind: str) -> Optional[str]:
+    """Key of the base's scores (`kind`: ``'val'`` or ``'inner'``) for a run; None without a base checkpoint."""
+    checkpoint = module_kwargs.get("base_checkpoint")
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    stat = Path(checkpoint).stat()
+    return json.dumps({
+        "kind": kind,
+        "module": {k: module_kwargs.get(k) for k in _BASE_MODULE_KEYS},
+        "checkpoint": [str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns],
+        "data": {k: v for k, v in datamodule_kwargs.items() if k not in _TRAINING_ONLY_KEYS},
+        "threads": threads,  # float sums, hence thresholded masks, depend on it
+    }, sort_keys=True, default=str)
+
+
+def clear_caches() -> None:
+    """Forget what the runs of this process shared (cases, base weights, base scores)."""
+    from segadapt.data.cache import CASES
+    from segadapt.models import pretrained
+
+    CASES.clear()
+    BASE_SCORES.clear()
+    pretrained._read_cache.clear()
+
+
+def _runs_since(folder: Path, since: float) -> list[dict]:
+    """The metrics.json of the runs under `folder` written after `since` (time.time())."""
+    runs = []
+    for path in folder.rglob("metrics.json"):
+        try:
+            if path.stat().st_mtime >= since:
+                runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return runs
+
+
+def sweep_summary(runs: list[dict], wall_s: float) -> str:
+    """One line: runs, wall time, and the share of it in training steps (with setup and validation)."""
+    timing = [r.get("timing") or {} for r in runs]
+    total = {k: sum(t.get(k) or 0.0 for t in timing) for k in ("setup_s", "train_steps_s", "validation_s")}
+    share = total["train_steps_s"] / wall_s if wall_s > 0 else float("nan")
+    return (f"sweep: {len(runs)} runs in {wall_s:.0f} s wall; training steps {total['train_steps_s']:.0f} s "
+            f"({share:.0%} of the wall time), validation {total['validation_s']:.0f} s, "
+            f"setup {total['setup_s']:.0f} s")
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, :func:`sweep_summary` of the runs it wrote (any launcher)."""
+
+    def __init__(self) -> None:
+        self._start_wall = self._start = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start_wall, self._start = time.time(), time.perf_counter()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(os.path.expanduser(str(config.hydra.sweep.dir)))
+        runs = _runs_since(folder, self._start_wall - 1.0) if folder.is_dir() else []
+        if runs:
+            print(sweep_summary(runs, time.perf_counter() - self._start), flush=True)

@@ -1,0 +1,248 @@
+"""The ``segadapt`` command: every subcommand exits 0 on success and 2 with one ``error:`` line on a user error;
+``--help`` lists them all without importing torch; every option has help; the shipped example configs run; a
+short fit is quiet (no warning from segadapt's own code, no third-party noise); ``segadapt test`` scores the
+dataset's labelled test split and refuses a dataset without one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segadapt.cli import COMMANDS, config_argv, main, run
+from segadapt.data import load_dataset_json, load_test_cases
+from segadapt.training import read_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+NOISE = ("LightningCLI's args", "Tip:", "litlogger", "LeafSpec", "get_mask_edges", "nvImageCodec", " object at 0x",
+         "Epoch ")
+
+
+def _segadapt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segadapt", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def world(demo_runs, tmp_path_factory) -> dict:
+    """A copy of the demo's target dataset (3 phantom cases, editable here), the demo's runs and base."""
+    root = tmp_path_factory.mktemp("cli")
+    config = read_run_config(demo_runs[0])
+    source = Path(config["datamodule"]["dataset_json"]).parent
+    shutil.copytree(source, root / "sah")
+    return {"root": root, "runs": demo_runs, "config": config, "dataset": root / "sah" / "dataset.json"}
+
+
+def fit_config(world: dict, path: Path, **trainer) -> Path:
+    """configs/cli/fit.yaml pointed at the demo's base and data, for 2 steps: what the shipped example runs."""
+    cfg = yaml.safe_load((REPO / "configs/cli/fit.yaml").read_text(encoding="utf-8"))
+    module, data = world["config"]["module"], world["config"]["datamodule"]
+    cfg["model"].update(model_kwargs=module["model_kwargs"], base_checkpoint=module["base_checkpoint"])
+    cfg["data"].update(dataset_json=str(world["dataset"]), preprocess=data["preprocess"])
+    cfg["trainer"].update({"max_steps": 2, "log_every_n_steps": 1, "default_root_dir": str(path.parent / "fit"),
+                           **trainer})
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def expect_user_error(argv: list[str], capsys, message: str) -> None:
+    """`segadapt argv` exits 2 with one line on stderr that says `error:` and contains `message`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, (argv, err)
+    assert [line for line in err if "error:" in line] == err[-1:] and message in err[-1], (argv, err)
+
+
+# ---- help --------------------------------------------------------------------------------------------------
+def test_help_lists_every_subcommand_on_one_line_without_importing_torch(tmp_path):
+    done = _segadapt("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for name, (summary, _) in COMMANDS.items():
+        assert sum(bool(re.match(rf"\s+{name}\s+{re.escape(summary)}$", line)) for line in lines) == 1, (name, done.stdout)
+    assert set(COMMANDS) == {"fit", "validate", "test", "predict", "report", "export", "plan", "diagnose"}
+    code = ("import sys\nfrom segadapt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}), code)")
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[] 0", done.stdout + done.stderr
+
+
+def _options_without_help(text: str) -> list[str]:
+    """Options of an argparse / jsonargparse help text whose description is empty or only '(type: ...)'."""
+    entries = re.split(r"\n  (?=\S)", text.split("\noptions:", 1)[-1] if "positional arguments" not in text
+                       else text.split("\npositional arguments:", 1)[1])
+    missing = []
+    for entry in entries:
+        first, *rest = entry.split("\n")
+        invocation, _, inline = first.strip().partition("  ")
+        description = " ".join([inline.strip(), *(line.strip() for line in rest)]).strip()
+        if invocation and (not description or description.startswith("(type:") or description.startswith("(required, type:")):
+            missing.append(invocation)
+    return missing
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_of_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    if command in ("fit", "validate", "test"):  # segadapt's own options: the module's and data module's arguments
+        own = "\n".join(part for part in text.split("\n\n") if "--model." in part or "--data." in part)
+        for name in ("lr", "roi_size", "sw_batch_size", "overlap"):
+            assert f"--model.{name}" in own
+        assert "--data.splits_path" in own and "--optimizer" not in text
+        assert _options_without_help(own) == []
+    else:
+        assert _options_without_help(text) == [], text
+
+
+# ---- fit / validate / test ---------------------------------------------------------------------------------
+STRICT = ("import sys, warnings\nwarnings.filterwarnings('error', module=r'segadapt(\\..*)?$')\n"
+          "from segadapt.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="module")
+def fitted(world) -> dict:
+    """`segadapt fit --config` in a new process on the shipped fit.yaml (pointed at tiny data: 2 steps, the
+    progress bar on, an inner split validated at every step, so HD95 runs too), with warnings raised from
+    segadapt's modules turned into errors."""
+    root = world["root"] / "fitted"
+    root.mkdir()
+    config = fit_config(world, root / "fit.yaml", enable_progress_bar=True, check_val_every_n_epoch=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["inner_fraction"] = 0.5
+    config.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-c", STRICT, "fit", "--config", str(config)], cwd=root, env=ENV,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    return {"config": config, "done": done, "checkpoint": root / "fit" / "checkpoints" / "last.ckpt"}
+
+
+def test_fit_exits_0_quietly_with_a_step_progress_bar(fitted):
+    """The real exit code (not 1 with the CLI object printed), no warning from segadapt's code (errors here), a
+    progress bar in steps, and none of the third-party noise (LightningCLI's args warning, litlogger tip,
+    LeafSpec, MONAI's get_mask_edges and nvImageCodec)."""
+    done = fitted["done"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert [noise for noise in NOISE if noise in output] == [], output[-3000:]
+    assert re.search(r"Training: 100%.*\| 2/2 \[", output), output[-3000:]
+    assert fitted["checkpoint"].is_file()
+
+
+def test_validate_exits_0_and_test_refuses_without_a_test_split(fitted, world, tmp_path, capsys):
+    config = str(fitted["config"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("error", module=r"segadapt(\..*)?$")
+        assert main(["validate", "--config", config, "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"]) == 0
+    assert not [str(w.message) for w in caught if "LightningCLI's args" in str(w.message)]
+    expect_user_error(["test", "--config", config, "--ckpt_path", "last"], capsys, "has no labelled test split")
+    expect_user_error(["fit", "--config", config, "--data.dataset_json", str(tmp_path / "none.json")], capsys,
+                      f"dataset description not found: {tmp_path / 'none.json'}")
+
+
+def test_test_scores_the_labelled_test_split(fitted, world, tmp_path):
+    """imagesTs/ + labelsTs/ beside dataset.json: `segadapt test` scores exactly those cases, which
+    `validate` never sees; the same files listed as dataset.json 'test' entries give the same scores."""
+    data = tmp_path / "sah"
+    shutil.copytree(world["dataset"].parent, data)
+    description = load_dataset_json(data / "dataset.json")
+    for folder in ("imagesTs", "labelsTs"):
+        (data / folder).mkdir()
+    tbi = load_dataset_json(Path(world["config"]["datamodule"]["dataset_json"]).parents[1] / "tbi" / "dataset.json")
+    for k, case in enumerate(tbi.cases[:2]):  # other heads, other lesions: a held-out test set
+        shutil.copy(case.image, data / "imagesTs" / f"held_{k}.nii.gz")
+        shutil.copy(case.label, data / "labelsTs" / f"held_{k}.nii.gz")
+    assert [c.case_id for c in load_test_cases(data / "dataset.json")] == ["held_0", "held_1"]
+    argv = ["test", "--config", str(fitted["config"]), "--data.dataset_json", str(data / "dataset.json"),
+            "--ckpt_path", str(fitted["checkpoint"]), "--trainer.enable_progress_bar", "false"]
+    assert main(argv) == 0
+    tested = run(argv)
+    rows = tested.model.case_rows
+    assert [r["case_id"] for r in rows] == ["held_0", "held_1"]
+    assert float(tested.trainer.callback_metrics["test/n_cases"]) == 2
+    assert not {r["case_id"] for r in rows} & {c.case_id for c in description.cases}
+    # the same cases as dataset.json 'test' entries (imagesTs/ moved away): the same rows
+    raw = json.loads((data / "dataset.json").read_text())
+    raw["test"] = [{"image": f"held/imagesTs/held_{k}.nii.gz", "label": f"held/labelsTs/held_{k}.nii.gz",
+                    "case_id": f"held_{k}"} for k in range(2)]
+    (data / "held").mkdir()
+    for folder in ("imagesTs", "labelsTs"):
+        shutil.move(data / folder, data / "held" / folder)
+    (data / "dataset.json").write_text(json.dumps(raw))
+    assert run(argv).model.case_rows == rows
+
+
+def test_test_split_entries(tmp_path, world):
+    data = tmp_path / "sah"
+    shutil.copytree(world["dataset"].parent, data)
+    raw = json.loads((data / "dataset.json").read_text())
+    raw["test"] = ["imagesTr/x.nii.gz"]  # a Decathlon test list: images without labels
+    (data / "dataset.json").write_text(json.dumps(raw))
+    assert load_test_cases(data / "dataset.json") == ()
+    raw["test"] = [dict(raw["training"][0])]  # a training case listed as a test case
+    (data / "dataset.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="is also a training case"):
+        load_test_cases(data / "dataset.json")
+
+
+# ---- the argparse subcommands --------------------------------------------------------------------------------
+def test_predict_report_export_plan_diagnose_exit_0(world, tmp_path, capsys):
+    runs = world["runs"]
+    scan = load_dataset_json(world["dataset"]).cases[0].image
+    example = yaml.safe_load((REPO / "configs/cli/predict.yaml").read_text(encoding="utf-8"))
+    example.update(run=[str(r) for r in runs], input=str(scan), output=str(tmp_path / "wrong"))
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump(example))
+    # the example config, with the output given on the command line (it wins)
+    assert main(["predict", "--config", str(tmp_path / "predict.yaml"), "--output", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / f"{scan.name.split('.')[0]}_mask.nii.gz").is_file() and not (tmp_path / "wrong").exists()
+    experiment = tmp_path / "experiment"
+    shutil.copytree(runs[0], experiment / "multiview_unet" / "cp_lora" / "fold0")
+    assert main(["report", str(experiment), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.csv").is_file()
+    assert main(["export", str(runs[0]), "--merged", str(tmp_path / "merged.safetensors")]) == 0
+    assert (tmp_path / "merged.safetensors").is_file()
+    assert main(["plan", str(world["dataset"]), "--out", str(tmp_path / "plan.json")]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())
+    assert main(["diagnose", str(runs[0]), "--out", str(tmp_path / "diagnose")]) == 0
+    assert (tmp_path / "diagnose" / "diagnose.csv").is_file()
+    capsys.readouterr()
+
+
+def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    (tmp_path / "file").write_text("x")
+    for argv, message in [
+        ([], "the following arguments are required: COMMAND"),
+        (["train"], "invalid choice: 'train'"),
+        (["predict", "--run", str(world["runs"][0]), "--input", str(missing)], "input not found"),
+        (["report", str(missing)], f"experiment folder not found: {missing}"),
+        (["export", str(world["runs"][0])], "give at least one of --merged FILE"),
+        (["export", str(world["runs"][0]), "--merged", str(tmp_path)], "is a folder; give a file name"),
+        (["export", str(world["runs"][0]), "--peft", str(tmp_path / "file")], "is a file, not a folder"),
+        (["plan", str(missing)], "dataset description not found"),
+        (["diagnose", str(missing)], str(missing)),
+        (["report", "--config", str(tmp_path / "file")], "expected 'option: value' lines"),
+        (["validate", "--config", str(missing)], str(missing)),
+    ]:
+        expect_user_error(argv, capsys, message)
+
+
+def test_config_file_options_come_first(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("run: [a, b]\ninput: x.nii.gz\nprobabilities: true\nno_progress: false\nthreshold: null\n")
+    assert config_argv(["--config", str(config), "--input", "y.nii.gz"]) == [
+        "--run", "a", "b", "--input", "x.nii.gz", "--probabilities", "--input", "y.nii.gz"]
+    assert config_argv(["--input", "y"]) == ["--input", "y"]

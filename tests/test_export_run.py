@@ -1,0 +1,149 @@
+"""Exports of a real (tiny) run: a default-preset conv_lora DynUNet adapted on phantoms for two steps.
+
+PEFT: the exported adapter on the exported base (the ConvTranspose layers merged into it) loads with
+``peft.PeftModel.from_pretrained`` and computes what segadapt computes. MONAI bundle: run by
+``python -m monai.bundle run`` on phantom scans, it writes the masks ``segadapt predict`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.bundle import run as monai_run
+from torch import nn
+
+from segadapt.adapters import adapted_layers, set_active_adapter
+from segadapt.bundle import INFERENCE_CONFIG, METADATA, MODEL_FILE, export_bundle, network_def
+from segadapt.data import PreprocessConfig, make_phantom_dataset
+from segadapt.data.files import save_safetensors
+from segadapt.export import PEFT_BASE_FILE, PEFT_CONFIG_FILE, export_peft, load_merged, load_run_for_export, main
+from segadapt.inference import Predictor
+from segadapt.models import build_model
+from segadapt.training import fit_run
+
+KWARGS = {"in_channels": 3, "out_channels": 1, "kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}
+TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+           "num_sanity_val_steps": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 10_000, "max_steps": 2}
+
+
+def _fit(root: Path, preprocess: dict, name: str) -> Path:
+    dataset = make_phantom_dataset(root / "data", "sah", 4, 0, (24, 24, 16), [220 / 24, 220 / 24, 10.0])
+    kwargs = {**KWARGS, "in_channels": PreprocessConfig(**preprocess).in_channels}
+    torch.manual_seed(0)
+    base = build_model("dynunet", **kwargs)
+    base_file = save_safetensors(root / "base.safetensors", {k: v.clone() for k, v in base.state_dict().items()})
+    module = {"model": "dynunet", "model_kwargs": kwargs, "adapter": {"method": "conv_lora", "rank": 2},
+              "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_file), "roi_size": [16, 16, 16]}
+    data = {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "batch_size": 1, "sampling": "patch",
+            "preprocess": PreprocessConfig(patch_size=[16, 16, 16], samples_per_volume=1, augment=False,
+                                           **preprocess).to_dict()}
+    run = root / name
+    fit_run(run, {"experiment": "t", "method": "conv_lora", "fold": 0}, module, data, TRAINER, eval_base=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Default CT preprocessing (three HU windows as channels, foreground crop), no resampling."""
+    return _fit(tmp_path_factory.mktemp("export_run"), {}, "run")
+
+
+@pytest.fixture(scope="module")
+def mri_run(tmp_path_factory) -> Path:
+    """The 'mri' intensity mode (MONAI's NormalizeIntensityd) with resampling to 12 x 12 x 8 mm."""
+    return _fit(tmp_path_factory.mktemp("export_mri"), {"intensity": "mri", "target_spacing": [12.0, 12.0, 8.0]}, "run")
+
+
+def test_peft_export_of_a_default_preset_run_loads_in_peft_and_matches(run, tmp_path):
+    net, config = load_run_for_export(run)
+    transposed = [n for n, layer in adapted_layers(net) if isinstance(layer.base_layer, nn.ConvTranspose3d)]
+    assert transposed  # the default preset adapts the up-sampling ConvTranspose layers, which PEFT cannot hold
+    with pytest.warns(UserWarning, match="PEFT cannot hold") as caught:
+        folder = export_peft(net, tmp_path / "peft", architecture=config["module"], source=config["module"]["base_checkpoint"])
+    assert all(n in str(caught[0].message) for n in transposed)
+    written = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    assert written["base_model_name_or_path"] == str((folder / PEFT_BASE_FILE).resolve())
+    assert not any(n in written["target_modules"] for n in transposed)
+
+    peft = pytest.importorskip("peft")
+    reference = peft.PeftModel.from_pretrained(load_merged(folder / PEFT_BASE_FILE), folder).eval()
+    x = torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(x)
+        set_active_adapter(net, None)
+        unadapted = net(x)
+        set_active_adapter(net, "default")
+        assert (expected - unadapted).abs().max() > 1e-3  # two steps moved the adapter
+        torch.testing.assert_close(reference(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _bundle_masks(bundle: Path, scans: list[str], out: Path, threshold: float) -> dict[str, nib.Nifti1Image]:
+    """The bundle run on the scans by ``monai.bundle.run`` (what ``python -m monai.bundle run --config_file ...``
+    calls; in this process: a subprocess would spend half a minute importing torch and MONAI on a busy CI machine);
+    the written masks by scan name."""
+    monai_run(config_file=str(bundle / INFERENCE_CONFIG), bundle_root=str(bundle), datalist=scans, output_dir=str(out),
+              threshold=threshold)
+    return {Path(s).name.split(".")[0]: nib.load(out / f"{Path(s).name.split('.')[0]}_seg.nii.gz") for s in scans}
+
+
+@pytest.mark.parametrize("which", ["run", "mri_run"])
+def test_the_bundle_runs_in_monai_and_matches_segadapt_predict(which, request, tmp_path):
+    run = request.getfixturevalue(which)
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert {p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file()} == {INFERENCE_CONFIG, METADATA, MODEL_FILE}
+    inference = json.loads((bundle / INFERENCE_CONFIG).read_text(encoding="utf-8"))
+    assert inference["network_def"]["_target_"] == "DynUNet" and inference["inferer"]["roi_size"] == [16, 16, 16]
+    metadata = json.loads((bundle / METADATA).read_text(encoding="utf-8"))
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == (3 if which == "run" else 1)
+    # model.pt is the plain MONAI network's state dict: it loads strictly into network_def
+    plain = ConfigParser(inference).get_parsed_content("network_def")
+    plain.load_state_dict(torch.load(bundle / MODEL_FILE, weights_only=True))
+
+    scans = sorted(str(p) for p in (run.parent / "data" / "imagesTr").glob("*.nii.gz"))[:2]
+    # a threshold (between two of the first scan's probabilities: no ties) that 20% of its voxels pass: a two-step
+    # network's masks at 0.5 may be empty; the bundle takes it as an override of its `threshold`
+    values = np.unique(Predictor.from_runs([run], device="cpu").predict(scans[0]).probabilities)
+    k = int(0.8 * len(values))
+    threshold = float(values[k] + values[k + 1]) / 2
+    masks = _bundle_masks(bundle, scans, tmp_path / "out", threshold)
+    predictor = Predictor.from_runs([run], device="cpu", threshold=threshold)
+    for scan in scans:
+        ours = predictor.predict(scan)
+        theirs = masks[Path(scan).name.split(".")[0]]
+        assert ours.mask.any() and not ours.mask.all()
+        np.testing.assert_array_equal(np.asarray(theirs.dataobj), ours.mask)  # voxel for voxel
+        np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-5)
+
+
+def test_bundle_network_defs_are_the_builders_networks():
+    """network_def builds, through MONAI's config parser, the network segadapt's builder builds (same
+    parameters, same outputs); segadapt's own networks have no plain MONAI class and are refused."""
+    x = torch.randn(1, 2, 16, 16, 16)
+    for model, kwargs in [("unet3d", {"in_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 1}),
+                          ("dynunet", {"in_channels": 2, "kernel_size": [3, [1, 3, 3], 3], "strides": [1, [1, 2, 2], 2],
+                                       "filters": [4, 8, 16], "deep_supervision": False})]:
+        torch.manual_seed(0)
+        ours = build_model(model, **kwargs).eval()
+        theirs = ConfigParser({"net": network_def(model, kwargs)}).get_parsed_content("net").eval()
+        theirs.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours(x), atol=0, rtol=0)
+    for model in ("multiview_unet", "vit_seg"):
+        with pytest.raises(ValueError, match=f"model '{model}' has no plain MONAI network class"):
+            network_def(model, {})
+
+
+def test_export_command_writes_a_bundle_and_the_merged_network(run, tmp_path, capsys):
+    """DynUNet shares its blocks between two attributes (skip_layers): the merged file still saves and loads."""
+    main([str(run), "--bundle", str(tmp_path / "b"), "--merged", str(tmp_path / "merged.safetensors")])
+    assert (tmp_path / "b" / MODEL_FILE).is_file() and "MONAI bundle: " in capsys.readouterr().out
+    net, _ = load_run_for_export(run)
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_merged(tmp_path / "merged.safetensors")(x), net(x), atol=1e-5, rtol=1e-5)
