@@ -261,7 +261,9 @@ def test_exports_keep_the_trained_modules(tmp_path):
     """PEFT folder (modules_to_save) read by PEFT itself, and the fold-ensemble's temporary fold."""
     from peft import PeftModel
 
-    from segadapt.export import export_peft
+    from safetensors.torch import load_file
+
+    from segadapt.export import export_merged, export_peft
     from segadapt.inference import folded
 
     model = inject(base(), AdapterConfig(method="conv_lora", rank=2, targets=["conv"], train_modules=["norm", "head"]),
@@ -274,6 +276,10 @@ def test_exports_keep_the_trained_modules(tmp_path):
     assert config["modules_to_save"] == ["norm", "head"]
     peft_model = PeftModel.from_pretrained(base(), tmp_path / "peft").eval()
     torch.testing.assert_close(peft_model(X), expected)
+    merged = load_file(export_merged(model, tmp_path / "merged.safetensors", adapter="a"))
+    bare = base()
+    bare.load_state_dict(merged)  # the plain architecture, with adapter a's trained head and BatchNorm
+    torch.testing.assert_close(bare.eval()(X), expected)
     set_active_adapter(model, "b")
     with folded(model, "a") as net:
         torch.testing.assert_close(net(X), expected)
