@@ -261,7 +261,9 @@ def test_exports_keep_the_trained_modules(tmp_path):
     """PEFT folder (modules_to_save) read by PEFT itself, and the fold-ensemble's temporary fold."""
     from peft import PeftModel
 
-    from segadapt.export import export_peft
+    from safetensors.torch import load_file
+
+    from segadapt.export import export_merged, export_peft
     from segadapt.inference import folded
 
     model = inject(base(), AdapterConfig(method="conv_lora", rank=2, targets=["conv"], train_modules=["norm", "head"]),
@@ -274,7 +276,36 @@ def test_exports_keep_the_trained_modules(tmp_path):
     assert config["modules_to_save"] == ["norm", "head"]
     peft_model = PeftModel.from_pretrained(base(), tmp_path / "peft").eval()
     torch.testing.assert_close(peft_model(X), expected)
+    merged = load_file(export_merged(model, tmp_path / "merged.safetensors", adapter="a"))
+    bare = base()
+    bare.load_state_dict(merged)  # the plain architecture, with adapter a's trained head and BatchNorm
+    torch.testing.assert_close(bare.eval()(X), expected)
     set_active_adapter(model, "b")
     with folded(model, "a") as net:
         torch.testing.assert_close(net(X), expected)
     assert model.head.active_adapter is None  # back to adapter b, which trains no head
+
+
+def test_a_shared_module_is_refused_and_dynunet_gets_a_new_output_block(tmp_path):
+    """DynUNet holds its blocks twice (``upsamples.0`` is also ``skip_layers.next_layer.upsample``): a
+    wrapper on one path would leave the other running the base's module, so it is refused."""
+    kwargs = dict(in_channels=1, kernel_size=[3, 3, 3], strides=[1, 2, 2], filters=[4, 8, 16])
+    torch.manual_seed(0)
+    net = build_model("dynunet", out_channels=2, **kwargs)
+    with pytest.raises(ValueError, match=r"'upsamples.0' \(or a module inside it\) is also held as 'skip_layers"):
+        inject(net, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
+                                  train_modules=["upsamples.0"]))
+    deep = build_model("dynunet", out_channels=2, deep_supervision=True, deep_supr_num=1, **kwargs)
+    with pytest.raises(ValueError, match=r"'deep_supervision_heads' \(or a module inside it\) is also held as 'skip_layers"):
+        inject(deep, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
+                                   train_modules=["deep_supervision_heads"]))
+    inject(deep, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
+                               train_modules=["upsamples.0.conv_block"]))  # its holder is shared: one slot
+    assert isinstance(deep.skip_layers.next_layer.upsample.conv_block, TrainedModule)
+    torch.save(net.state_dict(), tmp_path / "dynunet.pt")
+    module = SegAdaptModule(model="dynunet", model_kwargs=dict(out_channels=3, **kwargs),
+                            base_checkpoint=str(tmp_path / "dynunet.pt"), adapter={"method": "conv_lora", "rank": 2},
+                            preset="all_conv", roi_size=[16, 16, 16])
+    assert module.new_heads == ["output_block"]
+    assert isinstance(module.net.output_block, TrainedModule)  # excluded from the all_conv targets, trained
+    assert module.net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)

@@ -162,6 +162,14 @@ def test_prompt_free_forward_equals_segment_anything_sam_forward():
         three = ours(64)
         three.load_state_dict(sam.state_dict())
         assert torch.equal(gray.eval()(one), three.eval()(one.repeat(1, 3, 1, 1)))
+        # resize: the input scaled to img_size, the logits back (SAM on a 2x enlarged image)
+        resized = ours(64, resize=True, normalize=True)
+        resized.load_state_dict(sam.state_dict())
+        small = torch.rand(1, 3, 32, 32) * 255
+        enlarged = F.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
+        low_res = sam([{"image": enlarged[0], "original_size": (64, 64)}], multimask_output=True)[0]["low_res_logits"]
+        torch.testing.assert_close(resized.eval()(small), F.interpolate(low_res, size=(32, 32), mode="bilinear",
+                                                                        align_corners=False), rtol=1e-4, atol=1e-4)
 
 
 def test_meta_file_load_adapt_train_save_load_predict(meta_file, tmp_path):

@@ -51,6 +51,22 @@ def _within(name: str, root: str) -> bool:
     return name == root or name.startswith(root + ".")
 
 
+def _path_around(model: nn.Module, name: str, module: nn.Module) -> Optional[str]:
+    """A name under which ``module`` or a module inside it is reachable without passing through the
+    attribute that holds ``module`` as ``name`` (DynUNet holds its blocks twice), or None."""
+    slot = (id(_parent(model, name)[0]), name.rpartition(".")[2])
+    inside = {id(m) for m in module.modules()}
+    for alias, other in model.named_modules(remove_duplicate=False):
+        if id(other) not in inside or not alias:
+            continue
+        parts = alias.split(".")
+        prefixes = (".".join(parts[:j]) for j in range(1, len(parts) + 1))
+        if not any(model.get_submodule(p) is module and (id(_parent(model, p)[0]), p.rpartition(".")[2]) == slot
+                   for p in prefixes):
+            return alias
+    return None
+
+
 def resolve_train_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the modules ``config.train_modules`` selects (the outermost of nested matches; an existing
     :class:`TrainedModule` by its own name); ``ValueError`` when a pattern matches nothing or a module
@@ -70,6 +86,10 @@ def resolve_train_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
                                  "trains in full; train the same module (or one inside it) instead")
             if not any(True for _ in module.parameters()):
                 raise ValueError(f"train_modules: module '{name}' has no parameters to train")
+            outside = _path_around(model, name, module)
+            if outside is not None:  # a wrapper in `name`'s slot would leave that path running the base's module
+                raise ValueError(f"train_modules: module '{name}' (or a module inside it) is also held as '{outside}' "
+                                 "(a shared module); train the module that holds both paths, or none")
             names.append(name)
     if not names:
         raise ValueError(f"train_modules {config.train_modules!r} match no module of {type(model).__name__}")

@@ -2,7 +2,7 @@
 mask decoder, with one mask per class from the multimask outputs.
 
 Shapes: image ``(B, in_channels, H, W)`` with H, W <= ``img_size`` (padded bottom-right to ``img_size``, as
-``Sam.preprocess`` pads) -> ``ImageEncoderViT`` -> embedding ``(B, 256, S, S)``, S = img_size / 16 -> the
+``Sam.preprocess`` pads; with ``resize``, any H, W, resized to ``img_size``) -> ``ImageEncoderViT`` -> embedding ``(B, 256, S, S)``, S = img_size / 16 -> the
 ``MaskDecoder`` with the prompt encoder's no-prompt embeddings (no sparse tokens; the dense "no mask"
 embedding) and ``num_multimask_outputs = out_channels`` -> ``(B, out_channels, 4S, 4S)`` -> bilinear to
 ``img_size`` and cropped -> logits ``(B, out_channels, H, W)``. The mask decoder's single-mask token
@@ -69,6 +69,9 @@ class SAMSegmenter(nn.Module):
             64-wide mask decoder: a CPU-sized model in the same layout).
         checkpoint: local SAM file, Meta's or timm's layout (see the module docstring).
         normalize: apply SAM's pixel mean / std (input in 0-255 RGB); default: input already normalised.
+        resize: resize the input to img_size (bilinear) instead of padding it, and the logits back to the
+            input size: SAM's masks are 1/4 of img_size, so a 64-px patch at img_size 256 gets a mask at its
+            own resolution (thin structures such as retinal vessels), at the cost of img_size-sized compute.
         encoder_kwargs: overrides of the variant's values (``embed_dim``, ``depth``, ``num_heads``,
             ``global_attn_indexes``, ``window_size``, ``prompt_dim``, ``decoder_mlp_dim``, ``iou_head_hidden_dim``).
 
@@ -76,7 +79,7 @@ class SAMSegmenter(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, img_size: int = 256, variant: str = "vit_b",
-                 checkpoint: str | Path | None = None, normalize: bool = False,
+                 checkpoint: str | Path | None = None, normalize: bool = False, resize: bool = False,
                  encoder_kwargs: dict | None = None) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -89,7 +92,8 @@ class SAMSegmenter(nn.Module):
         unknown = set(settings) - set(SAM_DEFAULTS) - set(VARIANTS["vit_b"])
         if unknown:
             raise ValueError(f"unknown SAM encoder_kwargs {sorted(unknown)}")
-        self.in_channels, self.out_channels, self.img_size, self.normalize = in_channels, out_channels, img_size, normalize
+        self.in_channels, self.out_channels, self.img_size = in_channels, out_channels, img_size
+        self.normalize, self.resize = normalize, resize
         prompt_dim, size = settings["prompt_dim"], img_size // PATCH
         self.image_encoder = ImageEncoderViT(
             depth=settings["depth"], embed_dim=settings["embed_dim"], img_size=img_size, mlp_ratio=4,
@@ -129,17 +133,23 @@ class SAMSegmenter(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SAMSegmenter takes images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         height, width = x.shape[-2:]
-        if height > self.img_size or width > self.img_size:
+        if not self.resize and (height > self.img_size or width > self.img_size):
             raise ValueError(f"image {height}x{width} is larger than SAM's img_size {self.img_size}")
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.normalize:
             x = (x - self.pixel_mean) / self.pixel_std
-        x = F.pad(x, (0, self.img_size - width, 0, self.img_size - height))
+        canvas = (self.img_size, self.img_size)
+        if self.resize:
+            x = F.interpolate(x, size=canvas, mode="bilinear", align_corners=False)
+        else:
+            x = F.pad(x, (0, self.img_size - width, 0, self.img_size - height))
         embedding = self.image_encoder(x)
         sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
         masks, _ = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=True)
-        masks = F.interpolate(masks, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        if self.resize:
+            return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, size=canvas, mode="bilinear", align_corners=False)
         return masks[..., :height, :width]
