@@ -39,7 +39,8 @@ def test_auto_takes_the_faster_measured_order_and_measures_each_key_once(measuri
         assert adapter.uses_activation_space(base, x) is (activation_s < weight_s)
     assert sorted(calls) == [((1, 4, 5, 5, 5), False), ((1, 4, 5, 5, 5), True)]  # once per order, then cached
     with torch.enable_grad():
-        adapter.uses_activation_space(base, torch.randn(1, 4, 6, 5, 5))  # another input shape: measured again
+        adapter.uses_activation_space(base, torch.randn(1, 4, 6, 5, 5, requires_grad=True))  # another input shape only: measured again
+    assert len(calls) == 4
     with torch.no_grad():
         adapter.uses_activation_space(base, x)  # inference: another key
     assert len(calls) == 6

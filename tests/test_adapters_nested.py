@@ -64,7 +64,7 @@ def test_truncation_equals_a_rank_k_adapter_with_the_same_leading_factors(method
             torch.testing.assert_close(loaded(x), truncated(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["conv_lora", "cp_lora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_training_forward_uses_the_sampled_leading_components(method):
     """With s = alpha / b: the truncation to b (rank-b adapter) gives the same output."""
     base, model, _, x, _ = trained(method)
