@@ -204,7 +204,7 @@ class Prediction:
         source: the input file or DICOM folder.
         probabilities: (C, *shape) float32, the ensemble mean (C = 1: foreground probability).
         mask: (*shape) uint8 label map: p > threshold (C = 1) or the argmax class.
-        affine: (4, 4) voxel -> RAS mm of the input (equal to the input's; (3, 3) for a 2D image).
+        affine: (4, 4) voxel -> RAS mm of the input (equal to the input's).
         volume_ml: lesion (mask > 0) volume in mL (3D inputs; for 2D see :attr:`area_mm2`).
         warnings: how the input differs from the training data (:meth:`TrainingDomain.check`), one line each.
         resampled_to: the spacing (mm) the input was resampled to for the network, or None (its own grid).
@@ -220,19 +220,14 @@ class Prediction:
 
     @property
     def spatial_dims(self) -> int:
-        return len(self.affine) - 1
+        return self.mask.ndim
 
     @property
     def area_mm2(self) -> float:
-        """Lesion area in mm^2 of a 2D input: pixels x |det A| (A the 2x2 pixel-to-mm part)."""
+        """Lesion area in mm^2 of a 2D input: pixels x |det A| (A the 2x2 pixel-to-mm part of the affine)."""
         if self.spatial_dims != 2:
             raise ValueError(f"{self.source}: area_mm2 is for 2D inputs; this one is {self.spatial_dims}D (volume_ml)")
-        return self.volume_ml * 1000.0
-
-    @property
-    def size_text(self) -> str:
-        """'12.3 mL' (3D) or '45.6 mm^2' (2D)."""
-        return f"{self.area_mm2:.4g} mm^2" if self.spatial_dims == 2 else f"{self.volume_ml:.4g} mL"
+        return float(self.voxels) * abs(float(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:2, :2])))
 
     @property
     def voxels(self) -> int:
