@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,19 +53,26 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Compose
 from torch import nn
 from tqdm.auto import tqdm
 
 from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
 from segadapt.adapters.trained import use_trained_copies
-from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, make_phantom_dataset
-from segadapt.data.files import atomic_path, check_output_folder, nifti_image, stale_temp_files
+from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
+from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
+from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
+from segadapt.domain import TrainingDomain, format_mm
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
+from segadapt.training.run import FINGERPRINT_FILE
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 CSV_FILE = "volumes.csv"
-CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "lesion_volume_ml", "members")
+CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "lesion_volume_ml", "lesion_area_mm2",
+               "members", "warnings")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -76,6 +84,22 @@ def is_dicom_series(folder: str | os.PathLike) -> bool:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the DICOM series in `folder`, in GDCM's slice order (the order the reader stacks them)."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+
+
+def dicom_modality(folder: str | os.PathLike) -> Optional[str]:
+    """The DICOM ``Modality`` (CT, MR, ...) of the series in `folder` (its first file's header), or None."""
+    files = dicom_series_files(folder)
+    if not files:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.ReadImageInformation()  # the header only
+    return reader.GetMetaData("0008|0060").strip() or None if reader.HasMetaDataKey("0008|0060") else None
 
 
 def is_image_file(path: Path) -> bool:
@@ -183,7 +207,9 @@ class Prediction:
         probabilities: (C, *shape) float32, the ensemble mean (C = 1: foreground probability).
         mask: (*shape) uint8 label map: p > threshold (C = 1) or the argmax class.
         affine: (4, 4) voxel -> RAS mm of the input (equal to the input's).
-        volume_ml: lesion (mask > 0) volume in mL.
+        volume_ml: lesion (mask > 0) volume in mL (3D inputs; for 2D see :attr:`area_mm2`).
+        warnings: how the input differs from the training data (:meth:`TrainingDomain.check`), one line each.
+        resampled_to: the spacing (mm) the input was resampled to for the network, or None (its own grid).
     """
 
     source: Path
@@ -191,6 +217,19 @@ class Prediction:
     mask: np.ndarray
     affine: np.ndarray
     volume_ml: float
+    warnings: list[str] = field(default_factory=list)
+    resampled_to: Optional[list[float]] = None
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.mask.ndim
+
+    @property
+    def area_mm2(self) -> float:
+        """Lesion area in mm^2 of a 2D input: pixels x |det A| (A the 2x2 pixel-to-mm part of the affine)."""
+        if self.spatial_dims != 2:
+            raise ValueError(f"{self.source}: area_mm2 is for 2D inputs; this one is {self.spatial_dims}D (volume_ml)")
+        return float(self.voxels) * abs(float(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:2, :2])))
 
     @property
     def voxels(self) -> int:
@@ -209,6 +248,8 @@ class Predictor:
         device: ``'cpu'``, ``'cuda'``, ... (default: CUDA when available).
         threshold: foreground probability threshold in (0, 1) (default: the run's).
         strict: refuse an adapter made on a base with other weights (False: load it with a warning).
+        domain: the training data (a run's ``fingerprint.json``) inputs are checked against and resampled to;
+            None: no checks, inputs used on their own grid unless the preprocessing resamples.
 
     Raises:
         FileNotFoundError: the base checkpoint or an adapter file is missing.
@@ -224,8 +265,10 @@ class Predictor:
         device: Optional[str] = None,
         threshold: Optional[float] = None,
         strict: bool = True,
+        domain: Optional[TrainingDomain] = None,
     ) -> None:
         self.device = resolve_device(device)
+        self.domain = domain
         if threshold is not None:
             check_threshold(threshold)
         module_args = dict(config["module"])
@@ -272,14 +315,15 @@ class Predictor:
                                      "a fold ensemble shares one base network and one preprocessing")
         adapters = [run / ADAPTER_FILE for run in runs]
         missing = [run for run, a in zip(runs, adapters) if not a.is_file()]
+        domain = run_domain(runs[0])
         if len(runs) == 1 and missing:
             weights = runs[0] / WEIGHTS_FILE
             if weights.is_file() or configs[0]["run"].get("tuning") == "none":
-                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict)
+                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict, domain)
         if missing:
             raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a full/decoder/"
                                     "scratch run: those are used alone, not in a fold ensemble)")
-        return cls(configs[0], adapters, base, device, threshold, strict)
+        return cls(configs[0], adapters, base, device, threshold, strict, domain)
 
     @classmethod
     def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,
@@ -291,13 +335,25 @@ class Predictor:
             raise ValueError("give at least one adapter file")
         source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
         run_dir = source.parent if source.name == CONFIG_FILE else source
-        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict)
+        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir))
 
     @property
     def description(self) -> str:
         module = self.config["module"]
         members = f"{len(self.members)} adapter(s)" if self.members else "no adapter"
         return f"{module['model']} with {members} on base {self.base}, device {self.device}"
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Foreground label value -> name: from the training data's fingerprint, else the run's dataset.json,
+        else ``class <k>``."""
+        if self.domain is not None:
+            return self.domain.foreground_labels
+        dataset = Path(self.config["datamodule"].get("dataset_json", ""))
+        if dataset.is_file():
+            return {k: v for k, v in load_dataset_json(dataset).labels.items() if k != 0}
+        classes = max(int(self.config["module"].get("model_kwargs", {}).get("out_channels", 1)), 2) - 1
+        return {k: f"class {k}" for k in range(1, classes + 1)}
 
     @torch.no_grad()
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
@@ -320,10 +376,25 @@ class Predictor:
         """
         path = Path(path)
         pipeline = inference_transforms(self.preprocess, self.channels)
+        load_and_orient = Compose(pipeline.transforms[:2])  # LoadCased, Orientationd: raw intensities, native spacing
         try:
-            data = pipeline({"image": str(path), "case_id": input_name(path)})
+            data = load_and_orient({"image": str(path), "case_id": input_name(path)})
+            image = data["image"]
+            spacing = [float(s) for s in image.pixdim]
+            found, target = [], None
+            if self.domain is not None:
+                modality = dicom_modality(path) if path.is_dir() else None
+                found = self.domain.check(image.numpy(), spacing, modality)
+                if self.preprocess.target_spacing is None:  # trained on the native grid: resample only a stranger
+                    target = self.domain.resample_spacing(spacing)
+            if target is not None:  # the same load/orient objects, so that Invertd finds its own transforms
+                resampling = inference_transforms(dataclasses.replace(self.preprocess, target_spacing=target), self.channels)
+                pipeline = Compose([*pipeline.transforms[:2], *resampling.transforms[2:]])
+            data = Compose(pipeline.transforms[2:])(data)
         except Exception as error:  # MONAI wraps the reader's error: report the root cause
             raise ValueError(f"cannot use input {path}: {_root_cause(error)}") from error
+        for message in found:
+            log.warning("%s: %s", path, message)
         image = data["image"]
         data["pred"] = MetaTensor(self.predict_probabilities(image[None])[0].float().cpu())
         restored = invert_transform(pipeline, keys="pred")(data)["pred"]
@@ -336,7 +407,18 @@ class Predictor:
         probabilities = restored.as_tensor().numpy().astype(np.float32)
         mask = probabilities[0] > self.threshold if len(probabilities) == 1 else probabilities.argmax(0)
         mask = mask.astype(np.uint8)
-        return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine))
+        return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine),
+                          found, target)
+
+
+def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:
+    """The training data of a run (its ``fingerprint.json``); None, with one warning, for a run without one."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    if not path.is_file():
+        log.warning("%s has no %s (a run from before segadapt stored it): inputs are not checked against the "
+                    "training data's modality, spacing and intensities", run_dir, FINGERPRINT_FILE)
+        return None
+    return TrainingDomain.from_file(path)
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -399,8 +481,13 @@ def predict_to_folder(
     probabilities: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = tqdm.write,
+    dicom_seg: Optional[str | os.PathLike] = None,
 ) -> list[dict[str, Any]]:
     """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns this run's CSV rows.
+
+    Each row gives the lesion's size in mL (3D: ``lesion_volume_ml``) or mm^2 (2D images: ``lesion_area_mm2``)
+    and the ``warnings`` about the input (``; ``-separated, see :meth:`Predictor.predict`). `dicom_seg`: also
+    write the mask as a DICOM-SEG file there (:func:`segadapt.dicom_seg.write_dicom_seg`; one DICOM series input).
 
     ``volumes.csv`` lists every mask in `out_dir`: the rows of an earlier run whose masks are still
     there, then this run's. It is rewritten (atomically) for each scan *before* that scan's files move
@@ -414,6 +501,8 @@ def predict_to_folder(
             or not writable.
     """
     scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
+    if dicom_seg is not None:
+        check_output_file(check_dicom_seg_request(scans, dicom_seg), "DICOM-SEG file")
     names = [input_name(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
@@ -428,20 +517,27 @@ def predict_to_folder(
     rows: list[dict[str, Any]] = []
     for scan, name in zip(tqdm(scans, desc="predict", unit="scan", disable=not progress or len(scans) == 1), names):
         prediction = predictor.predict(scan)
+        planar = prediction.spatial_dims == 2
         with writing_prediction(prediction, out_dir, name, probabilities) as paths:
             row = {
                 "input": str(scan),
                 "mask": str(paths["mask"]),
                 "probabilities": str(paths.get("probabilities", "")),
                 "lesion_voxels": prediction.voxels,
-                "voxel_ml": f"{voxel_volume_ml(prediction.affine):.6g}",
-                "lesion_volume_ml": f"{prediction.volume_ml:.4f}",
+                "voxel_ml": "" if planar else f"{voxel_volume_ml(prediction.affine):.6g}",
+                "lesion_volume_ml": "" if planar else f"{prediction.volume_ml:.4f}",
+                "lesion_area_mm2": f"{prediction.area_mm2:.4f}" if planar else "",
                 "members": max(len(predictor.members), 1),
+                "warnings": "; ".join(prediction.warnings),
             }
             rows.append(row)
             write_csv(csv_path, kept + rows)
-        echo(f"{name}: lesion volume {row['lesion_volume_ml']} mL ({prediction.voxels} voxels, shape "
-             f"{prediction.mask.shape}) -> {paths['mask']}")
+        if dicom_seg is not None:
+            write_dicom_seg(prediction, dicom_seg, predictor.label_names)
+        size = f"area {row['lesion_area_mm2']} mm^2" if planar else f"volume {row['lesion_volume_ml']} mL"
+        resampled = "" if prediction.resampled_to is None else f", resampled to {format_mm(prediction.resampled_to)} mm"
+        echo(f"{name}: lesion {size} ({prediction.voxels} voxels, shape "
+             f"{prediction.mask.shape}{resampled}) -> {paths['mask']}" + (f" and {dicom_seg}" if dicom_seg else ""))
     return rows
 
 
@@ -519,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NIfTI / NRRD / MHA file, DICOM series folder, or a folder of those")
     parser.add_argument("--output", "-o", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
     parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
+    parser.add_argument("--dicom-seg", metavar="OUT.dcm",
+                        help="also write the mask as a DICOM-SEG object referencing the input DICOM series "
+                             "(one DICOM series folder as --input; needs highdicom: the 'dicom' extra)")
     parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
@@ -536,8 +635,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     strict = not args.force
     try:
         # bad inputs, output folder, threshold or device fail before the network is built
-        find_inputs(args.input)
+        scans = find_inputs(args.input)
         check_output_folder(args.output)
+        if args.dicom_seg is not None:
+            check_output_file(check_dicom_seg_request(scans, args.dicom_seg), "DICOM-SEG file")
         if args.threshold is not None:
             check_threshold(args.threshold)
         resolve_device(args.device)
@@ -547,13 +648,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             predictor = Predictor.from_adapter_files(args.adapters, args.run_config, args.base, args.device,
                                                      args.threshold, strict)
         print(f"segadapt predict: {predictor.description}")
-        rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress)
+        rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress,
+                                 dicom_seg=args.dicom_seg)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt predict: error: {error}\n")
     except KeyboardInterrupt:  # temporary files are already removed; finished scans are listed in volumes.csv
         parser.exit(130, f"segadapt predict: interrupted; complete outputs are listed in {Path(args.output) / CSV_FILE}\n")
-    total = sum(float(r["lesion_volume_ml"]) for r in rows)
-    print(f"{len(rows)} scan(s), total lesion volume {total:.2f} mL -> {Path(args.output) / CSV_FILE}")
+    planar = bool(rows) and rows[0]["lesion_area_mm2"] != ""
+    key, what, unit = ("lesion_area_mm2", "area", "mm^2") if planar else ("lesion_volume_ml", "volume", "mL")
+    total = sum(float(r[key]) for r in rows)
+    print(f"{len(rows)} scan(s), total lesion {what} {total:.2f} {unit} -> {Path(args.output) / CSV_FILE}")
     return rows
 
 

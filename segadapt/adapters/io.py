@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
+
+from segadapt.data.files import save_safetensors
 
 from .config import AdapterConfig
 from .model import active_adapter, adapted_layers, adapter_names, inject, remove_adapter, set_active_adapter
@@ -150,16 +149,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], name: Optional[str] =
         "base_weights_digest_scheme": WEIGHTS_DIGEST,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written by open() so the usual umask applies, as for every other output (safetensors' save_file and
-    # mkstemp make 0600 files); the unique hidden name is moved onto `path` once complete.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_bytes(save(tensors, metadata=metadata))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_safetensors(path, tensors, metadata)  # atomic, with the umask's permissions
     return path
 
 

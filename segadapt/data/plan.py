@@ -12,7 +12,8 @@
 Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientation`, native spacing): spacing,
 shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
 channel (the value filling >= 90% of the outer faces; None when no value does), intensity statistics inside
-the labels (label > 0) per channel, label volumes in mL. Dataset-wide: intensity statistics of 10^4
+the labels (label > 0) and of the whole image (every voxel, or an even stride of 10^6 of them) per channel,
+label volumes in mL (the whole-image range is what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
 foreground voxels drawn per case (seeded, with replacement, so every case weighs alike: nnU-Net's
 ``collect_foreground_intensities``) and the background per channel (the value more than half the cases share).
 
@@ -65,10 +66,11 @@ from .files import write_json
 from .loading import LoadCased
 from .transforms import differs_from_background
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: per-case whole-image intensity statistics ('image_intensity')
 PLAN_VERSION = 1
 
 FOREGROUND_SAMPLES = 10_000       # foreground voxels drawn per case and channel for the dataset statistics
+IMAGE_SAMPLES = 1_000_000         # at most this many voxels (an even stride) per case for the whole-image statistics
 BACKGROUND_FRACTION = 0.9         # share of the outer faces one value must fill to be the background
 ANISOTROPY_THRESHOLD = 3.0        # nnU-Net's ANISO_THRESHOLD
 MIN_FEATURE_MAP = 4               # smallest bottleneck edge: an axis is pooled while its size >= 2 x this
@@ -129,6 +131,16 @@ def intensity_statistics(values: np.ndarray) -> dict[str, float | None]:
     return {k: float(v) for k, v in zip(keys, stats)}
 
 
+def _image_statistics(channel: np.ndarray) -> dict[str, float | None]:
+    """:func:`intensity_statistics` of a whole channel: min and max over every voxel, the rest over an even
+    stride of at most :data:`IMAGE_SAMPLES` voxels (a 512^2 x 300 CT needs no full sort for its percentiles)."""
+    values = channel.ravel()
+    stats = intensity_statistics(values[:: max(1, values.size // IMAGE_SAMPLES)])
+    if values.size:
+        stats.update(min=float(values.min()), max=float(values.max()))
+    return stats
+
+
 def _crop_shape(image: np.ndarray, background: Sequence[float | None]) -> list[int]:
     """Shape of the bounding box of the voxels differing from their channel's background (all: the shape)."""
     spatial = image.shape[1:]
@@ -178,7 +190,9 @@ def fingerprint(
         {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
          "orientation", "spatial_dims",
          "cases": [{"case_id", "spacing", "shape", "crop_shape", "background": [per channel],
-                    "intensity": [per channel statistics], "label_volume_ml": {"1": ..., ...}}, ...],
+                    "intensity": [per channel statistics inside the labels],
+                    "image_intensity": [per channel statistics of the whole image],
+                    "label_volume_ml": {"1": ..., ...}}, ...],
          "intensity": [per channel statistics of the sampled foreground voxels],
          "background": [per channel dataset background value or None]}
     """
@@ -212,6 +226,7 @@ def fingerprint(
             "crop_shape": _crop_shape(image, background),
             "background": background,
             "intensity": stats,
+            "image_intensity": [_image_statistics(c) for c in image],
             "label_volume_ml": {str(v): float(counts[v] * voxel_ml) for v in description.label_values if v != 0},
         })
     result = {
@@ -587,6 +602,23 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def fingerprint_folder(dataset_json: str | os.PathLike, cache_dir: str | os.PathLike, orientation: str | None = None,
+                       spatial_dims: int = 3) -> Path:
+    """``<cache_dir>/<dataset>-<key>/``: where the fingerprint (and plan) of a dataset's current content is cached."""
+    description = load_dataset_json(dataset_json)
+    key = _dataset_key(description, orientation=orientation, spatial_dims=spatial_dims)
+    return Path(cache_dir) / f"{description.name}-{key}"
+
+
+def load_or_make_fingerprint(dataset_json: str | os.PathLike, cache_dir: str | os.PathLike,
+                             orientation: str | None = None, spatial_dims: int = 3) -> dict:
+    """The :func:`fingerprint` of a dataset, cached as ``fingerprint.json`` in :func:`fingerprint_folder`."""
+    fp_file = fingerprint_folder(dataset_json, cache_dir, orientation, spatial_dims) / "fingerprint.json"
+    if fp_file.is_file():
+        return json.loads(fp_file.read_text(encoding="utf-8"))
+    return fingerprint(dataset_json, fp_file, orientation=orientation, spatial_dims=spatial_dims)
+
+
 def load_or_make_plan(
     dataset_json: str | os.PathLike,
     cache_dir: str | os.PathLike,
@@ -601,14 +633,8 @@ def load_or_make_plan(
     or added case gives a new key. The plan (cheap) is made again from it with `plan_options`
     (:func:`make_plan` arguments) and written beside it as ``plan.json``.
     """
-    description = load_dataset_json(dataset_json)
-    key = _dataset_key(description, orientation=orientation, spatial_dims=spatial_dims)
-    folder = Path(cache_dir) / f"{description.name}-{key}"
-    fp_file = folder / "fingerprint.json"
-    if fp_file.is_file():
-        fp = json.loads(fp_file.read_text(encoding="utf-8"))
-    else:
-        fp = fingerprint(description, fp_file, orientation=orientation, spatial_dims=spatial_dims)
+    fp = load_or_make_fingerprint(dataset_json, cache_dir, orientation, spatial_dims)
+    folder = fingerprint_folder(dataset_json, cache_dir, orientation, spatial_dims)
     plan = make_plan(fp, **plan_options)
     plan_file = folder / "plan.json"
     if not plan_file.is_file() or json.loads(plan_file.read_text(encoding="utf-8")) != plan.to_dict():

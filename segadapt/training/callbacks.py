@@ -21,10 +21,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
-from safetensors.torch import save_file
 
 from segadapt.adapters import adapted_layers, save_adapter
-from segadapt.data.files import atomic_path
+from segadapt.data.files import save_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 WEIGHTS_FILE = "model.safetensors"
@@ -150,9 +149,7 @@ def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:
         return save_adapter(net, folder / ADAPTER_FILE)
     # clone: some networks alias one tensor under two names (DynUNet's skip_layers), which safetensors refuses
     state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "segadapt-weights"})
-    return folder / WEIGHTS_FILE
+    return save_safetensors(folder / WEIGHTS_FILE, state, metadata={"format": "segadapt-weights"})
 
 
 class ExportWeights(pl.Callback):

@@ -12,6 +12,8 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
                                         n_folds, split_seed, the full preprocessing config, sampling)
                             trainer:    lightning.Trainer arguments
     plan.json             the dataset plan the ``auto`` settings came from (:mod:`segadapt.training.planning`)
+    fingerprint.json      the run's own dataset as :func:`segadapt.data.plan.fingerprint` describes it (spacing,
+                          intensities, modality, labels); ``segadapt predict`` checks inputs against it
     metrics.json          final validation metrics of the fold (and of the untuned network), per case;
                           with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
                           ``last_cases`` of the last one, ``selection`` (inner cases, inner-Dice curve,
@@ -54,7 +56,7 @@ from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number
 from segadapt.data.files import atomic_path, write_json
-from segadapt.data.plan import Plan
+from segadapt.data.plan import Plan, fingerprint, load_or_make_fingerprint
 from segadapt.models import load_pretrained
 
 from .callbacks import (ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, PhaseTimes, SelectBest, TrainStats, export_weights,
@@ -83,6 +85,7 @@ def report_summary(text: str) -> None:
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -459,6 +462,15 @@ def _base_scores(trainer: pl.Trainer, module_kwargs: Mapping[str, Any], datamodu
     return cases, inner_dice, 0.0 if distributed else time.perf_counter() - start  # DDP: in PhaseTimes
 
 
+def _data_fingerprint(datamodule_kwargs: Mapping[str, Any], cache_dir: Optional[str | os.PathLike]) -> dict:
+    """The fingerprint of the run's dataset on the grid its preprocessing reads (orientation, dimensions)."""
+    preprocess = PreprocessConfig.from_dict(dict(datamodule_kwargs.get("preprocess") or {}))
+    where = (datamodule_kwargs["dataset_json"], preprocess.orientation, preprocess.spatial_dims)
+    if cache_dir is None:
+        return fingerprint(where[0], orientation=where[1], spatial_dims=where[2])
+    return load_or_make_fingerprint(where[0], cache_dir, *where[1:])
+
+
 def fit_run(
     run_dir: str | os.PathLike,
     identity: Mapping[str, Any],
@@ -474,6 +486,7 @@ def fit_run(
     plan: Optional[Plan] = None,
     patience: Optional[int] = None,
     started: Optional[float] = None,
+    fingerprint_cache: Optional[str | os.PathLike] = None,
 ) -> dict[str, Any]:
     """Train (unless the tuning is 'none') and validate one run; write its folder; return ``metrics.json``'s dict.
 
@@ -494,6 +507,8 @@ def fit_run(
         plan: the dataset plan the settings came from, written as ``plan.json``.
         patience: stop early after this many inner validations without improvement (Lightning
             ``EarlyStopping``); None: train all steps.
+        fingerprint_cache: plan cache folder holding the dataset's fingerprint (made there when missing);
+            None: the dataset is fingerprinted afresh. Written as ``fingerprint.json``.
         started: ``time.perf_counter()`` at which the run's setup began (default: now); metrics.json's
             ``timing`` splits the time since into setup (until the first training step, validation
             aside), training steps, validation and the rest.
@@ -513,6 +528,7 @@ def fit_run(
     datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
     pl.seed_everything(seed, workers=True, verbose=False)  # the seed is in config.yaml
     module = SegAdaptModule(**module_kwargs)
+    data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache) if main_process else None
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
@@ -521,6 +537,7 @@ def fit_run(
         write_yaml(run_dir / CONFIG_FILE, record)
         if plan is not None:
             plan.to_json(run_dir / PLAN_FILE)
+        write_json(run_dir / FINGERPRINT_FILE, data_fingerprint)
     trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
     for callback in callbacks or []:
         trainer.callbacks.append(callback)
@@ -675,7 +692,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     check_request(cfg, "pretrain")
     result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
                      checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan,
-                     patience=_selection(cfg).get("patience"))
+                     patience=_selection(cfg).get("patience"), fingerprint_cache=cfg["plan"]["cache_dir"])
     report_summary(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
                     f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
     return result
@@ -695,7 +712,8 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None,
     result = fit_run(**args, ckpt_path=cfg["ckpt_path"], eval_base=cfg["eval_base"],
                      checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
                      overwrite=bool(cfg.get("overwrite", False)), plan=plan,
-                     patience=_selection(cfg).get("patience"), started=started)
+                     patience=_selection(cfg).get("patience"), started=started,
+                     fingerprint_cache=cfg["plan"]["cache_dir"])
     report_summary(format_result(result, cfg["run_dir"]))
     return result
 

@@ -1,0 +1,150 @@
+"""The training data's domain (a run's ``fingerprint.json``) and the checks ``segadapt predict`` makes against it.
+
+A run folder holds the :func:`segadapt.data.plan.fingerprint` of the dataset it was trained on (one source of
+truth, written by :func:`segadapt.training.fit_run`). :class:`TrainingDomain` summarises it:
+
+* modality of each channel (``dataset.json`` ``modality`` / ``channel_names``);
+* spacing: median, min and max per axis over the cases (on the grid the pipeline reads: reoriented);
+* intensity range per channel: [min over cases of the whole-image 0.5 percentile, max over cases of the
+  whole-image 99.5 percentile].
+
+:meth:`TrainingDomain.check` compares one input, read and reoriented as the pipeline reads it, and returns one
+message per finding (predict logs each as one warning line):
+
+* modality: the input's DICOM ``Modality`` when it is a DICOM series, else a guess from its intensities (a
+  CT in Hounsfield units holds air near -1000: its 0.5 percentile is below -500 HU; no MR image goes there);
+  a CT model given a non-CT, or a non-CT model given a CT, is reported;
+* spacing: an axis whose spacing is more than 2x (or less than 1/2 of) the training median;
+* intensities: the input's whole-image 0.5 / 99.5 percentiles outside the training range widened on each side
+  by 10% of a typical case's range (median 99.5 minus median 0.5 percentile: not of the whole range, which
+  one case at another scale, as in MSD hippocampus where a few cases reach 6 x 10^5, would make huge).
+
+:meth:`TrainingDomain.resample_spacing` says where predict resamples: a run trained on its native grid
+(``target_spacing: null``, every case at one spacing) gets inputs at another spacing resampled to the
+training median spacing (and the prediction mapped back onto the input's grid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from segadapt.data.plan import FINGERPRINT_VERSION, IMAGE_SAMPLES, intensity_statistics
+
+HU_AIR_THRESHOLD = -500.0   # a CT in HU has its 0.5 percentile below this (air); an MR image never does
+SPACING_FACTOR = 2.0        # an axis more than this factor off the training spacing is reported
+INTENSITY_SLACK = 0.1       # share of a typical case's intensity range allowed beyond the training range
+SPACING_TOLERANCE = 1e-3    # relative: spacings closer than this are the same grid
+DICOM_MODALITIES = {"MR": "MRI", "CT": "CT", "PT": "PET", "US": "US"}  # DICOM Modality -> dataset.json's names
+
+
+def is_ct(modality: Optional[str]) -> bool:
+    return modality is not None and modality.strip().casefold() == "ct"
+
+
+def scan_modality(image: np.ndarray, dicom_modality: Optional[str] = None) -> Optional[str]:
+    """A scan's modality in ``dataset.json``'s words: its DICOM Modality when given (MR -> MRI), else 'CT' when
+    it holds air in HU (0.5 percentile at or below -500), else None (unknown)."""
+    if dicom_modality:
+        return DICOM_MODALITIES.get(dicom_modality.strip().upper(), dicom_modality)
+    return "CT" if image_percentiles(np.asarray(image)[0])[0] <= HU_AIR_THRESHOLD else None
+
+
+def image_percentiles(channel: np.ndarray) -> tuple[float, float]:
+    """The 0.5 and 99.5 percentiles of one channel, sampled as the fingerprint samples it."""
+    values = np.asarray(channel).ravel()
+    stats = intensity_statistics(values[:: max(1, values.size // IMAGE_SAMPLES)])
+    return float(stats["percentile_00_5"]), float(stats["percentile_99_5"])
+
+
+@dataclass
+class TrainingDomain:
+    """What a run's training data looked like (see the module docstring)."""
+
+    dataset: str
+    n_cases: int
+    modality: dict[str, str]
+    labels: dict[str, str]
+    spacing_median: list[float]
+    spacing_min: list[float]
+    spacing_max: list[float]
+    intensity_range: list[list[float]]
+    """Per channel [low, high]: min of the cases' 0.5 percentiles, max of their 99.5 percentiles."""
+    intensity_slack: list[float]
+    """Per channel: INTENSITY_SLACK x (median of the cases' 99.5 percentiles - median of their 0.5 percentiles)."""
+
+    @classmethod
+    def from_fingerprint(cls, fp: Mapping[str, Any]) -> TrainingDomain:
+        if fp.get("version") != FINGERPRINT_VERSION:
+            raise ValueError(f"fingerprint version {fp.get('version')} is not {FINGERPRINT_VERSION}")
+        cases = fp["cases"]
+        spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
+        channels = len(cases[0]["image_intensity"])
+        low = np.array([[c["image_intensity"][k]["percentile_00_5"] for k in range(channels)] for c in cases])
+        high = np.array([[c["image_intensity"][k]["percentile_99_5"] for k in range(channels)] for c in cases])
+        slack = INTENSITY_SLACK * (np.median(high, 0) - np.median(low, 0))
+        return cls(dataset=fp["dataset"], n_cases=len(cases), modality=dict(fp["modality"]), labels=dict(fp["labels"]),
+                   spacing_median=np.median(spacings, 0).tolist(), spacing_min=spacings.min(0).tolist(),
+                   spacing_max=spacings.max(0).tolist(),
+                   intensity_range=np.stack([low.min(0), high.max(0)], 1).tolist(), intensity_slack=slack.tolist())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainingDomain:
+        """From a ``fingerprint.json``; ValueError naming the file when it is not one of this version."""
+        try:
+            return cls.from_fingerprint(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a usable fingerprint ({error}); train the run again or write it with "
+                             "segadapt plan DATASET_JSON --out /tmp/plan.json --fingerprint RUN_DIR/fingerprint.json") from error
+
+    @property
+    def foreground_labels(self) -> dict[int, str]:
+        """Label value -> name, background (0) left out."""
+        return {int(k): v for k, v in sorted(self.labels.items(), key=lambda kv: int(kv[0])) if int(k) != 0}
+
+    def resample_spacing(self, spacing: Sequence[float]) -> Optional[list[float]]:
+        """The training median spacing when an input at `spacing` lies outside the training cases' spacings
+        on some axis (predict resamples it there), else None (the input is used on its own grid, as training was)."""
+        low = np.asarray(self.spacing_min) * (1 - SPACING_TOLERANCE)
+        high = np.asarray(self.spacing_max) * (1 + SPACING_TOLERANCE)
+        spacing = np.asarray(spacing, dtype=np.float64)
+        return None if np.all((spacing >= low) & (spacing <= high)) else list(self.spacing_median)
+
+    def check(self, image: np.ndarray, spacing: Sequence[float], dicom_modality: Optional[str] = None) -> list[str]:
+        """Messages on how input `image` (C, *spatial), at `spacing` mm, differs from the training data."""
+        found = []
+        trained = self.modality.get("0")
+        low, high = image_percentiles(image[0])
+        if dicom_modality is not None:
+            given = DICOM_MODALITIES.get(dicom_modality.strip().upper(), dicom_modality)
+            if trained is not None and given.casefold() != trained.casefold():
+                found.append(f"modality mismatch: the input's DICOM Modality is {dicom_modality}, the model was "
+                             f"trained on {trained} ({self.dataset})")
+        elif trained is not None and is_ct(trained) and low > HU_AIR_THRESHOLD:
+            found.append(f"modality mismatch? the model was trained on CT ({self.dataset}) but the input's 0.5 "
+                         f"percentile is {low:.4g}, above {HU_AIR_THRESHOLD:g} HU (no air): not a CT in HU?")
+        elif trained is not None and not is_ct(trained) and low <= HU_AIR_THRESHOLD:
+            found.append(f"modality mismatch? the model was trained on {trained} ({self.dataset}) but the input's "
+                         f"0.5 percentile is {low:.4g}, at or below {HU_AIR_THRESHOLD:g}: a CT in HU?")
+        median = np.asarray(self.spacing_median)
+        ratio = np.asarray(spacing, dtype=np.float64) / median
+        off = [i for i, r in enumerate(ratio) if r > SPACING_FACTOR or r < 1 / SPACING_FACTOR]
+        if off:
+            found.append(f"spacing {format_mm(spacing)} mm is more than {SPACING_FACTOR:g}x off the training spacing "
+                         f"{format_mm(median)} mm on axis {', '.join(map(str, off))}")
+        for c, ((train_low, train_high), slack) in enumerate(zip(self.intensity_range[: len(image)], self.intensity_slack)):
+            c_low, c_high = (low, high) if c == 0 else image_percentiles(image[c])
+            if c_low < train_low - slack or c_high > train_high + slack:
+                found.append(f"intensities outside the training range: channel {c} 0.5-99.5 percentiles "
+                             f"[{c_low:.4g}, {c_high:.4g}], training [{train_low:.4g}, {train_high:.4g}]")
+        return found
+
+
+def format_mm(values: Sequence[float]) -> str:
+    return "x".join(f"{float(v):.3g}" for v in values)
