@@ -15,7 +15,8 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
     metrics.json          final validation metrics of the fold (and of the untuned network), per case;
                           with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
                           ``last_cases`` of the last one, ``selection`` (inner cases, inner-Dice curve,
-                          selected step, ``below_base``) and ``base_inner_dice``
+                          selected step, ``below_base``) and ``base_inner_dice``; ``timing``: seconds of
+                          setup, training steps and validation of the session, and its total
     adapter.safetensors   the trained adapter (adapter methods), or
     model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining);
                           the selected network where model selection ran
@@ -561,6 +562,7 @@ def fit_run(
             "train_steps_s": phases.train_steps_s,
             "validation_s": validation_s,
             "total_s": end - started,
+            "started_at": time.time() - (end - started),  # epoch seconds, for the wall time of a sweep
         },
         "cases": cases,
         "last_cases": last_cases,
