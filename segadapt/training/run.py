@@ -419,20 +419,25 @@ def _base_scores(trainer: pl.Trainer, module_kwargs: Mapping[str, Any], datamodu
         return base[0]
 
     distributed = trainer.world_size > 1
-    scorer = trainer if distributed else pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        **{k: v for k, v in trainer_kwargs.items() if k in _EVALUATION_TRAINER_KEYS})
+    scorers: list[pl.Trainer] = [trainer] if distributed else []
+
+    def scorer() -> pl.Trainer:  # built on the first miss only
+        if not scorers:
+            scorers.append(pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                      enable_model_summary=False,
+                                      **{k: v for k, v in trainer_kwargs.items() if k in _EVALUATION_TRAINER_KEYS}))
+        return scorers[0]
 
     def scored(kind: str, score: Callable[[], Any]) -> Any:
         key = None if distributed else base_key(module_kwargs, datamodule_kwargs, torch.get_num_threads(), kind)
         return score() if key is None else BASE_SCORES.get_or_build(key, score)
 
     def validated() -> list[dict]:
-        scorer.validate(network(), datamodule=datamodule, verbose=False)
+        scorer().validate(network(), datamodule=datamodule, verbose=False)
         return network().case_rows
 
     cases = scored("val", validated) if val else None
-    inner_dice = scored("inner", lambda: _inner_dice(scorer, network(), datamodule)[0]) if inner else None
+    inner_dice = scored("inner", lambda: _inner_dice(scorer(), network(), datamodule)[0]) if inner else None
     return cases, inner_dice, 0.0 if distributed else time.perf_counter() - start  # DDP: in PhaseTimes
 
 

@@ -71,7 +71,9 @@ def base_key(module_kwargs: Mapping[str, Any], datamodule_kwargs: Mapping[str, A
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     stat = Path(checkpoint).stat()
+    dataset = Path(str(datamodule_kwargs.get("dataset_json", "")))
     return json.dumps({
+        "dataset": [str(dataset), dataset.stat().st_mtime_ns] if dataset.is_file() else str(dataset),
         "kind": kind,
         "module": {k: module_kwargs.get(k) for k in _BASE_MODULE_KEYS},
         "checkpoint": [str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns],
