@@ -17,7 +17,8 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
     metrics.json          final validation metrics of the fold (and of the untuned network), per case;
                           with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
                           ``last_cases`` of the last one, ``selection`` (inner cases, inner-Dice curve,
-                          selected step, ``below_base``) and ``base_inner_dice``
+                          selected step, ``below_base``) and ``base_inner_dice``; ``timing``: seconds of
+                          setup, training steps and validation of the session, and its total
     adapter.safetensors   the trained adapter (adapter methods), or
     model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining);
                           the selected network where model selection ran
@@ -445,20 +446,25 @@ def _base_scores(trainer: pl.Trainer, module_kwargs: Mapping[str, Any], datamodu
         return base[0]
 
     distributed = trainer.world_size > 1
-    scorer = trainer if distributed else pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        **{k: v for k, v in trainer_kwargs.items() if k in _EVALUATION_TRAINER_KEYS})
+    scorers: list[pl.Trainer] = [trainer] if distributed else []
+
+    def scorer() -> pl.Trainer:  # built on the first miss only
+        if not scorers:
+            scorers.append(pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                      enable_model_summary=False,
+                                      **{k: v for k, v in trainer_kwargs.items() if k in _EVALUATION_TRAINER_KEYS}))
+        return scorers[0]
 
     def scored(kind: str, score: Callable[[], Any]) -> Any:
         key = None if distributed else base_key(module_kwargs, datamodule_kwargs, torch.get_num_threads(), kind)
         return score() if key is None else BASE_SCORES.get_or_build(key, score)
 
     def validated() -> list[dict]:
-        scorer.validate(network(), datamodule=datamodule, verbose=False)
+        scorer().validate(network(), datamodule=datamodule, verbose=False)
         return network().case_rows
 
     cases = scored("val", validated) if val else None
-    inner_dice = scored("inner", lambda: _inner_dice(scorer, network(), datamodule)[0]) if inner else None
+    inner_dice = scored("inner", lambda: _inner_dice(scorer(), network(), datamodule)[0]) if inner else None
     return cases, inner_dice, 0.0 if distributed else time.perf_counter() - start  # DDP: in PhaseTimes
 
 
@@ -603,6 +609,7 @@ def fit_run(
             "train_steps_s": phases.train_steps_s,
             "validation_s": validation_s,
             "total_s": end - started,
+            "started_at": time.time() - (end - started),  # epoch seconds, for the wall time of a sweep
         },
         "cases": cases,
         "last_cases": last_cases,

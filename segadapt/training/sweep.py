@@ -71,7 +71,9 @@ def base_key(module_kwargs: Mapping[str, Any], datamodule_kwargs: Mapping[str, A
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     stat = Path(checkpoint).stat()
+    dataset = Path(str(datamodule_kwargs.get("dataset_json", "")))
     return json.dumps({
+        "dataset": [str(dataset), dataset.stat().st_mtime_ns] if dataset.is_file() else str(dataset),
         "kind": kind,
         "module": {k: module_kwargs.get(k) for k in _BASE_MODULE_KEYS},
         "checkpoint": [str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns],
@@ -103,7 +105,7 @@ def _runs_since(folder: Path, since: float) -> list[dict]:
 
 
 def sweep_summary(runs: list[dict], wall_s: float) -> str:
-    """One line: runs, wall time, and the share of it in training steps (with setup and validation)."""
+    """One line: runs, wall time (`wall_s`), and the share of it in training steps (with setup and validation)."""
     timing = [r.get("timing") or {} for r in runs]
     total = {k: sum(t.get(k) or 0.0 for t in timing) for k in ("setup_s", "train_steps_s", "validation_s")}
     share = total["train_steps_s"] / wall_s if wall_s > 0 else float("nan")
@@ -116,13 +118,16 @@ class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, :func:`sweep_summary` of the runs it wrote (any launcher)."""
 
     def __init__(self) -> None:
-        self._start_wall = self._start = 0.0
+        self._start_wall = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._start_wall, self._start = time.time(), time.perf_counter()
+        self._start_wall = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(os.path.expanduser(str(config.hydra.sweep.dir)))
         runs = _runs_since(folder, self._start_wall - 1.0) if folder.is_dir() else []
         if runs:
-            print(sweep_summary(runs, time.perf_counter() - self._start), flush=True)
+            # from the earliest run's start: the first run of a process counts from the process start
+            # (imports, the check of every job), which comes before Hydra's multirun starts
+            first = min([self._start_wall] + [(r.get("timing") or {}).get("started_at") or self._start_wall for r in runs])
+            print(sweep_summary(runs, time.time() - first), flush=True)
