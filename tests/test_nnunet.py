@@ -257,3 +257,11 @@ def test_segadapt_s_earlier_splits_files_still_read(tmp_path):
     (path.parent / "splits_2fold_seed0.json").write_text(json.dumps(old))
     splits = load_or_create_splits(path, n_folds=2, seed=0)
     assert splits.val_ids(1) == ("toy_002", "toy_003") and splits.train_ids(1) == ("toy_000", "toy_001")
+
+
+def test_model_nnunet_without_a_results_folder_is_one_clear_error(tmp_path, world):
+    from segadapt.training.planning import run_plan
+
+    cfg = _cfg(tmp_path, world, **{"model.kwargs.results": "null"})
+    with pytest.raises(ValueError, match=r"model=nnunet needs model.kwargs.results=DIR"):
+        run_plan(cfg, pretraining=False, prepare=lambda data: Path(data["dataset_json"]))
