@@ -113,7 +113,11 @@ def test_presets_cover_every_conv_and_adapters_reach_the_forward(world):
         for name, p in net.named_parameters():
             if p.requires_grad:
                 p.add_(0.05)
-        assert (net(x) - before).abs().max() > 1e-3  # every adapter is on the path the forward runs
+        called = []
+        for name in names:  # every adapted layer is on the path the forward runs (not a registered alias)
+            net.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: called.append(name))
+        assert (net(x) - before).abs().max() > 1e-3
+    assert sorted(called) == sorted(names)
 
 
 def test_unsafe_checkpoint_is_refused(tmp_path, world):
