@@ -132,3 +132,10 @@ def write_results(folder: Path, seed: int = 0, **plan_changes) -> tuple[Path, Pl
     (folder / "fold_0").mkdir(exist_ok=True)
     torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
     return folder, network
+
+
+if __name__ == "__main__":  # python tests/nnunet_fixtures.py OUT: the tiny world for the README's commands
+    import sys
+
+    out = Path(sys.argv[1])
+    print(write_raw_dataset(out / "Dataset901_Toy"), write_results(out / "results")[0])

@@ -74,11 +74,13 @@ def test_splits_file_is_written_once_and_reread(tmp_path):
     path = _dataset(tmp_path, [0, 3, 9, 27, 50, 5, 7], patients=["a", "a", "b", "c", "d", "e", "f"])
     splits = load_or_create_splits(path, n_folds=3, seed=1)
     assert splits.path == tmp_path / "splits_3fold_seed1.json"
-    doc = json.loads(splits.path.read_text(encoding="utf-8"))
-    assert doc["lesion_volume_ml"]["c03"] == pytest.approx(27 * 0.02)
-    assert [f["val"] for f in doc["folds"]] == [list(f) for f in splits.folds]
+    doc = json.loads(splits.path.read_text(encoding="utf-8"))  # nnU-Net's splits_final.json format
+    assert [f["val"] for f in doc] == [list(f) for f in splits.folds]
+    ids = [f"c{i:02d}" for i in range(7)]
+    assert [f["train"] for f in doc] == [[c for c in ids if c not in f["val"]] for f in doc]
     # Re-read, not recomputed: a hand edit of the file (moving patient a's scans) is what later runs see.
-    doc["folds"] = [{"val": ["c00", "c01", "c02"]}, {"val": ["c03", "c04"]}, {"val": ["c05", "c06"]}]
+    vals = [["c00", "c01", "c02"], ["c03", "c04"], ["c05", "c06"]]
+    doc = [{"train": [c for c in ids if c not in v], "val": v} for v in vals]
     splits.path.write_text(json.dumps(doc), encoding="utf-8")
     again = load_or_create_splits(path, n_folds=3, seed=1)
     assert again.val_ids(0) == ("c00", "c01", "c02") and again.train_ids(0) == ("c03", "c04", "c05", "c06")

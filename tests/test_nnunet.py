@@ -113,7 +113,11 @@ def test_presets_cover_every_conv_and_adapters_reach_the_forward(world):
         for name, p in net.named_parameters():
             if p.requires_grad:
                 p.add_(0.05)
-        assert (net(x) - before).abs().max() > 1e-3  # every adapter is on the path the forward runs
+        called = []
+        for name in names:  # every adapted layer is on the path the forward runs (not a registered alias)
+            net.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: called.append(name))
+        assert (net(x) - before).abs().max() > 1e-3
+    assert sorted(called) == sorted(names)
 
 
 def test_unsafe_checkpoint_is_refused(tmp_path, world):
@@ -211,3 +215,57 @@ def test_adapt_save_reload_predict_and_export_back(tmp_path, world):
         assert (fresh(x) - world["network"].eval()(x)).abs().max() > 0  # the adapted network, not the base
     with pytest.raises(ValueError, match="exists"):
         export_nnunet(run_dir, tmp_path / "exported")
+
+
+# ---- splits_final.json --------------------------------------------------------------------------------------
+def _nnunet_splits(ids, vals):
+    """nnU-Net's format (nnunetv2 nnUNetTrainer.do_split: a list of {'train': [...], 'val': [...]})."""
+    return [{"train": [c for c in ids if c not in v], "val": list(v)} for v in vals]
+
+
+def test_nnunet_splits_final_is_used_as_it_is_and_segadapt_writes_the_same_format(tmp_path, monkeypatch):
+    from segadapt.data import load_or_create_splits
+
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    path = write_raw_dataset(tmp_path / "Dataset901_Toy", n=6)
+    ids = [f"toy_{i:03d}" for i in range(6)]
+    made = load_or_create_splits(path, n_folds=3, seed=0)  # segadapt's own split, written as nnU-Net writes
+    written = json.loads(made.path.read_text())
+    assert written == _nnunet_splits(ids, [sorted(f) for f in made.folds])
+    # an nnU-Net study's splits_final.json in $nnUNet_preprocessed/<Dataset> decides the folds
+    vals = [["toy_000", "toy_005"], ["toy_001", "toy_004"], ["toy_002", "toy_003"]]
+    preprocessed = tmp_path / "preprocessed"
+    (preprocessed / "Dataset901_Toy").mkdir(parents=True)
+    (preprocessed / "Dataset901_Toy" / "splits_final.json").write_text(json.dumps(_nnunet_splits(ids, vals)))
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    splits = load_or_create_splits(path, n_folds=3, seed=0)
+    assert splits.path == preprocessed / "Dataset901_Toy" / "splits_final.json"
+    assert [list(splits.val_ids(k)) for k in range(3)] == vals
+    assert list(splits.train_ids(1)) == ["toy_000", "toy_005", "toy_002", "toy_003"]
+    with pytest.raises(ValueError, match="holds 3 folds, asked for 5: set data.n_folds=3"):
+        load_or_create_splits(path, n_folds=5, seed=0)
+    # beside dataset.json wins over $nnUNet_preprocessed; a train list that is not the complement is refused
+    bad = _nnunet_splits(ids, vals)
+    bad[0]["train"] = bad[0]["train"][:-1]
+    (path.parent / "splits_final.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"splits_final.json: fold 0's 'train' is not every case outside its 'val'"):
+        load_or_create_splits(path, n_folds=3, seed=0)
+
+
+def test_segadapt_s_earlier_splits_files_still_read(tmp_path):
+    from segadapt.data import load_or_create_splits
+
+    path = write_raw_dataset(tmp_path / "d", n=4)
+    old = {"dataset": "toy", "n_folds": 2, "seed": 0, "folds": [{"val": ["toy_000", "toy_001"]},
+                                                                {"val": ["toy_002", "toy_003"]}]}
+    (path.parent / "splits_2fold_seed0.json").write_text(json.dumps(old))
+    splits = load_or_create_splits(path, n_folds=2, seed=0)
+    assert splits.val_ids(1) == ("toy_002", "toy_003") and splits.train_ids(1) == ("toy_000", "toy_001")
+
+
+def test_model_nnunet_without_a_results_folder_is_one_clear_error(tmp_path, world):
+    from segadapt.training.planning import run_plan
+
+    cfg = _cfg(tmp_path, world, **{"model.kwargs.results": "null"})
+    with pytest.raises(ValueError, match=r"model=nnunet needs model.kwargs.results=DIR"):
+        run_plan(cfg, pretraining=False, prepare=lambda data: Path(data["dataset_json"]))

@@ -112,7 +112,7 @@ def test_sweep_writes_data_base_and_one_folder_per_fold(sweep):
                        for k in f.keys()) == metrics["cost"]["trainable_params"]
     validated = [{c["case_id"] for c in read_metrics(sweep / f"runs/phantom_sah/multiview_unet/cp_lora/fold{k}")["cases"]} for k in (0, 1)]
     split = json.loads((sweep / "data/phantom_sah/splits_3fold_seed0.json").read_text(encoding="utf-8"))
-    assert validated == [set(fold["val"]) for fold in split["folds"][:2]] and not validated[0] & validated[1]
+    assert validated == [set(fold["val"]) for fold in split[:2]] and not validated[0] & validated[1]
 
 
 def test_adapter_file_and_base_reproduce_the_validation_metrics(sweep):

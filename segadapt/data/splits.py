@@ -5,6 +5,14 @@
 patients even if the splitting code or the library versions change. All scans of one ``patient_id`` land
 in the same fold.
 
+File format: nnU-Net's ``splits_final.json``, a list with one ``{"train": [...], "val": [...]}`` per fold
+(case ids), so a fold means the same patients in both tools (copy the file to
+``nnUNet_preprocessed/<Dataset>/splits_final.json``). An nnU-Net study's own ``splits_final.json`` is used
+as it is when it is given (``path``, ``data.splits_path``) or found, in this order: beside ``dataset.json``,
+then ``$nnUNet_preprocessed/<dataset folder name>/splits_final.json``; its folds decide (``n_folds`` must
+equal their number). Files in segadapt's earlier format (``{"n_folds", "seed", "folds": [{"val": ...}]}``)
+are still read.
+
 Stratification (what scikit-learn's ``StratifiedGroupKFold`` does for classes, done here for a continuous
 volume, which it does not support): patients are sorted by mean lesion volume (ties broken by a seeded
 shuffle) and dealt out in blocks of k, each block in a seeded random fold order, so every fold gets one
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,20 +98,69 @@ def make_splits(
     return [sorted(f) for f in folds]
 
 
+NNUNET_SPLITS_FILE = "splits_final.json"
+
+
 def default_splits_path(description: DatasetDescription, n_folds: int, seed: int) -> Path:
     return description.root / f"splits_{n_folds}fold_seed{seed}.json"
 
 
+def find_nnunet_splits(description: DatasetDescription) -> Path | None:
+    """An nnU-Net ``splits_final.json`` beside ``dataset.json`` or in ``$nnUNet_preprocessed/<folder name>/``."""
+    candidates = [description.root / NNUNET_SPLITS_FILE]
+    if os.environ.get("nnUNet_preprocessed"):
+        candidates.append(Path(os.environ["nnUNet_preprocessed"]) / description.root.name / NNUNET_SPLITS_FILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def nnunet_splits(splits: Splits, description: DatasetDescription) -> list[dict[str, list[str]]]:
+    """The folds in nnU-Net's ``splits_final.json`` format: ``[{"train": [...], "val": [...]}, ...]`` (sorted ids)."""
+    ids = sorted(c.case_id for c in description.cases)
+    return [{"train": [c for c in ids if c not in set(val)], "val": sorted(val)} for val in splits.folds]
+
+
 def save_splits(splits: Splits, description: DatasetDescription) -> Path:
-    """Write a split made by ``load_or_create_splits(..., write=False)`` to its file."""
-    return write_json(splits.path, {
-        "dataset": description.name,
-        "n_folds": splits.n_folds,
-        "seed": splits.seed,
-        "method": "patient-grouped k-fold, stratified by lesion volume",
-        "folds": [{"val": list(f)} for f in splits.folds],
-        "lesion_volume_ml": {k: round(v, 4) for k, v in sorted(dict(splits.volumes_ml or {}).items())},
-    })
+    """Write a split made by ``load_or_create_splits(..., write=False)`` to its file (nnU-Net's format)."""
+    return write_json(splits.path, nnunet_splits(splits, description))
+
+
+def _read_folds(path: Path, ids: set[str], n_folds: int, seed: int) -> tuple[tuple[str, ...], ...]:
+    """Validation ids per fold of a splits file (nnU-Net's list, or segadapt's earlier format)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(doc, list):
+            folds = tuple(tuple(f["val"]) for f in doc)
+            trains = [set(f["train"]) for f in doc]
+        else:
+            folds = tuple(tuple(f["val"]) for f in doc["folds"])
+            trains = None
+            stored_k, stored_seed = int(doc["n_folds"]), int(doc["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"splits file {path} is unreadable ({e}); delete it to re-split") from e
+    named = re.fullmatch(r"splits_(\d+)fold_seed(-?\d+)\.json", path.name)  # segadapt's file names carry k and seed
+    if trains is not None and named:
+        stored_k, stored_seed = int(named[1]), int(named[2])
+    if (trains is None or named) and (stored_k, stored_seed) != (n_folds, seed):
+        raise ValueError(f"splits file {path} holds {stored_k} folds with seed {stored_seed}, asked for {n_folds} "
+                         f"with seed {seed}")
+    if len(folds) != n_folds:
+        raise ValueError(f"splits file {path} holds {len(folds)} folds, asked for {n_folds}: set data.n_folds="
+                         f"{len(folds)} to use them")
+    stored = [c for f in folds for c in f]
+    if len(stored) != len(set(stored)):
+        twice = sorted({c for c in stored if stored.count(c) > 1})
+        raise ValueError(f"splits file {path}: cases {twice[:10]} are validation cases of several folds (segadapt "
+                         "needs folds that partition the cases)")
+    if set(stored) != ids:
+        raise ValueError(
+            f"splits file {path} does not match the dataset: cases added {sorted(ids - set(stored))[:10]}, "
+            f"removed {sorted(set(stored) - ids)[:10]}; delete the splits file to re-split (fold membership will change)"
+        )
+    for fold, (val, train) in enumerate(zip(folds, trains or [])):
+        if train != ids - set(val):
+            raise ValueError(f"splits file {path}: fold {fold}'s 'train' is not every case outside its 'val' "
+                             f"(differs by {sorted(train ^ (ids - set(val)))[:10]})")
+    return folds
 
 
 def load_or_create_splits(
@@ -116,8 +174,9 @@ def load_or_create_splits(
 
     Args:
         dataset: a ``dataset.json`` path or a loaded description.
-        path: where the splits file lives; default ``<dataset folder>/splits_<k>fold_seed<seed>.json``
-            (pass another path when the dataset folder is read-only).
+        path: where the splits file lives; default: an nnU-Net ``splits_final.json`` if one is found
+            (:func:`find_nnunet_splits`), else ``<dataset folder>/splits_<k>fold_seed<seed>.json`` (pass another
+            path when the dataset folder is read-only).
         write: False: a new split is returned unwritten (:func:`save_splits` writes it once the cases
             passed their checks).
 
@@ -126,7 +185,9 @@ def load_or_create_splits(
             a patient's cases in several folds), or see :func:`make_splits`.
     """
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
-    path = Path(path) if path is not None else default_splits_path(description, n_folds, seed)
+    if path is None:
+        path = find_nnunet_splits(description) or default_splits_path(description, n_folds, seed)
+    path = Path(path)
     ids = {c.case_id for c in description.cases}
     if not path.exists():
         volumes = {c.case_id: lesion_volume_ml(c.label) for c in description.cases}
@@ -139,20 +200,9 @@ def load_or_create_splits(
             return made
         save_splits(made, description)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        folds = tuple(tuple(f["val"]) for f in doc["folds"])
-        stored_k, stored_seed = int(doc["n_folds"]), int(doc["seed"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"splits file {path} is unreadable ({e}); delete it to re-split") from e
-    if (stored_k, stored_seed) != (n_folds, seed) or len(folds) != n_folds:
-        raise ValueError(f"splits file {path} holds {stored_k} folds with seed {stored_seed}, asked for {n_folds} "
-                         f"with seed {seed}")
-    stored = {c for f in folds for c in f}
-    if stored != ids:
-        raise ValueError(
-            f"splits file {path} does not match {description.path}: cases added {sorted(ids - stored)[:10]}, "
-            f"removed {sorted(stored - ids)[:10]}; delete the splits file to re-split (fold membership will change)"
-        )
+        folds = _read_folds(path, ids, n_folds, seed)
+    except ValueError as e:
+        raise ValueError(str(e).replace("the dataset", str(description.path))) from None
     _check_patients(description, folds, path)
     return Splits(path, n_folds, seed, folds)
 

@@ -102,13 +102,16 @@ class NnUNetModel:
         return len(self.dataset["labels"])
 
 
-def read_results(folder: str | os.PathLike, configuration: str = "3d_fullres", fold: int = 0) -> NnUNetModel:
+def read_results(folder: str | os.PathLike | None, configuration: str = "3d_fullres", fold: int = 0) -> NnUNetModel:
     """Read and check an nnU-Net trained-model folder (plans.json, dataset.json; the checkpoint is read later).
 
     Raises:
         FileNotFoundError: a file is missing. ValueError: an unknown configuration, a 2D or cascade
         configuration, region labels, or an architecture entry without a network class.
     """
+    if folder is None:
+        raise ValueError("model=nnunet needs model.kwargs.results=DIR, an nnU-Net trained-model folder "
+                         "(plans.json, dataset.json, fold_<k>/checkpoint_final.pth)")
     folder = Path(folder).expanduser().absolute()
     plans = _read_json(folder / PLANS_FILE, "plans")
     dataset = _read_json(folder / DATASET_FILE, "dataset.json")
@@ -180,7 +183,7 @@ def _eval_output(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
-def build_nnunet(results: str, configuration: str = "3d_fullres", fold: int = 0, in_channels: Optional[int] = None,
+def build_nnunet(results: Optional[str] = None, configuration: str = "3d_fullres", fold: int = 0, in_channels: Optional[int] = None,
                  out_channels: Optional[int] = None, deep_supervision: bool = True) -> nn.Module:
     """The network of an nnU-Net trained-model folder (random init; the run loads the fold's checkpoint).
 

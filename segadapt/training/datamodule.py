@@ -68,7 +68,8 @@ class SegDataModule(pl.LightningDataModule):
         batch_size: training volumes per batch (each gives ``samples_per_volume`` samples).
         num_workers: data-loader worker processes.
         cache_workers: threads that fill the memory cache.
-        splits_path: the k-fold splits file (JSON; default: beside ``dataset.json``, created on first use).
+        splits_path: optional splits file, e.g. an nnU-Net ``splits_final.json`` (default: see
+            :func:`segadapt.data.load_or_create_splits`).
         seed: seed of the training samples (see the module docstring).
         inner_fraction: share of the fold's training patients held out as the inner validation split
             (model selection); 0: none.

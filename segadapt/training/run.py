@@ -234,6 +234,7 @@ def datamodule_args(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_jso
         "seed": cfg["seed"],
         "inner_fraction": float(_selection(cfg).get("inner_fraction") or 0.0),
         "max_train_cases": data.get("max_train_cases"),
+        **({"splits_path": str(Path(data["splits_path"]).resolve())} if data.get("splits_path") else {}),
     }
 
 
