@@ -245,9 +245,9 @@ def _flag(row: Mapping[str, Any]) -> str:
     return f"⚠ {row['below_base_folds']}/{len(row['folds'])}" if row["below_base_folds"] else ""
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], labels: Sequence[str], unit: str = "mL") -> str:
     head = ["method", "folds", "n", "Dice", "95% CI", "p vs none", "p vs full", "below base¹", "Dice (last step)",
-            "HD95 (mm)", *[f"Dice {b}" for b in labels], "volume r", "trainable params", "train time (s)",
+            f"HD95 ({'px' if unit == 'px' else 'mm'})", *[f"Dice {b}" for b in labels], "volume r", "trainable params", "train time (s)",
             "peak mem (MB)", "+ over fit start (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -376,7 +376,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use "
         "when training started) as means over folds.",
         "",
-        markdown_table(rows, labels),
+        markdown_table(rows, labels, size_unit(runs)),
         "",
         *notes,
         "",
