@@ -27,6 +27,7 @@ from segadapt.data.transforms import ImageOrientationd
 from segadapt.training import case_metrics, read_metrics, read_run_config, train
 from segadapt.training.metrics import bin_labels
 from segadapt.training.report import size_unit as report_size_unit
+from segadapt.training.report import write_report
 from segadapt.training.run import check_config_types, datamodule_args, module_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,8 @@ def test_drive_config_end_to_end(drive3, tmp_path, shared_data):
     assert case["true_ml"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
     assert 0.0 <= case["dice"] <= 1.0
     assert report_size_unit([metrics]) == "px"
+    text = write_report(tmp_path / "drive")["markdown"].read_text(encoding="utf-8")
+    assert "HD95 (px)" in text and "Dice >=0 px" in text
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -282,8 +282,9 @@ def report_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> pd.Da
     return pd.DataFrame.from_records(records)
 
 
-def markdown_table(table: pd.DataFrame, labels: Sequence[str]) -> str:
-    """report.md's table: the columns of :func:`report_table` formatted (pandas ``to_markdown``)."""
+def markdown_table(table: pd.DataFrame, labels: Sequence[str], unit: str = "mL") -> str:
+    """report.md's table: the columns of :func:`report_table` formatted (pandas ``to_markdown``); HD95 in mm, or
+    pixels for 2D images without a spacing (`unit` 'px')."""
     cells = pd.DataFrame({
         "method": table["method"] + table["base_from_runs"].map({0: "", 1: "²"}),
         "folds": table["folds"].astype(str),
@@ -295,7 +296,7 @@ def markdown_table(table: pd.DataFrame, labels: Sequence[str]) -> str:
         "p vs full": table["p_vs_full"].map(_fmt_p),
         "below base¹": [f"⚠ {b}/{n}" if b else "" for b, n in zip(table["below_base_folds"], table["folds"])],
         "Dice (last step)": table["dice_last_mean"].map(_fmt),
-        "HD95 (mm)": [_fmt(m, sd, 1) + (f" ({u} undef.)" if u else "")
+        f"HD95 ({'px' if unit == 'px' else 'mm'})": [_fmt(m, sd, 1) + (f" ({u} undef.)" if u else "")
                       for m, sd, u in zip(table["hd95_mean_mm"], table["hd95_sd_mm"], table["hd95_undefined"])],
         **{f"Dice {b}": [f"{_fmt(d)} (n={n})" for d, n in zip(table[f"dice_bin[{b}]"], table[f"n_bin[{b}]"])]
            for b in labels},
@@ -441,7 +442,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}; and its increase over the memory in use "
         "when training started) as means over folds.",
         "",
-        markdown_table(table, labels),
+        markdown_table(table, labels, size_unit(runs)),
         "",
         *notes,
         "",
