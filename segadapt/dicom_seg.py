@@ -10,7 +10,8 @@ segmentation type, one frame per source slice and segment (empty frames kept, so
 slice i), referencing the source series (its Study, Series and SOP Instance UIDs; patient and study copied).
 The mask is brought onto the source geometry by highdicom (``Volume.match_geometry``: permutes and flips the
 prediction's voxel axes, never resamples), so it is written exactly as predicted, frame i onto the i-th source
-image along the slice normal; a mask that is not on the series' grid is refused. highdicom is in the ``dicom`` extra (``pip install 'segadapt[dicom]'``).
+image in highdicom's order (down the slice normal); a mask that is not on the series' grid is refused.
+highdicom is in the ``dicom`` extra (``pip install 'segadapt[dicom]'``).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def write_dicom_seg(prediction: Prediction, out: str | os.PathLike, labels: Mapp
     ]
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=mask.array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        segment_descriptions=segments, series_instance_uid=hd.UID(),
+        series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,  # beside the source series
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segadapt", manufacturer_model_name="segadapt",
         software_versions=str(__version__), device_serial_number="0", series_description=series_description,
         omit_empty_frames=False,
