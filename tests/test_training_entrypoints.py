@@ -256,5 +256,5 @@ def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):
     metrics = read_metrics(tmp_path / "ddp")
     ids = [c["case_id"] for c in metrics["cases"]]
     split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text(encoding="utf-8"))
-    assert sorted(ids) == sorted(split["folds"][0]["val"]) and len(ids) == 3
+    assert sorted(ids) == sorted(split[0]["val"]) and len(ids) == 3
     assert metrics["val"]["n_cases"] == 3
