@@ -298,3 +298,37 @@ def test_active_injection_into_a_merged_model_is_refused_and_leaves_it_unchanged
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     inject(model, AdapterConfig(targets=["decoder.0", "decoder.2"]), name="b", active=False)  # allowed
     assert active_adapter(model) == "a"
+
+
+class _TwoNames(torch.nn.Module):
+    """A conv registered under two names, the forward running the second (dynamic-network-architectures does
+    this: ``conv`` and ``all_modules.0``); ``conv`` is the name ``named_modules`` lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.all_modules = torch.nn.Sequential(self.conv, torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.all_modules(x)
+
+
+def test_a_module_held_under_two_names_is_adapted_on_every_path():
+    torch.manual_seed(0)
+    model, x = _TwoNames(), torch.randn(1, 2, 6, 6)
+    before = model(x)
+    inject(model, AdapterConfig(method="lora_c", rank=2, targets=["conv"]))
+    assert model.all_modules[0] is model.conv  # the forward's path holds the adapted layer too
+    with torch.no_grad():
+        for p in model.conv.adapters.parameters():
+            p.normal_()
+    adapted = model(x)
+    assert not torch.allclose(adapted, before)
+    merged = merge_and_unload(model)
+    assert type(merged.all_modules[0]) is torch.nn.Conv2d and merged.all_modules[0] is merged.conv
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+
+    again = _TwoNames()
+    inject(again, AdapterConfig(method="lora", rank=2, targets=["conv"]))
+    remove_adapter(again, "default")
+    assert type(again.all_modules[0]) is torch.nn.Conv2d and again.all_modules[0] is again.conv

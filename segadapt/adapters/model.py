@@ -101,6 +101,16 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in every slot of ``model`` that holds ``old``: a module registered under two names
+    (nnU-Net's convs are ``conv`` and ``all_modules.0``) would otherwise keep running the old one on the
+    path the forward takes, and an adapter there would silently do nothing."""
+    for parent in list(model.modules()):
+        for child, module in list(parent.named_children()):
+            if module is old:
+                setattr(parent, child, new)
+
+
 def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "default", active: bool = True) -> nn.Module:
     """Inject one named adapter into every module that ``config.targets`` selects, in place.
 
@@ -174,8 +184,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base, spec)
             module.active_adapter = previous
-            parent, child = _parent(model, module_name)
-            setattr(parent, child, module)
+            _swap(model, base, module)
         adapter.requires_grad_(False)
         module.adapters[name] = adapter
     for train_name in train_names:
@@ -253,8 +262,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             if layer.active_adapter == name:
                 layer.active_adapter = None
         if not layer.adapters:
-            parent, child = _parent(model, layer_name)
-            setattr(parent, child, layer.base_layer)
+            _swap(model, layer, layer.base_layer)
     for wrapper_name, wrapper in list(trained_modules(model)):
         if name in wrapper.modules_to_save:
             del wrapper.modules_to_save[name]
@@ -284,9 +292,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     module by the active adapter's copy (in place); the result holds only the base module types and loads
     into the bare architecture."""
     merge(model)
-    for layer_name, layer in list(adapted_layers(model)):
-        parent, child = _parent(model, layer_name)
-        setattr(parent, child, layer.base_layer)
+    for _, layer in list(adapted_layers(model)):
+        _swap(model, layer, layer.base_layer)
     for wrapper_name, wrapper in list(trained_modules(model)):
         parent, child = _parent(model, wrapper_name)
         setattr(parent, child, wrapper.active_module)
