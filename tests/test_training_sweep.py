@@ -18,19 +18,12 @@ from segadapt.data.cache import CASES
 from segadapt.training import read_metrics, train
 from segadapt.training.run import gpu_precision, pretrain, trainer_args
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
+from test_training_entrypoints import TINY as ENTRYPOINT_TINY, TINY_UNET  # noqa: E402 (tests/ is on sys.path)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
-    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "trainer.threads=1",
-]
+TINY = [*ENTRYPOINT_TINY, *TINY_UNET, "trainer.threads=1"]  # the entry-point tests' tiny phantom world
 METHODS, FOLDS = ("cp_lora", "dora_c"), (0, 1)
 N_CASES = 6  # data.phantom.n
 # Files whose content depends on the wall clock or the process (timings, peak memory, Hydra's record)

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import write_json
+from .files import read_json_object, write_json
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp")
 
@@ -218,14 +218,7 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
         ValueError: bad JSON, missing fields, an empty ``training`` list, duplicate ``case_id``.
     """
     path = Path(path).expanduser().absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset description not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: top level must be an object")
+    raw = read_json_object(path, "dataset description")
     if is_nnunet_v2(raw):
         return _load_v2(path, raw)
     labels = _int_keyed(raw.get("labels"), "labels", path)

@@ -87,6 +87,21 @@ def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in `path`; FileNotFoundError ('`what` not found: path') or ValueError (bad JSON, not an
+    object) naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: top level must be an object")
+    return value
+
+
 def write_json(path: str | os.PathLike, obj: object) -> Path:
     """Write `obj` as indented JSON to `path`, atomically."""
     return _write_with(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))

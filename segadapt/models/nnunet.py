@@ -50,18 +50,6 @@ IMPORT_PREFIXES = ("torch.nn.", "dynamic_network_architectures.")
 NORMALIZATION = {"CTNormalization": "ct_zscore", "ZScoreNormalization": "zscore", "RGBTo01Normalization": "rgb"}
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"nnU-Net {what} not found: {path}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: top level must be an object")
-    return value
-
-
 @dataclass(frozen=True)
 class NnUNetModel:
     """One configuration and fold of an nnU-Net trained-model folder (see the module docstring)."""
@@ -112,9 +100,11 @@ def read_results(folder: str | os.PathLike | None, configuration: str = "3d_full
     if folder is None:
         raise ValueError("model=nnunet needs model.kwargs.results=DIR, an nnU-Net trained-model folder "
                          "(plans.json, dataset.json, fold_<k>/checkpoint_final.pth)")
+    from segadapt.data.files import read_json_object
+
     folder = Path(folder).expanduser().absolute()
-    plans = _read_json(folder / PLANS_FILE, "plans")
-    dataset = _read_json(folder / DATASET_FILE, "dataset.json")
+    plans = read_json_object(folder / PLANS_FILE, "nnU-Net plans")
+    dataset = read_json_object(folder / DATASET_FILE, "nnU-Net dataset.json")
     if not isinstance(plans.get("configurations"), Mapping):
         raise ValueError(f"{folder / PLANS_FILE}: no 'configurations' (not nnU-Net v2 plans)")
     model = NnUNetModel(folder, plans, dataset, str(configuration), int(fold))
