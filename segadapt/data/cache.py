@@ -149,9 +149,9 @@ class SafePersistentDataset(PersistentDataset):
         return item
 
 
-class CaseStore:
-    """Process-wide memory cache of preprocessed cases: key -> item (the output of a pipeline's deterministic
-    part). ``builds`` counts the items computed (not found), ``hits`` those reused."""
+class MemoryStore:
+    """Process-wide memory of values built once: key -> value (e.g. a preprocessed case, the output of a
+    pipeline's deterministic part). ``builds`` counts the values computed (not found), ``hits`` those reused."""
 
     def __init__(self) -> None:
         self._items: dict[Hashable, object] = {}
@@ -176,13 +176,13 @@ class CaseStore:
             return self._items.setdefault(key, item)
 
     def clear(self) -> None:
-        """Forget every cached case (and reset the counters)."""
+        """Forget every value (and reset the counters)."""
         with self._lock:
             self._items.clear()
             self.builds = self.hits = 0
 
 
-CASES = CaseStore()
+CASES = MemoryStore()  # preprocessed cases
 
 
 class SharedCacheDataset(CacheDataset):

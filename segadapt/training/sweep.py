@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from segadapt.data.cache import MemoryStore
 
 # SegAdaptModule arguments the unadapted base's predictions depend on (the others say how it would be tuned).
 _BASE_MODULE_KEYS = ("model", "model_kwargs", "base_checkpoint", "volume_bins_ml", "threshold", "slice_batch_size",
@@ -38,30 +39,7 @@ _BASE_MODULE_KEYS = ("model", "model_kwargs", "base_checkpoint", "volume_bins_ml
 _TRAINING_ONLY_KEYS = ("seed", "batch_size", "num_workers", "max_train_cases")
 
 
-class ScoreStore:
-    """Memory of computed values by key; ``builds`` counts the values computed."""
-
-    def __init__(self) -> None:
-        self._values: dict[Hashable, Any] = {}
-        self._lock = threading.Lock()
-        self.builds = 0
-
-    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._values:
-                return self._values[key]
-        value = build()
-        with self._lock:
-            self.builds += 1
-            return self._values.setdefault(key, value)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self.builds = 0
-
-
-BASE_SCORES = ScoreStore()
+BASE_SCORES = MemoryStore()  # the unadapted base's fold scores
 
 
 def base_key(module_kwargs: Mapping[str, Any], datamodule_kwargs: Mapping[str, Any], threads: int,
