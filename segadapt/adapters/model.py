@@ -101,14 +101,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` in every slot of ``model`` that holds ``old``: a module registered under two names
-    (nnU-Net's convs are ``conv`` and ``all_modules.0``) would otherwise keep running the old one on the
-    path the forward takes, and an adapter there would silently do nothing."""
+def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Put ``replacements[id(old)]`` in every slot of ``model`` that holds ``old``, in one pass: a module
+    registered under two names (nnU-Net's convs are ``conv`` and ``all_modules.0``) would otherwise keep
+    running the old one on the path the forward takes, and an adapter there would silently do nothing."""
     for parent in list(model.modules()):
         for child, module in list(parent.named_children()):
-            if module is old:
-                setattr(parent, child, new)
+            if id(module) in replacements:
+                setattr(parent, child, replacements[id(module)])
 
 
 def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "default", active: bool = True) -> nn.Module:
@@ -180,13 +180,14 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         if id(param) not in adapter_params:
             param.requires_grad_(False)
     previous = active_adapter(model)
+    wrapped: dict[int, nn.Module] = {}
     for module_name, module, base, spec, adapter in built:
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(base, spec)
+            module = wrapped[id(base)] = AdaptedLayer(base, spec)
             module.active_adapter = previous
-            _swap(model, base, module)
         adapter.requires_grad_(False)
         module.adapters[name] = adapter
+    _swap(model, wrapped)
     for train_name in train_names:
         wrapper = model.get_submodule(train_name)
         if not isinstance(wrapper, TrainedModule):
@@ -254,6 +255,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete one adapter; layers left without adapters become their base layer again."""
     if name not in adapter_names(model):
         raise ValueError(f"no adapter named '{name}'; injected adapters: {adapter_names(model)}")
+    unwrapped: dict[int, nn.Module] = {}
     for layer_name, layer in list(adapted_layers(model)):
         if layer.merged_adapter == name:
             raise RuntimeError(f"adapter '{name}' is merged into '{layer_name}'; unmerge() first")
@@ -262,7 +264,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             if layer.active_adapter == name:
                 layer.active_adapter = None
         if not layer.adapters:
-            _swap(model, layer, layer.base_layer)
+            unwrapped[id(layer)] = layer.base_layer
+    _swap(model, unwrapped)
     for wrapper_name, wrapper in list(trained_modules(model)):
         if name in wrapper.modules_to_save:
             del wrapper.modules_to_save[name]
@@ -292,8 +295,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     module by the active adapter's copy (in place); the result holds only the base module types and loads
     into the bare architecture."""
     merge(model)
-    for _, layer in list(adapted_layers(model)):
-        _swap(model, layer, layer.base_layer)
+    _swap(model, {id(layer): layer.base_layer for _, layer in adapted_layers(model)})
     for wrapper_name, wrapper in list(trained_modules(model)):
         parent, child = _parent(model, wrapper_name)
         setattr(parent, child, wrapper.active_module)
