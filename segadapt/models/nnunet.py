@@ -143,9 +143,8 @@ def build_network(architecture: Mapping[str, Any], in_channels: int, num_classes
     ``initialize`` (He init), as nnU-Net does for a fresh network.
 
     dynamic-network-architectures registers each conv twice (``conv`` and ``all_modules.0``, the one its
-    forward runs); ``named_modules`` lists a shared module once, under its first name, so ``conv`` is
-    registered again here after ``all_modules``: adapters and presets then reach the conv the forward runs.
-    The state dict keeps both names (nnU-Net's keys).
+    forward runs); ``named_modules`` lists it as ``conv``, and ``inject`` replaces it in both slots. The state
+    dict keeps both names (nnU-Net's keys).
     """
     kwargs = copy.deepcopy(dict(architecture["arch_kwargs"]))
     for key in architecture.get("_kw_requires_import", ()):
@@ -156,12 +155,6 @@ def build_network(architecture: Mapping[str, Any], in_channels: int, num_classes
                             **kwargs)
     if hasattr(network, "initialize"):
         network.apply(network.initialize)
-    for module in network.modules():
-        children = dict(module.named_children())
-        if "all_modules" in children and "conv" in children and children["conv"] is children["all_modules"][0]:
-            conv = module.conv
-            del module.conv
-            module.conv = conv  # registered again, now after all_modules
     network.register_forward_hook(_eval_output)
     return network
 
