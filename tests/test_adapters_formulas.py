@@ -1,4 +1,4 @@
-"""Every method against an independent reference written from its DESIGN.md formula.
+"""Every method against an independent reference written from its formula in docs/methods.md.
 
 The references below read only the adapters' parameters (by name) and rebuild W with einsum, an
 explicit float64 SVD and explicit tensor-ring chains -- no segadapt function -- then run the plain
@@ -184,7 +184,7 @@ def test_lora_c_equals_loralib_conv_lora_on_conv2d():
 
 
 def test_parameter_counts_from_the_formulas():
-    """Counts written out by hand from DESIGN.md's table for Conv2d(6, 12, 3) (fan-in 54), rank 3."""
+    """Counts written out by hand from the table in docs/methods.md for Conv2d(6, 12, 3) (fan-in 54), rank 3."""
     counts = {
         "conv_lora": 3 * (54 + 12),
         "lora_c": 3 * 3 * (6 * 3 + 12 * 3),

@@ -66,7 +66,7 @@ def train_steps(model, x, steps=3, lr=2e-2):
 
 
 def expected_params(method: str, module: nn.Module, adapter: nn.Module) -> int:
-    """Trainable parameter counts from DESIGN.md's table, computed from the layer's shape."""
+    """Trainable parameter counts from the table in docs/methods.md, computed from the layer's shape."""
     if isinstance(module, nn.Linear):
         cout, cin, kernel = module.out_features, module.in_features, ()
     else:

@@ -14,7 +14,7 @@ METHODS = ["conv_lora", "lora_c", "cp_lora", "conv_dora", "cp_dora", "dora_c"]
 
 
 def leading(name: str, value: torch.Tensor, k: int, kernel: int) -> torch.Tensor:
-    """The first k components of a factor, by the DESIGN shapes: LoRA A (r, .) / B (., r); LoRA-C
+    """The first k components of a factor, by the shapes in docs/methods.md: LoRA A (r, .) / B (., r); LoRA-C
     A (r k, .) / B (., r k); CP factors (., r); DoRA's magnitude is whole."""
     if name.endswith("magnitude"):
         return value

@@ -7,7 +7,7 @@
 * :class:`AdaptedLayer` — what replaces a targeted ``nn.Linear`` / ``nn.ConvNd`` in the model: the
   frozen base layer plus a ``ModuleDict`` of named adapters, one of them active.
 
-Two computation orders exist for most methods (DESIGN.md, "Performance notes"):
+Two computation orders exist for most methods (docs/methods.md, "Computation orders"):
 
 * weight space: build W = f(W0) and run one base-sized conv. Its training cost over the frozen floor
   is one weight-gradient conv, i.e. about full fine-tuning.

@@ -6,7 +6,7 @@ Weight space builds dW with ``tensorly.cp_to_tensor``. Activation space uses tha
 M(dW) = s U_out (U_in kr U_1 kr ... kr U_d)^T (kr: Khatri-Rao product): the r-channel down conv carries
 the CP kernel and runs fused with the frozen conv (``FrozenPlusLowRank``), then a 1x1 conv r -> Cout.
 (The separable form -- 1x1, one depthwise 1D conv per axis, 1x1 -- has fewer FLOPs but measured
-slower and heavier, DESIGN.md's performance notes.) On ``nn.Linear`` (d = 0) it is plain LoRA with
+slower and heavier, docs/methods.md, "Computation orders".) On ``nn.Linear`` (d = 0) it is plain LoRA with
 B = U_out, A = U_in^T.
 
 ``init="pissa"``, the CP analogue of PiSSA: the factors start as a rank-r PARAFAC of W0
