@@ -268,16 +268,12 @@ def build_nnunet(results: Optional[str] = None, configuration: str = "3d_fullres
 # ---- checkpoints ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """An nnU-Net checkpoint as a dict, read with ``weights_only=True`` (numpy scalars allowlisted)."""
-    from segadapt.models.pretrained import NUMPY_SCALAR_GLOBALS, UnsafeCheckpointError
+    from segadapt.models.pretrained import torch_load_weights
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"nnU-Net checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UnsafeCheckpointError(f"{path}: not readable with torch.load(weights_only=True): {e}") from None
+    checkpoint = torch_load_weights(path)  # UnsafeCheckpointError, or ValueError for a truncated file
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), Mapping):
         raise ValueError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
     return checkpoint
