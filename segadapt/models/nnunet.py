@@ -140,7 +140,7 @@ def read_results(folder: str | os.PathLike | None, configuration: str = "3d_full
         raise ValueError(f"{folder / PLANS_FILE}: configuration {configuration!r} is a cascade stage (needs the "
                          f"predictions of {config['previous_stage']!r}); adapt '3d_fullres' or '3d_lowres'")
     patch = config.get("patch_size")
-    if not isinstance(patch, list) or len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
+    if not isinstance(patch, list) or len(patch) != 3 or not all(type(p) is int and p > 0 for p in patch):
         raise ValueError(f"{folder / PLANS_FILE}: configuration {configuration!r} has patch size "
                          f"{config.get('patch_size')}; only 3D configurations (three positive integers) are supported")
     architecture = config.get("architecture") or {}
