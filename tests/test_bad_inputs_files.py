@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,10 @@ from segadapt.data.readers import read_dicom_series
 from segadapt.export import main as export_main
 from segadapt.inference import CSV_FILE
 from segadapt.inference import main as predict_main
+from segadapt.models.nnunet import read_checkpoint
 from segadapt.models.pretrained import load_pretrained
+
+sys.path.insert(0, str(Path(__file__).parent))  # nnunet_fixtures
 
 HUGE = (30000, 30000, 30000)
 
@@ -260,6 +264,88 @@ def _base_file(edit_fn, key, extra):
     return build
 
 
+def _adapter_metadata(edit, *texts):
+    """An adapter file whose safetensors metadata `edit(metadata)` damaged, loaded onto its own base."""
+    def build(tmp):
+        base = tiny_net()
+        path = rewrite(tiny_adapter(tmp, base), lambda ts, m: edit(m), tmp / "damaged.safetensors")
+        return base, lambda model: load_adapter(model, path), [f"adapter file {path}: metadata", *texts]
+    return build
+
+
+def _weights_file(name, write, read=None, *texts):
+    """A weights file whose bytes `write(path, tmp)` made, read by `read` (default: load_pretrained)."""
+    def build(tmp):
+        path = tmp / name
+        write(path, tmp)
+        action = (lambda m: load_pretrained(m, path)) if read is None else (lambda m: read(path))
+        return tiny_net(), action, [str(path), *texts]
+    return build
+
+
+def _nnunet_checkpoint(tmp: Path) -> bytes:
+    from nnunet_fixtures import write_results
+
+    folder, _ = write_results(tmp / "results")
+    return (folder / "fold_0" / "checkpoint_final.pth").read_bytes()
+
+
+def _truncated_checkpoint(path: Path, tmp: Path) -> None:
+    data = _nnunet_checkpoint(tmp)
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _safetensors_header(edit):
+    """A base safetensors file whose JSON header `edit(header)` changed (the tensor bytes as they were)."""
+    def write(path: Path, tmp: Path) -> None:
+        import json
+        import struct
+
+        save_file(tiny_net(seed=3).state_dict(), str(path))
+        raw = path.read_bytes()
+        size = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + size])
+        edit(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+    return write
+
+
+def _plans(edit, *texts):
+    """An nnU-Net trained-model folder whose plans.json `edit(plans) -> plans` changed, built by build_nnunet."""
+    def build(tmp):
+        import json
+
+        from nnunet_fixtures import write_results
+
+        from segadapt.models.nnunet import build_nnunet
+
+        folder, _ = write_results(tmp / "results")
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        (folder / "plans.json").write_text(json.dumps(edit(plans)), encoding="utf-8")
+        return tiny_net(), lambda m: build_nnunet(str(folder)), [str(folder / "plans.json"), *texts]
+    return build
+
+
+def _arch(edit):
+    def apply(plans):
+        edit(plans["configurations"]["3d_fullres"]["architecture"])
+        return plans
+    return apply
+
+
+def _kwargs(**changes):
+    return _arch(lambda arch: arch["arch_kwargs"].update(changes))
+
+
+def _config(**changes):
+    def apply(plans):
+        plans["configurations"]["3d_fullres"].update(changes)
+        return plans
+    return apply
+
+
 def _merged_save(tmp):
     model = inject(tiny_net(), AdapterConfig(method="lora_c", rank=2, targets=["0"]))
     merge(model)
@@ -282,6 +368,82 @@ WEIGHT_CASES = {
     "base_int_weight": (_base_file(lambda t: t.round().to(torch.int64), "3.weight", ["torch.int64", "floating"]),
                         ValueError),
     "save_while_merged": (_merged_save, RuntimeError),
+    "adapter_metadata_without_config": (_adapter_metadata(lambda m: m.pop("config"), "has no 'config'"), ValueError),
+    "adapter_metadata_config_not_json": (_adapter_metadata(lambda m: m.update(config="{rank: 4"),
+                                                           "'config' is not valid JSON"), ValueError),
+    "adapter_metadata_config_a_list": (_adapter_metadata(lambda m: m.update(config="[1, 2]"),
+                                                         "'config' is a list, expected a dict"), ValueError),
+    "adapter_metadata_config_unknown_field": (_adapter_metadata(lambda m: m.update(config='{"rnak": 4}'),
+                                                                "'config' is not an adapter config", "rnak"), ValueError),
+    "adapter_metadata_fingerprint_not_json": (_adapter_metadata(lambda m: m.update(base_fingerprint="[[\"0.weight\""),
+                                                                "'base_fingerprint' is not valid JSON"), ValueError),
+    "adapter_metadata_fingerprint_malformed": (_adapter_metadata(lambda m: m.update(base_fingerprint="[[1]]"),
+                                                                 "'base_fingerprint' is not a list of [name, shape]"),
+                                               ValueError),
+    "adapter_metadata_train_modules_not_json": (_adapter_metadata(lambda m: m.update(train_modules="{"),
+                                                                  "'train_modules' is not valid JSON"), ValueError),
+    "base_plain_pickle_of_a_number": (_weights_file("base.pth", lambda p, t: p.write_bytes(pickle.dumps(5)), None,
+                                                    "not a readable torch checkpoint", "Invalid magic number"),
+                                      ValueError),
+    "base_plain_pickle_of_a_dict": (_weights_file("base.pkl", lambda p, t: p.write_bytes(pickle.dumps({"w": [1.0]})),
+                                                  None, "not a readable torch checkpoint", "Unsupported operand"),
+                                    ValueError),
+    "base_empty_file": (_weights_file("base.pt", lambda p, t: p.write_bytes(b""), None,
+                                      "not a readable torch checkpoint", "EOFError"), ValueError),
+    "nnunet_checkpoint_truncated": (_weights_file("checkpoint_final.pth", _truncated_checkpoint, None,
+                                                  "not a readable torch checkpoint (truncated"), ValueError),
+    "nnunet_checkpoint_truncated_read_checkpoint": (
+        _weights_file("checkpoint_final.pth", _truncated_checkpoint, lambda p: read_checkpoint(p),
+                      "not a readable torch checkpoint (truncated"), ValueError),
+    "nnunet_checkpoint_network_weights_a_list": (
+        _weights_file("checkpoint_final.pth", lambda p, t: torch.save({"network_weights": [torch.zeros(2)]}, p),
+                      lambda p: read_checkpoint(p), "not an nnU-Net checkpoint (no 'network_weights')"), ValueError),
+    "nnunet_checkpoint_network_weights_a_list_as_base": (
+        _weights_file("checkpoint_final.pth", lambda p, t: torch.save({"network_weights": [torch.zeros(2)]}, p), None,
+                      "is not a state dict: entries ['network_weights'] are not tensors"), ValueError),
+    "safetensors_header_shape_beyond_the_data": (
+        _weights_file("base.safetensors", _safetensors_header(lambda h: h["0.weight"].update(shape=[400, 3, 3, 3])),
+                      None, "not a readable safetensors file", "invalid shape, data type, or offset"), ValueError),
+    "safetensors_header_unknown_dtype": (
+        _weights_file("base.safetensors", _safetensors_header(lambda h: h["0.weight"].update(dtype="Q99")), None,
+                      "not a readable safetensors file", "unknown variant `Q99`"), ValueError),
+    "safetensors_header_integer_dtype": (
+        _weights_file("base.safetensors", _safetensors_header(lambda h: h["0.weight"].update(dtype="I32")), None,
+                      "tensor '0.weight' has dtype torch.int32"), ValueError),
+    "safetensors_header_length_absurd": (
+        _weights_file("base.safetensors", lambda p, t: p.write_bytes((2**62).to_bytes(8, "little") + b"{}"), None,
+                      "not a readable safetensors file", "header too large"), ValueError),
+    "safetensors_name_on_a_text_file": (_weights_file("base.safetensors", lambda p, t: p.write_text("weights"), None,
+                                                      "not a readable safetensors file"), ValueError),
+    "plans_a_list": (_plans(lambda plans: [plans], "top level must be an object"), ValueError),
+    "plans_without_the_configuration": (_plans(lambda plans: {**plans, "configurations": {}},
+                                               "configuration '3d_fullres' not found"), ValueError),
+    "plans_configuration_inherits_from_a_list": (_plans(_config(inherits_from=["2d"]), "configuration ['2d'] not found"),
+                                                 ValueError),
+    "plans_patch_size_of_strings": (_plans(_config(patch_size=["16", "16", "16"]), "patch size ['16', '16', '16']"),
+                                    ValueError),
+    "plans_architecture_without_arch_kwargs": (_plans(_arch(lambda a: a.pop("arch_kwargs")), "has no architecture entry"),
+                                               ValueError),
+    "plans_arch_kwargs_a_list": (_plans(_arch(lambda a: a.update(arch_kwargs=[1])),
+                                        "architecture: needs network_class_name and arch_kwargs (an object)"), ValueError),
+    "plans_features_of_wrong_type": (_plans(_kwargs(features_per_stage="many"),
+                                            "arch_kwargs do not build a PlainConvUNet"), ValueError),
+    "plans_kernel_sizes_2d_for_conv3d": (_plans(_kwargs(kernel_sizes=[[3, 3]] * 3),
+                                                "arch_kwargs do not run on the patch size [16, 16, 16]"), ValueError),
+    "plans_patch_not_divisible_by_strides": (_plans(_config(patch_size=[15, 16, 16]),
+                                                    "arch_kwargs do not run on the patch size [15, 16, 16]"), ValueError),
+    "plans_network_class_not_allow_listed": (
+        _plans(_arch(lambda a: a.update(network_class_name="dynamic_network_architectures.architectures.vgg.VGG16")),
+               "architecture.network_class_name", "is not one of the classes a plans file may name"), ValueError),
+    "plans_nonlin_through_a_module_attribute": (
+        _plans(_kwargs(nonlin="torch.nn.modules.module.torch.hub.load"), "architecture.arch_kwargs.nonlin",
+               "is not one of the classes"), ValueError),
+    "plans_kw_requires_import_not_a_list": (_plans(_arch(lambda a: a.update(_kw_requires_import="nonlin")),
+                                                   "architecture._kw_requires_import"), ValueError),
+    "plans_absurd_features": (_plans(_kwargs(features_per_stage=[65536] * 3), "architecture.arch_kwargs describe a "
+                                     "PlainConvUNet of", "above the limit"), ValueError),
+    "plans_count_beyond_limit": (_plans(_kwargs(n_conv_per_stage=[2, 10**6, 2]), "arch_kwargs.n_conv_per_stage"),
+                                 ValueError),
 }
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 import lightning as L
 import pytest
 import safetensors.torch
@@ -188,8 +186,9 @@ def test_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"not a state dict: entries \['epoch'\]"):
         read_state_dict(tmp_path / "mixed.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x02not really a pickle")
-    with pytest.raises((UnsafeCheckpointError, pickle.UnpicklingError, RuntimeError), match="garbage.pt|load"):
+    with pytest.raises(ValueError, match=r"garbage\.pt: not a readable torch checkpoint") as info:
         read_state_dict(tmp_path / "garbage.pt")
+    assert not isinstance(info.value, UnsafeCheckpointError) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -165,7 +165,31 @@ def read_adapter_metadata(path: Union[str, Path]) -> tuple[AdapterConfig, list[l
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a segadapt adapter file (no '{FORMAT}' metadata)")
-    return AdapterConfig.from_dict(json.loads(metadata["config"])), json.loads(metadata["base_fingerprint"]), metadata
+    config = _metadata_json(path, metadata, "config", dict)
+    fingerprint = _metadata_json(path, metadata, "base_fingerprint", list)
+    _metadata_json(path, metadata, "train_modules", list, "[]")  # read again by check_base_weights
+    if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+               for e in fingerprint):
+        raise ValueError(f"adapter file {path}: metadata 'base_fingerprint' is not a list of [name, shape]")
+    try:
+        return AdapterConfig.from_dict(config), fingerprint, metadata
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter file {path}: metadata 'config' is not an adapter config: "
+                         f"{' '.join(str(error).split())[:300]}") from None
+
+
+def _metadata_json(path: Path, metadata: dict, key: str, kind: type, default: Optional[str] = None):
+    """The JSON value of `key` in an adapter file's metadata, of type `kind`; one-line errors naming file and key."""
+    text = metadata.get(key, default)
+    if text is None:
+        raise ValueError(f"adapter file {path}: metadata has no '{key}' (a damaged or hand-edited file)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"adapter file {path}: metadata '{key}' is not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"adapter file {path}: metadata '{key}' is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
 
 
 def check_base_weights(model: nn.Module, path: Union[str, Path], metadata: dict, strict: bool = True) -> None:

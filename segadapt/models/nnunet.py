@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pydoc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +37,39 @@ from typing import Any, Optional
 
 import nibabel as nib
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet, ResidualUNet
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from torch import nn
 
 PLANS_FILE = "plans.json"
 DATASET_FILE = "dataset.json"
 CHECKPOINT_FILE = "checkpoint_final.pth"
 DEFAULT_TRAINER = "nnUNetTrainer"
-# Only classes of these packages may be named in a plans file (nnU-Net locates any dotted name).
-IMPORT_PREFIXES = ("torch.nn.", "dynamic_network_architectures.")
+
+
+def _names(*classes: type) -> dict[str, type]:
+    """{dotted name -> class}: the full module path (``torch.nn.modules.conv.Conv3d``), and for torch.nn
+    classes the short form (``torch.nn.Conv3d``), the two ways nnU-Net's plans name a class."""
+    names = {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+    names.update({f"torch.nn.{c.__name__}": c for c in classes if c.__module__.startswith("torch.nn.")})
+    return names
+
+
+# The only classes a plans file may name. nnU-Net imports any dotted name (pydoc.locate), which runs code
+# (``torch.nn.modules.module.torch.hub.load``); here a name is looked up in these tables, never imported.
+NETWORK_CLASSES = _names(PlainConvUNet, ResidualEncoderUNet, ResidualUNet)  # dynamic-network-architectures 0.4.2
+OP_CLASSES = _names(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GroupNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ReLU6,
+    nn.Hardswish, BasicBlockD, BottleneckD)
+# arch_kwargs that repeat modules (a count, or one count per stage): bounded before anything is built
+COUNT_KEYS = ("n_stages", "n_conv_per_stage", "n_conv_per_stage_decoder", "n_blocks_per_stage")
+MAX_COUNT = 64
+# Largest network a plans file may describe, in parameters (2**30: 4 GiB of float32 weights; nnU-Net's
+# ResEnc-L has about 1e8), counted from the kwargs before any weight is allocated.
+MAX_PARAMETERS = 2**30
 # nnU-Net's normalisation scheme -> segadapt's intensity mode ('zscore' / 'mri': see _intensity)
 NORMALIZATION = {"CTNormalization": "ct_zscore", "ZScoreNormalization": "zscore", "RGBTo01Normalization": "rgb"}
 
@@ -66,9 +90,11 @@ class NnUNetModel:
         configurations = self.plans["configurations"]
         chain, name = [], self.configuration
         while name is not None:
-            if name not in configurations or name in (c for c, _ in chain):
+            if not isinstance(name, str) or name not in configurations or name in (c for c, _ in chain):
                 raise ValueError(f"{self.folder / PLANS_FILE}: configuration {name!r} not found (has "
                                  f"{sorted(configurations)})")
+            if not isinstance(configurations[name], Mapping):
+                raise ValueError(f"{self.folder / PLANS_FILE}: configuration {name!r} is not an object")
             chain.append((name, configurations[name]))
             name = configurations[name].get("inherits_from")
         merged: dict = {}
@@ -95,7 +121,8 @@ def read_results(folder: str | os.PathLike | None, configuration: str = "3d_full
 
     Raises:
         FileNotFoundError: a file is missing. ValueError: an unknown configuration, a 2D or cascade
-        configuration, region labels, or an architecture entry without a network class.
+        configuration, region labels, or an architecture entry :func:`check_architecture` refuses (a class
+        name not allow-listed, kwargs that do not build or describe a network beyond :data:`MAX_PARAMETERS`).
     """
     if folder is None:
         raise ValueError("model=nnunet needs model.kwargs.results=DIR, an nnU-Net trained-model folder "
@@ -112,45 +139,97 @@ def read_results(folder: str | os.PathLike | None, configuration: str = "3d_full
     if config.get("previous_stage"):
         raise ValueError(f"{folder / PLANS_FILE}: configuration {configuration!r} is a cascade stage (needs the "
                          f"predictions of {config['previous_stage']!r}); adapt '3d_fullres' or '3d_lowres'")
-    if len(config.get("patch_size", [])) != 3:
+    patch = config.get("patch_size")
+    if not isinstance(patch, list) or len(patch) != 3 or not all(type(p) is int and p > 0 for p in patch):
         raise ValueError(f"{folder / PLANS_FILE}: configuration {configuration!r} has patch size "
-                         f"{config.get('patch_size')}; only 3D configurations are supported")
+                         f"{config.get('patch_size')}; only 3D configurations (three positive integers) are supported")
     architecture = config.get("architecture") or {}
-    if "network_class_name" not in architecture or "arch_kwargs" not in architecture:
+    if not isinstance(architecture, Mapping) or "network_class_name" not in architecture or "arch_kwargs" not in architecture:
         raise ValueError(f"{folder / PLANS_FILE}: configuration {configuration!r} has no architecture entry "
                          "(network_class_name + arch_kwargs; plans of nnU-Net >= 2.4 are needed)")
     labels = dataset.get("labels")
     if not isinstance(labels, Mapping) or any(not isinstance(v, int) for v in labels.values()):
         raise ValueError(f"{folder / DATASET_FILE}: labels {labels} are not name -> int (nnU-Net region "
                          "training is not supported)")
+    if not isinstance(dataset.get("channel_names", dataset.get("modality")), Mapping):
+        raise ValueError(f"{folder / DATASET_FILE}: no channel_names (index -> name)")
+    check_architecture(architecture, model.in_channels, model.num_classes, architecture_key(model),
+                       patch_size=patch)
     return model
 
 
-def locate(name: str) -> Any:
-    """The class a plans file names (``torch.nn.modules.conv.Conv3d``), from torch.nn or the network package only."""
-    if not isinstance(name, str) or not name.startswith(IMPORT_PREFIXES):
-        raise ValueError(f"plans name {name!r}: only classes under {IMPORT_PREFIXES} may be imported from a plans file")
-    found = pydoc.locate(name)
-    if found is None:
-        raise ValueError(f"plans name {name!r} cannot be imported (dynamic-network-architectures version?)")
-    return found
+def architecture_key(model: NnUNetModel) -> str:
+    """The plans file and key of `model`'s architecture entry, for error messages."""
+    return f"{model.folder / PLANS_FILE}: configurations.{model.configuration}.architecture"
+
+
+def locate(name: Any, allowed: Mapping[str, type] = OP_CLASSES, where: str = "plans") -> type:
+    """The class a plans file names (``torch.nn.modules.conv.Conv3d``), looked up in `allowed`
+    (:data:`OP_CLASSES` or :data:`NETWORK_CLASSES`); `where` names the file and key in the error."""
+    if isinstance(name, str) and name in allowed:
+        return allowed[name]
+    short = sorted({c.__name__ for c in allowed.values()})
+    raise ValueError(f"{where}: {str(name)[:200]!r} is not one of the classes a plans file may name "
+                     f"({', '.join(short)}); no other name is imported")
+
+
+def check_architecture(architecture: Any, in_channels: int, num_classes: int, where: str = "architecture",
+                       deep_supervision: bool = True, patch_size: Optional[Sequence[int]] = None) -> tuple[type, dict]:
+    """(network class, arch_kwargs with the ``_kw_requires_import`` names resolved) of a plans architecture
+    entry, refused in one line naming `where` (file and key) when a name is not allow-listed
+    (:func:`locate`), a count is beyond :data:`MAX_COUNT`, the kwargs do not build (or, given `patch_size`,
+    do not run on a patch), or the network would hold more than :data:`MAX_PARAMETERS` parameters. The
+    network is built and run on torch's meta device: shapes, no storage.
+    """
+    if not isinstance(architecture, Mapping) or not isinstance(architecture.get("arch_kwargs"), Mapping):
+        raise ValueError(f"{where}: needs network_class_name and arch_kwargs (an object)")
+    network_class = locate(architecture.get("network_class_name"), NETWORK_CLASSES, f"{where}.network_class_name")
+    kwargs = copy.deepcopy(dict(architecture["arch_kwargs"]))
+    imports = architecture.get("_kw_requires_import", ())
+    if not isinstance(imports, (list, tuple)) or not all(isinstance(k, str) for k in imports):
+        raise ValueError(f"{where}._kw_requires_import: {str(imports)[:200]} is not a list of arch_kwargs keys")
+    for key in imports:
+        if kwargs.get(key) is not None:
+            kwargs[key] = locate(kwargs[key], OP_CLASSES, f"{where}.arch_kwargs.{key}")
+    for key in COUNT_KEYS:
+        counts = kwargs.get(key, 1)
+        counts = counts if isinstance(counts, (list, tuple)) else [counts]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_COUNT for n in counts):
+            raise ValueError(f"{where}.arch_kwargs.{key}: {str(kwargs[key])[:200]} (each an integer 0..{MAX_COUNT})")
+    try:
+        with torch.device("meta"):
+            shapes = network_class(input_channels=in_channels, num_classes=num_classes,
+                                   deep_supervision=deep_supervision, **kwargs)
+    except Exception as error:  # the network package's own checks: asserts, TypeErrors on wrong kwargs
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ValueError(f"{where}.arch_kwargs do not build a {network_class.__name__}: {detail[:300]}") from None
+    count = sum(p.numel() for p in shapes.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{where}.arch_kwargs describe a {network_class.__name__} of {count:,} parameters "
+                         f"({count * 4 / 2**30:.0f} GiB in float32; features_per_stage "
+                         f"{str(kwargs.get('features_per_stage'))[:100]}), above the limit of {MAX_PARAMETERS:,}")
+    if patch_size is not None:
+        try:
+            shapes(torch.empty(1, in_channels, *patch_size, device="meta"))
+        except Exception as error:
+            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            raise ValueError(f"{where}.arch_kwargs do not run on the patch size {list(patch_size)}: "
+                             f"{detail[:300]}") from None
+    return network_class, kwargs
 
 
 def build_network(architecture: Mapping[str, Any], in_channels: int, num_classes: int,
-                  deep_supervision: bool = True) -> nn.Module:
+                  deep_supervision: bool = True, where: str = "architecture") -> nn.Module:
     """nnU-Net's ``get_network_from_plans``: ``network_class_name(input_channels, num_classes=...,
-    **arch_kwargs)`` with the ``_kw_requires_import`` entries imported, initialised by the class's own
-    ``initialize`` (He init), as nnU-Net does for a fresh network.
+    **arch_kwargs)`` with the ``_kw_requires_import`` entries resolved (allow-listed classes only, see
+    :func:`check_architecture`), initialised by the class's own ``initialize`` (He init), as nnU-Net does
+    for a fresh network.
 
     dynamic-network-architectures registers each conv twice (``conv`` and ``all_modules.0``, the one its
     forward runs); ``named_modules`` lists it as ``conv``, and ``inject`` replaces it in both slots. The state
     dict keeps both names (nnU-Net's keys).
     """
-    kwargs = copy.deepcopy(dict(architecture["arch_kwargs"]))
-    for key in architecture.get("_kw_requires_import", ()):
-        if kwargs.get(key) is not None:
-            kwargs[key] = locate(kwargs[key])
-    network_class = locate(architecture["network_class_name"])
+    network_class, kwargs = check_architecture(architecture, in_channels, num_classes, where, deep_supervision)
     network = network_class(input_channels=in_channels, num_classes=num_classes, deep_supervision=deep_supervision,
                             **kwargs)
     if hasattr(network, "initialize"):
@@ -182,22 +261,19 @@ def build_nnunet(results: Optional[str] = None, configuration: str = "3d_fullres
         if given is not None and int(given) != planned:
             raise ValueError(f"{model.folder}: the network has {name}={planned} (dataset.json channel_names / "
                              f"labels), the run gives {given}")
-    return build_network(model.config["architecture"], model.in_channels, model.num_classes, deep_supervision)
+    return build_network(model.config["architecture"], model.in_channels, model.num_classes, deep_supervision,
+                         architecture_key(model))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """An nnU-Net checkpoint as a dict, read with ``weights_only=True`` (numpy scalars allowlisted)."""
-    from segadapt.models.pretrained import NUMPY_SCALAR_GLOBALS, UnsafeCheckpointError
+    from segadapt.models.pretrained import torch_load_weights
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"nnU-Net checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UnsafeCheckpointError(f"{path}: not readable with torch.load(weights_only=True): {e}") from None
+    checkpoint = torch_load_weights(path)  # UnsafeCheckpointError, or ValueError for a truncated file
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), Mapping):
         raise ValueError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
     return checkpoint

@@ -93,8 +93,36 @@ def _unsafe(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"refused to load {path}: it contains pickled objects that torch.load(weights_only=True) does "
         f"not allow, and unpickling them could run arbitrary code. If the file comes from a source you "
-        f"trust, re-save its state dict as .safetensors.\n{detail}"
+        f"trust, re-save its state dict as .safetensors ({detail})"
     )
+
+
+def _one_line(error: BaseException) -> str:
+    """The telling line of a library's error: torch's 'Unsupported ...' line under its weights_only advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+    return f"{type(error).__name__}: {detail}"[:300] if detail else type(error).__name__
+
+
+def torch_load_weights(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU (numpy scalars allowlisted), with one-line errors
+    naming the file.
+
+    Raises:
+        UnsafeCheckpointError: the file pickles a global that weights_only does not allow (:func:`_unsafe`).
+        ValueError: the file is not a complete torch.save file (truncated, empty, a plain pickle).
+    """
+    try:
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise _unsafe(Path(path), err) from None
+        error: Exception = err
+    except Exception as err:  # torch raises RuntimeError, OSError, EOFError... for a truncated or foreign file
+        error = err
+    raise ValueError(f"{path}: not a readable torch checkpoint (truncated, or not written by torch.save): "
+                     f"{_one_line(error)}") from None
 
 
 READ_CACHE_SIZE = 2  # state dicts kept in memory (the base of a sweep, read once for all its runs)
@@ -121,12 +149,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path, device="cpu")
-    try:
-        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _unsafe(path, err) from None
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as err:  # safetensors' own error type: a header that does not describe the bytes
+            raise ValueError(f"{path}: not a readable safetensors file: {_one_line(err)}") from None
+    obj = torch_load_weights(path)
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "network_weights"):
             if isinstance(obj.get(key), Mapping):
