@@ -13,9 +13,12 @@ PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` 
 ``adapter_model.safetensors`` as ``peft.PeftModel.save_pretrained`` writes them, for the methods PEFT has
 -- ``lora`` / ``conv_lora`` as LoRA, ``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and
 ``nn.Conv1d/2d/3d``. Layers PEFT cannot hold (transposed convolutions: PEFT has no LoRA for them; dilated
-convolutions: its conv LoRA ignores dilation) are merged into the exported base ``base_model.safetensors``
-(one warning lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
-Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``. Tensor
+convolutions: its conv LoRA ignores dilation; Conv3d with a 1 x 1 x k kernel, e.g. the 1x1x1 heads: PEFT's
+``merge_and_unload`` fails on them) are merged into the exported base ``base_model.safetensors`` (one warning
+lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
+Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``; the
+network :func:`load_merged` returns drops DynUNet's second module names (``skip_layers``) from the missing keys,
+so PEFT loads it without warnings. Tensor
 layouts (key prefix ``base_model.model.<module>.``):
 
 ==================  =====================  ==========================================
@@ -118,6 +121,7 @@ def load_merged(path: str | os.PathLike) -> nn.Module:
     architecture = json.loads(metadata["architecture"])
     net = build_model(architecture["model"], **architecture["model_kwargs"])
     net.load_state_dict(load_file(str(path)))
+    net.register_load_state_dict_post_hook(_drop_alias_keys)  # a PEFT adapter on it loads without alias warnings
     return net.eval()
 
 
@@ -130,7 +134,30 @@ def _peft_unsupported(base: nn.Module) -> Optional[str]:
     if not isinstance(base, nn.Linear) and (any(d != 1 for d in base.dilation) or base.padding_mode != "zeros"):
         return (f"dilation {base.dilation} / padding mode {base.padding_mode!r}: PEFT's conv LoRA assumes "
                 "dilation 1 and zero padding")
+    if isinstance(base, nn.Conv3d) and base.kernel_size[:2] == (1, 1):
+        return (f"a Conv3d with kernel {base.kernel_size}: PEFT's merge_and_unload takes a weight with "
+                "size()[2:4] == (1, 1) for a 1x1 Conv2d and fails on it")
     return None
+
+
+def _drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post hook: a missing key that names, under a second name of a shared module
+    (DynUNet holds its blocks twice, as ``skip_layers``), a tensor that was loaded under another name is not
+    missing. PEFT maps checkpoint keys through first names only, so without this every PEFT adapter on a
+    DynUNet -- one PEFT saved itself included -- loads with a warning about the second names."""
+    names: dict[int, list[str]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(key)
+    relative = {key: names[id(tensor)] for key, tensor in module.state_dict(keep_vars=True).items()}
+    missing = set(incompatible.missing_keys)
+    for key in list(incompatible.missing_keys):
+        ends = [k for k in relative if key == k or key.endswith("." + k)]
+        if not ends:
+            continue
+        end = max(ends, key=len)
+        prefix = key[: len(key) - len(end)]
+        if any(prefix + other not in missing for other in relative[end] if other != end):
+            incompatible.missing_keys.remove(key)
 
 
 def _peft_layout(base: nn.Module, name: str) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ PEFT: the exported adapter on the exported base (the ConvTranspose layers merged
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -68,18 +69,22 @@ def unet_run(tmp_path_factory) -> Path:
 
 
 def test_peft_export_of_a_default_preset_run_loads_in_peft_and_matches(run, tmp_path):
+    """PEFT's own load, forward and merge_and_unload, with every warning an error, compute segadapt's network:
+    the layers PEFT cannot merge (ConvTranspose; the 1x1x1 Conv3d head, which PEFT's merge takes for a 1x1
+    Conv2d) are in the exported base, and DynUNet's second names (skip_layers) load without 'missing keys'."""
     net, config = load_run_for_export(run)
     transposed = [n for n, layer in adapted_layers(net) if isinstance(layer.base_layer, nn.ConvTranspose3d)]
-    assert transposed  # the default preset adapts the up-sampling ConvTranspose layers, which PEFT cannot hold
+    pointwise = [n for n, layer in adapted_layers(net) if isinstance(layer.base_layer, nn.Conv3d)
+                 and layer.base_layer.kernel_size == (1, 1, 1)]
+    assert transposed and pointwise  # the default preset adapts the up-sampling ConvTranspose layers and the head
     with pytest.warns(UserWarning, match="PEFT cannot hold") as caught:
         folder = export_peft(net, tmp_path / "peft", architecture=config["module"], source=config["module"]["base_checkpoint"])
-    assert all(n in str(caught[0].message) for n in transposed)
+    assert all(n in str(caught[0].message) for n in transposed + pointwise)
     written = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
     assert written["base_model_name_or_path"] == str((folder / PEFT_BASE_FILE).resolve())
-    assert not any(n in written["target_modules"] for n in transposed)
+    assert not any(n in written["target_modules"] for n in transposed + pointwise)
 
     peft = pytest.importorskip("peft")
-    reference = peft.PeftModel.from_pretrained(load_merged(folder / PEFT_BASE_FILE), folder).eval()
     x = torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net(x)
@@ -87,7 +92,13 @@ def test_peft_export_of_a_default_preset_run_loads_in_peft_and_matches(run, tmp_
         unadapted = net(x)
         set_active_adapter(net, "default")
         assert (expected - unadapted).abs().max() > 1e-3  # two steps moved the adapter
-        torch.testing.assert_close(reference(x), expected, atol=1e-5, rtol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PEFT's load warns on missing keys: an error here
+            reference = peft.PeftModel.from_pretrained(load_merged(folder / PEFT_BASE_FILE), folder).eval()
+            torch.testing.assert_close(reference(x), expected, atol=1e-5, rtol=1e-5)
+            merged = reference.merge_and_unload()
+            torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in key for key in merged.state_dict())
 
 
 def _bundle_masks(bundle: Path, scans: list[str], out: Path, threshold: float) -> dict[str, nib.Nifti1Image]:
