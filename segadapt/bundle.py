@@ -48,6 +48,8 @@ BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> 
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 MODEL_FILE = Path("models") / "model.pt"
+LOGGING_CONFIG = Path("configs") / "logging.conf"
+BUNDLE_FILES = (INFERENCE_CONFIG, METADATA, LOGGING_CONFIG, MODEL_FILE)
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
 
@@ -232,7 +234,7 @@ def _check_network(net: nn.Module, definition: Mapping[str, Any], state: Mapping
         raise ValueError(f"the bundle's network_def {definition['_target_']} does not reproduce the run's network")
 
 
-def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict: bool = True) -> Path:
+def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict: bool = True, force: bool = False) -> Path:
     """Write the run folder `run_dir` as a MONAI bundle in `folder` (see the module docstring); returns `folder`.
 
     Raises:
@@ -241,11 +243,12 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
-    from segadapt.export import load_run_for_export
+    from segadapt.export import check_targets, load_run_for_export
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = read_run_config(run_dir)
+    check_targets(run_dir, config, [folder / f for f in BUNDLE_FILES], force=force)
     inference = inference_config(config)  # refuses a network without a plain MONAI class before any work
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
