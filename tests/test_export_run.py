@@ -37,7 +37,7 @@ TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "en
 
 
 def _fit(root: Path, preprocess: dict, name: str, model: str = "dynunet", model_kwargs: dict = KWARGS,
-         adapter: object = None) -> Path:
+         adapter: object = None, fold: int = 0) -> Path:
     dataset = make_phantom_dataset(root / "data", "sah", 4, 0, (24, 24, 16), [220 / 24, 220 / 24, 10.0])
     kwargs = {**model_kwargs, "in_channels": PreprocessConfig(**preprocess).in_channels}
     torch.manual_seed(0)
@@ -45,11 +45,11 @@ def _fit(root: Path, preprocess: dict, name: str, model: str = "dynunet", model_
     base_file = save_safetensors(root / "base.safetensors", {k: v.clone() for k, v in base.state_dict().items()})
     module = {"model": model, "model_kwargs": kwargs, "adapter": adapter or {"method": "conv_lora", "rank": 2},
               "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_file), "roi_size": [16, 16, 16]}
-    data = {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "batch_size": 1, "sampling": "patch",
+    data = {"dataset_json": str(dataset), "fold": fold, "n_folds": 2, "batch_size": 1, "sampling": "patch",
             "preprocess": PreprocessConfig(patch_size=[16, 16, 16], samples_per_volume=1, augment=False,
                                            **preprocess).to_dict()}
     run = root / name
-    fit_run(run, {"experiment": "t", "method": adapter or "conv_lora", "fold": 0}, module, data, TRAINER, eval_base=False)
+    fit_run(run, {"experiment": "t", "method": adapter or "conv_lora", "fold": fold}, module, data, TRAINER, eval_base=False)
     return run
 
 
@@ -76,6 +76,26 @@ def unet_run(tmp_path_factory) -> Path:
 def full_run(tmp_path_factory) -> Path:
     """A DynUNet tuned in full (model.safetensors, no adapter)."""
     return _fit(tmp_path_factory.mktemp("export_full"), {}, "run", adapter="full")
+
+
+def test_predict_averages_the_fold_networks_of_full_runs(full_run):
+    """Several full runs in one ``segadapt predict``: each fold's own network, probabilities averaged
+    (p = (p_0 + p_1) / 2, against each run predicted alone); a merged export of a full run is its network."""
+    other = _fit(full_run.parent, {}, "run_fold1", adapter="full", fold=1)  # the same base and data
+    scan = str(sorted((full_run.parent / "data" / "imagesTr").glob("*.nii.gz"))[0])
+    alone = [Predictor.from_runs([r], device="cpu").predict(scan).probabilities for r in (full_run, other)]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two folds, two networks
+    ensemble = Predictor.from_runs([full_run, other], device="cpu")
+    assert len(ensemble.networks) == 2 and "2 fold networks" in ensemble.description
+    np.testing.assert_allclose(ensemble.predict(scan).probabilities, (alone[0] + alone[1]) / 2, atol=1e-6)
+
+
+def test_merged_export_of_a_full_run_is_its_network(full_run, tmp_path):
+    main([str(full_run), "--merged", str(tmp_path / "merged.safetensors")])
+    net, _ = load_run_for_export(full_run)
+    x = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_merged(tmp_path / "merged.safetensors")(x), net(x), atol=0, rtol=0)
 
 
 def test_peft_export_of_a_default_preset_run_loads_in_peft_and_matches(run, tmp_path):
