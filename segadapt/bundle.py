@@ -53,6 +53,7 @@ from segadapt.training.run import FINGERPRINT_FILE
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
 SEGADAPT_NETWORKS = ("multiview_unet", "vit_seg", "sam")  # no MONAI class: segadapt.models.build_model
+WEIGHT_FILE_KWARGS = ("checkpoint", "encoder_weights")  # builder arguments naming pretrained files (SAM, ViT)
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 MODEL_FILE = Path("models") / "model.pt"
@@ -93,7 +94,7 @@ def network_def(model: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         ValueError: `model` cannot be rebuilt from the bundle alone (``nnunet``: its plans folder; use --nnunet).
     """
     if model in SEGADAPT_NETWORKS:
-        kwargs = {k: v for k, v in model_kwargs.items() if k != "checkpoint"}  # the weights come from model.pt
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in WEIGHT_FILE_KWARGS}  # the weights: model.pt
         return {"_target_": "segadapt.models.build_model", "name": model, **json.loads(json.dumps(kwargs))}
     if model not in BUNDLE_NETWORKS:
         raise ValueError(f"model {model!r} cannot be a MONAI bundle; bundles support "

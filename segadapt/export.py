@@ -35,8 +35,10 @@ per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by 
 MONAI bundle: :func:`segadapt.bundle.export_bundle`.
 
 Command line: ``segadapt export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--nnunet FOLDER] [--force]``
-(or ``python -m segadapt.export``); outputs that are folders / files / not writable, and a broken ``config.yaml``,
-exit 2 with one line before any work.
+(or ``python -m segadapt.export``); outputs that are folders / files / not writable, an output file that exists
+(without ``--force``), one that is a file of the run or one it reads (:func:`run_files`: config.yaml, the weights,
+plan, fingerprint, the base checkpoint, dataset.json; ``--force`` or not), and a broken ``config.yaml``, exit 2
+with one line before any work. A full / decoder / scratch run exports its ``model.safetensors`` network.
 """
 
 from __future__ import annotations

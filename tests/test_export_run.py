@@ -266,6 +266,16 @@ def test_bundle_network_defs_are_the_builders_networks():
     theirs.load_state_dict(ours.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(theirs.predict_volume(x), ours.predict_volume(x), atol=0, rtol=0)
+    torch.manual_seed(0)  # a ViT segmenter: its pretrained encoder file is not needed (model.pt holds every weight)
+    vit = {"encoder": "vit_tiny_patch16_224", "in_channels": 2, "img_size": 32, "encoder_weights": "/no/such/file"}
+    ours = build_model("vit_seg", **{**vit, "encoder_weights": None}).eval()
+    definition = network_def("vit_seg", vit)
+    assert "encoder_weights" not in definition
+    theirs = ConfigParser({"net": definition}).get_parsed_content("net").eval()
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        image = torch.randn(1, 2, 32, 32)
+        torch.testing.assert_close(theirs(image), ours(image), atol=0, rtol=0)
     with pytest.raises(ValueError, match="model 'nnunet' cannot be a MONAI bundle.*--nnunet"):
         network_def("nnunet", {})
 
