@@ -91,6 +91,8 @@ def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
     names = adapter_names(model)
     name = adapter or active_adapter(model) or (names[0] if len(names) == 1 else None)
     layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    if not names:
+        raise ValueError("the network has no adapter (a full / decoder / scratch run): use --merged, --bundle or --nnunet")
     if name is None or not layers:
         raise ValueError(f"the model has no adapter named {name!r} to export")
     return name

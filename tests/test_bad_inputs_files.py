@@ -569,6 +569,8 @@ EXPORT_CASES = {
                       ["old.safetensors exists; give --force to overwrite it"]),
     "peft_file_exists": (lambda r, t: [r, "--merged", t / "m.safetensors", "--peft", _existing(t / "p" / "adapter_config.json").parent],
                          ["adapter_config.json exists; give --force"]),
+    "peft_of_a_run_tuned_in_full": (lambda r, t: [r.parents[2] / "base", "--peft", t / "p"],
+                                    ["the network has no adapter (a full / decoder / scratch run): use --merged"]),
     "nnunet_of_another_model": (lambda r, t: [r, "--merged", t / "m.safetensors", "--nnunet", t / "n"],
                                 ["model 'multiview_unet'; only model=nnunet runs export to nnU-Net's format"]),
     "merged_is_a_folder": (lambda r, t: [r, "--merged", t], ["--merged file", "is a folder; give a file name"]),
