@@ -152,10 +152,11 @@ def _drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
     (DynUNet holds its blocks twice, as ``skip_layers``), a tensor that was loaded under another name is not
     missing. PEFT maps checkpoint keys through first names only, so without this every PEFT adapter on a
     DynUNet -- one PEFT saved itself included -- loads with a warning about the second names."""
+    state = module.state_dict(keep_vars=True)
     names: dict[int, list[str]] = {}
-    for key, tensor in module.state_dict(keep_vars=True).items():
+    for key, tensor in state.items():
         names.setdefault(id(tensor), []).append(key)
-    relative = {key: names[id(tensor)] for key, tensor in module.state_dict(keep_vars=True).items()}
+    relative = {key: names[id(tensor)] for key, tensor in state.items()}  # key -> every key of its tensor
     missing = set(incompatible.missing_keys)
     for key in list(incompatible.missing_keys):
         ends = [k for k in relative if key == k or key.endswith("." + k)]
@@ -377,11 +378,13 @@ def run_files(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict[Pat
              if folder.is_dir() for path in folder.iterdir() if path.is_file()}
     module, data = config.get("module") or {}, config.get("datamodule") or {}
     kwargs = module.get("model_kwargs") or {}
-    read = {"the run's base checkpoint": module.get("base_checkpoint"), "the run's dataset.json": data.get("dataset_json"),
+    read = {"the run's base checkpoint": module.get("base_checkpoint"),
+            "the run's dataset.json": data.get("dataset_json"),
             "the run's splits file": data.get("splits_path")}
     if module.get("model") == "nnunet" and kwargs.get("results"):
         results = Path(kwargs["results"])
-        read.update({"the run's nnU-Net plans": results / "plans.json", "the run's nnU-Net dataset.json": results / "dataset.json",
+        read.update({"the run's nnU-Net plans": results / "plans.json",
+                     "the run's nnU-Net dataset.json": results / "dataset.json",
                      "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / "checkpoint_final.pth"})
     files.update({Path(path): what for what, path in read.items() if path})
     return files
