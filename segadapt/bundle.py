@@ -3,21 +3,27 @@
 :func:`export_bundle` writes::
 
     <folder>/configs/inference.json   network_def, preprocessing, inferer, postprocessing, initialize, run
-    <folder>/configs/metadata.json    MONAI's metadata (versions, network_data_format)
-    <folder>/models/model.pt          state dict of the merged plain MONAI network (adapters folded in)
+    <folder>/configs/metadata.json    MONAI's metadata (versions, network_data_format with value ranges)
+    <folder>/configs/logging.conf     MONAI model zoo's logging configuration
+    <folder>/models/model.pt          state dict of the merged plain network (adapters folded in)
 
 and ``python -m monai.bundle run --config_file <folder>/configs/inference.json --dataset_dir DIR`` (or
-``--datalist "['scan.nii.gz']"``; ``--output_dir`` defaults to ``<bundle_root>/eval``) writes one
-``<name>_seg.nii.gz`` mask per NIfTI scan, on the scan's grid, as ``segadapt predict`` does.
+``--datalist "['scan.nii.gz']"``; ``--output_dir`` defaults to ``<bundle_root>/eval``), from any working
+folder, writes one ``<name>_seg.nii.gz`` mask per NIfTI scan, on the scan's grid, as ``segadapt predict`` does.
+``bundle_root`` is the folder the bundle was written to (absolute); after moving the folder, give
+``--bundle_root NEW_DIR``.
 
-The network is a plain MONAI class (``DynUNet`` for ``dynunet``, ``UNet`` for ``unet3d``) with its keyword
-arguments; segadapt's own networks (multi-view UNet, ViT segmenter) have none, and are refused. The
-preprocessing is segadapt's (:func:`segadapt.data.transforms.deterministic_transforms` of the run's
-``datamodule.preprocess``) written as MONAI transforms: orientation, spacing, the foreground crop and the
-intensity step; the intensity modes MONAI has no transform for ('ct' windows stacked as channels,
-'ct_zscore', 'zscore' with a background) use segadapt's transform classes, so such bundles need segadapt
-installed (listed in the metadata). The bundle runs its cases in a plain loop (``run``), not MONAI's
-``SupervisedEvaluator``, so it needs no pytorch-ignite.
+Networks: every run with an adapter (merged) or tuned in full (``full`` / ``decoder`` / ``scratch``:
+its ``model.safetensors``). ``dynunet`` and ``unet3d`` are plain MONAI classes (``DynUNet``, ``UNet``) with
+their keyword arguments; segadapt's own networks (``multiview_unet``, ``vit_seg``, ``sam``) are built by
+``segadapt.models.build_model`` (the multi-view UNet predicts with its own fused volume prediction);
+``nnunet`` runs are refused (``segadapt export --nnunet``). The preprocessing is segadapt's
+(:func:`segadapt.data.transforms.deterministic_transforms` of the run's ``datamodule.preprocess``) written as
+MONAI transforms -- orientation, spacing, the foreground crop and the intensity step -- with segadapt's
+transform classes only where MONAI has none (several CT windows stacked as channels, several clipped z-score
+channels, a z-score that leaves a background value out); a bundle that names segadapt (those, or its network
+classes) needs segadapt installed (listed in the metadata). The bundle runs its cases in a plain loop
+(``run``), not MONAI's ``SupervisedEvaluator``, so it needs no pytorch-ignite.
 
 One thresholding detail: the bundle's ``AsDiscreted(threshold=t)`` keeps p >= t, ``segadapt predict`` p > t;
 they differ only on voxels whose probability is exactly t.
@@ -43,24 +49,57 @@ from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training import read_run_config
+from segadapt.training.run import FINGERPRINT_FILE
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
+SEGADAPT_NETWORKS = ("multiview_unet", "vit_seg", "sam")  # no MONAI class: segadapt.models.build_model
+WEIGHT_FILE_KWARGS = ("checkpoint", "encoder_weights")  # builder arguments naming pretrained files (SAM, ViT)
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
 MODEL_FILE = Path("models") / "model.pt"
+LOGGING_CONFIG = Path("configs") / "logging.conf"
+BUNDLE_FILES = (INFERENCE_CONFIG, METADATA, LOGGING_CONFIG, MODEL_FILE)
+# MONAI model zoo's logging.conf (``python -m monai.bundle run`` applies configs/logging.conf when present)
+LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 
 
 def network_def(model: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's ``network_def``: the plain MONAI class of `model` with the keyword arguments that
-    segadapt's builder (``segadapt.models.MODELS[model]``) gives it, defaults filled in.
+    """The bundle's ``network_def``: the plain MONAI class of `model` (``dynunet``, ``unet3d``) with the keyword
+    arguments that segadapt's builder (``segadapt.models.MODELS[model]``) gives it, defaults filled in; segadapt's
+    own networks (``multiview_unet``, ``vit_seg``, ``sam``) through ``segadapt.models.build_model``.
 
     Raises:
-        ValueError: `model` has no plain MONAI class.
+        ValueError: `model` cannot be rebuilt from the bundle alone (``nnunet``: its plans folder; use --nnunet).
     """
+    if model in SEGADAPT_NETWORKS:
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in WEIGHT_FILE_KWARGS}  # the weights: model.pt
+        return {"_target_": "segadapt.models.build_model", "name": model, **json.loads(json.dumps(kwargs))}
     if model not in BUNDLE_NETWORKS:
-        raise ValueError(f"model {model!r} has no plain MONAI network class, so it cannot be a MONAI bundle; "
-                         f"bundles support {', '.join(BUNDLE_NETWORKS)} (use the merged export instead)")
+        raise ValueError(f"model {model!r} cannot be a MONAI bundle; bundles support "
+                         f"{', '.join([*BUNDLE_NETWORKS, *SEGADAPT_NETWORKS])} (use the merged export"
+                         f"{' or --nnunet' if model == 'nnunet' else ''} instead)")
     arguments = inspect.signature(MODELS[model]).bind(**model_kwargs)
     arguments.apply_defaults()
     kwargs = dict(arguments.arguments)
@@ -90,17 +129,28 @@ def _select_fn(cfg: PreprocessConfig, channels: int) -> Any:
 
 
 def _intensity(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
-    """segadapt.data.transforms._intensity as a config entry."""
+    """segadapt.data.transforms._intensity as a config entry: MONAI's transform where one computes the same
+    (one CT window or one clipped z-score channel: ``ScaleIntensityRanged``, which segadapt's classes apply per
+    window / channel; a z-score without background: ``NormalizeIntensityd``), segadapt's class where MONAI has
+    none (several windows stacked as channels, several channels, a background value to leave out)."""
+    if cfg.intensity == "ct" and len(cfg.windows) == 1:
+        (level, width), = cfg.windows
+        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": level - width / 2,
+                "a_max": level + width / 2, "b_min": 0.0, "b_max": 1.0, "clip": True}
     if cfg.intensity == "ct":
         return {"_target_": "segadapt.data.transforms.CTWindowd", "keys": "image", "windows": cfg.windows}
+    if cfg.intensity == "ct_zscore" and channels == 1:
+        (low, high), mean, std = cfg.clip_range[0], cfg.norm_mean[0], cfg.norm_std[0]
+        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
+                "b_min": (low - mean) / std, "b_max": (high - mean) / std, "clip": True}
     if cfg.intensity == "ct_zscore":
         return {"_target_": "segadapt.data.transforms.CTZScored", "keys": "image", "clip_range": cfg.clip_range,
                 "mean": cfg.norm_mean, "std": cfg.norm_std}
-    if cfg.intensity == "zscore":
-        background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
+    background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
+    if cfg.intensity == "zscore" and any(b is not None for b in background):
         return {"_target_": "segadapt.data.transforms.ZScored", "keys": "image", "background": background}
-    if cfg.intensity == "mri":
-        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}
+    if cfg.intensity in ("zscore", "mri"):
+        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": cfg.intensity == "mri", "channel_wise": True}
     return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0, "b_max": 1.0}
 
 
@@ -125,28 +175,43 @@ def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": steps}
 
 
-def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder)."""
-    module = config["module"]
-    network = network_def(module["model"], module.get("model_kwargs") or {})
-    cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
-    channels = _image_channels(config, cfg)
+def _inferer(module: Mapping[str, Any], cfg: PreprocessConfig) -> Any:
+    """SegAdaptModule.predict_probabilities as the bundle's ``inferer`` (image, network) -> logits, or the
+    multi-view UNet's fused probabilities (its own volume prediction)."""
+    if module["model"] == "multiview_unet":
+        return f"$lambda image, net: net.predict_volume(image, slice_batch_size={int(module.get('slice_batch_size', 32))})"
     roi = module.get("roi_size")
     if roi is None:
         raise ValueError("the run has no module.roi_size: a bundle's sliding-window inferer needs one")
     window = {"roi_size": list(roi), "sw_batch_size": int(module.get("sw_batch_size", 1)),
               "overlap": float(module.get("overlap", 0.25)), "mode": "gaussian"}
     if len(roi) == cfg.spatial_dims - 1:  # a 2D network slice by slice along the axial axis (SegAdaptModule)
-        inferer = {"_target_": "SliceInferer", "spatial_dim": 2, **window}
-    else:
-        inferer = {"_target_": "SlidingWindowInferer", **window}
+        return {"_target_": "SliceInferer", "spatial_dim": 2, **window}
+    return {"_target_": "SlidingWindowInferer", **window}
+
+
+def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike = ".") -> dict[str, Any]:
+    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder).
+
+    `bundle_root` is the bundle's folder (absolute, so that MONAI's command works from any working folder;
+    ``--bundle_root DIR`` overrides it, e.g. after moving the folder). ``imports`` names segadapt only where
+    the network or a transform is segadapt's.
+    """
+    module = config["module"]
+    network = network_def(module["model"], module.get("model_kwargs") or {})
+    cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
+    channels = _image_channels(config, cfg)
+    inferer = _inferer(module, cfg)
     out_channels = int(module.get("model_kwargs", {}).get("out_channels", 1))
     threshold = float(module.get("threshold", 0.5))
-    activation = {"sigmoid": True} if out_channels == 1 else {"softmax": True}
+    activation = [] if module["model"] == "multiview_unet" else [  # the multi-view UNet gives probabilities
+        {"_target_": "Activationsd", "keys": "pred", **({"sigmoid": True} if out_channels == 1 else {"softmax": True})}]
     discrete = {"threshold": "@threshold"} if out_channels == 1 else {"argmax": True}
+    pipeline = preprocessing(cfg, channels)
+    uses_segadapt = "segadapt." in json.dumps([network, pipeline])
     return {
-        "imports": ["$import glob", "$import numpy", "$import torch", "$import segadapt.data.transforms"],
-        "bundle_root": ".",
+        "imports": ["$import glob", "$import numpy", "$import torch"] + (["$import segadapt"] if uses_segadapt else []),
+        "bundle_root": str(bundle_root),
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": "$@bundle_root + '/data'",
         "datalist": "$sorted(glob.glob(@dataset_dir + '/*.nii*'))",
@@ -154,11 +219,11 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "threshold": threshold,
         "network_def": network,
         "network": "$@network_def.to(@device)",
-        "preprocessing": preprocessing(cfg, channels),
+        "preprocessing": pipeline,
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
         "inferer": inferer,
         "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", **activation},
+            *activation,
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             {"_target_": "AsDiscreted", "keys": "pred", **discrete},
@@ -182,7 +247,9 @@ def metadata(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
     in_channels = int(module.get("model_kwargs", {}).get("in_channels", cfg.in_channels))
     out_channels = int(module.get("model_kwargs", {}).get("out_channels", 1))
-    tensor = {"type": "image", "spatial_shape": list(module["roi_size"]), "dtype": "float32", "is_patch_data": True}
+    roi = module.get("roi_size")  # None: the multi-view UNet takes whole volumes
+    shape = list(roi) if roi is not None else ["*"] * cfg.spatial_dims
+    tensor = {"type": "image", "spatial_shape": shape, "dtype": "float32", "is_patch_data": roi is not None}
     classes = {"0": "lesion"} if out_channels == 1 else {str(c): f"class {c}" for c in range(out_channels)}
     return {
         "schema": META_SCHEMA,
@@ -203,13 +270,29 @@ def metadata(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "pred_classes": ("1 channel: foreground probability (sigmoid), thresholded at "
                          f"{module.get('threshold', 0.5)}" if out_channels == 1 else f"{out_channels} classes (softmax, argmax)"),
         "network_data_format": {
-            "inputs": {"image": {**tensor, "format": "magnitude", "num_channels": in_channels,
-                                 "value_range": [], "channel_def": {str(c): "image" for c in range(in_channels)}}},
+            "inputs": {"image": {**tensor, "format": "hounsfield" if cfg.intensity.startswith("ct") else "magnitude",
+                                 "num_channels": in_channels, "value_range": input_range(cfg, run_dir),
+                                 "channel_def": {str(c): "image" for c in range(in_channels)}}},
             "outputs": {"pred": {**tensor, "format": "segmentation", "num_channels": out_channels,
-                                 "value_range": [0, 1], "channel_def": classes}},
+                                 "value_range": [0, max(out_channels - 1, 1)], "channel_def": classes}},
         },
         "platform": platform.platform(),
     }
+
+
+def input_range(cfg: PreprocessConfig, run_dir: Path) -> list[float]:
+    """The scan intensities the network distinguishes: the span of the CT windows / clip ranges (HU beyond
+    it are clipped), 0..255 for 8-bit images, else the training images' range (the run's fingerprint.json)."""
+    if cfg.intensity == "ct":
+        return [min(lv - w / 2 for lv, w in cfg.windows), max(lv + w / 2 for lv, w in cfg.windows)]
+    if cfg.intensity == "ct_zscore":
+        return [min(low for low, _ in cfg.clip_range), max(high for _, high in cfg.clip_range)]
+    if cfg.intensity not in ("mri", "zscore"):
+        return [0.0, 255.0]
+    fingerprint = run_dir / FINGERPRINT_FILE
+    cases = json.loads(fingerprint.read_text(encoding="utf-8")).get("cases", []) if fingerprint.is_file() else []
+    stats = [s for case in cases for s in case.get("image_intensity", [])]
+    return [min(s["min"] for s in stats), max(s["max"] for s in stats)] if stats else []
 
 
 def _version(package: str) -> str:
@@ -224,6 +307,8 @@ def _check_network(net: nn.Module, definition: Mapping[str, Any], state: Mapping
     argument the mapping missed would make it silently wrong)."""
     plain = ConfigParser({"network_def": dict(definition)}).get_parsed_content("network_def")
     plain.load_state_dict(state)
+    if definition["_target_"] not in BUNDLE_NETWORKS.values():  # segadapt's own builder: the same class, loaded strictly
+        return
     x = torch.randn(1, in_channels, *roi, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = net.eval()(x), plain.eval()(x)
@@ -232,7 +317,7 @@ def _check_network(net: nn.Module, definition: Mapping[str, Any], state: Mapping
         raise ValueError(f"the bundle's network_def {definition['_target_']} does not reproduce the run's network")
 
 
-def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict: bool = True) -> Path:
+def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict: bool = True, force: bool = False) -> Path:
     """Write the run folder `run_dir` as a MONAI bundle in `folder` (see the module docstring); returns `folder`.
 
     Raises:
@@ -241,18 +326,21 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
-    from segadapt.export import load_run_for_export
+    from segadapt.export import check_targets, load_run_for_export
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = read_run_config(run_dir)
-    inference = inference_config(config)  # refuses a network without a plain MONAI class before any work
+    check_targets(run_dir, config, [folder / f for f in BUNDLE_FILES], force=force)
+    inference = inference_config(config, folder.resolve())  # refuses a network it cannot build before any work
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))
-    _check_network(net, inference["network_def"], state, list(config["module"]["roi_size"]), in_channels)
+    _check_network(net, inference["network_def"], state, list(config["module"].get("roi_size") or []), in_channels)
     with atomic_path(folder / MODEL_FILE) as tmp:
         torch.save(state, tmp)
+    with atomic_path(folder / LOGGING_CONFIG) as tmp:
+        tmp.write_text(LOGGING, encoding="utf-8")
     write_json(folder / METADATA, metadata(config, run_dir.resolve()))
     write_json(folder / INFERENCE_CONFIG, inference)
     return folder

@@ -13,9 +13,12 @@ PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` 
 ``adapter_model.safetensors`` as ``peft.PeftModel.save_pretrained`` writes them, for the methods PEFT has
 -- ``lora`` / ``conv_lora`` as LoRA, ``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and
 ``nn.Conv1d/2d/3d``. Layers PEFT cannot hold (transposed convolutions: PEFT has no LoRA for them; dilated
-convolutions: its conv LoRA ignores dilation) are merged into the exported base ``base_model.safetensors``
-(one warning lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
-Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``. Tensor
+convolutions: its conv LoRA ignores dilation; Conv3d with a 1 x 1 x k kernel, e.g. the 1x1x1 heads: PEFT's
+``merge_and_unload`` fails on them) are merged into the exported base ``base_model.safetensors`` (one warning
+lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
+Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``; the
+network :func:`load_merged` returns drops DynUNet's second module names (``skip_layers``) from the missing keys,
+so PEFT loads it without warnings. Tensor
 layouts (key prefix ``base_model.model.<module>.``):
 
 ==================  =====================  ==========================================
@@ -32,8 +35,10 @@ per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by 
 MONAI bundle: :func:`segadapt.bundle.export_bundle`.
 
 Command line: ``segadapt export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--nnunet FOLDER] [--force]``
-(or ``python -m segadapt.export``); outputs that are folders / files / not writable, and a broken ``config.yaml``,
-exit 2 with one line before any work.
+(or ``python -m segadapt.export``); outputs that are folders / files / not writable, an output file that exists
+(without ``--force``), one that is a file of the run or one it reads (:func:`run_files`: config.yaml, the weights,
+plan, fingerprint, the base checkpoint, dataset.json; ``--force`` or not), and a broken ``config.yaml``, exit 2
+with one line before any work. A full / decoder / scratch run exports its ``model.safetensors`` network.
 """
 
 from __future__ import annotations
@@ -58,11 +63,12 @@ from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, ad
                                merge_and_unload, remove_adapter, set_active_adapter)
 from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
-from segadapt.bundle import export_bundle, inference_config
+from segadapt.bundle import BUNDLE_FILES, export_bundle, inference_config
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.errors import OneLineParser
 from segadapt.models import build_model
-from segadapt.models.nnunet import export_nnunet
+from segadapt.models.nnunet import export_nnunet, nnunet_targets
+from segadapt.models.pretrained import load_pretrained
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 
 MERGED_FORMAT = "segadapt-merged"
@@ -73,6 +79,7 @@ PEFT_METHODS = {"lora": False, "conv_lora": False, "conv_dora": True}  # method 
 PEFT_PREFIX = "base_model.model."
 PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PEFT_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_BASE_FILE)
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
@@ -84,6 +91,8 @@ def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
     names = adapter_names(model)
     name = adapter or active_adapter(model) or (names[0] if len(names) == 1 else None)
     layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    if not names:
+        raise ValueError("the network has no adapter (a full / decoder / scratch run): use --merged, --bundle or --nnunet")
     if name is None or not layers:
         raise ValueError(f"the model has no adapter named {name!r} to export")
     return name
@@ -99,8 +108,9 @@ def export_merged(model: nn.Module, path: str | os.PathLike, adapter: Optional[s
     :func:`load_merged`.
     """
     plain = copy.deepcopy(model)
-    set_active_adapter(plain, _adapter_name(model, adapter))
-    merge_and_unload(plain)
+    if adapter is not None or adapter_names(model):  # else a full / decoder / scratch run's plain network
+        set_active_adapter(plain, _adapter_name(model, adapter))
+        merge_and_unload(plain)
     metadata = {"format": MERGED_FORMAT}
     if architecture is not None:
         metadata["architecture"] = json.dumps({"model": architecture["model"],
@@ -118,6 +128,7 @@ def load_merged(path: str | os.PathLike) -> nn.Module:
     architecture = json.loads(metadata["architecture"])
     net = build_model(architecture["model"], **architecture["model_kwargs"])
     net.load_state_dict(load_file(str(path)))
+    net.register_load_state_dict_post_hook(_drop_alias_keys)  # a PEFT adapter on it loads without alias warnings
     return net.eval()
 
 
@@ -130,7 +141,31 @@ def _peft_unsupported(base: nn.Module) -> Optional[str]:
     if not isinstance(base, nn.Linear) and (any(d != 1 for d in base.dilation) or base.padding_mode != "zeros"):
         return (f"dilation {base.dilation} / padding mode {base.padding_mode!r}: PEFT's conv LoRA assumes "
                 "dilation 1 and zero padding")
+    if isinstance(base, nn.Conv3d) and base.kernel_size[:2] == (1, 1):
+        return (f"a Conv3d with kernel {base.kernel_size}: PEFT's merge_and_unload takes a weight with "
+                "size()[2:4] == (1, 1) for a 1x1 Conv2d and fails on it")
     return None
+
+
+def _drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post hook: a missing key that names, under a second name of a shared module
+    (DynUNet holds its blocks twice, as ``skip_layers``), a tensor that was loaded under another name is not
+    missing. PEFT maps checkpoint keys through first names only, so without this every PEFT adapter on a
+    DynUNet -- one PEFT saved itself included -- loads with a warning about the second names."""
+    state = module.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        names.setdefault(id(tensor), []).append(key)
+    relative = {key: names[id(tensor)] for key, tensor in state.items()}  # key -> every key of its tensor
+    missing = set(incompatible.missing_keys)
+    for key in list(incompatible.missing_keys):
+        ends = [k for k in relative if key == k or key.endswith("." + k)]
+        if not ends:
+            continue
+        end = max(ends, key=len)
+        prefix = key[: len(key) - len(end)]
+        if any(prefix + other not in missing for other in relative[end] if other != end):
+            incompatible.missing_keys.remove(key)
 
 
 def _peft_layout(base: nn.Module, name: str) -> tuple[int, ...]:
@@ -330,7 +365,72 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
     return model
 
 
+# ---- what an export may write over --------------------------------------------------------------
+RUN_LOG_FOLDERS = ("logs", ".hydra")  # sub-folders of a run folder that are the run's own files
+
+
+def run_files(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict[Path, str]:
+    """{file: what it is} of the files an export must never write over: the run's own (every file of the
+    run folder: config.yaml, the weights, plan.json, fingerprint.json, ...) and the files the run reads
+    (its base checkpoint, dataset.json, splits; an nnU-Net base folder's plans, dataset.json and checkpoint)."""
+    run_dir = Path(run_dir)
+    files = {path: "a file of the run folder" for folder in (run_dir, *(run_dir / f for f in RUN_LOG_FOLDERS))
+             if folder.is_dir() for path in folder.iterdir() if path.is_file()}
+    module, data = config.get("module") or {}, config.get("datamodule") or {}
+    kwargs = module.get("model_kwargs") or {}
+    read = {"the run's base checkpoint": module.get("base_checkpoint"),
+            "the run's dataset.json": data.get("dataset_json"),
+            "the run's splits file": data.get("splits_path")}
+    if module.get("model") == "nnunet" and kwargs.get("results"):
+        results = Path(kwargs["results"])
+        read.update({"the run's nnU-Net plans": results / "plans.json",
+                     "the run's nnU-Net dataset.json": results / "dataset.json",
+                     "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / "checkpoint_final.pth"})
+    files.update({Path(path): what for what, path in read.items() if path})
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` are one file: the same path once resolved, or the same inode (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_targets(run_dir: str | os.PathLike, config: Mapping[str, Any], targets: Sequence[str | os.PathLike],
+                  force: bool = False) -> None:
+    """Refuse, before any work, to write a file of `targets` that is one of the run's files or inputs
+    (:func:`run_files`; `force` or not), or that exists (unless `force`).
+
+    Raises:
+        ValueError: one line naming the file.
+    """
+    protected = run_files(run_dir, config)
+    for target in map(Path, targets):
+        found = next(((path, what) for path, what in protected.items() if _same_file(target, path)), None)
+        if found is not None:
+            raise ValueError(f"{target} is {found[1]} ({found[0]}); an export never writes over it, --force or not")
+        if target.exists() and not force:
+            raise ValueError(f"{target} exists; give --force to overwrite it")
+
+
 # ---- command line -------------------------------------------------------------------------------
+def read_export_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run folder's config, a ``config.yaml`` that is not YAML or has no ``module.model`` a ValueError
+    naming it (instead of a parser traceback)."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    try:
+        config = read_run_config(run_dir)
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(config.get("module"), dict) or "model" not in config["module"]:
+        raise ValueError(f"{config_path} has no module.model (the network's name)")
+    return config
+
+
 def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
     FileNotFoundError naming the file.
@@ -340,54 +440,51 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
     that is not YAML or lacks a key reported as such instead of a parser traceback.
     """
     config_path = Path(run_dir) / CONFIG_FILE
-    try:
-        config = read_run_config(run_dir)
-    except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(config.get("module"), dict) or "model" not in config["module"]:
-        raise ValueError(f"{config_path} has no module.model (the network's name)")
+    config = read_export_config(run_dir)
     try:
         module = SegAdaptModule(**config["module"])
     except (KeyError, TypeError) as error:
         raise ValueError(f"{config_path} does not describe a run's network: {type(error).__name__}: {error}") from None
-    adapter_file = Path(run_dir) / ADAPTER_FILE
-    if not adapter_file.is_file():
-        raise FileNotFoundError(f"run folder {run_dir} has no {ADAPTER_FILE}: nothing to export (a full / decoder / "
-                                f"scratch run's {WEIGHTS_FILE} is already a plain network)")
-    load_adapter(module.net, adapter_file, strict=strict)
+    adapter_file, weights_file = Path(run_dir) / ADAPTER_FILE, Path(run_dir) / WEIGHTS_FILE
+    if adapter_file.is_file():
+        load_adapter(module.net, adapter_file, strict=strict)
+    elif weights_file.is_file():  # a full / decoder / scratch run: its network, no adapter
+        load_pretrained(module.net, weights_file)
+    else:
+        raise FileNotFoundError(f"run folder {run_dir} has neither {ADAPTER_FILE} nor {WEIGHTS_FILE}: nothing to export")
     return module.net.eval(), config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = OneLineParser(prog="segadapt export",
                                      description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
-    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors)")
+    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors or model.safetensors)")
     parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
     parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
     parser.add_argument("--bundle", metavar="FOLDER",
-                        help="write a MONAI bundle (configs/inference.json, configs/metadata.json, models/model.pt) "
-                             "of the merged network, for dynunet / unet3d runs")
+                        help="write a MONAI bundle (configs/inference.json, metadata.json, logging.conf, models/model.pt) "
+                             "of the merged network")
     parser.add_argument("--force", action="store_true",
-                        help="load an adapter made on a base with the same modules but other weights (a warning)")
+                        help="overwrite existing output files (never the run's own files, its base or its data), and "
+                             "load an adapter made on a base with the same modules but other weights (a warning)")
     parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
                         "folder (model=nnunet runs; segadapt.models.nnunet.export_nnunet)")
     args = parser.parse_args(argv)
     if not (args.merged or args.peft or args.bundle or args.nnunet):
         parser.error("give --merged FILE, --peft FOLDER, --bundle FOLDER and/or --nnunet FOLDER")
-    try:
-        if args.nnunet:
-            print(f"nnU-Net trained-model folder: {export_nnunet(args.run_dir, args.nnunet)}")
-            if not (args.merged or args.peft):
-                return
-        if args.merged:  # outputs are checked before any work, so a bad one leaves nothing half done
-            check_output_file(args.merged, "--merged file")
+    try:  # every output is checked before any work, so a bad one leaves nothing half done
+        config = read_export_config(args.run_dir)
+        targets = [check_output_file(args.merged, "--merged file")] if args.merged else []
         if args.peft:
-            check_output_folder(args.peft, "--peft folder")
+            targets += [check_output_folder(args.peft, "--peft folder") / f for f in PEFT_FILES]
         if args.bundle:
-            check_output_folder(args.bundle, "--bundle folder")
-        net, config = load_run_for_export(args.run_dir, strict=not args.force)
-        if args.bundle:  # a network without a plain MONAI class, no roi_size: refused before anything is written
-            inference_config(config)
+            targets += [check_output_folder(args.bundle, "--bundle folder") / f for f in BUNDLE_FILES]
+            inference_config(config)  # no roi_size, a network the bundle cannot build: refused here
+        if args.nnunet:
+            targets += nnunet_targets(config, check_output_folder(args.nnunet, "--nnunet folder"))
+        check_targets(args.run_dir, config, targets, force=args.force)
+        if args.peft or args.merged:
+            net, config = load_run_for_export(args.run_dir, strict=not args.force)
         if args.peft:  # first: its checks (method, layer types) all come before it writes
             folder = export_peft(net, args.peft, architecture=config["module"],
                                  source=config["module"].get("base_checkpoint"))
@@ -395,7 +492,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.merged:
             print(f"merged model: {export_merged(net, args.merged, architecture=config['module'])}")
         if args.bundle:
-            print(f"MONAI bundle: {export_bundle(args.run_dir, args.bundle, strict=not args.force)}")
+            print(f"MONAI bundle: {export_bundle(args.run_dir, args.bundle, strict=not args.force, force=args.force)}")
+        if args.nnunet:
+            print(f"nnU-Net trained-model folder: {export_nnunet(args.run_dir, args.nnunet, overwrite=args.force)}")
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt export: error: {error}\n")
 

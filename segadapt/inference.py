@@ -63,6 +63,7 @@ from segadapt.data import PreprocessConfig, inference_transforms, invert_transfo
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
 from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
+from segadapt.models.pretrained import read_state_dict
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.run import FINGERPRINT_FILE
@@ -250,6 +251,8 @@ class Predictor:
         strict: refuse an adapter made on a base with other weights (False: load it with a warning).
         domain: the training data (a run's ``fingerprint.json``) inputs are checked against and resampled to;
             None: no checks, inputs used on their own grid unless the preprocessing resamples.
+        networks: whole-network weight files (``model.safetensors`` of full / decoder / scratch fold runs) of
+            the config's network, loaded into it in turn; their probabilities are averaged (no adapters then).
 
     Raises:
         FileNotFoundError: the base checkpoint or an adapter file is missing.
@@ -266,6 +269,7 @@ class Predictor:
         threshold: Optional[float] = None,
         strict: bool = True,
         domain: Optional[TrainingDomain] = None,
+        networks: Sequence[str | os.PathLike] = (),
     ) -> None:
         self.device = resolve_device(device)
         self.domain = domain
@@ -283,6 +287,11 @@ class Predictor:
         in_channels = int(module_args.get("model_kwargs", {}).get("in_channels", self.preprocess.in_channels))
         self.channels = max(in_channels // self.preprocess.in_channels, 1)  # image channels before windowing
         self.adapters = [Path(a) for a in adapters]
+        if networks and self.adapters:
+            raise ValueError("a fold ensemble is either adapters on one base or whole networks, not both")
+        self.networks = [read_state_dict(n) for n in networks]  # checked against the network here, not mid-scan
+        for state in self.networks:
+            self.module.net.load_state_dict(state)
         self.members = [f"m{i}" for i in range(len(self.adapters))]
         for name, path in zip(self.members, self.adapters):
             load_adapter(self.module.net, path, name=name, active=False, strict=strict)
@@ -294,8 +303,8 @@ class Predictor:
                   device: Optional[str] = None, threshold: Optional[float] = None, strict: bool = True) -> Predictor:
         """The fold ensemble of run folders (each ``config.yaml`` + ``adapter.safetensors``) on their shared base.
 
-        A single run without an adapter file is used alone: a full / decoder / scratch run's
-        ``model.safetensors`` is the network; a ``none`` run is its base.
+        Runs without an adapter file: a full / decoder / scratch run's ``model.safetensors`` is the network
+        (several such runs: each fold's own network, probabilities averaged); a single ``none`` run is its base.
 
         Raises:
             FileNotFoundError: a run folder without ``config.yaml``, or an unfinished run.
@@ -316,13 +325,15 @@ class Predictor:
         adapters = [run / ADAPTER_FILE for run in runs]
         missing = [run for run, a in zip(runs, adapters) if not a.is_file()]
         domain = run_domain(runs[0])
+        weights = [run / WEIGHTS_FILE for run in runs]
         if len(runs) == 1 and missing:
-            weights = runs[0] / WEIGHTS_FILE
-            if weights.is_file() or configs[0]["run"].get("tuning") == "none":
-                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict, domain)
+            if weights[0].is_file() or configs[0]["run"].get("tuning") == "none":
+                return cls(configs[0], (), weights[0] if weights[0].is_file() else base, device, threshold, strict, domain)
+        if len(missing) == len(runs) and all(w.is_file() for w in weights):  # full / decoder / scratch fold runs
+            return cls(configs[0], (), weights[0], device, threshold, strict, domain, networks=weights)
         if missing:
-            raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a full/decoder/"
-                                    "scratch run: those are used alone, not in a fold ensemble)")
+            raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a fold "
+                                    "ensemble that mixes adapter runs with full/decoder/scratch runs)")
         return cls(configs[0], adapters, base, device, threshold, strict, domain)
 
     @classmethod
@@ -340,7 +351,8 @@ class Predictor:
     @property
     def description(self) -> str:
         module = self.config["module"]
-        members = f"{len(self.members)} adapter(s)" if self.members else "no adapter"
+        members = f"{len(self.members)} adapter(s)" if self.members else (
+            f"{len(self.networks)} fold networks" if len(self.networks) > 1 else "no adapter")
         return f"{module['model']} with {members} on base {self.base}, device {self.device}"
 
     @property
@@ -359,6 +371,13 @@ class Predictor:
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Mean over the adapters of the probabilities ``(B, C, *spatial)`` of preprocessed volumes ``(B, C_in, *spatial)``."""
         image = image.to(self.device)
+        if self.networks:  # fold networks of full / decoder / scratch runs: each one's own weights in turn
+            total = None
+            for state in self.networks:
+                self.module.net.load_state_dict(state)
+                probabilities = self.module.predict_probabilities(image)
+                total = probabilities if total is None else total.add_(probabilities)
+            return total / len(self.networks)
         if not self.members:
             return self.module.predict_probabilities(image)
         total = None
@@ -527,7 +546,7 @@ def predict_to_folder(
                 "voxel_ml": "" if planar else f"{voxel_volume_ml(prediction.affine):.6g}",
                 "lesion_volume_ml": "" if planar else f"{prediction.volume_ml:.4f}",
                 "lesion_area_mm2": f"{prediction.area_mm2:.4f}" if planar else "",
-                "members": max(len(predictor.members), 1),
+                "members": max(len(predictor.members), len(predictor.networks), 1),
                 "warnings": "; ".join(prediction.warnings),
             }
             rows.append(row)

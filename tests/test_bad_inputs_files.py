@@ -704,8 +704,37 @@ def _nan_adapter(run: Path):
             run / "adapter.safetensors")
 
 
+def _existing(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"an earlier export")
+    return path
+
+
+def _hard_link(tmp: Path, target: Path) -> Path:
+    os.link(target, tmp / "link.safetensors")
+    return tmp / "link.safetensors"
+
+
 EXPORT_CASES = {
     # name: (argv(run, tmp), texts)
+    # 19.4: never over the run's own files, its base or its data (--force or not); an existing output only with --force
+    "merged_over_the_base": (lambda r, t: [r, "--merged", r / ".." / ".." / ".." / "base" / "model.safetensors", "--force"],
+                             ["is the run's base checkpoint", "an export never writes over it, --force or not"]),
+    "merged_over_config_yaml": (lambda r, t: [r, "--merged", r / "config.yaml", "--force"],
+                                ["config.yaml is a file of the run folder"]),
+    "merged_over_the_adapter": (lambda r, t: [r, "--merged", r / "adapter.safetensors"], ["adapter.safetensors is a file of the run"]),
+    "merged_over_the_fingerprint_by_a_hard_link": (lambda r, t: [r, "--merged", _hard_link(t, r / "fingerprint.json"), "--force"],
+                                                   ["link.safetensors is a file of the run folder", "fingerprint.json"]),
+    "merged_over_the_dataset_json": (lambda r, t: [r, "--merged", r.parents[2].parent / "data" / "sah" / "dataset.json", "--force"],
+                                     ["is the run's dataset.json"]),
+    "merged_exists": (lambda r, t: [r, "--merged", _existing(t / "old.safetensors")],
+                      ["old.safetensors exists; give --force to overwrite it"]),
+    "peft_file_exists": (lambda r, t: [r, "--merged", t / "m.safetensors", "--peft", _existing(t / "p" / "adapter_config.json").parent],
+                         ["adapter_config.json exists; give --force"]),
+    "peft_of_a_run_tuned_in_full": (lambda r, t: [r.parents[2] / "base", "--peft", t / "p"],
+                                    ["the network has no adapter (a full / decoder / scratch run): use --merged"]),
+    "nnunet_of_another_model": (lambda r, t: [r, "--merged", t / "m.safetensors", "--nnunet", t / "n"],
+                                ["model 'multiview_unet'; only model=nnunet runs export to nnU-Net's format"]),
     "merged_is_a_folder": (lambda r, t: [r, "--merged", t], ["--merged file", "is a folder; give a file name"]),
     "merged_in_read_only_folder": (lambda r, t: [r, "--merged", _readonly(t) / "m.safetensors"],
                                    ["readonly is not writable"]),
@@ -728,7 +757,7 @@ EXPORT_CASES = {
 def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_path, capsys):
     argv, expected = EXPORT_CASES[name]
     argv = [str(a) for a in argv(demo_runs[0], tmp_path)]
-    watched = [tmp_path, demo_runs[0]]
+    watched = [tmp_path, demo_runs[0].parents[2].parent]  # the runs (base included) and their data
     before = [snapshot(f) for f in watched]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:

@@ -217,6 +217,42 @@ def test_adapt_save_reload_predict_and_export_back(tmp_path, world):
         export_nnunet(run_dir, tmp_path / "exported")
 
 
+def test_export_never_writes_over_the_base_folder_and_overwrites_only_with_force(tmp_path, world, capsys):
+    """--nnunet into the base's own trained-model folder would replace the checkpoint the run adapts: refused,
+    --force or not, nothing changed; an earlier export is replaced only with --force (19.4)."""
+    from segadapt.export import main as export_main
+    from segadapt.training.run import train
+
+    cfg = _cfg(tmp_path, world)
+    train(cfg)
+
+    def files(folder: Path) -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def refused(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as info:
+            export_main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        return err
+
+    before = files(world["results"])
+    err = refused([cfg["run_dir"], "--nnunet", str(world["results"]), "--force"])
+    assert "checkpoint_final.pth is the run's nnU-Net base checkpoint" in err and "--force or not" in err
+    assert files(world["results"]) == before
+    export_main([cfg["run_dir"], "--nnunet", str(tmp_path / "out")])
+    exported = files(tmp_path / "out")
+    assert "checkpoint_final.pth exists; give --force" in refused([cfg["run_dir"], "--nnunet", str(tmp_path / "out")])
+    assert files(tmp_path / "out") == exported
+    checkpoint = tmp_path / "out" / "fold_0" / "checkpoint_final.pth"
+    first = read_checkpoint(checkpoint)["network_weights"]
+    export_main([cfg["run_dir"], "--nnunet", str(tmp_path / "out"), "--force"])
+    again = files(tmp_path / "out")
+    assert again.keys() == exported.keys() and again[checkpoint] != exported[checkpoint]  # written again
+    for key, value in read_checkpoint(checkpoint)["network_weights"].items():  # the same network
+        torch.testing.assert_close(value, first[key], atol=0, rtol=0)
+
+
 # ---- splits_final.json --------------------------------------------------------------------------------------
 def _nnunet_splits(ids, vals):
     """nnU-Net's format (nnunetv2 nnUNetTrainer.do_split: a list of {'train': [...], 'val': [...]})."""

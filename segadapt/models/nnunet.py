@@ -504,6 +504,30 @@ def write_plans(out_dir: str | os.PathLike, plans: Mapping, dataset: Mapping) ->
 
 
 # ---- export ---------------------------------------------------------------------------------------------
+def _same_json(path: Path, value: Any) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(value))
+    except (OSError, ValueError):
+        return False
+
+
+def nnunet_targets(config: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """The files :func:`export_nnunet` of a run with this config would write in `out_dir`: the fold's checkpoint,
+    and plans.json / dataset.json unless they are already the base folder's (several folds go into one folder).
+
+    Raises:
+        ValueError: the run's model is not ``nnunet``.
+    """
+    module_args = config["module"]
+    if module_args["model"] != "nnunet":
+        raise ValueError(f"model {module_args['model']!r}; only model=nnunet runs export to nnU-Net's format")
+    kwargs, out_dir = module_args.get("model_kwargs") or {}, Path(out_dir)
+    results = Path(kwargs.get("results") or ".")
+    shared = [out_dir / name for name in (PLANS_FILE, DATASET_FILE)
+              if not (results / name).is_file() or not _same_json(out_dir / name, json.loads((results / name).read_bytes()))]
+    return [*shared, out_dir / f"fold_{int(kwargs.get('fold', 0))}" / CHECKPOINT_FILE]
+
+
 def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the merged network of an ``model=nnunet`` run as an nnU-Net trained-model folder.
 
@@ -520,6 +544,7 @@ def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwr
     """
     from segadapt.adapters import merge_and_unload
     from segadapt.data.files import write_json
+    from segadapt.export import check_targets
     from segadapt.training.run import load_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -539,11 +564,13 @@ def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwr
     target = out_dir / f"fold_{base.fold}" / CHECKPOINT_FILE
     if target.exists() and not overwrite:
         raise ValueError(f"{target} exists; remove it (or overwrite=True) to replace it")
+    check_targets(run_dir, config, nnunet_targets(config, out_dir), force=overwrite)  # never the base's own files
     network = merge_and_unload(module.net)
     fresh = build_network(base.config["architecture"], base.in_channels, base.num_classes)
     fresh.load_state_dict(network.state_dict())  # strict: nnU-Net's keys exactly
-    write_json(out_dir / PLANS_FILE, base.plans)
-    write_json(out_dir / DATASET_FILE, base.dataset)
+    for name, value in ((PLANS_FILE, base.plans), (DATASET_FILE, base.dataset)):
+        if not _same_json(out_dir / name, value):  # the folder of another fold keeps its files untouched
+            write_json(out_dir / name, value)
     write_checkpoint(target, fresh.state_dict(), base.plans, base.dataset, base.configuration, base.fold,
                      epoch=int(config.get("trainer", {}).get("max_steps", 0) or 0))
     return out_dir
