@@ -42,7 +42,7 @@ import segadapt
 from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.models import MODELS, logits_to_probabilities
-from segadapt.training import read_run_config
+from segadapt.training.run import open_run
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
 INFERENCE_CONFIG = Path("configs") / "inference.json"
@@ -245,7 +245,7 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
-    config = read_run_config(run_dir)
+    config = open_run(run_dir)
     inference = inference_config(config)  # refuses a network without a plain MONAI class before any work
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}

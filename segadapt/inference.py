@@ -65,7 +65,7 @@ from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
-from segadapt.training.run import FINGERPRINT_FILE
+from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class Predictor:
         runs = [Path(r) for r in runs]
         if not runs:
             raise ValueError("give at least one run folder")
-        configs = [read_run_config(r) for r in runs]
+        configs = [open_run(r) for r in runs]
         for run, config in zip(runs[1:], configs[1:]):
             pairs = [(f"module.{k}", config["module"].get(k), configs[0]["module"].get(k))
                      for k in ("model", "model_kwargs", "base_checkpoint")]
@@ -335,6 +335,9 @@ class Predictor:
             raise ValueError("give at least one adapter file")
         source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
         run_dir = source.parent if source.name == CONFIG_FILE else source
+        for adapter in map(Path, adapters):  # a run folder's own adapter file: only once the run finished
+            if adapter.name == ADAPTER_FILE and (adapter.parent / CONFIG_FILE).is_file():
+                read_metrics(adapter.parent)
         return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir))
 
     @property
@@ -568,7 +571,7 @@ def make_demo_runs(
     out_dir = Path(out_dir).resolve()
     runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
     model_kwargs = {"in_channels": PreprocessConfig().in_channels, **dict(model_kwargs or DEMO_MODEL)}
-    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs) \
+    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() and (r / METRICS_FILE).is_file() for r in runs) \
             and read_run_config(runs[0])["module"]["model_kwargs"] == model_kwargs:
         return runs
     spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm

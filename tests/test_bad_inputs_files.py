@@ -385,6 +385,16 @@ def _dicom_input(tmp: Path, write_dicom_series) -> Path:
     return _series(tmp, write_dicom_series, _remove_slice)
 
 
+def _unfinished(tmp: Path, run: Path) -> Path:
+    """A copy of a trained run as a kill before its end leaves it: weights and config, no metrics.json."""
+    copy_ = tmp / "killed_run"
+    shutil.copytree(run, copy_)
+    (copy_ / "metrics.json").unlink()
+    return copy_
+
+
+UNFINISHED = ["killed_run is unfinished (no metrics.json"]
+
 PREDICT_CASES = {
     # name: (argv(d, tmp, out, w), texts); d: demo files; the default output folder is `out`
     "threshold_above_1": (lambda d, t, o, w: ["--run", d["run"], "--input", d["scan"], "--threshold", "5"],
@@ -418,6 +428,11 @@ PREDICT_CASES = {
                                   ["series", "not evenly spaced"]),
     "nifti_input_huge_header": (lambda d, t, o, w: ["--run", d["run"], "--input", _huge_nifti(t)],
                                 ["huge.nii", "(30000, 30000, 30000)"]),
+    "unfinished_run": (lambda d, t, o, w: ["--run", _unfinished(t, d["run"]), "--input", d["scan"]], UNFINISHED),
+    "unfinished_run_in_an_ensemble": (lambda d, t, o, w: ["--run", d["run"], _unfinished(t, d["run"]),
+                                                          "--input", d["scan"]], UNFINISHED),
+    "unfinished_run_adapter_file": (lambda d, t, o, w: ["--adapters", _unfinished(t, d["run"]) / "adapter.safetensors",
+                                                        "--input", d["scan"]], UNFINISHED),
 }
 
 
@@ -559,6 +574,12 @@ EXPORT_CASES = {
     "adapter_with_nan": (lambda r, t: [_run_copy(t, r, _nan_adapter), "--merged", t / "m.safetensors"],
                          ["adapter.safetensors", "NaN or infinite"]),
     "not_a_run_folder": (lambda r, t: [t, "--merged", t / "m.safetensors"], ["no config.yaml"]),
+    "unfinished_run_merged": (lambda r, t: [_unfinished(t, r), "--merged", t / "m.safetensors"], UNFINISHED),
+    "unfinished_run_peft": (lambda r, t: [_unfinished(t, r), "--peft", t / "peft"], UNFINISHED),
+    "unfinished_run_bundle": (lambda r, t: [_unfinished(t, r), "--bundle", t / "bundle"], UNFINISHED),
+    "unfinished_run_nnunet": (lambda r, t: [_unfinished(t, r), "--nnunet", t / "nnunet"], UNFINISHED),
+    "metrics_not_json": (lambda r, t: [_run_copy(t, r, lambda c: (c / "metrics.json").write_text("{", encoding="utf-8")),
+                                       "--merged", t / "m.safetensors"], ["metrics.json is not readable JSON"]),
 }
 
 
@@ -576,4 +597,40 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
     assert message.startswith("segadapt export: error: ")
     for text in expected:
         assert text in message, (text, message)
+    assert [snapshot(f) for f in watched] == before
+
+
+# ---- an unfinished run in the other commands -----------------------------------------------------
+def _diagnose_unfinished(runs: list[Path], tmp: Path) -> tuple[Path, list[str]]:
+    from segadapt.diagnose import main
+
+    return main, [str(_unfinished(tmp, runs[0])), "--out", str(tmp / "diagnosis")]
+
+
+def _report_unfinished(runs: list[Path], tmp: Path) -> tuple[Path, list[str]]:
+    """An experiment folder of three folds, the second killed before its end (fold1/killed_run's name in the
+    message is not asked for: the folder is fold1)."""
+    from segadapt.cli import report_main
+
+    experiment = tmp / "experiment"
+    for k, run in enumerate(runs):
+        shutil.copytree(run, experiment / "multiview_unet" / "cp_lora" / f"fold{k}")
+    (experiment / "multiview_unet" / "cp_lora" / "fold1" / "metrics.json").unlink()
+    return report_main, [str(experiment)]
+
+
+@pytest.mark.parametrize("command", ["diagnose", "report"])
+def test_an_unfinished_run_is_refused_by_diagnose_and_report(command, demo_runs, tmp_path, capsys):
+    """A run killed after its adapter file appeared, before metrics.json (its adapter may be any step's):
+    exit 2, one line naming the folder, nothing written."""
+    main, argv = {"diagnose": _diagnose_unfinished, "report": _report_unfinished}[command](demo_runs, tmp_path)
+    watched = [tmp_path, *demo_runs]
+    before = [snapshot(f) for f in watched]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    message = one_line(capsys.readouterr().err)
+    folder = "killed_run" if command == "diagnose" else "cp_lora/fold1"
+    assert message.startswith("error: ") and f"{folder} is unfinished (no metrics.json" in message, message
     assert [snapshot(f) for f in watched] == before
