@@ -477,6 +477,47 @@ def _kept_rows(csv_path: Path, replaced: set[Path]) -> list[dict[str, Any]]:
             if r.get("mask") and Path(r["mask"]).is_file() and Path(r["mask"]).resolve() not in replaced]
 
 
+def check_outputs_spare_inputs(inputs: str | os.PathLike, out_dir: str | os.PathLike,
+                               dicom_seg: Optional[str | os.PathLike] = None,
+                               model_paths: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, outputs that would land in an input: nothing is written into an input DICOM
+    series (a file there joins the series), a run folder, or the folder of the input files (the masks would be
+    inputs next time), and the DICOM-SEG file replaces no input, model file or other output. Paths are compared
+    resolved (symlinks followed).
+
+    `model_paths`: the run folders, adapter / base / config files; a file's folder counts as a run folder when it
+    holds ``config.yaml``.
+
+    Raises:
+        ValueError: naming the output and the input it would land in.
+    """
+    scans = find_inputs(inputs)
+    models = [Path(p).resolve() for p in model_paths if p is not None]
+    protected_files = {p for p in models if not p.is_dir()} | {s.resolve() for s in scans if s.is_file()}
+    protected_folders = {s.resolve(): "input DICOM series" for s in scans if s.is_dir()}
+    protected_folders.update({p if p.is_dir() else p.parent: "run folder" for p in models
+                              if (p / CONFIG_FILE).is_file() or (p.parent / CONFIG_FILE).is_file()})
+    out = Path(out_dir).resolve()
+    for folder, what in protected_folders.items():
+        if out.is_relative_to(folder):
+            raise ValueError(f"output folder {out_dir} is inside the {what} {folder}: write the predictions elsewhere")
+    input_folders = {f for s in scans if s.is_file() for f in (s.parent.resolve(), s.resolve().parent)}
+    if Path(inputs).is_dir() and Path(inputs).resolve() not in protected_folders:
+        input_folders.add(Path(inputs).resolve())
+    if out in input_folders:
+        raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
+    if dicom_seg is None:
+        return
+    seg = Path(dicom_seg).resolve()
+    outputs = {p.resolve() for s in scans for p in output_paths(out_dir, input_name(s), True).values()}
+    if seg in protected_files or seg in outputs or seg == (out / CSV_FILE):
+        raise ValueError(f"--dicom-seg {dicom_seg} would replace an input, model or output file: give a new file name")
+    for folder, what in protected_folders.items():
+        if seg.is_relative_to(folder):
+            why = " (a file in a DICOM series folder joins the series)" if what == "input DICOM series" else ""
+            raise ValueError(f"--dicom-seg {dicom_seg} is inside the {what} {folder}: write it elsewhere{why}")
+
+
 def predict_to_folder(
     predictor: Predictor,
     inputs: str | os.PathLike,
@@ -504,14 +545,16 @@ def predict_to_folder(
             or not writable.
     """
     scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
+    check_outputs_spare_inputs(inputs, out_dir, dicom_seg, [*predictor.adapters, predictor.base])
     if dicom_seg is not None:
         check_output_file(check_dicom_seg_request(scans, dicom_seg), "DICOM-SEG file")
+        if predictor.preprocess.spatial_dims != 3:
+            raise ValueError(f"--dicom-seg needs a 3D network (one mask on the series' grid); this run's is "
+                             f"{predictor.preprocess.spatial_dims}D")
     names = [input_name(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise ValueError(f"several inputs in {inputs} are named {duplicate!r} (e.g. .nii.gz and .nrrd): rename one")
-    if any(out_dir.resolve() == s.parent.resolve() for s in scans if s.is_file()):
-        raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
     csv_path = out_dir / CSV_FILE
     for path in [csv_path, *(p for n in names for p in output_paths(out_dir, n, True).values())]:
         for stale in stale_temp_files(path):  # left by a killed run
@@ -533,10 +576,10 @@ def predict_to_folder(
                 "members": max(len(predictor.members), 1),
                 "warnings": "; ".join(prediction.warnings),
             }
+            if dicom_seg is not None:  # before the CSV and masks: a refusal leaves nothing written
+                write_dicom_seg(prediction, dicom_seg, predictor.label_names)
             rows.append(row)
             write_csv(csv_path, kept + rows)
-        if dicom_seg is not None:
-            write_dicom_seg(prediction, dicom_seg, predictor.label_names)
         size = f"area {row['lesion_area_mm2']} mm^2" if planar else f"volume {row['lesion_volume_ml']} mL"
         resampled = "" if prediction.resampled_to is None else f", resampled to {format_mm(prediction.resampled_to)} mm"
         echo(f"{name}: lesion {size} ({prediction.voxels} voxels, shape "
@@ -640,6 +683,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         # bad inputs, output folder, threshold or device fail before the network is built
         scans = find_inputs(args.input)
         check_output_folder(args.output)
+        check_outputs_spare_inputs(args.input, args.output, args.dicom_seg,
+                                   [*(args.run or args.adapters), args.run_config, args.base])
         if args.dicom_seg is not None:
             check_output_file(check_dicom_seg_request(scans, args.dicom_seg), "DICOM-SEG file")
         if args.threshold is not None:

@@ -395,6 +395,46 @@ def _unfinished(tmp: Path, run: Path) -> Path:
 
 UNFINISHED = ["killed_run is unfinished (no metrics.json"]
 
+
+def _in_series(tmp: Path, write_dicom_series, dicom_seg=None, output=None) -> list:
+    """argv for a readable DICOM series as input; `dicom_seg(series)` / `output(series)` give those paths."""
+    series = _series(tmp, write_dicom_series)
+    argv = ["--input", series]
+    if dicom_seg is not None:
+        argv += ["--dicom-seg", dicom_seg(series)]
+    if output is not None:
+        argv += ["--output", output(series)]
+    return argv
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _folder_of_series(tmp: Path, write_dicom_series) -> Path:
+    series = _series(tmp, write_dicom_series)
+    (tmp / "scans").mkdir()
+    return series.rename(tmp / "scans" / "series").parent
+
+
+def _referable(without: str | None = None):
+    """Series files with every header a DICOM-SEG reference needs (a Frame of Reference UID added), less
+    `without` (e.g. PixelSpacing: no DICOM-SEG can describe the grid)."""
+    def edit(files):
+        import pydicom
+
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.43"
+            if without is not None:
+                delattr(ds, without)
+            ds.save_as(f)
+    return edit
+
+
+SERIES_SLICE = "series/1.2.826.0.1.3680043.2.1125.42-000.dcm"
+
 PREDICT_CASES = {
     # name: (argv(d, tmp, out, w), texts); d: demo files; the default output folder is `out`
     "threshold_above_1": (lambda d, t, o, w: ["--run", d["run"], "--input", d["scan"], "--threshold", "5"],
@@ -429,6 +469,48 @@ PREDICT_CASES = {
     "nifti_input_huge_header": (lambda d, t, o, w: ["--run", d["run"], "--input", _huge_nifti(t)],
                                 ["huge.nii", "(30000, 30000, 30000)"]),
     "unfinished_run": (lambda d, t, o, w: ["--run", _unfinished(t, d["run"]), "--input", d["scan"]], UNFINISHED),
+    # never into an input series, over an input or model file, into a run folder (#19.3)
+    "dicom_seg_over_a_slice_of_the_input": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: t / SERIES_SLICE)],
+        ["--dicom-seg", SERIES_SLICE, "is inside the input DICOM series", "joins the series"]),
+    "dicom_seg_new_file_in_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: s / "seg.dcm")],
+        ["series/seg.dcm is inside the input DICOM series"]),
+    "dicom_seg_symlink_to_a_slice": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: _link(t / "seg.dcm", t / SERIES_SLICE))],
+        ["seg.dcm is inside the input DICOM series"]),
+    "dicom_seg_over_the_adapter": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: d["adapter"])],
+                                   ["fold0/adapter.safetensors is inside the run folder"]),
+    "dicom_seg_over_the_base_file": (lambda d, t, o, w: [
+        "--run", d["run"], "--base", (base := _perturbed_base(t, d["base"])), *_in_series(t, w, lambda s: base)],
+        ["other_base.safetensors would replace an input, model or output file"]),
+    "dicom_seg_over_its_own_mask": (lambda d, t, o, w: ["--run", d["run"], *_in_series(
+        t, w, lambda s: o / "series_mask.nii.gz")], ["series_mask.nii.gz would replace an input, model or output file"]),
+    "dicom_seg_over_volumes_csv": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: o / CSV_FILE)],
+                                   ["volumes.csv would replace an input, model or output file"]),
+    "output_is_the_input_series": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s)],
+                                   ["output folder", "is inside the input DICOM series"]),
+    "output_inside_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s / "predictions")],
+        ["series/predictions is inside the input DICOM series"]),
+    "output_symlink_into_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: _link(t / "link", s) / "predictions")],
+        ["link/predictions is inside the input DICOM series"]),
+    "output_is_the_folder_of_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], "--input", _folder_of_series(t, w), "--output", t / "scans"],
+        ["scans holds the inputs"]),
+    "output_inside_the_run_folder": (lambda d, t, o, w: ["--run", d["run"], "--input", d["scan"],
+                                                         "--output", d["run"] / "predictions"],
+                                     ["fold0/predictions is inside the run folder"]),
+    "output_in_the_base_run_folder": (lambda d, t, o, w: ["--adapters", d["adapter"], "--base", d["base"],
+                                                          "--input", d["scan"], "--output", d["base"].parent],
+                                      ["is inside the run folder", "runs/base"]),
+    "input_is_the_run_folder": (lambda d, t, o, w: ["--run", d["run"], "--input", d["run"]],
+                                ["no NIfTI, NRRD, MHA/MHD file or DICOM series folder in", "fold0"]),
+    # DICOM-SEG feasibility, checked before any work (#19.6b)
+    "dicom_seg_of_a_series_without_pixel_spacing": (
+        lambda d, t, o, w: ["--run", d["run"], "--input", _series(t, w, _referable("PixelSpacing")),
+                            "--dicom-seg", t / "seg.dcm"], ["has no PixelSpacing"]),
     "unfinished_run_in_an_ensemble": (lambda d, t, o, w: ["--run", d["run"], _unfinished(t, d["run"]),
                                                           "--input", d["scan"]], UNFINISHED),
     "unfinished_run_adapter_file": (lambda d, t, o, w: ["--adapters", _unfinished(t, d["run"]) / "adapter.safetensors",
@@ -456,6 +538,44 @@ def test_predict_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp
         assert text in message, (text, message)
     assert [snapshot(f) for f in watched] == before
     assert not out.exists()
+
+
+def test_a_late_dicom_seg_refusal_leaves_no_mask_or_csv(demo_runs, tmp_path, write_dicom_series, monkeypatch, capsys):
+    """What only the prediction can tell (its mask off the series' grid, ...) is refused before the mask and
+    volumes.csv move into place: the DICOM-SEG is written first."""
+    import segadapt.inference
+
+    def refuse(prediction, out, labels):
+        assert prediction.mask.shape == (40, 40, 20)  # the series was predicted
+        raise ValueError(f"the mask of {prediction.source} is not on the DICOM series' grid")
+
+    monkeypatch.setattr(segadapt.inference, "write_dicom_seg", refuse)
+    series = tmp_path / "series"  # a phantom scan of the demo's target as a DICOM series
+    write_dicom_series(series, sitk.Cast(sitk.ReadImage(str(_demo(demo_runs)["scan"])), sitk.sitkInt16), "1.2.3.4")
+    _referable()(sorted(series.iterdir()))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        predict_main(["--run", str(demo_runs[0]), "--input", str(series), "--output", str(out),
+                      "--dicom-seg", str(tmp_path / "seg.dcm"), "--no-progress"])
+    assert info.value.code == 2 and "not on the DICOM series' grid" in one_line(capsys.readouterr().err)
+    assert snapshot(out) == {} and not (tmp_path / "seg.dcm").exists()
+
+
+def test_dicom_seg_needs_a_3d_network_before_any_work(tmp_path, write_dicom_series):
+    from types import SimpleNamespace
+
+    from segadapt.inference import predict_to_folder
+
+    def never(scan):
+        raise AssertionError("predicted before the request was checked")
+
+    planar = SimpleNamespace(preprocess=PreprocessConfig(spatial_dims=2, orientation="RA", patch_size=[64, 64],
+                                                         slice_size=[64, 64]),
+                             adapters=[], base=tmp_path / "base.safetensors", predict=never)
+    series = _series(tmp_path, write_dicom_series, _referable())
+    with pytest.raises(ValueError, match="--dicom-seg needs a 3D network .* this run's is 2D"):
+        predict_to_folder(planar, series, tmp_path / "out", progress=False, dicom_seg=tmp_path / "seg.dcm")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "seg.dcm").exists()
 
 
 def test_predict_force_loads_an_adapter_made_on_other_base_weights(demo_runs, tmp_path, capsys):
