@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -718,6 +719,78 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
     for text in expected:
         assert text in message, (text, message)
     assert [snapshot(f) for f in watched] == before
+
+
+# ---- plan command line ---------------------------------------------------------------------------
+def _file(path: Path, text: str = "{}") -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+PLAN_CASES = {
+    # name: (argv(dataset_json, tmp), texts); the dataset: phantom cases in data/imagesTr, data/labelsTr
+    "out_is_the_dataset_json": (lambda d, t: [d, "--out", d], ["dataset.json is a file of the dataset"]),
+    "out_is_the_dataset_json_even_with_overwrite": (lambda d, t: [d, "--out", d, "--overwrite"],
+                                                    ["dataset.json is a file of the dataset"]),
+    "out_over_an_image": (lambda d, t: [d, "--out", d.parent / "imagesTr" / "sah_000.nii.gz", "--overwrite"],
+                          ["sah_000.nii.gz is a file of the dataset"]),
+    "fingerprint_over_a_label": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint",
+                                               d.parent / "labelsTr" / "sah_001.nii.gz"],
+                                 ["labelsTr/sah_001.nii.gz is a file of the dataset"]),
+    "out_symlink_to_the_dataset_json": (lambda d, t: [d, "--out", _link(t / "plan.json", d), "--overwrite"],
+                                        ["plan.json is a file of the dataset"]),
+    "out_new_file_in_images": (lambda d, t: [d, "--out", d.parent / "imagesTr" / "plan.json"],
+                               ["is inside the dataset's case folder", "imagesTr"]),
+    "fingerprint_default_in_labels": (lambda d, t: [d, "--out", d.parent / "labelsTr" / "plan.json"],
+                                      ["is inside the dataset's case folder", "labelsTr"]),
+    "out_named_as_a_splits_file": (lambda d, t: [d, "--out", d.parent / "splits_5fold_seed0.json"],
+                                   ["splits_5fold_seed0.json is a file of the dataset"]),
+    "fingerprint_over_nnunet_splits": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint",
+                                                     _file(d.parent / "splits_final.json", "[]"), "--overwrite"],
+                                       ["splits_final.json is a file of the dataset"]),
+    "out_exists": (lambda d, t: [d, "--out", _file(t / "plan.json")], ["plan.json exists; give --overwrite"]),
+    "fingerprint_exists": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint", _file(t / "fp.json")],
+                           ["fp.json exists; give --overwrite"]),
+    "out_and_fingerprint_one_file": (lambda d, t: [d, "--out", t / "p.json", "--fingerprint", t / "p.json"],
+                                     ["--out and --fingerprint name one file"]),
+    "out_is_a_folder": (lambda d, t: [d, "--out", t], ["is a folder; give a file name"]),
+}
+
+
+@pytest.fixture()
+def plan_dataset(tmp_path) -> Path:
+    from segadapt.data import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path / "data", "sah", 2, shape=(40, 40, 20), spacing=(5.5, 5.5, 8.0))
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_plan_refuses_outputs_over_its_input_with_exit_2_and_one_line(name, plan_dataset, tmp_path, capsys):
+    from segadapt.data.plan import main as plan_main
+
+    argv, expected = PLAN_CASES[name]
+    argv = [str(a) for a in argv(plan_dataset, tmp_path)]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        plan_main(argv)
+    assert info.value.code == 2
+    message = one_line(capsys.readouterr().err)
+    assert message.startswith("segadapt plan: error: ")
+    for text in expected:
+        assert text in message, (text, message)
+    assert snapshot(tmp_path) == before
+
+
+def test_plan_overwrite_replaces_its_own_outputs(plan_dataset, tmp_path, capsys):
+    from segadapt.data.plan import Plan
+    from segadapt.data.plan import main as plan_main
+
+    out, fp = _file(tmp_path / "plan.json", "old"), _file(tmp_path / "fingerprint.json", "old")
+    data = snapshot(plan_dataset.parent)
+    plan = plan_main([str(plan_dataset), "--out", str(out), "--overwrite"])
+    assert Plan.from_json(out) == plan and json.loads(fp.read_text(encoding="utf-8"))["n_cases"] == 2
+    assert snapshot(plan_dataset.parent) == data
 
 
 # ---- an unfinished run in the other commands -----------------------------------------------------
