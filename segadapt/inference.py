@@ -614,7 +614,7 @@ def make_demo_runs(
     out_dir = Path(out_dir).resolve()
     runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
     model_kwargs = {"in_channels": PreprocessConfig().in_channels, **dict(model_kwargs or DEMO_MODEL)}
-    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() and (r / METRICS_FILE).is_file() for r in runs) \
+    if all((r / name).is_file() for r in runs for name in (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)) \
             and read_run_config(runs[0])["module"]["model_kwargs"] == model_kwargs:
         return runs
     spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm

@@ -413,6 +413,11 @@ def _link(link: Path, target: Path) -> Path:
     return link
 
 
+def _file(path: Path, text: str = "{}") -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def _folder_of_series(tmp: Path, write_dicom_series) -> Path:
     series = _series(tmp, write_dicom_series)
     (tmp / "scans").mkdir()
@@ -485,8 +490,9 @@ PREDICT_CASES = {
     "dicom_seg_over_the_base_file": (lambda d, t, o, w: [
         "--run", d["run"], "--base", (base := _perturbed_base(t, d["base"])), *_in_series(t, w, lambda s: base)],
         ["other_base.safetensors would replace an input, model or output file"]),
-    "dicom_seg_over_its_own_mask": (lambda d, t, o, w: ["--run", d["run"], *_in_series(
-        t, w, lambda s: o / "series_mask.nii.gz")], ["series_mask.nii.gz would replace an input, model or output file"]),
+    "dicom_seg_over_its_own_mask": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: o / "series_mask.nii.gz")],
+        ["series_mask.nii.gz would replace an input, model or output file"]),
     "dicom_seg_over_volumes_csv": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: o / CSV_FILE)],
                                    ["volumes.csv would replace an input, model or output file"]),
     "output_is_the_input_series": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s)],
@@ -495,7 +501,8 @@ PREDICT_CASES = {
         lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s / "predictions")],
         ["series/predictions is inside the input DICOM series"]),
     "output_symlink_into_the_input_series": (
-        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: _link(t / "link", s) / "predictions")],
+        lambda d, t, o, w: ["--run", d["run"],
+                            *_in_series(t, w, output=lambda s: _link(t / "link", s) / "predictions")],
         ["link/predictions is inside the input DICOM series"]),
     "output_is_the_folder_of_the_input_series": (
         lambda d, t, o, w: ["--run", d["run"], "--input", _folder_of_series(t, w), "--output", t / "scans"],
@@ -699,7 +706,7 @@ EXPORT_CASES = {
     "unfinished_run_peft": (lambda r, t: [_unfinished(t, r), "--peft", t / "peft"], UNFINISHED),
     "unfinished_run_bundle": (lambda r, t: [_unfinished(t, r), "--bundle", t / "bundle"], UNFINISHED),
     "unfinished_run_nnunet": (lambda r, t: [_unfinished(t, r), "--nnunet", t / "nnunet"], UNFINISHED),
-    "metrics_not_json": (lambda r, t: [_run_copy(t, r, lambda c: (c / "metrics.json").write_text("{", encoding="utf-8")),
+    "metrics_not_json": (lambda r, t: [_run_copy(t, r, lambda c: _file(c / "metrics.json", "{")),
                                        "--merged", t / "m.safetensors"], ["metrics.json is not readable JSON"]),
 }
 
@@ -722,11 +729,6 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
 
 
 # ---- plan command line ---------------------------------------------------------------------------
-def _file(path: Path, text: str = "{}") -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 PLAN_CASES = {
     # name: (argv(dataset_json, tmp), texts); the dataset: phantom cases in data/imagesTr, data/labelsTr
     "out_is_the_dataset_json": (lambda d, t: [d, "--out", d], ["dataset.json is a file of the dataset"]),

@@ -791,8 +791,9 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"run folder {run_dir} is unfinished (no {METRICS_FILE}: training stopped before the "
-                                "end, its weights are not the run's result); resume it (ckpt_path=last) or train it again")
+        raise FileNotFoundError(f"run folder {run_dir} is unfinished (no {METRICS_FILE}: its training was stopped "
+                                "or is still running, so its weights are not the run's result); resume it "
+                                "(ckpt_path=last) or train it again")
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
