@@ -113,7 +113,8 @@ def paired_p(values: Mapping[str, float], reference: Mapping[str, float]) -> flo
 
 def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The metrics.json of every finished run in a ``fold<k>`` folder under `experiment_dir` (any depth;
-    source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`."""
+    source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`.
+    A ``fold<k>`` run folder without metrics.json (killed or still training) is refused, not left out."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
