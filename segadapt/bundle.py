@@ -48,8 +48,7 @@ import segadapt
 from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.models import MODELS, logits_to_probabilities
-from segadapt.training import read_run_config
-from segadapt.training.run import FINGERPRINT_FILE
+from segadapt.training.run import FINGERPRINT_FILE, open_run
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
 SEGADAPT_NETWORKS = ("multiview_unet", "vit_seg", "sam")  # no MONAI class: segadapt.models.build_model
@@ -330,7 +329,7 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
-    config = read_run_config(run_dir)
+    config = open_run(run_dir)
     check_targets(run_dir, config, [folder / f for f in BUNDLE_FILES], force=force)
     inference = inference_config(config, folder.resolve())  # refuses a network it cannot build before any work
     net, _ = load_run_for_export(run_dir, strict=strict)

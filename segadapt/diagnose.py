@@ -93,10 +93,10 @@ def effective_weights(net: nn.Module) -> dict[str, torch.Tensor]:
 def diagnose_run(run_dir: str | Path, top_k: int = TOP_K, epsilon: float = EPSILON) -> list[dict[str, Any]]:
     """One row per layer the run changed: run, layer, shape, relative_norm, effective_rank, intruders."""
     from segadapt.training.module import SegAdaptModule
-    from segadapt.training.run import load_run, read_run_config
+    from segadapt.training.run import load_run, open_run
 
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
+    config = open_run(run_dir)
     base = effective_weights(SegAdaptModule(**config["module"]).net)  # the adapter at its zero init: W0
     tuned = effective_weights(load_run(run_dir)[0].net)
     rows = []

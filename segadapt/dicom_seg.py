@@ -50,7 +50,19 @@ def check_dicom_seg_request(inputs: list[Path], out: str | os.PathLike) -> Path:
         raise ValueError(f"--dicom-seg needs a DICOM series folder as input; {inputs[0]} is not one (a DICOM-SEG "
                          "references its source images)")
     _highdicom()
+    check_dicom_seg_sources(inputs[0])
     return Path(out)
+
+
+def check_dicom_seg_sources(folder: Path) -> None:
+    """Refuse, before any work, a series that no DICOM-SEG could reference (:func:`_source_header`, read here
+    from the headers only) or whose geometry highdicom cannot describe (:func:`series_geometry`)."""
+    import pydicom
+
+    from segadapt.inference import dicom_series_files
+
+    files = dicom_series_files(folder)
+    series_geometry([_source_header(pydicom.dcmread(f, stop_before_pixels=True), f) for f in files])
 
 
 def _source_header(ds, path: str):

@@ -69,7 +69,8 @@ from segadapt.errors import OneLineParser
 from segadapt.models import build_model
 from segadapt.models.nnunet import export_nnunet, nnunet_targets
 from segadapt.models.pretrained import load_pretrained
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
+from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule
+from segadapt.training.run import open_run
 
 MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -423,7 +424,7 @@ def read_export_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     naming it (instead of a parser traceback)."""
     config_path = Path(run_dir) / CONFIG_FILE
     try:
-        config = read_run_config(run_dir)
+        config = open_run(run_dir)
     except (OmegaConfBaseException, yaml.YAMLError) as error:
         raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
     if not isinstance(config.get("module"), dict) or "model" not in config["module"]:

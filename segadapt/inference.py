@@ -66,7 +66,7 @@ from segadapt.domain import TrainingDomain, format_mm
 from segadapt.models.pretrained import read_state_dict
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
-from segadapt.training.run import FINGERPRINT_FILE
+from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class Predictor:
         runs = [Path(r) for r in runs]
         if not runs:
             raise ValueError("give at least one run folder")
-        configs = [read_run_config(r) for r in runs]
+        configs = [open_run(r) for r in runs]
         for run, config in zip(runs[1:], configs[1:]):
             pairs = [(f"module.{k}", config["module"].get(k), configs[0]["module"].get(k))
                      for k in ("model", "model_kwargs", "base_checkpoint")]
@@ -346,6 +346,9 @@ class Predictor:
             raise ValueError("give at least one adapter file")
         source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
         run_dir = source.parent if source.name == CONFIG_FILE else source
+        for adapter in map(Path, adapters):  # a run folder's own adapter file: only once the run finished
+            if adapter.name == ADAPTER_FILE and (adapter.parent / CONFIG_FILE).is_file():
+                read_metrics(adapter.parent)
         return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir))
 
     @property
@@ -493,6 +496,47 @@ def _kept_rows(csv_path: Path, replaced: set[Path]) -> list[dict[str, Any]]:
             if r.get("mask") and Path(r["mask"]).is_file() and Path(r["mask"]).resolve() not in replaced]
 
 
+def check_outputs_spare_inputs(inputs: str | os.PathLike, out_dir: str | os.PathLike,
+                               dicom_seg: Optional[str | os.PathLike] = None,
+                               model_paths: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, outputs that would land in an input: nothing is written into an input DICOM
+    series (a file there joins the series), a run folder, or the folder of the input files (the masks would be
+    inputs next time), and the DICOM-SEG file replaces no input, model file or other output. Paths are compared
+    resolved (symlinks followed).
+
+    `model_paths`: the run folders, adapter / base / config files; a file's folder counts as a run folder when it
+    holds ``config.yaml``.
+
+    Raises:
+        ValueError: naming the output and the input it would land in.
+    """
+    scans = find_inputs(inputs)
+    models = [Path(p).resolve() for p in model_paths if p is not None]
+    protected_files = {p for p in models if not p.is_dir()} | {s.resolve() for s in scans if s.is_file()}
+    protected_folders = {s.resolve(): "input DICOM series" for s in scans if s.is_dir()}
+    protected_folders.update({p if p.is_dir() else p.parent: "run folder" for p in models
+                              if (p / CONFIG_FILE).is_file() or (p.parent / CONFIG_FILE).is_file()})
+    out = Path(out_dir).resolve()
+    for folder, what in protected_folders.items():
+        if out.is_relative_to(folder):
+            raise ValueError(f"output folder {out_dir} is inside the {what} {folder}: write the predictions elsewhere")
+    input_folders = {f for s in scans if s.is_file() for f in (s.parent.resolve(), s.resolve().parent)}
+    if Path(inputs).is_dir() and Path(inputs).resolve() not in protected_folders:
+        input_folders.add(Path(inputs).resolve())
+    if out in input_folders:
+        raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
+    if dicom_seg is None:
+        return
+    seg = Path(dicom_seg).resolve()
+    outputs = {p.resolve() for s in scans for p in output_paths(out_dir, input_name(s), True).values()}
+    if seg in protected_files or seg in outputs or seg == (out / CSV_FILE):
+        raise ValueError(f"--dicom-seg {dicom_seg} would replace an input, model or output file: give a new file name")
+    for folder, what in protected_folders.items():
+        if seg.is_relative_to(folder):
+            why = " (a file in a DICOM series folder joins the series)" if what == "input DICOM series" else ""
+            raise ValueError(f"--dicom-seg {dicom_seg} is inside the {what} {folder}: write it elsewhere{why}")
+
+
 def predict_to_folder(
     predictor: Predictor,
     inputs: str | os.PathLike,
@@ -520,14 +564,16 @@ def predict_to_folder(
             or not writable.
     """
     scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
+    check_outputs_spare_inputs(inputs, out_dir, dicom_seg, [*predictor.adapters, predictor.base])
     if dicom_seg is not None:
         check_output_file(check_dicom_seg_request(scans, dicom_seg), "DICOM-SEG file")
+        if predictor.preprocess.spatial_dims != 3:
+            raise ValueError(f"--dicom-seg needs a 3D network (one mask on the series' grid); this run's is "
+                             f"{predictor.preprocess.spatial_dims}D")
     names = [input_name(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise ValueError(f"several inputs in {inputs} are named {duplicate!r} (e.g. .nii.gz and .nrrd): rename one")
-    if any(out_dir.resolve() == s.parent.resolve() for s in scans if s.is_file()):
-        raise ValueError(f"output folder {out_dir} holds the inputs: write the predictions to another folder")
     csv_path = out_dir / CSV_FILE
     for path in [csv_path, *(p for n in names for p in output_paths(out_dir, n, True).values())]:
         for stale in stale_temp_files(path):  # left by a killed run
@@ -549,10 +595,10 @@ def predict_to_folder(
                 "members": max(len(predictor.members), len(predictor.networks), 1),
                 "warnings": "; ".join(prediction.warnings),
             }
+            if dicom_seg is not None:  # before the CSV and masks: a refusal leaves nothing written
+                write_dicom_seg(prediction, dicom_seg, predictor.label_names)
             rows.append(row)
             write_csv(csv_path, kept + rows)
-        if dicom_seg is not None:
-            write_dicom_seg(prediction, dicom_seg, predictor.label_names)
         size = f"area {row['lesion_area_mm2']} mm^2" if planar else f"volume {row['lesion_volume_ml']} mL"
         resampled = "" if prediction.resampled_to is None else f", resampled to {format_mm(prediction.resampled_to)} mm"
         echo(f"{name}: lesion {size} ({prediction.voxels} voxels, shape "
@@ -587,7 +633,7 @@ def make_demo_runs(
     out_dir = Path(out_dir).resolve()
     runs = [out_dir / "runs" / "demo" / method / f"fold{k}" for k in range(members)]
     model_kwargs = {"in_channels": PreprocessConfig().in_channels, **dict(model_kwargs or DEMO_MODEL)}
-    if all((r / ADAPTER_FILE).is_file() and (r / CONFIG_FILE).is_file() for r in runs) \
+    if all((r / name).is_file() for r in runs for name in (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)) \
             and read_run_config(runs[0])["module"]["model_kwargs"] == model_kwargs:
         return runs
     spacing = [220.0 / shape[0], 220.0 / shape[1], 160.0 / shape[2]]  # the phantom head's field of view in mm
@@ -656,6 +702,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         # bad inputs, output folder, threshold or device fail before the network is built
         scans = find_inputs(args.input)
         check_output_folder(args.output)
+        check_outputs_spare_inputs(args.input, args.output, args.dicom_seg,
+                                   [*(args.run or args.adapters), args.run_config, args.base])
         if args.dicom_seg is not None:
             check_output_file(check_dicom_seg_request(scans, args.dicom_seg), "DICOM-SEG file")
         if args.threshold is not None:

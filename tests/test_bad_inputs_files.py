@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -547,6 +548,61 @@ def _dicom_input(tmp: Path, write_dicom_series) -> Path:
     return _series(tmp, write_dicom_series, _remove_slice)
 
 
+def _unfinished(tmp: Path, run: Path) -> Path:
+    """A copy of a trained run as a kill before its end leaves it: weights and config, no metrics.json."""
+    copy_ = tmp / "killed_run"
+    shutil.copytree(run, copy_)
+    (copy_ / "metrics.json").unlink()
+    return copy_
+
+
+UNFINISHED = ["killed_run is unfinished (no metrics.json"]
+
+
+def _in_series(tmp: Path, write_dicom_series, dicom_seg=None, output=None) -> list:
+    """argv for a readable DICOM series as input; `dicom_seg(series)` / `output(series)` give those paths."""
+    series = _series(tmp, write_dicom_series)
+    argv = ["--input", series]
+    if dicom_seg is not None:
+        argv += ["--dicom-seg", dicom_seg(series)]
+    if output is not None:
+        argv += ["--output", output(series)]
+    return argv
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _file(path: Path, text: str = "{}") -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _folder_of_series(tmp: Path, write_dicom_series) -> Path:
+    series = _series(tmp, write_dicom_series)
+    (tmp / "scans").mkdir()
+    return series.rename(tmp / "scans" / "series").parent
+
+
+def _referable(without: str | None = None):
+    """Series files with every header a DICOM-SEG reference needs (a Frame of Reference UID added), less
+    `without` (e.g. PixelSpacing: no DICOM-SEG can describe the grid)."""
+    def edit(files):
+        import pydicom
+
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1125.43"
+            if without is not None:
+                delattr(ds, without)
+            ds.save_as(f)
+    return edit
+
+
+SERIES_SLICE = "series/1.2.826.0.1.3680043.2.1125.42-000.dcm"
+
 PREDICT_CASES = {
     # name: (argv(d, tmp, out, w), texts); d: demo files; the default output folder is `out`
     "threshold_above_1": (lambda d, t, o, w: ["--run", d["run"], "--input", d["scan"], "--threshold", "5"],
@@ -580,6 +636,55 @@ PREDICT_CASES = {
                                   ["series", "not evenly spaced"]),
     "nifti_input_huge_header": (lambda d, t, o, w: ["--run", d["run"], "--input", _huge_nifti(t)],
                                 ["huge.nii", "(30000, 30000, 30000)"]),
+    "unfinished_run": (lambda d, t, o, w: ["--run", _unfinished(t, d["run"]), "--input", d["scan"]], UNFINISHED),
+    # never into an input series, over an input or model file, into a run folder (#19.3)
+    "dicom_seg_over_a_slice_of_the_input": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: t / SERIES_SLICE)],
+        ["--dicom-seg", SERIES_SLICE, "is inside the input DICOM series", "joins the series"]),
+    "dicom_seg_new_file_in_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: s / "seg.dcm")],
+        ["series/seg.dcm is inside the input DICOM series"]),
+    "dicom_seg_symlink_to_a_slice": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: _link(t / "seg.dcm", t / SERIES_SLICE))],
+        ["seg.dcm is inside the input DICOM series"]),
+    "dicom_seg_over_the_adapter": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: d["adapter"])],
+                                   ["fold0/adapter.safetensors is inside the run folder"]),
+    "dicom_seg_over_the_base_file": (lambda d, t, o, w: [
+        "--run", d["run"], "--base", (base := _perturbed_base(t, d["base"])), *_in_series(t, w, lambda s: base)],
+        ["other_base.safetensors would replace an input, model or output file"]),
+    "dicom_seg_over_its_own_mask": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: o / "series_mask.nii.gz")],
+        ["series_mask.nii.gz would replace an input, model or output file"]),
+    "dicom_seg_over_volumes_csv": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, lambda s: o / CSV_FILE)],
+                                   ["volumes.csv would replace an input, model or output file"]),
+    "output_is_the_input_series": (lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s)],
+                                   ["output folder", "is inside the input DICOM series"]),
+    "output_inside_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], *_in_series(t, w, output=lambda s: s / "predictions")],
+        ["series/predictions is inside the input DICOM series"]),
+    "output_symlink_into_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"],
+                            *_in_series(t, w, output=lambda s: _link(t / "link", s) / "predictions")],
+        ["link/predictions is inside the input DICOM series"]),
+    "output_is_the_folder_of_the_input_series": (
+        lambda d, t, o, w: ["--run", d["run"], "--input", _folder_of_series(t, w), "--output", t / "scans"],
+        ["scans holds the inputs"]),
+    "output_inside_the_run_folder": (lambda d, t, o, w: ["--run", d["run"], "--input", d["scan"],
+                                                         "--output", d["run"] / "predictions"],
+                                     ["fold0/predictions is inside the run folder"]),
+    "output_in_the_base_run_folder": (lambda d, t, o, w: ["--adapters", d["adapter"], "--base", d["base"],
+                                                          "--input", d["scan"], "--output", d["base"].parent],
+                                      ["is inside the run folder", "runs/base"]),
+    "input_is_the_run_folder": (lambda d, t, o, w: ["--run", d["run"], "--input", d["run"]],
+                                ["no NIfTI, NRRD, MHA/MHD file or DICOM series folder in", "fold0"]),
+    # DICOM-SEG feasibility, checked before any work (#19.6b)
+    "dicom_seg_of_a_series_without_pixel_spacing": (
+        lambda d, t, o, w: ["--run", d["run"], "--input", _series(t, w, _referable("PixelSpacing")),
+                            "--dicom-seg", t / "seg.dcm"], ["has no PixelSpacing"]),
+    "unfinished_run_in_an_ensemble": (lambda d, t, o, w: ["--run", d["run"], _unfinished(t, d["run"]),
+                                                          "--input", d["scan"]], UNFINISHED),
+    "unfinished_run_adapter_file": (lambda d, t, o, w: ["--adapters", _unfinished(t, d["run"]) / "adapter.safetensors",
+                                                        "--input", d["scan"]], UNFINISHED),
 }
 
 
@@ -603,6 +708,44 @@ def test_predict_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp
         assert text in message, (text, message)
     assert [snapshot(f) for f in watched] == before
     assert not out.exists()
+
+
+def test_a_late_dicom_seg_refusal_leaves_no_mask_or_csv(demo_runs, tmp_path, write_dicom_series, monkeypatch, capsys):
+    """What only the prediction can tell (its mask off the series' grid, ...) is refused before the mask and
+    volumes.csv move into place: the DICOM-SEG is written first."""
+    import segadapt.inference
+
+    def refuse(prediction, out, labels):
+        assert prediction.mask.shape == (40, 40, 20)  # the series was predicted
+        raise ValueError(f"the mask of {prediction.source} is not on the DICOM series' grid")
+
+    monkeypatch.setattr(segadapt.inference, "write_dicom_seg", refuse)
+    series = tmp_path / "series"  # a phantom scan of the demo's target as a DICOM series
+    write_dicom_series(series, sitk.Cast(sitk.ReadImage(str(_demo(demo_runs)["scan"])), sitk.sitkInt16), "1.2.3.4")
+    _referable()(sorted(series.iterdir()))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        predict_main(["--run", str(demo_runs[0]), "--input", str(series), "--output", str(out),
+                      "--dicom-seg", str(tmp_path / "seg.dcm"), "--no-progress"])
+    assert info.value.code == 2 and "not on the DICOM series' grid" in one_line(capsys.readouterr().err)
+    assert snapshot(out) == {} and not (tmp_path / "seg.dcm").exists()
+
+
+def test_dicom_seg_needs_a_3d_network_before_any_work(tmp_path, write_dicom_series):
+    from types import SimpleNamespace
+
+    from segadapt.inference import predict_to_folder
+
+    def never(scan):
+        raise AssertionError("predicted before the request was checked")
+
+    planar = SimpleNamespace(preprocess=PreprocessConfig(spatial_dims=2, orientation="RA", patch_size=[64, 64],
+                                                         slice_size=[64, 64]),
+                             adapters=[], base=tmp_path / "base.safetensors", predict=never)
+    series = _series(tmp_path, write_dicom_series, _referable())
+    with pytest.raises(ValueError, match="--dicom-seg needs a 3D network .* this run's is 2D"):
+        predict_to_folder(planar, series, tmp_path / "out", progress=False, dicom_seg=tmp_path / "seg.dcm")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "seg.dcm").exists()
 
 
 def test_predict_force_loads_an_adapter_made_on_other_base_weights(demo_runs, tmp_path, capsys):
@@ -750,6 +893,12 @@ EXPORT_CASES = {
     "adapter_with_nan": (lambda r, t: [_run_copy(t, r, _nan_adapter), "--merged", t / "m.safetensors"],
                          ["adapter.safetensors", "NaN or infinite"]),
     "not_a_run_folder": (lambda r, t: [t, "--merged", t / "m.safetensors"], ["no config.yaml"]),
+    "unfinished_run_merged": (lambda r, t: [_unfinished(t, r), "--merged", t / "m.safetensors"], UNFINISHED),
+    "unfinished_run_peft": (lambda r, t: [_unfinished(t, r), "--peft", t / "peft"], UNFINISHED),
+    "unfinished_run_bundle": (lambda r, t: [_unfinished(t, r), "--bundle", t / "bundle"], UNFINISHED),
+    "unfinished_run_nnunet": (lambda r, t: [_unfinished(t, r), "--nnunet", t / "nnunet"], UNFINISHED),
+    "metrics_not_json": (lambda r, t: [_run_copy(t, r, lambda c: _file(c / "metrics.json", "{")),
+                                       "--merged", t / "m.safetensors"], ["metrics.json is not readable JSON"]),
 }
 
 
@@ -767,4 +916,107 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
     assert message.startswith("segadapt export: error: ")
     for text in expected:
         assert text in message, (text, message)
+    assert [snapshot(f) for f in watched] == before
+
+
+# ---- plan command line ---------------------------------------------------------------------------
+PLAN_CASES = {
+    # name: (argv(dataset_json, tmp), texts); the dataset: phantom cases in data/imagesTr, data/labelsTr
+    "out_is_the_dataset_json": (lambda d, t: [d, "--out", d], ["dataset.json is a file of the dataset"]),
+    "out_is_the_dataset_json_even_with_overwrite": (lambda d, t: [d, "--out", d, "--overwrite"],
+                                                    ["dataset.json is a file of the dataset"]),
+    "out_over_an_image": (lambda d, t: [d, "--out", d.parent / "imagesTr" / "sah_000.nii.gz", "--overwrite"],
+                          ["sah_000.nii.gz is a file of the dataset"]),
+    "fingerprint_over_a_label": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint",
+                                               d.parent / "labelsTr" / "sah_001.nii.gz"],
+                                 ["labelsTr/sah_001.nii.gz is a file of the dataset"]),
+    "out_symlink_to_the_dataset_json": (lambda d, t: [d, "--out", _link(t / "plan.json", d), "--overwrite"],
+                                        ["plan.json is a file of the dataset"]),
+    "out_new_file_in_images": (lambda d, t: [d, "--out", d.parent / "imagesTr" / "plan.json"],
+                               ["is inside the dataset's case folder", "imagesTr"]),
+    "fingerprint_default_in_labels": (lambda d, t: [d, "--out", d.parent / "labelsTr" / "plan.json"],
+                                      ["is inside the dataset's case folder", "labelsTr"]),
+    "out_named_as_a_splits_file": (lambda d, t: [d, "--out", d.parent / "splits_5fold_seed0.json"],
+                                   ["splits_5fold_seed0.json is a file of the dataset"]),
+    "fingerprint_over_nnunet_splits": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint",
+                                                     _file(d.parent / "splits_final.json", "[]"), "--overwrite"],
+                                       ["splits_final.json is a file of the dataset"]),
+    "out_exists": (lambda d, t: [d, "--out", _file(t / "plan.json")], ["plan.json exists; give --overwrite"]),
+    "fingerprint_exists": (lambda d, t: [d, "--out", t / "plan.json", "--fingerprint", _file(t / "fp.json")],
+                           ["fp.json exists; give --overwrite"]),
+    "out_and_fingerprint_one_file": (lambda d, t: [d, "--out", t / "p.json", "--fingerprint", t / "p.json"],
+                                     ["--out and --fingerprint name one file"]),
+    "out_is_a_folder": (lambda d, t: [d, "--out", t], ["is a folder; give a file name"]),
+}
+
+
+@pytest.fixture()
+def plan_dataset(tmp_path) -> Path:
+    from segadapt.data import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path / "data", "sah", 2, shape=(40, 40, 20), spacing=(5.5, 5.5, 8.0))
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_plan_refuses_outputs_over_its_input_with_exit_2_and_one_line(name, plan_dataset, tmp_path, capsys):
+    from segadapt.data.plan import main as plan_main
+
+    argv, expected = PLAN_CASES[name]
+    argv = [str(a) for a in argv(plan_dataset, tmp_path)]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        plan_main(argv)
+    assert info.value.code == 2
+    message = one_line(capsys.readouterr().err)
+    assert message.startswith("segadapt plan: error: ")
+    for text in expected:
+        assert text in message, (text, message)
+    assert snapshot(tmp_path) == before
+
+
+def test_plan_overwrite_replaces_its_own_outputs(plan_dataset, tmp_path, capsys):
+    from segadapt.data.plan import Plan
+    from segadapt.data.plan import main as plan_main
+
+    out, fp = _file(tmp_path / "plan.json", "old"), _file(tmp_path / "fingerprint.json", "old")
+    data = snapshot(plan_dataset.parent)
+    plan = plan_main([str(plan_dataset), "--out", str(out), "--overwrite"])
+    assert Plan.from_json(out) == plan and json.loads(fp.read_text(encoding="utf-8"))["n_cases"] == 2
+    assert snapshot(plan_dataset.parent) == data
+
+
+# ---- an unfinished run in the other commands -----------------------------------------------------
+def _diagnose_unfinished(runs: list[Path], tmp: Path) -> tuple[Path, list[str]]:
+    from segadapt.diagnose import main
+
+    return main, [str(_unfinished(tmp, runs[0])), "--out", str(tmp / "diagnosis")]
+
+
+def _report_unfinished(runs: list[Path], tmp: Path) -> tuple[Path, list[str]]:
+    """An experiment folder of three folds, the second killed before its end (fold1/killed_run's name in the
+    message is not asked for: the folder is fold1)."""
+    from segadapt.cli import report_main
+
+    experiment = tmp / "experiment"
+    for k, run in enumerate(runs):
+        shutil.copytree(run, experiment / "multiview_unet" / "cp_lora" / f"fold{k}")
+    (experiment / "multiview_unet" / "cp_lora" / "fold1" / "metrics.json").unlink()
+    return report_main, [str(experiment)]
+
+
+@pytest.mark.parametrize("command", ["diagnose", "report"])
+def test_an_unfinished_run_is_refused_by_diagnose_and_report(command, demo_runs, tmp_path, capsys):
+    """A run killed after its adapter file appeared, before metrics.json (its adapter may be any step's):
+    exit 2, one line naming the folder, nothing written."""
+    main, argv = {"diagnose": _diagnose_unfinished, "report": _report_unfinished}[command](demo_runs, tmp_path)
+    watched = [tmp_path, *demo_runs]
+    before = [snapshot(f) for f in watched]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    message = one_line(capsys.readouterr().err)
+    folder = "killed_run" if command == "diagnose" else "cp_lora/fold1"
+    assert message.startswith("error: ") and f"{folder} is unfinished (no metrics.json" in message, message
     assert [snapshot(f) for f in watched] == before

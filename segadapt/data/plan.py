@@ -7,7 +7,7 @@
     PreprocessConfig.from_dict({**defaults, **plan.preprocess_fields()})
     plan.network_fields()["dynunet"]                        # kernel_size, strides, filters, ...
     plan = load_or_make_plan("data/x/dataset.json", "outputs/plans")   # cached by the dataset's content
-    segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8]        # prints every planned value
+    segadapt plan DATASET_JSON [--out plan.json] [--memory-gb 8] [--overwrite]   # prints every planned value
 
 Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientation`, native spacing): spacing,
 shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ from segadapt.errors import OneLineParser
 
 from .config import INTENSITY_MODES, PreprocessConfig
 from .dataset_json import DatasetDescription, load_dataset_json
-from .files import write_json
+from .files import check_output_file, write_json
 from .loading import LoadCased
 from .transforms import differs_from_background
 
@@ -642,6 +643,39 @@ def load_or_make_plan(
     return plan
 
 
+def check_plan_outputs(dataset_json: str | os.PathLike, outputs: Sequence[str | os.PathLike],
+                       overwrite: bool = False) -> None:
+    """Refuse, before any case is read, plan outputs that would replace the dataset's description or one of its
+    files (images, labels, splits), land in its image / label folders, be one file twice, or -- unless
+    `overwrite` -- replace an existing file. Paths are compared resolved (symlinks followed).
+
+    Raises:
+        ValueError: naming the output and what it would replace.
+    """
+    from .splits import NNUNET_SPLITS_FILE, find_nnunet_splits
+
+    description = load_dataset_json(dataset_json)
+    case_files = [p for c in description.cases for p in (*c.images, c.label)]
+    case_files += [p for _, images in description.test_images for p in images]
+    files = {p.resolve() for p in [description.path, *case_files, find_nnunet_splits(description)] if p is not None}
+    folders = {p.resolve() if p.is_dir() else p.resolve().parent for p in case_files} - {description.root.resolve()}
+    resolved = [Path(p).resolve() for p in outputs]
+    for given, path in zip(outputs, resolved):
+        split_name = path.parent == description.root.resolve() and (
+            path.name == NNUNET_SPLITS_FILE or re.fullmatch(r"splits_\d+fold_seed\d+\.json", path.name))
+        if path in files or split_name:
+            raise ValueError(f"{given} is a file of the dataset {description.path} (its description, a case or its "
+                             "splits): write the plan elsewhere")
+        folder = next((f for f in folders if path.is_relative_to(f)), None)
+        if folder is not None:
+            raise ValueError(f"{given} is inside the dataset's case folder {folder}: write the plan elsewhere")
+        check_output_file(given, "plan output")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{given} exists; give --overwrite to replace it")
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"--out and --fingerprint name one file ({outputs[0]}): give two file names")
+
+
 def main(argv: Sequence[str] | None = None) -> Plan:
     """``segadapt plan DATASET_JSON``: fingerprint + plan, written as JSON and printed; bad input exits 2."""
     parser = OneLineParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
@@ -656,10 +690,12 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
                         help="3 for volumes, 2 for 2D images (default 3)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --fingerprint files")
     args = parser.parse_args(argv)
     out = Path(args.out)
     fp_file = Path(args.fingerprint) if args.fingerprint else out.parent / "fingerprint.json"
     try:
+        check_plan_outputs(args.dataset_json, [out, fp_file], args.overwrite)
         start = time.perf_counter()
         fp = fingerprint(args.dataset_json, orientation=args.orientation, spatial_dims=args.spatial_dims)
         seconds = time.perf_counter() - start

@@ -51,6 +51,7 @@ from segadapt.data.files import atomic_path
 
 from .metrics import bin_labels, summarize, volume_bin
 from .module import BASELINES
+from .run import read_metrics
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -112,10 +113,14 @@ def paired_p(values: Mapping[str, float], reference: Mapping[str, float]) -> flo
 
 def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The metrics.json of every finished run in a ``fold<k>`` folder under `experiment_dir` (any depth;
-    source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`."""
+    source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`.
+    A ``fold<k>`` run folder without metrics.json (killed or still training) is refused, not left out."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
+    for config in sorted(root.rglob("config.yaml")):  # a run folder without metrics.json: killed or still training
+        if _FOLD_DIR.fullmatch(config.parent.name) and config.parent.parent != root:
+            read_metrics(config.parent)
     runs = []
     for path in sorted(root.rglob("metrics.json")):
         if not _FOLD_DIR.fullmatch(path.parent.name) or path.parent.parent == root:

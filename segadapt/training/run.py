@@ -763,7 +763,7 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[SegAdaptModule, dict[str, Any]]:
-    """(tuned module in eval mode, run config) rebuilt from a run folder's files only.
+    """(tuned module in eval mode, run config) rebuilt from a finished run folder's files only (:func:`open_run`).
 
     The module is built from ``config.yaml`` (base checkpoint loaded, the adapter injected at its
     zero-update initialisation), then the run's ``adapter.safetensors`` or ``model.safetensors`` is
@@ -771,7 +771,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[SegAdaptModule, dict[str, Any]
     preprocessing, ``module.predict_probabilities(image)`` the whole-volume prediction.
     """
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
+    config = open_run(run_dir)
     module = SegAdaptModule(**config["module"])
     adapter_file, weights_file = run_dir / ADAPTER_FILE, run_dir / WEIGHTS_FILE
     if adapter_file.is_file():
@@ -784,7 +784,31 @@ def load_run(run_dir: str | os.PathLike) -> tuple[SegAdaptModule, dict[str, Any]
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / METRICS_FILE
+    """The ``metrics.json`` of a finished run; FileNotFoundError (unfinished run) or ValueError naming the folder.
+
+    :func:`fit_run` writes it last, after the selected network's weights: a folder without it holds the weights
+    of some training step (the last one written before the run stopped), not the run's result."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {Path(run_dir)} (run not finished?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"run folder {run_dir} is unfinished (no {METRICS_FILE}: its training was stopped "
+                                "or is still running, so its weights are not the run's result); resume it "
+                                "(ckpt_path=last) or train it again")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"run folder {run_dir}: {METRICS_FILE} is not readable JSON ({error})") from None
+    if not isinstance(metrics, dict) or not str(metrics.get("format", "")).startswith("segadapt-metrics/"):
+        raise ValueError(f"run folder {run_dir}: {METRICS_FILE} is not a segadapt metrics file (no 'format': "
+                         "'segadapt-metrics/...')")
+    return metrics
+
+
+def open_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.yaml`` of a finished run folder (:func:`read_metrics` refuses an unfinished one).
+
+    Every command that uses a run's weights (predict, export, bundle, diagnose, :func:`load_run`) opens the
+    run with this, so none of them uses the weights of a run that did not finish."""
+    config = read_run_config(run_dir)
+    read_metrics(run_dir)
+    return config
