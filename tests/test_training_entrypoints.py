@@ -295,3 +295,19 @@ def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):
     split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text(encoding="utf-8"))
     assert sorted(ids) == sorted(split[0]["val"]) and len(ids) == 3
     assert metrics["val"]["n_cases"] == 3
+
+
+def test_validate_says_which_network_it_scored(tmp_path):
+    """A run folder's last.ckpt is the last step's network; with model selection scripts/train.py prints (and saves)
+    the selected one: validate says so with both numbers, so that a lower Dice than train.py's is explained."""
+    from segadapt.training.lightning_cli import scored_network
+
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"global_step": 60, "selection": {"selected_step": 30},
+                                                     "val": {"dice": 0.198}, "val_last": {"dice": 0.107}}))
+    checkpoint = str(tmp_path / CHECKPOINT_FILE)
+    assert scored_network(checkpoint, 60) == (
+        f"scored {checkpoint}: the network at step 60, the last one; model selection chose step 30 for the run's saved "
+        "network (what predict and export use): metrics.json 'val' (Dice 0.198 on the fold's validation cases) is that "
+        "network, 'val_last' (Dice 0.107) this one")
+    assert scored_network(checkpoint, 40) == f"scored {checkpoint}: the network at step 40"  # not the run's last step
+    assert "no trained weights loaded" in scored_network(None, None)
