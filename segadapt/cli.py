@@ -6,8 +6,8 @@
   (``segadapt fit --print_config`` prints a complete one). ``fit`` writes the run folder
   ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.training.run`; resume a
   killed fit with ``--ckpt_path last``), which predict, export, report and diagnose open. ``test`` scores the
-  dataset's test split
-  (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses without one.
+  dataset's test split (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses
+  without one.
 * ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference with a
   fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
