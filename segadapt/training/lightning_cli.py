@@ -71,6 +71,9 @@ class SegAdaptCLI(LightningCLI):
                             help="fit: a fresh run may replace the finished run in trainer.default_root_dir")
         parser.add_argument("--checkpoint_every", type=Optional[int], default=50,
                             help="fit: training steps between last.ckpt saves (and one at the end)")
+        parser.add_argument("--eval_base", type=bool, default=True,
+                            help="fit: also score the untuned network on the fold's validation cases (metrics.json "
+                                 "base_val)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
         """Parse `args` (``segadapt`` hands over its own argument list, sys.argv minus the program, so Lightning's
@@ -118,7 +121,7 @@ class SegAdaptCLI(LightningCLI):
         save_config = [c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
         arguments = fit_arguments(settings)
         result = fit_run(**arguments, ckpt_path=ckpt_path, overwrite=settings["overwrite"],
-                         checkpoint_every=settings["checkpoint_every"],
+                         checkpoint_every=settings["checkpoint_every"], eval_base=settings["eval_base"],
                          callbacks=[*self.user_callbacks, *save_config, trained])
         report_summary(format_result(result, arguments["run_dir"]))
         if trained.trainer is not None:  # None: adapter 'none' (the base is scored, nothing trains)
