@@ -21,7 +21,8 @@ import yaml
 
 from segadapt.cli import COMMANDS, config_argv, main, run
 from segadapt.data import load_dataset_json, load_test_cases
-from segadapt.training import read_metrics, read_run_config
+from segadapt.training import read_run_config
+from segadapt.training.run import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "cli/lora_c/fold0"  # the run folder `segadapt fit` writes (trainer.default_root_dir), beside the config
