@@ -337,4 +337,3 @@ def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
         f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
         "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
     assert _tree(run) == before and CONFIG_FILE in before
-
