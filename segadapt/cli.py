@@ -3,10 +3,11 @@
 * ``segadapt fit|validate|test --config configs/cli/fit.yaml`` -- Lightning's CLI over
   :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
   ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
-  (``segadapt fit --print_config`` prints a complete one). Training writes
-  ``<default_root_dir>/checkpoints/last.ckpt`` (resume with ``--ckpt_path last``) and, at the end, the
-  trained adapter or weights into the trainer's log folder. ``test`` scores the dataset's test split
-  (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses without one.
+  (``segadapt fit --print_config`` prints a complete one). ``fit`` writes the run folder
+  ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.training.run`; resume a
+  killed fit with ``--ckpt_path last``), which predict, export, report and diagnose open. ``test`` scores the
+  dataset's test split (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses
+  without one.
 * ``segadapt predict --run RUN_DIR [RUN_DIR ...] --input SCAN_OR_FOLDER [--output DIR]`` -- inference with a
   fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.

@@ -186,6 +186,55 @@ def test_segadapt_command_errors_and_success(world, tmp_path, capsys):
     assert (tmp_path / "report/report.csv").is_file() and capsys.readouterr().err == ""
 
 
+# ---- segadapt fit / validate (the Lightning CLI) on run folders ----------------------------------------------
+@pytest.fixture(scope="module")
+def cli_world(world) -> dict:
+    """A `segadapt fit` config with the finished run's settings, and a run folder that `segadapt fit` finished."""
+    import yaml
+
+    from segadapt.training import read_run_config
+
+    config = read_run_config(world["finished"])
+    path = world["root"] / "cli.yaml"
+    path.write_text(yaml.safe_dump({"seed_everything": config["run"]["seed"], "model": config["module"],
+                                    "data": config["datamodule"], "trainer": config["trainer"]}), encoding="utf-8")
+    finished = world["root"] / "runs/cli_finished"
+    assert segadapt_main(["fit", "--config", str(path), "--trainer.default_root_dir", str(finished)]) == 0
+    return {"config": path, "finished": finished}
+
+
+# (name, command line after the subcommand and --config ({run}: a fresh run folder, {finished}: the finished run),
+# the expected message (regex))
+CLI_CASES = [
+    ("fit without a run folder", ["fit"], r"segadapt fit: give the run folder to write, --trainer\.default_root_dir"),
+    ("fit into a finished run folder", ["fit", "--trainer.default_root_dir", "{finished}"],
+     r"cli_finished holds a finished run \(metrics\.json\)"),
+    ("fit resume with a changed setting", ["fit", "--trainer.default_root_dir", "{finished}", "--ckpt_path", "last",
+                                           "--model.lr", "0.5"], r"these settings differ from the run in .*cli_finished: module\.lr: .* -> 0\.5"),
+    ("fit resume with more steps", ["fit", "--trainer.default_root_dir", "{finished}", "--ckpt_path", "last",
+                                    "--trainer.max_steps", "3"], r"trainer\.max_steps: 2 -> 3"),
+    ("fit with a logger of its own", ["fit", "--trainer.default_root_dir", "{run}", "--trainer.logger", "false"],
+     r"trainer\.logger is not taken; the run folder has its own logs"),
+    ("validate last without last.ckpt", ["validate", "--trainer.default_root_dir", "{run}", "--ckpt_path", "last"],
+     r"segadapt validate --ckpt_path last: no last\.ckpt in trainer\.default_root_dir .*run"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_is_one_line_and_writes_nothing(world, cli_world, tmp_path, capsys, name, argv, message):
+    run = tmp_path / "run"
+    command, *rest = [a.format(run=run, finished=cli_world["finished"]) for a in argv]
+    before = _tree(world["root"] / "runs")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        segadapt_main([command, "--config", str(cli_world["config"]), *rest])
+    assert exit_.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line for line in err if "error:" in line] == err[-1:], err  # Lightning's INFO lines may come before
+    assert re.search(message, err[-1]), err[-1]
+    assert not run.exists() and _tree(world["root"] / "runs") == before
+
+
 def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=600)

@@ -5,6 +5,8 @@ dataset's labelled test split and refuses a dataset without one."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import re
@@ -20,8 +22,10 @@ import yaml
 from segadapt.cli import COMMANDS, config_argv, main, run
 from segadapt.data import load_dataset_json, load_test_cases
 from segadapt.training import read_run_config
+from segadapt.training.run import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+RUN = "cli/lora_c/fold0"  # the run folder `segadapt fit` writes (trainer.default_root_dir), beside the config
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 NOISE = ("LightningCLI's args", "Tip:", "litlogger", "LeafSpec", "get_mask_edges", "nvImageCodec", " object at 0x",
          "Epoch ")
@@ -48,8 +52,7 @@ def fit_config(world: dict, path: Path, **trainer) -> Path:
     module, data = world["config"]["module"], world["config"]["datamodule"]
     cfg["model"].update(model_kwargs=module["model_kwargs"], base_checkpoint=module["base_checkpoint"])
     cfg["data"].update(dataset_json=str(world["dataset"]), preprocess=data["preprocess"])
-    cfg["trainer"].update({"max_steps": 2, "log_every_n_steps": 1, "default_root_dir": str(path.parent / "fit"),
-                           **trainer})
+    cfg["trainer"].update({"max_steps": 2, "log_every_n_steps": 1, "default_root_dir": str(path.parent / RUN), **trainer})
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
 
@@ -118,17 +121,17 @@ STRICT = ("import sys, warnings\nwarnings.filterwarnings('error', module=r'segad
 @pytest.fixture(scope="module")
 def fitted(world) -> dict:
     """`segadapt fit --config` in a new process on the shipped fit.yaml (pointed at tiny data: 2 steps, the
-    progress bar on, an inner split validated at every step, so HD95 runs too), with warnings raised from
-    segadapt's modules turned into errors."""
+    progress bar on, an inner split validated at every step, so HD95 runs too, and the selected network is saved),
+    with warnings raised from segadapt's modules turned into errors."""
     root = world["root"] / "fitted"
     root.mkdir()
-    config = fit_config(world, root / "fit.yaml", enable_progress_bar=True, check_val_every_n_epoch=1)
+    config = fit_config(world, root / "fit.yaml", enable_progress_bar=True, val_check_interval=1)
     cfg = yaml.safe_load(config.read_text())
     cfg["data"]["inner_fraction"] = 0.5
     config.write_text(yaml.safe_dump(cfg))
     done = subprocess.run([sys.executable, "-c", STRICT, "fit", "--config", str(config)], cwd=root, env=ENV,
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
-    return {"config": config, "done": done, "checkpoint": root / "fit" / "checkpoints" / "last.ckpt"}
+    return {"config": config, "done": done, "run": root / RUN, "checkpoint": root / RUN / "last.ckpt"}
 
 
 def test_fit_exits_0_quietly_with_a_step_progress_bar(fitted):
@@ -143,6 +146,40 @@ def test_fit_exits_0_quietly_with_a_step_progress_bar(fitted):
     assert fitted["checkpoint"].is_file()
 
 
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the digest of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_fit_writes_a_run_folder_that_every_command_opens(fitted, world, tmp_path, capsys):
+    """`segadapt fit` writes scripts/train.py's run folder (segadapt.training.run) into trainer.default_root_dir:
+    predict --run, export, diagnose and report open it; its config.yaml records the fit's own settings."""
+    assert fitted["done"].returncode == 0, fitted["done"].stderr[-3000:]
+    run = fitted["run"]
+    for name in ("config.yaml", "metrics.json", "adapter.safetensors", "last.ckpt", "fingerprint.json", "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert "cli / lora_c / fold 0: 1 validation volumes" in fitted["done"].stdout  # scripts/train.py's summary
+    config, metrics = read_run_config(run), read_metrics(run)
+    asked = yaml.safe_load(fitted["config"].read_text(encoding="utf-8"))
+    assert config["module"]["adapter"] == asked["model"]["adapter"] and config["module"]["lr"] == asked["model"]["lr"]
+    assert config["module"]["base_checkpoint"] == str(Path(asked["model"]["base_checkpoint"]).resolve())
+    assert config["datamodule"]["dataset_json"] == str(world["dataset"].resolve())
+    assert config["datamodule"]["inner_fraction"] == 0.5 and config["trainer"]["max_steps"] == 2
+    assert metrics["global_step"] == 2 and [c["step"] for c in metrics["selection"]["curve"]] == [1, 2]
+    scan = load_dataset_json(world["dataset"]).cases[0].image
+    assert main(["predict", "--run", str(run), "--input", str(scan), "--output", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / f"{scan.name.split('.')[0]}_mask.nii.gz").is_file()
+    assert main(["export", str(run), "--merged", str(tmp_path / "merged.safetensors")]) == 0
+    assert main(["diagnose", str(run), "--out", str(tmp_path / "diagnose")]) == 0
+    assert (tmp_path / "diagnose" / "diagnose.csv").is_file()
+    assert main(["report", str(run.parents[1]), "--out", str(tmp_path / "report")]) == 0
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open(encoding="utf-8")))
+    assert [r["method"] for r in rows] == ["none", "lora_c"]
+    assert float(rows[1]["dice_mean"]) == pytest.approx(metrics["val"]["dice"])
+    capsys.readouterr()
+
+
 def test_validate_exits_0_and_test_refuses_without_a_test_split(fitted, world, tmp_path, capsys):
     config = str(fitted["config"])
     with warnings.catch_warnings(record=True) as caught:
@@ -151,8 +188,10 @@ def test_validate_exits_0_and_test_refuses_without_a_test_split(fitted, world, t
         assert main(["validate", "--config", config, "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"]) == 0
     assert not [str(w.message) for w in caught if "LightningCLI's args" in str(w.message)]
     expect_user_error(["test", "--config", config, "--ckpt_path", "last"], capsys, "has no labelled test split")
-    expect_user_error(["fit", "--config", config, "--data.dataset_json", str(tmp_path / "none.json")], capsys,
-                      f"dataset description not found: {tmp_path / 'none.json'}")
+    before = _tree(fitted["run"])
+    expect_user_error(["fit", "--config", config, "--overwrite", "true", "--data.dataset_json", str(tmp_path / "none.json")],
+                      capsys, f"dataset description not found: {tmp_path / 'none.json'}")
+    assert _tree(fitted["run"]) == before  # the finished run is kept: nothing is removed before the data is read
 
 
 def test_test_scores_the_labelled_test_split(fitted, world, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -189,24 +190,60 @@ def test_resume_after_interruption_continues_from_the_saved_step(sweep, tmp_path
     assert result["cost"]["train_steps"] == 2 + 3  # 2 steps saved in last.ckpt before the crash, then steps 2-4
 
 
-def test_lightning_cli_fit_then_validate(sweep, tmp_path):
-    module_kwargs, data_kwargs = _run_args(sweep)
-    config = tmp_path / "cli.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": module_kwargs,
-        "data": data_kwargs,
-        "trainer": {**TRAINER, "max_steps": 2, "default_root_dir": str(tmp_path / "cli")},
+def _cli_config(sweep: Path, path: Path, run_dir: Path, **trainer) -> Path:
+    """The settings of the sweep's fold-0 run (its config.yaml) as a `segadapt fit` config that writes `run_dir`."""
+    config = read_run_config(sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0")
+    path.write_text(yaml.safe_dump({
+        "seed_everything": config["run"]["seed"], "model": config["module"], "data": config["datamodule"],
+        "trainer": {**config["trainer"], "default_root_dir": str(run_dir), **trainer},
     }), encoding="utf-8")
-    first = segadapt_main(["fit", "--config", str(config)])
-    assert first.trainer.global_step == 2
-    assert len(list((tmp_path / "cli").rglob(ADAPTER_FILE))) == 1
-    assert (tmp_path / "cli" / "checkpoints" / "last.ckpt").is_file()
-    # a new process (here: a new CLI) resumes from the saved step with --ckpt_path last
-    resumed = segadapt_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    return path
+
+
+def test_lightning_cli_fit_writes_the_run_folder_of_scripts_train(sweep, tmp_path, capsys):
+    """`segadapt fit` on the settings of a scripts/train.py run writes the same run folder with the same numbers
+    (cases, model selection, Dice of the selected and the last network); load_run rebuilds the network the CLI
+    trained; `segadapt validate --ckpt_path last` scores last.ckpt, the last step's network: metrics.json val_last."""
+    source, run = sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0", tmp_path / "cli"
+    config = _cli_config(sweep, tmp_path / "cli.yaml", run)
+    fitted = segadapt_main(["fit", "--config", str(config)])
+    assert fitted.trainer.global_step == 2
+    for name in (CONFIG_FILE, METRICS_FILE, ADAPTER_FILE, CHECKPOINT_FILE, "fingerprint.json", "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    ours, theirs = read_metrics(run), read_metrics(source)
+    for key in ("val", "val_last", "base_val"):
+        assert _nan(ours[key]) == pytest.approx(_nan(theirs[key]), abs=1e-6, nan_ok=True), key
+    assert [c["case_id"] for c in ours["cases"]] == [c["case_id"] for c in theirs["cases"]]
+    curves = [[(c["step"], c["dice"]) for c in m["selection"]["curve"]] for m in (ours, theirs)]
+    assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]]
+    assert [d for _, d in curves[0]] == pytest.approx([d for _, d in curves[1]], abs=1e-6)
+    module_args, asked = read_run_config(run)["module"], read_run_config(source)["module"]
+    assert {k: module_args[k] for k in asked} == asked  # and the defaults scripts/train.py leaves out
+    module, _ = load_run(run)
+    image = torch.rand(1, 3, 32, 32, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(module.predict_probabilities(image), fitted.model.eval().predict_probabilities(image))
+    capsys.readouterr()
+    validated = segadapt_main(["validate", "--config", str(config), "--ckpt_path", "last"])
+    assert float(validated.trainer.callback_metrics["val/dice"]) == pytest.approx(ours["val_last"]["dice"], abs=1e-6)
+    assert f"segadapt validate: scored {run / CHECKPOINT_FILE}: the network at step 2\n" in capsys.readouterr().out
+
+
+def test_lightning_cli_resumes_a_killed_fit(sweep, tmp_path):
+    """A `segadapt fit` killed at step 3 (last.ckpt of step 2 in the run folder) resumes with --ckpt_path last and
+    the same settings: it trains steps 2 and 3 only and finishes the run folder."""
+    run = tmp_path / "cli"
+    config = _cli_config(sweep, tmp_path / "cli.yaml", run, max_steps=4)
+    crashing = yaml.safe_load(config.read_text(encoding="utf-8"))
+    crashing["trainer"]["callbacks"] = [{"class_path": f"{__name__}._Crash", "init_args": {"step": 3}}]
+    (tmp_path / "crash.yaml").write_text(yaml.safe_dump(crashing), encoding="utf-8")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        segadapt_main(["fit", "--config", str(tmp_path / "crash.yaml"), "--checkpoint_every", "2"])
+    assert (run / CHECKPOINT_FILE).is_file() and not (run / METRICS_FILE).exists()
+    resumed = segadapt_main(["fit", "--config", str(config), "--ckpt_path", "last"])
     stats = next(c.stats for c in resumed.trainer.callbacks if isinstance(c, TrainStats))
     assert stats["resumed_from_step"] == 2 and resumed.trainer.global_step == 4
-    validated = segadapt_main(["validate", "--config", str(config), "--ckpt_path", "last"])
-    assert 0.0 <= float(validated.trainer.callback_metrics["val/dice"]) <= 1.0
+    metrics = read_metrics(run)
+    assert metrics["global_step"] == 4 and metrics["cost"]["train_steps"] == 4
 
 
 def test_none_baseline_validates_without_training(sweep, tmp_path):
@@ -258,3 +295,19 @@ def test_ddp_on_cpu_gathers_every_validation_case_once(sweep, tmp_path):
     split = json.loads((sweep / "data/phantom_sah/splits_2fold_seed0.json").read_text(encoding="utf-8"))
     assert sorted(ids) == sorted(split[0]["val"]) and len(ids) == 3
     assert metrics["val"]["n_cases"] == 3
+
+
+def test_validate_says_which_network_it_scored(tmp_path):
+    """A run folder's last.ckpt is the last step's network; with model selection scripts/train.py prints (and saves)
+    the selected one: validate says so with both numbers, so that a lower Dice than train.py's is explained."""
+    from segadapt.training.lightning_cli import scored_network
+
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"global_step": 60, "selection": {"selected_step": 30},
+                                                     "val": {"dice": 0.198}, "val_last": {"dice": 0.107}}))
+    checkpoint = str(tmp_path / CHECKPOINT_FILE)
+    assert scored_network(checkpoint, 60) == (
+        f"scored {checkpoint}: the network at step 60, the last one; model selection chose step 30 for the run's saved "
+        "network (what predict and export use): metrics.json 'val' (Dice 0.198 on the fold's validation cases) is that "
+        "network, 'val_last' (Dice 0.107) this one")
+    assert scored_network(checkpoint, 40) == f"scored {checkpoint}: the network at step 40"  # not the run's last step
+    assert "no trained weights loaded" in scored_network(None, None)

@@ -300,3 +300,15 @@ class PhaseTimes(pl.Callback):
                            batch_idx: int) -> None:
         TrainStats._sync(trainer)
         self.train_steps_s += time.perf_counter() - self._batch_start
+
+
+class LoadedCheckpoint(pl.Callback):
+    """The global step of the checkpoint the trainer loaded (``ckpt_path`` of validate / test / fit): :attr:`step`,
+    None when none was loaded. Lightning does not restore the step outside ``fit``; this says which network a
+    standalone validation scored."""
+
+    def __init__(self) -> None:
+        self.step: Optional[int] = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.step = int(checkpoint.get("global_step", 0))

@@ -1,7 +1,8 @@
 """Run folders: train one fold (or pretrain a base) from a resolved config, and load a run back.
 
 A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/train.py``;
-``runs/base/<source>_<model>/`` from ``scripts/pretrain.py``) holds::
+``runs/base/<source>_<model>/`` from ``scripts/pretrain.py``; ``trainer.default_root_dir`` from ``segadapt fit``,
+:mod:`segadapt.training.lightning_cli`) holds::
 
     config.yaml           how to rebuild everything (format 'segadapt-run/1'):
                             run:        experiment, method, tuning, fold, seed, threads, run_dir
