@@ -61,7 +61,7 @@ from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_
 from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
-from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
+from segadapt.dicom_seg import SEGMENT_CODE_HELP, check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
@@ -482,12 +482,14 @@ def predict_to_folder(
     progress: bool = True,
     echo: Callable[[str], None] = tqdm.write,
     dicom_seg: Optional[str | os.PathLike] = None,
+    dicom_seg_codes: Optional[Mapping[Any, Sequence[str]]] = None,
 ) -> list[dict[str, Any]]:
     """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns this run's CSV rows.
 
     Each row gives the lesion's size in mL (3D: ``lesion_volume_ml``) or mm^2 (2D images: ``lesion_area_mm2``)
     and the ``warnings`` about the input (``; ``-separated, see :meth:`Predictor.predict`). `dicom_seg`: also
-    write the mask as a DICOM-SEG file there (:func:`segadapt.dicom_seg.write_dicom_seg`; one DICOM series input).
+    write the mask as a DICOM-SEG file there (:func:`segadapt.dicom_seg.write_dicom_seg`; one DICOM series input),
+    its segments coded by :func:`segadapt.dicom_seg.segment_codes` (`dicom_seg_codes`: label -> (category, type)).
 
     ``volumes.csv`` lists every mask in `out_dir`: the rows of an earlier run whose masks are still
     there, then this run's. It is rewritten (atomically) for each scan *before* that scan's files move
@@ -501,8 +503,10 @@ def predict_to_folder(
             or not writable.
     """
     scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
+    dataset = predictor.domain.dataset if predictor.domain is not None else ""
     if dicom_seg is not None:
         check_output_file(check_dicom_seg_request(scans, dicom_seg), "DICOM-SEG file")
+        segment_codes(predictor.label_names, dicom_seg_codes, dataset)  # every segment coded, before any write
     names = [input_name(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
@@ -533,7 +537,7 @@ def predict_to_folder(
             rows.append(row)
             write_csv(csv_path, kept + rows)
         if dicom_seg is not None:
-            write_dicom_seg(prediction, dicom_seg, predictor.label_names)
+            write_dicom_seg(prediction, dicom_seg, predictor.label_names, codes=dicom_seg_codes, dataset=dataset)
         size = f"area {row['lesion_area_mm2']} mm^2" if planar else f"volume {row['lesion_volume_ml']} mL"
         resampled = "" if prediction.resampled_to is None else f", resampled to {format_mm(prediction.resampled_to)} mm"
         echo(f"{name}: lesion {size} ({prediction.voxels} voxels, shape "
@@ -618,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dicom-seg", metavar="OUT.dcm",
                         help="also write the mask as a DICOM-SEG object referencing the input DICOM series "
                              "(one DICOM series folder as --input; needs highdicom: the 'dicom' extra)")
+    parser.add_argument("--segment-code", action="append", default=[], metavar="LABEL=CATEGORY/TYPE",
+                        help="with --dicom-seg: the DICOM code of a segment whose label segadapt does not know "
+                             f"(repeatable): {SEGMENT_CODE_HELP}")
     parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
@@ -637,6 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         # bad inputs, output folder, threshold or device fail before the network is built
         scans = find_inputs(args.input)
         check_output_folder(args.output)
+        codes = dict(parse_segment_code(text) for text in args.segment_code)
         if args.dicom_seg is not None:
             check_output_file(check_dicom_seg_request(scans, args.dicom_seg), "DICOM-SEG file")
         if args.threshold is not None:
@@ -649,7 +657,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                                                      args.threshold, strict)
         print(f"segadapt predict: {predictor.description}")
         rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress,
-                                 dicom_seg=args.dicom_seg)
+                                 dicom_seg=args.dicom_seg, dicom_seg_codes=codes)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt predict: error: {error}\n")
     except KeyboardInterrupt:  # temporary files are already removed; finished scans are listed in volumes.csv
