@@ -87,7 +87,7 @@ QUANTILE_LEVELS = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)  # percenti
 
 # ----------------------------------------------------------------------------------------- 2D or 3D, units
 
-PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # 2D image files that carry no physical pixel size
+PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D image files without a physical pixel size
 
 
 def dataset_spatial_dims(description: DatasetDescription) -> int:
