@@ -598,7 +598,33 @@ def predict_to_folder(
     return rows
 
 
-# ---- a tiny demo run, for a fresh clone -----------------------------------------------------------
+# ---- the runs training wrote, or a tiny demo run for a fresh clone ----------------------------------
+TRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # scripts/train.py's Hydra configs (a source checkout)
+
+
+def trained_fold_runs(overrides: Sequence[str] = (), root: str | os.PathLike = ".",
+                      config_dir: str | os.PathLike = TRAIN_CONFIGS) -> tuple[Path, list[Path]]:
+    """Where ``python scripts/train.py -m fold=0,1,... <overrides>``, run in `root`, writes its fold runs, and the
+    finished ones there: (`root`/``run_dir`` of ``configs/train.yaml`` composed with `overrides` and ``fold=*``,
+    e.g. ``runs/phantom_sah/multiview_unet/cp_lora/fold*``; the folders matching it that hold ``config.yaml``,
+    ``adapter.safetensors`` and ``metrics.json``, by fold)."""
+    from hydra import compose, initialize_config_dir
+
+    from segadapt.training import METRICS_FILE
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "fold='*'"])
+    pattern = Path(root) / str(cfg.run_dir)
+    runs = [r for r in pattern.parent.glob(pattern.name)
+            if all((r / f).is_file() for f in (CONFIG_FILE, ADAPTER_FILE, METRICS_FILE))]
+    return pattern, sorted(runs, key=lambda r: int(read_run_config(r)["run"]["fold"]))
+
+
+def is_demo_run(run_dir: str | os.PathLike) -> bool:
+    """A run made by :func:`make_demo_runs` (a few steps: its masks are not segmentations)."""
+    return read_run_config(run_dir)["run"].get("experiment") == "demo"
+
+
 DEMO_MODEL = {"out_channels": 1, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
               "norm": "instance", "shared_weights": True, "fusion": "mean"}
 
