@@ -13,7 +13,8 @@ Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientatio
 shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
 channel (the value filling >= 90% of the outer faces; None when no value does), intensity statistics inside
 the labels (label > 0) and of the whole image (every voxel, or an even stride of 10^6 of them) per channel,
-label volumes in mL (the whole-image range and quantiles are what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
+the whole image's quantiles (``QUANTILE_LEVELS``), label volumes in mL (the whole-image range and quantiles
+are what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
 foreground voxels drawn per case (seeded, with replacement, so every case weighs alike: nnU-Net's
 ``collect_foreground_intensities``) and the background per channel (the value more than half the cases share).
 
