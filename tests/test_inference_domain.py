@@ -205,3 +205,14 @@ def test_a_ct_series_without_rescale_tags_is_warned_about(demo_runs, shared_data
     (row,) = predict_to_folder(predictor, series, tmp_path / "out", progress=False)
     assert "not a CT in HU? (DICOM Modality CT: stored values without RescaleSlope/RescaleIntercept?)" in row["warnings"]
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in source.iterdir()} == before
+
+
+def test_an_abdominal_ct_into_the_head_ct_model_is_warned_about(demo_runs, shared_data, tmp_path):
+    """Same modality, intensities in range: the intensity histogram tells the abdomen from the head."""
+    scan = shared_data / "ct_abdomen_totalseg" / "ct.nii.gz"
+    if not scan.is_file():
+        pytest.skip(f"{scan} not found")
+    (row,) = predict_to_folder(Predictor.from_runs(demo_runs, device="cpu"), scan, tmp_path / "out", progress=False)
+    (message,) = [m for m in row["warnings"].split("; ") if m.startswith("intensity histogram")]
+    assert "another body region or kind of image than phantom_sah?" in message
+    assert "modality" not in row["warnings"] and "intensities outside" not in row["warnings"]
