@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -120,9 +120,6 @@ def _source_headers(files: Sequence[str]) -> list:
                     "(highdicom.UID()), which these files do not carry", Path(files[0]).parent,
                     ", ".join(sorted(generated)))
     return headers
-
-
-Code = Union[str, Sequence[str]]
 
 
 def _code(text: str, what: str):

@@ -78,6 +78,19 @@ def test_held_out_scans_of_each_dataset_never_warn(name, datasets):
     assert max(scores) < HISTOGRAM_DISTANCE
 
 
+@pytest.mark.parametrize("domain", ["sah", "tbi"])
+def test_new_phantom_heads_pass_a_model_trained_on_two(domain, tmp_path):
+    """The demo's case (make_demo_runs: each fold trains on 2 phantoms): ten heads of another seed pass it."""
+    from segadapt.data import load_dataset_json
+
+    shape, spacing = (40, 40, 20), (5.5, 5.5, 8.0)
+    fp = fingerprint(make_phantom_dataset(tmp_path / "train", domain, 2, 0, shape, spacing))
+    domain_ = TrainingDomain.from_fingerprint(fp)
+    for case in load_dataset_json(make_phantom_dataset(tmp_path / "new", domain, 10, 12345, shape, spacing)).cases:
+        image, spacing_ = read(case.image)
+        assert domain_.check(image, spacing_) == [], case.image
+
+
 # (input under the shared data folder, the dataset whose model it is given to)
 MISMATCHED = [
     ("ct_abdomen_totalseg/ct.nii.gz", "phantom_sah"),       # abdomen CT into the head-CT model

@@ -83,7 +83,7 @@ MIN_BATCH_SIZE = 2
 MAX_DATASET_FRACTION = 0.05       # one batch covers at most this share of the dataset's voxels
 BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
 _PERCENTILES = (0.5, 50.0, 99.5)
-QUANTILE_LEVELS = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)  # percentiles of 'image_quantiles'
+QUANTILE_LEVELS = tuple(range(1, 100))  # percentiles of 'image_quantiles': 1, 2, ..., 99
 
 
 # ----------------------------------------------------------------------------------------- 2D or 3D, units
