@@ -100,6 +100,8 @@ class TrainingDomain:
     """Per channel: INTENSITY_SLACK x (median of the cases' 99.5 percentiles - median of their 0.5 percentiles)."""
     quantiles: Optional[list[list[list[float]]]] = None
     """Per case and channel, the whole image's quantile function (``image_quantiles``); None in older fingerprints."""
+    quantile_levels: Optional[list[float]] = None
+    """The percentiles of :attr:`quantiles`."""
 
     @classmethod
     def from_fingerprint(cls, fp: Mapping[str, Any]) -> TrainingDomain:
@@ -112,11 +114,12 @@ class TrainingDomain:
         high = np.array([[c["image_intensity"][k]["percentile_99_5"] for k in range(channels)] for c in cases])
         slack = INTENSITY_SLACK * (np.median(high, 0) - np.median(low, 0))
         bounds = [np.percentile(low, RANGE_PERCENTILES[0], 0), np.percentile(high, RANGE_PERCENTILES[1], 0)]
-        quantiles = [c["image_quantiles"] for c in cases] if all("image_quantiles" in c for c in cases) else None
+        levels = fp.get("quantile_levels")
+        quantiles = [c["image_quantiles"] for c in cases] if levels and all("image_quantiles" in c for c in cases) else None
         return cls(dataset=fp["dataset"], n_cases=len(cases), modality=dict(fp["modality"]), labels=dict(fp["labels"]),
                    spacing_median=np.median(spacings, 0).tolist(), spacing_min=spacings.min(0).tolist(),
                    spacing_max=spacings.max(0).tolist(), intensity_range=np.stack(bounds, 1).tolist(),
-                   intensity_slack=slack.tolist(), quantiles=quantiles)
+                   intensity_slack=slack.tolist(), quantiles=quantiles, quantile_levels=levels)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainingDomain:
@@ -184,7 +187,8 @@ class TrainingDomain:
         distances = []
         for c in range(min(len(image), len(self.quantiles[0]))):
             training = _rescaled([case[c] for case in self.quantiles])
-            distances.append(float(np.abs(training - _rescaled([image_quantiles(image[c])])).mean(1).min()))
+            found = image_quantiles(image[c], self.quantile_levels)
+            distances.append(float(np.abs(training - _rescaled([found])).mean(1).min()))
         return max(distances)
 
 

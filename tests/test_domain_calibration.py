@@ -126,7 +126,8 @@ def test_mismatched_pairs_always_warn(scan, model, datasets, shared_data):
 
 def test_an_old_fingerprint_without_quantiles_loads_and_skips_the_histogram_check(datasets, shared_data):
     fp, _, _ = datasets["phantom_sah"]
-    old = {**fp, "cases": [{k: v for k, v in c.items() if k != "image_quantiles"} for c in fp["cases"]]}
+    old = {**{k: v for k, v in fp.items() if k != "quantile_levels"},
+           "cases": [{k: v for k, v in c.items() if k != "image_quantiles"} for c in fp["cases"]]}
     domain = TrainingDomain.from_fingerprint(old)
     image, spacing = read(shared_data / "ct_abdomen_totalseg" / "ct.nii.gz")
     assert domain.histogram_distance(image) is None

@@ -21,7 +21,8 @@ from segadapt.training import read_run_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "inference_ct.ipynb"
 TINY = ["trainer.max_steps=2", "pretrain.max_steps=2", "data.phantom.n=3", "source.phantom.n=3", "source.n_folds=3",
-        "data.phantom.shape=[32,32,16]", "source.phantom.shape=[32,32,16]", "data.preprocess.slice_size=[32,32]",
+        "data.phantom.shape=[32,32,16]", "source.phantom.shape=[32,32,16]", "data.phantom.spacing=[6.9,6.9,10.0]",
+        "source.phantom.spacing=[6.9,6.9,10.0]", "data.preprocess.slice_size=[32,32]",
         "data.preprocess.patch_size=[32,32,16]", "source.preprocess.slice_size=[32,32]",
         "source.preprocess.patch_size=[32,32,16]", "selection.inner_fraction=0", "eval_base=false",
         "trainer.enable_progress_bar=false"]  # scripts/train.py's demo, a few steps on small phantoms

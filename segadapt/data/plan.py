@@ -143,12 +143,12 @@ def _image_statistics(channel: np.ndarray) -> dict[str, float | None]:
     return stats
 
 
-def image_quantiles(channel: np.ndarray) -> list[float]:
-    """The :data:`QUANTILE_LEVELS` percentiles of a whole channel (the same even stride as :func:`_image_statistics`):
-    the shape of its intensity histogram, which ``segadapt predict`` compares inputs against."""
+def image_quantiles(channel: np.ndarray, levels: Sequence[float] = QUANTILE_LEVELS) -> list[float]:
+    """The `levels` percentiles of a whole channel (the same even stride as :func:`_image_statistics`): the shape
+    of its intensity histogram, which ``segadapt predict`` compares inputs against."""
     values = np.asarray(channel).ravel()
     values = values[:: max(1, values.size // IMAGE_SAMPLES)].astype(np.float64, copy=False)
-    return np.percentile(values, QUANTILE_LEVELS).tolist() if values.size else []
+    return np.percentile(values, levels).tolist() if values.size else []
 
 
 def _crop_shape(image: np.ndarray, background: Sequence[float | None]) -> list[int]:
@@ -199,7 +199,7 @@ def fingerprint(
     name. Returns the fingerprint as a JSON-ready dict (also written to `out`, atomically, when given)::
 
         {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
-         "orientation", "spatial_dims",
+         "orientation", "spatial_dims", "quantile_levels",
          "cases": [{"case_id", "spacing", "shape", "crop_shape", "background": [per channel],
                     "intensity": [per channel statistics inside the labels],
                     "image_intensity": [per channel statistics of the whole image],
@@ -252,6 +252,7 @@ def fingerprint(
         "labels": {str(k): v for k, v in description.labels.items()},
         "orientation": orientation,
         "spatial_dims": spatial_dims,
+        "quantile_levels": list(QUANTILE_LEVELS),  # of the cases' 'image_quantiles'
         "cases": cases,
         "intensity": [intensity_statistics(np.concatenate(s) if s else np.zeros(0)) for s in samples],
         "background": [_shared_background([case["background"][c] for case in cases]) for c in range(channels)],
