@@ -27,10 +27,13 @@ Command line (``segadapt predict`` with these arguments, or ``python scripts/pre
     segadapt predict --adapters fold0.safetensors fold1.safetensors --run-config runs/.../fold0 \
         --base base.safetensors --input scans/ --output predictions/ --probabilities
 
-Inputs: a NIfTI (``.nii``/``.nii.gz``), NRRD or MHA/MHD file, a DICOM series folder, or a folder of
-those. Per input ``<name>``: ``<name>_mask.nii.gz`` (uint8 label map), with ``--probabilities``
+Inputs: a NIfTI (``.nii``/``.nii.gz``), NRRD or MHA/MHD file, a DICOM series folder, a 2D image file (PNG,
+JPEG, BMP, TIFF: for a run trained on 2D images), or a folder of those. Per input ``<name>``:
+``<name>_mask.nii.gz`` (uint8 label map; for a 2D image file, ``<name>_mask.<its suffix>`` of the same size,
+PNG for a JPEG input, whose lossy compression would alter the labels), with ``--probabilities``
 ``<name>_probabilities.nii.gz`` (float32; channels last when there are several), and a row of
-``volumes.csv`` (lesion volume in mL = foreground voxels x |det A| / 1000). Every file is written to a
+``volumes.csv`` (lesion volume in mL = foreground voxels x |det A| / 1000; of a 2D image its area, in mm^2
+= pixels x |det A| with a pixel spacing, in pixels for image files, which carry none). Every file is written to a
 temporary file beside it and moved into place, so an interruption leaves no half-written file.
 """
 
@@ -54,14 +57,16 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
+from monai.utils import TraceKeys
 from torch import nn
 from tqdm.auto import tqdm
 
 from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
 from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
+from segadapt.data.plan import PIXEL_SUFFIXES
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
-from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
+from segadapt.dicom_seg import SEGMENT_CODE_HELP, check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.models.pretrained import read_state_dict
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
@@ -70,10 +75,13 @@ from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", *PIXEL_SUFFIXES)
+# 2D image file suffix -> (mask suffix, Pillow format) of its mask: lossless, so JPEG inputs get PNG masks
+PIXEL_MASK_FORMATS = {".png": (".png", "PNG"), ".jpg": (".png", "PNG"), ".jpeg": (".png", "PNG"),
+                      ".bmp": (".bmp", "BMP"), ".tif": (".tif", "TIFF"), ".tiff": (".tiff", "TIFF")}
 CSV_FILE = "volumes.csv"
 CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "lesion_volume_ml", "lesion_area_mm2",
-               "members", "warnings")
+               "lesion_area_px", "members", "warnings")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -103,6 +111,17 @@ def dicom_modality(folder: str | os.PathLike) -> Optional[str]:
     return reader.GetMetaData("0008|0060").strip() or None if reader.HasMetaDataKey("0008|0060") else None
 
 
+def is_pixel_file(path: str | os.PathLike) -> bool:
+    """A 2D image file without a physical pixel size (PNG, JPEG, BMP, TIFF)."""
+    return Path(path).name.lower().endswith(PIXEL_SUFFIXES)
+
+
+def mask_suffix(path: str | os.PathLike) -> str:
+    """The suffix of an input's mask file: ``.nii.gz``, or a 2D image file's own lossless format."""
+    name = Path(path).name.lower()
+    return next((mask for s, (mask, _) in PIXEL_MASK_FORMATS.items() if name.endswith(s)), ".nii.gz")
+
+
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
 
@@ -128,13 +147,13 @@ def find_inputs(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         if not is_image_file(path):
             raise ValueError(f"{path} is not a supported scan: give a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or "
-                             "MHA/MHD file, or the folder of a DICOM series")
+                             "MHA/MHD file, a 2D image (PNG, JPEG, BMP, TIFF), or the folder of a DICOM series")
         return [path]
     if is_dicom_series(path):
         return [path]
     found = [p for p in sorted(path.iterdir()) if is_image_file(p) or (p.is_dir() and is_dicom_series(p))]
     if not found:
-        raise FileNotFoundError(f"no NIfTI, NRRD, MHA/MHD file or DICOM series folder in {path}")
+        raise FileNotFoundError(f"no NIfTI, NRRD, MHA/MHD, PNG, JPEG, BMP or TIFF file or DICOM series folder in {path}")
     return found
 
 
@@ -231,6 +250,13 @@ class Prediction:
         if self.spatial_dims != 2:
             raise ValueError(f"{self.source}: area_mm2 is for 2D inputs; this one is {self.spatial_dims}D (volume_ml)")
         return float(self.voxels) * abs(float(np.linalg.det(np.asarray(self.affine, dtype=np.float64)[:2, :2])))
+
+    @property
+    def area_px(self) -> int:
+        """Lesion area in pixels of a 2D image file (PNG, JPEG, BMP, TIFF: no pixel spacing), else ValueError."""
+        if self.spatial_dims != 2 or not is_pixel_file(self.source):
+            raise ValueError(f"{self.source}: area_px is for 2D image files; use area_mm2 or volume_ml")
+        return self.voxels
 
     @property
     def voxels(self) -> int:
@@ -420,7 +446,7 @@ class Predictor:
         image = data["image"]
         data["pred"] = MetaTensor(self.predict_probabilities(image[None])[0].float().cpu())
         restored = invert_transform(pipeline, keys="pred")(data)["pred"]
-        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        affine = np.asarray(input_affine(image), dtype=np.float64)
         shape = tuple(int(s) for s in image.meta["spatial_shape"])
         if tuple(restored.shape[1:]) != shape or not np.allclose(np.asarray(restored.affine), affine, atol=1e-4):
             raise RuntimeError(f"{path}: inverting the preprocessing gave shape {tuple(restored.shape[1:])} and affine "
@@ -431,6 +457,15 @@ class Predictor:
         mask = mask.astype(np.uint8)
         return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine),
                           found, target)
+
+
+def input_affine(image: MetaTensor) -> np.ndarray:
+    """The voxel-to-world affine of a preprocessed image's input file: the reader's ``original_affine``, or, from
+    Pillow's reader (PNG, JPEG, BMP, TIFF), which records none, the affine its reorientation started from."""
+    if "original_affine" in image.meta:
+        return np.asarray(image.meta["original_affine"])
+    orientation = next(op for op in image.applied_operations if "Orientation" in op[TraceKeys.CLASS_NAME])
+    return np.asarray(orientation[TraceKeys.EXTRA_INFO]["original_affine"])
 
 
 def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:
@@ -444,9 +479,11 @@ def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def output_paths(out_dir: str | os.PathLike, name: str, probabilities: bool = False) -> dict[str, Path]:
-    """{'mask': <out_dir>/<name>_mask.nii.gz[, 'probabilities': <out_dir>/<name>_probabilities.nii.gz]}."""
-    paths = {"mask": Path(out_dir) / f"{name}_mask.nii.gz"}
+def output_paths(out_dir: str | os.PathLike, name: str, probabilities: bool = False,
+                 suffix: str = ".nii.gz") -> dict[str, Path]:
+    """{'mask': <out_dir>/<name>_mask<suffix>[, 'probabilities': <out_dir>/<name>_probabilities.nii.gz]}
+    (`suffix`: :func:`mask_suffix` of the input)."""
+    paths = {"mask": Path(out_dir) / f"{name}_mask{suffix}"}
     if probabilities:
         paths["probabilities"] = Path(out_dir) / f"{name}_probabilities.nii.gz"
     return paths
@@ -458,7 +495,8 @@ def writing_prediction(prediction: Prediction, out_dir: str | os.PathLike, name:
     """Write the mask (and probabilities) to temporary files; they move onto their names (yielded) when the
     block ends without error, and are removed otherwise. What the block records (``volumes.csv``) is thus
     on disk before the files it lists: a kill in between leaves a listed mask missing, never an unlisted one."""
-    paths = output_paths(out_dir, name, probabilities)
+    suffix = mask_suffix(prediction.source)
+    paths = output_paths(out_dir, name, probabilities, suffix)
     images = {"mask": nifti_image(prediction.mask, prediction.affine)}
     if probabilities:
         p = prediction.probabilities
@@ -466,8 +504,19 @@ def writing_prediction(prediction: Prediction, out_dir: str | os.PathLike, name:
         images["probabilities"] = nifti_image(p, prediction.affine)
     with ExitStack() as stack:
         for key, image in images.items():
-            nib.save(image, stack.enter_context(atomic_path(paths[key])))
+            tmp = stack.enter_context(atomic_path(paths[key]))
+            if key == "mask" and suffix != ".nii.gz":
+                write_pixel_mask(prediction.mask, tmp, PIXEL_MASK_FORMATS[suffix][1])
+            else:
+                nib.save(image, tmp)
         yield paths
+
+
+def write_pixel_mask(mask: np.ndarray, path: str | os.PathLike, image_format: str) -> None:
+    """A 2D label map (x, y: the reader's axes) as an image file of the input's size (rows = y), values = labels."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(np.asarray(mask, dtype=np.uint8).T)).save(path, format=image_format)
 
 
 def write_prediction(prediction: Prediction, out_dir: str | os.PathLike, name: str,
@@ -545,12 +594,15 @@ def predict_to_folder(
     progress: bool = True,
     echo: Callable[[str], None] = tqdm.write,
     dicom_seg: Optional[str | os.PathLike] = None,
+    dicom_seg_codes: Optional[Mapping[Any, Sequence[str]]] = None,
 ) -> list[dict[str, Any]]:
     """Predict every scan of `inputs` (see :func:`find_inputs`) into `out_dir`; returns this run's CSV rows.
 
-    Each row gives the lesion's size in mL (3D: ``lesion_volume_ml``) or mm^2 (2D images: ``lesion_area_mm2``)
+    Each row gives the lesion's size in mL (3D: ``lesion_volume_ml``), mm^2 (2D images with a pixel spacing:
+    ``lesion_area_mm2``) or pixels (PNG, JPEG, BMP, TIFF: ``lesion_area_px``)
     and the ``warnings`` about the input (``; ``-separated, see :meth:`Predictor.predict`). `dicom_seg`: also
-    write the mask as a DICOM-SEG file there (:func:`segadapt.dicom_seg.write_dicom_seg`; one DICOM series input).
+    write the mask as a DICOM-SEG file there (:func:`segadapt.dicom_seg.write_dicom_seg`; one DICOM series input),
+    its segments coded by :func:`segadapt.dicom_seg.segment_codes` (`dicom_seg_codes`: label -> (category, type)).
 
     ``volumes.csv`` lists every mask in `out_dir`: the rows of an earlier run whose masks are still
     there, then this run's. It is rewritten (atomically) for each scan *before* that scan's files move
@@ -565,24 +617,27 @@ def predict_to_folder(
     """
     scans, out_dir = find_inputs(inputs), check_output_folder(out_dir)
     check_outputs_spare_inputs(inputs, out_dir, dicom_seg, [*predictor.adapters, predictor.base])
+    dataset = predictor.domain.dataset if predictor.domain is not None else ""
     if dicom_seg is not None:
         check_output_file(check_dicom_seg_request(scans, dicom_seg), "DICOM-SEG file")
         if predictor.preprocess.spatial_dims != 3:
             raise ValueError(f"--dicom-seg needs a 3D network (one mask on the series' grid); this run's is "
                              f"{predictor.preprocess.spatial_dims}D")
-    names = [input_name(s) for s in scans]
+        segment_codes(predictor.label_names, dicom_seg_codes, dataset)  # every segment coded, before any write
+    names, suffixes = [input_name(s) for s in scans], [mask_suffix(s) for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
         raise ValueError(f"several inputs in {inputs} are named {duplicate!r} (e.g. .nii.gz and .nrrd): rename one")
     csv_path = out_dir / CSV_FILE
-    for path in [csv_path, *(p for n in names for p in output_paths(out_dir, n, True).values())]:
+    outputs = [p for n, x in zip(names, suffixes) for p in output_paths(out_dir, n, True, x).values()]
+    for path in [csv_path, *outputs]:
         for stale in stale_temp_files(path):  # left by a killed run
             stale.unlink()
-    kept = _kept_rows(csv_path, {p.resolve() for n in names for p in output_paths(out_dir, n, True).values()})
+    kept = _kept_rows(csv_path, {p.resolve() for p in outputs})
     rows: list[dict[str, Any]] = []
     for scan, name in zip(tqdm(scans, desc="predict", unit="scan", disable=not progress or len(scans) == 1), names):
         prediction = predictor.predict(scan)
-        planar = prediction.spatial_dims == 2
+        planar, pixels = prediction.spatial_dims == 2, is_pixel_file(scan)
         with writing_prediction(prediction, out_dir, name, probabilities) as paths:
             row = {
                 "input": str(scan),
@@ -591,22 +646,50 @@ def predict_to_folder(
                 "lesion_voxels": prediction.voxels,
                 "voxel_ml": "" if planar else f"{voxel_volume_ml(prediction.affine):.6g}",
                 "lesion_volume_ml": "" if planar else f"{prediction.volume_ml:.4f}",
-                "lesion_area_mm2": f"{prediction.area_mm2:.4f}" if planar else "",
+                "lesion_area_mm2": f"{prediction.area_mm2:.4f}" if planar and not pixels else "",
+                "lesion_area_px": prediction.area_px if pixels else "",
                 "members": max(len(predictor.members), len(predictor.networks), 1),
                 "warnings": "; ".join(prediction.warnings),
             }
             if dicom_seg is not None:  # before the CSV and masks: a refusal leaves nothing written
-                write_dicom_seg(prediction, dicom_seg, predictor.label_names)
+                write_dicom_seg(prediction, dicom_seg, predictor.label_names, codes=dicom_seg_codes, dataset=dataset)
             rows.append(row)
             write_csv(csv_path, kept + rows)
-        size = f"area {row['lesion_area_mm2']} mm^2" if planar else f"volume {row['lesion_volume_ml']} mL"
+        size = (f"area {row['lesion_area_px']} px" if pixels else f"area {row['lesion_area_mm2']} mm^2" if planar
+                else f"volume {row['lesion_volume_ml']} mL")
         resampled = "" if prediction.resampled_to is None else f", resampled to {format_mm(prediction.resampled_to)} mm"
         echo(f"{name}: lesion {size} ({prediction.voxels} voxels, shape "
              f"{prediction.mask.shape}{resampled}) -> {paths['mask']}" + (f" and {dicom_seg}" if dicom_seg else ""))
     return rows
 
 
-# ---- a tiny demo run, for a fresh clone -----------------------------------------------------------
+# ---- the runs training wrote, or a tiny demo run for a fresh clone ----------------------------------
+TRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # scripts/train.py's Hydra configs (a source checkout)
+
+
+def trained_fold_runs(overrides: Sequence[str] = (), root: str | os.PathLike = ".",
+                      config_dir: str | os.PathLike = TRAIN_CONFIGS) -> tuple[Path, list[Path]]:
+    """Where ``python scripts/train.py -m fold=0,1,... <overrides>``, run in `root`, writes its fold runs, and the
+    finished ones there: (`root`/``run_dir`` of ``configs/train.yaml`` composed with `overrides` and ``fold=*``,
+    e.g. ``runs/phantom_sah/multiview_unet/cp_lora/fold*``; the folders matching it that hold ``config.yaml``,
+    ``adapter.safetensors`` and ``metrics.json``, by fold)."""
+    from hydra import compose, initialize_config_dir
+
+    from segadapt.training import METRICS_FILE
+
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "fold='*'"])
+    pattern = Path(root) / str(cfg.run_dir)
+    runs = [r for r in pattern.parent.glob(pattern.name)
+            if all((r / f).is_file() for f in (CONFIG_FILE, ADAPTER_FILE, METRICS_FILE))]
+    return pattern, sorted(runs, key=lambda r: int(read_run_config(r)["run"]["fold"]))
+
+
+def is_demo_run(run_dir: str | os.PathLike) -> bool:
+    """A run made by :func:`make_demo_runs` (a few steps: its masks are not segmentations)."""
+    return read_run_config(run_dir)["run"].get("experiment") == "demo"
+
+
 DEMO_MODEL = {"out_channels": 1, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
               "norm": "instance", "shared_weights": True, "fusion": "mean"}
 
@@ -677,12 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "preprocessing (default: the folder of the first adapter)")
     parser.add_argument("--base", metavar="FILE", help="base checkpoint (default: the run config's)")
     parser.add_argument("--input", "-i", required=True, metavar="PATH",
-                        help="NIfTI / NRRD / MHA file, DICOM series folder, or a folder of those")
+                        help="NIfTI / NRRD / MHA file, DICOM series folder, 2D image (PNG, JPEG, BMP, TIFF), or a folder of those")
     parser.add_argument("--output", "-o", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
     parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
     parser.add_argument("--dicom-seg", metavar="OUT.dcm",
                         help="also write the mask as a DICOM-SEG object referencing the input DICOM series "
                              "(one DICOM series folder as --input; needs highdicom: the 'dicom' extra)")
+    parser.add_argument("--segment-code", action="append", default=[], metavar="LABEL=CATEGORY/TYPE",
+                        help="with --dicom-seg: the DICOM code of a segment whose label segadapt does not know "
+                             f"(repeatable): {SEGMENT_CODE_HELP}")
     parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
@@ -704,6 +790,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         check_output_folder(args.output)
         check_outputs_spare_inputs(args.input, args.output, args.dicom_seg,
                                    [*(args.run or args.adapters), args.run_config, args.base])
+        codes = dict(parse_segment_code(text) for text in args.segment_code)
         if args.dicom_seg is not None:
             check_output_file(check_dicom_seg_request(scans, args.dicom_seg), "DICOM-SEG file")
         if args.threshold is not None:
@@ -716,13 +803,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                                                      args.threshold, strict)
         print(f"segadapt predict: {predictor.description}")
         rows = predict_to_folder(predictor, args.input, args.output, args.probabilities, not args.no_progress,
-                                 dicom_seg=args.dicom_seg)
+                                 dicom_seg=args.dicom_seg, dicom_seg_codes=codes)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"segadapt predict: error: {error}\n")
     except KeyboardInterrupt:  # temporary files are already removed; finished scans are listed in volumes.csv
         parser.exit(130, f"segadapt predict: interrupted; complete outputs are listed in {Path(args.output) / CSV_FILE}\n")
-    planar = bool(rows) and rows[0]["lesion_area_mm2"] != ""
-    key, what, unit = ("lesion_area_mm2", "area", "mm^2") if planar else ("lesion_volume_ml", "volume", "mL")
+    key, what, unit = next(((k, w, u) for k, w, u in (("lesion_area_px", "area", "px"), ("lesion_area_mm2", "area", "mm^2"))
+                            if rows and rows[0][k] != ""), ("lesion_volume_ml", "volume", "mL"))
     total = sum(float(r[key]) for r in rows)
     print(f"{len(rows)} scan(s), total lesion {what} {total:.2f} {unit} -> {Path(args.output) / CSV_FILE}")
     return rows

@@ -86,7 +86,7 @@ def test_drive_config_end_to_end(drive3, tmp_path, shared_data):
     (case,) = result["cases"]
     number = case["case_id"].split("_")[1]
     manual = np.asarray(Image.open(shared_data / "drive" / "test" / "1st_manual" / f"{number}_manual1.gif").convert("L"))
-    assert case["true_ml"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
+    assert case["true_px"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
     assert 0.0 <= case["dice"] <= 1.0
     assert report_size_unit([metrics]) == "px"
     text = write_report(tmp_path / "drive")["markdown"].read_text(encoding="utf-8")
@@ -125,7 +125,7 @@ def test_area_in_mm2_for_2d_and_ml_for_3d():
     mask[2:5, 3:7] = 1  # 12 pixels
     affine = torch.diag(torch.tensor([0.5, 0.25, 7.0, 1.0], dtype=torch.float64))  # 0.125 mm^2 per pixel
     row = case_metrics(mask, mask, affine)
-    assert row["true_ml"] == pytest.approx(12 * 0.5 * 0.25) and row["pred_ml"] == row["true_ml"]
+    assert row["true_mm2"] == pytest.approx(12 * 0.5 * 0.25) and row["pred_mm2"] == row["true_mm2"]  # named by unit
     volume = torch.zeros(4, 4, 4)
     volume[:2, :3, :1] = 1  # 6 voxels of 0.5 x 0.25 x 7 mm
     assert case_metrics(volume, volume, affine)["true_ml"] == pytest.approx(6 * 0.5 * 0.25 * 7.0 / 1000.0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -89,36 +90,47 @@ def test_dicom_seg_of_a_synthetic_series_reads_back_as_predicted(predictor, phan
     np.testing.assert_array_equal(pixels[..., 0], mask.transpose(2, 1, 0))
 
 
-def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path):
+def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path, caplog):
     folder = shared_data / "ct_abdomen_totalseg" / "ct_dicom"
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")
+    import hashlib
+    import logging
+
     from segadapt.dicom_seg import write_dicom_seg
 
-    # The shared series is anonymised: Study and Series Instance UIDs blanked, so nothing could reference it.
-    with pytest.raises(ValueError, match="has no StudyInstanceUID, SeriesInstanceUID .*anonymised"):
-        write_dicom_seg(predictor.predict(folder), tmp_path / "refused.dcm", predictor.label_names)
-    assert not (tmp_path / "refused.dcm").exists()
-    # A copy with those UIDs restored (pixel data, still JPEG 2000, and geometry untouched).
-    copy, study, series = tmp_path / "ct_dicom", generate_uid(), generate_uid()
-    copy.mkdir()
-    for f in sorted(folder.iterdir()):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.save_as(copy / f.name)
-    files = dicom_series_files(copy)
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+    files = dicom_series_files(folder)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    prediction = predictor.predict(copy)
-    write_dicom_seg(prediction, tmp_path / "seg.dcm", predictor.label_names)
-    seg, pixels = read_back(tmp_path / "seg.dcm", copy)
+    assert not first.get("StudyInstanceUID") and not first.get("SeriesInstanceUID")  # anonymised: blanked
+    prediction = predictor.predict(folder)
+    with caplog.at_level(logging.WARNING, logger="segadapt.dicom_seg"):
+        write_dicom_seg(prediction, tmp_path / "seg.dcm", predictor.label_names)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "segadapt.dicom_seg"]
+    assert "has no SeriesInstanceUID, StudyInstanceUID (anonymised?)" in message and "highdicom.UID()" in message
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
     assert int(seg.NumberOfFrames) == len(files) == 20
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series and seg.StudyInstanceUID == study
+    (series,) = seg.ReferencedSeriesSequence
+    study, series_uid = seg.StudyInstanceUID, series.SeriesInstanceUID
+    assert study and series_uid and study != series_uid  # generated: valid, one per series
+    assert all(re.fullmatch(r"[0-9]+(\.[0-9]+)+", uid) and len(uid) <= 64 for uid in (study, series_uid))
+    # every source image referenced once, by the SOP Instance UID of its file meta
+    referenced = [item.ReferencedSOPInstanceUID for item in series.ReferencedInstanceSequence]
+    assert sorted(referenced) == sorted(pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID
+                                        for f in files)
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["haemorrhage"]
+    (segment,) = seg.SegmentSequence
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "50960005"  # SNOMED CT Hemorrhage
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"  # Morphologically Abnormal Structure
     assert list(first.ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]  # axial: frame k = mask[:, :, k].T as above
     assert prediction.mask.any() and not prediction.mask.all()
-    np.testing.assert_array_equal(pixels[..., 0], prediction.mask.transpose(2, 1, 0))
+    by_position = sorted(zip(seg.PerFrameFunctionalGroupsSequence, seg.pixel_array),
+                         key=lambda f: float(f[0].PlanePositionSequence[0].ImagePositionPatient[2]))
+    slices = sorted(files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    order = [files.index(f) for f in slices]  # GDCM's order -> ascending z
+    np.testing.assert_array_equal(np.stack([p for _, p in by_position]), prediction.mask.transpose(2, 1, 0)[order])
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
 
 
 def test_dicom_seg_is_refused_for_a_nifti_input(demo_runs, tmp_path, capsys):
@@ -130,3 +142,82 @@ def test_dicom_seg_is_refused_for_a_nifti_input(demo_runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: --dicom-seg needs a DICOM series folder" in err[0] and str(scan) in err[0]
     assert not (tmp_path / "seg.dcm").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def hippocampus_run(shared_data, tmp_path_factory) -> Path:
+    """A tiny 3D MRI run (MONAI UNet, 2 steps) on three MSD hippocampus cases, both labels (anterior, posterior)."""
+    from segadapt.data import write_dataset_json
+    from segadapt.training import fit_run
+
+    source = shared_data / "hippocampus_msd"
+    root = tmp_path_factory.mktemp("hippocampus")
+    cases = [{"case_id": f"h{i}", "image": str(source / "imagesTr" / name), "label": str(source / "labelsTr" / name)}
+             for i, name in enumerate(["hippocampus_001.nii.gz", "hippocampus_003.nii.gz", "hippocampus_004.nii.gz"])]
+    dataset = write_dataset_json(root / "dataset.json", "hippocampus", cases,
+                                 {0: "background", 1: "anterior", 2: "posterior"}, {0: "MRI"})
+    run = root / "run"
+    preprocess = {"intensity": "mri", "target_spacing": None, "patch_size": [16, 16, 16], "samples_per_volume": 1,
+                  "augment": False}
+    fit_run(run, {"experiment": "hippocampus", "method": "scratch", "fold": 0},
+            {"model": "unet3d", "model_kwargs": {"in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
+                                                  "num_res_units": 0}, "adapter": "scratch", "roi_size": [16, 16, 16]},
+            {"dataset_json": str(dataset), "fold": 0, "n_folds": 3, "preprocess": preprocess, "sampling": "patch",
+             "batch_size": 1},
+            {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
+             "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
+            eval_base=False)
+    return run
+
+
+def test_dicom_seg_of_the_real_mr_series(hippocampus_run, shared_data, tmp_path, capsys):
+    """The MSD hippocampus MRI series (no PatientBirthDate / PatientSex): predict writes a SEG with one segment per
+    label, coded SNOMED CT Hippocampus, referencing the series; the source files are untouched."""
+    import hashlib
+
+    folder = shared_data / "hippocampus_msd" / "dicom_hcrop"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+    files = dicom_series_files(folder)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert "PatientBirthDate" not in first and "PatientSex" not in first  # what made highdicom fail
+    out = tmp_path / "o"
+    (row,) = main(["--run", str(hippocampus_run), "--input", str(folder), "--output", str(out),
+                   "--dicom-seg", str(out / "seg.dcm"), "--no-progress"])
+    seg = hd.seg.segread(out / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.PatientID == first.PatientID and seg.PatientBirthDate == "" \
+        and seg.PatientSex == ""
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+    for segment in seg.SegmentSequence:  # the dataset is named hippocampus: both labels are hippocampus
+        (kind,), (category,) = segment.SegmentedPropertyTypeCodeSequence, segment.SegmentedPropertyCategoryCodeSequence
+        assert (kind.CodingSchemeDesignator, kind.CodeValue, kind.CodeMeaning) == ("SCT", "5366008", "Hippocampus")
+        assert (category.CodeValue, category.CodeMeaning) == ("91723000", "Anatomical Structure")
+    assert int(seg.NumberOfFrames) == 2 * len(files) == 64  # every slice, both segments
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID and seg.StudyInstanceUID == first.StudyInstanceUID
+    assert len(series.ReferencedInstanceSequence) == len(files)
+    mask = np.asarray(nib.load(row["mask"]).dataobj)
+    assert set(np.unique(mask)) == {0, 1, 2}  # both segments hold voxels: the pixel comparison has teeth
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    pixels = np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2]))
+    for k in (1, 2):
+        np.testing.assert_array_equal(pixels[..., k - 1], (mask == k).transpose(2, 1, 0))
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
+
+
+def test_segment_codes_known_by_name_given_by_the_user_or_refused():
+    from segadapt.dicom_seg import parse_segment_code, segment_codes
+
+    found = segment_codes({1: "liver", 2: "kidney_right", 3: "vessel"})
+    assert [found[k][1].value for k in (1, 2, 3)] == ["10200004", "64033007", "59820001"]
+    with pytest.raises(ValueError, match=r"label 1 'spot' is not a structure .* --segment-code 1=CATEGORY/TYPE"):
+        segment_codes({1: "spot"})
+    user = dict([parse_segment_code("spot=AnatomicalStructure/SCT:12738006:Brain")])
+    ((category, kind),) = segment_codes({1: "spot"}, user).values()
+    assert (category.value, category.meaning, kind.value, kind.meaning) == ("91723000", "Anatomical Structure",
+                                                                           "12738006", "Brain")
+    with pytest.raises(ValueError, match="neither a SNOMED CT keyword"):
+        segment_codes({1: "spot"}, {"1": ("NoSuchThing", "Brain")})
+    with pytest.raises(ValueError, match="expected LABEL=CATEGORY/TYPE"):
+        parse_segment_code("spot=Brain")

@@ -34,9 +34,23 @@ CT = TrainingDomain.from_fingerprint(fake_fingerprint("CT", [(3.45, 3.45, 5)] * 
 
 def test_domain_summarises_the_fingerprint():
     assert MRI.spacing_median == [1, 1, 1.1] and MRI.spacing_min == [1, 1, 1] and MRI.spacing_max == [1, 1, 1.2]
-    assert MRI.intensity_range == [[0, 100000]]
+    # 1st / 99th percentile over the cases, linear between sorted cases: 0 + 0.02 x 1, 700 + 0.98 x (100000 - 700)
+    assert MRI.intensity_range == [[pytest.approx(0.02), pytest.approx(98014)]]
     assert MRI.intensity_slack == [pytest.approx(0.1 * (700 - 1))]  # a typical case's range, not the outlier's
     assert MRI.foreground_labels == {1: "lesion"}
+
+
+def test_the_training_range_is_robust_to_one_case_at_another_scale():
+    """101 MRI cases in [0, 800] and one at 4.783e5 (as in MSD hippocampus): the range ends at the 99th percentile
+    of the cases' 99.5 percentiles (about 800), not at the outlier."""
+    ranges = [(i % 7, 700 + i) for i in range(101)] + [(6, 478300)]
+    domain = TrainingDomain.from_fingerprint(fake_fingerprint("MRI", [(1, 1, 1)] * 102, ranges))
+    # sorted 99.5 percentiles 700 .. 800, 478300: position 0.99 x 101 = 99.99 -> 799 + 0.99 x (800 - 799)
+    assert domain.intensity_range == [[0, pytest.approx(799.99)]]
+    image = np.random.default_rng(0).uniform(0, 4000, (1, 20, 20, 10))  # 2x the upper end is allowed (arbitrary units)
+    (message,) = [m for m in domain.check(image * 100, [1, 1, 1]) if m.startswith("intensities")]
+    assert "training [0, 800" in message and "4.783e+05" not in message
+    assert not [m for m in domain.check(image / 4000 * 1500, [1, 1, 1]) if m.startswith("intensities")]
 
 
 def test_checks_on_modality_spacing_and_intensities():
@@ -61,7 +75,7 @@ def test_checks_on_modality_spacing_and_intensities():
     # intensities: beyond the range + slack (0.1 x 2424 HU) on either side
     assert CT.check(np.where(ct > 1000, 1600.0, ct), [3.45, 3.45, 5]) == []
     (message,) = CT.check(np.where(ct > 1000, 2000.0, ct), [3.45, 3.45, 5])
-    assert "channel 0 0.5-99.5 percentiles [-1000, 2000], training [-1024, 1500]" in message
+    assert "channel 0 0.5-99.5 percentiles [-1000, 2000], training [-1024, 1499]" in message  # 1400 + 0.99 x 100
 
 
 def test_resampling_only_outside_the_training_spacings():
@@ -161,3 +175,44 @@ def test_2d_images_report_their_lesion_area_in_mm2(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"lesion area {row['lesion_area_mm2']} mm^2 ({pixels} voxels" in printed
     assert f"1 scan(s), total lesion area {pixels * 0.125:.2f} mm^2" in printed
+
+
+def test_a_ct_series_without_rescale_tags_is_warned_about(demo_runs, shared_data, tmp_path):
+    """The CT DICOM series written as a scanner storing unsigned values (HU + 1024) without RescaleSlope /
+    RescaleIntercept: its Modality tag says CT, but the values hold no air in HU, and predict says so."""
+    import hashlib
+
+    import pydicom
+
+    source = shared_data / "ct_abdomen_totalseg" / "ct_dicom"
+    if not source.is_dir():
+        pytest.skip(f"{source} not found")
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in source.iterdir()}
+    series = tmp_path / "ct_unsigned"
+    series.mkdir()
+    for file in sorted(source.iterdir()):
+        ds = pydicom.dcmread(file)
+        ds.decompress()
+        stored = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept) + 1024  # HU + 1024
+        assert stored.min() >= 0
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
+        for tag in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            if tag in ds:
+                delattr(ds, tag)
+        ds.save_as(series / file.name)
+    predictor = Predictor.from_runs(demo_runs, device="cpu")
+    (row,) = predict_to_folder(predictor, series, tmp_path / "out", progress=False)
+    assert "not a CT in HU? (DICOM Modality CT: stored values without RescaleSlope/RescaleIntercept?)" in row["warnings"]
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in source.iterdir()} == before
+
+
+def test_an_abdominal_ct_into_the_head_ct_model_is_warned_about(demo_runs, shared_data, tmp_path):
+    """Same modality, intensities in range: the intensity histogram tells the abdomen from the head."""
+    scan = shared_data / "ct_abdomen_totalseg" / "ct.nii.gz"
+    if not scan.is_file():
+        pytest.skip(f"{scan} not found")
+    (row,) = predict_to_folder(Predictor.from_runs(demo_runs, device="cpu"), scan, tmp_path / "out", progress=False)
+    (message,) = [m for m in row["warnings"].split("; ") if m.startswith("intensity histogram")]
+    assert "another body region or kind of image than phantom_sah?" in message
+    assert "modality" not in row["warnings"] and "intensities outside" not in row["warnings"]

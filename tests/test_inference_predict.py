@@ -151,13 +151,13 @@ def test_a_folder_with_a_bad_scan_stops_there_and_keeps_only_complete_outputs(en
 def test_inputs_are_found_by_type(tmp_path):
     folder = tmp_path / "scans"
     (folder / "sub").mkdir(parents=True)
-    for name in ("b.nrrd", "a.nii.gz", "c.MHA", "notes.txt", ".hidden.nii.gz"):
+    for name in ("b.nrrd", "a.nii.gz", "c.MHA", "d.PNG", "e.tif", "notes.txt", ".hidden.nii.gz"):
         (folder / name).write_bytes(b"x")
-    assert [p.name for p in find_inputs(folder)] == ["a.nii.gz", "b.nrrd", "c.MHA"]
+    assert [p.name for p in find_inputs(folder)] == ["a.nii.gz", "b.nrrd", "c.MHA", "d.PNG", "e.tif"]
     assert find_inputs(folder / "b.nrrd") == [folder / "b.nrrd"]
     with pytest.raises(ValueError, match="notes.txt is not a supported scan"):
         find_inputs(folder / "notes.txt")
-    with pytest.raises(FileNotFoundError, match="no NIfTI, NRRD, MHA/MHD file or DICOM series folder in"):
+    with pytest.raises(FileNotFoundError, match="no NIfTI, NRRD, MHA/MHD, PNG, JPEG, BMP or TIFF file or DICOM series folder in"):
         find_inputs(folder / "sub")
 
 

@@ -91,6 +91,25 @@ def test_summary_matches_numpy():
     assert (s["n_bin0"], s["n_bin1"], s["n_bin2"]) == (1, 1, 2)
 
 
+def test_2d_sizes_are_named_by_their_unit_and_old_rows_still_read():
+    from segadapt.training.metrics import abs_error, case_sizes, case_unit
+
+    mask = torch.zeros(6, 8)
+    mask[1:3, 2:5] = 1  # 6 pixels
+    truth = torch.zeros(6, 8)
+    truth[1:4, 2:5] = 1  # 9 pixels
+    px = case_metrics(mask, truth, torch.eye(4, dtype=torch.float64), "px")
+    assert (px["pred_px"], px["true_px"]) == (6, 9) and "pred_ml" not in px and case_unit(px) == "px"
+    mm2 = case_metrics(mask, truth, torch.diag(torch.tensor([0.5, 2.0, 1.0, 1.0], dtype=torch.float64)))
+    assert (mm2["pred_mm2"], mm2["true_mm2"]) == (6.0, 9.0)  # 1 mm^2 pixels, the default unit in 2D
+    summary = summarize([px, {**px, "pred_px": 12.0}], [0, 10, math.inf])
+    assert summary["area_abs_err_px"] == pytest.approx(np.mean([3, 3])) and "volume_abs_err_ml" not in summary
+    assert abs_error(summary) == summary["area_abs_err_px"] and summary["n_bin0"] == 2
+    # a row of a metrics.json written before (every unit under *_ml) reads as it did
+    old = {"dice": 0.5, "hd95": 1.0, "pred_ml": 6.0, "true_ml": 9.0}
+    assert case_sizes(old) == (6.0, 9.0) and abs_error(summarize([old], [0, math.inf])) == 3.0
+
+
 def test_mismatched_shapes_are_an_error():
     with pytest.raises(ValueError, match="differs"):
         case_metrics(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), _affine([1, 1, 1]))

@@ -13,7 +13,8 @@ Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientatio
 shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
 channel (the value filling >= 90% of the outer faces; None when no value does), intensity statistics inside
 the labels (label > 0) and of the whole image (every voxel, or an even stride of 10^6 of them) per channel,
-label volumes in mL (the whole-image range is what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
+the whole image's quantiles (``QUANTILE_LEVELS``), label volumes in mL (the whole-image range and quantiles
+are what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
 foreground voxels drawn per case (seeded, with replacement, so every case weighs alike: nnU-Net's
 ``collect_foreground_intensities``) and the background per channel (the value more than half the cases share).
 
@@ -83,11 +84,12 @@ MIN_BATCH_SIZE = 2
 MAX_DATASET_FRACTION = 0.05       # one batch covers at most this share of the dataset's voxels
 BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
 _PERCENTILES = (0.5, 50.0, 99.5)
+QUANTILE_LEVELS = tuple(range(1, 100))  # percentiles of 'image_quantiles': 1, 2, ..., 99
 
 
 # ----------------------------------------------------------------------------------------- 2D or 3D, units
 
-PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # 2D image files that carry no physical pixel size
+PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D image files without a physical pixel size
 
 
 def dataset_spatial_dims(description: DatasetDescription) -> int:
@@ -142,6 +144,14 @@ def _image_statistics(channel: np.ndarray) -> dict[str, float | None]:
     return stats
 
 
+def image_quantiles(channel: np.ndarray, levels: Sequence[float] = QUANTILE_LEVELS) -> list[float]:
+    """The `levels` percentiles of a whole channel (the same even stride as :func:`_image_statistics`): the shape
+    of its intensity histogram, which ``segadapt predict`` compares inputs against."""
+    values = np.asarray(channel).ravel()
+    values = values[:: max(1, values.size // IMAGE_SAMPLES)].astype(np.float64, copy=False)
+    return np.percentile(values, levels).tolist() if values.size else []
+
+
 def _crop_shape(image: np.ndarray, background: Sequence[float | None]) -> list[int]:
     """Shape of the bounding box of the voxels differing from their channel's background (all: the shape)."""
     spatial = image.shape[1:]
@@ -165,6 +175,7 @@ def _dataset_key(description: DatasetDescription, **settings: object) -> str:
 
     state = {
         "version": FINGERPRINT_VERSION,
+        "quantile_levels": QUANTILE_LEVELS,  # cached fingerprints from before 'image_quantiles' are made again
         "dataset_json": description.path.read_text(encoding="utf-8"),
         "files": [(c.case_id, stat(c.image) if len(c.images) == 1 else [stat(i) for i in c.images], stat(c.label))
                   for c in description.cases],
@@ -189,10 +200,11 @@ def fingerprint(
     name. Returns the fingerprint as a JSON-ready dict (also written to `out`, atomically, when given)::
 
         {"version", "dataset", "dataset_json", "n_cases", "modality", "modality_declared", "labels",
-         "orientation", "spatial_dims",
+         "orientation", "spatial_dims", "quantile_levels",
          "cases": [{"case_id", "spacing", "shape", "crop_shape", "background": [per channel],
                     "intensity": [per channel statistics inside the labels],
                     "image_intensity": [per channel statistics of the whole image],
+                    "image_quantiles": [per channel QUANTILE_LEVELS percentiles of the whole image],
                     "label_volume_ml": {"1": ..., ...}}, ...],
          "intensity": [per channel statistics of the sampled foreground voxels],
          "background": [per channel dataset background value or None]}
@@ -228,6 +240,7 @@ def fingerprint(
             "background": background,
             "intensity": stats,
             "image_intensity": [_image_statistics(c) for c in image],
+            "image_quantiles": [image_quantiles(c) for c in image],
             "label_volume_ml": {str(v): float(counts[v] * voxel_ml) for v in description.label_values if v != 0},
         })
     result = {
@@ -240,6 +253,7 @@ def fingerprint(
         "labels": {str(k): v for k, v in description.labels.items()},
         "orientation": orientation,
         "spatial_dims": spatial_dims,
+        "quantile_levels": list(QUANTILE_LEVELS),  # of the cases' 'image_quantiles'
         "cases": cases,
         "intensity": [intensity_statistics(np.concatenate(s) if s else np.zeros(0)) for s in samples],
         "background": [_shared_background([case["background"][c] for case in cases]) for c in range(channels)],

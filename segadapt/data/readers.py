@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from monai.data.image_reader import ImageReader, NibabelReader
+from monai.data.image_reader import ImageReader, NibabelReader, PILReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
@@ -195,9 +195,18 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
+class TiffReader(PILReader):
+    """MONAI's ``PILReader`` (PNG, JPEG, BMP) for TIFF files too (Pillow reads them; MONAI's list leaves them out)."""
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        return all(str(f).lower().endswith((".tif", ".tiff")) for f in ensure_tuple(filename))
+
+
 def make_loader(keys: str | Sequence[str], allow_missing_keys: bool = False) -> LoadImaged:
-    """``LoadImaged`` (channel first, float32) that reads NIfTI, NRRD, MHA/MHD, PNG and DICOM series folders."""
+    """``LoadImaged`` (channel first, float32) that reads NIfTI, NRRD, MHA/MHD, PNG, JPEG, BMP, TIFF and DICOM
+    series folders."""
     loader = LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=allow_missing_keys)
+    loader.register(TiffReader())
     loader.register(NiftiReader())
     loader.register(SimpleITKReader())
     return loader

@@ -275,11 +275,12 @@ class SegAdaptModule(pl.LightningModule):
         image, label = batch["image"], batch["label"]
         probabilities = self.predict_probabilities(_plain(image)).float().cpu()
         pipeline = getattr(getattr(self.trainer, "datamodule", None), "val_pipeline", None)
+        unit = getattr(getattr(self.trainer, "datamodule", None), "size_unit", None)  # sizes named by unit (px, mm^2)
         if pipeline is None:
             affines = image.affine if image.affine.ndim == 3 else image.affine[None]
             pred = self.foreground(probabilities)
             for b in range(image.shape[0]):
-                self._rows.append({"case_id": str(batch["case_id"][b]), **case_metrics(pred[b], _plain(label[b, 0]), affines[b])})
+                self._rows.append({"case_id": str(batch["case_id"][b]), **case_metrics(pred[b], _plain(label[b, 0]), affines[b], unit)})
             return
         to_file_grid = invert_transform(pipeline, keys="pred")
         for item, p in zip(decollate_batch(batch), probabilities):
@@ -287,7 +288,7 @@ class SegAdaptModule(pl.LightningModule):
             restored = to_file_grid(item)["pred"]
             truth = self._read_label(item["label"].meta["filename_or_obj"])
             pred = self.foreground(restored.as_tensor()[None])[0]
-            self._rows.append({"case_id": str(item["case_id"]), **case_metrics(pred, truth[0], restored.affine)})
+            self._rows.append({"case_id": str(item["case_id"]), **case_metrics(pred, truth[0], restored.affine, unit)})
 
     @staticmethod
     def _read_label(path: str) -> torch.Tensor:
