@@ -47,6 +47,7 @@ from torch import nn
 import segadapt
 from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
+from segadapt.export_common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training.run import FINGERPRINT_FILE, open_run
 
@@ -325,7 +326,6 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
-    from segadapt.export import check_targets, load_run_for_export
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from segadapt.data.files import atomic_path
+from segadapt.data.readers import dicom_series_files, is_dicom_series
 
 if TYPE_CHECKING:
     from segadapt.inference import Prediction
@@ -69,8 +70,6 @@ def _highdicom():
 def check_dicom_seg_request(inputs: list[Path], out: str | os.PathLike) -> Path:
     """Refuse, before any work, a DICOM-SEG request that cannot be met: several inputs, or an input that is not a
     DICOM series folder (a NIfTI has no source images to reference); highdicom missing."""
-    from segadapt.inference import is_dicom_series
-
     if len(inputs) != 1:
         raise ValueError(f"--dicom-seg {out} writes one DICOM-SEG object, for one DICOM series; got {len(inputs)} inputs")
     if not (inputs[0].is_dir() and is_dicom_series(inputs[0])):
@@ -84,8 +83,6 @@ def check_dicom_seg_request(inputs: list[Path], out: str | os.PathLike) -> Path:
 def check_dicom_seg_sources(folder: Path) -> None:
     """Refuse, before any work, a series that no DICOM-SEG could reference (:func:`_source_headers`, read here
     from the headers only) or whose geometry highdicom cannot describe (:func:`series_geometry`)."""
-    from segadapt.inference import dicom_series_files
-
     series_geometry(_source_headers(dicom_series_files(folder), warn=False))
 
 
@@ -234,7 +231,6 @@ def write_dicom_seg(prediction: Prediction, out: str | os.PathLike, labels: Mapp
     from pydicom.sr.codedict import codes as codedict
 
     from segadapt import __version__
-    from segadapt.inference import dicom_series_files
 
     check_dicom_seg_request([Path(prediction.source)], out)
     n_classes = max(len(prediction.probabilities), 2) - 1  # C = 1: one foreground class

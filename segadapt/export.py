@@ -36,9 +36,10 @@ MONAI bundle: :func:`segadapt.bundle.export_bundle`.
 
 Command line: ``segadapt export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--nnunet FOLDER] [--force]``
 (or ``python -m segadapt.export``); outputs that are folders / files / not writable, an output file that exists
-(without ``--force``), one that is a file of the run or one it reads (:func:`run_files`: config.yaml, the weights,
-plan, fingerprint, the base checkpoint, dataset.json; ``--force`` or not), and a broken ``config.yaml``, exit 2
-with one line before any work. A full / decoder / scratch run exports its ``model.safetensors`` network.
+(without ``--force``), one that is a file of the run or one it reads (:func:`segadapt.export_common.run_files`:
+config.yaml, the weights, plan, fingerprint, the base checkpoint, dataset.json; ``--force`` or not), and a broken
+``config.yaml``, exit 2 with one line before any work. A full / decoder / scratch run exports its
+``model.safetensors`` network. nnU-Net trained-model folder: :func:`segadapt.export_nnunet.export_nnunet`.
 """
 
 from __future__ import annotations
@@ -53,24 +54,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
-from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, load_adapter,
-                               merge_and_unload, remove_adapter, set_active_adapter)
+from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, merge_and_unload,
+                               remove_adapter, set_active_adapter)
 from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
 from segadapt.bundle import BUNDLE_FILES, export_bundle, inference_config
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.errors import OneLineParser
+from segadapt.export_common import check_targets, load_run_for_export, read_export_config
+from segadapt.export_nnunet import export_nnunet, nnunet_targets
 from segadapt.models import build_model
-from segadapt.models.nnunet import export_nnunet, nnunet_targets
-from segadapt.models.pretrained import load_pretrained
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule
-from segadapt.training.run import open_run
 
 MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -366,96 +363,7 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
     return model
 
 
-# ---- what an export may write over --------------------------------------------------------------
-RUN_LOG_FOLDERS = ("logs", ".hydra")  # sub-folders of a run folder that are the run's own files
-
-
-def run_files(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict[Path, str]:
-    """{file: what it is} of the files an export must never write over: the run's own (every file of the
-    run folder: config.yaml, the weights, plan.json, fingerprint.json, ...) and the files the run reads
-    (its base checkpoint, dataset.json, splits; an nnU-Net base folder's plans, dataset.json and checkpoint)."""
-    run_dir = Path(run_dir)
-    files = {path: "a file of the run folder" for folder in (run_dir, *(run_dir / f for f in RUN_LOG_FOLDERS))
-             if folder.is_dir() for path in folder.iterdir() if path.is_file()}
-    module, data = config.get("module") or {}, config.get("datamodule") or {}
-    kwargs = module.get("model_kwargs") or {}
-    read = {"the run's base checkpoint": module.get("base_checkpoint"),
-            "the run's dataset.json": data.get("dataset_json"),
-            "the run's splits file": data.get("splits_path")}
-    if module.get("model") == "nnunet" and kwargs.get("results"):
-        results = Path(kwargs["results"])
-        read.update({"the run's nnU-Net plans": results / "plans.json",
-                     "the run's nnU-Net dataset.json": results / "dataset.json",
-                     "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / "checkpoint_final.pth"})
-    files.update({Path(path): what for what, path in read.items() if path})
-    return files
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """`a` and `b` are one file: the same path once resolved, or the same inode (a hard link)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
-
-
-def check_targets(run_dir: str | os.PathLike, config: Mapping[str, Any], targets: Sequence[str | os.PathLike],
-                  force: bool = False) -> None:
-    """Refuse, before any work, to write a file of `targets` that is one of the run's files or inputs
-    (:func:`run_files`; `force` or not), or that exists (unless `force`).
-
-    Raises:
-        ValueError: one line naming the file.
-    """
-    protected = run_files(run_dir, config)
-    for target in map(Path, targets):
-        found = next(((path, what) for path, what in protected.items() if _same_file(target, path)), None)
-        if found is not None:
-            raise ValueError(f"{target} is {found[1]} ({found[0]}); an export never writes over it, --force or not")
-        if target.exists() and not force:
-            raise ValueError(f"{target} exists; give --force to overwrite it")
-
-
 # ---- command line -------------------------------------------------------------------------------
-def read_export_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """A run folder's config, a ``config.yaml`` that is not YAML or has no ``module.model`` a ValueError
-    naming it (instead of a parser traceback)."""
-    config_path = Path(run_dir) / CONFIG_FILE
-    try:
-        config = open_run(run_dir)
-    except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise ValueError(f"{config_path} is not readable YAML: {' '.join(str(error).split())}") from None
-    if not isinstance(config.get("module"), dict) or "model" not in config["module"]:
-        raise ValueError(f"{config_path} has no module.model (the network's name)")
-    return config
-
-
-def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
-    FileNotFoundError naming the file.
-
-    Like :func:`segadapt.training.load_run`, with `strict` passed to ``load_adapter`` (False: an adapter
-    made on a base with the same modules but other weights loads with a warning), and a ``config.yaml``
-    that is not YAML or lacks a key reported as such instead of a parser traceback.
-    """
-    config_path = Path(run_dir) / CONFIG_FILE
-    config = read_export_config(run_dir)
-    try:
-        module = SegAdaptModule(**config["module"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} does not describe a run's network: {type(error).__name__}: {error}") from None
-    adapter_file, weights_file = Path(run_dir) / ADAPTER_FILE, Path(run_dir) / WEIGHTS_FILE
-    if adapter_file.is_file():
-        load_adapter(module.net, adapter_file, strict=strict)
-    elif weights_file.is_file():  # a full / decoder / scratch run: its network, no adapter
-        load_pretrained(module.net, weights_file)
-    else:
-        raise FileNotFoundError(f"run folder {run_dir} has neither {ADAPTER_FILE} nor {WEIGHTS_FILE}: nothing to export")
-    return module.net.eval(), config
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = OneLineParser(prog="segadapt export",
                                      description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
@@ -469,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="overwrite existing output files (never the run's own files, its base or its data), and "
                              "load an adapter made on a base with the same modules but other weights (a warning)")
     parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
-                        "folder (model=nnunet runs; segadapt.models.nnunet.export_nnunet)")
+                        "folder (model=nnunet runs; segadapt.export_nnunet.export_nnunet)")
     args = parser.parse_args(argv)
     if not (args.merged or args.peft or args.bundle or args.nnunet):
         parser.error("give --merged FILE, --peft FOLDER, --bundle FOLDER and/or --nnunet FOLDER")

@@ -65,6 +65,7 @@ from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_
 from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
 from segadapt.data.plan import PIXEL_SUFFIXES
+from segadapt.data.readers import dicom_series_files, is_dicom_series
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
 from segadapt.dicom_seg import SEGMENT_CODE_HELP, check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
@@ -85,21 +86,6 @@ CSV_COLUMNS = ("input", "mask", "probabilities", "lesion_voxels", "voxel_ml", "l
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-def is_dicom_series(folder: str | os.PathLike) -> bool:
-    """True if `folder` holds DICOM files of at least one series (GDCM's scan, not recursive)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM files
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def dicom_series_files(folder: str | os.PathLike) -> list[str]:
-    """The files of the DICOM series in `folder`, in GDCM's slice order (the order the reader stacks them)."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-
-
 def dicom_modality(folder: str | os.PathLike) -> Optional[str]:
     """The DICOM ``Modality`` (CT, MR, ...) of the series in `folder` (its first file's header), or None."""
     files = dicom_series_files(folder)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from segadapt.data import load_dataset_json
-from segadapt.inference import Predictor, dicom_series_files, main, predict_to_folder
+from segadapt.data.readers import dicom_series_files
+from segadapt.inference import Predictor, main, predict_to_folder
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")

@@ -22,8 +22,9 @@ from nnunet_fixtures import PATCH, SHAPE, plans, reference_network, write_raw_da
 from segadapt.adapters import AdapterConfig, inject  # noqa: E402
 from segadapt.data import LoadCased, load_dataset_json  # noqa: E402
 from segadapt.models import build_model, load_pretrained, preset_targets  # noqa: E402
+from segadapt.export_nnunet import export_nnunet  # noqa: E402
 from segadapt.models.nnunet import (  # noqa: E402
-    export_nnunet, network_orientation, plan_from_nnunet, read_checkpoint, read_results, transpose_for)
+    network_orientation, plan_from_nnunet, read_checkpoint, read_results, transpose_for)
 from segadapt.training import SegAdaptModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

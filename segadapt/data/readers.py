@@ -63,6 +63,21 @@ class NiftiReader(NibabelReader):
         return images
 
 
+def is_dicom_series(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds DICOM files of at least one series (GDCM's scan, not recursive)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM files
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the DICOM series in `folder`, in GDCM's slice order (the order the reader stacks them)."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+
+
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     """Read the single DICOM series in `folder` (slices sorted by position by GDCM).
 

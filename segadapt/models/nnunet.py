@@ -15,8 +15,9 @@ The network is built with ``dynamic-network-architectures`` (nnU-Net's own netwo
 nnU-Net's ``get_network_from_plans`` does; the checkpoint is read with ``torch.load(weights_only=True)``
 (numpy scalars in its ``logging`` allowlisted, see :data:`segadapt.models.pretrained.NUMPY_SCALAR_GLOBALS`).
 :func:`plan_from_nnunet` turns the plans into segadapt's :class:`~segadapt.data.plan.Plan`, so the one
-planning path sets the preprocessing the network was trained with. :func:`export_nnunet` writes a run's
-merged network back as a trained-model folder that nnU-Net's predictor loads.
+planning path sets the preprocessing the network was trained with. :func:`write_checkpoint` writes a
+checkpoint nnU-Net's predictor loads (:func:`segadapt.export_nnunet.export_nnunet` writes a run as a
+trained-model folder).
 
 Axes: nnU-Net reads an image as SimpleITK does (array axes = the file's voxel axes reversed) and then
 transposes by ``transpose_forward``; it never reorients. segadapt reorients every case to one axis code
@@ -28,7 +29,6 @@ orientation are reoriented to it (nnU-Net would feed them as stored).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -501,89 +501,6 @@ def write_plans(out_dir: str | os.PathLike, plans: Mapping, dataset: Mapping) ->
     write_json(out_dir / PLANS_FILE, dict(plans))
     write_json(out_dir / DATASET_FILE, dict(dataset))
     return out_dir
-
-
-# ---- export ---------------------------------------------------------------------------------------------
-def _same_json(path: Path, value: Any) -> bool:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(value))
-    except (OSError, ValueError):
-        return False
-
-
-def nnunet_targets(config: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """The files :func:`export_nnunet` of a run with this config would write in `out_dir`: the fold's checkpoint,
-    and plans.json / dataset.json unless they are already the base folder's (several folds go into one folder).
-
-    Raises:
-        ValueError: the run's model is not ``nnunet``.
-    """
-    module_args = config["module"]
-    if module_args["model"] != "nnunet":
-        raise ValueError(f"model {module_args['model']!r}; only model=nnunet runs export to nnU-Net's format")
-    kwargs, out_dir = module_args.get("model_kwargs") or {}, Path(out_dir)
-    results = Path(kwargs.get("results") or ".")
-    shared = [out_dir / name for name in (PLANS_FILE, DATASET_FILE)
-              if not (results / name).is_file() or not _same_json(out_dir / name, json.loads((results / name).read_bytes()))]
-    return [*shared, out_dir / f"fold_{int(kwargs.get('fold', 0))}" / CHECKPOINT_FILE]
-
-
-def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the merged network of an ``model=nnunet`` run as an nnU-Net trained-model folder.
-
-    ``out_dir`` gets the base folder's ``plans.json`` and ``dataset.json`` and
-    ``fold_<k>/checkpoint_final.pth`` (:func:`write_checkpoint`) holding the run's network with every adapter
-    merged (nnU-Net's own key names; it loads into a fresh network of the plans with plain
-    ``load_state_dict``). ``nnUNetv2_predict -d ... ``/``nnUNetPredictor.initialize_from_trained_model_folder``
-    read it as any trained-model folder.
-
-    Raises:
-        ValueError: the run's model is not ``nnunet``, or the run pinned preprocessing against the plans
-            (the folder would describe another preprocessing than the network was tuned with).
-            Also: `out_dir` holds a checkpoint for this fold and not `overwrite`.
-    """
-    from segadapt.adapters import merge_and_unload
-    from segadapt.data.files import write_json
-    from segadapt.export import check_targets
-    from segadapt.training.run import load_run
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    module, config = load_run(run_dir)
-    module_args = config["module"]
-    if module_args["model"] != "nnunet":
-        raise ValueError(f"{run_dir}: model {module_args['model']!r}; only model=nnunet runs export to nnU-Net's format")
-    kwargs = module_args["model_kwargs"]
-    base = read_results(kwargs["results"], kwargs.get("configuration", "3d_fullres"), kwargs.get("fold", 0))
-    planned = plan_from_nnunet(base, config["datamodule"]["dataset_json"]).preprocess_fields()
-    used = config["datamodule"]["preprocess"]
-    differs = [f"{k}={used.get(k)} (plans: {v})" for k, v in planned.items()
-               if k not in ("slice_size",) and _canonical(used.get(k)) != _canonical(v)]
-    if differs:
-        raise ValueError(f"{run_dir}: the run's preprocessing differs from {base.folder / PLANS_FILE}: "
-                         f"{'; '.join(differs)}; nnU-Net would feed the network other inputs")
-    target = out_dir / f"fold_{base.fold}" / CHECKPOINT_FILE
-    if target.exists() and not overwrite:
-        raise ValueError(f"{target} exists; remove it (or overwrite=True) to replace it")
-    check_targets(run_dir, config, nnunet_targets(config, out_dir), force=overwrite)  # never the base's own files
-    network = merge_and_unload(module.net)
-    fresh = build_network(base.config["architecture"], base.in_channels, base.num_classes)
-    fresh.load_state_dict(network.state_dict())  # strict: nnU-Net's keys exactly
-    for name, value in ((PLANS_FILE, base.plans), (DATASET_FILE, base.dataset)):
-        if not _same_json(out_dir / name, value):  # the folder of another fold keeps its files untouched
-            write_json(out_dir / name, value)
-    write_checkpoint(target, fresh.state_dict(), base.plans, base.dataset, base.configuration, base.fold,
-                     epoch=int(config.get("trainer", {}).get("max_steps", 0) or 0))
-    return out_dir
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        return round(float(value), 6)
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
