@@ -355,6 +355,24 @@ def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
     assert not marker.exists() and _tree(run) == before
 
 
+def test_a_checkpoint_replaced_after_the_check_is_refused_by_the_load_itself(world, tmp_path, capsys, monkeypatch):
+    """The resume's own load (Lightning's, with weights_only=True) refuses a planted last.ckpt in one line too,
+    when the check before it did not see the file (replaced in between)."""
+    import segadapt.training.run as run_module
+
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(world["killed"], run)
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    torch.save({**checkpoint, "loops": Plant(marker)}, run / CHECKPOINT_FILE)
+    monkeypatch.setattr(run_module, "read_resume_checkpoint", lambda path: {})  # the check sees nothing
+    with pytest.raises(SystemExit) as exit_:
+        _run_job([*world["common"], f"run_dir={run}", "ckpt_path=last"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: refused to resume from {run / CHECKPOINT_FILE}: it holds pickled objects "), err
+    assert "GLOBAL io.open" in err[0] and not marker.exists()
+
+
 def test_what_last_ckpt_holds_loads_with_weights_only(world, tmp_path):
     """Everything segadapt and Lightning write into last.ckpt (loops, optimiser and scheduler states, hyper-
     parameters, the callbacks' states: model selection, early stopping, training figures, settings digest)

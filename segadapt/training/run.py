@@ -51,6 +51,7 @@ import math
 import os
 import pickle
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -396,17 +397,25 @@ def read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     strings and plain containers only (no allow-listed classes: what segadapt writes into ``last.ckpt`` needs
     none), so no code in the file can run. A file that needs more, or is no checkpoint: ValueError naming it."""
     path = Path(path)
+    if not zipfile.is_zipfile(path):  # torch.save's format since torch 1.6, and what mmap needs
+        raise ValueError(f"{path} is not a readable checkpoint: not a zip archive written by torch.save")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors read lazily
     except pickle.UnpicklingError as error:
-        detail = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
-        raise ValueError(f"refused to resume from {path}: it holds pickled objects other than tensors and plain "
-                         f"containers, and unpickling them could run code ({detail})") from None
+        raise _unsafe_checkpoint(path, error) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0] if str(error) else error!r}") from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", "loops"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict, global_step and loops)")
     return checkpoint
+
+
+def _unsafe_checkpoint(path: Path, error: pickle.UnpicklingError) -> ValueError:
+    # torch's message goes on to advise allow-listing the class; keep the class it met
+    detail = next((line.strip().split(" was not an allowed")[0] for line in str(error).splitlines()
+                   if "Unsupported global" in line), type(error).__name__)
+    return ValueError(f"refused to resume from {path}: it holds pickled objects other than tensors and plain "
+                      f"containers, and unpickling them could run code ({detail})")
 
 
 def check_not_in_use(run_dir: str | os.PathLike) -> None:
@@ -696,7 +705,10 @@ def fit_run(
         if tuning == "none":
             module.case_rows = list(base_cases)
         if tuning != "none":
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # no code runs on load
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # no code runs on load
+            except pickle.UnpicklingError as error:  # the checkpoint was replaced since it was checked
+                raise _unsafe_checkpoint(run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path), error) from None
             if trainer.interrupted:
                 raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
             trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
@@ -850,7 +862,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
-    action = check_request(cfg, "pretrain")
+    action = check_request(cfg, "pretrain", sweep=False)  # a finished base is kept, never skipped unseen
     kept = _kept_or_resumed(cfg["pretrain"]["run_dir"], action, None)
     if kept is not None:
         return kept
