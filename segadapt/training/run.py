@@ -472,7 +472,8 @@ def run_folder_action(run_dir: str | os.PathLike, record: Mapping[str, Any] | Ca
     refused otherwise; in a sweep (`sweep`), a finished run with the requested settings is skipped, while a
     single run into a finished folder stays refused (``overwrite=true`` replaces it)."""
     run_dir = Path(run_dir)
-    check_not_in_use(run_dir)
+    if rank_zero_only.rank == 0:  # DDP: the other ranks start while rank 0 holds the folder
+        check_not_in_use(run_dir)
     if ckpt_path is None and not overwrite and (run_dir / CONFIG_FILE).is_file():
         finished, killed = (run_dir / METRICS_FILE).is_file(), (run_dir / CHECKPOINT_FILE).is_file()
         if finished or killed:
