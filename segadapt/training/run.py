@@ -448,7 +448,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's pid stays readable
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)  # not O_TRUNC: the holder's pid stays readable
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
