@@ -63,6 +63,10 @@ def rss_mb() -> float:
     return peak_rss_mb() if current is None else current
 
 
+TRAIN_STATS_KEYS = ("trainable_params", "train_time_s", "train_steps", "fit_time_s", "peak_mem_mb", "memory",
+                    "peak_mem_increase_mb", "resumed_from_step")
+
+
 class TrainStats(pl.Callback):
     """Measures training cost; read :attr:`stats` after ``fit`` (also sent to the loggers as ``cost/*``).
 
@@ -77,6 +81,7 @@ class TrainStats(pl.Callback):
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
         self._batch_start = self._fit_start = self._mem_start = self._train_peak = 0.0
+        self._trained = False
 
     @staticmethod
     def _sync(trainer: pl.Trainer) -> None:
@@ -96,6 +101,7 @@ class TrainStats(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = trainer.strategy.root_device
+        self._trained = False
         self._reset_peak(device)
         self._mem_start = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
         self._train_peak = 0.0
@@ -110,6 +116,7 @@ class TrainStats(pl.Callback):
             self._reset_peak(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         self.stats["resumed_from_step"] = trainer.global_step
         self.stats["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
 
@@ -122,6 +129,14 @@ class TrainStats(pl.Callback):
         self._sync(trainer)
         self.stats["train_time_s"] += time.perf_counter() - self._batch_start
         self.stats["train_steps"] += 1
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resume from a checkpoint of the last step trains nothing (Lightning then calls neither
+        on_train_start nor on_train_end): the figures of this session are completed here, so that
+        :attr:`stats` has every key of :data:`TRAIN_STATS_KEYS` after any fit."""
+        if not self._trained:
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stats["fit_time_s"] += time.perf_counter() - self._fit_start
@@ -138,6 +153,20 @@ class TrainStats(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stats.update(state_dict.get("stats", {}))
+
+
+class RunSettings(pl.Callback):
+    """Keeps a digest of the run's settings in the Lightning checkpoint (``callbacks['RunSettings']``), so that
+    a resume can tell its own run's ``last.ckpt`` from one another training wrote into the same folder."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing: the resume checks the stored digest before it starts (segadapt.training.run)."""
 
 
 def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:
