@@ -686,6 +686,8 @@ def fit_run(
             if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
                 for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, "logs/metrics.csv"):
                     (run_dir / stale).unlink(missing_ok=True)
+            else:  # a resume rewrites the weights: until its metrics.json, the folder is an unfinished run
+                (run_dir / METRICS_FILE).unlink(missing_ok=True)
             write_yaml(run_dir / CONFIG_FILE, record)
             if plan is not None:
                 plan.to_json(run_dir / PLAN_FILE)
