@@ -226,11 +226,15 @@ def test_predict_report_export_plan_diagnose_exit_0(world, tmp_path, capsys):
 def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
     missing = tmp_path / "missing"
     (tmp_path / "file").write_text("x")
+    corrupt = tmp_path / "experiment" / "lora_c" / "fold0" / "metrics.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text("{not json")
     for argv, message in [
         ([], "the following arguments are required: COMMAND"),
         (["train"], "invalid choice: 'train'"),
         (["predict", "--run", str(world["runs"][0]), "--input", str(missing)], "input not found"),
         (["report", str(missing)], f"experiment folder not found: {missing}"),
+        (["report", str(tmp_path / "experiment")], f"{corrupt} is not readable JSON (Expecting property name"),
         (["export", str(world["runs"][0])], "give --merged FILE, --peft FOLDER"),
         (["export", str(world["runs"][0]), "--merged", str(tmp_path)], "is a folder; give a file name"),
         (["export", str(world["runs"][0]), "--peft", str(tmp_path / "file")], "is a file, not a folder"),
