@@ -37,6 +37,15 @@ SILENCED_RECORDS: tuple[tuple[str, str], ...] = (
     ("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available"),  # see NvImgCodecPydicomReader above
 )
 
+# Loggers whose INFO records a command does not show (set to WARNING; their warnings still show):
+QUIET_LOGGERS: tuple[str, ...] = (
+    # Lightning's rank-zero notices, a block per Trainer ("GPU available: ...", "TPU available: ...", "HPU
+    # available: ...", "`Trainer.fit` stopped: `max_steps=2` reached."): 19 lines in a 12-run sweep. Lightning's
+    # documented switch (docs "Configure console logging"): this logger's level. fabric's, where only it is imported.
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
 
 class _DropRecords(logging.Filter):
     """Drops the records of its logger whose message starts with one of `starts`."""
@@ -50,7 +59,9 @@ class _DropRecords(logging.Filter):
 
 
 def filter_third_party_warnings() -> None:
-    """Apply :data:`THIRD_PARTY_WARNINGS` and :data:`SILENCED_RECORDS` (idempotent)."""
+    """Apply :data:`THIRD_PARTY_WARNINGS`, :data:`SILENCED_RECORDS` and :data:`QUIET_LOGGERS` (idempotent)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for action, message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings(action, message=message, category=category, module=module)
     starts: dict[str, tuple[str, ...]] = {}
