@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segadapt.cli import COMMANDS, config_argv, main, run
+from segadapt.cli import COMMANDS, config_argv, main, report_main, run
 from segadapt.data import load_dataset_json, load_test_cases
+from segadapt.parsers import PARSERS
 from segadapt.training import read_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,37 @@ def _options_without_help(text: str) -> list[str]:
         if invocation and (not description or description.startswith("(type:") or description.startswith("(required, type:")):
             missing.append(invocation)
     return missing
+
+
+def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
+    """`segadapt predict|report|export|plan|diagnose --help` import no torch (checked in a fresh process) and print
+    what the command's own main prints; the defaults the parsers repeat are the commands' constants."""
+    code = ("import sys\nfrom segadapt.cli import main\nfor command in sys.argv[1:]:\n    try:\n"
+            "        main([command, '--help'])\n    except SystemExit as e:\n        print('EXIT', e.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}))")
+    done = subprocess.run([sys.executable, "-c", code, *PARSERS], env=ENV, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
+    import segadapt.data.config
+    import segadapt.data.plan
+    import segadapt.diagnose
+    import segadapt.export
+    import segadapt.inference
+    from segadapt import parsers
+
+    assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
+    assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
+    assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
+    assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
+    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+           "diagnose": segadapt.diagnose.main, "report": report_main}
+    for command, command_main in own.items():
+        with pytest.raises(SystemExit):
+            command_main(["--help"])
+        text = capsys.readouterr().out
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out == text != ""
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
