@@ -14,7 +14,7 @@ from scipy import stats
 import yaml
 
 from segadapt.training.report import (_colours, _dice_limits, bootstrap_ci, collect_runs, holm, method_rows, nan_mean_sd,
-                                      paired_p, write_report)
+                                      paired_p, plot_dice_vs_volume, report_table, write_report)
 
 CASES = [f"c{i}" for i in range(6)]  # fold 0 validates c0-c2, fold 1 c3-c5
 DICE = {
@@ -216,6 +216,21 @@ def test_folds_trained_with_different_settings_are_flagged(tmp_path):
     text = paths["markdown"].read_text(encoding="utf-8")
     assert "lora_c ⚠³" in _markdown_rows(text) and "lora_c_same" in _markdown_rows(text)
     assert "³ `lora_c` pools folds trained with different settings: `fold 1: trainer.max_steps: 1500 -> 2`." in text
+
+
+def test_sizes_under_unit_named_keys(tmp_path):
+    """Case rows whose sizes are named by their unit (``true_px``; summaries with ``area_abs_err_px``) plot and
+    tabulate as the ``*_ml`` ones do."""
+    _write(tmp_path, "lora_c", "lora_c", DICE["lora_c"], base=DICE["none"])
+    rows, labels = method_rows(collect_runs(tmp_path))
+    for row in rows:
+        for case in row["cases"]:
+            case["pred_px"], case["true_px"] = case.pop("pred_ml"), case.pop("true_ml")
+        row["area_abs_err_px"] = row.pop("volume_abs_err_ml")
+    table = report_table(rows, labels)
+    assert "area_abs_err_px" in table.columns and "volume_abs_err_ml" not in table.columns
+    path = plot_dice_vs_volume(rows, [0.0, 3.0, math.inf], tmp_path / "v.png", unit="px", structure="vessel")
+    assert b"true vessel area (px)" in path.with_suffix(".svg").read_bytes()
 
 
 def test_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path):

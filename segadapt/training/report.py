@@ -364,7 +364,7 @@ def report_table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> pd.Da
             "hd95_sd_mm": r["hd95_sd"], "hd95_undefined": int(r["hd95_undefined"]),
             **{f"dice_bin[{b}]": r[f"dice_bin{i}"] for i, b in enumerate(labels)},
             **{f"n_bin[{b}]": int(r[f"n_bin{i}"]) for i, b in enumerate(labels)},
-            "volume_corr": r["volume_corr"], "volume_abs_err_ml": r["volume_abs_err_ml"],
+            "volume_corr": r["volume_corr"], **{k: v for k, v in r.items() if "_abs_err_" in k},  # named by unit
             "train_time_s_sd": r["train_time_s"][1], "train_steps": r["train_steps"], "peak_mem_mb": r["peak_mem_mb"],
             "peak_mem_increase_mb": r["peak_mem_increase_mb"], "memory": r["memory"],
             "base_from_runs": int(r["base_from_runs"]), "settings_differ": "; ".join(r["settings_differ"]),
@@ -474,6 +474,11 @@ def _colours(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     return colours
 
 
+def _true_size(case: Mapping[str, Any]) -> float:
+    """A case row's true size, under whichever unit-named key it has (``true_ml``; ``true_mm2`` / ``true_px``)."""
+    return next(case[key] for key in ("true_ml", "true_mm2", "true_px") if key in case)
+
+
 def _size_word(unit: str) -> str:
     return "volume" if unit == "mL" else "area"
 
@@ -529,7 +534,7 @@ def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], 
     ax = figure.subplots()
     markers = "os^vD<>phx*+"
     for i, (r, color) in enumerate(zip(rows, _colours(rows))):
-        volumes, dice = [c["true_ml"] for c in r["cases"]], [c["dice"] for c in r["cases"]]
+        volumes, dice = [_true_size(c) for c in r["cases"]], [c["dice"] for c in r["cases"]]
         marker = markers[i % len(markers)]
         ax.scatter(volumes, dice, s=12, marker=marker, color=color, alpha=0.35, linewidths=0)
         bins = [[k for k, v in enumerate(volumes) if volume_bin(v, edges) == b] for b in range(len(edges) - 1)]
