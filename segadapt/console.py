@@ -1,6 +1,7 @@
 """What a command prints: the third-party warnings and notices that say nothing to a segadapt user are
 filtered here, in one list, when a command starts (:func:`setup_console`, called by ``segadapt`` and the
-Hydra scripts). Importing the library changes no filter: a Python user keeps every warning.
+Hydra scripts; a notebook calls it in its first cell, before its other imports). Importing the library
+changes no filter: a Python user keeps every warning.
 
 Each entry names its source and why it is silenced; the package's own code paths raise none (a test turns
 warnings from ``segadapt`` modules into errors on a short fit).
@@ -27,6 +28,9 @@ THIRD_PARTY_WARNINGS: tuple[tuple[str, str, type[Warning], str], ...] = (
      r"lightning\.pytorch\.cli"),
     # SegDataModule validates nothing while fitting without an inner split: its val loader is [] by design
     ("ignore", r"Total length of `list` across ranks is zero.*", UserWarning, r"lightning\..*"),
+    # tqdm.auto in a Jupyter kernel without ipywidgets falls back to its text bar and says so when imported
+    # (segadapt's bars are text bars); a TqdmWarning, named by its base class so that tqdm need not be imported
+    ("ignore", r"IProgress not found.*", Warning, r"tqdm\..*"),
 )
 
 # Log records of third-party loggers that are advertisements or say the same as a filtered warning:

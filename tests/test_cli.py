@@ -142,6 +142,47 @@ def test_every_option_of_every_subcommand_has_help(command, capsys):
         assert _options_without_help(text) == [], text
 
 
+NOTICES = """
+import logging, sys, warnings
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # a handler for every logger, as Lightning's / Jupyter's
+if sys.argv[1] == "setup":
+    from segadapt.console import setup_console
+    setup_console()
+    assert "torch" not in sys.modules
+for logger, level, message in [
+        ("monai.data.nvimgcodec_pydicom_plugin", logging.WARNING,
+         "nvImageCodec is not available; skipping pydicom decoder plugin registration."),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "GPU available: False, used: False"),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "TPU available: False, using: 0 TPU cores"),
+        ("lightning.fabric.utilities.rank_zero", logging.INFO, "GPU available: False, used: False"),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "`Trainer.fit` stopped: `max_steps=2` reached."),
+        ("lightning.pytorch.utilities.rank_zero", logging.WARNING, "a real warning stays")]:
+    logging.getLogger(logger).log(level, message)
+TqdmWarning = type("TqdmWarning", (Warning,), {})
+for message, category, module in [
+        ("IProgress not found. Please update jupyter and ipywidgets.", TqdmWarning, "tqdm.auto"),
+        ("NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register; falling back", UserWarning,
+         "monai.data.image_reader"),
+        ("`LeafSpec` is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
+        ("a segadapt warning stays", UserWarning, "segadapt.inference")]:
+    warnings.warn_explicit(message, category, module.replace(".", "/") + ".py", 1, module=module)
+"""
+
+
+def test_a_command_start_silences_the_notices_of_a_notebook_and_a_sweep():
+    """setup_console (a command's start, a notebook's first cell) drops MONAI's nvImageCodec record and warning,
+    Lightning's rank-zero notices (GPU/TPU available, fit stopped), tqdm's IProgress warning in Jupyter and
+    torch's LeafSpec FutureWarning, without importing torch; warnings of other sources stay. Without it, all show."""
+    quiet, loud = (subprocess.run([sys.executable, "-c", NOTICES, mode], env=ENV, capture_output=True, text=True,
+                                  timeout=60) for mode in ("setup", "bare"))
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    lines = [line for line in (quiet.stdout + quiet.stderr).splitlines() if line.strip() and not line.startswith("  ")]
+    assert len(lines) == 2 and "a real warning stays" in lines[0] and "a segadapt warning stays" in lines[1], lines
+    shown = loud.stdout + loud.stderr
+    assert all(text in shown for text in ("nvImageCodec is not available", "GPU available", "TPU available",
+                                          "stopped", "IProgress", "NvImgCodecPydicomReader", "LeafSpec")), shown
+
+
 # ---- fit / validate / test ---------------------------------------------------------------------------------
 STRICT = ("import sys, warnings\nwarnings.filterwarnings('error', module=r'segadapt(\\..*)?$')\n"
           "from segadapt.cli import main\nsys.exit(main(sys.argv[1:]))")
