@@ -41,6 +41,7 @@ def _write(folder, method, tuning, dice, base=None, below_base=(False, False), l
         base_cases = None if base is None else [_case(c, d) for c, d in zip(ids, base[3 * fold:3 * fold + 3])]
         last = cases if last_dice is None else [_case(c, d) for c, d in zip(ids, last_dice[3 * fold:3 * fold + 3])]
         metrics = {
+            "format": "segadapt-metrics/1",
             "run": {"experiment": "x", "method": method, "tuning": tuning, "fold": fold},
             "val": {"dice": float(np.mean(dice[3 * fold:3 * fold + 3]))},
             "base_val": None if base is None else {"dice": float(np.mean(base[3 * fold:3 * fold + 3]))},

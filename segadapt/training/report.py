@@ -16,7 +16,8 @@ Reads every ``metrics.json`` of a ``fold<k>`` folder under the experiment folder
   the other runs' ``base_cases`` (the base validated on each fold before tuning). Marks on a method's name:
   folds whose selected network stayed below the base on the inner split, a base taken from the runs, and
   folds trained with different settings (:func:`settings_differences`: their config.yaml differ in more than
-  the fold; the row is flagged and a warning names the settings, rather than the whole report refused).
+  the fold). Such a row is flagged, with a warning naming the settings, rather than the report refused: one
+  mixed method should not hide the others' results, and the note says what to rerun.
 * ``report.csv``: the same rows with every column: unadjusted and adjusted p-values, HD95, Dice per volume
   bin, the correlation of predicted with true volume, the Dice of the last training step, training steps,
   peak memory (:func:`report_table`; report.md's main table is formatted from it). ``report_folds.csv``:
