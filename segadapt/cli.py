@@ -34,6 +34,7 @@ import itertools
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -116,8 +117,12 @@ def report_main(argv: Optional[Sequence[str]] = None) -> None:
     args = report_parser().parse_args(argv)
     from segadapt.training.report import write_report
 
-    for kind, path in write_report(args.experiment_dir, args.out).items():
-        print(f"{kind:>15}: {path}")
+    with warnings.catch_warnings(record=True) as caught:  # the report's own warnings, one line each
+        paths = write_report(args.experiment_dir, args.out)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    for kind, path in paths.items():
+        print(f"{kind:>18}: {path}")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Any:

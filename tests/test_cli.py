@@ -322,6 +322,27 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         expect_user_error(argv, capsys, message)
 
 
+def test_report_of_folds_with_different_settings_warns_in_one_line(tmp_path, capsys):
+    """`segadapt report` on a method whose two folds ran 1500 and 2 steps: exit 0, the row flagged, and one
+    `warning:` line on stderr naming the method and the setting."""
+    for fold, steps in ((0, 1500), (1, 2)):
+        folder = tmp_path / "experiment" / "lora_c" / f"fold{fold}"
+        folder.mkdir(parents=True)
+        case = {"case_id": f"c{fold}", "dice": 0.5 + 0.1 * fold, "hd95": 2.0, "pred_ml": 1.0, "true_ml": 1.0}
+        metrics = {"format": "segadapt-metrics/1", "run": {"experiment": "x", "method": "lora_c", "tuning": "lora_c",
+                   "fold": fold}, "val": {"dice": case["dice"]}, "volume_bins_ml": [0, None], "cases": [case]}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        config = {"format": "segadapt-run/1", "run": {"fold": fold, "seed": fold, "run_dir": str(folder)},
+                  "datamodule": {"fold": fold}, "trainer": {"max_steps": steps}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "experiment"), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: method 'lora_c' pools folds trained with different settings (fold 1: trainer.max_steps: "
+                   "1500 -> 2): its row is flagged ³ in the report"], err
+    assert "lora_c ⚠³" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+
+
 def test_config_file_options_come_first(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("run: [a, b]\ninput: x.nii.gz\nprobabilities: true\nno_progress: false\nthreshold: null\n")

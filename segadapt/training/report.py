@@ -211,7 +211,7 @@ def structure_name(runs: Sequence[dict[str, Any]], fallback: str = "lesion") -> 
         folder = Path(run.get("fold_dir", ""))
         sources = [folder / FINGERPRINT_FILE]
         if (folder / CONFIG_FILE).is_file():
-            sources.append(Path(read_run_config(folder)["datamodule"]["dataset_json"]))
+            sources.append(Path(str(read_run_config(folder).get("datamodule", {}).get("dataset_json", ""))))
         for source in sources:
             try:
                 names = _foreground_names(json.loads(source.read_text(encoding="utf-8"))["labels"])
