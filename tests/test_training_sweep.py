@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.data.cache import CASES
-from segadapt.training import read_metrics, train
+from segadapt.training import planning, read_metrics, train
 from segadapt.training.run import gpu_precision, pretrain, trainer_args
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
 from test_training_entrypoints import TINY as ENTRYPOINT_TINY, TINY_UNET  # noqa: E402 (tests/ is on sys.path)
@@ -99,6 +99,18 @@ def test_a_sweep_in_one_process_writes_what_separate_runs_write_and_builds_once(
     # the base of a fold scores the same whichever method's run computed it
     base = {m: read_metrics(tmp_path / f"separate/phantom_sah/multiview_unet/{m}/fold1")["base_cases"] for m in METHODS}
     assert base["cp_lora"] == base["dora_c"]
+
+
+def test_a_sweep_prints_its_plan_once(world, tmp_path, capsys, monkeypatch):
+    """Two runs of a sweep in one process share the target's plan: it is printed by the first only."""
+    monkeypatch.setattr(planning, "_printed", set())  # as in a fresh process
+    capsys.readouterr()
+    for fold in FOLDS:
+        train(_cfg(world["root"], "adapter=cp_lora", f"fold={fold}", f"paths.runs={tmp_path}",
+                   f"base_checkpoint={world['base']}", f"pretrain.run_dir={world['pretrain_dir']}"))
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("plan of ")]) == 1, out
+    assert out.count("Dice") >= 2  # both runs printed their result
 
 
 def test_sweep_summary_is_the_share_of_wall_time_in_training_steps():

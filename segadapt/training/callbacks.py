@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.adapters import adapted_layers, save_adapter
@@ -272,9 +273,13 @@ class StepProgressBar(TQDMProgressBar):
     """One training bar for the whole fit, in optimiser steps: ``Training 120/300 [00:41<01:02, 2.9it/s, ...]``
     (step / the steps the trainer will run, elapsed, ETA). Lightning's bars count the batches of the current
     epoch, and with ``max_steps`` set (``max_epochs=-1``) its rich bar reads "Epoch 74/-2". A resumed fit
-    starts at its checkpoint's step, the ETA from the steps of this session."""
+    starts at its checkpoint's step, the ETA from the steps of this session. The validations of a fit (sanity
+    check, inner split, the final scoring) add no bar; a validation alone (``segadapt validate``) shows its own."""
+
+    _trained = False  # this trainer has fitted: its later validations belong to the fit
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         super().on_train_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches  # max_steps, or what max_epochs x batches allow
         bar = self.train_progress_bar
@@ -284,6 +289,14 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         """Nothing: the bar runs across epochs (Lightning's resets it for every epoch)."""
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)  # the sanity check belongs to a fit
+
+    def init_validation_tqdm(self) -> Tqdm:
+        if self._trained or self.trainer.state.fn == "fit":
+            return Tqdm(disable=True)
+        return super().init_validation_tqdm()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
