@@ -1,6 +1,7 @@
 """Cross-validation report of an experiment folder: ``python scripts/report.py runs/phantom_sah [--out DIR]``.
 
-Writes report.md, report.csv, dice_by_method.png and dice_vs_volume.png (see segadapt.training.report);
+Writes report.md, report.csv, report_folds.csv and the plots dice_by_method / dice_vs_volume as PNG, SVG and
+PDF (see segadapt.training.report);
 the same as ``segadapt report runs/phantom_sah``.
 """
 

@@ -4,8 +4,10 @@ With no arguments this is the built-in demo: it generates the phantom source (tb
 datasets under data/ if absent, pretrains the base on the source if runs/base/... has no checkpoint,
 adapts it to fold 0 of the target and prints the fold's Dice next to the unadapted base's.
 Configs: configs/train.yaml (groups model/, adapter/, data/, trainer/). Bad input (an override of the
-wrong type, a finished run folder, a resume with other settings, a bad case) is one ``error:`` line,
-exit code 2, before anything is written (``SEGADAPT_DEBUG=1``: with the traceback).
+wrong type, a finished run folder, a resume with other settings, a bad case, a run folder another training
+holds) is one ``error:`` line, exit code 2, before anything is written (``SEGADAPT_DEBUG=1``: with the
+traceback). The same command after a kill resumes the killed run from its last.ckpt; in a sweep it also
+skips the runs that finished (:func:`segadapt.training.run.run_folder_action`).
 
 A local sweep (``-m``, Hydra's basic launcher) runs every job in this one process: the preprocessed cases,
 the base weights and the base's validation scores are built once and shared by every method and fold
@@ -40,8 +42,11 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     if not _INFORMATIONAL & set(sys.argv[1:]):  # Hydra answers these itself, without running a job
+        from functools import partial
+
         from segadapt.cli import check_hydra_request
         from segadapt.training.run import check_request
 
-        check_hydra_request(CONFIGS, "train", check_request)
+        sweep = bool({"-m", "--multirun"} & set(sys.argv[1:]))  # a sweep skips its finished runs
+        check_hydra_request(CONFIGS, "train", partial(check_request, sweep=sweep))
     main()

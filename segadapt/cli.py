@@ -19,7 +19,8 @@
 Every subcommand exits 0 on success and 2 with one ``error:`` line on a user error (:mod:`segadapt.errors`).
 The argparse subcommands also take ``--config FILE.yaml`` (``option: value`` lines, e.g.
 ``configs/cli/predict.yaml``); options given on the command line after it win. Each subcommand imports its
-heavy modules (torch, Lightning, MONAI) only when it runs, so ``segadapt --help`` answers at once.
+heavy modules (torch, Lightning, MONAI) only when it runs, so ``segadapt --help`` and the argparse subcommands'
+``--help`` (their parsers are in :mod:`segadapt.parsers`) answer at once.
 
 Fold-by-fold experiments with automatic data and base preparation use ``scripts/train.py`` (Hydra);
 :func:`check_hydra_request` and :func:`run_hydra_task` give those scripts the same one-line errors
@@ -34,6 +35,7 @@ import itertools
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +43,7 @@ from typing import Any, Optional
 from segadapt import __version__
 from segadapt.console import setup_console
 from segadapt.errors import OneLineParser, exits_on_user_error, user_errors
+from segadapt.parsers import PARSERS, report_parser
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -112,15 +115,15 @@ def _runner(command: str) -> Callable[[list[str]], Any]:
 
 @exits_on_user_error
 def report_main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = OneLineParser(prog="segadapt report", description="Cross-validation report of a folder of runs "
-                           "(<experiment>/<model>/<method>/fold<k>/metrics.json): report.md, report.csv, PNG plots.")
-    parser.add_argument("experiment_dir", help="the experiment folder, e.g. runs/phantom_sah")
-    parser.add_argument("--out", help="output folder (default: the experiment folder)")
-    args = parser.parse_args(argv)
+    args = report_parser().parse_args(argv)
     from segadapt.training.report import write_report
 
-    for kind, path in write_report(args.experiment_dir, args.out).items():
-        print(f"{kind:>15}: {path}")
+    with warnings.catch_warnings(record=True) as caught:  # the report's own warnings, one line each
+        paths = write_report(args.experiment_dir, args.out)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    for kind, path in paths.items():
+        print(f"{kind:>18}: {path}")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Any:
@@ -129,6 +132,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_console()
     command = build_parser().parse_args(argv[:1]).command  # --help / --version exit here, before any heavy import
+    if command in PARSERS and {"-h", "--help"} & set(argv[1:]):
+        PARSERS[command]().parse_args(argv[1:])  # the command's own help; exits before the command's imports
     if command in LIGHTNING_COMMANDS:
         from segadapt.training.lightning_cli import lightning_cli
 

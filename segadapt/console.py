@@ -1,6 +1,7 @@
 """What a command prints: the third-party warnings and notices that say nothing to a segadapt user are
 filtered here, in one list, when a command starts (:func:`setup_console`, called by ``segadapt`` and the
-Hydra scripts). Importing the library changes no filter: a Python user keeps every warning.
+Hydra scripts; a notebook calls it in its first cell, before its other imports). Importing the library
+changes no filter: a Python user keeps every warning.
 
 Each entry names its source and why it is silenced; the package's own code paths raise none (a test turns
 warnings from ``segadapt`` modules into errors on a short fit).
@@ -27,6 +28,9 @@ THIRD_PARTY_WARNINGS: tuple[tuple[str, str, type[Warning], str], ...] = (
      r"lightning\.pytorch\.cli"),
     # SegDataModule validates nothing while fitting without an inner split: its val loader is [] by design
     ("ignore", r"Total length of `list` across ranks is zero.*", UserWarning, r"lightning\..*"),
+    # tqdm.auto in a Jupyter kernel without ipywidgets falls back to its text bar and says so when imported
+    # (segadapt's bars are text bars); a TqdmWarning, named by its base class so that tqdm need not be imported
+    ("ignore", r"IProgress not found.*", Warning, r"tqdm\..*"),
 )
 
 # Log records of third-party loggers that are advertisements or say the same as a filtered warning:
@@ -35,6 +39,15 @@ SILENCED_RECORDS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),  # the litlogger advertisement, once per Trainer
     ("lightning.fabric.utilities.rank_zero", "💡 Tip:"),   # the same where only lightning.fabric is imported
     ("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available"),  # see NvImgCodecPydicomReader above
+)
+
+# Loggers whose INFO records a command does not show (set to WARNING; their warnings still show):
+QUIET_LOGGERS: tuple[str, ...] = (
+    # Lightning's rank-zero notices, a block per Trainer ("GPU available: ...", "TPU available: ...", "HPU
+    # available: ...", "`Trainer.fit` stopped: `max_steps=2` reached."): 19 lines in a 12-run sweep. Lightning's
+    # documented switch (docs "Configure console logging"): this logger's level. fabric's, where only it is imported.
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
 )
 
 
@@ -50,7 +63,9 @@ class _DropRecords(logging.Filter):
 
 
 def filter_third_party_warnings() -> None:
-    """Apply :data:`THIRD_PARTY_WARNINGS` and :data:`SILENCED_RECORDS` (idempotent)."""
+    """Apply :data:`THIRD_PARTY_WARNINGS`, :data:`SILENCED_RECORDS` and :data:`QUIET_LOGGERS` (idempotent)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for action, message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings(action, message=message, category=category, module=module)
     starts: dict[str, tuple[str, ...]] = {}

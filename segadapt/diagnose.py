@@ -32,7 +32,7 @@ from torch import nn
 from segadapt.adapters import AdaptedLayer
 from segadapt.adapters.layers import SUPPORTED_LAYERS, spec_of
 from segadapt.data.files import atomic_path
-from segadapt.errors import OneLineParser
+from segadapt.parsers import diagnose_parser
 
 TOP_K, EPSILON = 10, 0.5
 COLUMNS = ["run", "layer", "shape", "relative_norm", "effective_rank", "intruders"]
@@ -154,11 +154,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = OneLineParser(prog="segadapt diagnose", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (adapter or full fine-tuning)")
-    parser.add_argument("--out", default=".", help="folder for diagnose.csv and diagnose.png (default: .)")
-    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"singular vectors checked for intruders (default {TOP_K})")
-    parser.add_argument("--epsilon", type=float, default=EPSILON, help=f"cosine threshold of an intruder (default {EPSILON})")
+    parser = diagnose_parser()  # in segadapt.parsers: `segadapt diagnose --help` imports no torch
     args = parser.parse_args(argv)
     try:
         if args.top_k < 1 or not 0.0 < args.epsilon <= 1.0:

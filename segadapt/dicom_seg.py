@@ -33,6 +33,7 @@ import numpy as np
 
 from segadapt.data.files import atomic_path
 from segadapt.data.readers import dicom_series_files, is_dicom_series
+from segadapt.parsers import SEGMENT_CODE_HELP
 
 if TYPE_CHECKING:
     from segadapt.inference import Prediction
@@ -55,8 +56,6 @@ KNOWN_STRUCTURES = {
     "vein": (ANATOMY, "Vein"), "aorta": (ANATOMY, "Aorta"), "brain": (ANATOMY, "Brain"), "pancreas": (ANATOMY, "Pancreas"),
     "lung": (ANATOMY, "Lung"), "heart": (ANATOMY, "Heart"),
 }
-SEGMENT_CODE_HELP = ("LABEL=CATEGORY/TYPE, LABEL a label value or name, CATEGORY and TYPE each a SNOMED CT keyword of "
-                     "pydicom.sr.codedict (AnatomicalStructure, Brain) or SCHEME:VALUE:MEANING (SCT:12738006:Brain)")
 
 
 def _highdicom():

@@ -64,10 +64,10 @@ from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
 from segadapt.bundle import BUNDLE_FILES, export_bundle, inference_config
 from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
-from segadapt.errors import OneLineParser
 from segadapt.export_common import check_targets, load_run_for_export, read_export_config
 from segadapt.export_nnunet import export_nnunet, nnunet_targets
 from segadapt.models import build_model
+from segadapt.parsers import export_parser
 
 MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -365,19 +365,7 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
 
 # ---- command line -------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = OneLineParser(prog="segadapt export",
-                                     description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
-    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors or model.safetensors)")
-    parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
-    parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
-    parser.add_argument("--bundle", metavar="FOLDER",
-                        help="write a MONAI bundle (configs/inference.json, metadata.json, logging.conf, models/model.pt) "
-                             "of the merged network")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite existing output files (never the run's own files, its base or its data), and "
-                             "load an adapter made on a base with the same modules but other weights (a warning)")
-    parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
-                        "folder (model=nnunet runs; segadapt.export_nnunet.export_nnunet)")
+    parser = export_parser()  # in segadapt.parsers: `segadapt export --help` imports no torch
     args = parser.parse_args(argv)
     if not (args.merged or args.peft or args.bundle or args.nnunet):
         parser.error("give --merged FILE, --peft FOLDER, --bundle FOLDER and/or --nnunet FOLDER")

@@ -67,9 +67,10 @@ from segadapt.data import PreprocessConfig, inference_transforms, invert_transfo
 from segadapt.data.plan import PIXEL_SUFFIXES
 from segadapt.data.readers import dicom_series_files, is_dicom_series
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
-from segadapt.dicom_seg import SEGMENT_CODE_HELP, check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
+from segadapt.dicom_seg import check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.models.pretrained import read_state_dict
+from segadapt.parsers import predict_parser
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
@@ -732,36 +733,7 @@ def make_demo_runs(
 
 # ---- command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="segadapt predict",
-        description="Segment CT scans with the fold adapters of a run on their shared base: masks on each "
-                    "input's grid, lesion volumes in volumes.csv.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", nargs="+", metavar="RUN_DIR",
-                        help="run folder(s) with config.yaml + adapter.safetensors; several = fold ensemble")
-    source.add_argument("--adapters", nargs="+", metavar="FILE", help="adapter files made on one base")
-    parser.add_argument("--run-config", metavar="PATH",
-                        help="with --adapters: the run's config.yaml (or its folder) giving network and "
-                             "preprocessing (default: the folder of the first adapter)")
-    parser.add_argument("--base", metavar="FILE", help="base checkpoint (default: the run config's)")
-    parser.add_argument("--input", "-i", required=True, metavar="PATH",
-                        help="NIfTI / NRRD / MHA file, DICOM series folder, 2D image (PNG, JPEG, BMP, TIFF), or a folder of those")
-    parser.add_argument("--output", "-o", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
-    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
-    parser.add_argument("--dicom-seg", metavar="OUT.dcm",
-                        help="also write the mask as a DICOM-SEG object referencing the input DICOM series "
-                             "(one DICOM series folder as --input; needs highdicom: the 'dicom' extra)")
-    parser.add_argument("--segment-code", action="append", default=[], metavar="LABEL=CATEGORY/TYPE",
-                        help="with --dicom-seg: the DICOM code of a segment whose label segadapt does not know "
-                             f"(repeatable): {SEGMENT_CODE_HELP}")
-    parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
-    parser.add_argument("--force", action="store_true",
-                        help="load adapters made on a base with the same modules and shapes but other weights "
-                             "(a warning instead of an error)")
-    return parser
+    return predict_parser()  # in segadapt.parsers: `segadapt predict --help` imports no torch
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:

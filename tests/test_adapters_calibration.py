@@ -87,3 +87,12 @@ def test_an_unknown_mode_is_refused(monkeypatch):
     _, adapter, base = conv_adapter()
     with pytest.raises(ValueError, match=r"SEGADAPT_AUTO_COMPUTE='fastest': expected one of measure, cost_model"):
         adapter.uses_activation_space(base, torch.randn(1, 4, 5, 5, 5))
+
+
+def test_an_empty_mode_variable_is_unset(monkeypatch):
+    """`SEGADAPT_AUTO_COMPUTE= segadapt ...` (set but empty, the shell's way to clear it for one command) measures,
+    as when the variable is not set."""
+    monkeypatch.setenv(calibration.ENV_VAR, "")
+    assert calibration.mode() == "measure"
+    monkeypatch.delenv(calibration.ENV_VAR)
+    assert calibration.mode() == "measure"

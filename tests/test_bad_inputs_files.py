@@ -684,7 +684,7 @@ PREDICT_CASES = {
                                                           "--input", d["scan"], "--output", d["base"].parent],
                                       ["is inside the run folder", "runs/base"]),
     "input_is_the_run_folder": (lambda d, t, o, w: ["--run", d["run"], "--input", d["run"]],
-                                ["no NIfTI, NRRD, MHA/MHD file or DICOM series folder in", "fold0"]),
+                                ["no NIfTI, NRRD, MHA/MHD, PNG, JPEG, BMP or TIFF file or DICOM series folder in", "fold0"]),
     # DICOM-SEG feasibility, checked before any work (#19.6b)
     "dicom_seg_of_a_series_without_pixel_spacing": (
         lambda d, t, o, w: ["--run", d["run"], "--input", _series(t, w, _referable("PixelSpacing")),
@@ -723,7 +723,7 @@ def test_a_late_dicom_seg_refusal_leaves_no_mask_or_csv(demo_runs, tmp_path, wri
     volumes.csv move into place: the DICOM-SEG is written first."""
     import segadapt.inference
 
-    def refuse(prediction, out, labels):
+    def refuse(prediction, out, labels, **codes):
         assert prediction.mask.shape == (40, 40, 20)  # the series was predicted
         raise ValueError(f"the mask of {prediction.source} is not on the DICOM series' grid")
 
@@ -749,7 +749,8 @@ def test_dicom_seg_needs_a_3d_network_before_any_work(tmp_path, write_dicom_seri
 
     planar = SimpleNamespace(preprocess=PreprocessConfig(spatial_dims=2, orientation="RA", patch_size=[64, 64],
                                                          slice_size=[64, 64]),
-                             adapters=[], base=tmp_path / "base.safetensors", predict=never)
+                             adapters=[], base=tmp_path / "base.safetensors", predict=never, domain=None,
+                             label_names={1: "lesion"})
     series = _series(tmp_path, write_dicom_series, _referable())
     with pytest.raises(ValueError, match="--dicom-seg needs a 3D network .* this run's is 2D"):
         predict_to_folder(planar, series, tmp_path / "out", progress=False, dicom_seg=tmp_path / "seg.dcm")

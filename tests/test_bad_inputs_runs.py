@@ -6,6 +6,8 @@
   ``scripts/train.py`` (:func:`segadapt.cli.check_hydra_request`, then the job); a few run the real scripts.
 * Exact resume: a run killed with SIGKILL at a random step and resumed with ``ckpt_path=last`` ends with the
   same adapter tensors, metrics and training curve as the uninterrupted run.
+* Run folders that could mix or run code: a ``last.ckpt`` whose unpickling would run code, one written by a
+  training with other settings, a killed run rerun with other settings, a folder another training holds.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -32,8 +38,9 @@ from safetensors.torch import load_file
 from segadapt.cli import check_hydra_request
 from segadapt.cli import main as segadapt_main
 from segadapt.errors import user_errors
-from segadapt.training import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, train
-from segadapt.training.run import check_request
+from segadapt.training import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, read_metrics, train
+from segadapt.training.callbacks import TRAIN_STATS_KEYS
+from segadapt.training.run import check_request, format_result, run_folder_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -68,7 +75,34 @@ def world(tmp_path_factory) -> dict:
     # a copy of the target dataset to break, without its splits file
     copy = root / "copy"
     shutil.copytree(root / "data/phantom_sah", copy, ignore=shutil.ignore_patterns("splits_*"))
-    return {"root": root, "common": common, "finished": finished, "copy": copy}
+    return {"root": root, "common": common, "finished": finished, "copy": copy, **_unfinished_runs(finished)}
+
+
+class Plant:
+    """Unpickling this creates the file `marker` (what code in a pickle could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _unfinished_runs(finished: Path) -> dict[str, Path]:
+    """Copies of the finished run without metrics.json (killed runs) beside it: `killed` as it was, `planted`
+    with a last.ckpt whose unpickling creates `marker` (under runs/, so the tree check sees it), `mixed` with the
+    last.ckpt of a training with other settings, `garbage` with a last.ckpt that is no checkpoint."""
+    runs = {}
+    for name in ("killed", "planted", "mixed", "garbage"):
+        runs[name] = finished.with_name(name)
+        shutil.copytree(finished, runs[name])
+        (runs[name] / METRICS_FILE).unlink()
+    checkpoint = torch.load(finished / CHECKPOINT_FILE, weights_only=True)
+    torch.save({**checkpoint, "loops": Plant(finished.with_name("marker"))}, runs["planted"] / CHECKPOINT_FILE)
+    checkpoint["callbacks"]["RunSettings"]["digest"] = "0" * 64
+    torch.save(checkpoint, runs["mixed"] / CHECKPOINT_FILE)
+    (runs["garbage"] / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    return runs
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -107,7 +141,8 @@ def _run_job(argv: list[str]) -> None:
 
 
 # (name, extra overrides (with {run}: a fresh run folder, {finished}: the finished run, {data}: a broken
-# dataset.json), the dataset defect, the expected message (regex))
+# dataset.json, {killed} / {planted} / {mixed} / {garbage}: unfinished runs, see _unfinished_runs), the
+# dataset defect, the expected message (regex))
 CASES = [
     ("rank of wrong type", ["adapter.spec.rank=abc"], None, r"adapter\.spec\.rank='abc': expected an integer, got str"),
     ("max_steps of wrong type", ["trainer.max_steps=x"], None, r"trainer\.max_steps='x': expected an integer"),
@@ -133,6 +168,16 @@ CASES = [
      r"ckpt_path=last: these settings differ from the run in .*finished: module\.adapter\.rank: 8 -> 3"),
     ("resume with more steps", ["run_dir={finished}", "ckpt_path=last", "trainer.max_steps=3"], None,
      r"trainer\.max_steps: 2 -> 3"),
+    ("resume from a checkpoint whose unpickling runs code", ["run_dir={planted}", "ckpt_path=last"], None,
+     r"refused to resume from .*planted/last\.ckpt: it holds pickled objects .* could run code \(.*io\.open"),
+    ("rerun of a killed run whose checkpoint unpickles code", ["run_dir={planted}"], None,
+     r"refused to resume from .*planted/last\.ckpt: it holds pickled objects"),
+    ("resume from a file that is no checkpoint", ["run_dir={garbage}", "ckpt_path=last"], None,
+     r".*garbage/last\.ckpt is not a readable checkpoint"),
+    ("resume from another training's checkpoint", ["run_dir={mixed}", "ckpt_path=last"], None,
+     r"ckpt_path=last: .*mixed/last\.ckpt was written by a training with other settings than .*mixed/config\.yaml"),
+    ("rerun of a killed run with other settings", ["run_dir={killed}", "adapter.spec.rank=3"], None,
+     r"killed holds a killed run \(last\.ckpt, no metrics\.json\) with other settings: module\.adapter\.rank: 8 -> 3"),
     ("dataset.json missing", ["data.dataset_json={run}/none/dataset.json", "data.phantom=null"], None,
      r"dataset description not found: .*none/dataset\.json"),
     ("dataset.json not JSON", ["data.dataset_json={data}"], "not json", r"dataset[/\\]dataset\.json"),
@@ -146,7 +191,7 @@ CASES = [
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, capsys, name, overrides, defect, message):
     data = _broken_dataset(world, tmp_path, defect) if defect else None
     run = tmp_path / "run"
-    values = {"run": run, "finished": world["finished"], "data": data}
+    values = {"run": run, "data": data, **{k: world[k] for k in ("finished", "killed", "planted", "mixed", "garbage")}}
     argv = [*world["common"], f"run_dir={run}", *[o.format(**values) for o in overrides]]
     before = {"runs": _tree(world["root"] / "runs"), "data": _tree(world["root"] / "data"),
               "broken": _tree(data.parent) if data else {}}
@@ -337,3 +382,138 @@ def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
         f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
         "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
     assert _tree(run) == before and CONFIG_FILE in before
+
+
+# ---- checkpoints that cannot run code, and one training per run folder --------------------------------------
+def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
+    """A last.ckpt whose unpickling would create a file: the real script with ``ckpt_path=last`` refuses it in one
+    line naming it; the file is never created, the folder unchanged (a plain rerun, which resumes a killed run:
+    the table above)."""
+    run, marker, proof = tmp_path / "run", tmp_path / "marker", tmp_path / "proof"
+    shutil.copytree(world["killed"], run)
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    torch.save({**checkpoint, "loops": Plant(proof)}, tmp_path / "proof.ckpt")
+    torch.load(tmp_path / "proof.ckpt", weights_only=False)
+    assert proof.exists()  # the plant is real: a plain unpickling runs it
+    torch.save({**checkpoint, "loops": Plant(marker)}, run / CHECKPOINT_FILE)
+    before = _tree(run)
+    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last", cwd=tmp_path)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    assert err[0].startswith(f"error: refused to resume from {run / CHECKPOINT_FILE}: it holds pickled objects"), err
+    assert not marker.exists() and _tree(run) == before
+
+
+def test_a_checkpoint_replaced_after_the_check_is_refused_by_the_load_itself(world, tmp_path, capsys, monkeypatch):
+    """The resume's own load (Lightning's, with weights_only=True) refuses a planted last.ckpt in one line too,
+    when the check before it did not see the file (replaced in between)."""
+    import segadapt.training.run as run_module
+
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(world["killed"], run)
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    torch.save({**checkpoint, "loops": Plant(marker)}, run / CHECKPOINT_FILE)
+    monkeypatch.setattr(run_module, "read_resume_checkpoint", lambda path: {})  # the check sees nothing
+    with pytest.raises(SystemExit) as exit_:
+        _run_job([*world["common"], f"run_dir={run}", "ckpt_path=last"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: refused to resume from {run / CHECKPOINT_FILE}: it holds pickled objects "), err
+    assert "GLOBAL io.open" in err[0] and not marker.exists()
+
+
+def test_what_last_ckpt_holds_loads_with_weights_only(world, tmp_path):
+    """Everything segadapt and Lightning write into last.ckpt (loops, optimiser and scheduler states, hyper-
+    parameters, the callbacks' states: model selection, early stopping, training figures, settings digest)
+    loads with torch.load(weights_only=True) and no allow-listed class."""
+    run = tmp_path / "run"
+    train(_compose([*world["common"], f"run_dir={run}", "selection.every_n_steps=1", "selection.patience=1",
+                    "trainer.max_steps=3"]))
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    names = {key.split("{")[0] for key in checkpoint["callbacks"]}
+    assert {"TrainStats", "SelectBest", "EarlyStopping", "ModelCheckpoint", "RunSettings"} <= names
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"] and checkpoint["hyper_parameters"]
+    assert checkpoint["callbacks"]["SelectBest"]["best_state"]  # the selected network's tensors
+
+
+class _CrashAtTrainEnd(pl.Callback):
+    """Dies after the checkpoint of the last step was written, before training ends (like a kill in the final
+    validation): the checkpoint holds no peak memory yet."""
+
+    def on_train_end(self, trainer, pl_module):
+        raise RuntimeError("simulated crash")
+
+
+def test_resume_from_the_last_steps_checkpoint_writes_every_figure(world, tmp_path):
+    """A run killed after its last step's checkpoint: the plain rerun resumes it, trains nothing, and writes
+    metrics with every training figure (was: KeyError 'peak_mem_mb') equal to the uninterrupted run's metrics."""
+    run = tmp_path / "run"
+    settings = [*world["common"], f"run_dir={run}", "checkpoint_every=1"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_compose(settings), callbacks=[_CrashAtTrainEnd()])
+    assert not (run / METRICS_FILE).exists()
+    assert "peak_mem_mb" not in torch.load(run / CHECKPOINT_FILE, weights_only=True)["callbacks"]["TrainStats"]["stats"]
+    result = train(_compose(settings))
+    assert set(TRAIN_STATS_KEYS) <= set(result["cost"]) and result["cost"]["resumed_from_step"] == 2
+    assert "peak memory" in format_result(result, run)
+    finished = read_metrics(world["finished"])
+    assert read_metrics(run)["val"] == finished["val"] and result["cases"] == finished["cases"]
+
+
+HOLD_DRIVER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import lightning.pytorch as pl
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from segadapt.training import train
+
+    signals = Path(sys.argv[1])
+
+    class Hold(pl.Callback):  # mid-training, wait until the test says go
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                (signals / "held").touch()
+                deadline = time.monotonic() + 300
+                while not (signals / "go").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+    with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
+        cfg = compose("train", overrides=sys.argv[3:])
+    train(OmegaConf.to_container(cfg, resolve=True), callbacks=[Hold()])
+""")
+
+
+def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
+    """Two trainings into one run folder: while the first holds it (mid-training, in another process), the real
+    script into the same folder is one line naming the first's pid, exit 2, and changes no file; the first then
+    finishes with its own settings, curve and metrics."""
+    run, steps = tmp_path / "run", 3
+    driver = tmp_path / "hold.py"
+    driver.write_text(HOLD_DRIVER, encoding="utf-8")
+    first = subprocess.Popen([sys.executable, str(driver), str(tmp_path), str(CONFIGS), *world["common"],
+                              f"trainer.max_steps={steps}", "checkpoint_every=1", f"run_dir={run}"],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "held").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:] if first.poll() else ""
+            time.sleep(0.1)
+        before = _tree(run)
+        assert (run / CHECKPOINT_FILE).is_file() and (run / ".lock").read_text().strip() == str(first.pid)
+        second = _script(str(REPO / "scripts/train.py"), *world["common"], "trainer.max_steps=5", f"run_dir={run}",
+                         cwd=tmp_path)
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"error: {run} is in use by another training (pid {first.pid}); wait for it to end, or use another "
+            "run_dir"], second.stderr[-2000:]
+        assert _tree(run) == before
+        with pytest.raises(BlockingIOError, match=f"in use by another training \\(pid {first.pid}\\)"):
+            with run_folder_lock(run):  # the lock fit_run takes at its first write (past the checks)
+                pass
+    finally:
+        (tmp_path / "go").touch()
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert read_metrics(run)["global_step"] == steps
+    assert yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))["trainer"]["max_steps"] == steps
+    assert [s for s, _ in _curve(run)] == list(range(steps))

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segadapt.cli import COMMANDS, config_argv, main, run
+from segadapt.cli import COMMANDS, config_argv, main, report_main, run
 from segadapt.data import load_dataset_json, load_test_cases
+from segadapt.parsers import PARSERS
 from segadapt.training import read_run_config
 from segadapt.training.run import read_metrics
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = "cli/lora_c/fold0"  # the run folder `segadapt fit` writes (trainer.default_root_dir), beside the config
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 NOISE = ("LightningCLI's args", "Tip:", "litlogger", "LeafSpec", "get_mask_edges", "nvImageCodec", " object at 0x",
-         "Epoch ")
+         "Epoch ", "GPU available", "TPU available", "Sanity Checking", "Validation")
 
 
 def _segadapt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -97,6 +98,37 @@ def _options_without_help(text: str) -> list[str]:
     return missing
 
 
+def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
+    """`segadapt predict|report|export|plan|diagnose --help` import no torch (checked in a fresh process) and print
+    what the command's own main prints; the defaults the parsers repeat are the commands' constants."""
+    code = ("import sys\nfrom segadapt.cli import main\nfor command in sys.argv[1:]:\n    try:\n"
+            "        main([command, '--help'])\n    except SystemExit as e:\n        print('EXIT', e.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}))")
+    done = subprocess.run([sys.executable, "-c", code, *PARSERS], env=ENV, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
+    import segadapt.data.config
+    import segadapt.data.plan
+    import segadapt.diagnose
+    import segadapt.export
+    import segadapt.inference
+    from segadapt import parsers
+
+    assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
+    assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
+    assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
+    assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
+    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+           "diagnose": segadapt.diagnose.main, "report": report_main}
+    for command, command_main in own.items():
+        with pytest.raises(SystemExit):
+            command_main(["--help"])
+        text = capsys.readouterr().out
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out == text != ""
+
+
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_option_of_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -111,6 +143,47 @@ def test_every_option_of_every_subcommand_has_help(command, capsys):
         assert _options_without_help(own) == []
     else:
         assert _options_without_help(text) == [], text
+
+
+NOTICES = """
+import logging, sys, warnings
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # a handler for every logger, as Lightning's / Jupyter's
+if sys.argv[1] == "setup":
+    from segadapt.console import setup_console
+    setup_console()
+    assert "torch" not in sys.modules
+for logger, level, message in [
+        ("monai.data.nvimgcodec_pydicom_plugin", logging.WARNING,
+         "nvImageCodec is not available; skipping pydicom decoder plugin registration."),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "GPU available: False, used: False"),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "TPU available: False, using: 0 TPU cores"),
+        ("lightning.fabric.utilities.rank_zero", logging.INFO, "GPU available: False, used: False"),
+        ("lightning.pytorch.utilities.rank_zero", logging.INFO, "`Trainer.fit` stopped: `max_steps=2` reached."),
+        ("lightning.pytorch.utilities.rank_zero", logging.WARNING, "a real warning stays")]:
+    logging.getLogger(logger).log(level, message)
+TqdmWarning = type("TqdmWarning", (Warning,), {})
+for message, category, module in [
+        ("IProgress not found. Please update jupyter and ipywidgets.", TqdmWarning, "tqdm.auto"),
+        ("NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register; falling back", UserWarning,
+         "monai.data.image_reader"),
+        ("`LeafSpec` is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
+        ("a segadapt warning stays", UserWarning, "segadapt.inference")]:
+    warnings.warn_explicit(message, category, module.replace(".", "/") + ".py", 1, module=module)
+"""
+
+
+def test_a_command_start_silences_the_notices_of_a_notebook_and_a_sweep():
+    """setup_console (a command's start, a notebook's first cell) drops MONAI's nvImageCodec record and warning,
+    Lightning's rank-zero notices (GPU/TPU available, fit stopped), tqdm's IProgress warning in Jupyter and
+    torch's LeafSpec FutureWarning, without importing torch; warnings of other sources stay. Without it, all show."""
+    quiet, loud = (subprocess.run([sys.executable, "-c", NOTICES, mode], env=ENV, capture_output=True, text=True,
+                                  timeout=60) for mode in ("setup", "bare"))
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    lines = [line for line in (quiet.stdout + quiet.stderr).splitlines() if line.strip() and not line.startswith("  ")]
+    assert len(lines) == 2 and "a real warning stays" in lines[0] and "a segadapt warning stays" in lines[1], lines
+    shown = loud.stdout + loud.stderr
+    assert all(text in shown for text in ("nvImageCodec is not available", "GPU available", "TPU available",
+                                          "stopped", "IProgress", "NvImgCodecPydicomReader", "LeafSpec")), shown
 
 
 # ---- fit / validate / test ---------------------------------------------------------------------------------
@@ -135,9 +208,10 @@ def fitted(world) -> dict:
 
 
 def test_fit_exits_0_quietly_with_a_step_progress_bar(fitted):
-    """The real exit code (not 1 with the CLI object printed), no warning from segadapt's code (errors here), a
-    progress bar in steps, and none of the third-party noise (LightningCLI's args warning, litlogger tip,
-    LeafSpec, MONAI's get_mask_edges and nvImageCodec)."""
+    """The real exit code (not 1 with the CLI object printed), no warning from segadapt's code (errors here), one
+    progress bar in steps (no validation or sanity-check bars, though the inner split is validated at every
+    step), and none of the third-party noise (LightningCLI's args warning, litlogger tip, LeafSpec, MONAI's
+    get_mask_edges and nvImageCodec, Lightning's "GPU available" block)."""
     done = fitted["done"]
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
@@ -265,11 +339,15 @@ def test_predict_report_export_plan_diagnose_exit_0(world, tmp_path, capsys):
 def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
     missing = tmp_path / "missing"
     (tmp_path / "file").write_text("x")
+    corrupt = tmp_path / "experiment" / "lora_c" / "fold0" / "metrics.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text("{not json")
     for argv, message in [
         ([], "the following arguments are required: COMMAND"),
         (["train"], "invalid choice: 'train'"),
         (["predict", "--run", str(world["runs"][0]), "--input", str(missing)], "input not found"),
         (["report", str(missing)], f"experiment folder not found: {missing}"),
+        (["report", str(tmp_path / "experiment")], f"{corrupt} is not readable JSON (Expecting property name"),
         (["export", str(world["runs"][0])], "give --merged FILE, --peft FOLDER"),
         (["export", str(world["runs"][0]), "--merged", str(tmp_path)], "is a folder; give a file name"),
         (["export", str(world["runs"][0]), "--peft", str(tmp_path / "file")], "is a file, not a folder"),
@@ -281,6 +359,27 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         (["test", "--nothing", "3"], "segadapt test: unrecognized arguments: --nothing 3"),
     ]:
         expect_user_error(argv, capsys, message)
+
+
+def test_report_of_folds_with_different_settings_warns_in_one_line(tmp_path, capsys):
+    """`segadapt report` on a method whose two folds ran 1500 and 2 steps: exit 0, the row flagged, and one
+    `warning:` line on stderr naming the method and the setting."""
+    for fold, steps in ((0, 1500), (1, 2)):
+        folder = tmp_path / "experiment" / "lora_c" / f"fold{fold}"
+        folder.mkdir(parents=True)
+        case = {"case_id": f"c{fold}", "dice": 0.5 + 0.1 * fold, "hd95": 2.0, "pred_ml": 1.0, "true_ml": 1.0}
+        metrics = {"format": "segadapt-metrics/1", "run": {"experiment": "x", "method": "lora_c", "tuning": "lora_c",
+                   "fold": fold}, "val": {"dice": case["dice"]}, "volume_bins_ml": [0, None], "cases": [case]}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        config = {"format": "segadapt-run/1", "run": {"fold": fold, "seed": fold, "run_dir": str(folder)},
+                  "datamodule": {"fold": fold}, "trainer": {"max_steps": steps}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "experiment"), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: method 'lora_c' pools folds trained with different settings (fold 1: trainer.max_steps: "
+                   "1500 -> 2): its row is flagged ³ in the report"], err
+    assert "lora_c ⚠³" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
 
 
 def test_config_file_options_come_first(tmp_path):

@@ -89,8 +89,9 @@ def test_drive_config_end_to_end(drive3, tmp_path, shared_data):
     assert case["true_px"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
     assert 0.0 <= case["dice"] <= 1.0
     assert report_size_unit([metrics]) == "px"
-    text = write_report(tmp_path / "drive")["markdown"].read_text(encoding="utf-8")
-    assert "HD95 (px)" in text and "Dice >=0 px" in text
+    paths = write_report(tmp_path / "drive")
+    assert "HD95 (px)" in paths["markdown"].read_text(encoding="utf-8")
+    assert "dice_bin[>=0 px]" in paths["csv"].read_text(encoding="utf-8").splitlines()[0]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -142,7 +142,10 @@ def test_report_aggregates_folds_and_methods(sweep, tmp_path):
     assert int(rows[1]["n_cases"]) == 4 and rows[1]["folds"] == "2"
     base = [c["dice"] for k in (0, 1) for c in read_metrics(experiment / f"multiview_unet/cp_lora/fold{k}")["base_cases"]]
     assert float(rows[0]["dice_mean"]) == pytest.approx(np.mean(base)) and rows[0]["p_vs_none"] == ""
-    assert re.search(r"\| cp_lora +\| 2 +\| 4 +\|", paths["markdown"].read_text(encoding="utf-8"))  # tabulate pads cells
+    text = paths["markdown"].read_text(encoding="utf-8")
+    assert re.search(r"\| cp_lora +\| 4 +\|", text)  # method, n (tabulate pads cells)
+    assert text.startswith("# Cross-validation report: phantom_sah (haemorrhage)")  # the dataset's label name
+    assert rows[1]["settings_differ"] == ""  # real fold configs differ only in their per-fold keys
     segadapt_main(["report", str(experiment), "--out", str(tmp_path / "cli")])  # the same through the CLI
     assert (tmp_path / "cli" / "report.csv").read_text(encoding="utf-8") == paths["csv"].read_text(encoding="utf-8")
     # a leftover fold of another split validates a case twice: refused, naming the method and the case

@@ -1,12 +1,15 @@
 """Local sweeps in one process: the runs of a 2-method x 2-fold sweep write what separate runs write, the
 preprocessed cases and the base's scores are built once; ``scripts/train.py --help`` does not import torch;
-the Slurm launcher's code runs a 2-job sweep through submitit's local executor."""
+the Slurm launcher's code runs a 2-job sweep through submitit's local executor; a sweep killed with SIGKILL
+and run again skips its finished run and resumes the killed one to the uninterrupted sweep's results."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.data.cache import CASES
-from segadapt.training import read_metrics, train
+from segadapt.training import planning, read_metrics, train
 from segadapt.training.run import gpu_precision, pretrain, trainer_args
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
 from test_training_entrypoints import TINY as ENTRYPOINT_TINY, TINY_UNET  # noqa: E402 (tests/ is on sys.path)
@@ -98,6 +101,18 @@ def test_a_sweep_in_one_process_writes_what_separate_runs_write_and_builds_once(
     assert base["cp_lora"] == base["dora_c"]
 
 
+def test_a_sweep_prints_its_plan_once(world, tmp_path, capsys, monkeypatch):
+    """Two runs of a sweep in one process share the target's plan: it is printed by the first only."""
+    monkeypatch.setattr(planning, "_printed", set())  # as in a fresh process
+    capsys.readouterr()
+    for fold in FOLDS:
+        train(_cfg(world["root"], "adapter=cp_lora", f"fold={fold}", f"paths.runs={tmp_path}",
+                   f"base_checkpoint={world['base']}", f"pretrain.run_dir={world['pretrain_dir']}"))
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("plan of ")]) == 1, out
+    assert out.count("Dice") >= 2  # both runs printed their result
+
+
 def test_sweep_summary_is_the_share_of_wall_time_in_training_steps():
     runs = [{"timing": {"setup_s": 1.0, "train_steps_s": 6.0, "validation_s": 2.0, "total_s": 10.0}},
             {"timing": {"setup_s": 0.5, "train_steps_s": 9.0, "validation_s": 1.0, "total_s": 11.0}}]
@@ -156,3 +171,72 @@ def test_the_slurm_example_composes_one_ddp_task_per_gpu():
     args = trainer_args({"trainer": OmegaConf.to_container(cfg.trainer), "selection": {}})
     assert args["strategy"] == "ddp" and args["devices"] == -1 and "threads" not in args
     assert cfg.trainer.num_nodes == launcher.nodes == 2 and cfg.trainer.precision == "bf16-mixed"
+
+
+SWEEP_KILL_DRIVER = textwrap.dedent("""
+    import os, runpy, signal, sys
+    import lightning.pytorch as pl
+    import segadapt.training.run as run
+
+    KILL_AT = int(sys.argv[1])
+
+    class Kill(pl.Callback):  # SIGKILL of the whole sweep process in the run of fold 1, at step KILL_AT
+        def __init__(self, run_dir):
+            self.run_dir = run_dir
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.run_dir.name == "fold1" and trainer.global_step == KILL_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    make_trainer = run.make_trainer
+
+    def killing_trainer(run_dir, *args, **kwargs):
+        trainer = make_trainer(run_dir, *args, **kwargs)
+        trainer.callbacks.append(Kill(run_dir))
+        return trainer
+
+    run.make_trainer = killing_trainer
+    sys.argv = sys.argv[2:]  # scripts/train.py -m ...
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _digests(run: Path, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_a_killed_sweep_run_again_skips_the_finished_run_and_resumes_the_killed_one(world, tmp_path):
+    """``scripts/train.py -m fold=0,1`` killed with SIGKILL in fold 1 (after its checkpoint of step 2, fold 0
+    finished), then the same command again: fold 0 is skipped (one line, its files untouched), fold 1 resumes from
+    its last.ckpt, and both end with the metrics and adapter of the sweep that was never interrupted."""
+    steps, kill_at = 5, 3
+    common = [f"paths.data={world['root']}/data", *TINY, f"base_checkpoint={world['base']}",
+              f"pretrain.run_dir={world['pretrain_dir']}", "adapter=cp_lora", f"trainer.max_steps={steps}",
+              "checkpoint_every=2", "adapter.lr=0.05"]
+    command = [str(REPO / "scripts/train.py"), "-m", "fold=0,1", f"paths.runs={tmp_path / 'killed'}", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("SEGADAPT_DEBUG", None)
+    driver = tmp_path / "kill.py"
+    driver.write_text(SWEEP_KILL_DRIVER, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(driver), str(kill_at), *command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-3000:]
+    fold0, fold1 = (tmp_path / f"killed/phantom_sah/multiview_unet/cp_lora/fold{k}" for k in FOLDS)
+    assert (fold0 / "metrics.json").is_file() and (fold1 / "last.ckpt").is_file() and not (fold1 / "metrics.json").exists()
+    kept = ("metrics.json", "adapter.safetensors", "last.ckpt", "config.yaml", "logs/metrics.csv")
+    before = _digests(fold0, kept)
+
+    done = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipped {fold0}: a finished run with these settings (metrics.json); overwrite=true trains it again" in done.stdout
+    assert f"resuming {fold1} from its last.ckpt: it was stopped before it finished (no metrics.json)" in done.stdout
+    assert "sweep: 1 runs in" in done.stdout  # only fold 1 trained
+    assert _digests(fold0, kept) == before
+    assert read_metrics(fold1)["cost"]["resumed_from_step"] == 2
+
+    clear_caches()
+    for fold, run in zip(FOLDS, (fold0, fold1)):  # the uninterrupted sweep: the same jobs in one process
+        train(_cfg(world["root"], *common[1:], f"fold={fold}", f"paths.runs={tmp_path / 'whole'}"))
+        whole = tmp_path / f"whole/phantom_sah/multiview_unet/cp_lora/fold{fold}"
+        assert _untimed(read_metrics(whole)) == _untimed(read_metrics(run))  # Dice of every case, exactly
+        assert _adapter(whole) == _adapter(run)

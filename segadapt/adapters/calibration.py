@@ -30,8 +30,9 @@ _decisions: dict[tuple, bool] = {}
 
 
 def mode() -> str:
-    """``measure`` (default) or ``cost_model``, from ``$SEGADAPT_AUTO_COMPUTE``."""
-    value = os.environ.get(ENV_VAR, "measure")
+    """``measure`` (default) or ``cost_model``, from ``$SEGADAPT_AUTO_COMPUTE`` (set but empty: as unset, the shell's
+    way of clearing a variable for one command)."""
+    value = os.environ.get(ENV_VAR) or "measure"
     if value not in MODES:
         raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
     return value

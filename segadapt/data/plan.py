@@ -60,7 +60,7 @@ from typing import Optional
 import numpy as np
 from monai.transforms import Orientationd
 
-from segadapt.errors import OneLineParser
+from segadapt.parsers import plan_parser
 
 from .config import INTENSITY_MODES, PreprocessConfig
 from .dataset_json import DatasetDescription, load_dataset_json
@@ -692,19 +692,7 @@ def check_plan_outputs(dataset_json: str | os.PathLike, outputs: Sequence[str | 
 
 def main(argv: Sequence[str] | None = None) -> Plan:
     """``segadapt plan DATASET_JSON``: fingerprint + plan, written as JSON and printed; bad input exits 2."""
-    parser = OneLineParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
-                                     "(spacing, patch/slice size, batch size, normalisation, network).")
-    parser.add_argument("dataset_json", help="the dataset description (Decathlon-style dataset.json)")
-    parser.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
-    parser.add_argument("--fingerprint", help="fingerprint file (default: fingerprint.json beside --out)")
-    parser.add_argument("--memory-gb", type=float, default=REFERENCE_GB, help="memory to plan for (default 8)")
-    parser.add_argument("--patch-voxels", type=int, help="3D patch budget at batch 2 (default 128^3 x GB / 8)")
-    parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
-    parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
-    parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
-    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
-                        help="3 for volumes, 2 for 2D images (default 3)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --fingerprint files")
+    parser = plan_parser()  # in segadapt.parsers: `segadapt plan --help` imports no torch
     args = parser.parse_args(argv)
     out = Path(args.out)
     fp_file = Path(args.fingerprint) if args.fingerprint else out.parent / "fingerprint.json"

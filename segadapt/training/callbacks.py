@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.adapters import adapted_layers, save_adapter
@@ -63,6 +64,10 @@ def rss_mb() -> float:
     return peak_rss_mb() if current is None else current
 
 
+TRAIN_STATS_KEYS = ("trainable_params", "train_time_s", "train_steps", "fit_time_s", "peak_mem_mb", "memory",
+                    "peak_mem_increase_mb", "resumed_from_step")
+
+
 class TrainStats(pl.Callback):
     """Measures training cost; read :attr:`stats` after ``fit`` (also sent to the loggers as ``cost/*``).
 
@@ -77,6 +82,7 @@ class TrainStats(pl.Callback):
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {"train_time_s": 0.0, "fit_time_s": 0.0, "train_steps": 0}
         self._batch_start = self._fit_start = self._mem_start = self._train_peak = 0.0
+        self._trained = False
 
     @staticmethod
     def _sync(trainer: pl.Trainer) -> None:
@@ -96,6 +102,7 @@ class TrainStats(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = trainer.strategy.root_device
+        self._trained = False
         self._reset_peak(device)
         self._mem_start = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
         self._train_peak = 0.0
@@ -110,6 +117,7 @@ class TrainStats(pl.Callback):
             self._reset_peak(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         self.stats["resumed_from_step"] = trainer.global_step
         self.stats["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
 
@@ -122,6 +130,14 @@ class TrainStats(pl.Callback):
         self._sync(trainer)
         self.stats["train_time_s"] += time.perf_counter() - self._batch_start
         self.stats["train_steps"] += 1
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resume from a checkpoint of the last step trains nothing (Lightning then calls neither
+        on_train_start nor on_train_end): the figures of this session are completed here, so that
+        :attr:`stats` has every key of :data:`TRAIN_STATS_KEYS` after any fit."""
+        if not self._trained:
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stats["fit_time_s"] += time.perf_counter() - self._fit_start
@@ -138,6 +154,20 @@ class TrainStats(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stats.update(state_dict.get("stats", {}))
+
+
+class RunSettings(pl.Callback):
+    """Keeps a digest of the run's settings in the Lightning checkpoint (``callbacks['RunSettings']``), so that
+    a resume can tell its own run's ``last.ckpt`` from one another training wrote into the same folder."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing: the resume checks the stored digest before it starts (segadapt.training.run)."""
 
 
 def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:
@@ -243,9 +273,13 @@ class StepProgressBar(TQDMProgressBar):
     """One training bar for the whole fit, in optimiser steps: ``Training 120/300 [00:41<01:02, 2.9it/s, ...]``
     (step / the steps the trainer will run, elapsed, ETA). Lightning's bars count the batches of the current
     epoch, and with ``max_steps`` set (``max_epochs=-1``) its rich bar reads "Epoch 74/-2". A resumed fit
-    starts at its checkpoint's step, the ETA from the steps of this session."""
+    starts at its checkpoint's step, the ETA from the steps of this session. The validations of a fit (sanity
+    check, inner split, the final scoring) add no bar; a validation alone (``segadapt validate``) shows its own."""
+
+    _trained = False  # this trainer has fitted: its later validations belong to the fit
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         super().on_train_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches  # max_steps, or what max_epochs x batches allow
         bar = self.train_progress_bar
@@ -255,6 +289,14 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         """Nothing: the bar runs across epochs (Lightning's resets it for every epoch)."""
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)  # the sanity check belongs to a fit
+
+    def init_validation_tqdm(self) -> Tqdm:
+        if self._trained or self.trainer.state.fn == "fit":
+            return Tqdm(disable=True)
+        return super().init_validation_tqdm()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

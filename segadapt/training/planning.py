@@ -111,7 +111,17 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
         if data.get("batch_size") == AUTO:
             per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size
             data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))
-    rank_zero_print(f"plan of {plan.dataset} ({plan.n_cases} cases):\n{format_plan(plan)}")
+    _print_once(f"plan of {plan.dataset} ({plan.n_cases} cases):\n{format_plan(plan)}")
     if pinned:
-        rank_zero_print("set by the config instead of the plan:\n  " + "\n  ".join(pinned))
+        _print_once("set by the config instead of the plan:\n  " + "\n  ".join(pinned))
     return cfg
+
+
+_printed: set[str] = set()  # what apply_plan printed in this process: the runs of a sweep share their plans
+
+
+def _print_once(text: str) -> None:
+    """Print `text` (on rank zero) unless this process printed it before."""
+    if text not in _printed:
+        _printed.add(text)
+        rank_zero_print(text)

@@ -23,7 +23,10 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
     adapter.safetensors   the trained adapter (adapter methods), or
     model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining);
                           the selected network where model selection ran
-    last.ckpt             resumable Lightning checkpoint (``ckpt_path=last``)
+    last.ckpt             resumable Lightning checkpoint (``ckpt_path=last``): tensors, numbers, strings and plain
+                          containers only, read back with ``torch.load(weights_only=True)``; carries a digest of
+                          the settings it was trained with (:class:`~segadapt.training.callbacks.RunSettings`)
+    .lock                 locked (``fcntl.flock``) by the training writing the folder; holds its pid
     logs/metrics.csv      training curves (CSV; TensorBoard events beside it when installed)
     .hydra/               Hydra's own record of the run (when started through Hydra)
 
@@ -31,19 +34,27 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
 
 :func:`fit_run` writes nothing before the run is known to be sound (:func:`check_run_folder`: a finished
 folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings; every
-case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume.
+case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume. From its first
+write to ``metrics.json`` it holds the folder's lock: a second training into the folder is refused.
+:func:`run_folder_action` decides what a ``train`` / ``pretrain`` request does with an existing folder: resume a
+killed run (``last.ckpt``, no ``metrics.json``, no live lock, the same settings), skip a sweep's finished run
+with the same settings, refuse the rest.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import pickle
 import time
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +65,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None
+
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number
@@ -61,7 +77,8 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan, fingerprint, load_or_make_fingerprint
 from segadapt.models import load_pretrained
 
-from .callbacks import (ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, PhaseTimes, SelectBest, TrainStats, export_weights,
+from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, PhaseTimes, RunSettings, SelectBest,
+                        TrainStats, export_weights,
                         progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
@@ -88,6 +105,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"
 FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"  # held (fcntl.flock) by the training that writes the folder; holds its pid
+SKIP = "skip"  # check_request: a sweep's finished run with the requested settings is kept as it is
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -335,8 +354,9 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     """Refuse, before anything is written, a run that would silently lose or mix results in `run_dir`.
 
     A fresh run (``ckpt_path`` None) may not replace a finished run (``metrics.json`` present) unless
-    `overwrite`. A resume needs its checkpoint, and its settings (`record`, the config.yaml it would write,
-    or a function computing it) must equal the folder's config.yaml up to :data:`NON_IDENTITY_KEYS`.
+    `overwrite`. A resume needs its checkpoint, readable without unpickling code (:func:`read_resume_checkpoint`),
+    and its settings (`record`, the config.yaml it would write, or a function computing it) must equal the
+    folder's config.yaml up to :data:`NON_IDENTITY_KEYS`, and those ``last.ckpt`` was written with.
     """
     run_dir = Path(run_dir)
     if ckpt_path is None:
@@ -347,15 +367,137 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     checkpoint = run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: nothing to resume, no checkpoint {checkpoint}")
+    stored = read_resume_checkpoint(checkpoint).get("callbacks", {}).get(RunSettings.__name__, {}).get("digest")
     if not (run_dir / CONFIG_FILE).is_file():
         if ckpt_path == "last":
             raise FileNotFoundError(f"ckpt_path=last: {run_dir} has {CHECKPOINT_FILE} but no {CONFIG_FILE}")
         return  # a new run folder started from another run's checkpoint
-    changes = run_changes(read_run_config(run_dir), record() if callable(record) else record)
+    record = record() if callable(record) else record
+    changes = run_changes(read_run_config(run_dir), record)
     if changes:
-        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-        raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {shown}; resume with "
-                         "the run's own settings, or start it anew (overwrite=true, or another run_dir)")
+        raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {_shown(changes)}; "
+                         "resume with the run's own settings, or start it anew (overwrite=true, or another run_dir)")
+    if ckpt_path == "last" and stored not in (None, settings_digest(record)):
+        raise ValueError(f"ckpt_path=last: {checkpoint} was written by a training with other settings than "
+                         f"{run_dir / CONFIG_FILE} (two trainings in one run folder?); start it anew with overwrite=true")
+
+
+def _shown(changes: list[str]) -> str:
+    return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+
+
+def settings_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a run config's settings (:data:`NON_IDENTITY_KEYS` aside): what :class:`RunSettings` keeps in
+    ``last.ckpt``."""
+    settings = {k: v for k, v in _leaves(record).items() if k not in NON_IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint to resume from, read with ``torch.load(weights_only=True)``: tensors, numbers,
+    strings and plain containers only (no allow-listed classes: what segadapt writes into ``last.ckpt`` needs
+    none), so no code in the file can run. A file that needs more, or is no checkpoint: ValueError naming it."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):  # torch.save's format since torch 1.6, and what mmap needs
+        raise ValueError(f"{path} is not a readable checkpoint: not a zip archive written by torch.save")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors read lazily
+    except pickle.UnpicklingError as error:
+        raise _unsafe_checkpoint(path, error) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is not a readable checkpoint: {str(error).splitlines()[0] if str(error) else error!r}") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "global_step", "loops"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict, global_step and loops)")
+    return checkpoint
+
+
+def _unsafe_checkpoint(path: Path, error: pickle.UnpicklingError) -> ValueError:
+    # torch's message goes on to advise allow-listing the class; keep the class it met
+    detail = next((line.strip().split(" was not an allowed")[0] for line in str(error).splitlines()
+                   if "Unsupported global" in line), type(error).__name__)
+    return ValueError(f"refused to resume from {path}: it holds pickled objects other than tensors and plain "
+                      f"containers, and unpickling them could run code ({detail})")
+
+
+def check_not_in_use(run_dir: str | os.PathLike) -> None:
+    """Raise (one line, with the holder's pid) when another training holds `run_dir`'s lock (:func:`run_folder_lock`).
+    Writes nothing."""
+    path = Path(run_dir) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(Path(run_dir), fd) from None
+    finally:
+        os.close(fd)  # releases the shared lock taken to test
+
+
+def _in_use(run_dir: Path, fd: int) -> BlockingIOError:
+    pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    return BlockingIOError(f"{run_dir} is in use by another training (pid {pid}); wait for it to end, or use "
+                           "another run_dir")
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` while the block runs: ``fcntl.flock`` on its ``.lock`` file, which
+    holds this process's pid. The kernel releases it when the process ends, kill -9 included; another
+    training into the folder is refused (:func:`check_not_in_use`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)  # not O_TRUNC: the holder's pid stays readable
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run_dir, fd) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_folder_action(run_dir: str | os.PathLike, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+                      ckpt_path: Optional[str] = None, overwrite: bool = False, sweep: bool = False) -> Optional[str]:
+    """What a ``train`` / ``pretrain`` request does with its run folder, refused (one line) as
+    :func:`check_run_folder` refuses, or when another training holds the folder. Returns the checkpoint to
+    resume from (None: a fresh run) or :data:`SKIP`.
+
+    Without ``ckpt_path`` and ``overwrite``: a killed run (``config.yaml`` and ``last.ckpt``, no
+    ``metrics.json``, no live lock) is resumed (``'last'``) when its settings equal the requested ones, and
+    refused otherwise; in a sweep (`sweep`), a finished run with the requested settings is skipped, while a
+    single run into a finished folder stays refused (``overwrite=true`` replaces it)."""
+    run_dir = Path(run_dir)
+    if rank_zero_only.rank == 0:  # DDP: the other ranks start while rank 0 holds the folder
+        check_not_in_use(run_dir)
+    if ckpt_path is None and not overwrite and (run_dir / CONFIG_FILE).is_file():
+        finished, killed = (run_dir / METRICS_FILE).is_file(), (run_dir / CHECKPOINT_FILE).is_file()
+        if finished or killed:
+            record = record() if callable(record) else record
+            changes = run_changes(read_run_config(run_dir), record)
+            if finished and sweep and not changes:
+                return SKIP
+            if not finished:
+                if changes:
+                    raise ValueError(f"{run_dir} holds a killed run ({CHECKPOINT_FILE}, no {METRICS_FILE}) with other "
+                                     f"settings: {_shown(changes)}; rerun it with its own settings to resume it, or "
+                                     "start it anew (overwrite=true, or another run_dir)")
+                ckpt_path = "last"
+    check_run_folder(run_dir, record, ckpt_path, overwrite)
+    return ckpt_path
+
+
+def in_sweep() -> bool:
+    """Whether this is a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -531,95 +673,105 @@ def fit_run(
                         torch.get_num_threads())
     main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
     if main_process:
+        check_not_in_use(run_dir)
         check_run_folder(run_dir, record, ckpt_path, overwrite)
     datamodule = SegDataModule(**datamodule_kwargs)
     datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
     pl.seed_everything(seed, workers=True, verbose=False)  # the seed is in config.yaml
     module = SegAdaptModule(**module_kwargs)
     data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache) if main_process else None
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
-            for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, "logs/metrics.csv"):
-                (run_dir / stale).unlink(missing_ok=True)
-        write_yaml(run_dir / CONFIG_FILE, record)
-        if plan is not None:
-            plan.to_json(run_dir / PLAN_FILE)
-        write_json(run_dir / FINGERPRINT_FILE, data_fingerprint)
-    trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
-    for callback in callbacks or []:
-        trainer.callbacks.append(callback)
-    selector, stopper = None, None
-    if tuning != "none" and datamodule_kwargs.get("inner_fraction"):
-        selector = SelectBest()
-        trainer.callbacks.append(selector)
-        if patience is not None:
-            stopper = EarlyStopping(monitor="val/dice", mode="max", patience=int(patience))
-            trainer.callbacks.append(stopper)
+    with run_folder_lock(run_dir) if main_process else nullcontext():  # until metrics.json is written
+        if main_process:  # again, under the lock: another training may have finished here since the check
+            check_run_folder(run_dir, record, ckpt_path, overwrite)
+            if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
+                for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, "logs/metrics.csv"):
+                    (run_dir / stale).unlink(missing_ok=True)
+            else:  # a resume rewrites the weights: until its metrics.json, the folder is an unfinished run
+                (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            write_yaml(run_dir / CONFIG_FILE, record)
+            if plan is not None:
+                plan.to_json(run_dir / PLAN_FILE)
+            write_json(run_dir / FINGERPRINT_FILE, data_fingerprint)
+        trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
+        for callback in [RunSettings(settings_digest(record)), *(callbacks or [])]:
+            trainer.callbacks.append(callback)
+        selector, stopper = None, None
+        if tuning != "none" and datamodule_kwargs.get("inner_fraction"):
+            selector = SelectBest()
+            trainer.callbacks.append(selector)
+            if patience is not None:
+                stopper = EarlyStopping(monitor="val/dice", mode="max", patience=int(patience))
+                trainer.callbacks.append(stopper)
 
-    base_cases, base_inner_dice, base_s = _base_scores(
-        trainer, module_kwargs, datamodule, datamodule_kwargs, trainer_kwargs,
-        val=tuning == "none" or (eval_base and tuning != "scratch"), inner=selector is not None and tuning != "scratch")
-    if tuning == "none":
-        module.case_rows = list(base_cases)
-    if tuning != "none":
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if trainer.interrupted:
-            raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
-        trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
-        if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
-            dice, se = _inner_dice(trainer, module, datamodule)
-            selector.record(trainer.global_step, dice, module, se)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    last_cases = module.case_rows
-    if selector is not None and selector.best_step not in (None, trainer.global_step):
-        selector.restore(module)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        base_cases, base_inner_dice, base_s = _base_scores(
+            trainer, module_kwargs, datamodule, datamodule_kwargs, trainer_kwargs,
+            val=tuning == "none" or (eval_base and tuning != "scratch"), inner=selector is not None and tuning != "scratch")
+        if tuning == "none":
+            module.case_rows = list(base_cases)
+        if tuning != "none":
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # no code runs on load
+            except pickle.UnpicklingError as error:  # the checkpoint was replaced since it was checked
+                raise _unsafe_checkpoint(run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path), error) from None
+            if trainer.interrupted:
+                raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
+            trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
+            if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
+                dice, se = _inner_dice(trainer, module, datamodule)
+                selector.record(trainer.global_step, dice, module, se)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        last_cases = module.case_rows
+        if selector is not None and selector.best_step not in (None, trainer.global_step):
+            selector.restore(module)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            if main_process:
+                export_weights(module, run_dir)  # replaces the last network's file that ExportWeights wrote
+        cases = module.case_rows
+        bins = module.bins
+        phases = _phase_times(trainer)
+        validation_s = base_s + phases.validation_s
+        end = time.perf_counter()
+        first_step = phases.first_step_at or end
+        result = {
+            "format": "segadapt-metrics/1",
+            "run": {**identity, "tuning": tuning, "seed": seed},
+            "val": summarize(cases, bins),
+            "val_last": summarize(last_cases, bins),
+            "base_inner_dice": base_inner_dice,
+            "selection": None if selector is None else {
+                "inner_cases": datamodule.inner_case_ids,
+                "curve": selector.curve,
+                "selected_step": selector.best_step,
+                "selected_dice": selector.best_score,
+                "stopped_early": stopper is not None and stopper.wait_count >= stopper.patience,
+                "below_base": (None not in (base_inner_dice, selector.best_score)
+                               and selector.best_score < base_inner_dice),
+            },
+            "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
+            "volume_bins_ml": list(bins),
+            "size_unit": datamodule.size_unit,  # of volume_bins_ml and the cases' pred_ml / true_ml
+            "volume_bins": bin_labels(bins, datamodule.size_unit),
+            "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
+                     **(_stats(trainer) if tuning != "none" else {})},
+            "global_step": trainer.global_step,
+            "timing": {  # seconds of this session (a resumed run: of the resumed part)
+                # imports (the first run of a process), plan, data, network: until the first step, validation aside
+                "setup_s": first_step - started - base_s - phases.validation_before_first_step_s,
+                "train_steps_s": phases.train_steps_s,
+                "validation_s": validation_s,
+                "total_s": end - started,
+                "started_at": time.time() - (end - started),  # epoch seconds, for the wall time of a sweep
+            },
+            "cases": cases,
+            "last_cases": last_cases,
+            "base_cases": None if tuning == "none" else base_cases,
+        }
+        missing = [k for k in TRAIN_STATS_KEYS if tuning != "none" and k not in result["cost"]]
+        if missing:  # no metrics.json with holes (a resume whose checkpoint lacks figures must not write one)
+            raise RuntimeError(f"{run_dir}: training figures {missing} are missing; {METRICS_FILE} not written")
         if main_process:
-            export_weights(module, run_dir)  # replaces the last network's file that ExportWeights wrote
-    cases = module.case_rows
-    bins = module.bins
-    phases = _phase_times(trainer)
-    validation_s = base_s + phases.validation_s
-    end = time.perf_counter()
-    first_step = phases.first_step_at or end
-    result = {
-        "format": "segadapt-metrics/1",
-        "run": {**identity, "tuning": tuning, "seed": seed},
-        "val": summarize(cases, bins),
-        "val_last": summarize(last_cases, bins),
-        "base_inner_dice": base_inner_dice,
-        "selection": None if selector is None else {
-            "inner_cases": datamodule.inner_case_ids,
-            "curve": selector.curve,
-            "selected_step": selector.best_step,
-            "selected_dice": selector.best_score,
-            "stopped_early": stopper is not None and stopper.wait_count >= stopper.patience,
-            "below_base": (None not in (base_inner_dice, selector.best_score)
-                           and selector.best_score < base_inner_dice),
-        },
-        "base_val": None if base_cases is None or tuning == "none" else summarize(base_cases, bins),
-        "volume_bins_ml": list(bins),
-        "size_unit": datamodule.size_unit,  # of volume_bins_ml and the cases' pred_ml / true_ml
-        "volume_bins": bin_labels(bins, datamodule.size_unit),
-        "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
-                 **(_stats(trainer) if tuning != "none" else {})},
-        "global_step": trainer.global_step,
-        "timing": {  # seconds of this session (a resumed run: of the resumed part)
-            # imports (the first run of a process), plan, data, network: until the first step, validation aside
-            "setup_s": first_step - started - base_s - phases.validation_before_first_step_s,
-            "train_steps_s": phases.train_steps_s,
-            "validation_s": validation_s,
-            "total_s": end - started,
-            "started_at": time.time() - (end - started),  # epoch seconds, for the wall time of a sweep
-        },
-        "cases": cases,
-        "last_cases": last_cases,
-        "base_cases": None if tuning == "none" else base_cases,
-    }
-    if main_process:
-        write_json(run_dir / METRICS_FILE, _finite(result))
-    return result
+            write_json(run_dir / METRICS_FILE, _finite(result))
+        return result
 
 
 def _inner_dice(trainer: pl.Trainer, module: SegAdaptModule, datamodule: SegDataModule) -> tuple[float, float]:
@@ -672,9 +824,11 @@ def _fit_args(cfg: Mapping[str, Any], kind: str, dataset: Path) -> dict[str, Any
     }
 
 
-def check_request(cfg: Mapping[str, Any], kind: str = "train") -> None:
+def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[bool] = None) -> Optional[str]:
     """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
-    an existing dataset.json, and the run folder (:func:`check_run_folder`: finished run, resume)."""
+    an existing dataset.json, and the run folder (:func:`run_folder_action`: in use, finished run, resume).
+    Returns what the job does: :data:`SKIP`, or the checkpoint it resumes from (None: a fresh run).
+    `sweep`: the job is part of a ``-m`` sweep (None: ask Hydra, :func:`in_sweep`)."""
     data = cfg["source"] if kind == "pretrain" else cfg["data"]
     threads = cfg["trainer"].get("threads")
     configure_threads(threads)
@@ -690,7 +844,21 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train") -> None:
         return run_record(Path(args.pop("run_dir")).resolve(), threads=torch.get_num_threads(), **args)
 
     run_dir = cfg["pretrain"]["run_dir"] if kind == "pretrain" else cfg["run_dir"]
-    check_run_folder(run_dir, record, ckpt_path, bool(cfg.get("overwrite", False)))
+    sweep = in_sweep() if sweep is None else sweep
+    return run_folder_action(run_dir, record, ckpt_path, bool(cfg.get("overwrite", False)), sweep)
+
+
+def _kept_or_resumed(run_dir: str | os.PathLike, action: Optional[str], ckpt_path: Optional[str]) -> Optional[dict]:
+    """For :data:`SKIP`, the finished run's metrics (one line says so); for a killed run resumed without
+    ``ckpt_path`` one line saying so; None otherwise."""
+    if action == SKIP:
+        report_summary(f"skipped {run_dir}: a finished run with these settings ({METRICS_FILE}); overwrite=true "
+                       "trains it again")
+        return read_metrics(run_dir)
+    if action is not None and ckpt_path is None:
+        report_summary(f"resuming {run_dir} from its {CHECKPOINT_FILE}: it was stopped before it finished "
+                       f"(no {METRICS_FILE})")
+    return None
 
 
 def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -698,8 +866,11 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
-    check_request(cfg, "pretrain")
-    result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])),
+    action = check_request(cfg, "pretrain", sweep=False)  # a finished base is kept, never skipped unseen
+    kept = _kept_or_resumed(cfg["pretrain"]["run_dir"], action, None)
+    if kept is not None:
+        return kept
+    result = fit_run(**_fit_args(cfg, "pretrain", prepare_dataset(cfg["source"])), ckpt_path=action,
                      checkpoint_every=cfg["checkpoint_every"], overwrite=bool(cfg.get("overwrite", False)), plan=plan,
                      patience=_selection(cfg).get("patience"), fingerprint_cache=cfg["plan"]["cache_dir"])
     report_summary(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
@@ -714,11 +885,14 @@ def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None,
     started = time.perf_counter() if started is None else started
     plan = run_plan(cfg, pretraining=False, prepare=prepare_dataset)
     cfg = apply_plan(cfg, plan)
-    check_request(cfg, "train")  # before the base is pretrained or the run folder touched
+    action = check_request(cfg, "train")  # before the base is pretrained or the run folder touched
+    kept = _kept_or_resumed(cfg["run_dir"], action, cfg["ckpt_path"])
+    if kept is not None:
+        return kept
     args = _fit_args(cfg, "train", prepare_dataset(cfg["data"]))
     if tuning_name(cfg["adapter"]["spec"]) != "scratch":
         ensure_base(cfg)
-    result = fit_run(**args, ckpt_path=cfg["ckpt_path"], eval_base=cfg["eval_base"],
+    result = fit_run(**args, ckpt_path=action, eval_base=cfg["eval_base"],
                      checkpoint_every=cfg["checkpoint_every"], callbacks=callbacks,
                      overwrite=bool(cfg.get("overwrite", False)), plan=plan,
                      patience=_selection(cfg).get("patience"), started=started,

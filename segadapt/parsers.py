@@ -1,0 +1,115 @@
+"""The argument parsers of the argparse subcommands (predict, report, export, plan, diagnose).
+
+They live here, in a module that imports nothing heavy, so that ``segadapt COMMAND --help`` answers without
+importing torch, Lightning or MONAI (:func:`segadapt.cli.run`); each command's ``main`` parses its command line
+with the same parser, so the help is the command's own. The few defaults shown in a help text are the
+commands' own constants, repeated here because their modules import torch; a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from segadapt.errors import OneLineParser
+
+# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.diagnose.TOP_K / EPSILON
+INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
+REFERENCE_GB = 8.0
+TOP_K, EPSILON = 10, 0.5
+SEGMENT_CODE_HELP = ("LABEL=CATEGORY/TYPE, LABEL a label value or name, CATEGORY and TYPE each a SNOMED CT keyword of "
+                     "pydicom.sr.codedict (AnatomicalStructure, Brain) or SCHEME:VALUE:MEANING (SCT:12738006:Brain)")
+DIAGNOSE_SUMMARY = ("Spectral diagnostics of what a tuning did to each layer: ``segadapt diagnose RUN_DIR "
+                    "[RUN_DIR ...]``.")  # the first line of segadapt.diagnose's docstring
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segadapt predict",
+        description="Segment CT scans with the fold adapters of a run on their shared base: masks on each "
+                    "input's grid, lesion volumes in volumes.csv.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", nargs="+", metavar="RUN_DIR",
+                        help="run folder(s) with config.yaml + adapter.safetensors; several = fold ensemble")
+    source.add_argument("--adapters", nargs="+", metavar="FILE", help="adapter files made on one base")
+    parser.add_argument("--run-config", metavar="PATH",
+                        help="with --adapters: the run's config.yaml (or its folder) giving network and "
+                             "preprocessing (default: the folder of the first adapter)")
+    parser.add_argument("--base", metavar="FILE", help="base checkpoint (default: the run config's)")
+    parser.add_argument("--input", "-i", required=True, metavar="PATH",
+                        help="NIfTI / NRRD / MHA file, DICOM series folder, 2D image (PNG, JPEG, BMP, TIFF), or a folder of those")
+    parser.add_argument("--output", "-o", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
+    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps")
+    parser.add_argument("--dicom-seg", metavar="OUT.dcm",
+                        help="also write the mask as a DICOM-SEG object referencing the input DICOM series "
+                             "(one DICOM series folder as --input; needs highdicom: the 'dicom' extra)")
+    parser.add_argument("--segment-code", action="append", default=[], metavar="LABEL=CATEGORY/TYPE",
+                        help="with --dicom-seg: the DICOM code of a segment whose label segadapt does not know "
+                             f"(repeatable): {SEGMENT_CODE_HELP}")
+    parser.add_argument("--threshold", type=float, help="foreground probability threshold (default: the run's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar over a folder")
+    parser.add_argument("--force", action="store_true",
+                        help="load adapters made on a base with the same modules and shapes but other weights "
+                             "(a warning instead of an error)")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segadapt report", description="Cross-validation report of a folder of runs "
+                           "(<experiment>/<model>/<method>/fold<k>/metrics.json): report.md, report.csv, "
+                           "report_folds.csv, plots as PNG, SVG and PDF.")
+    parser.add_argument("experiment_dir", help="the experiment folder, e.g. runs/phantom_sah")
+    parser.add_argument("--out", help="output folder (default: the experiment folder)")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segadapt export",
+                                     description="Export a run's adapter: merged plain model, PEFT format and/or MONAI bundle.")
+    parser.add_argument("run_dir", help="run folder (config.yaml + adapter.safetensors or model.safetensors)")
+    parser.add_argument("--merged", metavar="FILE", help="write the merged plain model (safetensors)")
+    parser.add_argument("--peft", metavar="FOLDER", help="write the adapter in PEFT's format (LoRA/DoRA methods)")
+    parser.add_argument("--bundle", metavar="FOLDER",
+                        help="write a MONAI bundle (configs/inference.json, metadata.json, logging.conf, models/model.pt) "
+                             "of the merged network")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing output files (never the run's own files, its base or its data), and "
+                             "load an adapter made on a base with the same modules but other weights (a warning)")
+    parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
+                        "folder (model=nnunet runs; segadapt.export_nnunet.export_nnunet)")
+    return parser
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segadapt plan", description="Dataset fingerprint and nnU-Net-style plan "
+                                     "(spacing, patch/slice size, batch size, normalisation, network).")
+    parser.add_argument("dataset_json", help="the dataset description (Decathlon-style dataset.json)")
+    parser.add_argument("--out", default="plan.json", help="plan file (default: plan.json)")
+    parser.add_argument("--fingerprint", help="fingerprint file (default: fingerprint.json beside --out)")
+    parser.add_argument("--memory-gb", type=float, default=REFERENCE_GB, help="memory to plan for (default 8)")
+    parser.add_argument("--patch-voxels", type=int, help="3D patch budget at batch 2 (default 128^3 x GB / 8)")
+    parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
+    parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
+    parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
+                        help="3 for volumes, 2 for 2D images (default 3)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --fingerprint files")
+    return parser
+
+
+def diagnose_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segadapt diagnose", description=DIAGNOSE_SUMMARY)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (adapter or full fine-tuning)")
+    parser.add_argument("--out", default=".", help="folder for diagnose.csv and diagnose.png (default: .)")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help=f"singular vectors checked for intruders (default {TOP_K})")
+    parser.add_argument("--epsilon", type=float, default=EPSILON, help=f"cosine threshold of an intruder (default {EPSILON})")
+    return parser
+
+
+# subcommand -> its parser (segadapt.cli.COMMANDS names the function that runs it)
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "predict": predict_parser, "report": report_parser, "export": export_parser, "plan": plan_parser,
+    "diagnose": diagnose_parser,
+}
