@@ -93,7 +93,7 @@ class LoadCased(MapTransform):
     """Read ``image`` (and ``label``) of a case dict, check it with :func:`check_case`, return MetaTensors.
 
     The label is put exactly on the image's affine once the check has passed, so later spatial
-    transforms treat both identically.
+    transforms treat both identically, and its declared values become class indices (:func:`label_classes`).
 
     Args:
         keys: the path keys to read; ``("image",)`` for inference.
@@ -130,7 +130,19 @@ class LoadCased(MapTransform):
         check_case(d, self.label_values, self.channels, self.spatial_dims, self.affine_tolerance)
         if "label" in d:
             d["label"].affine = d["image"].affine.clone()
+            if self.label_values is not None:
+                d["label"] = label_classes(d["label"], self.label_values)
         return d
+
+
+def label_classes(label: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
+    """Declared label values as class indices: the i-th of the sorted `label_values` becomes i, so the loss sees
+    0 .. K-1 (``{0: background, 2: lesion}``: 2 becomes the foreground 1; a sigmoid or one-hot target has no
+    other meaning). Values already 0 .. K-1 are returned as they are."""
+    values = sorted(int(v) for v in label_values)
+    if values == list(range(len(values))):
+        return label
+    return torch.searchsorted(torch.tensor(values, dtype=label.dtype), label.contiguous()).to(label.dtype)
 
 
 class RequireForegroundd(MapTransform):

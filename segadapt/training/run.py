@@ -64,7 +64,7 @@ from .callbacks import (ADAPTER_FILE, WEIGHTS_FILE, ExportWeights, PhaseTimes, S
                         progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
-from .module import SegAdaptModule, tuning_name
+from .module import SegAdaptModule, check_classes, tuning_name
 from .planning import PLAN_FILE, apply_plan, run_plan
 from .sweep import BASE_SCORES, base_key
 
@@ -679,7 +679,7 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train") -> None:
     configure_threads(threads)
     dataset = Path(data["dataset_json"])
     if dataset.is_file():
-        load_dataset_json(dataset)
+        check_classes(cfg["model"]["kwargs"].get("out_channels", 1), load_dataset_json(dataset))
     ckpt_path = None if kind == "pretrain" else cfg["ckpt_path"]
 
     def record() -> dict[str, Any]:
