@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,16 @@ class NiftiReader(NibabelReader):
         return images
 
 
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     """Read the single DICOM series in `folder` (slices sorted by position by GDCM).
 
@@ -71,7 +82,8 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
         ValueError: the folder mixes several series (their UIDs are listed).
     """
     folder = str(folder)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with _itk_warnings_off():  # ITK prints a multi-line warning for a folder without DICOM; the error says it
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
         raise FileNotFoundError(f"no DICOM series found in folder {folder}")
     if len(series) > 1:
