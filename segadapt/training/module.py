@@ -42,7 +42,7 @@ from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities,
 from segadapt.models.presets import default_train_modules, head_modules
 from segadapt.models.pretrained import load_base
 
-from .metrics import case_metrics, summarize
+from .metrics import bin_labels, case_metrics, summarize
 
 BASELINES = ("none", "full", "decoder", "scratch")
 DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
@@ -149,6 +149,7 @@ class SegAdaptModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.bins = list(DEFAULT_BINS_ML if volume_bins_ml is None else volume_bins_ml)
+        bin_labels(self.bins)  # bad edges refused now, not once training is over
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
         self.new_heads: list[str] = []
