@@ -355,3 +355,37 @@ def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
         f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
         "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
     assert _tree(run) == before and CONFIG_FILE in before
+
+
+# `auto` values of data=dataset_json (filled by the plan): an override of the planned type is accepted, nonsense is
+# refused naming the key. (data, overrides, the expected message regex, or None: accepted)
+AUTO_TYPE_CASES = [
+    ("planned types", ["data.preprocess.patch_size=[64,64,32]", "data.preprocess.slice_size=[96,96]",
+                       "data.batch_size=2", "data.preprocess.target_spacing=[1,1,2.5]", "data.preprocess.intensity=mri",
+                       "data.preprocess.spatial_dims=3", "data.preprocess.orientation=RAS"], None),
+    ("auto kept", ["data.preprocess.patch_size=auto", "data.batch_size=auto"], None),
+    ("patch size element not an integer", ["data.preprocess.patch_size=[64,x]"],
+     r"^data\.preprocess\.patch_size\[1\]='x': expected an integer, got str$"),
+    ("patch size not a list", ["data.preprocess.patch_size=big"],
+     r"^data\.preprocess\.patch_size='big': expected a list, got str$"),
+    ("batch size not an integer", ["data.batch_size=two"], r"^data\.batch_size='two': expected an integer, got str$"),
+    ("spacing element not a number", ["data.preprocess.target_spacing=[1,a,1]"],
+     r"^data\.preprocess\.target_spacing\[1\]='a': expected a number, got str$"),
+    ("spatial dims not an integer", ["data.preprocess.spatial_dims=3d"],
+     r"^data\.preprocess\.spatial_dims='3d': expected an integer, got str$"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", AUTO_TYPE_CASES, ids=[c[0] for c in AUTO_TYPE_CASES])
+def test_auto_values_take_the_planned_type(tmp_path, name, overrides, message):
+    from segadapt.cli import hydra_jobs
+    from segadapt.training.run import check_config_types
+
+    argv = ["data=dataset_json", f"data.dataset_json={tmp_path / 'dataset.json'}", *overrides]
+    ((cfg, reference),) = list(hydra_jobs(CONFIGS, "train", argv))
+    if message is None:
+        check_config_types(cfg, reference)
+        return
+    with pytest.raises(ValueError) as info:
+        check_config_types(cfg, reference)
+    assert re.search(message, str(info.value)), str(info.value)
