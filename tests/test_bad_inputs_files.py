@@ -260,6 +260,10 @@ READER_CASES = {
                            CaseError, ["cannot read label", "lbl.nii.gz is a truncated or corrupt gzip file"]),
     "folder_where_a_file_is_expected": (_edit_file("image", _folder_instead), _run_val_pipeline, CaseError,
                                         ["case 'case_007'", "no DICOM series found in folder", "img.nii.gz"]),
+    "constant_volume_z_scored": (
+        lambda t, w: _case_files(t, image_affine=np.diag([0.1, 0.1, 20.0, 1.0]), label_affine=np.diag([0.1, 0.1, 20.0, 1.0])),
+        val_transforms(PreprocessConfig(cache="none", intensity="mri"), (0, 1), 1), CaseError,
+        ["case 'case_007'", "img.nii.gz", "is constant", "(20, 20, 8) voxels", "no contrast"]),
     "dangling_label_symlink": (_edit_file("label", _dangling_link), _run_val_pipeline, FileNotFoundError,
                                ["case 'case_007'", "label not found", "lbl.nii.gz"]),
 }
@@ -676,3 +680,20 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
     for text in expected:
         assert text in message, (text, message)
     assert [snapshot(f) for f in watched] == before
+
+
+@pytest.mark.parametrize("cfg", [PreprocessConfig(cache="none"), PreprocessConfig(cache="none", intensity="mri"),
+                                 PreprocessConfig(cache="none", intensity="mri", target_spacing=[1.0, 1.0, 1.0])],
+                         ids=["ct", "mri", "mri_resampled_1mm"])
+def test_very_anisotropic_case_loads(tmp_path, cfg):
+    """A valid 0.1 x 0.1 x 20 mm case (an image with contrast) is not refused as blank: it loads, its grid kept
+    (or resampled to 1 mm: ceil((n - 1) * spacing / 1) + 1 voxels between the first and last centre, 5 and 101)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (40, 40, 6)).astype(np.float32)
+    affine = np.diag([0.1, 0.1, 20.0, 1.0])
+    case = _case_files(tmp_path, image, image_affine=affine, label_affine=affine)
+    out = val_transforms(cfg, (0, 1), 1)(case)
+    expected = (40, 40, 6) if cfg.target_spacing is None else (5, 5, 101)
+    assert tuple(out["image"].shape[1:]) == expected and tuple(out["label"].shape[1:]) == expected
+    spacing = np.linalg.norm(np.asarray(out["image"].affine)[:3, :3], axis=0)
+    assert spacing == pytest.approx([0.1, 0.1, 20.0] if cfg.target_spacing is None else [1.0, 1.0, 1.0])

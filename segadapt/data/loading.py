@@ -188,18 +188,23 @@ class RequireForegroundd(MapTransform):
     Placed at the end of the deterministic pipeline: after the foreground crop and the intensity step,
     an all-air or blank volume is empty (nothing above the crop threshold) or all zeros, and would
     otherwise fail in MONAI's patch sampler with "No sampling location available." (or be scored as
-    an empty volume). `what` says what "foreground" meant, for the message.
+    an empty volume). `what` says what "foreground" meant, for the message; with `zscored` (the intensity step
+    z-scores), a volume that is left but constant is refused as constant, not as all-air.
     """
 
     def __init__(self, keys: Sequence[str] = ("image",), what: str = "above 0 after intensity scaling",
-                 nonzero: bool = False) -> None:
+                 nonzero: bool = False, zscored: bool = False) -> None:
         super().__init__(keys)
-        self.what, self.nonzero = what, nonzero
+        self.what, self.nonzero, self.zscored = what, nonzero, zscored
 
     def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
         for key in self.key_iterator(data):
             image = data[key]
             if image.numel() == 0 or not bool(((image != 0) if self.nonzero else (image > 0)).any()):
+                if self.zscored and image.numel() and bool((image == image.flatten()[0]).all()):
+                    raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} is constant: all "
+                                    f"{tuple(image.shape[1:])} voxels left after cropping have one value, so the "
+                                    "z-score leaves no contrast to segment")
                 raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} has no foreground voxel "
                                 f"({self.what}; shape after cropping {tuple(image.shape[1:])}): an all-air or blank "
                                 "volume cannot be sampled or scored")
