@@ -108,7 +108,8 @@ def item_source(data: Mapping[str, object]) -> dict:
     for key in ("image", "label"):
         if key in data:
             paths = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
-            files[key] = [[str(os.path.realpath(str(p))), file_digest(str(p))] for p in paths]
+            files[key] = [[str(os.path.realpath(p)), file_digest(p)] if isinstance(p, (str, os.PathLike)) else None
+                          for p in paths]  # None: not a file (an array handed in directly)
     return {"case_id": str(data.get("case_id")), "files": files}
 
 
