@@ -98,7 +98,9 @@ def _broken_dataset(world: dict, tmp_path: Path, how: str) -> Path:
         nib.save(nib.Nifti1Image(data, image.affine), folder / first[key])
     elif how in ("duplicate symlink", "duplicate copy"):  # another case id reading case 1's image
         copy = folder / "imagesTr" / "sah_dup.nii.gz"
-        copy.symlink_to(folder / first["image"]) if how == "duplicate symlink" else \
+        if how == "duplicate symlink":
+            copy.symlink_to(folder / first["image"])
+        else:
             copy.write_bytes((folder / first["image"]).read_bytes())
         doc["training"].append({**first, "image": "imagesTr/sah_dup.nii.gz", "case_id": "sah_dup", "patient_id": "dup"})
     elif how == "three classes":
