@@ -174,7 +174,7 @@ CASES = [
     ("label value not in dataset.json", ["data.dataset_json={data}"], "label value", r"sah_001.*7"),
     # issue 19, round 2
     ("duplicate case: symlink to another case's image", ["data.dataset_json={data}"], "duplicate symlink",
-     r"dataset\.json: case 'sah_dup' and case 'sah_001' are one image: .*sah_001\.nii\.gz is the same file as"),
+     r"dataset\.json: case 'sah_dup' and case 'sah_001' are one image: both read .*sah_001\.nii\.gz \(the same path"),
     ("duplicate case: byte copy of another case's image", ["data.dataset_json={data}"], "duplicate copy",
      r"case 'sah_dup' and case 'sah_001' are one image: .*sah_dup\.nii\.gz is a byte-identical copy of"),
     ("three classes for a one-channel head", ["data.dataset_json={data}"], "three classes",
@@ -197,7 +197,7 @@ CASES = [
     ("n_folds of wrong type", ["data.n_folds=three"], None, r"data\.n_folds='three': expected an integer"),
     ("negative fold", ["fold=-1"], None, r"fold -1 out of range: .* has 3 folds"),
     ("volume bins not increasing", ["data.volume_bins_ml=[0,15,5]"], None,
-     r"volume bin edges must be at least two increasing values, got \[0\.0, 15\.0, 5\.0\]"),
+     r"volume_bins_ml: volume bin edges must be at least two increasing values, got \[0\.0, 15\.0, 5\.0\]"),
     ("volume bin not a number", ["data.volume_bins_ml=[0,lots]"], None, r"data\.volume_bins_ml\[1\]='lots': expected a number"),
     ("unknown intensity mode", ["+data.preprocess.intensity=hounsfield"], None,
      r"intensity must be one of \('ct', 'ct_zscore', 'zscore', 'mri', 'rgb'\), got 'hounsfield'"),

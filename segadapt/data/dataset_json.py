@@ -352,7 +352,7 @@ def refuse_duplicate_images(cases: Sequence[CaseEntry], path: Path, training: Se
         name = f"test case {case.case_id!r}" if training and case in cases else f"case {case.case_id!r}"
         for image in (image.resolve() for image in case.images):
             if owner.setdefault(image, name) != name:
-                _refuse_duplicate(path, name, image, owner[image], image, "the same file as")
+                _refuse_duplicate(path, name, owner[image], f"both read {image} (the same path, or links to it)")
             signature = file_signature(image)
             size = tuple(entry[1] for entry in signature) if image.is_dir() else signature[0]
             by_size.setdefault(size, []).append((name, image))
@@ -361,10 +361,10 @@ def refuse_duplicate_images(cases: Sequence[CaseEntry], path: Path, training: Se
         for name, image in group if len({image for _, image in group}) > 1 else []:
             earlier = first.setdefault(file_digest(image), (name, image))
             if earlier[0] != name:
-                _refuse_duplicate(path, name, image, *earlier, "a byte-identical copy of")
+                _refuse_duplicate(path, name, earlier[0], f"{image} is a byte-identical copy of {earlier[1]}")
 
 
-def _refuse_duplicate(path: Path, name: str, image: Path, other: str, other_image: Path, how: str) -> None:
+def _refuse_duplicate(path: Path, name: str, other: str, how: str) -> None:
     also = " (a training case)" if name.startswith("test") and not other.startswith("test") else ""
-    raise ValueError(f"{path}: {name} and {other}{also} are one image: {image} is {how} {other_image}; a duplicate "
-                     "would train on one copy and validate (or test) on the other: remove one")
+    raise ValueError(f"{path}: {name} and {other}{also} are one image: {how}; a duplicate would train on one copy and "
+                     "validate (or test) on the other: remove one")

@@ -149,7 +149,10 @@ class SegAdaptModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.bins = list(DEFAULT_BINS_ML if volume_bins_ml is None else volume_bins_ml)
-        bin_labels(self.bins)  # bad edges refused now, not once training is over
+        try:
+            bin_labels(self.bins)  # bad edges refused now, not once training is over
+        except ValueError as error:
+            raise ValueError(f"volume_bins_ml: {error}") from None
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
         self.new_heads: list[str] = []
