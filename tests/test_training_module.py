@@ -186,12 +186,13 @@ def _relabelled_phantom(root: Path, mapping: dict[int, int], labels: dict[str, s
     return dataset
 
 
-def _tiny_fit(dataset: Path, module: SegAdaptModule, steps: int = 4) -> None:
+def _tiny_fit(dataset: Path, module: SegAdaptModule, steps: int = 4) -> pl.Trainer:
     preprocess = {"slice_size": [32, 32], "cache": "none", "samples_per_volume": 2}
     datamodule = SegDataModule(str(dataset), fold=0, n_folds=2, preprocess=preprocess, batch_size=1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=datamodule)
+    return trainer
 
 
 def test_label_value_2_trains_a_binary_head_on_targets_0_and_1(tmp_path):
@@ -209,13 +210,19 @@ def test_label_value_2_trains_a_binary_head_on_targets_0_and_1(tmp_path):
         losses.append(float(out.detach()))
 
     module.loss_fn.register_forward_hook(record)
-    _tiny_fit(dataset, module)
+    trainer = _tiny_fit(dataset, module)
     seen = torch.unique(torch.cat([t.flatten() for t in targets])).tolist()
     assert seen == [0.0, 1.0], seen
     assert len(losses) == 4 and all(math.isfinite(v) and v >= 0 for v in losses), losses
     target = targets[0]
     right, wrong = module.loss_fn(1000 * (2 * target - 1), target), module.loss_fn(-1000 * (2 * target - 1), target)
     assert 0 <= float(right) < 1e-3 and float(wrong) > 100
+    trainer.validate(module, datamodule=trainer.datamodule, verbose=False)  # the metrics count the value 2 as lesion
+    assert len(module.case_rows) == 2
+    for row in module.case_rows:
+        label = nib.load(tmp_path / "sah" / "labelsTr" / f"{row['case_id']}.nii.gz")
+        lesion_ml = np.count_nonzero(np.asarray(label.dataobj) == 2) * abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        assert lesion_ml > 0 and row["true_ml"] == pytest.approx(lesion_ml, rel=1e-6)
 
 
 def test_three_classes_with_one_output_channel_are_refused(tmp_path):
