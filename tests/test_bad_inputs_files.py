@@ -30,7 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segadapt.adapters import AdapterConfig, inject, load_adapter, merge, save_adapter
-from segadapt.data import CaseError, PreprocessConfig, make_loader, val_transforms
+from monai.transforms import LoadImage
+
+from segadapt.data import CaseError, PreprocessConfig, SimpleITKReader, make_loader, val_transforms
 from segadapt.data.files import save_nifti, save_safetensors, write_json
 from segadapt.data.loading import LoadCased
 from segadapt.data.readers import read_dicom_series
@@ -140,6 +142,68 @@ def _one_nan(shape=(20, 20, 8)):
     return image
 
 
+def _case_files(tmp: Path, image=None, label=None, image_affine=None, label_affine=None) -> dict:
+    """A case {image, label, case_id 'case_007'} of NIfTI files (20 x 20 x 8 at 4 x 4 x 6 mm unless given)."""
+    affine = np.diag([4.0, 4.0, 6.0, 1.0])
+    image = np.full((20, 20, 8), 40, np.int16) if image is None else image
+    label = np.zeros(image.shape[:3], np.uint8) if label is None else label
+    nib.save(nib.Nifti1Image(image, affine if image_affine is None else image_affine), tmp / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine), tmp / "lbl.nii.gz")
+    return {"image": str(tmp / "img.nii.gz"), "label": str(tmp / "lbl.nii.gz"), "case_id": "case_007"}
+
+
+def _one_label_value(value, dtype=np.float32) -> dict:
+    label = np.zeros((20, 20, 8), dtype)
+    label[3, 4, 5] = value
+    return {"label": label}
+
+
+def _zero_spacing(tmp: Path) -> dict:
+    """An image whose sform has a zero z axis (pixdim[3] = 0): no voxel size along z."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((20, 20, 8))
+    header.set_data_dtype(np.int16)
+    header["pixdim"][1:4] = [4.0, 4.0, 0.0]
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = [4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0]
+    case = _case_files(tmp)
+    nib.save(nib.Nifti1Image(np.full((20, 20, 8), 40, np.int16), None, header), case["image"])
+    return case
+
+
+def _edit_file(key: str, edit) -> callable:
+    def prepare(tmp: Path, write_dicom_series):
+        case = _case_files(tmp)
+        edit(Path(case[key]))
+        return case
+    return prepare
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _folder_instead(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+    (path / "notes.txt").write_text("not an image", encoding="utf-8")
+
+
+def _dangling_link(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.with_name("moved_away.nii.gz"))
+
+
+def _two_series(tmp: Path, write_dicom_series) -> Path:
+    folder = _series(tmp, write_dicom_series)
+    other = sitk.GetImageFromArray(np.zeros((3, 5, 4), np.int16))
+    write_dicom_series(folder, other, "1.2.826.0.1.3680043.2.1125.43")
+    return folder
+
+
+MONAI_LOAD_IMAGE = LoadImage(reader=SimpleITKReader(), image_only=True)  # the README's use of the reader
+
+
 NO_CROP = PreprocessConfig(cache="none", crop_foreground=False)
 
 READER_CASES = {
@@ -168,6 +232,45 @@ READER_CASES = {
     "undeclared_label_value": (
         lambda t, w: _phantom_case(t, np.full((20, 20, 8), 40, np.int16), np.full((20, 20, 8), 3, np.uint8)),
         _run_val_pipeline, CaseError, ["case 'case_007'", "lbl.nii.gz", "label values [3]"]),
+    # issue 19: reader-level DICOM gaps, zero spacing, and the hostile inputs of round 2
+    "dicom_missing_slice_through_monai_load_image": (lambda t, w: _series(t, w, _remove_slice), MONAI_LOAD_IMAGE,
+                                                     ValueError, ["series", "not evenly spaced", "[2.5, 5.0]"]),
+    "dicom_two_series_through_monai_load_image": (_two_series, MONAI_LOAD_IMAGE, ValueError,
+                                                  ["series", "mixes 2 series", "its own folder"]),
+    "nifti_zero_spacing": (lambda t, w: _zero_spacing(t), _run_val_pipeline, CaseError,
+                           ["case 'case_007'", "img.nii.gz", "without a usable voxel size", "[4.0, 4.0, 0.0]"]),
+    "label_of_another_shape": (lambda t, w: _case_files(t, label=np.zeros((20, 20, 7), np.uint8)), _run_val_pipeline,
+                               CaseError, ["case 'case_007'", "lbl.nii.gz", "(20, 20, 7)", "same grid"]),
+    "label_of_another_affine": (lambda t, w: _case_files(t, label_affine=np.diag([4.0, 4.0, 5.0, 1.0])),
+                                _run_val_pipeline, CaseError, ["lbl.nii.gz", "not on the image's grid", "1 mm"]),
+    "negative_label_value": (lambda t, w: _case_files(t, **_one_label_value(-1, np.int16)), _run_val_pipeline,
+                             CaseError, ["lbl.nii.gz", "label values [-1] not declared"]),
+    "fractional_label_value": (lambda t, w: _case_files(t, **_one_label_value(0.5)), _run_val_pipeline, CaseError,
+                               ["lbl.nii.gz", "label values [0.5] not declared"]),
+    "nan_in_label": (lambda t, w: _case_files(t, **_one_label_value(np.nan)), _run_val_pipeline, CaseError,
+                     ["lbl.nii.gz", "label values [nan] not declared"]),
+    "image_with_no_voxel_along_an_axis": (
+        lambda t, w: _case_files(t, np.zeros((20, 0, 8), np.int16), np.zeros((20, 0, 8), np.uint8)),
+        _run_val_pipeline, CaseError, ["case 'case_007'", "img.nii.gz", "holds no voxel", "axis of length 0"]),
+    "4d_image_where_3d_is_expected": (lambda t, w: _case_files(t, np.full((20, 20, 8, 2), 40, np.int16)),
+                                      _run_val_pipeline, CaseError, ["img.nii.gz", "2 channel(s)", "4D/time-series"]),
+    "2d_image_where_3d_is_expected": (
+        lambda t, w: _case_files(t, np.full((20, 20), 40, np.int16), np.zeros((20, 20), np.uint8)),
+        _run_val_pipeline, CaseError, ["img.nii.gz", "spatial shape (20, 20)", "a 2D image where 3D is expected"]),
+    "truncated_gzip": (_edit_file("image", _truncate), _run_val_pipeline, CaseError,
+                       ["case 'case_007'", "img.nii.gz is a truncated or corrupt gzip file", "EOFError"]),
+    "empty_image_file": (_edit_file("image", lambda p: p.write_bytes(b"")), _run_val_pipeline, CaseError,
+                         ["case 'case_007'", "cannot read image", "img.nii.gz", "Empty file"]),
+    "label_file_of_text": (_edit_file("label", lambda p: p.write_text("label", encoding="utf-8")), _run_val_pipeline,
+                           CaseError, ["cannot read label", "lbl.nii.gz is a truncated or corrupt gzip file"]),
+    "folder_where_a_file_is_expected": (_edit_file("image", _folder_instead), _run_val_pipeline, CaseError,
+                                        ["case 'case_007'", "no DICOM series found in folder", "img.nii.gz"]),
+    "constant_volume_z_scored": (
+        lambda t, w: _case_files(t, image_affine=np.diag([0.1, 0.1, 20.0, 1.0]), label_affine=np.diag([0.1, 0.1, 20.0, 1.0])),
+        val_transforms(PreprocessConfig(cache="none", intensity="mri"), (0, 1), 1), CaseError,
+        ["case 'case_007'", "img.nii.gz", "is constant", "(20, 20, 8) voxels", "no contrast"]),
+    "dangling_label_symlink": (_edit_file("label", _dangling_link), _run_val_pipeline, FileNotFoundError,
+                               ["case 'case_007'", "label not found", "lbl.nii.gz"]),
 }
 
 
@@ -1029,3 +1132,20 @@ def test_an_unfinished_run_is_refused_by_diagnose_and_report(command, demo_runs,
     folder = "killed_run" if command == "diagnose" else "cp_lora/fold1"
     assert message.startswith("error: ") and f"{folder} is unfinished (no metrics.json" in message, message
     assert [snapshot(f) for f in watched] == before
+
+
+@pytest.mark.parametrize("cfg", [PreprocessConfig(cache="none"), PreprocessConfig(cache="none", intensity="mri"),
+                                 PreprocessConfig(cache="none", intensity="mri", target_spacing=[1.0, 1.0, 1.0])],
+                         ids=["ct", "mri", "mri_resampled_1mm"])
+def test_very_anisotropic_case_loads(tmp_path, cfg):
+    """A valid 0.1 x 0.1 x 20 mm case (an image with contrast) is not refused as blank: it loads, its grid kept
+    (or resampled to 1 mm: ceil((n - 1) * spacing / 1) + 1 voxels between the first and last centre, 5 and 101)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (40, 40, 6)).astype(np.float32)
+    affine = np.diag([0.1, 0.1, 20.0, 1.0])
+    case = _case_files(tmp_path, image, image_affine=affine, label_affine=affine)
+    out = val_transforms(cfg, (0, 1), 1)(case)
+    expected = (40, 40, 6) if cfg.target_spacing is None else (5, 5, 101)
+    assert tuple(out["image"].shape[1:]) == expected and tuple(out["label"].shape[1:]) == expected
+    spacing = np.linalg.norm(np.asarray(out["image"].affine)[:3, :3], axis=0)
+    assert spacing == pytest.approx([0.1, 0.1, 20.0] if cfg.target_spacing is None else [1.0, 1.0, 1.0])

@@ -130,6 +130,39 @@ def _broken_dataset(world: dict, tmp_path: Path, how: str) -> Path:
         data = np.asarray(image.dataobj).astype(np.float32 if key == "image" else np.int16)
         data[3, 3, 3] = np.nan if key == "image" else 7
         nib.save(nib.Nifti1Image(data, image.affine), folder / first[key])
+    elif how in ("duplicate symlink", "duplicate copy"):  # another case id reading case 1's image
+        copy = folder / "imagesTr" / "sah_dup.nii.gz"
+        if how == "duplicate symlink":
+            copy.symlink_to(folder / first["image"])
+        else:
+            copy.write_bytes((folder / first["image"]).read_bytes())
+        doc["training"].append({**first, "image": "imagesTr/sah_dup.nii.gz", "case_id": "sah_dup", "patient_id": "dup"})
+    elif how == "three classes":
+        doc["labels"] = {"0": "background", "1": "blood", "2": "oedema"}
+    elif how == "no background label":
+        doc["labels"] = {"1": "blood"}
+    elif how == "empty training list":
+        doc["training"] = []
+    elif how == "entry without label":
+        del first["label"]
+    elif how == "missing label":
+        (folder / first["label"]).unlink()
+    elif how == "two channels in one case":  # dataset.json declares one channel (CT)
+        image = nib.load(folder / first["image"])
+        data = np.asarray(image.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), folder / first["image"])
+    elif how in ("splits: unknown case", "splits: case in two folds"):
+        ids = sorted(item["case_id"] for item in doc["training"])
+        folds = [ids[0::3], ids[1::3], ids[2::3]]
+        if how == "splits: unknown case":
+            folds[0] = [*folds[0], "sah_999"]
+        else:
+            folds[1] = [*folds[1], folds[0][0]]
+        splits = [{"train": sorted(set(ids) - set(val)), "val": val} for val in folds]
+        (folder / "splits_final.json").write_text(json.dumps(splits), encoding="utf-8")
+    if how in ("duplicate symlink", "duplicate copy", "three classes", "no background label", "empty training list",
+               "entry without label"):
+        description.write_text(json.dumps(doc), encoding="utf-8")
     return description
 
 
@@ -184,6 +217,42 @@ CASES = [
     ("case image missing", ["data.dataset_json={data}"], "missing image", r"sah_001"),
     ("case image with NaN", ["data.dataset_json={data}"], "nan image", r"case 'sah_001'.*NaN"),
     ("label value not in dataset.json", ["data.dataset_json={data}"], "label value", r"sah_001.*7"),
+    # issue 19, round 2
+    ("duplicate case: symlink to another case's image", ["data.dataset_json={data}"], "duplicate symlink",
+     r"dataset\.json: case 'sah_dup' and case 'sah_001' are one image: both read .*sah_001\.nii\.gz \(the same path"),
+    ("duplicate case: byte copy of another case's image", ["data.dataset_json={data}"], "duplicate copy",
+     r"case 'sah_dup' and case 'sah_001' are one image: .*sah_dup\.nii\.gz is a byte-identical copy of"),
+    ("three classes for a one-channel head", ["data.dataset_json={data}"], "three classes",
+     r"dataset\.json declares 3 classes .* but model\.kwargs\.out_channels=1: .*set model\.kwargs\.out_channels=3"),
+    ("labels without background", ["data.dataset_json={data}"], "no background label",
+     r"case 'sah_\d+': label .*holds label values \[0\] not declared in dataset\.json labels \[1\]"),
+    ("empty training list", ["data.dataset_json={data}"], "empty training list", r"dataset\.json: empty dataset"),
+    ("training entry without a label", ["data.dataset_json={data}"], "entry without label",
+     r"dataset\.json: training entry 1 has no 'label' path"),
+    ("label file missing", ["data.dataset_json={data}"], "missing label",
+     r"case 'sah_001' \(entry 1\): label not found: .*sah_001\.nii\.gz"),
+    ("channel count differs between cases", ["data.dataset_json={data}"], "two channels in one case",
+     r"case 'sah_001': image .*sah_001\.nii\.gz has 2 channel\(s\) .*expected 1 channel"),
+    ("splits file with a case that does not exist", ["data.dataset_json={data}"], "splits: unknown case",
+     r"splits_final\.json does not match .*dataset\.json: .*removed \['sah_999'\]"),
+    ("splits file with a case in two folds", ["data.dataset_json={data}"], "splits: case in two folds",
+     r"splits_final\.json: cases \['sah_000'\] are validation cases of several folds"),
+    ("more folds than patients", ["data.n_folds=9"], None, r"dataset\.json: cannot make 9 folds from 6 patients"),
+    ("one fold", ["data.n_folds=1"], None, r"n_folds must be at least 2, got 1"),
+    ("n_folds of wrong type", ["data.n_folds=three"], None, r"data\.n_folds='three': expected an integer"),
+    ("negative fold", ["fold=-1"], None, r"fold -1 out of range: .* has 3 folds"),
+    ("volume bins not increasing", ["data.volume_bins_ml=[0,15,5]"], None,
+     r"volume_bins_ml: volume bin edges must be at least two increasing values, got \[0\.0, 15\.0, 5\.0\]"),
+    ("volume bin not a number", ["data.volume_bins_ml=[0,lots]"], None, r"data\.volume_bins_ml\[1\]='lots': expected a number"),
+    ("unknown intensity mode", ["+data.preprocess.intensity=hounsfield"], None,
+     r"intensity must be one of \('ct', 'ct_zscore', 'zscore', 'mri', 'rgb'\), got 'hounsfield'"),
+    ("patch size of two values for a volume", ["data.preprocess.patch_size=[32,32]"], None,
+     r"patch_size \[32, 32\] needs 3 values"),
+    ("positive fraction above 1", ["data.preprocess.positive_fraction=2"], None, r"positive_fraction must be in \[0, 1\], got 2"),
+    ("unknown slice view", ["+data.preprocess.slice_axes=[oblique]"], None,
+     r"slice_axes must be a non-empty subset of \['sagittal', 'coronal', 'axial'\], got \['oblique'\]"),
+    ("no training case left", ["data.max_train_cases=0"], None, r"max_train_cases must be at least 1, got 0"),
+    ("inner fraction of 1", ["selection.inner_fraction=1.0"], None, r"inner_fraction must be in \[0, 1\), got 1\.0"),
 ]
 
 
@@ -517,3 +586,37 @@ def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
     assert read_metrics(run)["global_step"] == steps
     assert yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8"))["trainer"]["max_steps"] == steps
     assert [s for s, _ in _curve(run)] == list(range(steps))
+
+
+# `auto` values of data=dataset_json (filled by the plan): an override of the planned type is accepted, nonsense is
+# refused naming the key. (data, overrides, the expected message regex, or None: accepted)
+AUTO_TYPE_CASES = [
+    ("planned types", ["data.preprocess.patch_size=[64,64,32]", "data.preprocess.slice_size=[96,96]",
+                       "data.batch_size=2", "data.preprocess.target_spacing=[1,1,2.5]", "data.preprocess.intensity=mri",
+                       "data.preprocess.spatial_dims=3", "data.preprocess.orientation=RAS"], None),
+    ("auto kept", ["data.preprocess.patch_size=auto", "data.batch_size=auto"], None),
+    ("patch size element not an integer", ["data.preprocess.patch_size=[64,x]"],
+     r"^data\.preprocess\.patch_size\[1\]='x': expected an integer, got str$"),
+    ("patch size not a list", ["data.preprocess.patch_size=big"],
+     r"^data\.preprocess\.patch_size='big': expected a list, got str$"),
+    ("batch size not an integer", ["data.batch_size=two"], r"^data\.batch_size='two': expected an integer, got str$"),
+    ("spacing element not a number", ["data.preprocess.target_spacing=[1,a,1]"],
+     r"^data\.preprocess\.target_spacing\[1\]='a': expected a number, got str$"),
+    ("spatial dims not an integer", ["data.preprocess.spatial_dims=3d"],
+     r"^data\.preprocess\.spatial_dims='3d': expected an integer, got str$"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", AUTO_TYPE_CASES, ids=[c[0] for c in AUTO_TYPE_CASES])
+def test_auto_values_take_the_planned_type(tmp_path, name, overrides, message):
+    from segadapt.cli import hydra_jobs
+    from segadapt.training.run import check_config_types
+
+    argv = ["data=dataset_json", f"data.dataset_json={tmp_path / 'dataset.json'}", *overrides]
+    ((cfg, reference),) = list(hydra_jobs(CONFIGS, "train", argv))
+    if message is None:
+        check_config_types(cfg, reference)
+        return
+    with pytest.raises(ValueError) as info:
+        check_config_types(cfg, reference)
+    assert re.search(message, str(info.value)), str(info.value)

@@ -9,7 +9,6 @@ import math
 import warnings
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

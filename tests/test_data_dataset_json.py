@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from segadapt.data import load_dataset_json, write_dataset_json
+from segadapt.data import load_dataset_json, load_test_cases, write_dataset_json
 from segadapt.data.files import save_nifti
 
 
 def _case_files(root: Path, name: str) -> dict[str, object]:
-    image = save_nifti(root / "images" / f"{name}.nii.gz", np.zeros((4, 4, 4), np.int16), np.eye(4))
+    value = zlib.crc32(name.encode()) % 30000  # one image per case: identical images are refused as duplicates
+    image = save_nifti(root / "images" / f"{name}.nii.gz", np.full((4, 4, 4), value, np.int16), np.eye(4))
     label = save_nifti(root / "labels" / f"{name}.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     return {"image": image, "label": label, "case_id": name}
 
@@ -82,3 +84,38 @@ def test_bad_files_and_fields(tmp_path):
         load_dataset_json(_write(tmp_path / "d2.json", {"training": []}))
     with pytest.raises(ValueError, match="'training' must be a list"):
         load_dataset_json(_write(tmp_path / "d3.json", {"labels": {"0": "bg"}}))
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "byte copy"])
+def test_duplicate_images_are_refused_naming_both_cases(tmp_path, how):
+    """Two case ids reading one image (the same path, a symlink to it, or a byte-identical copy) would land in
+    two folds of the volume-stratified split (trained on in one, validated on in the other): refused."""
+    for name in ("a", "b"):
+        _case_files(tmp_path, name)
+    second = {"same path": "images/a.nii.gz", "symlink": "images/link.nii.gz", "byte copy": "images/copy.nii.gz"}[how]
+    if how == "symlink":
+        (tmp_path / second).symlink_to(tmp_path / "images/a.nii.gz")
+    elif how == "byte copy":
+        (tmp_path / second).write_bytes((tmp_path / "images/a.nii.gz").read_bytes())
+    path = _write(tmp_path / "dataset.json", {"labels": {"0": "bg", "1": "x"}, "training": [
+        {"image": "images/a.nii.gz", "label": "labels/a.nii.gz", "case_id": "first"},
+        {"image": "images/b.nii.gz", "label": "labels/b.nii.gz", "case_id": "other"},
+        {"image": second, "label": "labels/b.nii.gz", "case_id": "again"}]})
+    with pytest.raises(ValueError) as info:
+        load_dataset_json(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "case 'again' and case 'first'" in message
+    assert ("byte-identical copy" in message) == (how == "byte copy")
+
+
+def test_test_case_copying_a_training_image_is_refused(tmp_path):
+    """The test split shares the check: a test image that is a copy of a training image is refused."""
+    for name in ("a", "b", "t"):
+        _case_files(tmp_path, name)
+    (tmp_path / "images/t.nii.gz").write_bytes((tmp_path / "images/b.nii.gz").read_bytes())
+    path = _write(tmp_path / "dataset.json", {"labels": {"0": "bg"}, "training": [
+        {"image": "images/a.nii.gz", "label": "labels/a.nii.gz", "case_id": "a"},
+        {"image": "images/b.nii.gz", "label": "labels/b.nii.gz", "case_id": "b"}],
+        "test": [{"image": "images/t.nii.gz", "label": "labels/t.nii.gz", "case_id": "t"}]})
+    with pytest.raises(ValueError, match=r"test case 't' and case 'b' \(a training case\) are one image"):
+        load_test_cases(path)

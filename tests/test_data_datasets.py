@@ -192,3 +192,30 @@ def test_disk_cache_never_unpickles_and_rebuilds_a_tampered_file(phantom, tmp_pa
     from segadapt.data.cache import load_item
 
     torch.testing.assert_close(load_item(cached)["image"].as_tensor(), plain[0]["image"].as_tensor())  # rebuilt
+
+
+def test_disk_cache_item_of_another_case_is_rebuilt(phantom, tmp_path):
+    """A valid cache file copied over another case's file (a validation case's item under a training case's
+    name) is not used: the item names its case and files' digests; the mismatch is rebuilt with a warning."""
+    cfg = _cfg(tmp_path, cache="disk")
+    _, val = fold_datasets(phantom, 0, cfg, n_folds=3)
+    _, plain = fold_datasets(phantom, 0, replace(cfg, cache="none"), n_folds=3)
+    assert len(val) >= 2
+    folder = disk_cache_dir(cfg, "phantom_sah")
+    first = set(folder.iterdir())
+    val[0]
+    (item0,) = set(folder.iterdir()) - first
+    val[1]
+    (item1,) = set(folder.iterdir()) - first - {item0}
+    item1.write_bytes(item0.read_bytes())  # case 0's item under case 1's name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = val[1]
+    assert got["case_id"] == val.data[1]["case_id"]
+    torch.testing.assert_close(got["image"].as_tensor(), plain[1]["image"].as_tensor(), rtol=0, atol=0)
+    warned = [str(w.message) for w in caught if "disk cache file" in str(w.message)]
+    assert len(warned) == 1 and item1.name in warned[0] and repr(val.data[0]["case_id"]) in warned[0] \
+        and repr(val.data[1]["case_id"]) in warned[0] and "rebuilding" in warned[0], warned
+    from segadapt.data.cache import load_item
+
+    assert load_item(item1)["case_id"] == val.data[1]["case_id"]  # the file was rebuilt for its own case

@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from segadapt.cli import main as cli_main
 from segadapt.data import PreprocessConfig, pair_cases_by_name, val_transforms, write_dataset_json
 from segadapt.data import plan as plan_module
+from segadapt.data.config import PIPELINE_VERSION
 from segadapt.data.files import save_nifti
 from segadapt.data.plan import (
     Plan,
@@ -35,6 +36,7 @@ def write_dataset(folder, volumes, modality="MRI"):
     cases = []
     for i, (image, label, spacing) in enumerate(volumes):
         affine = np.diag([*spacing, 1.0])
+        affine[0, 3] = i  # one origin per case: cases with equal arrays are not byte-identical (duplicates)
         cases.append({"image": save_nifti(folder / "imagesTr" / f"c{i}.nii.gz", image.astype(np.float32), affine),
                       "label": save_nifti(folder / "labelsTr" / f"c{i}.nii.gz", label.astype(np.uint8), affine),
                       "case_id": f"c{i}"})
@@ -278,7 +280,7 @@ def test_config_validates_the_new_modes_and_keys_only_their_fields():
                   "foreground_threshold": -500.0}
         if cfg.intensity == "ct":
             values["windows"] = [[float(v) for v in w] for w in cfg.windows]
-        text = json.dumps({"version": 2, **values}, sort_keys=True)
+        text = json.dumps({"version": PIPELINE_VERSION, **values}, sort_keys=True)
         assert cfg.cache_key() == hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -28,7 +28,7 @@ def _dataset(root, volumes_voxels, patients=None):
     for i, n in enumerate(volumes_voxels):
         label = np.zeros((10, 10, 6), np.uint8)
         label.flat[:n] = 1
-        case = {"image": save_nifti(root / f"img{i}.nii.gz", np.zeros((10, 10, 6), np.int16), SPACING),
+        case = {"image": save_nifti(root / f"img{i}.nii.gz", np.full((10, 10, 6), i, np.int16), SPACING),
                 "label": save_nifti(root / f"lbl{i}.nii.gz", label, SPACING), "case_id": f"c{i:02d}"}
         if patients is not None:
             case["patient_id"] = patients[i]

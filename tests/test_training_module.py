@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,9 +15,10 @@ from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 
 from segadapt.adapters import adapted_layers, regularization_loss
-from segadapt.data import make_phantom_dataset
+from segadapt.data import load_dataset_json, make_phantom_dataset, remap_label_file
 from segadapt.models import build_model, preset_targets
 from segadapt.training import SegAdaptModule, SegDataModule, TrainStats, tuning_name
+from segadapt.training.module import check_classes
 
 KWARGS = {"in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -170,3 +173,67 @@ def test_validation_scores_each_case_on_its_file_grid(base, tmp_path):
     # the preprocessed (resampled) labels hold other volumes: the file grid is what was scored
     resampled = [float((item["label"] > 0).sum()) * 9.0 * 9.0 * 12.0 / 1000 for item in datamodule.val_set]
     assert sorted(resampled) != pytest.approx(sorted(r["true_ml"] for r in module.case_rows), rel=1e-3)
+
+
+def _relabelled_phantom(root: Path, mapping: dict[int, int], labels: dict[str, str]) -> Path:
+    """A 4-case phantom whose label files hold `mapping`'s values and whose dataset.json declares `labels`."""
+    dataset = make_phantom_dataset(root / "sah", domain="sah", n=4, shape=(32, 32, 16), spacing=(6.9, 6.9, 10.0))
+    for label in sorted((root / "sah" / "labelsTr").glob("*.nii.gz")):
+        remap_label_file(label, label, mapping)
+    doc = json.loads(dataset.read_text(encoding="utf-8"))
+    doc["labels"] = labels
+    dataset.write_text(json.dumps(doc), encoding="utf-8")
+    return dataset
+
+
+def _tiny_fit(dataset: Path, module: SegAdaptModule, steps: int = 4) -> pl.Trainer:
+    preprocess = {"slice_size": [32, 32], "cache": "none", "samples_per_volume": 2}
+    datamodule = SegDataModule(str(dataset), fold=0, n_folds=2, preprocess=preprocess, batch_size=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_label_value_2_trains_a_binary_head_on_targets_0_and_1(tmp_path):
+    """labels {0: background, 2: lesion} with out_channels=1: the loss sees the foreground as 1 (never 2, for
+    which the sigmoid loss has no minimum), every training loss is finite and >= 0, and the loss of confident
+    right logits is ~0 (the minimum), of confident wrong ones large."""
+    dataset = _relabelled_phantom(tmp_path, {1: 2}, {"0": "background", "2": "lesion"})
+    assert set(np.unique(np.asarray(nib.load(sorted((tmp_path / "sah/labelsTr").iterdir())[0]).dataobj))) == {0, 2}
+    torch.manual_seed(0)
+    module = SegAdaptModule(model="multiview_unet", model_kwargs=KWARGS, adapter="scratch", lr=0.01)
+    targets, losses = [], []
+
+    def record(loss_fn, args, out) -> None:
+        targets.append(args[1].detach().clone())
+        losses.append(float(out.detach()))
+
+    module.loss_fn.register_forward_hook(record)
+    trainer = _tiny_fit(dataset, module)
+    seen = torch.unique(torch.cat([t.flatten() for t in targets])).tolist()
+    assert seen == [0.0, 1.0], seen
+    assert len(losses) == 4 and all(math.isfinite(v) and v >= 0 for v in losses), losses
+    target = targets[0]
+    right, wrong = module.loss_fn(1000 * (2 * target - 1), target), module.loss_fn(-1000 * (2 * target - 1), target)
+    assert 0 <= float(right) < 1e-3 and float(wrong) > 100
+    trainer.validate(module, datamodule=trainer.datamodule, verbose=False)  # the metrics count the value 2 as lesion
+    assert len(module.case_rows) == 2
+    for row in module.case_rows:
+        label = nib.load(tmp_path / "sah" / "labelsTr" / f"{row['case_id']}.nii.gz")
+        lesion_ml = np.count_nonzero(np.asarray(label.dataobj) == 2) * abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        assert lesion_ml > 0 and row["true_ml"] == pytest.approx(lesion_ml, rel=1e-6)
+
+
+def test_three_classes_with_one_output_channel_are_refused(tmp_path):
+    dataset = _relabelled_phantom(tmp_path, {1: 2}, {"0": "background", "1": "core", "2": "lesion"})
+    module = SegAdaptModule(model="multiview_unet", model_kwargs=KWARGS, adapter="scratch")
+    with pytest.raises(ValueError) as info:
+        _tiny_fit(dataset, module, steps=1)
+    message = str(info.value)
+    assert "\n" not in message and str(dataset) in message and "declares 3 classes" in message
+    assert "model.kwargs.out_channels=1" in message and "set model.kwargs.out_channels=3" in message
+    description = load_dataset_json(dataset)
+    check_classes(3, description)  # a 3-class head holds them
+    with pytest.raises(ValueError, match="a 2-class head cannot hold them"):
+        check_classes(2, description)

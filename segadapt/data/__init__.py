@@ -64,6 +64,11 @@ Typical use (training)::
     train_ds, val_ds = fold_datasets("data/phantom_sah/dataset.json", 0, cfg, n_folds=3)  # fold 0 of 3
     loader = monai.data.DataLoader(train_ds, batch_size=2, shuffle=True)  # list_data_collate flattens
 
+Labels: a case's declared label values reach the pipelines as class indices (the i-th sorted value becomes i:
+``{0: background, 2: lesion}`` gives 0 / 1; :func:`~segadapt.data.loading.label_classes`). Two cases reading one
+image (same resolved path, a link, or identical bytes) are refused by :func:`load_dataset_json` and
+:func:`load_test_cases`, naming both case ids.
+
 Errors: a bad ``dataset.json`` raises at :func:`load_dataset_json`; a bad case raises :class:`CaseError`
 (or ``FileNotFoundError``) when first read, before anything is cached; inside a MONAI ``Compose`` it
 arrives as the cause of MONAI's ``RuntimeError("applying transform ...")``.

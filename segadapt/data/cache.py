@@ -44,7 +44,7 @@ from monai.transforms.utils import reset_ops_id
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .files import save_safetensors
+from .files import file_digest, save_safetensors
 
 FORMAT = "segadapt-cache-item"
 FORMAT_VERSION = "1"
@@ -101,15 +101,30 @@ def _decode(tree: object, tensors: Mapping[str, torch.Tensor]) -> object:
     return {k: _decode(v, tensors) for k, v in tree.items()}
 
 
-def save_item(path: str | os.PathLike, item: Mapping[str, object]) -> Path:
-    """Write a preprocessed item (see the module docstring) to `path`, atomically."""
+def item_source(data: Mapping[str, object]) -> dict:
+    """What a cached item was made from: the case id and, per path key ('image', 'label'), each file's resolved
+    path and SHA-256 (:func:`~segadapt.data.files.file_digest`, hashed once per process and file state)."""
+    files = {}
+    for key in ("image", "label"):
+        if key in data:
+            paths = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
+            files[key] = [[str(os.path.realpath(p)), file_digest(p)] if isinstance(p, (str, os.PathLike)) else None
+                          for p in paths]  # None: not a file (an array handed in directly)
+    return {"case_id": str(data.get("case_id")), "files": files}
+
+
+def save_item(path: str | os.PathLike, item: Mapping[str, object], source: Mapping[str, object] | None = None) -> Path:
+    """Write a preprocessed item (see the module docstring) to `path`, atomically, with its `source`
+    (:func:`item_source`) in the header."""
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(item, tensors))
-    return save_safetensors(path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "tree": tree})
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "tree": tree, "source": json.dumps(source)}
+    return save_safetensors(path, tensors, metadata)
 
 
-def load_item(path: str | os.PathLike) -> dict:
-    """The item :func:`save_item` wrote to `path`; raises ValueError for any other file (nothing is executed)."""
+def load_item(path: str | os.PathLike, source: Mapping[str, object] | None = None) -> dict:
+    """The item :func:`save_item` wrote to `path`; raises ValueError for any other file (nothing is executed), and,
+    given the expected `source`, for an item made from another case or other file contents."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -117,10 +132,15 @@ def load_item(path: str | os.PathLike) -> dict:
                 raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} file")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         item = _decode(json.loads(metadata["tree"]), tensors)
+        stored = json.loads(metadata.get("source", "null"))
     except Exception as error:  # safetensors, JSON and missing-reference errors alike
         raise ValueError(f"disk cache file {path} is unreadable: {type(error).__name__}: {error}") from None
     if not isinstance(item, dict):
         raise ValueError(f"disk cache file {path} does not hold a data item")
+    if source is not None and stored != json.loads(json.dumps(source)):
+        made_from = stored.get("case_id") if isinstance(stored, dict) else None
+        raise ValueError(f"disk cache file {path} was made from case {made_from!r} or other file contents, not from "
+                         f"case {source.get('case_id')!r} as it is now")
     return item
 
 
@@ -128,22 +148,24 @@ class SafePersistentDataset(PersistentDataset):
     """MONAI ``PersistentDataset`` whose cache files are :func:`save_item` files, never pickles.
 
     Same keys (``hash_func`` of the item + the transform hash) and the same split of the pipeline
-    (deterministic part cached, random part rerun); a cache file that cannot be read as an item is
-    rebuilt (with a warning), so a tampered file is overwritten, never run.
+    (deterministic part cached, random part rerun); a cache file that cannot be read as an item, or that was
+    made from another case or other file contents (:func:`item_source`: a file copied under another case's
+    name), is rebuilt (with a warning), so a tampered file is overwritten, never run or used.
     """
 
     def _cachecheck(self, item_transformed):
         if self.cache_dir is None:
             return self._pre_transform(deepcopy(item_transformed))
         path = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}{SUFFIX}"
+        source = item_source(item_transformed)
         if path.is_file():
             try:
-                return load_item(path)
+                return load_item(path, source)
             except ValueError as error:
                 warnings.warn(f"{error}; rebuilding it", stacklevel=2)
         item = self._pre_transform(deepcopy(item_transformed))  # keep the hashed original unchanged
         try:
-            save_item(path, item)
+            save_item(path, item, source)
         except PermissionError:  # a read-only cache folder: run uncached, like MONAI
             pass
         return item

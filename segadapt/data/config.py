@@ -13,7 +13,8 @@ AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (R
 
 # Bump when the deterministic (cached) part of the pipelines or the cache file format changes, to invalidate
 # disk caches. 2: cache files hold MetaTensors (version 1 files were plain tensors, some padded for training).
-PIPELINE_VERSION = 2
+# 3: labels hold class indices (declared values {0, 2} -> {0, 1}).
+PIPELINE_VERSION = 3
 
 # The fields that change what the deterministic part of a pipeline produces; they key the disk cache.
 _CACHED_FIELDS = ("intensity", "target_spacing", "orientation", "spatial_dims", "crop_foreground",

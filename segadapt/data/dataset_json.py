@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_json_object, write_json
+from .files import file_digest, file_signature, read_json_object, write_json
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp")
 
@@ -202,6 +202,7 @@ def _load_v2(path: Path, raw: Mapping) -> DatasetDescription:
             raise ValueError(f"{path}: images without a label in {labels_dir}: {unlabelled[:10]}")
     if not cases:
         raise ValueError(f"{path}: empty dataset (no labelled case)")
+    refuse_duplicate_images(cases, path)
     if "numTraining" in raw and int(raw["numTraining"]) != len(cases):
         raise ValueError(f"{path}: numTraining is {raw['numTraining']} but {len(cases)} labelled cases were found")
     tests = root / "imagesTs"
@@ -230,6 +231,7 @@ def load_dataset_json(path: str | os.PathLike) -> DatasetDescription:
         raise ValueError(f"{path}: empty dataset ('training' lists no cases)")
 
     cases = _case_entries(training, "training", path)
+    refuse_duplicate_images(cases, path)
     return DatasetDescription(path, str(raw.get("name", path.parent.name)), modality, labels, tuple(cases))
 
 
@@ -331,8 +333,38 @@ def load_test_cases(path: str | os.PathLike) -> tuple[CaseEntry, ...]:
                  for c in pairs]
     else:
         return ()
-    training = {c.case_id for c in description.cases} | {c.image for c in description.cases}
+    training = {c.case_id for c in description.cases}
     for case in cases:
-        if case.case_id in training or case.image in training:
+        if case.case_id in training:
             raise ValueError(f"{description.path}: test case {case.case_id!r} ({case.image.name}) is also a training case")
+    refuse_duplicate_images(cases, description.path, training=description.cases)
     return tuple(cases)
+
+
+def refuse_duplicate_images(cases: Sequence[CaseEntry], path: Path, training: Sequence[CaseEntry] = ()) -> None:
+    """Raise ValueError naming both case ids when two of `cases` (or a test case of `cases` and one of
+    `training`) read the same image: the same file once links are resolved, or files of identical bytes
+    (SHA-256; only files of equal size are hashed). A copy would land in two folds (trained on in one,
+    validated on in the other) or score as a test case what was trained on."""
+    owner: dict[Path, str] = {}
+    by_size: dict[object, list[tuple[str, Path]]] = {}
+    for case in [*training, *cases]:
+        name = f"test case {case.case_id!r}" if training and case in cases else f"case {case.case_id!r}"
+        for image in (image.resolve() for image in case.images):
+            if owner.setdefault(image, name) != name:
+                _refuse_duplicate(path, name, owner[image], f"both read {image} (the same path, or links to it)")
+            signature = file_signature(image)
+            size = tuple(entry[1] for entry in signature) if image.is_dir() else signature[0]
+            by_size.setdefault(size, []).append((name, image))
+    for group in by_size.values():
+        first: dict[str, tuple[str, Path]] = {}
+        for name, image in group if len({image for _, image in group}) > 1 else []:
+            earlier = first.setdefault(file_digest(image), (name, image))
+            if earlier[0] != name:
+                _refuse_duplicate(path, name, earlier[0], f"{image} is a byte-identical copy of {earlier[1]}")
+
+
+def _refuse_duplicate(path: Path, name: str, other: str, how: str) -> None:
+    also = " (a training case)" if name.startswith("test") and not other.startswith("test") else ""
+    raise ValueError(f"{path}: {name} and {other}{also} are one image: {how}; a duplicate would train on one copy and "
+                     "validate (or test) on the other: remove one")

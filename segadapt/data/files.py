@@ -6,12 +6,14 @@ name, so an interrupted run never leaves a half-written JSON, NIfTI or PNG behin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -85,6 +87,34 @@ def _write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+def file_signature(path: str | os.PathLike) -> tuple:
+    """(size, modification time) of a file; of a folder (a DICOM series), (name, size, mtime) of each file in it."""
+    path = Path(path)
+    if path.is_dir():
+        return tuple((str(f.relative_to(path)), *file_signature(f)) for f in sorted(path.rglob("*")) if f.is_file())
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (of a folder: of its files' names and bytes), computed once per process for each
+    (resolved path, :func:`file_signature`)."""
+    path = Path(path).resolve()
+    return _digest(path, file_signature(path))
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: Path, signature: tuple) -> str:
+    digest = hashlib.sha256()
+    for file in [path] if not path.is_dir() else [path / entry[0] for entry in signature]:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:

@@ -9,6 +9,8 @@ traceback is the :class:`CaseError` (or ``FileNotFoundError``) that names the ca
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +37,20 @@ def _describe_grid(affine: torch.Tensor) -> str:
     return f"spacing {np.round(spacing, 4).tolist()} origin {np.round(a[:-1, -1], 4).tolist()}"
 
 
+def _check_grid(image: torch.Tensor, where: str, spatial_dims: int) -> None:
+    """Refuse a voxel-to-world affine without a usable voxel size
+    (a zero, NaN or infinite spacing, or axes that coincide: determinant 0), which MONAI's orientation step
+    reports as "Unable to find out axis ... in start_ornt" without naming the file."""
+    if not isinstance(image, MetaTensor):
+        return
+    a = np.asarray(image.affine, dtype=np.float64)[:spatial_dims, :spatial_dims]
+    spacing = np.linalg.norm(a, axis=0)
+    if not (np.isfinite(a).all() and (spacing > 0).all() and abs(np.linalg.det(a)) > 1e-12 * np.prod(spacing)):
+        raise CaseError(f"{where} has a voxel-to-world affine without a usable voxel size (spacing "
+                        f"{np.round(spacing, 4).tolist()} mm, determinant {np.linalg.det(a):.4g}): a zero or "
+                        "missing pixdim / sform / qform in the header?")
+
+
 def check_case(
     data: Mapping[Hashable, object],
     label_values: Sequence[int] | None = None,
@@ -52,11 +68,16 @@ def check_case(
     case = data.get("case_id", "?")
     image = data["image"]
     where = f"case {case!r}: image {_source(image)}"
+    if image.numel() == 0:
+        raise CaseError(f"{where} holds no voxel (array shape {tuple(image.shape)}): an axis of length 0")
     if image.ndim - 1 != spatial_dims or image.shape[0] != channels:
+        hint = f"a {image.ndim - 1}D image where {spatial_dims}D is expected" if image.ndim - 1 < spatial_dims else \
+            "a 4D/time-series or wrongly stacked image?"
         raise CaseError(
             f"{where} has {image.shape[0]} channel(s) x spatial shape {tuple(image.shape[1:])}; expected {channels} "
-            f"channel(s) x a {spatial_dims}D grid (a 4D/time-series or wrongly stacked image?)"
+            f"channel(s) x a {spatial_dims}D grid ({hint})"
         )
+    _check_grid(image, where, spatial_dims)
     if not torch.isfinite(image).all():
         bad = int((~torch.isfinite(image)).sum())
         raise CaseError(f"{where} has {bad} NaN or infinite voxel(s)")
@@ -93,7 +114,7 @@ class LoadCased(MapTransform):
     """Read ``image`` (and ``label``) of a case dict, check it with :func:`check_case`, return MetaTensors.
 
     The label is put exactly on the image's affine once the check has passed, so later spatial
-    transforms treat both identically.
+    transforms treat both identically, and its declared values become class indices (:func:`label_classes`).
 
     Args:
         keys: the path keys to read; ``("image",)`` for inference.
@@ -126,11 +147,38 @@ class LoadCased(MapTransform):
             try:
                 d[key] = self.loader({key: path})[key]
             except Exception as e:  # any reader failure (corrupt gzip, bad header, mixed DICOM series, ...)
-                raise CaseError(f"case {case!r}: cannot read {key} {path}: {type(e).__name__}: {e}") from e
+                why = _broken_gzip(paths) or f"{type(e).__name__}: {e}"
+                raise CaseError(f"case {case!r}: cannot read {key} {path}: {why}") from e
         check_case(d, self.label_values, self.channels, self.spatial_dims, self.affine_tolerance)
         if "label" in d:
             d["label"].affine = d["image"].affine.clone()
+            if self.label_values is not None:
+                d["label"] = label_classes(d["label"], self.label_values)
         return d
+
+
+def _broken_gzip(paths: Sequence[Path]) -> str | None:
+    """Why one of the ``.gz`` files in `paths` is not a whole gzip stream (truncated copy, interrupted download),
+    or None; nibabel reports such a file as "Cannot work out file type"."""
+    for path in paths:
+        if path.is_file() and path.name.lower().endswith(".gz"):
+            try:
+                with gzip.open(path, "rb") as handle:
+                    while handle.read(1 << 24):
+                        pass
+            except (OSError, EOFError, zlib.error) as error:
+                return f"{path.name} is a truncated or corrupt gzip file ({type(error).__name__}: {error})"
+    return None
+
+
+def label_classes(label: torch.Tensor, label_values: Sequence[int]) -> torch.Tensor:
+    """Declared label values as class indices: the i-th of the sorted `label_values` becomes i, so the loss sees
+    0 .. K-1 (``{0: background, 2: lesion}``: 2 becomes the foreground 1; a sigmoid or one-hot target has no
+    other meaning). Values already 0 .. K-1 are returned as they are."""
+    values = sorted(int(v) for v in label_values)
+    if values == list(range(len(values))):
+        return label
+    return torch.searchsorted(torch.tensor(values, dtype=label.dtype), label.contiguous()).to(label.dtype)
 
 
 class RequireForegroundd(MapTransform):
@@ -140,18 +188,23 @@ class RequireForegroundd(MapTransform):
     Placed at the end of the deterministic pipeline: after the foreground crop and the intensity step,
     an all-air or blank volume is empty (nothing above the crop threshold) or all zeros, and would
     otherwise fail in MONAI's patch sampler with "No sampling location available." (or be scored as
-    an empty volume). `what` says what "foreground" meant, for the message.
+    an empty volume). `what` says what "foreground" meant, for the message; with `zscored` (the intensity step
+    z-scores), a volume that is left but constant is refused as constant, not as all-air.
     """
 
     def __init__(self, keys: Sequence[str] = ("image",), what: str = "above 0 after intensity scaling",
-                 nonzero: bool = False) -> None:
+                 nonzero: bool = False, zscored: bool = False) -> None:
         super().__init__(keys)
-        self.what, self.nonzero = what, nonzero
+        self.what, self.nonzero, self.zscored = what, nonzero, zscored
 
     def __call__(self, data: Mapping[Hashable, object]) -> Mapping[Hashable, object]:
         for key in self.key_iterator(data):
             image = data[key]
             if image.numel() == 0 or not bool(((image != 0) if self.nonzero else (image > 0)).any()):
+                if self.zscored and image.numel() and bool((image == image.flatten()[0]).all()):
+                    raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} is constant: all "
+                                    f"{tuple(image.shape[1:])} voxels left after cropping have one value, so the "
+                                    "z-score leaves no contrast to segment")
                 raise CaseError(f"case {data.get('case_id', '?')!r}: {key} {_source(image)} has no foreground voxel "
                                 f"({self.what}; shape after cropping {tuple(image.shape[1:])}): an all-air or blank "
                                 "volume cannot be sampled or scored")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +64,20 @@ class NiftiReader(NibabelReader):
         return images
 
 
-def is_dicom_series(folder: str | os.PathLike) -> bool:
-    """True if `folder` holds DICOM files of at least one series (GDCM's scan, not recursive)."""
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM files
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def is_dicom_series(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds DICOM files of at least one series (GDCM's scan, not recursive)."""
+    with _itk_warnings_off():  # GDCM warns on every folder without DICOM files
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def dicom_series_files(folder: str | os.PathLike) -> list[str]:
@@ -86,7 +93,8 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
         ValueError: the folder mixes several series (their UIDs are listed).
     """
     folder = str(folder)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with _itk_warnings_off():  # ITK prints a multi-line warning for a folder without DICOM; the error says it
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
         raise FileNotFoundError(f"no DICOM series found in folder {folder}")
     if len(series) > 1:
@@ -150,6 +158,13 @@ def sitk_affine(image: sitk.Image) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
+class RefusedSeries:
+    """A DICOM series :func:`read_dicom_series` refused; :meth:`SimpleITKReader.get_data` raises its `error`."""
+
+    def __init__(self, error: ValueError) -> None:
+        self.error = error
+
+
 class SimpleITKReader(ImageReader):
     """MONAI ``ImageReader`` for NRRD/MHA/MHD files and DICOM series folders, using SimpleITK.
 
@@ -167,10 +182,16 @@ class SimpleITKReader(ImageReader):
         return all(Path(f).is_dir() or str(f).lower().endswith(SITK_SUFFIXES) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs) -> sitk.Image | list[sitk.Image]:
+        """The images of `data`. A DICOM folder that cannot be used (uneven slices, several series) comes back as
+        a :class:`RefusedSeries` that :meth:`get_data` raises: ``LoadImage(reader=SimpleITKReader())`` catches
+        any error of ``read`` and falls back to MONAI's own readers, which read such a series silently."""
         images = []
         for name in ensure_tuple(data):
             if Path(name).is_dir():
-                images.append(read_dicom_series(name))
+                try:
+                    images.append(read_dicom_series(name))
+                except ValueError as error:
+                    images.append(RefusedSeries(error))
             elif not Path(name).is_file():
                 raise FileNotFoundError(f"image file not found: {name}")
             else:
@@ -183,7 +204,10 @@ class SimpleITKReader(ImageReader):
 
     def get_data(self, img: sitk.Image | Sequence[sitk.Image]) -> tuple[np.ndarray, dict]:
         """(array, meta) of one image, or of several on one grid stacked as channels (axis 0)."""
-        images = [img] if isinstance(img, sitk.Image) else list(img)  # an Image iterates over its pixels
+        images = [img] if isinstance(img, (sitk.Image, RefusedSeries)) else list(img)  # an Image iterates over its pixels
+        for image in images:
+            if isinstance(image, RefusedSeries):
+                raise image.error
         pairs = [self._array_and_meta(image) for image in images]
         if len(pairs) == 1:
             return pairs[0]

@@ -264,9 +264,10 @@ def deterministic_transforms(
     crop = f"none above the crop threshold {threshold:g}{unit}, or " if cfg.crop_foreground else ""
     if cfg.intensity in CENTRED_MODES:
         steps.append(RequireForegroundd("image", what=f"{crop}none left after the crop or a constant volume",
-                                        nonzero=True))
+                                        nonzero=True, zscored=True))
     else:
-        steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step"))
+        steps.append(RequireForegroundd("image", what=f"{crop}none above 0 after the {cfg.intensity} intensity step",
+                                        zscored=cfg.intensity == "mri"))
     return steps
 
 

@@ -37,12 +37,12 @@ from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
-from segadapt.data import AXIS_VIEWS, SLICE_AXES, invert_transform, make_loader
+from segadapt.data import AXIS_VIEWS, SLICE_AXES, DatasetDescription, invert_transform, load_dataset_json, make_loader
 from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities, preset_targets
 from segadapt.models.presets import default_train_modules, head_modules
 from segadapt.models.pretrained import load_base
 
-from .metrics import case_metrics, summarize
+from .metrics import bin_labels, case_metrics, summarize
 
 BASELINES = ("none", "full", "decoder", "scratch")
 DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
@@ -60,6 +60,26 @@ def tuning_name(adapter: Union[str, dict]) -> str:
             raise ValueError(f"unknown baseline {adapter!r}: give one of {BASELINES} or a dict of AdapterConfig fields")
         return adapter
     return str(dict(adapter).get("method", AdapterConfig.method))
+
+
+def check_classes(out_channels: object, description: DatasetDescription) -> None:
+    """Refuse a network head that cannot hold the dataset's declared classes (labels, background included): one
+    output channel (sigmoid) learns exactly one foreground class, C channels (softmax) at most C classes.
+
+    Labels reach the loss as class indices (:func:`segadapt.data.loading.label_classes`), so ``{0: background,
+    2: lesion}`` is a binary dataset. The head is not silently rebuilt for more classes: ``out_channels`` also
+    decides the loss (sigmoid or softmax), the threshold and what predictions mean, so the user chooses it.
+    ``out_channels`` that is not an integer (e.g. ``auto`` before the plan fills it) is not checked."""
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int):
+        return
+    classes = len(description.labels)
+    if (out_channels == 1 and classes > 2) or classes > out_channels > 1:
+        head = "a one-channel (sigmoid) head learns one foreground class" if out_channels == 1 else \
+            f"a {out_channels}-class head cannot hold them"
+        raise ValueError(f"{description.path} declares {classes} classes {description.labels} but "
+                         f"model.kwargs.out_channels={out_channels}: {head}; set model.kwargs.out_channels={classes} "
+                         "(a new head where the base has another class count) or merge the foreground labels "
+                         "into one (segadapt.data.remap_label_file)")
 
 
 def _heads(net: torch.nn.Module) -> list[str]:
@@ -129,6 +149,10 @@ class SegAdaptModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.bins = list(DEFAULT_BINS_ML if volume_bins_ml is None else volume_bins_ml)
+        try:
+            bin_labels(self.bins)  # bad edges refused now, not once training is over
+        except ValueError as error:
+            raise ValueError(f"volume_bins_ml: {error}") from None
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
         self.new_heads: list[str] = []
@@ -181,7 +205,12 @@ class SegAdaptModule(pl.LightningModule):
     # ---- training -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """``init="eva"`` adapters get their down factors from the first 4 training batches here, before
-        the optimiser and DDP (which broadcasts rank 0's weights) see the parameters."""
+        the optimiser and DDP (which broadcasts rank 0's weights) see the parameters. A data module's dataset
+        whose classes the head cannot hold is refused (:func:`check_classes`)."""
+        dataset_json = getattr(getattr(getattr(self, "trainer", None), "datamodule", None), "hparams", {}).get("dataset_json")
+        if dataset_json is not None:
+            check_classes(self.hparams.model_kwargs.get("out_channels", 1) if self.hparams.model_kwargs else 1,
+                          load_dataset_json(dataset_json))
         if stage == "fit" and eva_pending(self.net):
             batches = itertools.islice(self.trainer.datamodule.train_dataloader(), 4)
             eva_init(self.net, lambda: [self(_plain(b["image"]), b.get("view")) for b in batches])

@@ -630,7 +630,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         "the base, training steps and peak memory "
         f"({next((r['memory'] for r in rows if r['memory']), 'n/a')}); report_folds.csv the per-fold table.",
         "",
-        f"![Dice per method](dice_by_method.png) ([SVG](dice_by_method.svg), [PDF](dice_by_method.pdf))",
+        "![Dice per method](dice_by_method.png) ([SVG](dice_by_method.svg), [PDF](dice_by_method.pdf))",
         f"![Dice vs {size}](dice_vs_volume.png) ([SVG](dice_vs_volume.svg), [PDF](dice_vs_volume.pdf))",
         "",
     ])

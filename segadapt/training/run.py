@@ -82,8 +82,8 @@ from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeig
                         progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
-from .module import SegAdaptModule, tuning_name
-from .planning import PLAN_FILE, apply_plan, run_plan
+from .module import SegAdaptModule, check_classes, tuning_name
+from .planning import AUTO, PLAN_FILE, apply_plan, planned_example, run_plan
 from .sweep import BASE_SCORES, base_key
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ def check_config_types(cfg: Mapping[str, Any], reference: Mapping[str, Any]) -> 
     overrides) has another type than in `reference` (the same config groups, no overrides): ``rank=abc``.
     Integers may stand for floats; :data:`DECLARED_TYPES` types the keys the config files cannot."""
     leaves, reference = _leaves(cfg), _leaves(reference)
+    for key in [k for k, v in reference.items() if v == AUTO]:  # the planned type; `auto` itself stays allowed
+        reference[key] = None if leaves.get(key) == AUTO else planned_example(key)
     for key, expected in DECLARED_TYPES.items():
         reference.pop(key, None)
         if expected is not None and leaves.get(key) is not None:
@@ -834,7 +836,7 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[b
     configure_threads(threads)
     dataset = Path(data["dataset_json"])
     if dataset.is_file():
-        load_dataset_json(dataset)
+        check_classes(cfg["model"]["kwargs"].get("out_channels", 1), load_dataset_json(dataset))
     ckpt_path = None if kind == "pretrain" else cfg["ckpt_path"]
 
     def record() -> dict[str, Any]:
