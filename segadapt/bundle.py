@@ -19,6 +19,10 @@ intensity step; the intensity modes MONAI has no transform for ('ct' windows sta
 installed (listed in the metadata). The bundle runs its cases in a plain loop (``run``), not MONAI's
 ``SupervisedEvaluator``, so it needs no pytorch-ignite.
 
+The run's postprocessing choice (metrics.json ``postprocessing``: the largest connected component of a class)
+is ``KeepLargestConnectedComponentd`` after ``AsDiscreted``. The bundle does not mirror at test time (its
+``run`` calls the inferer once), so it matches ``segadapt predict`` of a run without ``tta``.
+
 One thresholding detail: the bundle's ``AsDiscreted(threshold=t)`` keeps p >= t, ``segadapt predict`` p > t;
 they differ only on voxels whose probability is exactly t.
 """
@@ -29,7 +33,7 @@ import inspect
 import json
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training import read_run_config
+from segadapt.training.postprocessing import chosen_classes
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
 INFERENCE_CONFIG = Path("configs") / "inference.json"
@@ -125,8 +130,9 @@ def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
     return {"_target_": "Compose", "transforms": steps}
 
 
-def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder)."""
+def inference_config(config: Mapping[str, Any], largest_component: Sequence[bool] = ()) -> dict[str, Any]:
+    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder); `largest_component`
+    (per foreground class, the run's chosen postprocessing) adds ``KeepLargestConnectedComponentd``."""
     module = config["module"]
     network = network_def(module["model"], module.get("model_kwargs") or {})
     cfg = PreprocessConfig.from_dict(dict(config["datamodule"]["preprocess"]))
@@ -162,6 +168,7 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             {"_target_": "AsDiscreted", "keys": "pred", **discrete},
+            *_keep_largest(largest_component),
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False},
         ]},
@@ -172,6 +179,15 @@ def inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
         # set_grad_enabled is process-wide: give it back, so `monai.bundle.run` called from Python leaves autograd on
         "finalize": ["$torch.set_grad_enabled(True)"],
     }
+
+
+def _keep_largest(largest_component: Sequence[bool]) -> list[dict[str, Any]]:
+    """The run's postprocessing as MONAI's transform on the label map (none when no class keeps its largest component)."""
+    classes = chosen_classes(largest_component)
+    if not classes:
+        return []
+    return [{"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": classes,
+             "is_onehot": False, "independent": True}]
 
 
 def metadata(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -242,11 +258,12 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
     """
     from segadapt.adapters import merge_and_unload
     from segadapt.export import load_run_for_export
+    from segadapt.inference import recorded_postprocessing
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = read_run_config(run_dir)
-    inference = inference_config(config)  # refuses a network without a plain MONAI class before any work
+    inference = inference_config(config, recorded_postprocessing([run_dir]))  # refuses a network without a plain MONAI class before any work
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))

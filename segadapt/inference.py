@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -63,8 +64,9 @@ from segadapt.data import PreprocessConfig, inference_transforms, invert_transfo
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
 from segadapt.dicom_seg import check_dicom_seg_request, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
+from segadapt.training import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
+from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
 from segadapt.training.run import FINGERPRINT_FILE
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,8 @@ class Predictor:
         strict: refuse an adapter made on a base with other weights (False: load it with a warning).
         domain: the training data (a run's ``fingerprint.json``) inputs are checked against and resampled to;
             None: no checks, inputs used on their own grid unless the preprocessing resamples.
+        postprocessing: per foreground class, whether the mask keeps only its largest connected component
+            (the runs' choice: :func:`recorded_postprocessing`); empty: none.
 
     Raises:
         FileNotFoundError: the base checkpoint or an adapter file is missing.
@@ -266,8 +270,10 @@ class Predictor:
         threshold: Optional[float] = None,
         strict: bool = True,
         domain: Optional[TrainingDomain] = None,
+        postprocessing: Sequence[bool] = (),
     ) -> None:
         self.device = resolve_device(device)
+        self.postprocessing = [bool(p) for p in postprocessing]
         self.domain = domain
         if threshold is not None:
             check_threshold(threshold)
@@ -319,11 +325,12 @@ class Predictor:
         if len(runs) == 1 and missing:
             weights = runs[0] / WEIGHTS_FILE
             if weights.is_file() or configs[0]["run"].get("tuning") == "none":
-                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict, domain)
+                return cls(configs[0], (), weights if weights.is_file() else base, device, threshold, strict, domain,
+                           recorded_postprocessing(runs))
         if missing:
             raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a full/decoder/"
                                     "scratch run: those are used alone, not in a fold ensemble)")
-        return cls(configs[0], adapters, base, device, threshold, strict, domain)
+        return cls(configs[0], adapters, base, device, threshold, strict, domain, recorded_postprocessing(runs))
 
     @classmethod
     def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,
@@ -335,7 +342,8 @@ class Predictor:
             raise ValueError("give at least one adapter file")
         source = Path(run_config) if run_config is not None else Path(adapters[0]).parent
         run_dir = source.parent if source.name == CONFIG_FILE else source
-        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir))
+        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir),
+                   recorded_postprocessing([Path(a).parent for a in adapters]))
 
     @property
     def description(self) -> str:
@@ -406,9 +414,20 @@ class Predictor:
                                f"{affine.round(4).tolist()}")
         probabilities = restored.as_tensor().numpy().astype(np.float32)
         mask = probabilities[0] > self.threshold if len(probabilities) == 1 else probabilities.argmax(0)
-        mask = mask.astype(np.uint8)
+        mask = keep_largest_component(mask.astype(np.uint8), chosen_classes(self.postprocessing))
         return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine),
                           found, target)
+
+
+def recorded_postprocessing(run_dirs: Sequence[str | os.PathLike]) -> list[bool]:
+    """Per foreground class, whether an ensemble of these runs keeps the largest component: decided once on
+    their pooled validation cases (``postprocessing`` in each ``metrics.json``:
+    :func:`segadapt.training.postprocessing.pooled_choice`); [] when a run has no record."""
+    records = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / METRICS_FILE
+        records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
+    return pooled_choice(records)
 
 
 def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:
