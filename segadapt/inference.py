@@ -14,6 +14,10 @@ and crop undone): the mask has the input's shape and affine. Memory: one base + 
 adapter's folded weights while it runs). ``scripts/benchmark_ensemble.py`` measures it against K
 separate models.
 
+Each model's probabilities are test-time mirrored when its run was trained so (``tta`` in the run config).
+The mask keeps only the largest connected component of the classes the runs chose on their validation
+cases (``postprocessing`` in metrics.json, decided once on the folds' pooled cases: :func:`recorded_postprocessing`).
+
 Python::
 
     predictor = Predictor.from_runs(["runs/phantom_sah/multiview_unet/cp_lora/fold0", ".../fold1", ".../fold2"])
@@ -293,6 +297,10 @@ class Predictor:
         for name, path in zip(self.members, self.adapters):
             load_adapter(self.module.net, path, name=name, active=False, strict=strict)
         self.threshold = check_threshold(self.module.hparams.threshold if threshold is None else threshold)
+        classes = max(int(module_args.get("model_kwargs", {}).get("out_channels", 1)), 2) - 1
+        if self.postprocessing and len(self.postprocessing) != classes:
+            raise ValueError(f"the runs' postprocessing (metrics.json) is for {len(self.postprocessing)} class(es); "
+                             f"the network has {classes} foreground class(es)")
         self.module.to(self.device).eval()
 
     @classmethod
@@ -349,7 +357,10 @@ class Predictor:
     def description(self) -> str:
         module = self.config["module"]
         members = f"{len(self.members)} adapter(s)" if self.members else "no adapter"
-        return f"{module['model']} with {members} on base {self.base}, device {self.device}"
+        kept = chosen_classes(self.postprocessing)
+        steps = (", test-time mirroring" if self.module.hparams.tta else "") + (
+            f", largest component kept of class(es) {', '.join(map(str, kept))}" if kept else "")
+        return f"{module['model']} with {members} on base {self.base}, device {self.device}{steps}"
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -426,7 +437,10 @@ def recorded_postprocessing(run_dirs: Sequence[str | os.PathLike]) -> list[bool]
     records = []
     for run_dir in run_dirs:
         path = Path(run_dir) / METRICS_FILE
-        records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
+        except ValueError as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
     return pooled_choice(records)
 
 

@@ -174,7 +174,7 @@ def _with_record(run: Path, folder: Path, largest_component) -> Path:
     return copy
 
 
-def test_predict_applies_the_recorded_choice(demo_runs, tmp_path):
+def test_predict_applies_the_recorded_choice(demo_runs, tmp_path, capsys):
     from segadapt.inference import main
 
     scan = read_run_config(demo_runs[0])["datamodule"]["dataset_json"]
@@ -190,8 +190,10 @@ def test_predict_applies_the_recorded_choice(demo_runs, tmp_path):
                      if ndimage.label(probabilities > t, structure=np.ones((3, 3, 3)))[1] > 1)
     masks = {}
     for name, run in [("on", on), ("off", off), ("old", old)]:
+        capsys.readouterr()
         main(["--run", str(run), "--input", scan, "--output", str(tmp_path / f"out_{name}"), "--device", "cpu",
               "--threshold", str(threshold)])
+        assert ("largest component kept of class(es) 1" in capsys.readouterr().out) == (name == "on")
         masks[name] = np.asarray(nib.load(next((tmp_path / f"out_{name}").glob("*_mask.nii.gz"))).dataobj)
     raw = (probabilities > threshold).astype(np.uint8)
     np.testing.assert_array_equal(masks["off"], raw)

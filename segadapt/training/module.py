@@ -15,10 +15,13 @@ How the network is tuned (``adapter``):
 Training: MONAI ``DiceCELoss`` on slices or patches (+ ``reg_weight`` x the adapters' regulariser, e.g.
 TLoRA's identity term), AdamW over the trainable parameters only, linear warm-up then cosine decay per
 step. Validation/test: whole volumes -- the multi-view UNet's fused ``predict_volume``, any other network
-through MONAI sliding-window inference (a 2D network slice by slice) -- mapped back onto each case's file
+through MONAI sliding-window inference (a 2D network slice by slice), with ``tta`` the mean over the flips
+along ``mirror_axes`` (nnU-Net's test-time mirroring) -- mapped back onto each case's file
 grid (``Invertd`` through the data module's pipeline) and scored against the label file as read: per-case
 Dice, HD95 (mm), predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>``
-(``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
+(``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`, and
+outside fitting the voxel counts that choose the postprocessing in :attr:`SegAdaptModule.component_counts`
+(:mod:`segadapt.training.postprocessing`).
 """
 
 from __future__ import annotations
