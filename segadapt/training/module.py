@@ -41,6 +41,7 @@ from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, invert_transform, make_loader
+from segadapt.data.transforms import FLIP_AXES
 from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities, preset_targets
 from segadapt.models.presets import default_train_modules, head_modules
 from segadapt.models.pretrained import load_base
@@ -111,8 +112,8 @@ class SegAdaptModule(pl.LightningModule):
         overlap: overlap of neighbouring windows in sliding-window inference (0 .. 1, Gaussian-weighted).
         tta: test-time mirroring: the whole-volume probabilities are the mean over the flips along
             ``mirror_axes`` (False: the plain prediction; a run from before it existed stores none).
-        mirror_axes: the spatial axes to mirror along (those the training augmentation flips:
-            ``segadapt.data.transforms.flip_axes``).
+        mirror_axes: the spatial axes to mirror along; None: those segadapt's training augmentation flips
+            (``segadapt.data.transforms.FLIP_AXES``; a run records ``flip_axes`` of its preprocessing).
     """
 
     def __init__(
@@ -134,7 +135,7 @@ class SegAdaptModule(pl.LightningModule):
         sw_batch_size: int = 4,
         overlap: float = 0.25,
         tta: bool = False,
-        mirror_axes: Optional[list[int]] = (0,),
+        mirror_axes: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -267,7 +268,8 @@ class SegAdaptModule(pl.LightningModule):
         as its training flips it. Written here because MONAI has no deterministic mirroring for whole-volume
         inference (``monai.data.TestTimeAugmentation`` draws random transforms, one case dict at a time).
         """
-        axes = [2 + int(a) for a in (self.hparams.mirror_axes or ())] if self.hparams.tta else []
+        mirror = FLIP_AXES if self.hparams.mirror_axes is None else self.hparams.mirror_axes
+        axes = [2 + int(a) for a in mirror] if self.hparams.tta else []
         total = None
         for flips in itertools.chain.from_iterable(itertools.combinations(axes, n) for n in range(len(axes) + 1)):
             probabilities = self.plain_probabilities(image.flip(flips) if flips else image)
