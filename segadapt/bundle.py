@@ -263,7 +263,8 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = read_run_config(run_dir)
-    inference = inference_config(config, recorded_postprocessing([run_dir]))  # refuses a network without a plain MONAI class before any work
+    # refuses a network without a plain MONAI class before any work
+    inference = inference_config(config, recorded_postprocessing([run_dir]))
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))

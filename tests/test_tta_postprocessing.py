@@ -217,3 +217,43 @@ def test_the_bundle_postprocessing_has_the_transform_iff_chosen(demo_runs, large
                          "is_onehot": False, "independent": True}]
         names = [s["_target_"] for s in steps]
         assert names.index("AsDiscreted") < names.index("KeepLargestConnectedComponentd") < names.index("SaveImaged")
+
+
+def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp_path):
+    """A tiny DynUNet run whose record chooses the postprocessing: the bundle (run by ``monai.bundle.run``) and
+    ``segadapt predict`` write the same masks, the largest component of the raw mask."""
+    from monai.bundle import run as monai_run
+
+    from segadapt.bundle import export_bundle
+    from segadapt.data import PreprocessConfig, make_phantom_dataset
+    from segadapt.data.files import save_safetensors
+    from segadapt.models import build_model
+    from segadapt.training import fit_run
+
+    dataset = make_phantom_dataset(tmp_path / "data", "sah", 4, 0, (24, 24, 16), [220 / 24, 220 / 24, 10.0])
+    kwargs = {"in_channels": 3, "out_channels": 1, "kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}
+    torch.manual_seed(0)
+    base = save_safetensors(tmp_path / "base.safetensors", {k: v.clone() for k, v in build_model("dynunet", **kwargs).state_dict().items()})
+    module = {"model": "dynunet", "model_kwargs": kwargs, "adapter": {"method": "conv_lora", "rank": 2},
+              "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base), "roi_size": [16, 16, 16]}
+    data = {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "batch_size": 1, "sampling": "patch",
+            "preprocess": PreprocessConfig(patch_size=[16, 16, 16], samples_per_volume=1, augment=False).to_dict()}
+    trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+               "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000, "max_steps": 2}
+    trained = tmp_path / "trained"
+    fit_run(trained, {"experiment": "t", "method": "conv_lora", "fold": 0}, module, data, trainer, eval_base=False)
+    run = _with_record(trained, tmp_path / "run", [True])
+    scan = str(sorted((tmp_path / "data" / "imagesTr").glob("*.nii.gz"))[0])
+    probabilities = Predictor.from_runs([trained], device="cpu").predict(scan).probabilities[0]
+    values = np.unique(probabilities)
+    threshold = next(t for t in ((values[k] + values[k + 1]) / 2 for k in (int(q * len(values)) for q in (0.8, 0.9, 0.7, 0.95)))
+                     if ndimage.label(probabilities > t, structure=np.ones((3, 3, 3)))[1] > 1)
+    ours = Predictor.from_runs([run], device="cpu", threshold=float(threshold)).predict(scan).mask
+    bundle = export_bundle(run, tmp_path / "bundle")
+    monai_run(config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle), datalist=[scan],
+              output_dir=str(tmp_path / "out"), threshold=float(threshold))
+    theirs = np.asarray(nib.load(next((tmp_path / "out").glob("*_seg.nii.gz"))).dataobj)
+    raw = (probabilities > threshold).astype(np.uint8)
+    np.testing.assert_array_equal(ours, _largest(raw))
+    np.testing.assert_array_equal(theirs, ours)
+    assert ours.sum() < raw.sum()
