@@ -25,6 +25,10 @@ channels, a z-score that leaves a background value out); a bundle that names seg
 classes) needs segadapt installed (listed in the metadata). The bundle runs its cases in a plain loop
 (``run``), not MONAI's ``SupervisedEvaluator``, so it needs no pytorch-ignite.
 
+The run's postprocessing choice (metrics.json ``postprocessing``: the largest connected component of a class)
+is ``KeepLargestConnectedComponentd`` after ``AsDiscreted``. The bundle does not mirror at test time (its
+``run`` calls the inferer once), so it matches ``segadapt predict`` of a run without ``tta``.
+
 One thresholding detail: the bundle's ``AsDiscreted(threshold=t)`` keeps p >= t, ``segadapt predict`` p > t;
 they differ only on voxels whose probability is exactly t.
 """
@@ -35,7 +39,7 @@ import inspect
 import json
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.export_common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training.run import FINGERPRINT_FILE, open_run
+from segadapt.training.postprocessing import chosen_classes
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
 SEGADAPT_NETWORKS = ("multiview_unet", "vit_seg", "sam")  # no MONAI class: segadapt.models.build_model
@@ -190,8 +195,10 @@ def _inferer(module: Mapping[str, Any], cfg: PreprocessConfig) -> Any:
     return {"_target_": "SlidingWindowInferer", **window}
 
 
-def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike = ".") -> dict[str, Any]:
-    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder).
+def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike = ".",
+                     largest_component: Sequence[bool] = ()) -> dict[str, Any]:
+    """The bundle's ``inference.json`` for a run config (``config.yaml`` of a run folder); `largest_component`
+    (per foreground class, the run's chosen postprocessing) adds ``KeepLargestConnectedComponentd``.
 
     `bundle_root` is the bundle's folder (absolute, so that MONAI's command works from any working folder;
     ``--bundle_root DIR`` overrides it, e.g. after moving the folder). ``imports`` names segadapt only where
@@ -227,6 +234,7 @@ def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike =
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "nearest_interp": False, "to_tensor": True},
             {"_target_": "AsDiscreted", "keys": "pred", **discrete},
+            *_keep_largest(largest_component),
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False},
         ]},
@@ -237,6 +245,15 @@ def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike =
         # set_grad_enabled is process-wide: give it back, so `monai.bundle.run` called from Python leaves autograd on
         "finalize": ["$torch.set_grad_enabled(True)"],
     }
+
+
+def _keep_largest(largest_component: Sequence[bool]) -> list[dict[str, Any]]:
+    """The run's postprocessing as MONAI's transform on the label map (none when no class keeps its largest component)."""
+    classes = chosen_classes(largest_component)
+    if not classes:
+        return []
+    return [{"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": classes,
+             "is_onehot": False, "independent": True}]
 
 
 def metadata(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -326,12 +343,14 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
+    from segadapt.inference import recorded_postprocessing
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")
     config = open_run(run_dir)
     check_targets(run_dir, config, [folder / f for f in BUNDLE_FILES], force=force)
-    inference = inference_config(config, folder.resolve())  # refuses a network it cannot build before any work
+    # refuses a network it cannot build before any work
+    inference = inference_config(config, folder.resolve(), recorded_postprocessing([run_dir]))
     net, _ = load_run_for_export(run_dir, strict=strict)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in merge_and_unload(net).state_dict().items()}
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", 1))

@@ -14,6 +14,10 @@ and crop undone): the mask has the input's shape and affine. Memory: one base + 
 adapter's folded weights while it runs). ``scripts/benchmark_ensemble.py`` measures it against K
 separate models.
 
+Each model's probabilities are test-time mirrored when its run was trained so (``tta`` in the run config).
+The mask keeps only the largest connected component of the classes the runs chose on their validation
+cases (``postprocessing`` in metrics.json, decided once on the folds' pooled cases: :func:`recorded_postprocessing`).
+
 Python::
 
     predictor = Predictor.from_runs(["runs/phantom_sah/multiview_unet/cp_lora/fold0", ".../fold1", ".../fold2"])
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -74,6 +79,7 @@ from segadapt.parsers import predict_parser
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
+from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +272,8 @@ class Predictor:
             None: no checks, inputs used on their own grid unless the preprocessing resamples.
         networks: whole-network weight files (``model.safetensors`` of full / decoder / scratch fold runs) of
             the config's network, loaded into it in turn; their probabilities are averaged (no adapters then).
+        postprocessing: per foreground class, whether the mask keeps only its largest connected component
+            (the runs' choice: :func:`recorded_postprocessing`); empty: none.
 
     Raises:
         FileNotFoundError: the base checkpoint or an adapter file is missing.
@@ -283,8 +291,10 @@ class Predictor:
         strict: bool = True,
         domain: Optional[TrainingDomain] = None,
         networks: Sequence[str | os.PathLike] = (),
+        postprocessing: Sequence[bool] = (),
     ) -> None:
         self.device = resolve_device(device)
+        self.postprocessing = [bool(p) for p in postprocessing]
         self.domain = domain
         if threshold is not None:
             check_threshold(threshold)
@@ -309,6 +319,10 @@ class Predictor:
         for name, path in zip(self.members, self.adapters):
             load_adapter(self.module.net, path, name=name, active=False, strict=strict)
         self.threshold = check_threshold(self.module.hparams.threshold if threshold is None else threshold)
+        classes = max(int(module_args.get("model_kwargs", {}).get("out_channels", 1)), 2) - 1
+        if self.postprocessing and len(self.postprocessing) != classes:
+            raise ValueError(f"the runs' postprocessing (metrics.json) is for {len(self.postprocessing)} class(es); "
+                             f"the network has {classes} foreground class(es)")
         self.module.to(self.device).eval()
 
     @classmethod
@@ -341,13 +355,16 @@ class Predictor:
         weights = [run / WEIGHTS_FILE for run in runs]
         if len(runs) == 1 and missing:
             if weights[0].is_file() or configs[0]["run"].get("tuning") == "none":
-                return cls(configs[0], (), weights[0] if weights[0].is_file() else base, device, threshold, strict, domain)
+                return cls(configs[0], (), weights[0] if weights[0].is_file() else base, device, threshold, strict, domain,
+                           postprocessing=recorded_postprocessing(runs))
         if len(missing) == len(runs) and all(w.is_file() for w in weights):  # full / decoder / scratch fold runs
-            return cls(configs[0], (), weights[0], device, threshold, strict, domain, networks=weights)
+            return cls(configs[0], (), weights[0], device, threshold, strict, domain, networks=weights,
+                       postprocessing=recorded_postprocessing(runs))
         if missing:
             raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a fold "
                                     "ensemble that mixes adapter runs with full/decoder/scratch runs)")
-        return cls(configs[0], adapters, base, device, threshold, strict, domain)
+        return cls(configs[0], adapters, base, device, threshold, strict, domain,
+                   postprocessing=recorded_postprocessing(runs))
 
     @classmethod
     def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,
@@ -362,14 +379,18 @@ class Predictor:
         for adapter in map(Path, adapters):  # a run folder's own adapter file: only once the run finished
             if adapter.name == ADAPTER_FILE and (adapter.parent / CONFIG_FILE).is_file():
                 read_metrics(adapter.parent)
-        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir))
+        return cls(read_run_config(run_dir), adapters, base, device, threshold, strict, run_domain(run_dir),
+                   postprocessing=recorded_postprocessing([Path(a).parent for a in adapters]))
 
     @property
     def description(self) -> str:
         module = self.config["module"]
         members = f"{len(self.members)} adapter(s)" if self.members else (
             f"{len(self.networks)} fold networks" if len(self.networks) > 1 else "no adapter")
-        return f"{module['model']} with {members} on base {self.base}, device {self.device}"
+        kept = chosen_classes(self.postprocessing)
+        steps = (", test-time mirroring" if self.module.hparams.tta else "") + (
+            f", largest component kept of class(es) {', '.join(map(str, kept))}" if kept else "")
+        return f"{module['model']} with {members} on base {self.base}, device {self.device}{steps}"
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -441,7 +462,7 @@ class Predictor:
                                f"{affine.round(4).tolist()}")
         probabilities = restored.as_tensor().numpy().astype(np.float32)
         mask = probabilities[0] > self.threshold if len(probabilities) == 1 else probabilities.argmax(0)
-        mask = mask.astype(np.uint8)
+        mask = keep_largest_component(mask.astype(np.uint8), chosen_classes(self.postprocessing))
         return Prediction(path, probabilities, mask, affine, float(np.count_nonzero(mask)) * voxel_volume_ml(affine),
                           found, target)
 
@@ -453,6 +474,20 @@ def input_affine(image: MetaTensor) -> np.ndarray:
         return np.asarray(image.meta["original_affine"])
     orientation = next(op for op in image.applied_operations if "Orientation" in op[TraceKeys.CLASS_NAME])
     return np.asarray(orientation[TraceKeys.EXTRA_INFO]["original_affine"])
+
+
+def recorded_postprocessing(run_dirs: Sequence[str | os.PathLike]) -> list[bool]:
+    """Per foreground class, whether an ensemble of these runs keeps the largest component: decided once on
+    their pooled validation cases (``postprocessing`` in each ``metrics.json``:
+    :func:`segadapt.training.postprocessing.pooled_choice`); [] when a run has no record."""
+    records = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / METRICS_FILE
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
+        except ValueError as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+    return pooled_choice(records)
 
 
 def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:

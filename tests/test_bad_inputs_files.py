@@ -631,6 +631,20 @@ def _demo(demo_runs) -> dict[str, Path]:
             "base": root / "runs" / "base" / "model.safetensors"}
 
 
+def _run_with_metrics(run: Path, tmp: Path, edit) -> Path:
+    """A copy of `run` whose metrics.json text is edit(text)."""
+    copy = shutil.copytree(run, tmp / "run_copy")
+    (copy / "metrics.json").write_text(edit((copy / "metrics.json").read_text(encoding="utf-8")), encoding="utf-8")
+    return copy
+
+
+def _two_classes(text: str) -> str:
+    """metrics.json text with a postprocessing record for two classes."""
+    metrics = json.loads(text)
+    two = {"largest_component": [True, False], "dice_with": [0.5, 0.5], "dice_without": [0.4, 0.6]}
+    return json.dumps({**metrics, "postprocessing": {**metrics["postprocessing"], **two}})
+
+
 def _perturbed_base(tmp: Path, base: Path) -> Path:
     state = {k: v * 1.01 if v.is_floating_point() else v for k, v in load_file(str(base)).items()}
     path = tmp / "other_base.safetensors"
@@ -796,6 +810,11 @@ PREDICT_CASES = {
                                                           "--input", d["scan"]], UNFINISHED),
     "unfinished_run_adapter_file": (lambda d, t, o, w: ["--adapters", _unfinished(t, d["run"]) / "adapter.safetensors",
                                                         "--input", d["scan"]], UNFINISHED),
+    "metrics_not_json": (lambda d, t, o, w: ["--run", _run_with_metrics(d["run"], t, lambda text: text[:-20]),
+                                             "--input", d["scan"]], ["run_copy", "metrics.json is not readable JSON"]),
+    "postprocessing_for_other_classes": (lambda d, t, o, w: ["--run", _run_with_metrics(d["run"], t, _two_classes),
+                                                             "--input", d["scan"]],
+        ["postprocessing (metrics.json) is for 2 class(es)", "1 foreground class(es)"]),
 }
 
 

@@ -182,6 +182,8 @@ CASES = [
     ("float where an integer is expected", ["trainer.max_steps=2.5"], None,
      r"trainer\.max_steps=2\.5: expected an integer, got float"),
     ("boolean of wrong type", ["eval_base=maybe"], None, r"eval_base='maybe': expected a boolean"),
+    ("test-time mirroring not a boolean", ["model.inference.tta=sometimes"], None,
+     r"model\.inference\.tta='sometimes': expected a boolean"),
     ("list element of wrong type", ["data.preprocess.slice_size=[32,x]"], None,
      r"data\.preprocess\.slice_size\[1\]='x': expected an integer"),
     ("number of wrong type", ["optim.weight_decay=lots"], None, r"optim\.weight_decay='lots': expected a number"),

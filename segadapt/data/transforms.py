@@ -271,9 +271,18 @@ def deterministic_transforms(
     return steps
 
 
+# The spatial axes training flips (left/right: array axis 0, X in RAS); test-time mirroring uses the same ones.
+FLIP_AXES = (0,)
+
+
+def flip_axes(cfg: PreprocessConfig) -> list[int]:
+    """The spatial axes the training augmentation of `cfg` flips (none when it does not augment)."""
+    return list(FLIP_AXES) if cfg.augment else []
+
+
 def _flip(cfg: PreprocessConfig) -> list:
     """Left/right flip (array axis 0: X in RAS)."""
-    return [RandFlipd(["image", "label"], spatial_axis=0, prob=0.5)] if cfg.augment else []
+    return [RandFlipd(["image", "label"], spatial_axis=list(FLIP_AXES), prob=0.5)] if cfg.augment else []
 
 
 def _augment(cfg: PreprocessConfig, dims: int, flip: bool = True) -> list:

@@ -15,10 +15,13 @@ How the network is tuned (``adapter``):
 Training: MONAI ``DiceCELoss`` on slices or patches (+ ``reg_weight`` x the adapters' regulariser, e.g.
 TLoRA's identity term), AdamW over the trainable parameters only, linear warm-up then cosine decay per
 step. Validation/test: whole volumes -- the multi-view UNet's fused ``predict_volume``, any other network
-through MONAI sliding-window inference (a 2D network slice by slice) -- mapped back onto each case's file
+through MONAI sliding-window inference (a 2D network slice by slice), with ``tta`` the mean over the flips
+along ``mirror_axes`` (nnU-Net's test-time mirroring) -- mapped back onto each case's file
 grid (``Invertd`` through the data module's pipeline) and scored against the label file as read: per-case
 Dice, HD95 (mm), predicted and true lesion volume (mL) (:mod:`segadapt.training.metrics`), logged as ``val/<name>``
-(``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`.
+(``test/<name>``); the per-case rows of the last epoch are kept in :attr:`SegAdaptModule.case_rows`, and
+outside fitting the voxel counts that choose the postprocessing in :attr:`SegAdaptModule.component_counts`
+(:mod:`segadapt.training.postprocessing`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ from monai.losses import DiceCELoss
 
 from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, DatasetDescription, invert_transform, load_dataset_json, make_loader
+from segadapt.data.transforms import FLIP_AXES
 from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities, preset_targets
 from segadapt.models.presets import default_train_modules, head_modules
 from segadapt.models.pretrained import load_base
 
 from .metrics import bin_labels, case_metrics, summarize
+from .postprocessing import component_counts
 
 BASELINES = ("none", "full", "decoder", "scratch")
 DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
@@ -125,6 +130,10 @@ class SegAdaptModule(pl.LightningModule):
             (e.g. ``[96, 96, 96]``; a 2D ``roi_size`` on 3D volumes: slice by slice, axially).
         sw_batch_size: windows per network call in sliding-window inference.
         overlap: overlap of neighbouring windows in sliding-window inference (0 .. 1, Gaussian-weighted).
+        tta: test-time mirroring: the whole-volume probabilities are the mean over the flips along
+            ``mirror_axes`` (False: the plain prediction; a run from before it existed stores none).
+        mirror_axes: the spatial axes to mirror along; None: those segadapt's training augmentation flips
+            (``segadapt.data.transforms.FLIP_AXES``; a run records ``flip_axes`` of its preprocessing).
     """
 
     def __init__(
@@ -145,6 +154,8 @@ class SegAdaptModule(pl.LightningModule):
         roi_size: Optional[list[int]] = None,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
+        tta: bool = False,
+        mirror_axes: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -171,6 +182,9 @@ class SegAdaptModule(pl.LightningModule):
         self.loss_fn = DiceCELoss(sigmoid=binary, softmax=not binary, to_onehot_y=not binary, **dict(loss or {}))
         self.case_rows: list[dict] = []
         self._rows: list[dict] = []
+        # case id -> per-class voxel counts without / with the largest component (segadapt.training.postprocessing),
+        # of the last validation or test run outside fitting
+        self.component_counts: dict[str, list[dict]] = {}
 
     def _set_trainable(self, adapter: Union[str, dict], preset: Optional[str]) -> None:
         if self.tuning in ("full", "scratch"):
@@ -275,6 +289,27 @@ class SegAdaptModule(pl.LightningModule):
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(B, out_channels, *spatial)`` of whole volumes (or whole 2D images).
 
+        With ``tta`` (nnU-Net's test-time mirroring), the mean over the 2^k subsets F of the k ``mirror_axes``
+
+            p(x) = 1/2^k sum_F flip_F(p_plain(flip_F(x))),
+
+        else ``p_plain`` (:meth:`plain_probabilities`). The multi-view UNet mirrors the volume before slicing,
+        as its training flips it. Written here because MONAI has no deterministic mirroring for whole-volume
+        inference (``monai.data.TestTimeAugmentation`` draws random transforms, one case dict at a time).
+        """
+        mirror = FLIP_AXES if self.hparams.mirror_axes is None else self.hparams.mirror_axes
+        axes = [2 + int(a) for a in mirror] if self.hparams.tta else []
+        total = None
+        for flips in itertools.chain.from_iterable(itertools.combinations(axes, n) for n in range(len(axes) + 1)):
+            probabilities = self.plain_probabilities(image.flip(flips) if flips else image)
+            probabilities = probabilities.flip(flips) if flips else probabilities
+            total = probabilities if total is None else total.add_(probabilities)
+        return total / 2 ** len(axes)
+
+    @torch.no_grad()
+    def plain_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Probabilities of whole volumes without mirroring.
+
         Multi-view UNet: its fused volume prediction. Otherwise MONAI sliding-window inference with
         ``roi_size``; a 2D ``roi_size`` on a 3D volume runs a 2D network slice by slice along the axial
         axis (``monai.inferers.SliceInferer``).
@@ -293,9 +328,24 @@ class SegAdaptModule(pl.LightningModule):
 
     def foreground(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Lesion mask ``(B, *spatial)``: p > threshold (one channel) or argmax > 0."""
+        return self.label_map(probabilities) > 0
+
+    def label_map(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Class map ``(B, *spatial)``: p > threshold (one channel: 0/1) or the argmax class."""
         if probabilities.shape[1] == 1:
-            return probabilities[:, 0] > self.hparams.threshold
-        return probabilities.argmax(dim=1) > 0
+            return (probabilities[:, 0] > self.hparams.threshold).long()
+        return probabilities.argmax(dim=1)
+
+    def _components(self, labels: torch.Tensor, truth: torch.Tensor) -> dict:
+        """``{"components": counts}`` for choosing the postprocessing (:func:`component_counts`) in a validation
+        or test outside fitting (the one that scores the fold), else ``{}``."""
+        if self.trainer.state.fn == "fit":
+            return {}
+        return {"components": component_counts(labels, truth, max(int(self.net_out_channels), 2) - 1)}
+
+    @property
+    def net_out_channels(self) -> int:
+        return int(dict(self.hparams.model_kwargs or {}).get("out_channels", 1))
 
     def _evaluate(self, batch: dict) -> None:
         """Per-case metrics on the file grid of each case: the probabilities go back through the data
@@ -307,17 +357,21 @@ class SegAdaptModule(pl.LightningModule):
         unit = getattr(getattr(self.trainer, "datamodule", None), "size_unit", None)  # sizes named by unit (px, mm^2)
         if pipeline is None:
             affines = image.affine if image.affine.ndim == 3 else image.affine[None]
-            pred = self.foreground(probabilities)
+            labels = self.label_map(probabilities)
             for b in range(image.shape[0]):
-                self._rows.append({"case_id": str(batch["case_id"][b]), **case_metrics(pred[b], _plain(label[b, 0]), affines[b], unit)})
+                truth = _plain(label[b, 0]).cpu()
+                self._rows.append({"case_id": str(batch["case_id"][b]),
+                                   **case_metrics(labels[b] > 0, truth, affines[b], unit),
+                                   **self._components(labels[b], truth)})
             return
         to_file_grid = invert_transform(pipeline, keys="pred")
         for item, p in zip(decollate_batch(batch), probabilities):
             item["pred"] = MetaTensor(p)
             restored = to_file_grid(item)["pred"]
             truth = self._read_label(item["label"].meta["filename_or_obj"])
-            pred = self.foreground(restored.as_tensor()[None])[0]
-            self._rows.append({"case_id": str(item["case_id"]), **case_metrics(pred, truth[0], restored.affine, unit)})
+            labels = self.label_map(restored.as_tensor()[None])[0]
+            self._rows.append({"case_id": str(item["case_id"]), **case_metrics(labels > 0, truth[0], restored.affine, unit),
+                               **self._components(labels, truth[0])})
 
     @staticmethod
     def _read_label(path: str) -> torch.Tensor:
@@ -330,6 +384,7 @@ class SegAdaptModule(pl.LightningModule):
             dist.all_gather_object(gathered, rows)
             rows = list({r["case_id"]: r for part in gathered for r in part}.values())  # drop sampler padding
         self.case_rows, self._rows = sorted(rows, key=lambda r: r["case_id"]), []
+        self.component_counts = {r["case_id"]: r.pop("components") for r in self.case_rows if "components" in r}
         if rows:
             summary = summarize(self.case_rows, self.bins)
             # every rank holds the same gathered summary; sync_dist averages equal values (and says so to Lightning)

@@ -75,6 +75,7 @@ from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_data
 from segadapt.data.config import parse_number
 from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan, fingerprint, load_or_make_fingerprint
+from segadapt.data.transforms import flip_axes
 from segadapt.models import load_pretrained
 
 from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, PhaseTimes, RunSettings, SelectBest,
@@ -84,6 +85,7 @@ from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, check_classes, tuning_name
 from .planning import AUTO, PLAN_FILE, apply_plan, planned_example, run_plan
+from .postprocessing import choose_postprocessing
 from .sweep import BASE_SCORES, base_key
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,8 @@ def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: in
         # the training batch (samples per step, from the plan unless the config sets it): it fits in memory with
         # gradients, so windows batched as many at a time do without
         inference["sw_batch_size"] = int(data["batch_size"]) * preprocess.samples_per_volume
+    if inference.get("tta"):  # test-time mirroring along the axes training flips (none: it does not augment)
+        inference["mirror_axes"] = flip_axes(preprocess)
     return {
         "model": model["name"],
         "model_kwargs": {"in_channels": in_channels, **model["kwargs"]},
@@ -737,7 +741,8 @@ def fit_run(
         result = {
             "format": "segadapt-metrics/1",
             "run": {**identity, "tuning": tuning, "seed": seed},
-            "val": summarize(cases, bins),
+            "val": summarize(cases, bins),  # the raw prediction's; postprocessing.dice: with the chosen postprocessing
+            "postprocessing": choose_postprocessing(module.component_counts),
             "val_last": summarize(last_cases, bins),
             "base_inner_dice": base_inner_dice,
             "selection": None if selector is None else {

@@ -34,7 +34,7 @@ from segadapt.data.cache import MemoryStore
 
 # SegAdaptModule arguments the unadapted base's predictions depend on (the others say how it would be tuned).
 _BASE_MODULE_KEYS = ("model", "model_kwargs", "base_checkpoint", "volume_bins_ml", "threshold", "slice_batch_size",
-                     "roi_size", "sw_batch_size", "overlap")
+                     "roi_size", "sw_batch_size", "overlap", "tta", "mirror_axes")
 # SegDataModule arguments its validation and inner cases do not depend on.
 _TRAINING_ONLY_KEYS = ("seed", "batch_size", "num_workers", "max_train_cases")
 
