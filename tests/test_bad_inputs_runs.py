@@ -96,6 +96,27 @@ def _broken_dataset(world: dict, tmp_path: Path, how: str) -> Path:
         data = np.asarray(image.dataobj).astype(np.float32 if key == "image" else np.int16)
         data[3, 3, 3] = np.nan if key == "image" else 7
         nib.save(nib.Nifti1Image(data, image.affine), folder / first[key])
+    elif how == "one case":
+        doc["training"] = doc["training"][:1]
+        doc["numTraining"] = 1
+        description.write_text(json.dumps(doc), encoding="utf-8")
+    elif how in ("no labelled voxel", "tiny images"):
+        for entry in doc["training"]:
+            for key in ("image", "label"):
+                image = nib.load(folder / entry[key])
+                data = np.asarray(image.dataobj)
+                if how == "tiny images":  # 6 x 6 x 3 voxels around the middle, the middle voxel labelled
+                    data = data[13:19, 13:19, 6:9].copy()
+                    if key == "label":
+                        data[:] = 0
+                        data[3, 3, 1] = 1
+                else:
+                    data = np.zeros_like(data) if key == "label" else data
+                nib.save(nib.Nifti1Image(data, image.affine), folder / entry[key])
+    elif how == "labels absent":
+        for entry in doc["training"]:
+            entry.pop("label")
+        description.write_text(json.dumps(doc), encoding="utf-8")
     return description
 
 
@@ -139,6 +160,13 @@ CASES = [
     ("case image missing", ["data.dataset_json={data}"], "missing image", r"sah_001"),
     ("case image with NaN", ["data.dataset_json={data}"], "nan image", r"case 'sah_001'.*NaN"),
     ("label value not in dataset.json", ["data.dataset_json={data}"], "label value", r"sah_001.*7"),
+    ("dataset of one case", ["data.dataset_json={data}"], "one case", r"dataset\.json: cannot make 3 folds from 1 patients \(1 cases\)"),
+    ("no labelled voxel in any case", ["data.dataset_json={data}"], "no labelled voxel",
+     r"dataset\.json: no case has a labelled voxel \(label > 0\) in any of its 6 cases"),
+    ("labels absent from dataset.json", ["data.dataset_json={data}"], "labels absent",
+     r"dataset\.json: training entry 0 has no 'label' path"),
+    ("images too small for a network", ["data.dataset_json={data}"], "tiny images",
+     r"median size after cropping, \[6, 6, 3\] voxels, is too small to plan a network"),
 ]
 
 

@@ -284,9 +284,25 @@ def fingerprint(
         "body_intensity": [_body_statistics(b, f) for b, f in zip(body, samples)],
         "background": [_dataset_background(cases, c) for c in range(channels)],
     }
+    check_plannable(result)
     if out is not None:
         write_json(out, result)
     return result
+
+
+def check_plannable(fp: dict) -> None:
+    """Refuse a dataset no network can be planned and trained on, rather than train a toy (one-line
+    ValueError naming dataset.json): no labelled voxel in any case (nothing to learn), or cases too small to
+    pool even once (the median cropped shape below 2 x :data:`MIN_FEATURE_MAP` on every axis: no U-Net).
+    A dataset of too few cases for its folds is refused by the split (:mod:`segadapt.data.splits`)."""
+    where = fp["dataset_json"]
+    if not any(v > 0 for case in fp["cases"] for v in case["label_volume_ml"].values()):
+        raise ValueError(f"{where}: no case has a labelled voxel (label > 0) in any of its {fp['n_cases']} cases; "
+                         f"nothing to learn from")
+    median = [int(m) for m in np.median([case["crop_shape"] for case in fp["cases"]], axis=0)]
+    if max(median) < 2 * MIN_FEATURE_MAP:
+        raise ValueError(f"{where}: the cases' median size after cropping, {median} voxels, is too small to plan a "
+                         f"network (no axis reaches {2 * MIN_FEATURE_MAP} voxels, the least a U-Net pools)")
 
 
 def _body_statistics(body: list[np.ndarray], foreground: list[np.ndarray]) -> dict[str, float | None]:

@@ -531,11 +531,12 @@ def fit_run(
     main_process = rank_zero_only.rank == 0  # under DDP every rank runs this function; one writes the files
     if main_process:
         check_run_folder(run_dir, record, ckpt_path, overwrite)
+    # before the split file is written: a dataset no network can be planned for is refused first
+    data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache) if main_process else None
     datamodule = SegDataModule(**datamodule_kwargs)
     datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
     pl.seed_everything(seed, workers=True, verbose=False)  # the seed is in config.yaml
     module = SegAdaptModule(**module_kwargs)
-    data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache) if main_process else None
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
