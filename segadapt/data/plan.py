@@ -740,14 +740,30 @@ def fingerprint_folder(dataset_json: str | os.PathLike, cache_dir: str | os.Path
 
 
 def load_or_make_fingerprint(dataset_json: str | os.PathLike, cache_dir: str | os.PathLike,
-                             orientation: str | None = None, spatial_dims: int = 3) -> dict:
-    """The :func:`fingerprint` of a dataset, cached as ``fingerprint.json`` in :func:`fingerprint_folder`."""
+                             orientation: str | None = None, spatial_dims: int = 3, write: bool = True) -> dict:
+    """The :func:`fingerprint` of a dataset, cached as ``fingerprint.json`` in :func:`fingerprint_folder`
+    (`write=False`: one made afresh is not written; :func:`cache_fingerprint` writes it later)."""
     fp_file = fingerprint_folder(dataset_json, cache_dir, orientation, spatial_dims) / "fingerprint.json"
+    cached = _cached_fingerprint(fp_file)
+    if cached is not None:
+        return cached
+    return fingerprint(dataset_json, fp_file if write else None, orientation=orientation, spatial_dims=spatial_dims)
+
+
+def cache_fingerprint(fp: dict, cache_dir: str | os.PathLike, orientation: str | None = None,
+                      spatial_dims: int = 3) -> None:
+    """Write `fp` as its dataset's cached fingerprint (:func:`load_or_make_fingerprint`) unless one is there."""
+    fp_file = fingerprint_folder(fp["dataset_json"], cache_dir, orientation, spatial_dims) / "fingerprint.json"
+    if _cached_fingerprint(fp_file) is None:
+        write_json(fp_file, fp)
+
+
+def _cached_fingerprint(fp_file: Path) -> dict | None:
     if fp_file.is_file():
         fp = json.loads(fp_file.read_text(encoding="utf-8"))
         if "body_intensity" in fp:  # else made by an older segadapt: made again
             return fp
-    return fingerprint(dataset_json, fp_file, orientation=orientation, spatial_dims=spatial_dims)
+    return None
 
 
 def load_or_make_plan(
