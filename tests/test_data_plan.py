@@ -485,6 +485,6 @@ def test_ct_lesion_inside_anatomy_is_clipped_to_the_body(tmp_path):
     assert plan.clip_range[0][0] < 0 < 1000 < plan.clip_range[0][1]  # fat and bone kept, not [55, 95]
     assert plan.norm_std[0] == pytest.approx(body.std(), rel=0.1)
     # a constant-free cropped output: brain (~30 HU) and bone (> 700 HU) stay apart after the intensity step
-    out = val_transforms(PreprocessConfig(**plan.preprocess_fields()), (0, 1))(
-        {"image": str(tmp_path / "imagesTr" / "tbi_000.nii.gz"), "label": str(tmp_path / "labelsTr" / "tbi_000.nii.gz")})
+    case = {key: str(tmp_path / f"{key}sTr" / "tbi_000.nii.gz") for key in ("image", "label")}
+    out = val_transforms(PreprocessConfig(**plan.preprocess_fields()), (0, 1))(case)
     assert len(np.unique(np.round(out["image"].numpy(), 3))) > 100

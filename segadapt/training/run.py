@@ -480,7 +480,8 @@ def _data_fingerprint(datamodule_kwargs: Mapping[str, Any], cache_dir: Optional[
     return load_or_make_fingerprint(where[0], cache_dir, *where[1:], write=write)
 
 
-def _cache_data_fingerprint(fp: dict, datamodule_kwargs: Mapping[str, Any], cache_dir: Optional[str | os.PathLike]) -> None:
+def _cache_data_fingerprint(fp: dict, datamodule_kwargs: Mapping[str, Any],
+                            cache_dir: Optional[str | os.PathLike]) -> None:
     if cache_dir is not None:
         preprocess = PreprocessConfig.from_dict(dict(datamodule_kwargs.get("preprocess") or {}))
         cache_fingerprint(fp, cache_dir, preprocess.orientation, preprocess.spatial_dims)
