@@ -160,8 +160,28 @@ def _broken_dataset(world: dict, tmp_path: Path, how: str) -> Path:
             folds[1] = [*folds[1], folds[0][0]]
         splits = [{"train": sorted(set(ids) - set(val)), "val": val} for val in folds]
         (folder / "splits_final.json").write_text(json.dumps(splits), encoding="utf-8")
+    elif how == "one case":
+        doc["training"] = doc["training"][:1]
+        doc["numTraining"] = 1
+        description.write_text(json.dumps(doc), encoding="utf-8")
+    elif how in ("no labelled voxel", "tiny images"):
+        for entry in doc["training"]:
+            for key in ("image", "label"):
+                image = nib.load(folder / entry[key])
+                data = np.asarray(image.dataobj)
+                if how == "tiny images":  # 6 x 6 x 3 voxels around the middle, the middle voxel labelled
+                    data = data[13:19, 13:19, 6:9].copy()
+                    if key == "label":
+                        data[:] = 0
+                        data[3, 3, 1] = 1
+                else:
+                    data = np.zeros_like(data) if key == "label" else data
+                nib.save(nib.Nifti1Image(data, image.affine), folder / entry[key])
+    elif how == "labels absent":
+        for entry in doc["training"]:
+            entry.pop("label")
     if how in ("duplicate symlink", "duplicate copy", "three classes", "no background label", "empty training list",
-               "entry without label"):
+               "entry without label", "labels absent"):
         description.write_text(json.dumps(doc), encoding="utf-8")
     return description
 
@@ -255,6 +275,14 @@ CASES = [
      r"slice_axes must be a non-empty subset of \['sagittal', 'coronal', 'axial'\], got \['oblique'\]"),
     ("no training case left", ["data.max_train_cases=0"], None, r"max_train_cases must be at least 1, got 0"),
     ("inner fraction of 1", ["selection.inner_fraction=1.0"], None, r"inner_fraction must be in \[0, 1\), got 1\.0"),
+    ("dataset of one case", ["data.dataset_json={data}"], "one case",
+     r"dataset\.json: cannot make 3 folds from 1 patients \(1 cases\)"),
+    ("no labelled voxel in any case", ["data.dataset_json={data}"], "no labelled voxel",
+     r"dataset\.json: no case has a labelled voxel \(label > 0\) in any of its 6 cases"),
+    ("labels absent from dataset.json", ["data.dataset_json={data}"], "labels absent",
+     r"dataset\.json: training entry 0 has no 'label' path"),
+    ("images too small for a network", ["data.dataset_json={data}"], "tiny images",
+     r"median size after cropping, \[6, 6, 3\] voxels, is too small to plan a network"),
 ]
 
 

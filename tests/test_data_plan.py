@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -341,7 +343,11 @@ def test_plan_of_real_hippocampus_mri(shared_data, tmp_path):
     fp = fingerprint(dataset)
     plan = make_plan(fp)
     assert plan.target_spacing == [1.0, 1.0, 1.0] and not plan.resample
-    assert plan.intensity == "zscore" and plan.background_value == [None]  # cropped MRI: tissue on the borders
+    # cropped MRI, tissue on the borders, no value below 0 and a few exact zeros (no signal) in most float cases
+    zero_cases = [c for c in fp["cases"] if c["image_intensity"][0]["min"] == 0]
+    assert len(zero_cases) > 10 and all(c["image_intensity"][0]["min"] >= 0 for c in fp["cases"])
+    assert plan.intensity == "mri" and plan.background_value == [0.0]  # as experiment=hippocampus pins
+    assert f"zeros in {len(zero_cases)} of 20 cases" in " ".join(plan.notes)
     assert all(m <= p <= 1.25 * m for p, m in zip(plan.patch_size, plan.median_shape))
     assert all(p % 2**n == 0 for p, n in zip(plan.patch_size, plan.pools_per_axis))
     assert all(s % 2**plan.slice_pools == 0 and s >= max(plan.median_shape) for s in plan.slice_size)
@@ -349,3 +355,138 @@ def test_plan_of_real_hippocampus_mri(shared_data, tmp_path):
     assert all(1.0 < v["1"] + v["2"] < 8.0 for v in volumes)  # a hippocampus: a few mL
     image = val_transforms(PreprocessConfig(**plan.preprocess_fields()), (0, 1, 2))(cases[0])["image"]
     assert float(image.mean()) == pytest.approx(0.0, abs=1e-4) and float(image.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+# ---- the no-signal value (background) and the intensity mode it decides --------------------------------------
+
+
+def _plan_of(tmp_path, images, modality="MRI"):
+    """make_plan of one-label-box cases built from `images` (spacing 1 mm)."""
+    volumes = []
+    for image in images:
+        label = np.zeros(image.shape)
+        label[8:12, 8:12, 4:8] = 1
+        volumes.append((image, label, (1.0, 1.0, 1.0)))
+    fp = fingerprint(write_dataset(tmp_path, volumes, modality))
+    return fp, make_plan(fp)
+
+
+def test_zero_floor_of_a_magnitude_image_is_no_signal_and_gives_mri(tmp_path):
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(3):
+        image = rng.uniform(5.0, 500.0, (20, 20, 12))  # tissue on every border: no border value
+        image[3, 4, 5] = image[15, 2, 7] = 0.0  # isolated exact zeros, nothing below 0
+        images.append(image)
+    fp, plan = _plan_of(tmp_path, images)
+    assert [c["background"] for c in fp["cases"]] == [[0.0]] * 3 and fp["background"] == [0.0]
+    assert plan.intensity == "mri"
+    assert "background_value" not in plan.preprocess_fields()
+    assert "zeros in 3 of 3 cases" in plan.notes[0] and "'mri'" in plan.notes[0]
+
+
+def test_constant_non_zero_border_is_the_background(tmp_path):
+    rng = np.random.default_rng(1)
+    images = []
+    for _ in range(3):
+        image = np.full((20, 20, 12), -0.8)  # a masked, pre-normalised MRI: the mask's value on the borders
+        image[2:18, 2:18, 2:10] = rng.normal(0.5, 1.0, (16, 16, 8))
+        image[5, 5, 5] = 0.0  # a zero inside: an intensity like any other
+        images.append(image)
+    fp, plan = _plan_of(tmp_path, images)
+    assert fp["background"] == [pytest.approx(-0.8)] and plan.intensity == "zscore"
+    assert PreprocessConfig(**plan.preprocess_fields()).background_value == [pytest.approx(-0.8)]
+
+
+def test_zeros_inside_a_signed_image_are_not_background(tmp_path):
+    """Pre-normalised MRI (values below 0, tissue on the borders) with exact zeros inside the anatomy."""
+    rng = np.random.default_rng(2)
+    images = []
+    for _ in range(3):
+        image = rng.normal(0.0, 1.0, (20, 20, 12))
+        image[6:9, 6:9, 3:6] = 0.0  # 27 exact zeros: the mean, not air
+        images.append(image)
+    fp, plan = _plan_of(tmp_path, images)
+    assert [c["background"] for c in fp["cases"]] == [[None]] * 3 and fp["background"] == [None]
+    assert plan.intensity == "zscore" and plan.preprocess_fields()["background_value"] == [None]
+    assert "whole volume" in " ".join(plan.notes)
+
+
+@pytest.mark.parametrize("padding", [-1024.0, -2048.0, -3024.0])
+def test_ct_padding_is_the_background_and_water_is_not(tmp_path, padding):
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(3):
+        image = np.full((20, 20, 12), padding)
+        image[2:18, 2:18, 2:10] = rng.integers(-100, 100, (16, 16, 8))
+        image[4:7, 4:7, 4:7] = 0.0  # water: 0 HU inside the body
+        images.append(image)
+    fp, plan = _plan_of(tmp_path, images, modality="CT")
+    assert fp["background"] == [padding] and plan.intensity == "ct_zscore"
+    assert all(c["crop_shape"] == [16, 16, 8] for c in fp["cases"])
+    # no constant border (noisy air around the body, no padding): no background, and still not 0
+    noisy = [np.where(i == padding, rng.normal(-1000.0, 20.0, i.shape), i) for i in images]
+    fp, _ = _plan_of(tmp_path / "noisy", noisy, modality="CT")
+    assert fp["background"] == [None]
+
+
+def test_real_pre_normalised_hippocampus_and_abdominal_ct(shared_data, tmp_path):
+    """A z-scored copy of real hippocampus MRIs (values below 0, no zeros): 'zscore' over the whole volume; the
+    abdominal CT (organ labels covering the body): nnU-Net's foreground clip, unchanged."""
+    root = shared_data / "hippocampus_msd"
+    if not (root / "imagesTr").is_dir():
+        pytest.skip(f"hippocampus set not found at {root}")
+    cases = []
+    for case in pair_cases_by_name(root / "imagesTr", root / "labelsTr")[:6]:
+        image = nib.load(case["image"])
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        normalised = (data - data.mean()) / data.std() + 1e-3  # + 1e-3: no voxel lands on exactly 0
+        cases.append({**case, "image": save_nifti(tmp_path / "norm" / Path(case["image"]).name, normalised,
+                                                   image.affine)})
+    dataset = write_dataset_json(tmp_path / "norm" / "dataset.json", "hippocampus_normalised", cases,
+                                 {0: "background", 1: "anterior", 2: "posterior"}, {0: "MRI"})
+    plan = make_plan(fingerprint(dataset))
+    assert plan.intensity == "zscore" and plan.background_value == [None]
+
+    ct = shared_data / "ct_abdomen_totalseg"
+    labels = {int(k): v for k, v in json.loads((ct / "labels.json").read_text(encoding="utf-8")).items()}
+    dataset = write_dataset_json(tmp_path / "ct" / "dataset.json", "abdomen",
+                                 [{"image": ct / "ct.nii.gz", "label": ct / "seg_total.nii.gz", "case_id": "ct"}],
+                                 {0: "background", **labels}, {0: "CT"})
+    fp = fingerprint(dataset)
+    plan = make_plan(fp)
+    image = np.asarray(nib.load(ct / "ct.nii.gz").dataobj, dtype=np.float64)
+    labelled = image[np.asarray(nib.load(ct / "seg_total.nii.gz").dataobj) > 0]
+    low, high = np.percentile(labelled, (0.5, 99.5))
+    body = image[image > -500]
+    assert fp["body_intensity"][0]["share_in_foreground_range"] == pytest.approx(
+        np.mean((body >= low) & (body <= high)), abs=0.01)
+    assert plan.intensity == "ct_zscore" and "(nnU-Net)" in plan.notes[0]
+    assert plan.clip_range[0] == pytest.approx([low, high], abs=15.0)  # 10^4 samples drawn with replacement
+    assert plan.norm_mean[0] == pytest.approx(labelled.mean(), abs=10.0)
+
+
+def test_ct_lesion_inside_anatomy_is_clipped_to_the_body(tmp_path):
+    """Phantom head CT with haemorrhage: the lesion's percentiles hold < 25% of the body, so the clip and the
+    z-score come from the body (HU > -500), which keeps brain, bone and blood apart."""
+    from segadapt.data.phantom import make_phantom_dataset
+
+    dataset = make_phantom_dataset(tmp_path, "tbi", 3, shape=[32, 32, 16], spacing=[6.9, 6.9, 10.0])
+    fp = fingerprint(dataset)
+    plan = make_plan(fp)
+    images = [np.asarray(nib.load(tmp_path / "imagesTr" / f"tbi_{i:03d}.nii.gz").dataobj, np.float64) for i in range(3)]
+    labels = [np.asarray(nib.load(tmp_path / "labelsTr" / f"tbi_{i:03d}.nii.gz").dataobj) > 0 for i in range(3)]
+    lesion = np.concatenate([i[m] for i, m in zip(images, labels)])
+    body = np.concatenate([i[i > -500] for i in images])
+    low, high = np.percentile(lesion, (0.5, 99.5))
+    share = np.mean((body >= low) & (body <= high))
+    assert share < 0.25 and fp["body_intensity"][0]["share_in_foreground_range"] == pytest.approx(share, abs=0.02)
+    assert plan.intensity == "ct_zscore" and "hold only" in plan.notes[0] and "body" in plan.notes[0]
+    body_low, body_high = np.percentile(body, (0.5, 99.5))
+    assert plan.clip_range[0] == pytest.approx([body_low, body_high], abs=30.0)
+    assert plan.clip_range[0][0] < 0 < 1000 < plan.clip_range[0][1]  # fat and bone kept, not [55, 95]
+    assert plan.norm_std[0] == pytest.approx(body.std(), rel=0.1)
+    # a constant-free cropped output: brain (~30 HU) and bone (> 700 HU) stay apart after the intensity step
+    case = {key: str(tmp_path / f"{key}sTr" / "tbi_000.nii.gz") for key in ("image", "label")}
+    out = val_transforms(PreprocessConfig(**plan.preprocess_fields()), (0, 1))(case)
+    assert len(np.unique(np.round(out["image"].numpy(), 3))) > 100

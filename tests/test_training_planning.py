@@ -128,3 +128,33 @@ def test_hippocampus_experiment_end_to_end_on_a_real_subset(tmp_path):
     assert list(config.module.model_kwargs.strides) == plan["strides"]  # 'auto' in configs/model/dynunet.yaml
     metrics = json.loads((run_dirs[0] / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["val"]["n_cases"] == 3 and metrics["base_val"] is not None
+
+
+def test_generic_ct_path_runs_with_the_plan_s_statistics(tmp_path, capsys):
+    """`data=dataset_json data@source=dataset_json` on the phantoms' own dataset.json files (CT): the plan's
+    'ct_zscore' statistics reach both datasets' preprocessing (they were lost: no `clip_range` key in the
+    generic config), the base is pretrained and adapted for two steps; config.yaml and plan.json read back."""
+    from segadapt.data.phantom import make_phantom_dataset
+    from segadapt.training import train
+
+    grid = {"shape": [32, 32, 16], "spacing": [6.9, 6.9, 10.0]}
+    target = make_phantom_dataset(tmp_path / "sah", "sah", 6, **grid)
+    source = make_phantom_dataset(tmp_path / "tbi", "tbi", 4, **grid)
+    cfg = _cfg(**{"data": "dataset_json", "data@source": "dataset_json", "data.dataset_json": target,
+                  "source.dataset_json": source, "data.name": "sah", "source.name": "tbi", "source.n_folds": 2,
+                  "paths.runs": tmp_path / "runs", "trainer.max_steps": 2, "pretrain.max_steps": 2,
+                  "trainer.enable_progress_bar": False, "eval_base": False, "trainer.threads": 1,
+                  "data.preprocess.patch_size": "[32,32,16]", "source.preprocess.patch_size": "[32,32,16]",
+                  "data.preprocess.slice_size": "[32,32]", "source.preprocess.slice_size": "[32,32]",
+                  "data.preprocess.cache": "memory", "source.preprocess.cache": "memory"})
+    result = train(cfg)
+    assert result["global_step"] == 2
+    run = Path(cfg["run_dir"])
+    plan = Plan.from_json(run / PLAN_FILE)
+    assert plan.dataset == "phantom_tbi" and plan.intensity == "ct_zscore"
+    stored = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    preprocess = stored["datamodule"]["preprocess"]
+    assert preprocess["intensity"] == "ct_zscore"
+    assert (preprocess["clip_range"], preprocess["norm_mean"], preprocess["norm_std"]) == \
+        (plan.clip_range, plan.norm_mean, plan.norm_std)
+    assert "hold only" in capsys.readouterr().out  # the printed plan says why the body's range is used

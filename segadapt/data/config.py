@@ -22,6 +22,7 @@ _CACHED_FIELDS = ("intensity", "target_spacing", "orientation", "spatial_dims", 
 # ... and those that only the named intensity mode reads (left out of other modes' keys, which stay as they were).
 _MODE_FIELDS = {"ct": ("windows",), "ct_zscore": ("clip_range", "norm_mean", "norm_std"),
                 "zscore": ("background_value",)}
+MODE_FIELDS = _MODE_FIELDS  # (public name: segadapt.training.planning fills them with the mode)
 
 
 _INFINITY = {"inf", ".inf", "infinity"}

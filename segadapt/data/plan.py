@@ -11,12 +11,16 @@
 
 Fingerprint, per case, on the grid the pipeline reads (reoriented to `orientation`, native spacing): spacing,
 shape, crop shape (bounding box of the voxels that differ from the case's background), background value per
-channel (the value filling >= 90% of the outer faces; None when no value does), intensity statistics inside
+channel (:func:`no_signal_value`: the value filling >= 90% of the outer faces, else 0 when the channel has
+zeros and no negative value; None otherwise), intensity statistics inside
 the labels (label > 0) and of the whole image (every voxel, or an even stride of 10^6 of them) per channel,
 the whole image's quantiles (``QUANTILE_LEVELS``), label volumes in mL (the whole-image range and quantiles
 are what ``segadapt predict`` checks an input against). Dataset-wide: intensity statistics of 10^4
 foreground voxels drawn per case (seeded, with replacement, so every case weighs alike: nnU-Net's
-``collect_foreground_intensities``) and the background per channel (the value more than half the cases share).
+``collect_foreground_intensities``), the same of 10^4 body voxels per case (CT: HU > -500; else the voxels
+differing from the background) with the share of them inside the foreground's 0.5-99.5 percentiles, and the
+background per channel (the value more than half the cases share; else 0 when no case has a value below 0
+and some hold zeros).
 
 Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topology.py`` and
 ``default_normalization_schemes.py``):
@@ -37,9 +41,12 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
   patch at batch 2 and 512^2 pixels per 2D slice at batch 12 (a voxel count standing in for nnU-Net's
   feature-map estimate).
 * normalisation from ``dataset.json`` ``modality`` / ``channel_names``: CT -> 'ct_zscore' (clip to the
-  foreground 0.5-99.5 percentiles, z-score with the foreground mean and std); RGB -> 'rgb' (x / 255);
-  MRI and anything else -> 'zscore' (per case, over the voxels that differ from the detected background;
-  the whole volume when none is detected). ``intensity='ct'`` asks for HU windows as channels instead.
+  foreground 0.5-99.5 percentiles, z-score with the foreground mean and std, as nnU-Net, when that range
+  holds >= 25% of the body's voxels; else the same over the body: a lesion target, see
+  :func:`_ct_normalisation`); RGB -> 'rgb' (x / 255); MRI and anything else -> 'mri' (z-score over the
+  nonzero voxels) when every channel's background is 0, else 'zscore' (per case, over the voxels that
+  differ from the detected background; the whole volume when none is detected).
+  ``intensity='ct'`` asks for HU windows as channels instead.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ PLAN_VERSION = 1
 FOREGROUND_SAMPLES = 10_000       # foreground voxels drawn per case and channel for the dataset statistics
 IMAGE_SAMPLES = 1_000_000         # at most this many voxels (an even stride) per case for the whole-image statistics
 BACKGROUND_FRACTION = 0.9         # share of the outer faces one value must fill to be the background
+BODY_HU = PreprocessConfig().foreground_threshold  # CT voxels above this (HU) are the body: the pipeline's crop
+MIN_BODY_IN_FOREGROUND_RANGE = 0.25  # nnU-Net's CT clip serves when this share of the body lies inside it
 ANISOTROPY_THRESHOLD = 3.0        # nnU-Net's ANISO_THRESHOLD
 MIN_FEATURE_MAP = 4               # smallest bottleneck edge: an axis is pooled while its size >= 2 x this
 REFERENCE_GB = 8.0                # nnU-Net's reference GPU memory
@@ -121,6 +130,33 @@ def border_background(channel: np.ndarray, fraction: float = BACKGROUND_FRACTION
     values, counts = np.unique(faces, return_counts=True)
     best = int(counts.argmax())
     return float(values[best]) if counts[best] >= fraction * faces.size else None
+
+
+def no_signal_value(channel: np.ndarray) -> float | None:
+    """The value of one channel that carries no signal (its background), else None.
+
+    * A value filling >= 90% of the outer faces (:func:`border_background`): air or padding around the body,
+      e.g. CT's -1024 or -3024 padding, a skull-stripped MRI's 0, a masked pre-normalised MRI's -0.8.
+    * Else 0 when the channel has no negative value and holds exact zeros: a magnitude image (MRI) has no
+      tissue at exactly 0, so its zeros are no signal (outside the field of view, masked, or noise clipped
+      at the floor; the hippocampus MRIs: 5 to 12 isolated zeros in dark regions, the smallest positive
+      value about 6). In a signed image (CT in HU, a pre-normalised MRI) 0 is an intensity like any other
+      (water, the mean) and is never the background by this rule.
+    """
+    border = border_background(channel)
+    if border is not None:
+        return border
+    return 0.0 if channel.size and channel.min() == 0 else None
+
+
+def body_mask(channel: np.ndarray, scheme: str, background: float | None) -> np.ndarray:
+    """The body's voxels of one channel: HU above the pipeline's crop threshold (-500) for CT ('ct_zscore'),
+    else the voxels differing from the channel's no-signal value (every voxel when there is none)."""
+    if scheme == "ct_zscore":
+        return channel > BODY_HU
+    if background is None:
+        return np.ones(channel.shape, bool)
+    return differs_from_background(channel, background)
 
 
 def intensity_statistics(values: np.ndarray) -> dict[str, float | None]:
@@ -215,21 +251,25 @@ def fingerprint(
     channels = description.channels
     load = LoadCased(("image", "label"), description.label_values, channels, spatial_dims, affine_tolerance)
     orient = Orientationd(("image", "label"), axcodes=orientation, labels=None)
-    cases, samples = [], [[] for _ in range(channels)]
+    schemes = [_scheme(description.modality[k]) for k in sorted(description.modality, key=int)]
+    cases, samples, body = [], [[] for _ in range(channels)], [[] for _ in range(channels)]
     for index, entry in enumerate(description.cases):
         data = orient(load(entry.as_dict()))
         spacing = [round(float(s), 6) for s in data["image"].pixdim]  # NIfTI's float32 3.45 -> 3.45, not 3.4500000477
         image = data["image"].numpy()
         label = np.rint(data["label"].numpy()[0]).astype(np.int64)
         foreground = label > 0
-        background = [border_background(c) for c in image]
-        rng = np.random.default_rng([seed, index])
+        background = [no_signal_value(c) for c in image]
+        rng, body_rng = np.random.default_rng([seed, index]), np.random.default_rng([seed, index, 1])
         stats = []
         for c in range(channels):
             values = image[c][foreground]
             stats.append(intensity_statistics(values))
             if values.size:  # with replacement, so every case weighs alike (nnU-Net)
                 samples[c].append(rng.choice(values, samples_per_case, replace=True))
+            body_values = image[c][body_mask(image[c], schemes[c], background[c])]
+            if body_values.size:
+                body[c].append(body_rng.choice(body_values, samples_per_case, replace=True))
         voxel_ml = math.prod(spacing) / 1000.0
         counts = np.bincount(label.ravel(), minlength=max(description.label_values) + 1)
         cases.append({
@@ -256,11 +296,52 @@ def fingerprint(
         "quantile_levels": list(QUANTILE_LEVELS),  # of the cases' 'image_quantiles'
         "cases": cases,
         "intensity": [intensity_statistics(np.concatenate(s) if s else np.zeros(0)) for s in samples],
-        "background": [_shared_background([case["background"][c] for case in cases]) for c in range(channels)],
+        "body_intensity": [_body_statistics(b, f) for b, f in zip(body, samples)],
+        "background": [_dataset_background(cases, c) for c in range(channels)],
     }
+    check_plannable(result)
     if out is not None:
         write_json(out, result)
     return result
+
+
+def check_plannable(fp: dict) -> None:
+    """Refuse a dataset no network can be planned and trained on, rather than train a toy (one-line
+    ValueError naming dataset.json): no labelled voxel in any case (nothing to learn), or cases too small to
+    pool even once (the median cropped shape below 2 x :data:`MIN_FEATURE_MAP` on every axis: no U-Net).
+    A dataset of too few cases for its folds is refused by the split (:mod:`segadapt.data.splits`)."""
+    where = fp["dataset_json"]
+    if not any(v > 0 for case in fp["cases"] for v in case["label_volume_ml"].values()):
+        raise ValueError(f"{where}: no case has a labelled voxel (label > 0) in any of its {fp['n_cases']} cases; "
+                         f"nothing to learn from")
+    median = [int(m) for m in np.median([case["crop_shape"] for case in fp["cases"]], axis=0)]
+    if max(median) < 2 * MIN_FEATURE_MAP:
+        raise ValueError(f"{where}: the cases' median size after cropping, {median} voxels, is too small to plan a "
+                         f"network (no axis reaches {2 * MIN_FEATURE_MAP} voxels, the least a U-Net pools)")
+
+
+def _body_statistics(body: list[np.ndarray], foreground: list[np.ndarray]) -> dict[str, float | None]:
+    """:func:`intensity_statistics` of one channel's body samples, plus ``share_in_foreground_range``: the
+    share of them inside the foreground's 0.5-99.5 percentiles (the part of the body nnU-Net's CT clip keeps)."""
+    values = np.concatenate(body) if body else np.zeros(0)
+    stats = intensity_statistics(values)
+    share = None
+    if values.size and foreground:
+        low, high = np.percentile(np.concatenate(foreground), (_PERCENTILES[0], _PERCENTILES[-1]))
+        share = float(np.mean((values >= low) & (values <= high)))
+    return {**stats, "share_in_foreground_range": share}
+
+
+def _dataset_background(cases: list[dict], channel: int) -> float | None:
+    """A channel's no-signal value for the whole dataset: the border value more than half of the cases share;
+    else 0 when no case has a negative value and some hold exact zeros (:func:`no_signal_value`); else None."""
+    shared = _shared_background([case["background"][channel] for case in cases])
+    if shared is not None:
+        return shared
+    minima = [case["image_intensity"][channel]["min"] for case in cases]
+    if minima and all(m is not None and m >= 0 for m in minima) and any(m == 0 for m in minima):
+        return 0.0
+    return None
 
 
 def _shared_background(values: Sequence[float | None]) -> float | None:
@@ -573,6 +654,7 @@ def make_plan(
     if not fp.get("modality_declared", True):
         notes.append("dataset.json declares no modality (nor channel_names): CT assumed")
     schemes = [_scheme(m) for m in modality.values()]
+    forced = intensity is not None
     if intensity is None:
         intensity = schemes[0] if len(set(schemes)) == 1 else "zscore"
         if len(set(schemes)) > 1:
@@ -581,18 +663,19 @@ def make_plan(
     if intensity == "ct":
         norm["windows"] = [list(map(float, w)) for w in (windows or PreprocessConfig().windows)]
     elif intensity == "ct_zscore":
-        stats = fp["intensity"]
-        for c, s in enumerate(stats):
-            if s["mean"] is None or not s["percentile_00_5"] < s["percentile_99_5"] or not s["std"] > 0:
-                raise ValueError(f"{fp['dataset_json']}: channel {c} has no usable foreground intensities "
-                                 f"(label > 0) for CT normalisation: {s}")
-        norm = {"clip_range": [[s["percentile_00_5"], s["percentile_99_5"]] for s in stats],
-                "norm_mean": [s["mean"] for s in stats], "norm_std": [s["std"] for s in stats]}
-    elif intensity == "zscore":
+        norm = _ct_normalisation(fp, notes)
+    elif intensity in ("zscore", "mri"):
         norm["background_value"] = list(fp["background"])
-        for c, b in enumerate(fp["background"]):
-            if b is None:
-                notes.append(f"channel {c}: no constant background on the borders; z-score over the whole volume")
+        if intensity == "zscore" and not forced and all(b == 0.0 for b in fp["background"]):
+            intensity = "mri"
+            notes.append(_zero_background_note(fp))
+        elif intensity == "zscore":
+            for c, b in enumerate(fp["background"]):
+                if b is None:
+                    notes.append(f"channel {c}: no constant background on the borders and intensities below 0 or "
+                                 f"no zeros; z-score over the whole volume")
+                else:
+                    notes.append(f"channel {c}: background {b:g} (the borders' value); z-score over the other voxels")
 
     return Plan(
         dataset=fp["dataset"], n_cases=len(cases), modality=modality, spatial_dims=dims,
@@ -605,6 +688,52 @@ def make_plan(
                                      "slice_pixels": slice_budget},
         notes=notes, **norm,
     )
+
+
+def _zero_background_note(fp: dict) -> str:
+    """Why the plan chose 'mri': how many cases hold zeros, and that no intensity is below 0."""
+    zeros = sum(any(s["min"] == 0 for s in case["image_intensity"]) for case in fp["cases"])
+    return (f"no-signal value 0 (no intensity below 0; zeros in {zeros} of {len(fp['cases'])} cases): 'mri', a z-score "
+            f"over the nonzero voxels with zeros kept at 0 (nnU-Net's ZScoreNormalization with its nonzero mask), "
+            f"not one that counts the zeros")
+
+
+def _ct_normalisation(fp: dict, notes: list[str]) -> dict:
+    """'ct_zscore' clip range, mean and std per channel: nnU-Net's foreground rule, or the body's.
+
+    nnU-Net clips CT to the 0.5 / 99.5 percentiles of the labelled voxels and z-scores with their mean and
+    std. It was designed for organ targets, whose label covers the tissue the network must tell apart: on the
+    abdominal CT a single organ's range (spleen, liver, kidney) holds more than half of the body's voxels. A
+    small lesion inside anatomy has a range of its own (the phantom's haemorrhage: [53, 95] HU, 0.5% of the
+    head): clipped to it, brain becomes one constant and skull another, and bone (clipped to 95) reads as
+    blood. So: nnU-Net's rule when its clip range holds at least :data:`MIN_BODY_IN_FOREGROUND_RANGE` of the
+    body's voxels (HU > -500, the pipeline's crop), else the same statistics over the body (0.5 / 99.5
+    percentiles, mean, std of 10^4 body voxels per case), which removes only outliers (metal, air pockets)
+    and keeps every tissue distinct. A fingerprint without body statistics (older segadapt) gets nnU-Net's rule.
+    """
+    bodies = fp.get("body_intensity") or [None] * len(fp["intensity"])
+    norm: dict = {"clip_range": [], "norm_mean": [], "norm_std": []}
+    for c, (foreground, body) in enumerate(zip(fp["intensity"], bodies)):
+        share = body.get("share_in_foreground_range") if body else None
+        if share is None or share >= MIN_BODY_IN_FOREGROUND_RANGE:
+            stats, where = foreground, "foreground intensities (label > 0)"
+            if share is not None:
+                notes.append(f"channel {c}: CT clip to the labels' 0.5-99.5 percentiles "
+                             f"[{foreground['percentile_00_5']:.4g}, {foreground['percentile_99_5']:.4g}] HU "
+                             f"(nnU-Net), which hold {share:.0%} of the body's voxels")
+        else:
+            stats, where = body, f"body intensities (HU > {BODY_HU:g})"
+            notes.append(f"channel {c}: the labels' 0.5-99.5 percentiles [{foreground['percentile_00_5']:.4g}, "
+                         f"{foreground['percentile_99_5']:.4g}] HU hold only {share:.1%} of the body's voxels "
+                         f"(a lesion inside anatomy; clipped to them the rest of the body would be two constants): "
+                         f"CT clip to the body's (HU > {BODY_HU:g}) [{body['percentile_00_5']:.4g}, "
+                         f"{body['percentile_99_5']:.4g}] HU, z-score with its mean and std")
+        if stats["mean"] is None or not stats["percentile_00_5"] < stats["percentile_99_5"] or not stats["std"] > 0:
+            raise ValueError(f"{fp['dataset_json']}: channel {c} has no usable {where} for CT normalisation: {stats}")
+        norm["clip_range"].append([stats["percentile_00_5"], stats["percentile_99_5"]])
+        norm["norm_mean"].append(stats["mean"])
+        norm["norm_std"].append(stats["std"])
+    return norm
 
 
 def format_plan(plan: Plan) -> str:
@@ -626,12 +755,30 @@ def fingerprint_folder(dataset_json: str | os.PathLike, cache_dir: str | os.Path
 
 
 def load_or_make_fingerprint(dataset_json: str | os.PathLike, cache_dir: str | os.PathLike,
-                             orientation: str | None = None, spatial_dims: int = 3) -> dict:
-    """The :func:`fingerprint` of a dataset, cached as ``fingerprint.json`` in :func:`fingerprint_folder`."""
+                             orientation: str | None = None, spatial_dims: int = 3, write: bool = True) -> dict:
+    """The :func:`fingerprint` of a dataset, cached as ``fingerprint.json`` in :func:`fingerprint_folder`
+    (`write=False`: one made afresh is not written; :func:`cache_fingerprint` writes it later)."""
     fp_file = fingerprint_folder(dataset_json, cache_dir, orientation, spatial_dims) / "fingerprint.json"
+    cached = _cached_fingerprint(fp_file)
+    if cached is not None:
+        return cached
+    return fingerprint(dataset_json, fp_file if write else None, orientation=orientation, spatial_dims=spatial_dims)
+
+
+def cache_fingerprint(fp: dict, cache_dir: str | os.PathLike, orientation: str | None = None,
+                      spatial_dims: int = 3) -> None:
+    """Write `fp` as its dataset's cached fingerprint (:func:`load_or_make_fingerprint`) unless one is there."""
+    fp_file = fingerprint_folder(fp["dataset_json"], cache_dir, orientation, spatial_dims) / "fingerprint.json"
+    if _cached_fingerprint(fp_file) is None:
+        write_json(fp_file, fp)
+
+
+def _cached_fingerprint(fp_file: Path) -> dict | None:
     if fp_file.is_file():
-        return json.loads(fp_file.read_text(encoding="utf-8"))
-    return fingerprint(dataset_json, fp_file, orientation=orientation, spatial_dims=spatial_dims)
+        fp = json.loads(fp_file.read_text(encoding="utf-8"))
+        if "body_intensity" in fp:  # else made by an older segadapt: made again
+            return fp
+    return None
 
 
 def load_or_make_plan(

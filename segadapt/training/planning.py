@@ -34,6 +34,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 
 from segadapt.data import PreprocessConfig, load_dataset_json
+from segadapt.data.config import MODE_FIELDS
 from segadapt.data.plan import Plan, dataset_spatial_dims, format_plan, load_or_make_plan
 
 from .datamodule import training_sampling
@@ -107,6 +108,18 @@ def _fill(section: dict[str, Any], planned: Mapping[str, Any], where: str) -> li
     return pinned
 
 
+def _mode_statistics(preprocess: dict[str, Any], plan: Plan) -> None:
+    """The plan's statistics of its intensity mode (``clip_range``, ``norm_mean``, ``norm_std`` of 'ct_zscore',
+    ``background_value`` of 'zscore', ``windows`` of 'ct') come with that mode: when the config's intensity is
+    the plan's, each one the config leaves out is the plan's. (A generic config, ``configs/data/dataset_json.yaml``,
+    names only ``intensity: auto``: without this its 'ct_zscore' had no statistics and its 'zscore' no background.)
+    """
+    if preprocess.get("intensity") == plan.intensity:
+        planned = plan.preprocess_fields()
+        for name in MODE_FIELDS.get(plan.intensity, ()):
+            preprocess.setdefault(name, copy.deepcopy(planned[name]))
+
+
 def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = ("data", "source")) -> dict[str, Any]:
     """A copy of `cfg` with every ``auto`` value taken from `plan` (see the module docstring).
 
@@ -124,6 +137,7 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
             for name in plan.preprocess_fields():
                 preprocess.setdefault(name, AUTO)
         pinned += _fill(preprocess, plan.preprocess_fields(), f"{key}.preprocess")
+        _mode_statistics(preprocess, plan)
         if data.get("batch_size") == AUTO:
             per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size
             data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))

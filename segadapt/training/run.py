@@ -74,7 +74,7 @@ from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number
 from segadapt.data.files import atomic_path, write_json
-from segadapt.data.plan import Plan, fingerprint, load_or_make_fingerprint
+from segadapt.data.plan import Plan, cache_fingerprint, fingerprint, load_or_make_fingerprint
 from segadapt.data.transforms import flip_axes
 from segadapt.models import load_pretrained
 
@@ -618,13 +618,22 @@ def _base_scores(trainer: pl.Trainer, module_kwargs: Mapping[str, Any], datamodu
     return cases, inner_dice, 0.0 if distributed else time.perf_counter() - start  # DDP: in PhaseTimes
 
 
-def _data_fingerprint(datamodule_kwargs: Mapping[str, Any], cache_dir: Optional[str | os.PathLike]) -> dict:
-    """The fingerprint of the run's dataset on the grid its preprocessing reads (orientation, dimensions)."""
+def _data_fingerprint(datamodule_kwargs: Mapping[str, Any], cache_dir: Optional[str | os.PathLike],
+                      write: bool = True) -> dict:
+    """The fingerprint of the run's dataset on the grid its preprocessing reads (orientation, dimensions);
+    `write=False`: not cached yet (:func:`_cache_data_fingerprint`)."""
     preprocess = PreprocessConfig.from_dict(dict(datamodule_kwargs.get("preprocess") or {}))
     where = (datamodule_kwargs["dataset_json"], preprocess.orientation, preprocess.spatial_dims)
     if cache_dir is None:
         return fingerprint(where[0], orientation=where[1], spatial_dims=where[2])
-    return load_or_make_fingerprint(where[0], cache_dir, *where[1:])
+    return load_or_make_fingerprint(where[0], cache_dir, *where[1:], write=write)
+
+
+def _cache_data_fingerprint(fp: dict, datamodule_kwargs: Mapping[str, Any],
+                            cache_dir: Optional[str | os.PathLike]) -> None:
+    if cache_dir is not None:
+        preprocess = PreprocessConfig.from_dict(dict(datamodule_kwargs.get("preprocess") or {}))
+        cache_fingerprint(fp, cache_dir, preprocess.orientation, preprocess.spatial_dims)
 
 
 def fit_run(
@@ -681,14 +690,16 @@ def fit_run(
     if main_process:
         check_not_in_use(run_dir)
         check_run_folder(run_dir, record, ckpt_path, overwrite)
+    # before the split file is written (a dataset no network can be planned for is refused); cached below
+    data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache, write=False) if main_process else None
     datamodule = SegDataModule(**datamodule_kwargs)
     datamodule.setup("fit")  # reads and checks the cases (memory cache: every case) before the folder is touched
     pl.seed_everything(seed, workers=True, verbose=False)  # the seed is in config.yaml
     module = SegAdaptModule(**module_kwargs)
-    data_fingerprint = _data_fingerprint(datamodule_kwargs, fingerprint_cache) if main_process else None
     with run_folder_lock(run_dir) if main_process else nullcontext():  # until metrics.json is written
         if main_process:  # again, under the lock: another training may have finished here since the check
             check_run_folder(run_dir, record, ckpt_path, overwrite)
+            _cache_data_fingerprint(data_fingerprint, datamodule_kwargs, fingerprint_cache)
             if ckpt_path is None:  # a fresh run: no results of an earlier run may outlive a crash of this one
                 for stale in (METRICS_FILE, ADAPTER_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, "logs/metrics.csv"):
                     (run_dir / stale).unlink(missing_ok=True)
