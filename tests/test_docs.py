@@ -34,26 +34,26 @@ def config_choices(text: str) -> set[tuple[str, str]]:
 
 
 def headings(page: Path) -> set[str]:
-    return {line.lstrip("#").strip() for line in page.read_text().splitlines() if line.startswith("#")}
+    return {line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
 
 
 @pytest.mark.parametrize("doc", TEXTS, ids=lambda p: p.name)
 def test_named_files_exist(doc):
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     missing = [p for p in sorted(paths_in(text)) if not list(ROOT.glob(p.rstrip("/")))]
     assert not missing, f"{doc.name} names files that are not in the repo: {missing}"
 
 
 @pytest.mark.parametrize("doc", TEXTS, ids=lambda p: p.name)
 def test_config_choices_exist(doc):
-    choices = config_choices(doc.read_text())
+    choices = config_choices(doc.read_text(encoding="utf-8"))
     missing = [f"{g}={o}" for g, o in sorted(choices) if not (ROOT / "configs" / g / f"{o}.yaml").is_file()]
     assert not missing, f"{doc.name} selects configs that are not in configs/: {missing}"
 
 
 @pytest.mark.parametrize("doc", TEXTS, ids=lambda p: p.name)
 def test_python_modules_exist(doc):
-    modules = set(MODULE.findall(doc.read_text()))
+    modules = set(MODULE.findall(doc.read_text(encoding="utf-8")))
     path = lambda m: ROOT / m.replace(".", "/")  # noqa: E731
     missing = [m for m in sorted(modules) if not (path(m).with_suffix(".py").is_file() or (path(m) / "__main__.py").is_file())]
     assert not missing, f"{doc.name} runs modules that do not exist: {missing}"
@@ -63,12 +63,12 @@ def test_python_modules_exist(doc):
 def test_segadapt_subcommands_exist(doc):
     from segadapt.cli import COMMANDS
 
-    missing = sorted(set(SUBCOMMAND.findall(doc.read_text())) - set(COMMANDS))
+    missing = sorted(set(SUBCOMMAND.findall(doc.read_text(encoding="utf-8"))) - set(COMMANDS))
     assert not missing, f"{doc.name} runs segadapt subcommands that do not exist: {missing}"
 
 
 def test_every_page_is_linked_from_the_readme():
-    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", (ROOT / "README.md").read_text()))
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", (ROOT / "README.md").read_text(encoding="utf-8")))
     pages = {p.name for p in DOCS} - {"index.md"}
     assert linked == pages, f"README links {sorted(linked - pages)} that do not exist; misses {sorted(pages - linked)}"
 
@@ -80,7 +80,7 @@ def test_code_cites_pages_and_sections_that_exist():
         for source in (ROOT / folder).rglob("*"):
             if source.suffix not in (".py", ".yaml") or source.resolve() == Path(__file__).resolve():
                 continue
-            text = source.read_text()
+            text = source.read_text(encoding="utf-8")
             assert "DESIGN.md" not in text, f"{source.relative_to(ROOT)} cites DESIGN.md, which is not in the repo"
             cited += [(source, page, section) for page, section in CITATION.findall(text)]
     assert cited, "no code cites docs/ (the adapters cite docs/methods.md)"
