@@ -913,7 +913,7 @@ def test_kill_9_during_predict_leaves_no_unlisted_mask_and_the_next_run_cleans_u
     out = tmp_path / "out"
     argv = ["--run", str(demo["run"]), "--input", str(inputs), "--output", str(out), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _KILL_AT_SECOND_MASK, *argv], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _KILL_AT_SECOND_MASK, *argv], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert done.returncode == 9, done.stderr[-2000:]
     import csv
 

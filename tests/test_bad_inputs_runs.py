@@ -592,7 +592,8 @@ def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
     driver.write_text(HOLD_DRIVER, encoding="utf-8")
     first = subprocess.Popen([sys.executable, str(driver), str(tmp_path), str(CONFIGS), *world["common"],
                               f"trainer.max_steps={steps}", "checkpoint_every=1", f"run_dir={run}"],
-                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             encoding="utf-8", errors="replace")
     try:
         deadline = time.monotonic() + 300
         while not (tmp_path / "held").exists():

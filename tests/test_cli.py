@@ -80,7 +80,7 @@ def test_help_lists_every_subcommand_on_one_line_without_importing_torch(tmp_pat
     assert set(COMMANDS) == {"fit", "validate", "test", "predict", "report", "export", "plan", "diagnose"}
     code = ("import sys\nfrom segadapt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}), code)")
-    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[] 0", done.stdout + done.stderr
 
 
@@ -104,7 +104,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     code = ("import sys\nfrom segadapt.cli import main\nfor command in sys.argv[1:]:\n    try:\n"
             "        main([command, '--help'])\n    except SystemExit as e:\n        print('EXIT', e.code)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}))")
-    done = subprocess.run([sys.executable, "-c", code, *PARSERS], env=ENV, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *PARSERS], env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
@@ -176,7 +176,7 @@ def test_a_command_start_silences_the_notices_of_a_notebook_and_a_sweep():
     """setup_console (a command's start, a notebook's first cell) drops MONAI's nvImageCodec record and warning,
     Lightning's rank-zero notices (GPU/TPU available, fit stopped), tqdm's IProgress warning in Jupyter and
     torch's LeafSpec FutureWarning, without importing torch; warnings of other sources stay. Without it, all show."""
-    quiet, loud = (subprocess.run([sys.executable, "-c", NOTICES, mode], env=ENV, capture_output=True, text=True,
+    quiet, loud = (subprocess.run([sys.executable, "-c", NOTICES, mode], env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace",
                                   timeout=60) for mode in ("setup", "bare"))
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     lines = [line for line in (quiet.stdout + quiet.stderr).splitlines() if line.strip() and not line.startswith("  ")]

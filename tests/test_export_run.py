@@ -212,7 +212,7 @@ def test_monai_command_runs_the_bundle_from_another_folder_and_matches_segadapt_
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / INFERENCE_CONFIG),
                            "--dataset_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--threshold", str(threshold)],
                           cwd=elsewhere, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-3000:]
     assert not any(elsewhere.iterdir())  # nothing written in the working folder
     predictor = Predictor.from_runs([run], device="cpu", threshold=threshold)

@@ -122,7 +122,7 @@ def test_payload_never_runs_through_scripts_train_py(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("SEGADAPT_DEBUG", None)
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *_train_argv(tmp_path, folder)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert not marker.exists(), "the plans file ran code"
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), done.stderr[-2000:]

@@ -124,7 +124,7 @@ def test_train_script_help_does_not_import_torch():
     code = ("import runpy, sys\nsys.argv = ['train.py', '--help']\n"
             "try:\n    runpy.run_path('scripts/train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('TORCH', 'torch' in sys.modules, 'lightning' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "== Config ==" in done.stdout or "Powered by Hydra" in done.stdout
@@ -139,7 +139,7 @@ def test_submitit_local_sweep_writes_the_run_folders_of_the_basic_launcher(world
               f"pretrain.run_dir={world['pretrain_dir']}", "adapter=cp_lora"]
     cmd = [sys.executable, str(REPO / "scripts/train.py"), "-m", "fold=0,1", "hydra/launcher=submitit_local",
            "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", f"paths.runs={tmp_path / 'submitit'}", *common]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sweep: 2 runs in" in done.stdout  # SweepSummary, from the jobs' metrics.json
@@ -219,14 +219,14 @@ def test_a_killed_sweep_run_again_skips_the_finished_run_and_resumes_the_killed_
     driver = tmp_path / "kill.py"
     driver.write_text(SWEEP_KILL_DRIVER, encoding="utf-8")
     done = subprocess.run([sys.executable, str(driver), str(kill_at), *command], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == -9, done.stderr[-3000:]
     fold0, fold1 = (tmp_path / f"killed/phantom_sah/multiview_unet/cp_lora/fold{k}" for k in FOLDS)
     assert (fold0 / "metrics.json").is_file() and (fold1 / "last.ckpt").is_file() and not (fold1 / "metrics.json").exists()
     kept = ("metrics.json", "adapter.safetensors", "last.ckpt", "config.yaml", "logs/metrics.csv")
     before = _digests(fold0, kept)
 
-    done = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"skipped {fold0}: a finished run with these settings (metrics.json); overwrite=true trains it again" in done.stdout
     assert f"resuming {fold1} from its last.ckpt: it was stopped before it finished (no metrics.json)" in done.stdout
