@@ -392,8 +392,7 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     changes = resume_changes(config, record)
     if changes:
         raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {_shown(changes)}; "
-                         "resume with the run's own settings (a larger trainer.max_steps trains on), or start it "
-                         "anew (overwrite=true, or another run_dir)")
+                         "resume with the run's own settings, or start it anew (overwrite=true, or another run_dir)")
     if ckpt_path == "last" and stored not in (None, settings_digest(config)):
         raise ValueError(f"ckpt_path=last: {checkpoint} was written by a training with other settings than "
                          f"{run_dir / CONFIG_FILE} (two trainings in one run folder?); start it anew with overwrite=true")
