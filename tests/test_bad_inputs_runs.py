@@ -473,6 +473,7 @@ def test_resume_from_the_last_steps_checkpoint_writes_every_figure(world, tmp_pa
     assert "peak memory" in format_result(result, run)
     finished = read_metrics(world["finished"])
     assert read_metrics(run)["val"] == finished["val"] and result["cases"] == finished["cases"]
+    assert result["extended_from_steps"] is None  # resumed with its own max_steps
 
 
 HOLD_DRIVER = textwrap.dedent("""

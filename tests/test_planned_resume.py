@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from segadapt.data.phantom import make_phantom_dataset
 from segadapt.training import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, train
 from segadapt.training.callbacks import LongerSchedule
+from segadapt.training.run import check_request
 
 from test_training_sweep import SWEEP_KILL_DRIVER  # noqa: E402 (tests/ is on sys.path; kills fold1 at step argv[1])
 
@@ -105,6 +107,13 @@ def test_a_planned_run_resumed_with_more_steps_trains_on(world, tmp_path):
     done = _script(str(REPO / "scripts/train.py"), *world["overrides"], runs, "ckpt_path=last", "trainer.max_steps=4",
                    cwd=tmp_path)
     assert done.returncode == 2 and "trainer.max_steps: 5 -> 4" in done.stderr, done.stderr[-2000:]
+    old = tmp_path / "old"  # the run with a last.ckpt from before resumes could add steps
+    shutil.copytree(run, old)
+    checkpoint = torch.load(old / CHECKPOINT_FILE, weights_only=True)
+    del checkpoint["callbacks"]["LongerSchedule"]
+    torch.save(checkpoint, old / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=r"does not say how many steps .* trainer\.max_steps: 5 -> 7 is refused"):
+        check_request(_cfg([*world["overrides"], runs, f"run_dir={old}", "ckpt_path=last", "trainer.max_steps=7"]))
     done = _script(str(REPO / "scripts/train.py"), *world["overrides"], runs, "ckpt_path=last", "trainer.max_steps=7",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

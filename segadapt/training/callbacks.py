@@ -177,21 +177,24 @@ class LongerSchedule(pl.Callback):
 
     def __init__(self) -> None:
         self.max_steps: Optional[int] = None
-        self.extended_from: Optional[int] = None
+        self.trained_for: Optional[int] = None  # the checkpoint's max_steps
+
+    @property
+    def extended_from(self) -> Optional[int]:
+        longer = None not in (self.trained_for, self.max_steps) and 0 < self.trained_for < self.max_steps
+        return self.trained_for if longer else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"max_steps": self.max_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.extended_from = state_dict.get("max_steps")
+        self.trained_for = state_dict.get("max_steps")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.max_steps = trainer.max_steps
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After Lightning restored the checkpoint's optimizer and schedule state (before the first step)."""
-        if self.extended_from is not None and not 0 < self.extended_from < trainer.max_steps:
-            self.extended_from = None  # a resume with the checkpoint's own max_steps
         if self.extended_from is None or not trainer.lr_scheduler_configs:
             return
         fresh = pl_module.configure_optimizers()  # a throwaway optimizer over the same parameters; it never steps

@@ -33,8 +33,10 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
 :func:`load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the weights file.
 
 :func:`fit_run` writes nothing before the run is known to be sound (:func:`check_run_folder`: a finished
-folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings; every
-case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume. From its first
+folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings, but for a
+larger ``trainer.max_steps``, which trains on with the LR schedule rebuilt for the new total
+(:class:`~segadapt.training.callbacks.LongerSchedule`); every case read and checked, the network built);
+``logs/metrics.csv`` keeps the steps before a resume. From its first
 write to ``metrics.json`` it holds the folder's lock: a second training into the folder is refused.
 :func:`run_folder_action` decides what a ``train`` / ``pretrain`` request does with an existing folder: resume a
 killed run (``last.ckpt``, no ``metrics.json``, no live lock, the same settings), skip a sweep's finished run
@@ -382,7 +384,8 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     checkpoint = run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: nothing to resume, no checkpoint {checkpoint}")
-    stored = read_resume_checkpoint(checkpoint).get("callbacks", {}).get(RunSettings.__name__, {}).get("digest")
+    callbacks = read_resume_checkpoint(checkpoint).get("callbacks", {})
+    stored = callbacks.get(RunSettings.__name__, {}).get("digest")
     if not (run_dir / CONFIG_FILE).is_file():
         if ckpt_path == "last":
             raise FileNotFoundError(f"ckpt_path=last: {run_dir} has {CHECKPOINT_FILE} but no {CONFIG_FILE}")
@@ -393,6 +396,11 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     if changes:
         raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {_shown(changes)}; "
                          "resume with the run's own settings, or start it anew (overwrite=true, or another run_dir)")
+    longer = added_steps(config, record)
+    if longer is not None and LongerSchedule.__name__ not in callbacks:
+        raise ValueError(f"ckpt_path={ckpt_path}: {checkpoint} does not say how many steps its LR schedule was made "
+                         f"for (written before resumes could add steps), so trainer.max_steps: {longer} -> "
+                         f"{record['trainer']['max_steps']} is refused; resume it with its own max_steps")
     if ckpt_path == "last" and stored not in (None, settings_digest(config)):
         raise ValueError(f"ckpt_path=last: {checkpoint} was written by a training with other settings than "
                          f"{run_dir / CONFIG_FILE} (two trainings in one run folder?); start it anew with overwrite=true")
@@ -853,6 +861,8 @@ def _existing_dataset(data: Mapping[str, Any]) -> Path:
 def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[bool] = None) -> Optional[str]:
     """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
     an existing dataset.json, and the run folder (:func:`run_folder_action`: in use, finished run, resume).
+    A resume compares the run's config.yaml with the request planned as train / pretrain plan it (its ``auto``
+    values filled from the plan, :func:`~segadapt.training.planning.apply_plan`), so `cfg` may hold ``auto``.
     Returns what the job does: :data:`SKIP`, or the checkpoint it resumes from (None: a fresh run).
     `sweep`: the job is part of a ``-m`` sweep (None: ask Hydra, :func:`in_sweep`)."""
     data = cfg["source"] if kind == "pretrain" else cfg["data"]
