@@ -79,8 +79,8 @@ from segadapt.data.files import atomic_path, write_json
 from segadapt.data.plan import Plan, fingerprint, load_or_make_fingerprint
 from segadapt.models import load_pretrained
 
-from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, LongerSchedule, PhaseTimes, RunSettings, SelectBest,
-                        TrainStats, export_weights,
+from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, PhaseTimes, RunSettings, SelectBest,
+                        LongerSchedule, TrainStats, export_weights,
                         progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
