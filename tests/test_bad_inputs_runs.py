@@ -221,8 +221,8 @@ CASES = [
     ("finished run folder", ["run_dir={finished}"], None, r"finished.* holds a finished run \(metrics\.json\); overwrite=true"),
     ("resume with a changed setting", ["run_dir={finished}", "ckpt_path=last", "adapter.spec.rank=3"], None,
      r"ckpt_path=last: these settings differ from the run in .*finished: module\.adapter\.rank: 8 -> 3"),
-    ("resume with more steps", ["run_dir={finished}", "ckpt_path=last", "trainer.max_steps=3"], None,
-     r"trainer\.max_steps: 2 -> 3"),
+    ("resume with fewer steps", ["run_dir={finished}", "ckpt_path=last", "trainer.max_steps=1"], None,
+     r"ckpt_path=last: these settings differ from the run in .*finished: trainer\.max_steps: 2 -> 1"),
     ("resume from a checkpoint whose unpickling runs code", ["run_dir={planted}", "ckpt_path=last"], None,
      r"refused to resume from .*planted/last\.ckpt: it holds pickled objects .* could run code \(.*io\.open"),
     ("rerun of a killed run whose checkpoint unpickles code", ["run_dir={planted}"], None,
@@ -355,8 +355,8 @@ CLI_CASES = [
      r"cli_finished holds a finished run \(metrics\.json\)"),
     ("fit resume with a changed setting", ["fit", "--trainer.default_root_dir", "{finished}", "--ckpt_path", "last",
                                            "--model.lr", "0.5"], r"these settings differ from the run in .*cli_finished: module\.lr: .* -> 0\.5"),
-    ("fit resume with more steps", ["fit", "--trainer.default_root_dir", "{finished}", "--ckpt_path", "last",
-                                    "--trainer.max_steps", "3"], r"trainer\.max_steps: 2 -> 3"),
+    ("fit resume with fewer steps", ["fit", "--trainer.default_root_dir", "{finished}", "--ckpt_path", "last",
+                                     "--trainer.max_steps", "1"], r"trainer\.max_steps: 2 -> 1"),
     ("fit with a logger of its own", ["fit", "--trainer.default_root_dir", "{run}", "--trainer.logger", "false"],
      r"trainer\.logger is not taken; the run folder has its own logs"),
     ("validate last without last.ckpt", ["validate", "--trainer.default_root_dir", "{run}", "--ckpt_path", "last"],
@@ -377,6 +377,21 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(world, cli_world, tmp_path
     assert [line for line in err if "error:" in line] == err[-1:], err  # Lightning's INFO lines may come before
     assert re.search(message, err[-1]), err[-1]
     assert not run.exists() and _tree(world["root"] / "runs") == before
+
+
+def test_fit_resume_with_more_steps_trains_on(cli_world, tmp_path):
+    """``segadapt fit --ckpt_path last --trainer.max_steps 3`` on a finished 2-step run trains step 2 from its
+    checkpoint; config.yaml and metrics.json record 3 steps, extended from 2."""
+    from segadapt.training import read_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_world["finished"], run)
+    assert segadapt_main(["fit", "--config", str(cli_world["config"]), "--trainer.default_root_dir", str(run),
+                          "--ckpt_path", "last", "--trainer.max_steps", "3"]) == 0
+    metrics = read_metrics(run)
+    assert metrics["global_step"] == 3 and metrics["extended_from_steps"] == 2
+    assert metrics["cost"]["resumed_from_step"] == 2 and read_run_config(run)["trainer"]["max_steps"] == 3
+    assert read_metrics(cli_world["finished"])["extended_from_steps"] is None
 
 
 def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -557,6 +572,7 @@ def test_resume_from_the_last_steps_checkpoint_writes_every_figure(world, tmp_pa
     assert "peak memory" in format_result(result, run)
     finished = read_metrics(world["finished"])
     assert read_metrics(run)["val"] == finished["val"] and result["cases"] == finished["cases"]
+    assert result["extended_from_steps"] is None  # resumed with its own max_steps
 
 
 HOLD_DRIVER = textwrap.dedent("""

@@ -13,6 +13,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -168,6 +169,44 @@ class RunSettings(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing: the resume checks the stored digest before it starts (segadapt.training.run)."""
+
+
+class LongerSchedule(pl.Callback):
+    """Keeps the ``trainer.max_steps`` a checkpoint was trained for (``callbacks['LongerSchedule']``). A resume
+    with a larger ``max_steps`` trains on with the LR schedule (warm-up, cosine) of the new total, advanced to
+    the checkpoint's step: the restored one would end at the old total. `extended_from`: the old total, when so."""
+
+    def __init__(self) -> None:
+        self.max_steps: Optional[int] = None
+        self.trained_for: Optional[int] = None  # the checkpoint's max_steps
+
+    @property
+    def extended_from(self) -> Optional[int]:
+        longer = None not in (self.trained_for, self.max_steps) and 0 < self.trained_for < self.max_steps
+        return self.trained_for if longer else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_steps": self.max_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.trained_for = state_dict.get("max_steps")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.max_steps = trainer.max_steps
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After Lightning restored the checkpoint's optimizer and schedule state (before the first step)."""
+        if self.extended_from is None or not trainer.lr_scheduler_configs:
+            return
+        fresh = pl_module.configure_optimizers()  # a throwaway optimizer over the same parameters; it never steps
+        optimizer, schedule = fresh["optimizer"], fresh["lr_scheduler"]["scheduler"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(trainer.global_step):
+                schedule.step()
+        trainer.lr_scheduler_configs[0].scheduler.load_state_dict(schedule.state_dict())
+        for group, planned in zip(trainer.optimizers[0].param_groups, optimizer.param_groups):
+            group["lr"] = planned["lr"]
 
 
 def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:

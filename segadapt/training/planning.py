@@ -120,10 +120,11 @@ def _mode_statistics(preprocess: dict[str, Any], plan: Plan) -> None:
             preprocess.setdefault(name, copy.deepcopy(planned[name]))
 
 
-def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = ("data", "source")) -> dict[str, Any]:
+def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = ("data", "source"),
+               show: bool = True) -> dict[str, Any]:
     """A copy of `cfg` with every ``auto`` value taken from `plan` (see the module docstring).
 
-    Prints the plan and the values the config pins against it.
+    Prints (`show`) the plan and the values the config pins against it.
     """
     cfg = copy.deepcopy(dict(cfg))
     pinned: list[str] = []
@@ -141,6 +142,8 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
         if data.get("batch_size") == AUTO:
             per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size
             data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))
+    if not show:
+        return cfg
     _print_once(f"plan of {plan.dataset} ({plan.n_cases} cases):\n{format_plan(plan)}")
     if pinned:
         _print_once("set by the config instead of the plan:\n  " + "\n  ".join(pinned))

@@ -33,8 +33,10 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
 :func:`load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the weights file.
 
 :func:`fit_run` writes nothing before the run is known to be sound (:func:`check_run_folder`: a finished
-folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings; every
-case read and checked, the network built); ``logs/metrics.csv`` keeps the steps before a resume. From its first
+folder is kept unless ``overwrite``, a resume needs its checkpoint and the folder's own settings, but for a
+larger ``trainer.max_steps``, which trains on with the LR schedule rebuilt for the new total
+(:class:`~segadapt.training.callbacks.LongerSchedule`); every case read and checked, the network built);
+``logs/metrics.csv`` keeps the steps before a resume. From its first
 write to ``metrics.json`` it holds the folder's lock: a second training into the folder is refused.
 :func:`run_folder_action` decides what a ``train`` / ``pretrain`` request does with an existing folder: resume a
 killed run (``last.ckpt``, no ``metrics.json``, no live lock, the same settings), skip a sweep's finished run
@@ -79,7 +81,7 @@ from segadapt.data.transforms import flip_axes
 from segadapt.models import load_pretrained
 
 from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, PhaseTimes, RunSettings, SelectBest,
-                        TrainStats, export_weights,
+                        LongerSchedule, TrainStats, export_weights,
                         progress_callbacks, standard_error)
 from .datamodule import SegDataModule, training_sampling
 from .metrics import bin_labels, summarize
@@ -355,6 +357,20 @@ def run_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             if key not in NON_IDENTITY_KEYS and old.get(key, missing) != now.get(key, missing)]
 
 
+def added_steps(stored: Mapping[str, Any], new: Mapping[str, Any]) -> Optional[int]:
+    """The stored run config's ``trainer.max_steps`` when `new` asks for more steps (a resume trains on), else None."""
+    old, now = (config.get("trainer", {}).get("max_steps") for config in (stored, new))
+    return old if isinstance(old, int) and isinstance(now, int) and 0 < old < now else None
+
+
+def resume_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """:func:`run_changes` that a resume refuses: all but a larger ``trainer.max_steps`` (it trains on)."""
+    changes = run_changes(stored, new)
+    if added_steps(stored, new) is None:
+        return changes
+    return [change for change in changes if not change.startswith("trainer.max_steps:")]
+
+
 def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
                      ckpt_path: Optional[str] = None, overwrite: bool = False) -> None:
     """Refuse, before anything is written, a run that would silently lose or mix results in `run_dir`.
@@ -362,7 +378,8 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     A fresh run (``ckpt_path`` None) may not replace a finished run (``metrics.json`` present) unless
     `overwrite`. A resume needs its checkpoint, readable without unpickling code (:func:`read_resume_checkpoint`),
     and its settings (`record`, the config.yaml it would write, or a function computing it) must equal the
-    folder's config.yaml up to :data:`NON_IDENTITY_KEYS`, and those ``last.ckpt`` was written with.
+    folder's config.yaml up to :data:`NON_IDENTITY_KEYS` and a larger ``trainer.max_steps``
+    (:func:`resume_changes`), and ``last.ckpt`` must have been written with the folder's config.yaml.
     """
     run_dir = Path(run_dir)
     if ckpt_path is None:
@@ -373,17 +390,24 @@ def check_run_folder(run_dir: str | os.PathLike, record: Mapping[str, Any] | Cal
     checkpoint = run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: nothing to resume, no checkpoint {checkpoint}")
-    stored = read_resume_checkpoint(checkpoint).get("callbacks", {}).get(RunSettings.__name__, {}).get("digest")
+    callbacks = read_resume_checkpoint(checkpoint).get("callbacks", {})
+    stored = callbacks.get(RunSettings.__name__, {}).get("digest")
     if not (run_dir / CONFIG_FILE).is_file():
         if ckpt_path == "last":
             raise FileNotFoundError(f"ckpt_path=last: {run_dir} has {CHECKPOINT_FILE} but no {CONFIG_FILE}")
         return  # a new run folder started from another run's checkpoint
     record = record() if callable(record) else record
-    changes = run_changes(read_run_config(run_dir), record)
+    config = read_run_config(run_dir)
+    changes = resume_changes(config, record)
     if changes:
         raise ValueError(f"ckpt_path={ckpt_path}: these settings differ from the run in {run_dir}: {_shown(changes)}; "
                          "resume with the run's own settings, or start it anew (overwrite=true, or another run_dir)")
-    if ckpt_path == "last" and stored not in (None, settings_digest(record)):
+    longer = added_steps(config, record)
+    if longer is not None and LongerSchedule.__name__ not in callbacks:
+        raise ValueError(f"ckpt_path={ckpt_path}: {checkpoint} does not say how many steps its LR schedule was made "
+                         f"for (written before resumes could add steps), so trainer.max_steps: {longer} -> "
+                         f"{record['trainer']['max_steps']} is refused; resume it with its own max_steps")
+    if ckpt_path == "last" and stored not in (None, settings_digest(config)):
         raise ValueError(f"ckpt_path=last: {checkpoint} was written by a training with other settings than "
                          f"{run_dir / CONFIG_FILE} (two trainings in one run folder?); start it anew with overwrite=true")
 
@@ -710,7 +734,8 @@ def fit_run(
                 plan.to_json(run_dir / PLAN_FILE)
             write_json(run_dir / FINGERPRINT_FILE, data_fingerprint)
         trainer = make_trainer(run_dir, trainer_kwargs, checkpoint_every, resume=ckpt_path is not None)
-        for callback in [RunSettings(settings_digest(record)), *(callbacks or [])]:
+        longer = LongerSchedule()
+        for callback in [RunSettings(settings_digest(record)), longer, *(callbacks or [])]:
             trainer.callbacks.append(callback)
         selector, stopper = None, None
         if tuning != "none" and datamodule_kwargs.get("inner_fraction"):
@@ -772,6 +797,7 @@ def fit_run(
             "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
                      **(_stats(trainer) if tuning != "none" else {})},
             "global_step": trainer.global_step,
+            "extended_from_steps": longer.extended_from,  # a resume with more steps: the max_steps it had
             "timing": {  # seconds of this session (a resumed run: of the resumed part)
                 # imports (the first run of a process), plan, data, network: until the first step, validation aside
                 "setup_s": first_step - started - base_s - phases.validation_before_first_step_s,
@@ -842,9 +868,19 @@ def _fit_args(cfg: Mapping[str, Any], kind: str, dataset: Path) -> dict[str, Any
     }
 
 
+def _existing_dataset(data: Mapping[str, Any]) -> Path:
+    """Absolute path of ``data.dataset_json``, which must exist (a check writes no phantom)."""
+    path = Path(data["dataset_json"])
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset description not found: {path} (set data.dataset_json)")
+    return path.resolve()
+
+
 def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[bool] = None) -> Optional[str]:
     """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
     an existing dataset.json, and the run folder (:func:`run_folder_action`: in use, finished run, resume).
+    A resume compares the run's config.yaml with the request planned as train / pretrain plan it (its ``auto``
+    values filled from the plan, :func:`~segadapt.training.planning.apply_plan`), so `cfg` may hold ``auto``.
     Returns what the job does: :data:`SKIP`, or the checkpoint it resumes from (None: a fresh run).
     `sweep`: the job is part of a ``-m`` sweep (None: ask Hydra, :func:`in_sweep`)."""
     data = cfg["source"] if kind == "pretrain" else cfg["data"]
@@ -855,10 +891,11 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[b
         check_classes(cfg["model"]["kwargs"].get("out_channels", 1), load_dataset_json(dataset))
     ckpt_path = None if kind == "pretrain" else cfg["ckpt_path"]
 
-    def record() -> dict[str, Any]:
+    def record() -> dict[str, Any]:  # the config.yaml the job would write: planned, as train / pretrain plan it
         if not dataset.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: dataset description not found: {dataset}")
-        args = _fit_args(cfg, kind, dataset.resolve())
+        planned = apply_plan(cfg, run_plan(cfg, pretraining=kind == "pretrain", prepare=_existing_dataset), show=False)
+        args = _fit_args(planned, kind, dataset.resolve())
         return run_record(Path(args.pop("run_dir")).resolve(), threads=torch.get_num_threads(), **args)
 
     run_dir = cfg["pretrain"]["run_dir"] if kind == "pretrain" else cfg["run_dir"]
