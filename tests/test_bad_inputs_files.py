@@ -61,6 +61,20 @@ def one_line(message: str) -> str:
     return message
 
 
+def refused(main, argv: list[str], command: str, expected: list[str], capsys) -> str:
+    """Run a command line `main(argv)`: exit 2 and one line ``segadapt <command>: error: ...`` holding every
+    text of `expected`; returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    message = one_line(capsys.readouterr().err)
+    assert message.startswith(f"segadapt {command}: error: ")
+    for text in expected:
+        assert text in message, (text, message)
+    return message
+
+
 # ---- readers --------------------------------------------------------------------------------------
 def _huge_nifti(tmp: Path) -> Path:
     header = nib.Nifti1Header()
@@ -828,14 +842,7 @@ def test_predict_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp
         argv += ["--output", str(out)]
     watched = [tmp_path, demo_runs[0]]
     before = [snapshot(f) for f in watched]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        predict_main([*argv, "--no-progress"])
-    assert info.value.code == 2
-    message = one_line(capsys.readouterr().err)
-    assert message.startswith("segadapt predict: error: ")
-    for text in expected:
-        assert text in message, (text, message)
+    refused(predict_main, [*argv, "--no-progress"], "predict", expected, capsys)
     assert [snapshot(f) for f in watched] == before
     assert not out.exists()
 
@@ -1039,14 +1046,7 @@ def test_export_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp_
     argv = [str(a) for a in argv(demo_runs[0], tmp_path)]
     watched = [tmp_path, demo_runs[0].parents[2].parent]  # the runs (base included) and their data
     before = [snapshot(f) for f in watched]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        export_main(argv)
-    assert info.value.code == 2
-    message = one_line(capsys.readouterr().err)
-    assert message.startswith("segadapt export: error: ")
-    for text in expected:
-        assert text in message, (text, message)
+    refused(export_main, argv, "export", expected, capsys)
     assert [snapshot(f) for f in watched] == before
 
 
@@ -1095,14 +1095,7 @@ def test_plan_refuses_outputs_over_its_input_with_exit_2_and_one_line(name, plan
     argv, expected = PLAN_CASES[name]
     argv = [str(a) for a in argv(plan_dataset, tmp_path)]
     before = snapshot(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        plan_main(argv)
-    assert info.value.code == 2
-    message = one_line(capsys.readouterr().err)
-    assert message.startswith("segadapt plan: error: ")
-    for text in expected:
-        assert text in message, (text, message)
+    refused(plan_main, argv, "plan", expected, capsys)
     assert snapshot(tmp_path) == before
 
 

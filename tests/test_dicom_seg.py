@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from run_fixtures import fit_scratch_unet
 
 from segadapt.data import load_dataset_json
 from segadapt.data.readers import dicom_series_files
@@ -149,7 +150,6 @@ def test_dicom_seg_is_refused_for_a_nifti_input(demo_runs, tmp_path, capsys):
 def hippocampus_run(shared_data, tmp_path_factory) -> Path:
     """A tiny 3D MRI run (MONAI UNet, 2 steps) on three MSD hippocampus cases, both labels (anterior, posterior)."""
     from segadapt.data import write_dataset_json
-    from segadapt.training import fit_run
 
     source = shared_data / "hippocampus_msd"
     root = tmp_path_factory.mktemp("hippocampus")
@@ -160,15 +160,8 @@ def hippocampus_run(shared_data, tmp_path_factory) -> Path:
     run = root / "run"
     preprocess = {"intensity": "mri", "target_spacing": None, "patch_size": [16, 16, 16], "samples_per_volume": 1,
                   "augment": False}
-    fit_run(run, {"experiment": "hippocampus", "method": "scratch", "fold": 0},
-            {"model": "unet3d", "model_kwargs": {"in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
-                                                  "num_res_units": 0}, "adapter": "scratch", "roi_size": [16, 16, 16]},
-            {"dataset_json": str(dataset), "fold": 0, "n_folds": 3, "preprocess": preprocess, "sampling": "patch",
-             "batch_size": 1},
-            {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
-             "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
-            eval_base=False)
-    return run
+    return fit_scratch_unet(run, dataset, "hippocampus", {"in_channels": 1, "out_channels": 3, "channels": [4, 8],
+                                                          "strides": [2]}, preprocess, [16, 16, 16], max_steps=2, n_folds=3)
 
 
 def test_dicom_seg_of_the_real_mr_series(hippocampus_run, shared_data, tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_fixtures import fit_scratch_unet
 from PIL import Image
 
 from segadapt.data import write_dataset_json
@@ -31,7 +32,6 @@ def spot_image(i: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def run_2d(tmp_path_factory) -> Path:
     """A tiny 2D MONAI UNet trained from scratch on four PNG images (DRIVE's layout: RGB PNG, 0/1 PNG labels)."""
-    from segadapt.training import fit_run
 
     root = tmp_path_factory.mktemp("png_world")
     cases = []
@@ -44,15 +44,8 @@ def run_2d(tmp_path_factory) -> Path:
     run = root / "run"
     preprocess = {"intensity": "rgb", "spatial_dims": 2, "orientation": "RA", "target_spacing": None,
                   "patch_size": [16, 16], "slice_size": [16, 16], "samples_per_volume": 2, "augment": False}
-    fit_run(run, {"experiment": "spots", "method": "scratch", "fold": 0},
-            {"model": "unet3d", "model_kwargs": {"in_channels": 3, "out_channels": 1, "channels": [8, 16],
-                                                  "strides": [2], "num_res_units": 0, "spatial_dims": 2},
-             "adapter": "scratch", "roi_size": [16, 16], "lr": 0.02},
-            {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "preprocess": preprocess, "sampling": "patch",
-             "batch_size": 2},
-            {"accelerator": "cpu", "devices": 1, "max_steps": 40, "enable_progress_bar": False,
-             "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
-            eval_base=False)
+    fit_scratch_unet(run, dataset, "spots", {"in_channels": 3, "out_channels": 1, "channels": [8, 16], "strides": [2],
+                                             "spatial_dims": 2}, preprocess, [16, 16], max_steps=40, batch_size=2, lr=0.02)
     return run
 
 

@@ -9,6 +9,7 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
+from run_fixtures import fit_scratch_unet
 from scipy.ndimage import map_coordinates
 
 from segadapt.data import load_dataset_json
@@ -142,7 +143,6 @@ def test_2d_images_report_their_lesion_area_in_mm2(tmp_path, capsys):
     """A tiny real 2D run (MONAI UNet, spatial_dims 2): predict gives mm^2 = pixels x |det A| (0.5 x 0.25 mm)."""
     from segadapt.data import write_dataset_json
     from segadapt.inference import main
-    from segadapt.training import fit_run
 
     affine = np.diag([0.5, 0.25, 1.0, 1.0])
     cases = []
@@ -156,15 +156,8 @@ def test_2d_images_report_their_lesion_area_in_mm2(tmp_path, capsys):
     run = tmp_path / "run"
     preprocess = {"intensity": "mri", "spatial_dims": 2, "orientation": "RA", "patch_size": [32, 32],
                   "samples_per_volume": 1, "augment": False}
-    fit_run(run, {"experiment": "flat", "method": "scratch", "fold": 0},
-            {"model": "unet3d", "model_kwargs": {"in_channels": 1, "out_channels": 1, "channels": [4, 8],
-                                                  "strides": [2], "num_res_units": 0, "spatial_dims": 2},
-             "adapter": "scratch", "roi_size": [32, 32], "lr": 0.01},
-            {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "preprocess": preprocess, "sampling": "patch",
-             "batch_size": 1},
-            {"accelerator": "cpu", "devices": 1, "max_steps": 30, "enable_progress_bar": False,
-             "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
-            eval_base=False)
+    fit_scratch_unet(run, dataset, "flat", {"in_channels": 1, "out_channels": 1, "channels": [4, 8], "strides": [2],
+                                            "spatial_dims": 2}, preprocess, [32, 32], max_steps=30, lr=0.01)
     rows = main(["--run", str(run), "--input", str(cases[0]["image"]), "--output", str(tmp_path / "out")])
     (row,) = rows
     mask = nib.load(row["mask"])

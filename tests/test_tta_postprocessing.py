@@ -18,7 +18,7 @@ from scipy import ndimage
 from segadapt.bundle import inference_config
 from segadapt.inference import Predictor, recorded_postprocessing
 from segadapt.training import SegAdaptModule, read_metrics, read_run_config
-from segadapt.training.postprocessing import choose_postprocessing, component_counts, pooled_choice
+from segadapt.training.postprocessing import choose_postprocessing, component_counts, keep_largest_component, pooled_choice
 from segadapt.training.run import module_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -257,3 +257,17 @@ def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp
     np.testing.assert_array_equal(ours, _largest(raw))
     np.testing.assert_array_equal(theirs, ours)
     assert ours.sum() < raw.sum()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_keep_largest_component_keeps_the_input_type(kind):
+    """predict writes numpy masks: the postprocessed mask is an array of the input's type (MONAI returns tensors)."""
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[0, 0, 0] = 1  # a one-voxel blob
+    labels[2:4, 2:4, 2:4] = 1  # the largest component, 8 voxels
+    given = labels if kind == "numpy" else torch.from_numpy(labels)
+    kept = keep_largest_component(given, [1])
+    assert type(kept) is type(given)
+    expected = labels.copy()
+    expected[0, 0, 0] = 0
+    np.testing.assert_array_equal(np.asarray(kept), expected)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
+from monai.utils import convert_to_dst_type
 
 RULE = "largest connected component of class c kept iff mean validation Dice_c with it >= without it (nnU-Net)"
 
@@ -34,7 +35,8 @@ def keep_largest_component(labels: torch.Tensor | np.ndarray, classes: Sequence[
     if not classes:
         return labels
     keep = KeepLargestConnectedComponent(applied_labels=[int(c) for c in classes], is_onehot=False, independent=True)
-    return keep(labels[None].copy() if isinstance(labels, np.ndarray) else labels[None].clone())[0]  # MONAI's works in place
+    kept = keep(labels[None].copy() if isinstance(labels, np.ndarray) else labels[None].clone())[0]  # MONAI's works in place
+    return convert_to_dst_type(kept, labels)[0]  # MONAI returns a tensor for a numpy input: give back the input's type
 
 
 def component_counts(labels: torch.Tensor, truth: torch.Tensor, classes: int) -> dict[str, Any]:
