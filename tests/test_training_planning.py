@@ -130,13 +130,14 @@ def test_hippocampus_experiment_end_to_end_on_a_real_subset(tmp_path):
     assert metrics["val"]["n_cases"] == 3 and metrics["base_val"] is not None
 
 
-def test_generic_ct_path_runs_with_the_plan_s_statistics(tmp_path, capsys):
+def test_generic_ct_path_runs_with_the_plan_s_statistics(tmp_path, capsys, monkeypatch):
     """`data=dataset_json data@source=dataset_json` on the phantoms' own dataset.json files (CT): the plan's
     'ct_zscore' statistics reach both datasets' preprocessing (they were lost: no `clip_range` key in the
     generic config), the base is pretrained and adapted for two steps; config.yaml and plan.json read back."""
     from segadapt.data.phantom import make_phantom_dataset
-    from segadapt.training import train
+    from segadapt.training import planning, train
 
+    monkeypatch.setattr(planning, "_printed", set())  # a plan is printed once per process: an earlier test's counts
     grid = {"shape": [32, 32, 16], "spacing": [6.9, 6.9, 10.0]}
     target = make_phantom_dataset(tmp_path / "sah", "sah", 6, **grid)
     source = make_phantom_dataset(tmp_path / "tbi", "tbi", 4, **grid)
