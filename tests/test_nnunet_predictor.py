@@ -68,7 +68,9 @@ def test_nnunet_s_predictor_reads_the_exported_folder_and_predicts_what_segadapt
     mask, probabilities = predictor.predict_single_npy_array(image, properties, None, None, True)
     stacked = save_nifti(tmp_path / "case.nii.gz", np.stack([np.asarray(nib.load(f).dataobj) for f in files], -1),
                          nib.load(files[0]).affine)  # segadapt reads the channels as one 4D file
-    ours = Predictor.from_runs([run], device="cpu").predict(stacked)
+    segadapt_predictor = Predictor.from_runs([run], device="cpu")
+    segadapt_predictor.postprocessing = []  # nnU-Net's predictor runs none (the export writes no postprocessing.pkl)
+    ours = segadapt_predictor.predict(stacked)
     # nnU-Net's arrays are SimpleITK's (z, y, x); segadapt's nibabel's (x, y, z)
     ours_probabilities, ours_mask = np.transpose(ours.probabilities, (0, 3, 2, 1)), ours.mask.transpose(2, 1, 0)
     assert probabilities.shape == ours_probabilities.shape
