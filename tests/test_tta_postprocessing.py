@@ -76,8 +76,9 @@ def test_old_runs_without_tta_predict_plainly():
 @pytest.mark.parametrize("augment, axes", [(True, [0]), (False, [])])
 def test_the_model_configs_mirror_along_the_axes_training_flips(augment, axes):
     for path in sorted((CONFIGS / "model").glob("*.yaml")):
-        assert OmegaConf.load(path)["inference"]["tta"] is True, path.name  # on by default in every model group
+        assert OmegaConf.load(path)["inference"]["tta"] is False, path.name  # opt-in in every model group
     model = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "unet3d.yaml"))
+    model["inference"]["tta"] = True
     cfg = {"model": model, "optim": {}, "loss": {}, "threshold": 0.5}
     data = {"preprocess": {"augment": augment}, "batch_size": 1, "volume_bins_ml": [0, 5, "inf"]}
     args = module_args(cfg, data, 3, None, {"spec": "scratch", "lr": 1e-3})
