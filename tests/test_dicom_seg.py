@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -92,18 +93,26 @@ def test_dicom_seg_of_a_synthetic_series_reads_back_as_predicted(predictor, phan
     np.testing.assert_array_equal(pixels[..., 0], mask.transpose(2, 1, 0))
 
 
-def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path, caplog):
-    folder = shared_data / "ct_abdomen_totalseg" / "ct_dicom"
+def _real_series(folder: Path) -> tuple[dict[str, str], list[str], pydicom.Dataset]:
+    """A real DICOM series of ../shared/data (skipped when absent): the sha256 of its files (to check they stay
+    untouched), its files in the reader's order, and the first file's header."""
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")
-    import hashlib
+    files = dicom_series_files(folder)
+    return _hashes(folder), files, pydicom.dcmread(files[0], stop_before_pixels=True)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+
+
+def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path, caplog):
     import logging
 
     from segadapt.dicom_seg import write_dicom_seg
 
-    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
-    files = dicom_series_files(folder)
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    folder = shared_data / "ct_abdomen_totalseg" / "ct_dicom"
+    before, files, first = _real_series(folder)
     assert not first.get("StudyInstanceUID") and not first.get("SeriesInstanceUID")  # anonymised: blanked
     prediction = predictor.predict(folder)
     with caplog.at_level(logging.WARNING, logger="segadapt.dicom_seg"):
@@ -132,7 +141,7 @@ def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path, caplo
     slices = sorted(files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
     order = [files.index(f) for f in slices]  # GDCM's order -> ascending z
     np.testing.assert_array_equal(np.stack([p for _, p in by_position]), prediction.mask.transpose(2, 1, 0)[order])
-    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
+    assert _hashes(folder) == before
 
 
 def test_dicom_seg_is_refused_for_a_nifti_input(demo_runs, tmp_path, capsys):
@@ -167,14 +176,8 @@ def hippocampus_run(shared_data, tmp_path_factory) -> Path:
 def test_dicom_seg_of_the_real_mr_series(hippocampus_run, shared_data, tmp_path, capsys):
     """The MSD hippocampus MRI series (no PatientBirthDate / PatientSex): predict writes a SEG with one segment per
     label, coded SNOMED CT Hippocampus, referencing the series; the source files are untouched."""
-    import hashlib
-
     folder = shared_data / "hippocampus_msd" / "dicom_hcrop"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} not found")
-    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()}
-    files = dicom_series_files(folder)
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    before, files, first = _real_series(folder)
     assert "PatientBirthDate" not in first and "PatientSex" not in first  # what made highdicom fail
     out = tmp_path / "o"
     (row,) = main(["--run", str(hippocampus_run), "--input", str(folder), "--output", str(out),
@@ -197,7 +200,7 @@ def test_dicom_seg_of_the_real_mr_series(hippocampus_run, shared_data, tmp_path,
     pixels = np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2]))
     for k in (1, 2):
         np.testing.assert_array_equal(pixels[..., k - 1], (mask == k).transpose(2, 1, 0))
-    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir()} == before
+    assert _hashes(folder) == before
 
 
 def test_segment_codes_known_by_name_given_by_the_user_or_refused():
