@@ -1,7 +1,7 @@
 """Fold ensemble on one shared base vs K separate models: time and peak memory, measured side by side.
 
 * ensemble: one :class:`segadapt.inference.Predictor` -- the base plus the K fold adapters, each folded
-  into the weights in turn (``segadapt.inference.folded``), probabilities averaged.
+  into the weights in turn (``segadapt.adapters.fold.folded``), probabilities averaged.
 * switched: the same network, each adapter made active in turn with ``set_active_adapter`` and run
   unmerged (it rebuilds its weight in every forward call): what folding saves.
 * separate: K plain networks, each the base with one fold's adapter merged in
@@ -39,8 +39,9 @@ from segadapt.data import inference_transforms, make_phantom_dataset
 from segadapt.data.files import write_json
 from segadapt.errors import exits_on_user_error
 from segadapt.export import export_merged
-from segadapt.inference import Predictor, make_demo_runs
+from segadapt.inference import Predictor
 from segadapt.training.callbacks import peak_rss_mb, reset_peak_rss
+from segadapt.training.demo import make_demo_runs
 
 KINDS = ("ensemble", "switched", "separate")
 # The model scripts/train.py trains by default.

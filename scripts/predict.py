@@ -1,6 +1,6 @@
 """Segment CT scans with a run's fold adapters: ``python scripts/predict.py --run RUN_DIR ... --input PATH``.
 
-The same as ``segadapt predict --run ...``; see :mod:`segadapt.inference` (``--help`` lists the options).
+The same as ``segadapt predict --run ...``; see :mod:`segadapt.inference.cli` (``--help`` lists the options).
 """
 
 import sys

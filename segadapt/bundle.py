@@ -116,7 +116,7 @@ def network_def(model: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _image_channels(config: Mapping[str, Any], preprocess: PreprocessConfig) -> int:
-    """Image channels before windowing (as :class:`segadapt.inference.Predictor` counts them)."""
+    """Image channels before windowing (as :class:`segadapt.inference.predictor.Predictor` counts them)."""
     in_channels = int(config["module"].get("model_kwargs", {}).get("in_channels", preprocess.in_channels))
     return max(in_channels // preprocess.in_channels, 1)
 
@@ -343,7 +343,7 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
-    from segadapt.inference import recorded_postprocessing
+    from segadapt.inference.predictor import recorded_postprocessing
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")

@@ -52,11 +52,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("train on one fold (LightningCLI: --config configs/cli/fit.yaml)", ""),
     "validate": ("score a checkpoint on the fold's validation cases", ""),
     "test": ("score a checkpoint on the dataset's labelled test split", ""),
-    "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference:main"),
+    "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference.cli:main"),
     "report": ("cross-validation report of an experiment folder", "segadapt.cli:report_main"),
     "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export:main"),
     "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
-    "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.diagnose:main"),
+    "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.inference.diagnose:main"),
 }
 
 

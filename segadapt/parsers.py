@@ -13,18 +13,18 @@ from collections.abc import Callable
 
 from segadapt.errors import OneLineParser
 
-# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.diagnose.TOP_K / EPSILON
+# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.inference.diagnose.TOP_K / EPSILON
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 REFERENCE_GB = 8.0
 TOP_K, EPSILON = 10, 0.5
 SEGMENT_CODE_HELP = ("LABEL=CATEGORY/TYPE, LABEL a label value or name, CATEGORY and TYPE each a SNOMED CT keyword of "
                      "pydicom.sr.codedict (AnatomicalStructure, Brain) or SCHEME:VALUE:MEANING (SCT:12738006:Brain)")
 DIAGNOSE_SUMMARY = ("Spectral diagnostics of what a tuning did to each layer: ``segadapt diagnose RUN_DIR "
-                    "[RUN_DIR ...]``.")  # the first line of segadapt.diagnose's docstring
+                    "[RUN_DIR ...]``.")  # the first line of segadapt.inference.diagnose's docstring
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="segadapt predict",
         description="Segment CT scans with the fold adapters of a run on their shared base: masks on each "
                     "input's grid, lesion volumes in volumes.csv.",

@@ -24,8 +24,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_runs(tmp_path_factory) -> list[Path]:
-    """Three tiny cp_lora fold runs on one tiny base (segadapt.inference.make_demo_runs, a few steps each)."""
-    from segadapt.inference import make_demo_runs
+    """Three tiny cp_lora fold runs on one tiny base (segadapt.training.demo.make_demo_runs, a few steps each)."""
+    from segadapt.training.demo import make_demo_runs
 
     return make_demo_runs(tmp_path_factory.mktemp("demo"), steps=(2, 2))
 

@@ -37,8 +37,8 @@ from segadapt.data.files import save_nifti, save_safetensors, write_json
 from segadapt.data.loading import LoadCased
 from segadapt.data.readers import read_dicom_series
 from segadapt.export import main as export_main
-from segadapt.inference import CSV_FILE
-from segadapt.inference import main as predict_main
+from segadapt.inference.cli import main as predict_main
+from segadapt.inference.writers import CSV_FILE
 from segadapt.models.nnunet import read_checkpoint
 from segadapt.models.pretrained import load_pretrained
 
@@ -850,13 +850,13 @@ def test_predict_refuses_bad_input_with_exit_2_and_one_line(name, demo_runs, tmp
 def test_a_late_dicom_seg_refusal_leaves_no_mask_or_csv(demo_runs, tmp_path, write_dicom_series, monkeypatch, capsys):
     """What only the prediction can tell (its mask off the series' grid, ...) is refused before the mask and
     volumes.csv move into place: the DICOM-SEG is written first."""
-    import segadapt.inference
+    import segadapt.inference.writers
 
     def refuse(prediction, out, labels, **codes):
         assert prediction.mask.shape == (40, 40, 20)  # the series was predicted
         raise ValueError(f"the mask of {prediction.source} is not on the DICOM series' grid")
 
-    monkeypatch.setattr(segadapt.inference, "write_dicom_seg", refuse)
+    monkeypatch.setattr(segadapt.inference.writers, "write_dicom_seg", refuse)
     series = tmp_path / "series"  # a phantom scan of the demo's target as a DICOM series
     write_dicom_series(series, sitk.Cast(sitk.ReadImage(str(_demo(demo_runs)["scan"])), sitk.sitkInt16), "1.2.3.4")
     _referable()(sorted(series.iterdir()))
@@ -906,7 +906,7 @@ def replace(src, dst):
             os._exit(9)  # like kill -9: no finally, no cleanup
     real_replace(src, dst)
 os.replace = replace
-from segadapt.inference import main
+from segadapt.inference.cli import main
 main(sys.argv[1:])
 """
 
@@ -1112,7 +1112,7 @@ def test_plan_overwrite_replaces_its_own_outputs(plan_dataset, tmp_path, capsys)
 
 # ---- an unfinished run in the other commands -----------------------------------------------------
 def _diagnose_unfinished(runs: list[Path], tmp: Path) -> tuple[Path, list[str]]:
-    from segadapt.diagnose import main
+    from segadapt.inference.diagnose import main
 
     return main, [str(_unfinished(tmp, runs[0])), "--out", str(tmp / "diagnosis")]
 

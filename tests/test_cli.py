@@ -109,17 +109,17 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
     import segadapt.data.plan
-    import segadapt.diagnose
     import segadapt.export
-    import segadapt.inference
+    import segadapt.inference.cli
+    import segadapt.inference.diagnose
     from segadapt import parsers
 
     assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
     assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
-    assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
-    assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
-    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
-           "diagnose": segadapt.diagnose.main, "report": report_main}
+    assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.inference.diagnose.TOP_K, segadapt.inference.diagnose.EPSILON)
+    assert parsers.DIAGNOSE_SUMMARY == segadapt.inference.diagnose.__doc__.splitlines()[0]
+    own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+           "diagnose": segadapt.inference.diagnose.main, "report": report_main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):
             command_main(["--help"])
@@ -346,6 +346,9 @@ def test_user_errors_exit_2_with_one_line(world, tmp_path, capsys):
         ([], "the following arguments are required: COMMAND"),
         (["train"], "invalid choice: 'train'"),
         (["predict", "--run", str(world["runs"][0]), "--input", str(missing)], "input not found"),
+        (["predict", "--input", str(missing)], "segadapt predict: one of the arguments --run --adapters is required"),
+        (["predict", "--run", str(world["runs"][0]), "--input", str(missing), "--threshold", "high"],
+         "segadapt predict: argument --threshold: invalid float value: 'high'"),
         (["report", str(missing)], f"experiment folder not found: {missing}"),
         (["report", str(tmp_path / "experiment")], f"{corrupt} is not readable JSON (Expecting property name"),
         (["export", str(world["runs"][0])], "give --merged FILE, --peft FOLDER"),

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from segadapt.adapters import merge_and_unload
-from segadapt.diagnose import diagnose_run, effective_rank, intruder_dimensions, layer_stats, main
+from segadapt.inference.diagnose import diagnose_run, effective_rank, intruder_dimensions, layer_stats, main
 from segadapt.training.run import CONFIG_FILE, load_run, read_run_config
 
 

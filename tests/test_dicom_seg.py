@@ -14,7 +14,8 @@ from run_fixtures import fit_scratch_unet
 
 from segadapt.data import load_dataset_json
 from segadapt.data.readers import dicom_series_files
-from segadapt.inference import Predictor, main, predict_to_folder
+from segadapt.inference import Predictor, predict_to_folder
+from segadapt.inference.cli import main
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -109,15 +110,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 def test_dicom_seg_of_the_real_ct_series(predictor, shared_data, tmp_path, caplog):
     import logging
 
-    from segadapt.dicom_seg import write_dicom_seg
+    from segadapt.inference.dicom_seg import write_dicom_seg
 
     folder = shared_data / "ct_abdomen_totalseg" / "ct_dicom"
     before, files, first = _real_series(folder)
     assert not first.get("StudyInstanceUID") and not first.get("SeriesInstanceUID")  # anonymised: blanked
     prediction = predictor.predict(folder)
-    with caplog.at_level(logging.WARNING, logger="segadapt.dicom_seg"):
+    with caplog.at_level(logging.WARNING, logger="segadapt.inference.dicom_seg"):
         write_dicom_seg(prediction, tmp_path / "seg.dcm", predictor.label_names)
-    (message,) = [r.getMessage() for r in caplog.records if r.name == "segadapt.dicom_seg"]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "segadapt.inference.dicom_seg"]
     assert "has no SeriesInstanceUID, StudyInstanceUID (anonymised?)" in message and "highdicom.UID()" in message
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
     assert int(seg.NumberOfFrames) == len(files) == 20
@@ -204,7 +205,7 @@ def test_dicom_seg_of_the_real_mr_series(hippocampus_run, shared_data, tmp_path,
 
 
 def test_segment_codes_known_by_name_given_by_the_user_or_refused():
-    from segadapt.dicom_seg import parse_segment_code, segment_codes
+    from segadapt.inference.dicom_seg import parse_segment_code, segment_codes
 
     found = segment_codes({1: "liver", 2: "kidney_right", 3: "vessel"})
     assert [found[k][1].value for k in (1, 2, 3)] == ["10200004", "64033007", "59820001"]

@@ -1,4 +1,4 @@
-"""Calibration of predict's domain checks (segadapt.domain) on real data: every held-out scan of a shipped
+"""Calibration of predict's domain checks (segadapt.inference.domain) on real data: every held-out scan of a shipped
 dataset passes the model trained on the rest of it without a warning, and every mismatched pair in the shared
 data gets the intensity-histogram warning (another body region or kind of image)."""
 
@@ -13,8 +13,8 @@ from monai.transforms import Compose
 
 from segadapt.data import PreprocessConfig, inference_transforms, make_phantom_dataset, write_dataset_json
 from segadapt.data.plan import fingerprint
-from segadapt.domain import HISTOGRAM_DISTANCE, TrainingDomain
-from segadapt.inference import dicom_modality
+from segadapt.inference.domain import HISTOGRAM_DISTANCE, TrainingDomain
+from segadapt.inference.inputs import dicom_modality
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM = {"n": 6, "shape": (64, 64, 32), "spacing": (3.45, 3.45, 5.0)}  # configs/data/phantom_*.yaml

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from segadapt.data import make_phantom_dataset
-from segadapt.inference import DEMO_MODEL, Predictor, predict_to_folder
+from segadapt.inference import Predictor, predict_to_folder
 from segadapt.training import fit_run
+from segadapt.training.demo import DEMO_MODEL
 
 
 @pytest.fixture()

@@ -14,7 +14,8 @@ from PIL import Image
 
 from segadapt.data import write_dataset_json
 from segadapt.data.files import save_png
-from segadapt.inference import Predictor, main
+from segadapt.inference import Predictor
+from segadapt.inference.cli import main
 
 H, W = 24, 40  # not square: a transposed mask would not fit
 

@@ -15,8 +15,9 @@ from scipy.ndimage import map_coordinates
 from segadapt.data import load_dataset_json
 from segadapt.data.files import save_nifti
 from segadapt.data.plan import fingerprint
-from segadapt.domain import TrainingDomain
-from segadapt.inference import Predictor, predict_to_folder, run_domain
+from segadapt.inference import Predictor, predict_to_folder
+from segadapt.inference.domain import TrainingDomain
+from segadapt.inference.predictor import run_domain
 from segadapt.training.run import FINGERPRINT_FILE
 
 
@@ -111,10 +112,10 @@ def test_a_finer_scan_is_resampled_to_the_training_spacing_and_back(demo_runs, t
     np.testing.assert_array_equal(fine[::3, ::3, ::3], coarse)
     affine = image.affine @ np.diag([1 / 3, 1 / 3, 1 / 3, 1])
     path = save_nifti(tmp_path / "in" / "fine.nii.gz", fine, affine)
-    with caplog.at_level(logging.WARNING, logger="segadapt.inference"):
+    with caplog.at_level(logging.WARNING, logger="segadapt.inference.predictor"):
         (row,) = predict_to_folder(predictor, path, tmp_path / "out", progress=False)
     spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
-    (message,) = [r.getMessage() for r in caplog.records if r.name == "segadapt.inference"]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "segadapt.inference.predictor"]
     assert message.startswith(f"{path}: spacing") and "more than 2x off" in message
     assert row["warnings"] == message.split(": ", 1)[1]
     mask = nib.load(row["mask"])
@@ -132,7 +133,7 @@ def test_a_run_without_fingerprint_warns_once_and_checks_nothing(demo_runs, tmp_
     for f in demo_runs[0].iterdir():
         if f.is_file() and f.name != FINGERPRINT_FILE:
             (run / f.name).write_bytes(f.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="segadapt.inference"):
+    with caplog.at_level(logging.WARNING, logger="segadapt.inference.predictor"):
         assert run_domain(run) is None
     assert [r.getMessage() for r in caplog.records] == [
         f"{run} has no fingerprint.json (a run from before segadapt stored it): inputs are not checked against "
@@ -142,7 +143,7 @@ def test_a_run_without_fingerprint_warns_once_and_checks_nothing(demo_runs, tmp_
 def test_2d_images_report_their_lesion_area_in_mm2(tmp_path, capsys):
     """A tiny real 2D run (MONAI UNet, spatial_dims 2): predict gives mm^2 = pixels x |det A| (0.5 x 0.25 mm)."""
     from segadapt.data import write_dataset_json
-    from segadapt.inference import main
+    from segadapt.inference.cli import main
 
     affine = np.diag([0.5, 0.25, 1.0, 1.0])
     cases = []

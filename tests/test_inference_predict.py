@@ -19,7 +19,10 @@ from segadapt.data.files import save_nifti
 from segadapt.export import export_merged, load_merged
 from segadapt.export import main as export_main
 from segadapt import cli
-from segadapt.inference import CSV_FILE, Predictor, find_inputs, main, predict_to_folder
+from segadapt.inference import Predictor, predict_to_folder
+from segadapt.inference.cli import main
+from segadapt.inference.inputs import find_inputs
+from segadapt.inference.writers import CSV_FILE
 from segadapt.models import MultiViewUNet, preset_targets
 from segadapt.training import load_run, read_run_config
 

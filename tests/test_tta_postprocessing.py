@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from segadapt.bundle import inference_config
-from segadapt.inference import Predictor, recorded_postprocessing
+from segadapt.inference import Predictor
+from segadapt.inference.predictor import recorded_postprocessing
 from segadapt.training import SegAdaptModule, read_metrics, read_run_config
 from segadapt.training.postprocessing import choose_postprocessing, component_counts, keep_largest_component, pooled_choice
 from segadapt.training.run import module_args
@@ -176,7 +177,7 @@ def _with_record(run: Path, folder: Path, largest_component) -> Path:
 
 
 def test_predict_applies_the_recorded_choice(demo_runs, tmp_path, capsys):
-    from segadapt.inference import main
+    from segadapt.inference.cli import main
 
     scan = read_run_config(demo_runs[0])["datamodule"]["dataset_json"]
     scan = str(Path(scan).parent / "imagesTr" / sorted(p.name for p in (Path(scan).parent / "imagesTr").iterdir())[0])

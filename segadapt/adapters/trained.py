@@ -5,7 +5,7 @@ wraps each in a :class:`TrainedModule`: the base's module stays as ``original_mo
 changed), and every adapter that trains it gets its own copy in ``modules_to_save[<adapter>]``, as in
 PEFT's ``ModulesToSaveWrapper`` (same state-dict layout: ``<module>.original_module.<tensor>``,
 ``<module>.modules_to_save.<adapter>.<tensor>``). So several adapters with their own heads sit on one base
-(the fold ensembles of ``segadapt.inference``), ``active_adapter=None`` is still the base, and removing an
+(the fold ensembles of ``segadapt.inference``, :mod:`segadapt.adapters.fold`), ``active_adapter=None`` is still the base, and removing an
 adapter gives the base's module back. Parameters and buffers (BatchNorm running statistics) of the copy
 are the adapter's: saved in its file, restored by ``load_adapter``, kept by ``merge_and_unload``.
 """

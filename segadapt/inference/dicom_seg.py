@@ -36,7 +36,7 @@ from segadapt.data.readers import dicom_series_files, is_dicom_series
 from segadapt.parsers import SEGMENT_CODE_HELP
 
 if TYPE_CHECKING:
-    from segadapt.inference import Prediction
+    from .predictor import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ order, one line per run) into ``--out``.
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +31,7 @@ from torch import nn
 from segadapt.adapters import AdaptedLayer
 from segadapt.adapters.layers import SUPPORTED_LAYERS, spec_of
 from segadapt.data.files import atomic_path
+from segadapt.errors import user_errors
 from segadapt.parsers import diagnose_parser
 
 TOP_K, EPSILON = 10, 0.5
@@ -93,12 +93,14 @@ def effective_weights(net: nn.Module) -> dict[str, torch.Tensor]:
 def diagnose_run(run_dir: str | Path, top_k: int = TOP_K, epsilon: float = EPSILON) -> list[dict[str, Any]]:
     """One row per layer the run changed: run, layer, shape, relative_norm, effective_rank, intruders."""
     from segadapt.training.module import SegAdaptModule
-    from segadapt.training.run import load_run, open_run
+    from segadapt.training.run import load_run
 
     run_dir = Path(run_dir)
-    config = open_run(run_dir)
-    base = effective_weights(SegAdaptModule(**config["module"]).net)  # the adapter at its zero init: W0
-    tuned = effective_weights(load_run(run_dir)[0].net)
+    tuned, config = load_run(run_dir)  # the one builder of a run's network; it refuses an unfinished run
+    # W0: the run's network before its weights file is loaded (the adapter at its zero init), which load_run
+    # does not return
+    base = effective_weights(SegAdaptModule(**config["module"]).net)
+    tuned = effective_weights(tuned.net)
     rows = []
     for name, w in tuned.items():
         w0 = base.get(name)
@@ -156,7 +158,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = diagnose_parser()  # in segadapt.parsers: `segadapt diagnose --help` imports no torch
     args = parser.parse_args(argv)
-    try:
+    with user_errors():  # bad input: one line `error: ...`, exit code 2
         if args.top_k < 1 or not 0.0 < args.epsilon <= 1.0:
             raise ValueError(f"--top-k must be >= 1 and --epsilon in (0, 1], got {args.top_k} and {args.epsilon}")
         out = Path(args.out)
@@ -164,9 +166,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise ValueError(f"--out {out} is not a folder")
         rows = [row for run in args.run_dirs for row in diagnose_run(run, args.top_k, args.epsilon)]
         out.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(format_table(rows))
     print(f"\n{'csv':>5}: {write_csv(rows, out / 'diagnose.csv')}")
     print(f"{'plot':>5}: {plot(rows, out / 'diagnose.png', args.top_k, args.epsilon)}")
