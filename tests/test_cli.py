@@ -110,7 +110,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     import segadapt.data.config
     import segadapt.data.plan
     import segadapt.diagnose
-    import segadapt.export
+    import segadapt.export.cli
     import segadapt.inference
     from segadapt import parsers
 
@@ -118,7 +118,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
-    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+    own = {"predict": segadapt.inference.main, "export": segadapt.export.cli.main, "plan": segadapt.data.plan.main,
            "diagnose": segadapt.diagnose.main, "report": report_main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):
