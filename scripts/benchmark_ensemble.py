@@ -5,7 +5,7 @@
 * switched: the same network, each adapter made active in turn with ``set_active_adapter`` and run
   unmerged (it rebuilds its weight in every forward call): what folding saves.
 * separate: K plain networks, each the base with one fold's adapter merged in
-  (``segadapt.export.export_merged``: plain layers, the fastest one model runs), run one after the other,
+  (``segadapt.export.merged.export_merged``: plain layers, the fastest one model runs), run one after the other,
   probabilities averaged.
 
 Every measurement runs in a fresh Python process (peak RSS is per process); the kinds take turns, in a
@@ -38,7 +38,7 @@ from segadapt.adapters import set_active_adapter
 from segadapt.data import inference_transforms, make_phantom_dataset
 from segadapt.data.files import write_json
 from segadapt.errors import exits_on_user_error
-from segadapt.export import export_merged
+from segadapt.export.merged import export_merged
 from segadapt.inference import Predictor
 from segadapt.training.callbacks import peak_rss_mb, reset_peak_rss
 from segadapt.training.demo import make_demo_runs

@@ -12,7 +12,7 @@
   fold ensemble of adapters (:mod:`segadapt.inference`), masks on each scan's own grid.
 * ``segadapt report EXPERIMENT_DIR [--out DIR]`` -- the cross-validation report of a folder of runs.
 * ``segadapt export RUN_DIR --merged FILE | --peft DIR | --bundle DIR | --nnunet DIR`` -- a run's network
-  in other formats (:func:`segadapt.export.main`).
+  in other formats (:func:`segadapt.export.cli.main`).
 * ``segadapt plan DATASET_JSON [--out plan.json]`` -- dataset fingerprint and nnU-Net-style plan.
 * ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- spectral diagnostics of what a tuning changed.
 
@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("score a checkpoint on the dataset's labelled test split", ""),
     "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference.cli:main"),
     "report": ("cross-validation report of an experiment folder", "segadapt.cli:report_main"),
-    "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export:main"),
+    "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export.cli:main"),
     "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
     "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.inference.diagnose:main"),
 }

@@ -78,7 +78,7 @@ def export_parser() -> argparse.ArgumentParser:
                         help="overwrite existing output files (never the run's own files, its base or its data), and "
                              "load an adapter made on a base with the same modules but other weights (a warning)")
     parser.add_argument("--nnunet", metavar="FOLDER", help="write the merged network as an nnU-Net trained-model "
-                        "folder (model=nnunet runs; segadapt.export_nnunet.export_nnunet)")
+                        "folder (model=nnunet runs; segadapt.export.nnunet.export_nnunet)")
     return parser
 
 

@@ -263,7 +263,7 @@ def test_exports_keep_the_trained_modules(tmp_path):
 
     from safetensors.torch import load_file
 
-    from segadapt.export import export_merged, export_peft
+    from segadapt.export.merged import export_merged, export_peft
     from segadapt.adapters.fold import folded
 
     model = inject(base(), AdapterConfig(method="conv_lora", rank=2, targets=["conv"], train_modules=["norm", "head"]),

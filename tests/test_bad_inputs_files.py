@@ -36,7 +36,7 @@ from segadapt.data import CaseError, PreprocessConfig, SimpleITKReader, make_loa
 from segadapt.data.files import save_nifti, save_safetensors, write_json
 from segadapt.data.loading import LoadCased
 from segadapt.data.readers import read_dicom_series
-from segadapt.export import main as export_main
+from segadapt.export.cli import main as export_main
 from segadapt.inference.cli import main as predict_main
 from segadapt.inference.writers import CSV_FILE
 from segadapt.models.nnunet import read_checkpoint

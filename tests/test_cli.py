@@ -109,7 +109,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
     import segadapt.data.plan
-    import segadapt.export
+    import segadapt.export.cli
     import segadapt.inference.cli
     import segadapt.inference.diagnose
     from segadapt import parsers
@@ -118,7 +118,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.inference.diagnose.TOP_K, segadapt.inference.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.inference.diagnose.__doc__.splitlines()[0]
-    own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+    own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.cli.main, "plan": segadapt.data.plan.main,
            "diagnose": segadapt.inference.diagnose.main, "report": report_main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):

@@ -23,11 +23,13 @@ from monai.bundle import run as monai_run
 from torch import nn
 
 from segadapt.adapters import adapted_layers, set_active_adapter
-from segadapt.bundle import BUNDLE_FILES, INFERENCE_CONFIG, METADATA, MODEL_FILE, export_bundle, network_def, preprocessing
+from segadapt.adapters.peft import PEFT_CONFIG_FILE
 from segadapt.data import PreprocessConfig, make_phantom_dataset
 from segadapt.data.files import save_safetensors
-from segadapt.export import PEFT_BASE_FILE, PEFT_CONFIG_FILE, export_peft, load_merged, main
-from segadapt.export_common import load_run_for_export
+from segadapt.export.bundle import BUNDLE_FILES, INFERENCE_CONFIG, METADATA, MODEL_FILE, export_bundle, network_def, preprocessing
+from segadapt.export.cli import main
+from segadapt.export.common import load_run_for_export
+from segadapt.export.merged import PEFT_BASE_FILE, export_peft, load_merged
 from segadapt.inference import Predictor
 from segadapt.models import build_model
 from segadapt.training import fit_run

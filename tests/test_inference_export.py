@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from segadapt.adapters import METHODS, AdapterConfig, adapted_layers, inject
-from segadapt.export import PEFT_BASE_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_merged, export_peft, import_peft, load_merged
+from segadapt.adapters.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_peft
+from segadapt.export.merged import PEFT_BASE_FILE, export_merged, export_peft, load_merged
 from segadapt.models import MultiViewUNet
 
 peft = pytest.importorskip("peft")

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from segadapt.adapters import AdapterConfig, adapter_names, inject, save_adapter
 from segadapt.data import inference_transforms, load_dataset_json, make_loader
 from segadapt.data.files import save_nifti
-from segadapt.export import export_merged, load_merged
-from segadapt.export import main as export_main
+from segadapt.export.cli import main as export_main
+from segadapt.export.merged import export_merged, load_merged
 from segadapt import cli
 from segadapt.inference import Predictor, predict_to_folder
 from segadapt.inference.cli import main

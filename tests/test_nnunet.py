@@ -22,7 +22,7 @@ from nnunet_fixtures import PATCH, SHAPE, plans, reference_network, write_raw_da
 from segadapt.adapters import AdapterConfig, inject  # noqa: E402
 from segadapt.data import LoadCased, load_dataset_json  # noqa: E402
 from segadapt.models import build_model, load_pretrained, preset_targets  # noqa: E402
-from segadapt.export_nnunet import export_nnunet  # noqa: E402
+from segadapt.export.nnunet import export_nnunet  # noqa: E402
 from segadapt.models.nnunet import (  # noqa: E402
     network_orientation, plan_from_nnunet, read_checkpoint, read_results, transpose_for)
 from segadapt.training import SegAdaptModule  # noqa: E402
@@ -221,7 +221,7 @@ def test_adapt_save_reload_predict_and_export_back(tmp_path, world):
 def test_export_never_writes_over_the_base_folder_and_overwrites_only_with_force(tmp_path, world, capsys):
     """--nnunet into the base's own trained-model folder would replace the checkpoint the run adapts: refused,
     --force or not, nothing changed; an earlier export is replaced only with --force (19.4)."""
-    from segadapt.export import main as export_main
+    from segadapt.export.cli import main as export_main
     from segadapt.training.run import train
 
     cfg = _cfg(tmp_path, world)

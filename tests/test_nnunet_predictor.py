@@ -26,7 +26,7 @@ from nnunet_fixtures import PATCH, write_raw_dataset, write_results  # noqa: E40
 from test_nnunet import _cfg  # noqa: E402
 
 from segadapt.data.files import save_nifti  # noqa: E402
-from segadapt.export import main as export_main  # noqa: E402
+from segadapt.export.cli import main as export_main  # noqa: E402
 from segadapt.inference import Predictor  # noqa: E402
 from segadapt.training.run import load_run, train  # noqa: E402
 

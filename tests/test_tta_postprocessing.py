@@ -15,7 +15,7 @@ from monai.inferers import sliding_window_inference
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from segadapt.bundle import inference_config
+from segadapt.export.bundle import inference_config
 from segadapt.inference import Predictor
 from segadapt.inference.predictor import recorded_postprocessing
 from segadapt.training import SegAdaptModule, read_metrics, read_run_config
@@ -226,7 +226,7 @@ def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp
     ``segadapt predict`` write the same masks, the largest component of the raw mask."""
     from monai.bundle import run as monai_run
 
-    from segadapt.bundle import export_bundle
+    from segadapt.export.bundle import export_bundle
     from segadapt.data import PreprocessConfig, make_phantom_dataset
     from segadapt.data.files import save_safetensors
     from segadapt.models import build_model

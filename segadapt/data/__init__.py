@@ -18,7 +18,7 @@ Public API (everything below is importable from ``segadapt.data``)::
     check_case(data, label_values, channels, spatial_dims, affine_tolerance)
     CaseError(ValueError)               # a case that cannot be used; names the case and file
 
-    # preprocessing (config.py, transforms.py)
+    # preprocessing (config.py; pipelines.py: the one preprocessing spec; transforms.py: array/dict pairs)
     SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}   # view -> RAS array axis normal to it
     AXIS_VIEWS = {0: "sagittal", 1: "coronal", 2: "axial"}   # the inverse (RandSliced's 'view' -> name)
     PreprocessConfig(intensity, windows, target_spacing, orientation, spatial_dims, crop_foreground,
@@ -31,7 +31,9 @@ Public API (everything below is importable from ``segadapt.data``)::
     val_transforms(cfg, label_values=None, channels=1) -> Compose           # whole volume + label
     inference_transforms(cfg, channels=1) -> Compose                        # whole volume, image only
     invert_transform(pipeline, keys="pred", nearest=False) -> Invertd       # back to the input grid
-    CTWindowd(keys, windows), CTZScored(keys, clip_range, mean, std), ZScored(keys, background), RandSliced(...)
+    preprocessing_spec(cfg, keys, label_values, channels, checked=True) -> [{"_target_": ..., **args}]  # MONAI config
+    CTWindow(windows), CTZScore(clip_range, mean, std), ZScore(background)  # array transforms; +d: dict (keys, ...)
+    RandSliced(...)
 
     # fingerprint and plan (plan.py; also `segadapt plan DATASET_JSON`), nnU-Net's rules
     fingerprint(dataset_json, out=None, orientation="RAS") -> dict   # spacings, shapes, intensities, volumes
@@ -83,24 +85,24 @@ from .phantom import make_case, make_phantom_dataset
 from .plan import Plan, fingerprint, load_or_make_plan, make_plan
 from .readers import SimpleITKReader, make_loader
 from .splits import Splits, fold_cases, inner_split, lesion_volume_ml, load_or_create_splits, make_splits, subset_cases
-from .transforms import (
-    CTWindowd,
-    CTZScored,
-    RandSliced,
+from .pipelines import (
     inference_transforms,
     invert_transform,
     patch_train_transforms,
+    preprocessing_spec,
     slice_train_transforms,
-    ZScored,
     val_transforms,
 )
+from .transforms import CTWindow, CTWindowd, CTZScore, CTZScored, RandSliced, ZScore, ZScored
 
 __all__ = [
     "AXIS_VIEWS",
     "CACHE_MODES",
     "INTENSITY_MODES",
     "SLICE_AXES",
+    "CTWindow",
     "CTWindowd",
+    "CTZScore",
     "CTZScored",
     "CaseEntry",
     "CaseError",
@@ -112,6 +114,7 @@ __all__ = [
     "RandSliced",
     "SimpleITKReader",
     "Splits",
+    "ZScore",
     "ZScored",
     "build_dataset",
     "build_test_set",
@@ -136,6 +139,7 @@ __all__ = [
     "make_splits",
     "pair_cases_by_name",
     "patch_train_transforms",
+    "preprocessing_spec",
     "remap_label_file",
     "slice_train_transforms",
     "subset_cases",

@@ -58,7 +58,7 @@ def _canonical(value: object) -> object:
 
 @dataclass
 class PreprocessConfig:
-    """How volumes become network inputs (see :mod:`segadapt.data.transforms`).
+    """How volumes become network inputs (see :mod:`segadapt.data.pipelines`).
 
     Deterministic (cached) part: orient -> resample -> crop to foreground -> intensity.
     Random (per-epoch) part: 3D patches or 2D slices, then augmentation.

@@ -30,7 +30,7 @@ from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, load_test_cases
 from .loading import LoadCased
 from .splits import fold_cases, inner_split, load_or_create_splits, save_splits, subset_cases
-from .transforms import patch_train_transforms, slice_train_transforms, val_transforms
+from .pipelines import patch_train_transforms, slice_train_transforms, val_transforms
 
 SAMPLINGS = ("patch", "slice")
 

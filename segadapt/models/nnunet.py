@@ -16,7 +16,7 @@ nnU-Net's ``get_network_from_plans`` does; the checkpoint is read with ``torch.l
 (numpy scalars in its ``logging`` allowlisted, see :data:`segadapt.models.pretrained.NUMPY_SCALAR_GLOBALS`).
 :func:`plan_from_nnunet` turns the plans into segadapt's :class:`~segadapt.data.plan.Plan`, so the one
 planning path sets the preprocessing the network was trained with. :func:`write_checkpoint` writes a
-checkpoint nnU-Net's predictor loads (:func:`segadapt.export_nnunet.export_nnunet` writes a run as a
+checkpoint nnU-Net's predictor loads (:func:`segadapt.export.nnunet.export_nnunet` writes a run as a
 trained-model folder).
 
 Axes: nnU-Net reads an image as SimpleITK does (array axes = the file's voxel axes reversed) and then

@@ -992,20 +992,21 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[SegAdaptModule, dict[str, Any]]:
+def load_run(run_dir: str | os.PathLike, strict: bool = True) -> tuple[SegAdaptModule, dict[str, Any]]:
     """(tuned module in eval mode, run config) rebuilt from a finished run folder's files only (:func:`open_run`).
 
     The module is built from ``config.yaml`` (base checkpoint loaded, the adapter injected at its
     zero-update initialisation), then the run's ``adapter.safetensors`` or ``model.safetensors`` is
     loaded into it. ``PreprocessConfig.from_dict(config['datamodule']['preprocess'])`` is the
-    preprocessing, ``module.predict_probabilities(image)`` the whole-volume prediction.
+    preprocessing, ``module.predict_probabilities(image)`` the whole-volume prediction. `strict` goes to
+    ``load_adapter`` (False: an adapter made on a base with the same modules but other weights loads with a warning).
     """
     run_dir = Path(run_dir)
     config = open_run(run_dir)
     module = SegAdaptModule(**config["module"])
     adapter_file, weights_file = run_dir / ADAPTER_FILE, run_dir / WEIGHTS_FILE
     if adapter_file.is_file():
-        load_adapter(module.net, adapter_file)
+        load_adapter(module.net, adapter_file, strict=strict)
     elif weights_file.is_file():
         load_pretrained(module.net, weights_file)
     elif module.tuning != "none":

@@ -14,7 +14,7 @@ from typing import Any
 
 from segadapt.adapters import merge_and_unload
 from segadapt.data.files import write_json
-from segadapt.export_common import check_targets
+from segadapt.export.common import check_targets
 from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, plan_from_nnunet,
                                     read_results, write_checkpoint)
 from segadapt.training.run import load_run

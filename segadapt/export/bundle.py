@@ -17,12 +17,12 @@ Networks: every run with an adapter (merged) or tuned in full (``full`` / ``deco
 its ``model.safetensors``). ``dynunet`` and ``unet3d`` are plain MONAI classes (``DynUNet``, ``UNet``) with
 their keyword arguments; segadapt's own networks (``multiview_unet``, ``vit_seg``, ``sam``) are built by
 ``segadapt.models.build_model`` (the multi-view UNet predicts with its own fused volume prediction);
-``nnunet`` runs are refused (``segadapt export --nnunet``). The preprocessing is segadapt's
-(:func:`segadapt.data.transforms.deterministic_transforms` of the run's ``datamodule.preprocess``) written as
-MONAI transforms -- orientation, spacing, the foreground crop and the intensity step -- with segadapt's
-transform classes only where MONAI has none (several CT windows stacked as channels, several clipped z-score
-channels, a z-score that leaves a background value out); a bundle that names segadapt (those, or its network
-classes) needs segadapt installed (listed in the metadata). The bundle runs its cases in a plain loop
+``nnunet`` runs are refused (``segadapt export --nnunet``). The preprocessing is the run's preprocessing spec
+(:func:`segadapt.data.pipelines.preprocessing_spec` of its ``datamodule.preprocess``, the entries training and
+``segadapt predict`` instantiate) -- orientation, spacing, the foreground crop and the intensity step -- which
+names segadapt's transform classes only where MONAI has none (several CT windows stacked as channels, several
+clipped z-score channels, a z-score that leaves a background value out); a bundle that names segadapt (those, or
+its network classes) needs segadapt installed (listed in the metadata). The bundle runs its cases in a plain loop
 (``run``), not MONAI's ``SupervisedEvaluator``, so it needs no pytorch-ignite.
 
 The run's postprocessing choice (metrics.json ``postprocessing``: the largest connected component of a class)
@@ -49,9 +49,9 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 import segadapt
-from segadapt.data import PreprocessConfig
+from segadapt.data import PreprocessConfig, preprocessing_spec
 from segadapt.data.files import atomic_path, check_output_folder, write_json
-from segadapt.export_common import check_targets, load_run_for_export
+from segadapt.export.common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training.run import FINGERPRINT_FILE, open_run
 from segadapt.training.postprocessing import chosen_classes
@@ -121,63 +121,12 @@ def _image_channels(config: Mapping[str, Any], preprocess: PreprocessConfig) -> 
     return max(in_channels // preprocess.in_channels, 1)
 
 
-def _select_fn(cfg: PreprocessConfig, channels: int) -> Any:
-    """The foreground crop's ``select_fn`` (segadapt.data.transforms._crop_select) as a config value."""
-    if cfg.intensity in ("ct", "ct_zscore"):
-        return f"$lambda x: x > {float(cfg.foreground_threshold)!r}"
-    if cfg.intensity == "zscore":
-        background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
-        if all(b is None for b in background):
-            return None
-        return {"_target_": "segadapt.data.transforms._DiffersFrom", "background": background}
-    return "$lambda x: x > 0.0"
-
-
-def _intensity(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
-    """segadapt.data.transforms._intensity as a config entry: MONAI's transform where one computes the same
-    (one CT window or one clipped z-score channel: ``ScaleIntensityRanged``, which segadapt's classes apply per
-    window / channel; a z-score without background: ``NormalizeIntensityd``), segadapt's class where MONAI has
-    none (several windows stacked as channels, several channels, a background value to leave out)."""
-    if cfg.intensity == "ct" and len(cfg.windows) == 1:
-        (level, width), = cfg.windows
-        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": level - width / 2,
-                "a_max": level + width / 2, "b_min": 0.0, "b_max": 1.0, "clip": True}
-    if cfg.intensity == "ct":
-        return {"_target_": "segadapt.data.transforms.CTWindowd", "keys": "image", "windows": cfg.windows}
-    if cfg.intensity == "ct_zscore" and channels == 1:
-        (low, high), mean, std = cfg.clip_range[0], cfg.norm_mean[0], cfg.norm_std[0]
-        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
-                "b_min": (low - mean) / std, "b_max": (high - mean) / std, "clip": True}
-    if cfg.intensity == "ct_zscore":
-        return {"_target_": "segadapt.data.transforms.CTZScored", "keys": "image", "clip_range": cfg.clip_range,
-                "mean": cfg.norm_mean, "std": cfg.norm_std}
-    background = list(cfg.background_value) if cfg.background_value is not None else [None] * channels
-    if cfg.intensity == "zscore" and any(b is not None for b in background):
-        return {"_target_": "segadapt.data.transforms.ZScored", "keys": "image", "background": background}
-    if cfg.intensity in ("zscore", "mri"):
-        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": cfg.intensity == "mri", "channel_wise": True}
-    return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0, "b_min": 0.0, "b_max": 1.0}
-
-
 def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
-    """The inference pipeline of the run (segadapt.data.inference_transforms) as the bundle's ``preprocessing``.
-
-    The checks segadapt adds (LoadCased's header and shape checks, RequireForegroundd) are left out.
-    """
-    steps: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "ensure_channel_first": True,
-         "image_only": True, "dtype": "$numpy.float32"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": cfg.orientation, "labels": None},
-    ]
-    if cfg.target_spacing is not None:
-        steps.append({"_target_": "Spacingd", "keys": "image", "pixdim": cfg.target_spacing, "mode": "bilinear"})
-    select = _select_fn(cfg, channels) if cfg.crop_foreground else None
-    if select is not None:
-        steps.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "select_fn": select,
-                      "allow_smaller": True, "start_coord_key": None, "end_coord_key": None})
-    steps.append(_intensity(cfg, channels))
-    steps.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32", "track_meta": True})
-    return {"_target_": "Compose", "transforms": steps}
+    """The run's inference preprocessing as the bundle's ``preprocessing``: the one preprocessing spec of
+    training and ``segadapt predict`` (:func:`segadapt.data.pipelines.preprocessing_spec`), read by MONAI's
+    ``LoadImaged`` and without segadapt's case checks (``LoadCased``'s header and shape checks,
+    ``RequireForegroundd``)."""
+    return {"_target_": "Compose", "transforms": preprocessing_spec(cfg, ("image",), None, channels, checked=False)}
 
 
 def _inferer(module: Mapping[str, Any], cfg: PreprocessConfig) -> Any:

@@ -1,25 +1,13 @@
-"""Export adapted networks: a merged plain model, and LoRA/DoRA adapters in PEFT's on-disk format.
+"""segadapt adapters <-> PEFT's LoRA/DoRA format (``peft.PeftModel.save_pretrained``'s files).
 
-Merged model (:func:`export_merged`): the adapter folded into the base weights
-(``segadapt.adapters.merge_and_unload``), saved as the plain network's state dict (safetensors; the
-metadata names the architecture). It loads into the bare architecture with plain ``load_state_dict``,
-no adapter code involved::
-
-    net = MultiViewUNet(**model_kwargs)
-    net.load_state_dict(safetensors.torch.load_file("merged.safetensors"))
-    net = load_merged("merged.safetensors")       # the same, architecture rebuilt from the metadata
-
-PEFT format (:func:`export_peft`, :func:`import_peft`): ``adapter_config.json`` +
-``adapter_model.safetensors`` as ``peft.PeftModel.save_pretrained`` writes them, for the methods PEFT has
--- ``lora`` / ``conv_lora`` as LoRA, ``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and
-``nn.Conv1d/2d/3d``. Layers PEFT cannot hold (transposed convolutions: PEFT has no LoRA for them; dilated
-convolutions: its conv LoRA ignores dilation; Conv3d with a 1 x 1 x k kernel, e.g. the 1x1x1 heads: PEFT's
-``merge_and_unload`` fails on them) are merged into the exported base ``base_model.safetensors`` (one warning
-lists them), so that a default preset (which includes the UNets' ConvTranspose layers) exports.
-Load with ``peft.PeftModel.from_pretrained(load_merged(folder / "base_model.safetensors"), folder)``; the
-network :func:`load_merged` returns drops DynUNet's second module names (``skip_layers``) from the missing keys,
-so PEFT loads it without warnings. Tensor
-layouts (key prefix ``base_model.model.<module>.``):
+:func:`to_peft` converts an adapter into PEFT's tensors and ``adapter_config.json`` values, with the plain
+network they go on (:func:`peft_base`); :func:`segadapt.export.merged.export_peft` writes them. :func:`import_peft`
+reads a PEFT adapter folder into a segadapt adapter. The methods PEFT has -- ``lora`` / ``conv_lora`` as LoRA,
+``conv_dora`` as DoRA (``use_dora``) -- on ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Layers PEFT cannot hold
+(transposed convolutions: PEFT has no LoRA for them; dilated convolutions: its conv LoRA ignores dilation;
+Conv3d with a 1 x 1 x k kernel, e.g. the 1x1x1 heads: PEFT's ``merge_and_unload`` fails on them) are merged
+into the base instead, so that a default preset (which includes the UNets' ConvTranspose layers) converts.
+Tensor layouts (key prefix ``base_model.model.<module>.``):
 
 ==================  =====================  ==========================================
 segadapt            shape                  PEFT key, shape
@@ -31,15 +19,6 @@ DoRA ``magnitude``  (Cout,)                ``lora_magnitude_vector`` (1, Cout, 1
 
 Scaling: PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) per module equals segadapt's ``alpha / r``;
 per-module ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by the escaped module name.
-
-MONAI bundle: :func:`segadapt.bundle.export_bundle`.
-
-Command line: ``segadapt export RUN_DIR [--merged FILE] [--peft FOLDER] [--bundle FOLDER] [--nnunet FOLDER] [--force]``
-(or ``python -m segadapt.export``); outputs that are folders / files / not writable, an output file that exists
-(without ``--force``), one that is a file of the run or one it reads (:func:`segadapt.export_common.run_files`:
-config.yaml, the weights, plan, fingerprint, the base checkpoint, dataset.json; ``--force`` or not), and a broken
-``config.yaml``, exit 2 with one line before any work. A full / decoder / scratch run exports its
-``model.safetensors`` network. nnU-Net trained-model folder: :func:`segadapt.export_nnunet.export_nnunet`.
 """
 
 from __future__ import annotations
@@ -48,43 +27,29 @@ import copy
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, adapter_names, inject, merge_and_unload,
-                               remove_adapter, set_active_adapter)
-from segadapt.adapters.dora import DoRA
-from segadapt.adapters.io import trained_copies
-from segadapt.bundle import BUNDLE_FILES, export_bundle, inference_config
-from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
-from segadapt.export_common import check_targets, load_run_for_export, read_export_config
-from segadapt.export_nnunet import export_nnunet, nnunet_targets
-from segadapt.models import build_model
-from segadapt.parsers import export_parser
+from .config import AdapterConfig
+from .dora import DoRA
+from .io import trained_copies
+from .model import active_adapter, adapted_layers, adapter_names, inject, merge_and_unload, remove_adapter, set_active_adapter
 
-MERGED_FORMAT = "segadapt-merged"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_BASE_FILE = "base_model.safetensors"
 PEFT_METHODS = {"lora": False, "conv_lora": False, "conv_dora": True}  # method -> use_dora
 PEFT_PREFIX = "base_model.model."
 PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<tensor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PEFT_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_BASE_FILE)
 
 
-def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
-    return save_safetensors(path, {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata)  # clone: DynUNet shares modules
-
-
-def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
+def adapter_to_export(model: nn.Module, adapter: Optional[str]) -> str:
     """`adapter`, else the active adapter, else the only one."""
     names = adapter_names(model)
     name = adapter or active_adapter(model) or (names[0] if len(names) == 1 else None)
@@ -96,42 +61,7 @@ def _adapter_name(model: nn.Module, adapter: Optional[str]) -> str:
     return name
 
 
-# ---- merged plain model -------------------------------------------------------------------------
-def export_merged(model: nn.Module, path: str | os.PathLike, adapter: Optional[str] = None,
-                  architecture: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write `model` with `adapter` (default: the active or only one) merged in, as a plain state dict (atomically).
-
-    The model itself is left untouched (a copy is merged). `architecture` ({'model': name,
-    'model_kwargs': {...}} of :func:`segadapt.models.build_model`) goes into the metadata, for
-    :func:`load_merged`.
-    """
-    plain = copy.deepcopy(model)
-    if adapter is not None or adapter_names(model):  # else a full / decoder / scratch run's plain network
-        set_active_adapter(plain, _adapter_name(model, adapter))
-        merge_and_unload(plain)
-    metadata = {"format": MERGED_FORMAT}
-    if architecture is not None:
-        metadata["architecture"] = json.dumps({"model": architecture["model"],
-                                               "model_kwargs": dict(architecture.get("model_kwargs") or {})})
-    return _save_safetensors(plain.state_dict(), Path(path), metadata)
-
-
-def load_merged(path: str | os.PathLike) -> nn.Module:
-    """The network of a merged export, rebuilt from its metadata and loaded strictly (eval mode)."""
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != MERGED_FORMAT or "architecture" not in metadata:
-        raise ValueError(f"{path} is not a merged segadapt export with its architecture in the metadata")
-    architecture = json.loads(metadata["architecture"])
-    net = build_model(architecture["model"], **architecture["model_kwargs"])
-    net.load_state_dict(load_file(str(path)))
-    net.register_load_state_dict_post_hook(_drop_alias_keys)  # a PEFT adapter on it loads without alias warnings
-    return net.eval()
-
-
-# ---- PEFT on-disk format ------------------------------------------------------------------------
-def _peft_unsupported(base: nn.Module) -> Optional[str]:
+def peft_unsupported(base: nn.Module) -> Optional[str]:
     """Why PEFT's LoRA cannot hold this layer (None: it can)."""
     if not isinstance(base, PEFT_LAYERS):
         return (f"a {type(base).__name__}: PEFT's LoRA supports "
@@ -145,7 +75,7 @@ def _peft_unsupported(base: nn.Module) -> Optional[str]:
     return None
 
 
-def _drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
+def drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
     """``load_state_dict`` post hook: a missing key that names, under a second name of a shared module
     (DynUNet holds its blocks twice, as ``skip_layers``), a tensor that was loaded under another name is not
     missing. PEFT maps checkpoint keys through first names only, so without this every PEFT adapter on a
@@ -168,7 +98,7 @@ def _drop_alias_keys(module: nn.Module, incompatible: Any) -> None:
 
 def _peft_layout(base: nn.Module, name: str) -> tuple[int, ...]:
     """Trailing singleton dims of PEFT's lora_B / magnitude for this layer; rejects what PEFT cannot run."""
-    reason = _peft_unsupported(base)
+    reason = peft_unsupported(base)
     if reason is not None:
         raise ValueError(f"module '{name}' is {reason}")
     return () if isinstance(base, nn.Linear) else (1,) * (base.weight.dim() - 2)
@@ -204,33 +134,34 @@ def peft_base(model: nn.Module, adapter: str, merged: Sequence[str]) -> nn.Modul
     return base.eval()
 
 
-def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[str] = None,
-                architecture: Optional[Mapping[str, Any]] = None, source: Optional[str] = None) -> Path:
-    """Write `adapter` (default: the active or only one) as a PEFT LoRA/DoRA adapter folder, with the base it
-    goes on; returns the folder.
+@dataclass
+class PeftAdapter:
+    """A segadapt adapter in PEFT's form: ``adapter_model.safetensors``'s tensors, ``adapter_config.json``'s
+    values (``base_model_name_or_path`` for the writer to fill in), the plain network it goes on, and the
+    adapted layers PEFT cannot hold ({module: why}), which that network has merged in."""
 
-    The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files) and
-    ``base_model.safetensors``: the plain network's state dict (:func:`peft_base`; a merged export, so
-    :func:`load_merged` rebuilds it when `architecture` is given). Adapted layers PEFT cannot hold
-    (transposed convolutions, dilated convolutions) are merged into that base and named in one warning; the
-    others are PEFT LoRA/DoRA layers. ``base_model_name_or_path`` is that base file; `source` (the run's
-    base checkpoint) goes into its metadata. Usage::
+    name: str
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    base: nn.Module
+    merged: dict[str, str]
 
-        base = load_merged(folder / "base_model.safetensors")
-        net = peft.PeftModel.from_pretrained(base, folder)
+
+def to_peft(model: nn.Module, adapter: Optional[str] = None) -> PeftAdapter:
+    """`adapter` of `model` (default: the active or only one) in PEFT's LoRA/DoRA form (the model is untouched).
 
     Raises:
         ValueError: the method has no PEFT form (e.g. ``lora_c``, ``cp_lora``), or no adapted layer is one PEFT
             can hold.
     """
-    name = _adapter_name(model, adapter)
+    name = adapter_to_export(model, adapter)
     layers = [(n, layer) for n, layer in adapted_layers(model) if name in layer.adapters]
     config = layers[0][1].adapters[name].config
     if config.method not in PEFT_METHODS:
         raise ValueError(f"method {config.method!r} has no PEFT form; PEFT export supports "
                          f"{', '.join(PEFT_METHODS)} (lora/conv_lora as LoRA, conv_dora as DoRA); "
                          "use the merged export instead")
-    merged = {n: reason for n, layer in layers if (reason := _peft_unsupported(layer.base_layer)) is not None}
+    merged = {n: reason for n, layer in layers if (reason := peft_unsupported(layer.base_layer)) is not None}
     layers = [(n, layer) for n, layer in layers if n not in merged]
     if not layers:
         raise ValueError(f"no adapted layer of adapter {name!r} is one PEFT's LoRA can hold "
@@ -255,12 +186,10 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
     trained = trained_copies(model, name)  # modules trained in full: PEFT's modules_to_save, same key layout
     for module, copy_ in trained.items():
         tensors.update({f"{PEFT_PREFIX}{module}.{key}": value for key, value in copy_.state_dict().items()})
-    folder = Path(folder)
-    base_file = folder / PEFT_BASE_FILE
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": str(base_file.resolve()),
+        "base_model_name_or_path": None,
         "inference_mode": True,
         "r": config.rank,
         "lora_alpha": _alpha(config, config.rank),
@@ -275,19 +204,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike, adapter: Optional[s
         "init_lora_weights": True,
         "modules_to_save": list(trained) or None,
     }
-    metadata = {"format": MERGED_FORMAT, "merged_modules": json.dumps(sorted(merged))}
-    if architecture is not None:
-        metadata["architecture"] = json.dumps({"model": architecture["model"],
-                                               "model_kwargs": dict(architecture.get("model_kwargs") or {})})
-    if source is not None:
-        metadata["source_checkpoint"] = str(source)
-    _save_safetensors(peft_base(model, name, sorted(merged)).state_dict(), base_file, metadata)
-    _save_safetensors(tensors, folder / PEFT_WEIGHTS_FILE, {"format": "pt"})
-    write_json(folder / PEFT_CONFIG_FILE, peft_config)
-    if merged:
-        warnings.warn(f"{len(merged)} adapted layer(s) PEFT cannot hold are merged into {base_file} instead of "
-                      f"being PEFT layers: {', '.join(sorted(merged))}", stacklevel=2)
-    return folder
+    return PeftAdapter(name, tensors, peft_config, peft_base(model, name, sorted(merged)), merged)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -361,40 +278,3 @@ def import_peft(model: nn.Module, folder: str | os.PathLike, name: str = "defaul
                                      f"{None if given is None else list(given.shape)} for {list(ours.shape)}")
                 ours.copy_(given.reshape(ours.shape))
     return model
-
-
-# ---- command line -------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = export_parser()  # in segadapt.parsers: `segadapt export --help` imports no torch
-    args = parser.parse_args(argv)
-    if not (args.merged or args.peft or args.bundle or args.nnunet):
-        parser.error("give --merged FILE, --peft FOLDER, --bundle FOLDER and/or --nnunet FOLDER")
-    try:  # every output is checked before any work, so a bad one leaves nothing half done
-        config = read_export_config(args.run_dir)
-        targets = [check_output_file(args.merged, "--merged file")] if args.merged else []
-        if args.peft:
-            targets += [check_output_folder(args.peft, "--peft folder") / f for f in PEFT_FILES]
-        if args.bundle:
-            targets += [check_output_folder(args.bundle, "--bundle folder") / f for f in BUNDLE_FILES]
-            inference_config(config)  # no roi_size, a network the bundle cannot build: refused here
-        if args.nnunet:
-            targets += nnunet_targets(config, check_output_folder(args.nnunet, "--nnunet folder"))
-        check_targets(args.run_dir, config, targets, force=args.force)
-        if args.peft or args.merged:
-            net, config = load_run_for_export(args.run_dir, strict=not args.force)
-        if args.peft:  # first: its checks (method, layer types) all come before it writes
-            folder = export_peft(net, args.peft, architecture=config["module"],
-                                 source=config["module"].get("base_checkpoint"))
-            print(f"PEFT adapter: {folder}")
-        if args.merged:
-            print(f"merged model: {export_merged(net, args.merged, architecture=config['module'])}")
-        if args.bundle:
-            print(f"MONAI bundle: {export_bundle(args.run_dir, args.bundle, strict=not args.force, force=args.force)}")
-        if args.nnunet:
-            print(f"nnU-Net trained-model folder: {export_nnunet(args.run_dir, args.nnunet, overwrite=args.force)}")
-    except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"segadapt export: error: {error}\n")
-
-
-if __name__ == "__main__":
-    main()
