@@ -379,7 +379,7 @@ def _difference(stored: Any, new: Any) -> str:
 @exits_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """``segadapt auto [OVERRIDE ...] --trials N``: see the module docstring."""
-    args = auto_parser().parse_args(argv)
+    args = auto_parser().parse_intermixed_args(argv)  # options and KEY=VALUE in any order
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = [o[len("auto."):] for o in args.overrides if o.startswith("auto.")]
     search = Search(args.config_dir, [o for o in args.overrides if not o.startswith("auto.")], space, args.space,

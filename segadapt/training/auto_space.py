@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def apply_choice(cfg: Mapping[str, Any], choice: Mapping[str, Any], space: Mappi
         if placement.get("train"):
             names = module_names(placement["train"])
             adapter["spec"]["train_modules"] = names
-            adapter["spec"]["exclude"] = names
+            adapter["spec"]["exclude"] = "|".join(re.escape(n) + r"(?:\..*)?" for n in names)  # and what is inside
     return cfg
 
 
