@@ -215,3 +215,19 @@ def test_bad_input_is_one_line_and_writes_nothing(searched, capsys, name, argv, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_trial_folders_without_their_study_are_refused(searched, capsys):
+    root = searched["root"]
+    study = root / "runs/phantom_sah/auto/study.sqlite"
+    study.rename(study.with_suffix(".aside"))
+    try:
+        before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+        with pytest.raises(SystemExit) as exit_:
+            auto_main(_argv(root, "--trials", "3", "--folds", "0,1"))
+        assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    finally:
+        study.with_suffix(".aside").rename(study)
+    assert exit_.value.code == 2
+    assert re.fullmatch(r"error: .*auto/fold0/trial000: trial folders of a search whose study \(.*study\.sqlite\) is "
+                        r"gone; delete .*auto to start anew", capsys.readouterr().err.strip())

@@ -128,6 +128,7 @@ class Search:
         self._net = self._network()
         check_placements(self.space, list(target_presets(self._net)), cfg["model"]["name"])
         self._methods: dict[str, dict] = {}
+        self.command = ["segadapt", "auto", *sys.argv[2:]]  # main() sets the argv it was given
         self.studies: dict[int, optuna.Study] = {}
 
     # ---- configurations ---------------------------------------------------------------------------
@@ -219,6 +220,10 @@ class Search:
 
     def run(self) -> dict[str, Any]:
         """Search every fold, train and score each choice; returns the record written as ``auto.json``."""
+        orphans = [] if (self.auto_dir / STUDY_FILE).is_file() else sorted(self.auto_dir.glob("fold*/trial[0-9]*"))
+        if orphans:
+            raise FileExistsError(f"{orphans[0]}: trial folders of a search whose study ({self.auto_dir / STUDY_FILE}) "
+                                  f"is gone; delete {self.auto_dir} to start anew")
         self.auto_dir.mkdir(parents=True, exist_ok=True)
         with run_folder_lock(self.auto_dir):  # one search per experiment at a time
             self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.auto_dir / STUDY_FILE}")
@@ -304,7 +309,7 @@ class Search:
                           "outer": final if "dice" in final else None, "trials": trials})
         outer = [f["outer"]["dice"] for f in folds if f["outer"]]
         return {
-            "format": "segadapt-auto/1", "experiment": self.cfg["experiment"], "command": sys.argv,
+            "format": "segadapt-auto/1", "experiment": self.cfg["experiment"], "command": self.command,
             "settings": self.settings(), "budget": {"trials": self.trials, "timeout_s": self.timeout},
             "storage": str(self.auto_dir / STUDY_FILE), "folds": folds,
             "summary": {"outer_dice_mean": sum(outer) / len(outer) if outer else None,
@@ -384,6 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     space = [o[len("auto."):] for o in args.overrides if o.startswith("auto.")]
     search = Search(args.config_dir, [o for o in args.overrides if not o.startswith("auto.")], space, args.space,
                     args.trials, args.timeout, args.folds)
+    search.command = ["segadapt", "auto", *(sys.argv[2:] if argv is None else argv)]
     record = search.run()
     summary = record["summary"]
     rate = summary["trials_per_hour"]
