@@ -202,6 +202,7 @@ AUTO_CASES = [
     ("unknown preset", ["--trials", "2", "auto.placements={x: {preset: nowhere}}"],
      r"auto\.placements\.x\.preset: multiview_unet has no preset 'nowhere'"),
     ("unknown run setting", ["--trials", "2", "no_such_key=1"], r"Could not override 'no_such_key'"),
+    ("run setting of wrong type", ["--trials", "2", "trainer.max_steps=x"], r"trainer\.max_steps='x': expected an integer"),
 ]
 
 

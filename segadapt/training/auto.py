@@ -49,7 +49,7 @@ from .callbacks import standard_error
 from .datamodule import SegDataModule
 from .module import SegAdaptModule
 from .planning import apply_plan, run_plan
-from .run import (METRICS_FILE, configure_threads, ensure_base, module_args, prepare_dataset, read_metrics,
+from .run import (METRICS_FILE, check_config_types, configure_threads, ensure_base, module_args, prepare_dataset, read_metrics,
                   run_folder_lock, train)
 
 AUTO_FILE = "auto.json"
@@ -112,6 +112,9 @@ class Search:
                              "itself (--folds; auto.methods=[...])")
         self.overrides = list(overrides)
         cfg = compose(self.config_dir, self.overrides)
+        groups = {p.name for p in self.config_dir.iterdir() if p.is_dir()}
+        choices = [o for o in self.overrides if o.lstrip("+~").split("=")[0].split("@")[0] in groups]
+        check_config_types(cfg, compose(self.config_dir, choices))  # as scripts/train.py checks its overrides
         n_folds = int(cfg["data"]["n_folds"])
         self.folds = list(range(n_folds)) if folds is None else [int(f) for f in folds]
         bad = [f for f in self.folds if not 0 <= f < n_folds]
