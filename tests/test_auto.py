@@ -104,8 +104,9 @@ def test_record_and_choice(searched):
             assert set(trial["cases"]["inner"]).isdisjoint(outer[fold])
             assert trial["cases"]["inner"] == fold_record["cases"]["inner"]
             assert trial["curve"] == [{"step": c["step"], "dice": c["dice"]} for c in metrics["selection"]["curve"]]
+            assert trial["inner_dice"] == metrics["val"]["dice"]
+            assert trial["value"] == (metrics["val"]["dice"] if trial["state"] == "COMPLETE" else None)
             if trial["state"] == "COMPLETE":
-                assert trial["value"] == metrics["val"]["dice"]
                 assert trial["se"] == pytest.approx(metrics["val"]["dice_sd"] / math.sqrt(metrics["val"]["n_cases"])
                                                     if metrics["val"]["n_cases"] > 1 else 0.0)
                 assert trial["trainable_params"] == metrics["cost"]["trainable_params"]

@@ -283,6 +283,7 @@ class Search:
         finally:
             trial.set_user_attr("time_s", time.perf_counter() - started)
         val, selection = result["val"], result.get("selection") or {}
+        trial.set_user_attr("inner_dice", val["dice"])  # a pruned trial's too (Optuna's value is its last report)
         trial.set_user_attr("se", standard_error(val["dice_sd"], val["n_cases"]))
         trial.set_user_attr("trainable_params", int(result["cost"]["trainable_params"]))
         trial.set_user_attr("train_steps_s", (result.get("timing") or {}).get("train_steps_s"))
@@ -329,7 +330,8 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     if trial.state in (TrialState.FAIL, TrialState.RUNNING) and "error" not in attrs:
         state = "INTERRUPTED"
     return {"number": trial.number, "state": state, "params": trial.params, "choice": attrs.get("choice"),
-            "value": trial.value, "se": attrs.get("se"), "adapter": attrs.get("adapter"),
+            "value": trial.value if trial.state == TrialState.COMPLETE else None,
+            "inner_dice": attrs.get("inner_dice"), "se": attrs.get("se"), "adapter": attrs.get("adapter"),
             "trainable_params": attrs.get("trainable_params"), "time_s": attrs.get("time_s"),
             "train_steps_s": attrs.get("train_steps_s"), "curve": attrs.get("curve"),
             "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
