@@ -22,7 +22,8 @@ from optuna.trial import TrialState, create_trial
 
 from segadapt.training import SegDataModule, read_metrics
 from segadapt.training import auto
-from segadapt.training.auto import choose, main as auto_main
+from segadapt.training.auto import main as auto_main
+from segadapt.training.auto_study import choose
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
                                         "ignore::optuna.exceptions.ExperimentalWarning")
