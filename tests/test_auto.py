@@ -42,8 +42,8 @@ TINY = [
 SPACE = ["auto.methods=[lora_c,cp_lora,full]", "auto.ranks=[2,4]", "auto.startup_trials=2"]
 
 
-def _argv(root: Path, *more: str) -> list[str]:
-    return ["--config-dir", str(CONFIGS), *TINY, f"paths.data={root}/data", f"paths.runs={root}/runs", *SPACE, *more]
+def _argv(root: Path, *more: str, runs: str = "runs") -> list[str]:
+    return ["--config-dir", str(CONFIGS), *TINY, f"paths.data={root}/data", f"paths.runs={root}/{runs}", *SPACE, *more]
 
 
 def _outer_folds(root: Path) -> list[list[str]]:
@@ -234,3 +234,15 @@ def test_trial_folders_without_their_study_are_refused(searched, capsys):
     assert exit_.value.code == 2
     assert re.fullmatch(r"error: .*auto/fold0/trial000: trial folders of a search whose study \(.*study\.sqlite\) is "
                         r"gone; delete .*auto to start anew", capsys.readouterr().err.strip())
+
+
+def test_timeout_budget(searched):
+    """--timeout alone: trials start until that many seconds of the fold's search have passed, then the choice."""
+    root = searched["root"]
+    record = auto_main(_argv(root, "--timeout", "8", "--folds", "0", runs="timed"))
+    storage = f"sqlite:///{root / 'timed/phantom_sah/auto/study.sqlite'}"
+    trials = optuna.load_study(study_name="fold0", storage=storage).get_trials()
+    started = [t.datetime_start for t in trials]
+    assert len(trials) >= 1 and len(record["folds"][0]["trials"]) == len(trials)
+    assert all((s - started[0]).total_seconds() < 8 for s in started)  # none started after the timeout
+    assert record["folds"][0]["outer"]["dice"] == read_metrics(root / "timed/phantom_sah/multiview_unet/auto/fold0")["val"]["dice"]
