@@ -246,3 +246,14 @@ def test_timeout_budget(searched):
     assert len(trials) >= 1 and len(record["folds"][0]["trials"]) == len(trials)
     assert all((s - started[0]).total_seconds() < 8 for s in started)  # none started after the timeout
     assert record["folds"][0]["outer"]["dice"] == read_metrics(root / "timed/phantom_sah/multiview_unet/auto/fold0")["val"]["dice"]
+
+
+def test_resume_with_other_settings_is_refused(searched, capsys):
+    """A study continues only with the run settings and search space it began with (the budget may change)."""
+    root = searched["root"]
+    with pytest.raises(SystemExit) as exit_:
+        auto_main(_argv(root, "--trials", "4", "--folds", "0,1", "trainer.max_steps=5"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: .*study\.sqlite: fold 0's study was made with other settings \(overrides: .*"
+                        r"'trainer\.max_steps=5'\]\); run it with its own, or delete .*auto to start anew", err), err
