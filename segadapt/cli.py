@@ -15,6 +15,8 @@
   in other formats (:func:`segadapt.export.cli.main`).
 * ``segadapt plan DATASET_JSON [--out plan.json]`` -- dataset fingerprint and nnU-Net-style plan.
 * ``segadapt diagnose RUN_DIR [RUN_DIR ...] [--out DIR]`` -- spectral diagnostics of what a tuning changed.
+* ``segadapt auto [KEY=VALUE ...] --trials N`` -- the adaptation chosen per fold by a nested Optuna search
+  (:mod:`segadapt.training.auto`).
 
 Every subcommand exits 0 on success and 2 with one ``error:`` line on a user error (:mod:`segadapt.errors`).
 The argparse subcommands also take ``--config FILE.yaml`` (``option: value`` lines, e.g.
@@ -57,6 +59,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export.cli:main"),
     "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
     "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.inference.diagnose:main"),
+    "auto": ("choose the adaptation by a nested Optuna search (auto.json)", "segadapt.training.auto:main"),
 }
 
 

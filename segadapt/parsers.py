@@ -1,4 +1,4 @@
-"""The argument parsers of the argparse subcommands (predict, report, export, plan, diagnose).
+"""The argument parsers of the argparse subcommands (predict, report, export, plan, diagnose, auto).
 
 They live here, in a module that imports nothing heavy, so that ``segadapt COMMAND --help`` answers without
 importing torch, Lightning or MONAI (:func:`segadapt.cli.run`); each command's ``main`` parses its command line
@@ -108,8 +108,33 @@ def diagnose_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def auto_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="segadapt auto", description="Choose the adaptation (method, rank, placement, "
+                           "learning rate) per outer fold by an Optuna search on the fold's training patients "
+                           "(nested: trials never see the fold's validation cases), train the choice on the fold "
+                           "and score it: <runs>/<experiment>/auto.json, <model>/auto/fold<k>/. The same command "
+                           "after a kill resumes the search.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="run settings as for scripts/train.py (data=..., trainer.max_steps=100); auto.KEY=VALUE "
+                             "narrows the search space of --space (auto.methods=[lora_c,full] auto.ranks=[4,8])")
+    parser.add_argument("--trials", type=int, help="trials per outer fold, those of an earlier session included")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="start no further trial of a fold after this many seconds of this session")
+    parser.add_argument("--folds", type=_int_list, metavar="K[,K...]", help="outer folds to search, e.g. 0,2 (default: all)")
+    parser.add_argument("--config-dir", default="configs", help="the configs folder (default: %(default)s)")
+    parser.add_argument("--space", help="the search space (default: <config-dir>/auto.yaml)")
+    return parser
+
+
 # subcommand -> its parser (segadapt.cli.COMMANDS names the function that runs it)
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "predict": predict_parser, "report": report_parser, "export": export_parser, "plan": plan_parser,
-    "diagnose": diagnose_parser,
+    "diagnose": diagnose_parser, "auto": auto_parser,
 }

@@ -77,7 +77,7 @@ def test_help_lists_every_subcommand_on_one_line_without_importing_torch(tmp_pat
     lines = done.stdout.splitlines()
     for name, (summary, _) in COMMANDS.items():
         assert sum(bool(re.match(rf"\s+{name}\s+{re.escape(summary)}$", line)) for line in lines) == 1, (name, done.stdout)
-    assert set(COMMANDS) == {"fit", "validate", "test", "predict", "report", "export", "plan", "diagnose"}
+    assert set(COMMANDS) == {"fit", "validate", "test", "predict", "report", "export", "plan", "diagnose", "auto"}
     code = ("import sys\nfrom segadapt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'monai', 'numpy'}), code)")
     done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
@@ -112,6 +112,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     import segadapt.export.cli
     import segadapt.inference.cli
     import segadapt.inference.diagnose
+    import segadapt.training.auto
     from segadapt import parsers
 
     assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
@@ -119,7 +120,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.inference.diagnose.TOP_K, segadapt.inference.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.inference.diagnose.__doc__.splitlines()[0]
     own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.cli.main, "plan": segadapt.data.plan.main,
-           "diagnose": segadapt.inference.diagnose.main, "report": report_main}
+           "diagnose": segadapt.inference.diagnose.main, "report": report_main, "auto": segadapt.training.auto.main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):
             command_main(["--help"])

@@ -1,0 +1,69 @@
+"""The studies of ``segadapt auto``: interrupted trials retried, the choice per fold, a trial as ``auto.json``
+lists it (:mod:`segadapt.training.auto`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # trials the budget counts (and those that failed with an error)
+
+
+def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial as ``auto.json`` lists it (the state INTERRUPTED: a FAIL without an error, retried later)."""
+    attrs = trial.user_attrs
+    state = trial.state.name
+    if trial.state in (TrialState.FAIL, TrialState.RUNNING) and "error" not in attrs:
+        state = "INTERRUPTED"
+    return {"number": trial.number, "state": state, "params": trial.params, "choice": attrs.get("choice"),
+            "value": trial.value if trial.state == TrialState.COMPLETE else None,
+            "inner_dice": attrs.get("inner_dice"), "se": attrs.get("se"), "adapter": attrs.get("adapter"),
+            "trainable_params": attrs.get("trainable_params"), "time_s": attrs.get("time_s"),
+            "train_steps_s": attrs.get("train_steps_s"), "curve": attrs.get("curve"),
+            "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
+            "cases": attrs.get("cases"), "run_dir": attrs.get("run_dir"), "error": attrs.get("error"),
+            "retry_of": attrs.get("retry_of")}
+
+
+def retry_interrupted(study: optuna.Study) -> None:
+    """Trials a kill left RUNNING (the search's lock says no process runs them) are marked failed; each
+    interrupted trial not yet retried is enqueued again with its parameters and run folder (which resumes
+    from its ``last.ckpt``). A trial that failed with an error (``error`` attribute) is not retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            study.tell(trial.number, state=TrialState.FAIL)
+        if trial.state in (TrialState.RUNNING, TrialState.FAIL) and "error" not in trial.user_attrs \
+                and trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
+                                                          **({"run_dir": trial.user_attrs["run_dir"]}
+                                                             if "run_dir" in trial.user_attrs else {})})
+
+
+def choose(trials: Sequence[optuna.trial.FrozenTrial], rule: str, fold: int) -> optuna.trial.FrozenTrial:
+    """The trial whose configuration fold `fold` keeps. ``best``: the best inner Dice. ``one_se``: among the trials
+    within one standard error of the best (its Dice's, sd / sqrt(n) over the inner cases), the one with the fewest
+    trainable parameters (ties: the better Dice), as model selection prefers the simpler of equally good choices."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    if not done:
+        errors = sorted({t.user_attrs["error"] for t in trials if "error" in t.user_attrs})
+        raise ValueError(f"no trial of fold {fold} finished" + (f" (errors: {'; '.join(errors[:3])})" if errors else
+                                                               "; give a larger budget"))
+    best = max(done, key=lambda t: (t.value, -t.number))
+    if rule == "best":
+        return best
+    floor = best.value - float(best.user_attrs.get("se") or 0.0)
+    return min((t for t in done if t.value >= floor),
+               key=lambda t: (t.user_attrs.get("trainable_params", math.inf), -t.value, t.number))
+
+
+def describe(choice: Mapping[str, Any]) -> str:
+    parts = [str(choice["method"])]
+    if "rank" in choice:
+        parts += [f"rank {choice['rank']}", str(choice["placement"])]
+    return " ".join(parts + [f"lr x{choice['lr_factor']:.2f}"])
