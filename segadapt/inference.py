@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from segadapt.adapters import active_adapter, adapted_layers, load_adapter, set_active_adapter
 from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
-from segadapt.data.plan import PIXEL_SUFFIXES
+from segadapt.data.dataset_json import PIXEL_SUFFIXES
 from segadapt.data.readers import dicom_series_files, is_dicom_series
 from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
 from segadapt.dicom_seg import check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg

@@ -108,17 +108,18 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
-    import segadapt.data.plan
+    import segadapt.plan.cli
+    import segadapt.plan.topology
     import segadapt.diagnose
     import segadapt.export
     import segadapt.inference
     from segadapt import parsers
 
     assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
-    assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
+    assert parsers.REFERENCE_GB == segadapt.plan.topology.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
-    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
+    own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.plan.cli.main,
            "diagnose": segadapt.diagnose.main, "report": report_main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):

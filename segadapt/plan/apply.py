@@ -33,11 +33,10 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from segadapt.data import PreprocessConfig, load_dataset_json
-from segadapt.data.config import MODE_FIELDS
-from segadapt.data.plan import Plan, dataset_spatial_dims, format_plan, load_or_make_plan
+from segadapt.data.config import MODE_FIELDS, PreprocessConfig, training_sampling
+from segadapt.data.dataset_json import dataset_spatial_dims, load_dataset_json
 
-from .datamodule import training_sampling
+from .planner import Plan, format_plan, load_or_make_plan
 
 log = logging.getLogger(__name__)
 
