@@ -63,6 +63,7 @@ from .fingerprint import (
 )
 from .topology import (
     BASE_FILTERS,
+    INITIAL_VOXELS,
     MAX_FILTERS_2D,
     MAX_FILTERS_3D,
     REFERENCE_BATCH_2D,
@@ -267,16 +268,16 @@ def make_plan(
     patch_budget = int(patch_voxels or round(REFERENCE_PATCH_VOXELS * memory))
     slice_budget = int(slice_pixels or round(REFERENCE_SLICE_PIXELS * memory))
     if dims == 3:
-        patch, pools, strides, kernels = fit_patch(target, median_shape, patch_budget, 256.0**3)
+        patch, pools, strides, kernels = fit_patch(target, median_shape, patch_budget, INITIAL_VOXELS[3])
         batch = batch_for_budget(patch, patch_budget, REFERENCE_BATCH_3D, dataset_voxels)
         filters = stage_filters(len(strides), base_filters, MAX_FILTERS_3D)
         side = max(median_shape)  # every view's slice fits in side x side
         finest = float(min(target))
-        slice_size, slice_pools_axes, _, _ = fit_patch([finest, finest], [side, side], slice_budget, 2048.0**2)
+        slice_size, slice_pools_axes, _, _ = fit_patch([finest, finest], [side, side], slice_budget, INITIAL_VOXELS[2])
         slice_pools = min(slice_pools_axes)
         slice_batch = batch_for_budget(slice_size, slice_budget, REFERENCE_BATCH_2D, dataset_voxels)
     else:
-        patch, pools, strides, kernels = fit_patch(target, median_shape, slice_budget, 2048.0**2)
+        patch, pools, strides, kernels = fit_patch(target, median_shape, slice_budget, INITIAL_VOXELS[2])
         batch = batch_for_budget(patch, slice_budget, REFERENCE_BATCH_2D, dataset_voxels)
         filters = stage_filters(len(strides), base_filters, MAX_FILTERS_2D)
         slice_size, slice_pools, slice_batch = list(patch), min(pools), batch

@@ -27,6 +27,7 @@ REFERENCE_BATCH_3D, REFERENCE_BATCH_2D = 2, 12
 MIN_BATCH_SIZE = 2
 MAX_DATASET_FRACTION = 0.05       # one batch covers at most this share of the dataset's voxels
 BASE_FILTERS, MAX_FILTERS_3D, MAX_FILTERS_2D = 32, 320, 512
+INITIAL_VOXELS = {3: 256.0**3, 2: 2048.0**2}  # nnU-Net's patch search starts from this many voxels
 
 
 def pooling_topology(

@@ -895,7 +895,9 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[b
     def record() -> dict[str, Any]:  # the config.yaml the job would write: planned, as train / pretrain plan it
         if not dataset.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: dataset description not found: {dataset}")
-        planned = apply_plan(cfg, run_plan(cfg, pretraining=kind == "pretrain", prepare=_existing_dataset), show=False)
+        pretraining = kind == "pretrain"
+        planned = apply_plan(cfg, run_plan(cfg, pretraining, prepare=_existing_dataset), show=False,
+                             pretraining=pretraining)
         args = _fit_args(planned, kind, dataset.resolve())
         return run_record(Path(args.pop("run_dir")).resolve(), threads=torch.get_num_threads(), **args)
 
@@ -921,7 +923,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Full training of the network from random init on the source dataset (``cfg.source``), holding out
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
-    cfg = apply_plan(cfg, plan)
+    cfg = apply_plan(cfg, plan, pretraining=True)
     action = check_request(cfg, "pretrain", sweep=False)  # a finished base is kept, never skipped unseen
     kept = _kept_or_resumed(cfg["pretrain"]["run_dir"], action, None)
     if kept is not None:
