@@ -74,10 +74,14 @@ def test_run_plan_uses_the_base_s_stored_plan_for_segadapt_s_own_base(tmp_path):
     base_dir.mkdir(parents=True)
     PLAN.to_json(base_dir / PLAN_FILE)
 
-    def never(data):
-        raise AssertionError(f"{data['name']} should not be planned: the base's plan.json decides")
+    prepared = []
 
-    assert run_plan(cfg, pretraining=False, prepare=never) == PLAN
+    def source_never(data):  # the run's own cases are prepared (they decide its schedule), not planned
+        if data["name"] != cfg["data"]["name"]:
+            raise AssertionError(f"{data['name']} should not be planned: the base's plan.json decides")
+        prepared.append(data["name"])
+
+    assert run_plan(cfg, pretraining=False, prepare=source_never) == PLAN and prepared == ["phantom_sah"]
 
     class Planned(Exception):
         pass

@@ -65,6 +65,14 @@ def test_budget_shrinks_the_patch_last_with_nnunets_search():
     assert shrunk.budget["predicted_step_s"] == pytest.approx(predicted) and predicted <= 0.3
 
 
+def test_the_patch_keeps_at_least_half_its_voxels_and_an_overrun_is_said():
+    shrunk, lines = fit_step_budget(HIPPOCAMPUS, step_s=0.05, measured_s=8.0)
+    assert shrunk.batch_size == 2 and shrunk.filters[0] == 16
+    voxels = math.prod(shrunk.patch_size)
+    assert 40 * 56 * 40 / 2 <= voxels and math.prod(fit_patch([1.0] * 3, [36, 50, 35], voxels - 1, 256.0**3)[0]) < 44800
+    assert lines[-1].startswith("the smallest network this allows still needs") and "over the budget" in lines[-1]
+
+
 def test_a_network_within_the_budget_is_kept():
     shrunk, lines = fit_step_budget(HIPPOCAMPUS, step_s=10.0, measured_s=8.0)
     assert (shrunk.batch_size, shrunk.filters, shrunk.patch_size) == (8, [32, 64, 128, 256], [40, 56, 40])
@@ -136,7 +144,8 @@ def test_apply_plan_fills_the_schedule_of_the_job(tmp_path, capsys):
                "data.preprocess.samples_per_volume=1")
     out = apply_plan(cfg, HIPPOCAMPUS)
     assert out["data"]["batch_size"] == 8 and out["trainer"]["max_steps"] == 250  # ceil(25 x 16 / 8) = 50 -> 250
-    assert math.ceil(25 * 147 / (2 * 4)) == 460 and out["pretrain"]["max_steps"] == 600  # source: 2 volumes x 4
+    # source: samples_per_volume auto = 1 (a patch covers its volume), batch 8: ceil(25 x 147 / 8) = 460 -> 600
+    assert out["source"]["preprocess"]["samples_per_volume"] == 1 and out["pretrain"]["max_steps"] == 600
     assert (out["optim"]["warmup_steps"], out["selection"]["every_n_steps"], out["selection"]["patience"]) == (10, 50, 3)
     printed = capsys.readouterr().out
     assert "train.max_steps=250: ceil(25 passes x 16 training cases (30 cases, 3 folds, inner 0.2)" in printed
@@ -164,3 +173,12 @@ def test_model_auto_is_the_planned_dynunet_or_the_bases_own(tmp_path):
     with pytest.raises(ValueError, match="holds a multiview_unet network; choose its model group: model=multiview_unet"):
         apply_plan(cfg, HIPPOCAMPUS, data_keys=("data",), show=False)
     assert _cfg("data=dataset_json", "data.dataset_json=x.json", "model=unet3d")["model"]["name"] == "unet3d"
+
+
+def test_samples_per_volume_auto_tiles_the_volume_up_to_the_batch():
+    cfg = _cfg("data=dataset_json", "data.dataset_json=x.json", "data.preprocess.patch_size=[32,32,16]")
+    out = apply_plan(cfg, HIPPOCAMPUS, data_keys=("data",), show=False)
+    # median 36 x 50 x 35 = 63000 voxels / (32 x 32 x 16 = 16384) = 3.85 -> 4 patches, batch 8 / 4 = 2 volumes
+    assert out["data"]["preprocess"]["samples_per_volume"] == 4 and out["data"]["batch_size"] == 2
+    out = apply_plan(_cfg("data=dataset_json", "data.dataset_json=x.json"), HIPPOCAMPUS, data_keys=("data",), show=False)
+    assert out["data"]["preprocess"]["samples_per_volume"] == 1 and out["data"]["batch_size"] == 8  # one patch covers

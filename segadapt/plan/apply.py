@@ -5,6 +5,8 @@ A run config (``configs/train.yaml``) may say ``auto`` for
 * ``<data group>.preprocess.<field>``: the fields :meth:`Plan.preprocess_fields` decides (``intensity`` and
   its statistics, ``target_spacing``, ``orientation``, ``spatial_dims``, ``patch_size``, ``slice_size``);
 * ``<data group>.batch_size``: the plan's batch (patches, or slices, per step) / ``samples_per_volume``;
+* ``<data group>.preprocess.samples_per_volume``: the samples that tile a volume (at least 1; a patch
+  as large as the volume: 1), at most the plan's batch;
 * ``model.kwargs.<key>``: the keys :meth:`Plan.network_fields` gives for the model (DynUNet ``kernel_size``,
   ``strides``, ``upsample_kernel_size``, ``filters``; UNet ``channels``, ``strides``);
 * ``model=auto`` (the model group of ``data=dataset_json``): the base's own architecture, read from the
@@ -90,7 +92,7 @@ def step_budget_plan(plan: Plan, model: Mapping[str, Any], cfg: Mapping[str, Any
     measured = cfg["plan"].get("measured_step_s")
     if measured is None:
         key = {"network": network, "in_channels": len(plan.modality), "patch": plan.patch_size,
-               "batch": plan.batch_size, "threads": threads, "timed_steps": TIMED_STEPS}
+               "batch": plan.batch_size, "threads": threads, "method": f"fastest of {TIMED_STEPS} at batch 2"}
         measured = cached_step_time(folder, key, lambda: _measure(network, len(plan.modality), plan, threads))
     shrunk, _ = fit_step_budget(plan, float(cfg["plan"]["step_s"]), float(measured))
     return shrunk
@@ -219,10 +221,16 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
         if model["name"] == "nnunet":  # its plans decide every field the config leaves out (orientation too)
             for name in plan.preprocess_fields():
                 preprocess.setdefault(name, AUTO)
-        pinned += _fill(preprocess, plan.preprocess_fields(), f"{key}.preprocess")
+        tile = preprocess.get("samples_per_volume") == AUTO  # decided below, from the filled sample size
+        pinned += _fill(preprocess, {**plan.preprocess_fields(), **({"samples_per_volume": AUTO} if tile else {})},
+                        f"{key}.preprocess")
         _mode_statistics(preprocess, plan)
+        slices = training_sampling(model, preprocess) == "slice"
+        per_step = plan.slice_batch_size if slices else plan.batch_size
+        if tile:  # as many as tile a volume, at most a step's
+            sample = preprocess["slice_size"] if slices else preprocess["patch_size"]
+            preprocess["samples_per_volume"] = min(per_step, round(coverage(plan.median_shape, sample)))
         if data.get("batch_size") == AUTO:
-            per_step = plan.slice_batch_size if training_sampling(model, preprocess) == "slice" else plan.batch_size
             data["batch_size"] = max(1, per_step // int(preprocess.get("samples_per_volume", 1)))
     scheduled = _apply_schedule(cfg, plan, pretraining)
     if not show:

@@ -1,9 +1,10 @@
 """The compute budget: the planned DynUNet sized to the machine's time per training step.
 
 On a GPU the plan keeps nnU-Net's full size (its memory budget, ``plan.memory_gb``). On a CPU one training
-step of the planned network is measured once (forward, backward and AdamW step on random data, the median of
-:data:`TIMED_STEPS` after one warm-up step, at the run's thread count) and cached beside the plan
-(``step_time.json``), so a resume or a test re-plans to the same values. When it is slower than the budget
+step of the planned network is measured once (forward, backward and AdamW step on random data at batch 2,
+the fastest of :data:`TIMED_STEPS` after one warm-up step, at the run's thread count, x batch / 2 for the
+planned batch: on a CPU the time goes with the samples; the fastest step is the one least slowed by other
+processes) and cached beside the plan (``step_time.json``), so a resume or a test re-plans to the same values. When it is slower than the budget
 ``plan.step_s``, the network shrinks in these steps, each only while the predicted step is over budget:
 
 1. batch: halved, down to nnU-Net's minimum of 2. On a CPU the time per sample hardly depends on the batch,
@@ -11,8 +12,13 @@ step of the planned network is measured once (forward, backward and AdamW step o
 2. filters: halved (every stage), down to :data:`MIN_BASE_FILTERS` in the first stage: the time goes with
    the filters squared, the Dice far less (the hippocampus benchmark: 16..128 gave 0.897 on the source);
 3. patch: nnU-Net's own shrink (:func:`~segadapt.plan.topology.fit_patch` with a smaller voxel budget, one
-   divisor step of the axis largest relative to the median shape), down to :data:`MIN_PATCH_VOXELS`; the
-   topology follows the patch.
+   divisor step of the axis largest relative to the median shape), down to :data:`MIN_PATCH_SHARE` of the
+   planned patch's voxels; the topology follows the patch. Last and bounded, because the patch is the
+   network's context, and because a smaller patch saves no training time: the schedule
+   (:mod:`segadapt.plan.schedule`) gives more steps to tile the volumes.
+
+A network that is still over the budget at these limits is kept and said so (a busy machine measures slow:
+the cached time can be replaced with ``plan.measured_step_s``).
 
 The step time of a shrunk network is predicted, not measured again: the measured time x the ratio of
 :func:`conv_cost` (batch x sum over stages of voxels x filters^2). Every change is printed with its reason.
@@ -28,7 +34,6 @@ import copy
 import hashlib
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +46,8 @@ from .topology import INITIAL_VOXELS, MIN_BATCH_SIZE, fit_patch
 CPU_STEP_S = 0.5
 MIN_BASE_FILTERS = 16
 MIN_PATCH_VOXELS = 16**3
-TIMED_STEPS = 2
+MIN_PATCH_SHARE = 0.5
+TIMED_STEPS = 3
 STEP_TIME_FILE = "step_time.json"
 
 
@@ -59,7 +65,7 @@ def _cost(plan: Plan) -> float:
 
 
 def measure_step(network: Mapping, in_channels: int, patch: Sequence[int], batch: int) -> float:
-    """Seconds of one training step of ``build_dynunet(**network)`` on random data (see the module doc)."""
+    """Seconds of one training step of ``build_dynunet(**network)`` at `batch` (see the module doc)."""
     import torch
 
     from segadapt.models.unet3d import build_dynunet
@@ -67,7 +73,8 @@ def measure_step(network: Mapping, in_channels: int, patch: Sequence[int], batch
     net = build_dynunet(in_channels=in_channels, spatial_dims=len(patch), **network)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, in_channels, *patch, generator=generator)
+    measured = min(batch, MIN_BATCH_SIZE)
+    image = torch.randn(measured, in_channels, *patch, generator=generator)
     times = []
     for _ in range(TIMED_STEPS + 1):
         start = time.perf_counter()
@@ -76,7 +83,7 @@ def measure_step(network: Mapping, in_channels: int, patch: Sequence[int], batch
         output.float().square().mean().backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return min(times[1:]) * batch / measured
 
 
 def cached_step_time(folder: Path, key: Mapping, measure: Callable[[], float]) -> float:
@@ -111,9 +118,10 @@ def fit_step_budget(plan: Plan, step_s: float, measured_s: float) -> tuple[Plan,
     while predicted() > step_s and shrunk.filters[0] > MIN_BASE_FILTERS:
         old, shrunk.filters = shrunk.filters, [max(1, f // 2) for f in shrunk.filters]
         change("filters", old, shrunk.filters, "over the step budget; the time goes with filters^2")
+    smallest = max(MIN_PATCH_VOXELS, MIN_PATCH_SHARE * math.prod(plan.patch_size))
     while predicted() > step_s:
         old = list(shrunk.patch_size)
-        if not _shrink_patch(shrunk):
+        if not _shrink_patch(shrunk, smallest):
             break
         change("patch_size", old, shrunk.patch_size, "over the step budget; nnU-Net's patch search on fewer voxels")
     if predicted() > step_s:
@@ -124,17 +132,17 @@ def fit_step_budget(plan: Plan, step_s: float, measured_s: float) -> tuple[Plan,
     return shrunk, lines
 
 
-def _shrink_patch(plan: Plan) -> bool:
+def _shrink_patch(plan: Plan, smallest: float) -> bool:
     """The patch nnU-Net's search (:func:`fit_patch`) gives for a voxel budget just below the current patch, in
-    place (with its topology; filters per stage as before); False when no smaller patch is allowed."""
+    place (with its topology; filters per stage as before); False when it would hold fewer than `smallest`
+    voxels."""
     voxels = math.prod(plan.patch_size)
-    if voxels <= MIN_PATCH_VOXELS:
-        return False
-    initial = INITIAL_VOXELS[len(plan.patch_size)]
     try:
-        patch, pools, strides, kernels = fit_patch(plan.target_spacing, plan.median_shape,
-                                                   max(MIN_PATCH_VOXELS, voxels - 1), initial)
+        patch, pools, strides, kernels = fit_patch(plan.target_spacing, plan.median_shape, voxels - 1,
+                                                   INITIAL_VOXELS[len(plan.patch_size)])
     except ValueError:
+        return False
+    if math.prod(patch) < smallest:
         return False
     base = plan.filters[0]
     top = max(plan.filters[-1], base)
