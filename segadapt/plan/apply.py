@@ -69,17 +69,17 @@ def _data_group_plan(cfg: Mapping[str, Any], data: Mapping[str, Any], dataset_js
     plan = load_or_make_plan(dataset_json, options["cache_dir"], orientation=orientation, spatial_dims=spatial_dims,
                              memory_gb=float(options["memory_gb"]), base_filters=int(options["base_filters"]))
     model = planned_model(cfg, pretraining)
-    if not _budget_applies(cfg, data, model):
+    if not _budget_applies(cfg, model):
         return plan
     folder = fingerprint_folder(dataset_json, options["cache_dir"], orientation, spatial_dims)
     return step_budget_plan(plan, model, cfg, folder)
 
 
-def _budget_applies(cfg: Mapping[str, Any], data: Mapping[str, Any], model: Mapping[str, Any]) -> bool:
-    """The CPU step budget sizes the planned DynUNet: on a CPU trainer, when batch, patch or filters are planned."""
-    planned = (data.get("batch_size"), (data.get("preprocess") or {}).get("patch_size"), model["kwargs"].get("filters"))
+def _budget_applies(cfg: Mapping[str, Any], model: Mapping[str, Any]) -> bool:
+    """The CPU step budget sizes the planned DynUNet on a CPU trainer. (Whatever the config pins: the plan of a
+    base, which the runs adapting it reuse, must not depend on whether it was made from a raw or a planned config.)"""
     return (model["name"] == "dynunet" and cfg["trainer"].get("accelerator", "cpu") == "cpu"
-            and cfg["plan"].get("step_s") is not None and AUTO in planned)
+            and cfg["plan"].get("step_s") is not None)
 
 
 def step_budget_plan(plan: Plan, model: Mapping[str, Any], cfg: Mapping[str, Any], folder: Path) -> Plan:
@@ -87,7 +87,8 @@ def step_budget_plan(plan: Plan, model: Mapping[str, Any], cfg: Mapping[str, Any
     step time is ``plan.measured_step_s`` when given (tests), else measured once and cached in `folder`."""
     network = {**{k: v for k, v in model["kwargs"].items() if k not in plan.network_fields()["dynunet"]},
                **plan.network_fields()["dynunet"]}
-    network.pop("in_channels", None)
+    for key in ("in_channels", "spatial_dims"):  # given by the plan at the measurement
+        network.pop(key, None)
     threads = int(cfg["trainer"].get("threads") or 1)
     measured = cfg["plan"].get("measured_step_s")
     if measured is None:

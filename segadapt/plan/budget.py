@@ -134,18 +134,15 @@ def fit_step_budget(plan: Plan, step_s: float, measured_s: float) -> tuple[Plan,
 
 def _shrink_patch(plan: Plan, smallest: float) -> bool:
     """The patch nnU-Net's search (:func:`fit_patch`) gives for a voxel budget just below the current patch, in
-    place (with its topology; filters per stage as before); False when it would hold fewer than `smallest`
-    voxels."""
+    place; False when it would hold fewer than `smallest` voxels or change the poolings (a config that pins
+    the patch and plans the strides, or the reverse, stays consistent)."""
     voxels = math.prod(plan.patch_size)
     try:
-        patch, pools, strides, kernels = fit_patch(plan.target_spacing, plan.median_shape, voxels - 1,
+        patch, pools, _, _ = fit_patch(plan.target_spacing, plan.median_shape, voxels - 1,
                                                    INITIAL_VOXELS[len(plan.patch_size)])
     except ValueError:
         return False
-    if math.prod(patch) < smallest:
+    if math.prod(patch) < smallest or pools != plan.pools_per_axis:
         return False
-    base = plan.filters[0]
-    top = max(plan.filters[-1], base)
-    plan.filters = [min(base * 2**i, top) for i in range(len(strides))]
-    plan.patch_size, plan.pools_per_axis, plan.strides, plan.kernel_sizes = patch, pools, strides, kernels
+    plan.patch_size = patch
     return True
