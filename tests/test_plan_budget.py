@@ -161,6 +161,8 @@ def test_model_auto_is_the_planned_dynunet_or_the_bases_own(tmp_path):
     assert cfg["model"]["name"] == AUTO
     planned = apply_plan(cfg, HIPPOCAMPUS, data_keys=("data",), show=False)
     assert planned["model"]["name"] == "dynunet" and planned["model"]["kwargs"]["filters"] == [32, 64, 128, 256]
+    kwargs = planned["model"]["kwargs"]  # nnU-Net's: plain convolutions, every decoder output but the lowest two
+    assert (kwargs["res_block"], kwargs["deep_supervision"], kwargs["deep_supr_num"]) == (False, True, 2)
     base = tmp_path / "base.safetensors"
     architecture = {"name": "dynunet", "kwargs": {"in_channels": 1, "out_channels": 1, "filters": [8, 16, 32, 64],
                                                   "kernel_size": [[3, 3, 3]] * 4, "strides": HIPPOCAMPUS.strides}}

@@ -157,7 +157,7 @@ class Plan:
 
         * ``dynunet`` (MONAI ``DynUNet``, patches of ``patch_size``): ``kernel_size``, ``strides`` (one per
           stage, the first all ones), ``upsample_kernel_size`` (``strides[1:]``), ``filters``
-          (32 x 2^stage, at most 320).
+          (32 x 2^stage, at most 320), ``deep_supr_num`` (every decoder output but the lowest two: nnU-Net).
         * ``unet3d`` (MONAI ``UNet``): ``channels`` (= filters) and ``strides`` (one per down step; an int
           where all axes share it). MONAI's UNet has one kernel size, so thick-slice 1x3x3 kernels are lost.
         * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
@@ -168,7 +168,8 @@ class Plan:
         down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
         return {
             "dynunet": {"kernel_size": [list(k) for k in self.kernel_sizes], "strides": [list(s) for s in self.strides],
-                        "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters)},
+                        "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters),
+                        "deep_supr_num": max(1, len(self.strides) - 2)},
             "unet3d": {"channels": list(self.filters), "strides": down},
             "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
             "unet2d": {"channels": list(self.filters), "strides": down},
