@@ -4,8 +4,9 @@ On a GPU the plan keeps nnU-Net's full size (its memory budget, ``plan.memory_gb
 step of the planned network is measured once (forward, backward and AdamW step on random data at batch 2,
 the fastest of :data:`TIMED_STEPS` after one warm-up step, at the run's thread count, x batch / 2 for the
 planned batch: on a CPU the time goes with the samples; the fastest step is the one least slowed by other
-processes) and cached beside the plan (``step_time.json``), so a resume or a test re-plans to the same values. When it is slower than the budget
-``plan.step_s``, the network shrinks in these steps, each only while the predicted step is over budget:
+processes) and cached beside the plan (``step_time.json``), so a resume or a test re-plans to the same
+values. When it is slower than the budget ``plan.step_s``, the network shrinks in these steps, each only
+while the predicted step is over budget:
 
 1. batch: halved, down to nnU-Net's minimum of 2. On a CPU the time per sample hardly depends on the batch,
    so a smaller batch buys more optimiser steps in the same time and costs no sample seen per second;
@@ -134,15 +135,16 @@ def fit_step_budget(plan: Plan, step_s: float, measured_s: float) -> tuple[Plan,
 
 def _shrink_patch(plan: Plan, smallest: float) -> bool:
     """The patch nnU-Net's search (:func:`fit_patch`) gives for a voxel budget just below the current patch, in
-    place; False when it would hold fewer than `smallest` voxels or change the poolings (a config that pins
-    the patch and plans the strides, or the reverse, stays consistent)."""
+    place, with its topology; False when it would hold fewer than `smallest` voxels. (A config that pins a
+    larger patch stays valid with the planned strides: fewer poolings divide it too.)"""
     voxels = math.prod(plan.patch_size)
     try:
-        patch, pools, _, _ = fit_patch(plan.target_spacing, plan.median_shape, voxels - 1,
+        patch, pools, strides, kernels = fit_patch(plan.target_spacing, plan.median_shape, voxels - 1,
                                                    INITIAL_VOXELS[len(plan.patch_size)])
     except ValueError:
         return False
-    if math.prod(patch) < smallest or pools != plan.pools_per_axis:
+    if math.prod(patch) < smallest:
         return False
-    plan.patch_size = patch
+    plan.patch_size, plan.pools_per_axis, plan.strides, plan.kernel_sizes = patch, pools, strides, kernels
+    plan.filters = plan.filters[:len(strides)]  # a smaller patch pools no more often: as many stages or fewer
     return True
