@@ -57,7 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("segment scans with a run's fold adapters (masks, volumes)", "segadapt.inference.cli:main"),
     "report": ("cross-validation report of an experiment folder", "segadapt.cli:report_main"),
     "export": ("a run's network as merged weights, PEFT, MONAI bundle, nnU-Net", "segadapt.export.cli:main"),
-    "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.data.plan:main"),
+    "plan": ("dataset fingerprint and nnU-Net-style plan (JSON)", "segadapt.plan.cli:main"),
     "diagnose": ("per-layer norm, effective rank, intruder dimensions of dW", "segadapt.inference.diagnose:main"),
     "auto": ("choose the adaptation by a nested Optuna search (auto.json)", "segadapt.training.auto:main"),
 }

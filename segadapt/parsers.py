@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from segadapt.errors import OneLineParser
 
-# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.inference.diagnose.TOP_K / EPSILON
+# segadapt.data.config.INTENSITY_MODES, segadapt.plan.topology.REFERENCE_GB, segadapt.inference.diagnose.TOP_K / EPSILON
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 REFERENCE_GB = 8.0
 TOP_K, EPSILON = 10, 0.5

@@ -1090,7 +1090,7 @@ def plan_dataset(tmp_path) -> Path:
 
 @pytest.mark.parametrize("name", PLAN_CASES)
 def test_plan_refuses_outputs_over_its_input_with_exit_2_and_one_line(name, plan_dataset, tmp_path, capsys):
-    from segadapt.data.plan import main as plan_main
+    from segadapt.plan.cli import main as plan_main
 
     argv, expected = PLAN_CASES[name]
     argv = [str(a) for a in argv(plan_dataset, tmp_path)]
@@ -1100,8 +1100,8 @@ def test_plan_refuses_outputs_over_its_input_with_exit_2_and_one_line(name, plan
 
 
 def test_plan_overwrite_replaces_its_own_outputs(plan_dataset, tmp_path, capsys):
-    from segadapt.data.plan import Plan
-    from segadapt.data.plan import main as plan_main
+    from segadapt.plan import Plan
+    from segadapt.plan.cli import main as plan_main
 
     out, fp = _file(tmp_path / "plan.json", "old"), _file(tmp_path / "fingerprint.json", "old")
     data = snapshot(plan_dataset.parent)

@@ -651,6 +651,16 @@ AUTO_TYPE_CASES = [
      r"^data\.preprocess\.target_spacing\[1\]='a': expected a number, got str$"),
     ("spatial dims not an integer", ["data.preprocess.spatial_dims=3d"],
      r"^data\.preprocess\.spatial_dims='3d': expected an integer, got str$"),
+    ("planned schedule types", ["trainer.max_steps=400", "pretrain.max_steps=900", "optim.warmup_steps=5",
+                                "selection.every_n_steps=20", "selection.patience=2"], None),
+    ("no patience instead of the planned", ["selection.patience=null"], None),
+    ("max steps not an integer", ["trainer.max_steps=many"], r"^trainer\.max_steps='many': expected an integer, got str$"),
+    ("pretraining steps not an integer", ["pretrain.max_steps=1.5"],
+     r"^pretrain\.max_steps=1\.5: expected an integer, got float$"),
+    ("warm-up not an integer", ["optim.warmup_steps=some"], r"^optim\.warmup_steps='some': expected an integer, got str$"),
+    ("selection interval not an integer", ["selection.every_n_steps=often"],
+     r"^selection\.every_n_steps='often': expected an integer, got str$"),
+    ("step budget not a number", ["plan.step_s=fast"], r"^plan\.step_s='fast': expected a number, got str$"),
 ]
 
 

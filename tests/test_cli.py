@@ -108,7 +108,8 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
-    import segadapt.data.plan
+    import segadapt.plan.cli
+    import segadapt.plan.topology
     import segadapt.export.cli
     import segadapt.inference.cli
     import segadapt.inference.diagnose
@@ -116,10 +117,10 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     from segadapt import parsers
 
     assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
-    assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
+    assert parsers.REFERENCE_GB == segadapt.plan.topology.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.inference.diagnose.TOP_K, segadapt.inference.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.inference.diagnose.__doc__.splitlines()[0]
-    own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.cli.main, "plan": segadapt.data.plan.main,
+    own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.cli.main, "plan": segadapt.plan.cli.main,
            "diagnose": segadapt.inference.diagnose.main, "report": report_main, "auto": segadapt.training.auto.main}
     for command, command_main in own.items():
         with pytest.raises(SystemExit):

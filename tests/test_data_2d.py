@@ -21,7 +21,7 @@ from PIL import Image
 from segadapt.data import load_dataset_json, write_dataset_json
 from segadapt.data.config import parse_number
 from segadapt.data.files import save_nifti, save_png
-from segadapt.data.plan import dataset_spatial_dims, size_unit
+from segadapt.data.dataset_json import dataset_spatial_dims, size_unit
 from segadapt.data.transforms import ImageOrientationd
 from segadapt.training import case_metrics, read_metrics, read_run_config, train
 from segadapt.training.metrics import bin_labels

@@ -12,7 +12,7 @@ import pytest
 from monai.transforms import Compose
 
 from segadapt.data import PreprocessConfig, inference_transforms, make_phantom_dataset, write_dataset_json
-from segadapt.data.plan import fingerprint
+from segadapt.plan.fingerprint import fingerprint
 from segadapt.inference.domain import HISTOGRAM_DISTANCE, TrainingDomain
 from segadapt.inference.inputs import dicom_modality
 

@@ -14,7 +14,7 @@ from scipy.ndimage import map_coordinates
 
 from segadapt.data import load_dataset_json
 from segadapt.data.files import save_nifti
-from segadapt.data.plan import fingerprint
+from segadapt.plan.fingerprint import fingerprint
 from segadapt.inference import Predictor, predict_to_folder
 from segadapt.inference.domain import TrainingDomain
 from segadapt.inference.predictor import run_domain
@@ -22,7 +22,7 @@ from segadapt.training.run import FINGERPRINT_FILE
 
 
 def fake_fingerprint(modality: str, spacings, ranges) -> dict:
-    """A fingerprint as segadapt.data.plan.fingerprint writes it, with the fields the domain reads."""
+    """A fingerprint as segadapt.plan.fingerprint.fingerprint writes it, with the fields the domain reads."""
     cases = [{"spacing": list(s), "image_intensity": [{"percentile_00_5": lo, "percentile_99_5": hi}]}
              for s, (lo, hi) in zip(spacings, ranges)]
     return {"version": 2, "dataset": "d", "modality": {"0": modality}, "labels": {"0": "background", "1": "lesion"},

@@ -301,7 +301,7 @@ def test_segadapt_s_earlier_splits_files_still_read(tmp_path):
 
 
 def test_model_nnunet_without_a_results_folder_is_one_clear_error(tmp_path, world):
-    from segadapt.training.planning import run_plan
+    from segadapt.plan.apply import run_plan
 
     cfg = _cfg(tmp_path, world, **{"model.kwargs.results": "null"})
     with pytest.raises(ValueError, match=r"model=nnunet needs model.kwargs.results=DIR"):

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.data.cache import CASES
-from segadapt.training import planning, read_metrics, train
+from segadapt.plan import apply as planning
+from segadapt.training import read_metrics, train
 from segadapt.training.run import gpu_precision, pretrain, trainer_args
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
 from test_training_entrypoints import TINY as ENTRYPOINT_TINY, TINY_UNET  # noqa: E402 (tests/ is on sys.path)

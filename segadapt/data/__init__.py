@@ -35,11 +35,7 @@ Public API (everything below is importable from ``segadapt.data``)::
     CTWindow(windows), CTZScore(clip_range, mean, std), ZScore(background)  # array transforms; +d: dict (keys, ...)
     RandSliced(...)
 
-    # fingerprint and plan (plan.py; also `segadapt plan DATASET_JSON`), nnU-Net's rules
-    fingerprint(dataset_json, out=None, orientation="RAS") -> dict   # spacings, shapes, intensities, volumes
-    make_plan(fingerprint, memory_gb=8, patch_voxels=None, slice_pixels=None, intensity=None) -> Plan
-    Plan  .preprocess_fields() -> dict   .network_fields() -> dict   .to_json(path) / Plan.from_json(path)
-    load_or_make_plan(dataset_json, cache_dir, **make_plan_options) -> Plan   # fingerprint cached by content
+    # the dataset fingerprint and plan (nnU-Net's rules) are the layer above: segadapt.plan
 
     # datasets and splits (datasets.py, splits.py)
     build_dataset(cases, transform, cfg, name="dataset", cache_workers=1) -> Dataset
@@ -82,7 +78,6 @@ from .datasets import FoldDatasets, build_dataset, build_test_set, disk_cache_di
 from .files import remap_label_file
 from .loading import CaseError, LoadCased, check_case
 from .phantom import make_case, make_phantom_dataset
-from .plan import Plan, fingerprint, load_or_make_plan, make_plan
 from .readers import SimpleITKReader, make_loader
 from .splits import Splits, fold_cases, inner_split, lesion_volume_ml, load_or_create_splits, make_splits, subset_cases
 from .pipelines import (
@@ -109,7 +104,6 @@ __all__ = [
     "DatasetDescription",
     "FoldDatasets",
     "LoadCased",
-    "Plan",
     "PreprocessConfig",
     "RandSliced",
     "SimpleITKReader",
@@ -120,7 +114,6 @@ __all__ = [
     "build_test_set",
     "check_case",
     "disk_cache_dir",
-    "fingerprint",
     "fold_cases",
     "fold_datasets",
     "fold_datasets_with_inner",
@@ -130,12 +123,10 @@ __all__ = [
     "lesion_volume_ml",
     "load_dataset_json",
     "load_test_cases",
-    "load_or_make_plan",
     "load_or_create_splits",
     "make_case",
     "make_loader",
     "make_phantom_dataset",
-    "make_plan",
     "make_splits",
     "pair_cases_by_name",
     "patch_train_transforms",

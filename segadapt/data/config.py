@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
@@ -22,7 +24,7 @@ _CACHED_FIELDS = ("intensity", "target_spacing", "orientation", "spatial_dims", 
 # ... and those that only the named intensity mode reads (left out of other modes' keys, which stay as they were).
 _MODE_FIELDS = {"ct": ("windows",), "ct_zscore": ("clip_range", "norm_mean", "norm_std"),
                 "zscore": ("background_value",)}
-MODE_FIELDS = _MODE_FIELDS  # (public name: segadapt.training.planning fills them with the mode)
+MODE_FIELDS = _MODE_FIELDS  # (public name: segadapt.plan.apply fills them with the mode)
 
 
 _INFINITY = {"inf", ".inf", "infinity"}
@@ -68,7 +70,7 @@ class PreprocessConfig:
     """'ct': HU windows stacked as channels; 'ct_zscore': clip to `clip_range`, then (x - `norm_mean`) / `norm_std`
     (nnU-Net's CTNormalization, dataset-wide statistics); 'zscore': per-case z-score over the voxels that differ
     from `background_value`; 'mri': per-case z-score over nonzero voxels; 'rgb': x / 255.
-    :func:`segadapt.data.plan.make_plan` chooses one from the dataset's modality."""
+    :func:`segadapt.plan.planner.make_plan` chooses one from the dataset's modality."""
     windows: list[list[float]] = field(default_factory=lambda: [[40.0, 80.0], [80.0, 200.0], [600.0, 2800.0]])
     """CT windows as [level, width] in HU (brain, subdural, bone); channel c = clip((HU - L + W/2) / W, 0, 1)."""
     target_spacing: list[float] | None = None
@@ -179,3 +181,10 @@ class PreprocessConfig:
         if unknown:
             raise ValueError(f"unknown preprocessing options {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
+
+
+def training_sampling(model: Mapping[str, Any], preprocess: Mapping[str, Any]) -> str:
+    """How one data group's training samples are drawn: 2D images (``preprocess.spatial_dims`` 2) always in
+    2D ``patch_size`` patches, volumes as the model group says (``model.sampling``: 'slice' for a 2D network,
+    'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run each get their own."""
+    return "patch" if preprocess.get("spatial_dims") == 2 else model["sampling"]

@@ -368,3 +368,24 @@ def _refuse_duplicate(path: Path, name: str, other: str, how: str) -> None:
     also = " (a training case)" if name.startswith("test") and not other.startswith("test") else ""
     raise ValueError(f"{path}: {name} and {other}{also} are one image: {how}; a duplicate would train on one copy and "
                      "validate (or test) on the other: remove one")
+
+
+# ----------------------------------------------------------------------------------------- 2D or 3D, units
+
+PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # 2D image files without a physical pixel size
+
+
+def dataset_spatial_dims(description: DatasetDescription) -> int:
+    """2 when the dataset's images are 2D image files (PNG, JPEG, BMP: e.g. DRIVE), else 3 (NIfTI, NRRD, DICOM)."""
+    suffixes = {case.image.suffix.lower() in PIXEL_SUFFIXES for case in description.cases}
+    if len(suffixes) > 1:
+        raise ValueError(f"{description.path}: mixes 2D image files ({', '.join(PIXEL_SUFFIXES)}) and volumes")
+    return 2 if suffixes == {True} else 3
+
+
+def size_unit(description: DatasetDescription, spatial_dims: int) -> str:
+    """The unit of lesion sizes (:func:`segadapt.training.metrics.mask_volume_ml`): 'mL' for volumes,
+    'mm^2' for 2D images with a pixel spacing, 'px' for 2D image files without one (PNG, JPEG, BMP)."""
+    if spatial_dims == 3:
+        return "mL"
+    return "px" if dataset_spatial_dims(description) == 2 else "mm^2"

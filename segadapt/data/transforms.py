@@ -102,7 +102,7 @@ class CTZScore(Transform):
     """nnU-Net's CTNormalization per channel c: x -> (clip(x, low_c, high_c) - mean_c) / std_c.
 
     (low, high, mean, std) are dataset-wide foreground statistics (the 0.5 and 99.5 percentiles, mean and
-    standard deviation; :func:`segadapt.data.plan.fingerprint`). Done as MONAI ``ScaleIntensityRange`` from
+    standard deviation; :func:`segadapt.plan.fingerprint.fingerprint`). Done as MONAI ``ScaleIntensityRange`` from
     [low, high] to [(low - mean) / std, (high - mean) / std] with clipping, which is the same affine map.
     Example: clip [-100, 300], mean 100, std 50: -500 -> -4, 150 -> 1, 1000 -> 4.
     """

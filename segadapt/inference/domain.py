@@ -1,6 +1,6 @@
 """The training data's domain (a run's ``fingerprint.json``) and the checks ``segadapt predict`` makes against it.
 
-A run folder holds the :func:`segadapt.data.plan.fingerprint` of the dataset it was trained on (one source of
+A run folder holds the :func:`segadapt.plan.fingerprint.fingerprint` of the dataset it was trained on (one source of
 truth, written by :func:`segadapt.training.fit_run`). :class:`TrainingDomain` summarises it:
 
 * modality of each channel (``dataset.json`` ``modality`` / ``channel_names``);
@@ -52,7 +52,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from segadapt.data.plan import FINGERPRINT_VERSION, IMAGE_SAMPLES, image_quantiles, intensity_statistics
+from segadapt.plan.fingerprint import FINGERPRINT_VERSION, IMAGE_SAMPLES, image_quantiles, intensity_statistics
 
 HU_AIR_THRESHOLD = -500.0   # a CT in HU has its 0.5 percentile below this (air); an MR image never does
 SPACING_FACTOR = 2.0        # an axis more than this factor off the training spacing is reported

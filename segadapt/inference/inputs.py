@@ -14,7 +14,7 @@ from typing import Optional
 import SimpleITK as sitk
 import torch
 
-from segadapt.data.plan import PIXEL_SUFFIXES
+from segadapt.data.dataset_json import PIXEL_SUFFIXES
 from segadapt.data.readers import dicom_series_files, is_dicom_series
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", *PIXEL_SUFFIXES)

@@ -14,7 +14,7 @@ A trained-model folder (``nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configur
 The network is built with ``dynamic-network-architectures`` (nnU-Net's own network package) exactly as
 nnU-Net's ``get_network_from_plans`` does; the checkpoint is read with ``torch.load(weights_only=True)``
 (numpy scalars in its ``logging`` allowlisted, see :data:`segadapt.models.pretrained.NUMPY_SCALAR_GLOBALS`).
-:func:`plan_from_nnunet` turns the plans into segadapt's :class:`~segadapt.data.plan.Plan`, so the one
+:func:`plan_from_nnunet` turns the plans into segadapt's :class:`~segadapt.plan.planner.Plan`, so the one
 planning path sets the preprocessing the network was trained with. :func:`write_checkpoint` writes a
 checkpoint nnU-Net's predictor loads (:func:`segadapt.export.nnunet.export_nnunet` writes a run as a
 trained-model folder).
@@ -381,11 +381,11 @@ def _intensity(model: NnUNetModel) -> dict[str, Any]:
 
 
 def plan_from_nnunet(model: NnUNetModel, dataset_json: str | os.PathLike):
-    """segadapt's :class:`~segadapt.data.plan.Plan` from an nnU-Net configuration: its spacing (always
+    """segadapt's :class:`~segadapt.plan.planner.Plan` from an nnU-Net configuration: its spacing (always
     resampled to), patch size, batch size, normalisation and statistics, network stages, and the orientation
     nnU-Net's network sees for the first case of `dataset_json` (the data the run reads)."""
     from segadapt.data.dataset_json import load_dataset_json
-    from segadapt.data.plan import Plan
+    from segadapt.plan.planner import Plan
 
     config = model.config
     arch = config["architecture"]["arch_kwargs"]
@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     on the dataset's segadapt plan (a folder ``model=nnunet adapter=scratch`` pretrains); bad input exits 2."""
     import argparse
 
-    from segadapt.data.plan import load_or_make_plan
+    from segadapt.plan.planner import load_or_make_plan
 
     parser = argparse.ArgumentParser(prog="python -m segadapt.models.nnunet",
                                      description="nnU-Net plans for a PlainConvUNet on a dataset's segadapt plan")

@@ -48,7 +48,7 @@ from .auto_study import COUNTED, choose, describe, retry_interrupted, trial_reco
 from .callbacks import standard_error
 from .datamodule import SegDataModule
 from .module import SegAdaptModule
-from .planning import apply_plan, run_plan
+from segadapt.plan.apply import apply_plan, run_plan
 from .run import (METRICS_FILE, check_config_types, configure_threads, ensure_base, module_args, prepare_dataset, read_metrics,
                   run_folder_lock, train)
 

@@ -9,6 +9,8 @@ through ``/proc/self/clear_refs``) on CPU.
 
 from __future__ import annotations
 
+import json
+
 import math
 import resource
 import sys
@@ -218,7 +220,10 @@ def export_weights(module: pl.LightningModule, folder: str | Path) -> Path:
         return save_adapter(net, folder / ADAPTER_FILE)
     # clone: some networks alias one tensor under two names (DynUNet's skip_layers), which safetensors refuses
     state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
-    return save_safetensors(folder / WEIGHTS_FILE, state, metadata={"format": "segadapt-weights"})
+    # the architecture, so that model=auto adapts a base with its own network (segadapt.plan.apply.base_architecture)
+    architecture = {"name": module.hparams.get("model"), "kwargs": dict(module.hparams.get("model_kwargs") or {})}
+    return save_safetensors(folder / WEIGHTS_FILE, state, metadata={"format": "segadapt-weights",
+                                                                    "model": json.dumps(architecture)})
 
 
 class ExportWeights(pl.Callback):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -45,14 +45,7 @@ from segadapt.data import (
     fold_datasets_with_inner,
     load_dataset_json,
 )
-from segadapt.data.plan import size_unit
-
-
-def training_sampling(model: Mapping[str, Any], preprocess: Mapping[str, Any]) -> str:
-    """How one data group's training samples are drawn: 2D images (``preprocess.spatial_dims`` 2) always in
-    2D ``patch_size`` patches, volumes as the model group says (``model.sampling``: 'slice' for a 2D network,
-    'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run each get their own."""
-    return "patch" if preprocess.get("spatial_dims") == 2 else model["sampling"]
+from segadapt.data.dataset_json import size_unit
 
 
 class SegDataModule(pl.LightningDataModule):

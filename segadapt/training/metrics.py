@@ -8,7 +8,7 @@ Per case (one whole validation volume, foreground = label > 0):
   both are empty, NaN -- undefined, counted apart and left out of the mean -- when only one is);
 * lesion volume in mL = voxel count * |det(affine[:3, :3])| / 1000, for the prediction and the truth; on
   2D images (H, W) the lesion area in mm^2 = pixel count * |det(affine[:2, :2])| (in pixels when
-  the files carry no spacing: PNG, JPEG; :func:`segadapt.data.plan.size_unit`). The keys name the unit:
+  the files carry no spacing: PNG, JPEG; :func:`segadapt.data.dataset_json.size_unit`). The keys name the unit:
   ``pred_ml`` / ``true_ml``, ``pred_mm2`` / ``true_mm2``, ``pred_px`` / ``true_px`` (:func:`size_keys`; files
   written before 2D sizes had their own keys hold every unit in ``*_ml``: :func:`case_sizes` reads both).
 

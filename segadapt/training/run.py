@@ -12,8 +12,8 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
                             datamodule: SegDataModule arguments (absolute dataset_json, fold,
                                         n_folds, split_seed, the full preprocessing config, sampling)
                             trainer:    lightning.Trainer arguments
-    plan.json             the dataset plan the ``auto`` settings came from (:mod:`segadapt.training.planning`)
-    fingerprint.json      the run's own dataset as :func:`segadapt.data.plan.fingerprint` describes it (spacing,
+    plan.json             the dataset plan the ``auto`` settings came from (:mod:`segadapt.plan.apply`)
+    fingerprint.json      the run's own dataset as :func:`segadapt.plan.fingerprint.fingerprint` describes it (spacing,
                           intensities, modality, labels); ``segadapt predict`` checks inputs against it
     metrics.json          final validation metrics of the fold (and of the untuned network), per case;
                           with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
@@ -74,19 +74,20 @@ except ImportError:  # Windows: run folders are not locked there
 
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
-from segadapt.data.config import parse_number
+from segadapt.data.config import parse_number, training_sampling
 from segadapt.data.files import atomic_path, write_json
-from segadapt.data.plan import Plan, cache_fingerprint, fingerprint, load_or_make_fingerprint
+from segadapt.plan import Plan
+from segadapt.plan.apply import AUTO, PLAN_FILE, apply_plan, planned_example, run_plan
+from segadapt.plan.fingerprint import cache_fingerprint, fingerprint, load_or_make_fingerprint
 from segadapt.data.transforms import flip_axes
 from segadapt.models import load_pretrained
 
 from .callbacks import (ADAPTER_FILE, TRAIN_STATS_KEYS, WEIGHTS_FILE, ExportWeights, PhaseTimes, RunSettings, SelectBest,
                         LongerSchedule, TrainStats, export_weights,
                         progress_callbacks, standard_error)
-from .datamodule import SegDataModule, training_sampling
+from .datamodule import SegDataModule
 from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, check_classes, tuning_name
-from .planning import AUTO, PLAN_FILE, apply_plan, planned_example, run_plan
 from .postprocessing import choose_postprocessing
 from .sweep import BASE_SCORES, base_key
 
@@ -880,7 +881,7 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[b
     """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
     an existing dataset.json, and the run folder (:func:`run_folder_action`: in use, finished run, resume).
     A resume compares the run's config.yaml with the request planned as train / pretrain plan it (its ``auto``
-    values filled from the plan, :func:`~segadapt.training.planning.apply_plan`), so `cfg` may hold ``auto``.
+    values filled from the plan, :func:`~segadapt.plan.apply.apply_plan`), so `cfg` may hold ``auto``.
     Returns what the job does: :data:`SKIP`, or the checkpoint it resumes from (None: a fresh run).
     `sweep`: the job is part of a ``-m`` sweep (None: ask Hydra, :func:`in_sweep`)."""
     data = cfg["source"] if kind == "pretrain" else cfg["data"]
@@ -894,7 +895,9 @@ def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[b
     def record() -> dict[str, Any]:  # the config.yaml the job would write: planned, as train / pretrain plan it
         if not dataset.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: dataset description not found: {dataset}")
-        planned = apply_plan(cfg, run_plan(cfg, pretraining=kind == "pretrain", prepare=_existing_dataset), show=False)
+        pretraining = kind == "pretrain"
+        planned = apply_plan(cfg, run_plan(cfg, pretraining, prepare=_existing_dataset), show=False,
+                             pretraining=pretraining)
         args = _fit_args(planned, kind, dataset.resolve())
         return run_record(Path(args.pop("run_dir")).resolve(), threads=torch.get_num_threads(), **args)
 
@@ -920,7 +923,7 @@ def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Full training of the network from random init on the source dataset (``cfg.source``), holding out
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     plan = run_plan(cfg, pretraining=True, prepare=prepare_dataset)
-    cfg = apply_plan(cfg, plan)
+    cfg = apply_plan(cfg, plan, pretraining=True)
     action = check_request(cfg, "pretrain", sweep=False)  # a finished base is kept, never skipped unseen
     kept = _kept_or_resumed(cfg["pretrain"]["run_dir"], action, None)
     if kept is not None:

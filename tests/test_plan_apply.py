@@ -1,4 +1,4 @@
-"""The plan decides the `auto` values of a run config (segadapt.training.planning), and the hippocampus
+"""The plan decides the `auto` values of a run config (segadapt.plan.apply), and the hippocampus
 experiment config runs end to end on a small subset of the real set."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segadapt.data.plan import Plan
-from segadapt.training.planning import AUTO, PLAN_FILE, apply_plan, run_plan
+from segadapt.plan import Plan
+from segadapt.plan.apply import AUTO, PLAN_FILE, apply_plan, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus_msd"
@@ -74,10 +74,14 @@ def test_run_plan_uses_the_base_s_stored_plan_for_segadapt_s_own_base(tmp_path):
     base_dir.mkdir(parents=True)
     PLAN.to_json(base_dir / PLAN_FILE)
 
-    def never(data):
-        raise AssertionError(f"{data['name']} should not be planned: the base's plan.json decides")
+    prepared = []
 
-    assert run_plan(cfg, pretraining=False, prepare=never) == PLAN
+    def source_never(data):  # the run's own cases are prepared (they decide its schedule), not planned
+        if data["name"] != cfg["data"]["name"]:
+            raise AssertionError(f"{data['name']} should not be planned: the base's plan.json decides")
+        prepared.append(data["name"])
+
+    assert run_plan(cfg, pretraining=False, prepare=source_never) == PLAN and prepared == ["phantom_sah"]
 
     class Planned(Exception):
         pass
@@ -135,7 +139,8 @@ def test_generic_ct_path_runs_with_the_plan_s_statistics(tmp_path, capsys, monke
     'ct_zscore' statistics reach both datasets' preprocessing (they were lost: no `clip_range` key in the
     generic config), the base is pretrained and adapted for two steps; config.yaml and plan.json read back."""
     from segadapt.data.phantom import make_phantom_dataset
-    from segadapt.training import planning, train
+    from segadapt.plan import apply as planning
+    from segadapt.training import train
 
     monkeypatch.setattr(planning, "_printed", set())  # a plan is printed once per process: an earlier test's counts
     grid = {"shape": [32, 32, 16], "spacing": [6.9, 6.9, 10.0]}

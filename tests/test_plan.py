@@ -15,18 +15,12 @@ from monai.data import MetaTensor
 
 from segadapt.cli import main as cli_main
 from segadapt.data import PreprocessConfig, pair_cases_by_name, val_transforms, write_dataset_json
-from segadapt.data import plan as plan_module
 from segadapt.data.config import PIPELINE_VERSION
 from segadapt.data.files import save_nifti
-from segadapt.data.plan import (
-    Plan,
-    border_background,
-    fingerprint,
-    fit_patch,
-    load_or_make_plan,
-    make_plan,
-    pooling_topology,
-)
+from segadapt.plan import fingerprint as fingerprint_module
+from segadapt.plan import Plan, load_or_make_plan, make_plan
+from segadapt.plan.fingerprint import border_background, fingerprint
+from segadapt.plan.topology import fit_patch, pooling_topology
 from segadapt.data.transforms import CTZScored, ZScored
 from segadapt.models.unet3d import build_dynunet, build_unet
 
@@ -303,8 +297,8 @@ def test_plan_round_trips_and_builds_its_networks(tmp_path, body_set):
 
 def test_load_or_make_plan_reads_the_cases_once_per_content(tmp_path, body_set, monkeypatch):
     calls = []
-    real = plan_module.fingerprint
-    monkeypatch.setattr(plan_module, "fingerprint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fingerprint_module.fingerprint
+    monkeypatch.setattr(fingerprint_module, "fingerprint", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = load_or_make_plan(body_set, tmp_path / "plans")
     again = load_or_make_plan(body_set, tmp_path / "plans")
     assert first == again and len(calls) == 1
