@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from segadapt.data.files import atomic_path, write_json
+from segadapt.io import atomic_path, write_json
 from segadapt.errors import exits_on_user_error
 from segadapt.models import MultiViewUNet, build_model, target_presets
 

@@ -50,7 +50,7 @@ from torch import nn
 
 import segadapt
 from segadapt.data import PreprocessConfig
-from segadapt.data.files import atomic_path, check_output_folder, write_json
+from segadapt.io import atomic_path, check_output_folder, write_json
 from segadapt.export_common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities
 from segadapt.training.run import FINGERPRINT_FILE, open_run

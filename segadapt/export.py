@@ -63,7 +63,7 @@ from segadapt.adapters import (AdapterConfig, active_adapter, adapted_layers, ad
 from segadapt.adapters.dora import DoRA
 from segadapt.adapters.io import trained_copies
 from segadapt.bundle import BUNDLE_FILES, export_bundle, inference_config
-from segadapt.data.files import check_output_file, check_output_folder, save_safetensors, write_json
+from segadapt.io import check_output_file, check_output_folder, save_safetensors, write_json
 from segadapt.export_common import check_targets, load_run_for_export, read_export_config
 from segadapt.export_nnunet import export_nnunet, nnunet_targets
 from segadapt.models import build_model

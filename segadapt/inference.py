@@ -71,7 +71,8 @@ from segadapt.adapters.trained import use_trained_copies
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json, make_phantom_dataset
 from segadapt.data.plan import PIXEL_SUFFIXES
 from segadapt.data.readers import dicom_series_files, is_dicom_series
-from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
+from segadapt.io import atomic_path, check_output_file, check_output_folder, stale_temp_files
+from segadapt.data.files import nifti_image
 from segadapt.dicom_seg import check_dicom_seg_request, parse_segment_code, segment_codes, write_dicom_seg
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.models.pretrained import read_state_dict

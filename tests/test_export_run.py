@@ -25,7 +25,7 @@ from torch import nn
 from segadapt.adapters import adapted_layers, set_active_adapter
 from segadapt.bundle import BUNDLE_FILES, INFERENCE_CONFIG, METADATA, MODEL_FILE, export_bundle, network_def, preprocessing
 from segadapt.data import PreprocessConfig, make_phantom_dataset
-from segadapt.data.files import save_safetensors
+from segadapt.io import save_safetensors
 from segadapt.export import PEFT_BASE_FILE, PEFT_CONFIG_FILE, export_peft, load_merged, main
 from segadapt.export_common import load_run_for_export
 from segadapt.inference import Predictor

@@ -71,7 +71,7 @@ from segadapt.parsers import plan_parser
 
 from .config import INTENSITY_MODES, PreprocessConfig
 from .dataset_json import DatasetDescription, load_dataset_json
-from .files import check_output_file, write_json
+from segadapt.io import check_output_file, write_json
 from .loading import LoadCased
 from .transforms import differs_from_background
 

@@ -127,7 +127,7 @@ def read_results(folder: str | os.PathLike | None, configuration: str = "3d_full
     if folder is None:
         raise ValueError("model=nnunet needs model.kwargs.results=DIR, an nnU-Net trained-model folder "
                          "(plans.json, dataset.json, fold_<k>/checkpoint_final.pth)")
-    from segadapt.data.files import read_json_object
+    from segadapt.io import read_json_object
 
     folder = Path(folder).expanduser().absolute()
     plans = read_json_object(folder / PLANS_FILE, "nnU-Net plans")
@@ -284,7 +284,7 @@ def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
                      mirroring_axes: Optional[Sequence[int]] = (0, 1, 2), epoch: int = 0) -> Path:
     """Write ``state`` as nnU-Net's ``checkpoint_final.pth`` (the keys ``nnUNetTrainer.save_checkpoint``
     writes; no optimiser, grad-scaler or logging state: the file predicts, it does not resume nnU-Net training)."""
-    from segadapt.data.files import atomic_path
+    from segadapt.io import atomic_path
 
     checkpoint = {
         "network_weights": {k: v.detach().cpu().contiguous() for k, v in state.items()},
@@ -495,7 +495,7 @@ def nnunet_plans(plan, dataset_json: str | os.PathLike, features: Sequence[int] 
 
 def write_plans(out_dir: str | os.PathLike, plans: Mapping, dataset: Mapping) -> Path:
     """plans.json + dataset.json of a trained-model folder (no checkpoint yet: ``adapter=scratch`` trains one)."""
-    from segadapt.data.files import write_json
+    from segadapt.io import write_json
 
     out_dir = Path(out_dir)
     write_json(out_dir / PLANS_FILE, dict(plans))

@@ -75,7 +75,7 @@ except ImportError:  # Windows: run folders are not locked there
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number
-from segadapt.data.files import atomic_path, write_json
+from segadapt.io import atomic_path, write_json
 from segadapt.data.plan import Plan, cache_fingerprint, fingerprint, load_or_make_fingerprint
 from segadapt.data.transforms import flip_axes
 from segadapt.models import load_pretrained
