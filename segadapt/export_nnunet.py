@@ -15,8 +15,9 @@ from typing import Any
 from segadapt.adapters import merge_and_unload
 from segadapt.io import write_json
 from segadapt.export_common import check_targets
-from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, plan_from_nnunet,
-                                    read_results, write_checkpoint)
+from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, read_results,
+                                    write_checkpoint)
+from segadapt.plan.nnunet import plan_from_nnunet
 from segadapt.training.run import load_run
 
 

@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 from segadapt.errors import OneLineParser
 
-# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.diagnose.TOP_K / EPSILON
+# segadapt.data.config.INTENSITY_MODES, segadapt.data.plan.REFERENCE_GB, segadapt.diagnose.TOP_K / EPSILON,
+# segadapt.plan.nnunet's normalisation schemes
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 REFERENCE_GB = 8.0
 TOP_K, EPSILON = 10, 0.5
+NNUNET_SCHEMES = ("ct_zscore", "mri", "rgb", "zscore")  # segadapt.plan.nnunet's intensity modes with an nnU-Net scheme
 SEGMENT_CODE_HELP = ("LABEL=CATEGORY/TYPE, LABEL a label value or name, CATEGORY and TYPE each a SNOMED CT keyword of "
                      "pydicom.sr.codedict (AnatomicalStructure, Brain) or SCHEME:VALUE:MEANING (SCT:12738006:Brain)")
 DIAGNOSE_SUMMARY = ("Spectral diagnostics of what a tuning did to each layer: ``segadapt diagnose RUN_DIR "
@@ -105,6 +107,19 @@ def diagnose_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=".", help="folder for diagnose.csv and diagnose.png (default: .)")
     parser.add_argument("--top-k", type=int, default=TOP_K, help=f"singular vectors checked for intruders (default {TOP_K})")
     parser.add_argument("--epsilon", type=float, default=EPSILON, help=f"cosine threshold of an intruder (default {EPSILON})")
+    return parser
+
+
+def nnunet_plans_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m segadapt.plan.nnunet",
+                           description="nnU-Net plans for a PlainConvUNet on a dataset's segadapt plan")
+    parser.add_argument("dataset_json")
+    parser.add_argument("out_dir")
+    parser.add_argument("--cache-dir", default="runs/plans", help="plan cache (default runs/plans)")
+    parser.add_argument("--features", type=int, nargs="+", help="features per stage (default: the plan's)")
+    parser.add_argument("--patch-size", type=int, nargs=3, help="patch size (default: the plan's)")
+    parser.add_argument("--intensity", choices=NNUNET_SCHEMES, help="normalisation (default: the plan's)")
+    parser.add_argument("--batch-size", type=int, help="patches per step (default: the plan's)")
     return parser
 
 

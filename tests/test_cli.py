@@ -112,12 +112,14 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     import segadapt.diagnose
     import segadapt.export
     import segadapt.inference
+    import segadapt.plan.nnunet
     from segadapt import parsers
 
     assert parsers.INTENSITY_MODES == segadapt.data.config.INTENSITY_MODES
     assert parsers.REFERENCE_GB == segadapt.data.plan.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.diagnose.TOP_K, segadapt.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.diagnose.__doc__.splitlines()[0]
+    assert parsers.NNUNET_SCHEMES == tuple(sorted(segadapt.plan.nnunet._SCHEMES))
     own = {"predict": segadapt.inference.main, "export": segadapt.export.main, "plan": segadapt.data.plan.main,
            "diagnose": segadapt.diagnose.main, "report": report_main}
     for command, command_main in own.items():

@@ -23,8 +23,8 @@ from segadapt.adapters import AdapterConfig, inject  # noqa: E402
 from segadapt.data import LoadCased, load_dataset_json  # noqa: E402
 from segadapt.models import build_model, load_pretrained, preset_targets  # noqa: E402
 from segadapt.export_nnunet import export_nnunet  # noqa: E402
-from segadapt.models.nnunet import (  # noqa: E402
-    network_orientation, plan_from_nnunet, read_checkpoint, read_results, transpose_for)
+from segadapt.models.nnunet import read_checkpoint, read_results  # noqa: E402
+from segadapt.plan.nnunet import network_orientation, plan_from_nnunet, transpose_for  # noqa: E402
 from segadapt.training import SegAdaptModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

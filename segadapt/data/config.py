@@ -6,9 +6,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from segadapt.models.multiview_unet import SLICE_AXES
+
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
-SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
 AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (RandSliced's 'view') -> view
 
 # Bump when the deterministic (cached) part of the pipelines or the cache file format changes, to invalidate

@@ -46,13 +46,15 @@ from segadapt.data import (
     load_dataset_json,
 )
 from segadapt.data.plan import size_unit
+from segadapt.models import model_spec
 
 
 def training_sampling(model: Mapping[str, Any], preprocess: Mapping[str, Any]) -> str:
     """How one data group's training samples are drawn: 2D images (``preprocess.spatial_dims`` 2) always in
-    2D ``patch_size`` patches, volumes as the model group says (``model.sampling``: 'slice' for a 2D network,
-    'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run each get their own."""
-    return "patch" if preprocess.get("spatial_dims") == 2 else model["sampling"]
+    2D ``patch_size`` patches, volumes as the model's spec says (``sampling`` of :class:`segadapt.models.ModelSpec`:
+    'slice' for a 2D network, 'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run
+    each get their own."""
+    return "patch" if preprocess.get("spatial_dims") == 2 else model_spec(model["name"]).sampling
 
 
 class SegDataModule(pl.LightningDataModule):

@@ -1,0 +1,1 @@
+"""Dataset plans: what a dataset decides about preprocessing and networks."""
