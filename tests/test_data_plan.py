@@ -28,7 +28,8 @@ from segadapt.data.plan import (
     pooling_topology,
 )
 from segadapt.data.transforms import CTZScored, ZScored
-from segadapt.models.unet3d import build_dynunet, build_unet
+from segadapt.models.dynunet import build_dynunet
+from segadapt.models.unet import build_unet
 
 LABELS = {0: "background", 1: "lesion", 2: "core"}
 

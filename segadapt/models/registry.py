@@ -6,8 +6,8 @@ head modules, the model arguments a dataset plan fills, and how a MONAI bundle r
 Adding a model is one network file (it calls :func:`register`) and one ``configs/model/<name>.yaml``.
 
 A model file outside segadapt registers a spec named after its module (``ModelSpec(name=__name__, ...)``);
-``model.name`` in a config is then that module's dotted path, imported on first use (as Hydra's
-``_target_``).
+``model.name`` in a config is then that module's (dotted) name, imported on first use, as Hydra imports a
+``_target_`` (the module must be importable: on ``sys.path`` / ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -84,14 +84,20 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The spec of model `name`; a dotted name not registered yet is imported first (its module registers it)."""
-    if name not in MODELS and "." in str(name):
+    """The spec of model `name`; a name not registered yet is imported as a module first (it registers itself).
+
+    Raises:
+        ValueError: no module of that name, or one that registers no model `name` (the message lists the models).
+    """
+    if name not in MODELS and all(part.isidentifier() for part in str(name).split(".")):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:
-            raise ValueError(f"unknown model {name!r}: module {error.name!r} not found") from None
+            if not (name == error.name or name.startswith(f"{error.name}.")):
+                raise  # the model's module exists but lacks one of its own imports
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)} (or a module that registers "
+                         "a ModelSpec of its own name)")
     return MODELS[name]
 
 
