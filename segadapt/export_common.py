@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from segadapt.adapters import load_adapter
+from segadapt.models import model_spec
 from segadapt.models.pretrained import load_pretrained
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule
 from segadapt.training.run import open_run
@@ -35,11 +36,8 @@ def run_files(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict[Pat
     read = {"the run's base checkpoint": module.get("base_checkpoint"),
             "the run's dataset.json": data.get("dataset_json"),
             "the run's splits file": data.get("splits_path")}
-    if module.get("model") == "nnunet" and kwargs.get("results"):
-        results = Path(kwargs["results"])
-        read.update({"the run's nnU-Net plans": results / "plans.json",
-                     "the run's nnU-Net dataset.json": results / "dataset.json",
-                     "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / "checkpoint_final.pth"})
+    if module.get("model"):
+        read.update(model_spec(module["model"]).input_files(kwargs))
     files.update({Path(path): what for what, path in read.items() if path})
     return files
 

@@ -305,8 +305,17 @@ def nnunet_presets(model: nn.Module) -> dict[str, list[str]]:
     return split_presets(model, parts, "all_conv")
 
 
+def nnunet_input_files(kwargs: Mapping[str, Any]) -> dict[str, Path]:
+    """The trained-model folder's plans, dataset.json and fold checkpoint (none without ``results``)."""
+    if not kwargs.get("results"):
+        return {}
+    results = Path(kwargs["results"])
+    return {"the run's nnU-Net plans": results / PLANS_FILE, "the run's nnU-Net dataset.json": results / DATASET_FILE,
+            "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / CHECKPOINT_FILE}
+
+
 # no heads (a base with another class count is refused), no bundle (the network needs its plans folder: --nnunet)
 SPEC = register(ModelSpec(
     name="nnunet", build=build_nnunet, network_types=tuple(NETWORK_CLASSES.values()), sampling="patch",
-    presets=nnunet_presets, bundle_network=None,
+    presets=nnunet_presets, bundle_network=None, input_files=nnunet_input_files,
 ))

@@ -13,8 +13,9 @@ A model file outside segadapt registers a spec named after its module (``ModelSp
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
@@ -50,6 +51,8 @@ class ModelSpec:
         multi_view: the network takes slices with their views (``forward(slices, views)``) and predicts whole
             volumes itself (``predict_volume(volume, slice_batch_size)``, probabilities).
         own_checkpoint: the builder loads its own pretrained file (``checkpoint`` goes to it).
+        input_files: model arguments -> {what: path} of the files the network is built from beside the base
+            checkpoint (an nnU-Net folder's plans), which an export must not overwrite.
     """
 
     name: str
@@ -64,6 +67,7 @@ class ModelSpec:
     bundle_kwargs: Optional[Callable[[dict], dict]] = None
     multi_view: bool = False
     own_checkpoint: bool = False
+    input_files: Callable[[Mapping[str, Any]], dict[str, Path]] = lambda kwargs: {}
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
