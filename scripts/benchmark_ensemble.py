@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from segadapt.adapters import set_active_adapter
 from segadapt.data import inference_transforms, make_phantom_dataset
-from segadapt.data.files import write_json
+from segadapt.io import write_json
 from segadapt.errors import exits_on_user_error
 from segadapt.export.merged import export_merged
 from segadapt.inference import Predictor

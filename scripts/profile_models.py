@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from segadapt.data.files import atomic_path, write_json
+from segadapt.io import atomic_path, write_json
 from segadapt.errors import exits_on_user_error
-from segadapt.models import MultiViewUNet, build_model, target_presets
+from segadapt.models import build_model, target_presets
+from segadapt.models.registry import spec_of
 
 # (row name, build_model name, kwargs, input shape at typical size, input shape with --small)
 CASES = [
@@ -39,9 +40,9 @@ CASES = [
 
 def forward_call(model: torch.nn.Module, x: torch.Tensor):
     """The call timed for a model: a 2D/3D forward, or the multi-view volume predictor for 5D input."""
-    if isinstance(model, MultiViewUNet) and x.ndim == 5:
+    if spec_of(model).multi_view and x.ndim == 5:
         return lambda: model.predict_volume(x, slice_batch_size=16)
-    if isinstance(model, MultiViewUNet):
+    if spec_of(model).multi_view:
         return lambda: model(x, view="axial")
     return lambda: model(x)
 

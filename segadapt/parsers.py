@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 from segadapt.errors import OneLineParser
 
-# segadapt.data.config.INTENSITY_MODES, segadapt.plan.topology.REFERENCE_GB, segadapt.inference.diagnose.TOP_K / EPSILON
+# segadapt.data.config.INTENSITY_MODES, segadapt.plan.topology.REFERENCE_GB, segadapt.inference.diagnose.TOP_K / EPSILON,
+# segadapt.plan.nnunet's normalisation schemes
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 REFERENCE_GB = 8.0
 TOP_K, EPSILON = 10, 0.5
+NNUNET_SCHEMES = ("ct_zscore", "mri", "rgb", "zscore")  # segadapt.plan.nnunet's intensity modes with an nnU-Net scheme
 SEGMENT_CODE_HELP = ("LABEL=CATEGORY/TYPE, LABEL a label value or name, CATEGORY and TYPE each a SNOMED CT keyword of "
                      "pydicom.sr.codedict (AnatomicalStructure, Brain) or SCHEME:VALUE:MEANING (SCT:12738006:Brain)")
 DIAGNOSE_SUMMARY = ("Spectral diagnostics of what a tuning did to each layer: ``segadapt diagnose RUN_DIR "
@@ -130,6 +132,19 @@ def auto_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=_int_list, metavar="K[,K...]", help="outer folds to search, e.g. 0,2 (default: all)")
     parser.add_argument("--config-dir", default="configs", help="the configs folder (default: %(default)s)")
     parser.add_argument("--space", help="the search space (default: <config-dir>/auto.yaml)")
+    return parser
+
+
+def nnunet_plans_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m segadapt.plan.nnunet",
+                           description="nnU-Net plans for a PlainConvUNet on a dataset's segadapt plan")
+    parser.add_argument("dataset_json")
+    parser.add_argument("out_dir")
+    parser.add_argument("--cache-dir", default="runs/plans", help="plan cache (default runs/plans)")
+    parser.add_argument("--features", type=int, nargs="+", help="features per stage (default: the plan's)")
+    parser.add_argument("--patch-size", type=int, nargs=3, help="patch size (default: the plan's)")
+    parser.add_argument("--intensity", choices=NNUNET_SCHEMES, help="normalisation (default: the plan's)")
+    parser.add_argument("--batch-size", type=int, help="patches per step (default: the plan's)")
     return parser
 
 

@@ -33,7 +33,8 @@ from segadapt.adapters import AdapterConfig, inject, load_adapter, merge, save_a
 from monai.transforms import LoadImage
 
 from segadapt.data import CaseError, PreprocessConfig, SimpleITKReader, make_loader, val_transforms
-from segadapt.data.files import save_nifti, save_safetensors, write_json
+from segadapt.io import save_safetensors, write_json
+from segadapt.data.files import save_nifti
 from segadapt.data.loading import LoadCased
 from segadapt.data.readers import read_dicom_series
 from segadapt.export.cli import main as export_main

@@ -109,6 +109,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert lines[-1] == "[]" and lines.count("EXIT 0") == len(PARSERS), done.stdout[-2000:] + done.stderr[-2000:]
     import segadapt.data.config
     import segadapt.plan.cli
+    import segadapt.plan.nnunet
     import segadapt.plan.topology
     import segadapt.export.cli
     import segadapt.inference.cli
@@ -120,6 +121,7 @@ def test_subcommand_help_is_the_commands_own_without_importing_torch(capsys):
     assert parsers.REFERENCE_GB == segadapt.plan.topology.REFERENCE_GB
     assert (parsers.TOP_K, parsers.EPSILON) == (segadapt.inference.diagnose.TOP_K, segadapt.inference.diagnose.EPSILON)
     assert parsers.DIAGNOSE_SUMMARY == segadapt.inference.diagnose.__doc__.splitlines()[0]
+    assert parsers.NNUNET_SCHEMES == tuple(sorted(segadapt.plan.nnunet._SCHEMES))
     own = {"predict": segadapt.inference.cli.main, "export": segadapt.export.cli.main, "plan": segadapt.plan.cli.main,
            "diagnose": segadapt.inference.diagnose.main, "report": report_main, "auto": segadapt.training.auto.main}
     for command, command_main in own.items():

@@ -148,7 +148,7 @@ def test_size_unit_and_spatial_dims_follow_the_files(tmp_path):
 def test_source_and_target_sample_as_their_own_data():
     """A 2D ViT with a 2D target (DRIVE) and a 3D source (the phantom volumes): the source trains on axial
     slices of its volumes, the target on 2D patches, each with its own inference window; the same holds the
-    other way round, whatever model.sampling says for volumes."""
+    other way round, whatever the model's sampling is for volumes."""
     cfg = _compose("model=vit_seg", "data=drive")
     source, target = cfg["source"], cfg["data"]
     assert datamodule_args(cfg, source, Path("s.json"), 0)["sampling"] == "slice"

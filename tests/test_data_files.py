@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from segadapt.data.files import atomic_path, write_json
+from segadapt.io import atomic_path, write_json
 
 
 @pytest.fixture()

@@ -25,7 +25,7 @@ from torch import nn
 from segadapt.adapters import adapted_layers, set_active_adapter
 from segadapt.adapters.peft import PEFT_CONFIG_FILE
 from segadapt.data import PreprocessConfig, make_phantom_dataset
-from segadapt.data.files import save_safetensors
+from segadapt.io import save_safetensors
 from segadapt.export.bundle import BUNDLE_FILES, INFERENCE_CONFIG, METADATA, MODEL_FILE, export_bundle, network_def, preprocessing
 from segadapt.export.cli import main
 from segadapt.export.common import load_run_for_export

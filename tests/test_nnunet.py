@@ -23,8 +23,8 @@ from segadapt.adapters import AdapterConfig, inject  # noqa: E402
 from segadapt.data import LoadCased, load_dataset_json  # noqa: E402
 from segadapt.models import build_model, load_pretrained, preset_targets  # noqa: E402
 from segadapt.export.nnunet import export_nnunet  # noqa: E402
-from segadapt.models.nnunet import (  # noqa: E402
-    network_orientation, plan_from_nnunet, read_checkpoint, read_results, transpose_for)
+from segadapt.models.nnunet import read_checkpoint, read_results  # noqa: E402
+from segadapt.plan.nnunet import network_orientation, plan_from_nnunet, transpose_for  # noqa: E402
 from segadapt.training import SegAdaptModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,3 +306,18 @@ def test_model_nnunet_without_a_results_folder_is_one_clear_error(tmp_path, worl
     cfg = _cfg(tmp_path, world, **{"model.kwargs.results": "null"})
     with pytest.raises(ValueError, match=r"model=nnunet needs model.kwargs.results=DIR"):
         run_plan(cfg, pretraining=False, prepare=lambda data: Path(data["dataset_json"]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "error: dataset description not found: "),
+    (["--intensity", "ct"], "error: python -m segadapt.plan.nnunet: argument --intensity: invalid choice: 'ct'"),
+])
+def test_plans_command_refuses_bad_input_in_one_line(tmp_path, capsys, extra, message):
+    """`python -m segadapt.plan.nnunet` (the one-line parser and handler): one error line, exit 2, nothing written."""
+    from segadapt.plan.nnunet import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "missing.json"), str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,8 @@ from segadapt.plan import Plan, load_or_make_plan, make_plan
 from segadapt.plan.fingerprint import border_background, fingerprint
 from segadapt.plan.topology import fit_patch, pooling_topology
 from segadapt.data.transforms import CTZScored, ZScored
-from segadapt.models.unet3d import build_dynunet, build_unet
+from segadapt.models.dynunet import build_dynunet
+from segadapt.models.unet import build_unet
 
 LABELS = {0: "background", 1: "lesion", 2: "core"}
 

@@ -228,7 +228,7 @@ def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp
 
     from segadapt.export.bundle import export_bundle
     from segadapt.data import PreprocessConfig, make_phantom_dataset
-    from segadapt.data.files import save_safetensors
+    from segadapt.io import save_safetensors
     from segadapt.models import build_model
     from segadapt.training import fit_run
 

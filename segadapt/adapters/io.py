@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from segadapt.data.files import save_safetensors
+from segadapt.io import save_safetensors
 
 from .config import AdapterConfig
 from .model import active_adapter, adapted_layers, adapter_names, inject, remove_adapter, set_active_adapter

@@ -44,7 +44,7 @@ from monai.transforms.utils import reset_ops_id
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .files import file_digest, save_safetensors
+from segadapt.io import file_digest, save_safetensors
 
 FORMAT = "segadapt-cache-item"
 FORMAT_VERSION = "1"
@@ -103,7 +103,7 @@ def _decode(tree: object, tensors: Mapping[str, torch.Tensor]) -> object:
 
 def item_source(data: Mapping[str, object]) -> dict:
     """What a cached item was made from: the case id and, per path key ('image', 'label'), each file's resolved
-    path and SHA-256 (:func:`~segadapt.data.files.file_digest`, hashed once per process and file state)."""
+    path and SHA-256 (:func:`~segadapt.io.file_digest`, hashed once per process and file state)."""
     files = {}
     for key in ("image", "label"):
         if key in data:

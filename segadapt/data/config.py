@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from segadapt.models import model_spec
+from segadapt.models.multiview_unet import SLICE_AXES
+
 INTENSITY_MODES = ("ct", "ct_zscore", "zscore", "mri", "rgb")
 CACHE_MODES = ("none", "memory", "disk")
-SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS array axis normal to each view
 AXIS_VIEWS = {axis: view for view, axis in SLICE_AXES.items()}  # normal axis (RandSliced's 'view') -> view
 
 # Bump when the deterministic (cached) part of the pipelines or the cache file format changes, to invalidate
@@ -185,6 +187,7 @@ class PreprocessConfig:
 
 def training_sampling(model: Mapping[str, Any], preprocess: Mapping[str, Any]) -> str:
     """How one data group's training samples are drawn: 2D images (``preprocess.spatial_dims`` 2) always in
-    2D ``patch_size`` patches, volumes as the model group says (``model.sampling``: 'slice' for a 2D network,
-    'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run each get their own."""
-    return "patch" if preprocess.get("spatial_dims") == 2 else model["sampling"]
+    2D ``patch_size`` patches, volumes as the model's spec says (``sampling`` of :class:`segadapt.models.ModelSpec`:
+    'slice' for a 2D network, 'patch' for a 3D one). So a 2D target and a 3D source (or the reverse) of one run
+    each get their own."""
+    return "patch" if preprocess.get("spatial_dims") == 2 else model_spec(model["name"]).sampling

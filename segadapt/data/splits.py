@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from segadapt.io import write_json
+
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json
-from .files import write_json
 from .loading import CaseError
 from .readers import make_loader
 

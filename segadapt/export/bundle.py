@@ -50,14 +50,13 @@ from torch import nn
 
 import segadapt
 from segadapt.data import PreprocessConfig, preprocessing_spec
-from segadapt.data.files import atomic_path, check_output_folder, write_json
+from segadapt.io import atomic_path, check_output_folder, write_json
 from segadapt.export.common import check_targets, load_run_for_export
-from segadapt.models import MODELS, logits_to_probabilities
+from segadapt.models import MODELS, logits_to_probabilities, model_spec
+from segadapt.models.registry import SEGADAPT_BUILDER
 from segadapt.training.run import FINGERPRINT_FILE, open_run
 from segadapt.training.postprocessing import chosen_classes
 
-BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class
-SEGADAPT_NETWORKS = ("multiview_unet", "vit_seg", "sam")  # no MONAI class: segadapt.models.build_model
 WEIGHT_FILE_KWARGS = ("checkpoint", "encoder_weights")  # builder arguments naming pretrained files (SAM, ViT)
 INFERENCE_CONFIG = Path("configs") / "inference.json"
 METADATA = Path("configs") / "metadata.json"
@@ -91,28 +90,28 @@ META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
 
 
 def network_def(model: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The bundle's ``network_def``: the plain MONAI class of `model` (``dynunet``, ``unet3d``) with the keyword
-    arguments that segadapt's builder (``segadapt.models.MODELS[model]``) gives it, defaults filled in; segadapt's
-    own networks (``multiview_unet``, ``vit_seg``, ``sam``) through ``segadapt.models.build_model``.
+    """The bundle's ``network_def`` (the model's ``bundle_network``, :class:`segadapt.models.ModelSpec`): a plain
+    MONAI class (``dynunet``, ``unet3d``) with the keyword arguments that segadapt's builder gives it, defaults
+    filled in; segadapt's own networks (``multiview_unet``, ``vit_seg``, ``sam``) through
+    ``segadapt.models.build_model``.
 
     Raises:
         ValueError: `model` cannot be rebuilt from the bundle alone (``nnunet``: its plans folder; use --nnunet).
     """
-    if model in SEGADAPT_NETWORKS:
+    spec = model_spec(model)
+    if spec.bundle_network == SEGADAPT_BUILDER:
         kwargs = {k: v for k, v in model_kwargs.items() if k not in WEIGHT_FILE_KWARGS}  # the weights: model.pt
-        return {"_target_": "segadapt.models.build_model", "name": model, **json.loads(json.dumps(kwargs))}
-    if model not in BUNDLE_NETWORKS:
-        raise ValueError(f"model {model!r} cannot be a MONAI bundle; bundles support "
-                         f"{', '.join([*BUNDLE_NETWORKS, *SEGADAPT_NETWORKS])} (use the merged export"
-                         f"{' or --nnunet' if model == 'nnunet' else ''} instead)")
-    arguments = inspect.signature(MODELS[model]).bind(**model_kwargs)
+        return {"_target_": SEGADAPT_BUILDER, "name": model, **json.loads(json.dumps(kwargs))}
+    if spec.bundle_network is None:
+        supported = [name for name, other in MODELS.items() if other.bundle_network is not None]
+        raise ValueError(f"model {model!r} cannot be a MONAI bundle; bundles support {', '.join(supported)} (use the "
+                         "merged export instead, or --nnunet for model=nnunet)")
+    arguments = inspect.signature(spec.build).bind(**model_kwargs)
     arguments.apply_defaults()
     kwargs = dict(arguments.arguments)
-    if model == "dynunet":  # build_dynunet's names and its one derived default
-        kwargs["norm_name"] = kwargs.pop("norm")
-        if kwargs["upsample_kernel_size"] is None:
-            kwargs["upsample_kernel_size"] = list(kwargs["strides"])[1:]
-    return {"_target_": BUNDLE_NETWORKS[model], **json.loads(json.dumps(kwargs))}
+    if spec.bundle_kwargs is not None:
+        kwargs = spec.bundle_kwargs(kwargs)
+    return {"_target_": spec.bundle_network, **json.loads(json.dumps(kwargs))}
 
 
 def _image_channels(config: Mapping[str, Any], preprocess: PreprocessConfig) -> int:
@@ -132,7 +131,7 @@ def preprocessing(cfg: PreprocessConfig, channels: int) -> dict[str, Any]:
 def _inferer(module: Mapping[str, Any], cfg: PreprocessConfig) -> Any:
     """SegAdaptModule.predict_probabilities as the bundle's ``inferer`` (image, network) -> logits, or the
     multi-view UNet's fused probabilities (its own volume prediction)."""
-    if module["model"] == "multiview_unet":
+    if model_spec(module["model"]).multi_view:
         return f"$lambda image, net: net.predict_volume(image, slice_batch_size={int(module.get('slice_batch_size', 32))})"
     roi = module.get("roi_size")
     if roi is None:
@@ -160,7 +159,7 @@ def inference_config(config: Mapping[str, Any], bundle_root: str | os.PathLike =
     inferer = _inferer(module, cfg)
     out_channels = int(module.get("model_kwargs", {}).get("out_channels", 1))
     threshold = float(module.get("threshold", 0.5))
-    activation = [] if module["model"] == "multiview_unet" else [  # the multi-view UNet gives probabilities
+    activation = [] if model_spec(module["model"]).multi_view else [  # the multi-view UNet gives probabilities
         {"_target_": "Activationsd", "keys": "pred", **({"sigmoid": True} if out_channels == 1 else {"softmax": True})}]
     discrete = {"threshold": "@threshold"} if out_channels == 1 else {"argmax": True}
     pipeline = preprocessing(cfg, channels)
@@ -273,7 +272,7 @@ def _check_network(net: nn.Module, definition: Mapping[str, Any], state: Mapping
     argument the mapping missed would make it silently wrong)."""
     plain = ConfigParser({"network_def": dict(definition)}).get_parsed_content("network_def")
     plain.load_state_dict(state)
-    if definition["_target_"] not in BUNDLE_NETWORKS.values():  # segadapt's own builder: the same class, loaded strictly
+    if definition["_target_"] == SEGADAPT_BUILDER:  # segadapt's own builder: the same class, loaded strictly
         return
     x = torch.randn(1, in_channels, *roi, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

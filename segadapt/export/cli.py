@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-from segadapt.data.files import check_output_file, check_output_folder
+from segadapt.io import check_output_file, check_output_folder
 from segadapt.export.bundle import BUNDLE_FILES, export_bundle, inference_config
 from segadapt.export.common import check_targets, load_run_for_export, read_export_config
 from segadapt.export.merged import PEFT_FILES, export_merged, export_peft

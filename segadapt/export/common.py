@@ -14,6 +14,7 @@ import yaml
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from segadapt.models import model_spec
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE
 from segadapt.training.run import load_run, open_run
 
@@ -33,11 +34,8 @@ def run_files(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict[Pat
     read = {"the run's base checkpoint": module.get("base_checkpoint"),
             "the run's dataset.json": data.get("dataset_json"),
             "the run's splits file": data.get("splits_path")}
-    if module.get("model") == "nnunet" and kwargs.get("results"):
-        results = Path(kwargs["results"])
-        read.update({"the run's nnU-Net plans": results / "plans.json",
-                     "the run's nnU-Net dataset.json": results / "dataset.json",
-                     "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / "checkpoint_final.pth"})
+    if module.get("model"):
+        read.update(model_spec(module["model"]).input_files(kwargs))
     files.update({Path(path): what for what, path in read.items() if path})
     return files
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from segadapt.adapters import adapter_names, merge_and_unload, set_active_adapter
 from segadapt.adapters.peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, adapter_to_export, drop_alias_keys, to_peft
-from segadapt.data.files import save_safetensors, write_json
+from segadapt.io import save_safetensors, write_json
 from segadapt.models import build_model
 
 MERGED_FORMAT = "segadapt-merged"

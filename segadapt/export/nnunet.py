@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from segadapt.adapters import merge_and_unload
-from segadapt.data.files import write_json
+from segadapt.io import write_json
 from segadapt.export.common import check_targets
-from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, plan_from_nnunet,
-                                    read_results, write_checkpoint)
+from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, read_results,
+                                    write_checkpoint)
+from segadapt.plan.nnunet import plan_from_nnunet
 from segadapt.training.run import load_run
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from segadapt.data.files import check_output_file, check_output_folder
+from segadapt.io import check_output_file, check_output_folder
 from segadapt.parsers import predict_parser
 
 from .dicom_seg import check_dicom_seg_request, parse_segment_code

@@ -30,7 +30,7 @@ from torch import nn
 
 from segadapt.adapters import AdaptedLayer
 from segadapt.adapters.layers import SUPPORTED_LAYERS, spec_of
-from segadapt.data.files import atomic_path
+from segadapt.io import atomic_path
 from segadapt.errors import user_errors
 from segadapt.parsers import diagnose_parser
 

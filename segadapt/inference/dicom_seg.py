@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from segadapt.data.files import atomic_path
+from segadapt.io import atomic_path
 from segadapt.data.readers import dicom_series_files, is_dicom_series
 from segadapt.parsers import SEGMENT_CODE_HELP
 

@@ -21,7 +21,8 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from segadapt.data.files import atomic_path, check_output_file, check_output_folder, nifti_image, stale_temp_files
+from segadapt.io import atomic_path, check_output_file, check_output_folder, stale_temp_files
+from segadapt.data.files import nifti_image
 from segadapt.training import CONFIG_FILE
 from segadapt.training.metrics import voxel_volume_ml
 

@@ -1,5 +1,8 @@
 """Segmentation models to adapt, their adapter target presets, and safe pretrained loading.
 
+Each network file registers a :class:`~segadapt.models.registry.ModelSpec` (builder, sampling, presets, heads,
+plan fields, bundle network): :data:`MODELS` maps a model name to its spec.
+
 Build by name (plain keyword arguments, so a Hydra/YAML ``model:`` block maps onto it)::
 
     from segadapt.models import build_model, load_pretrained, preset_targets
@@ -26,13 +29,12 @@ name               builds                                          input -> outp
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
+from segadapt.models.dynunet import build_dynunet
 from segadapt.models.multiview_unet import VIEWS, MultiViewUNet, logits_to_probabilities
 from segadapt.models.nnunet import build_nnunet
 from segadapt.models.presets import (adaptable_modules, default_train_modules, head_modules, preset_targets,
@@ -45,29 +47,20 @@ from segadapt.models.pretrained import (
     load_pretrained,
     read_state_dict,
 )
+from segadapt.models.registry import MODELS, ModelSpec, model_spec, register
 from segadapt.models.sam import SAMSegmenter
-from segadapt.models.unet3d import build_dynunet, build_unet
+from segadapt.models.unet import build_unet
 from segadapt.models.vit_seg import ViTSegmenter
 
 logger = logging.getLogger(__name__)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "multiview_unet": MultiViewUNet,
-    "unet3d": build_unet,
-    "dynunet": build_dynunet,
-    "unet2d": functools.partial(build_unet, spatial_dims=2),  # MONAI 2D UNet for 2D images (DRIVE)
-    "vit_seg": ViTSegmenter,
-    "sam": SAMSegmenter,
-    "nnunet": build_nnunet,
-}
-OWN_CHECKPOINT = {"sam"}  # builders that load their own pretrained files (``checkpoint`` goes to them)
-
 
 def build_model(name: str, checkpoint: str | Path | None = None, strict: bool = True, **kwargs) -> nn.Module:
-    """Build model ``name`` (a key of :data:`MODELS`) from keyword arguments.
+    """Build model ``name`` (a key of :data:`MODELS`, or a model module's dotted path: see
+    :func:`~segadapt.models.registry.model_spec`) from keyword arguments.
 
     Args:
-        name: ``multiview_unet``, ``unet3d``, ``dynunet``, ``vit_seg`` or ``sam``.
+        name: ``multiview_unet``, ``unet3d``, ``dynunet``, ``unet2d``, ``vit_seg``, ``sam``, ``nnunet``, ...
         checkpoint: optional local weights for the whole model, loaded with :func:`load_pretrained`; for
             ``sam``, a SAM file in Meta's or timm's layout, given to :class:`SAMSegmenter` (which resamples
             its position tables to ``img_size``).
@@ -75,11 +68,10 @@ def build_model(name: str, checkpoint: str | Path | None = None, strict: bool = 
         kwargs: the builder's arguments (see :class:`MultiViewUNet`, :func:`build_unet`,
             :func:`build_dynunet`, :class:`ViTSegmenter`).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    if name in OWN_CHECKPOINT:
+    spec = model_spec(name)
+    if spec.own_checkpoint:
         kwargs["checkpoint"], checkpoint = checkpoint, None
-    model = MODELS[name](**kwargs)
+    model = spec.build(**kwargs)
     if checkpoint is not None:
         report = load_pretrained(model, checkpoint, strict=strict)
         if not report.ok:
@@ -92,6 +84,7 @@ __all__ = [
     "VIEWS",
     "CheckpointMismatchError",
     "LoadReport",
+    "ModelSpec",
     "MultiViewUNet",
     "SAMSegmenter",
     "UnsafeCheckpointError",
@@ -99,13 +92,16 @@ __all__ = [
     "adaptable_modules",
     "build_dynunet",
     "build_model",
+    "build_nnunet",
     "build_unet",
     "create_timm_encoder",
     "default_train_modules",
     "head_modules",
     "load_pretrained",
     "logits_to_probabilities",
+    "model_spec",
     "preset_targets",
     "read_state_dict",
+    "register",
     "target_presets",
 ]

@@ -12,7 +12,7 @@ coronal    Y              ``(B, C, X, Z)``      ``volume[:, :, :, y, :]``
 sagittal   X              ``(B, C, Y, Z)``      ``volume[:, :, x, :, :]``
 =========  =============  ====================  ===========================
 
-The view -> spatial axis mapping is :data:`segadapt.data.SLICE_AXES`, the one the training slices use.
+The view -> spatial axis mapping is :data:`SLICE_AXES`, the one the training slices use.
 
 Training sees 2D slices (``forward(slices, view)``); validation and inference see volumes
 (``predict_volume``), where the three per-view predictions are fused by the mean of the probabilities
@@ -30,11 +30,13 @@ from monai.inferers import SliceInferer
 from monai.networks.nets import UNet
 from torch import nn
 
-from segadapt.data.config import SLICE_AXES
-from segadapt.models.unet3d import build_unet
+from segadapt.models.registry import ModelSpec, register
+from segadapt.models.unet import build_unet, unet_heads, unet_presets
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 """The three views, in the order used for stacking and fusion."""
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+"""The RAS array axis normal to each view (0-based over the spatial axes)."""
 
 FUSIONS: tuple[str, ...] = ("mean", "learned")
 
@@ -201,3 +203,33 @@ class MultiViewUNet(nn.Module):
         if not return_views:
             return fused
         return fused, {view: logits_to_probabilities(z) for view, z in zip(VIEWS, logits)}
+
+
+def _roots(model: MultiViewUNet) -> list[str]:
+    return ["unet"] if model.shared_weights else [f"unets.{view}" for view in VIEWS]
+
+
+def multiview_presets(model: MultiViewUNet) -> dict[str, list[str]]:
+    """The UNet presets over the shared UNet or all three per-view UNets (the learned-fusion conv is in none)."""
+    presets: dict[str, list[str]] = {}
+    for root in _roots(model):
+        for key, names in unet_presets(model.get_submodule(root)).items():
+            presets.setdefault(key, []).extend(f"{root}.{n}" for n in names)
+    return presets
+
+
+def multiview_heads(model: MultiViewUNet) -> list[str]:
+    heads = [f"{root}.{h}" for root in _roots(model) for h in unet_heads(model.get_submodule(root))]
+    return heads + (["fusion"] if model.fusion_mode == "learned" else [])
+
+
+def multiview_plan_fields(plan) -> dict:
+    """``channels`` (32 x 2^stage, at most 512) and ``strides`` (2 per pooling) of the plan's ``slice_size``
+    slices."""
+    return {"channels": list(plan.slice_filters), "strides": [2] * plan.slice_pools}
+
+
+SPEC = register(ModelSpec(
+    name="multiview_unet", build=MultiViewUNet, network_types=(MultiViewUNet,), sampling="slice",
+    presets=multiview_presets, heads=multiview_heads, plan_fields=multiview_plan_fields, multi_view=True,
+))

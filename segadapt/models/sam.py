@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from segadapt.models.presets import encoder_presets, split_presets
 from segadapt.models.pretrained import check_finite, load_base, read_state_dict, resample_positions
+from segadapt.models.registry import ModelSpec, register
 
 PATCH = 16
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything.modeling.Sam's defaults (RGB, 0-255)
@@ -153,3 +155,16 @@ class SAMSegmenter(nn.Module):
             return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
         masks = F.interpolate(masks, size=canvas, mode="bilinear", align_corners=False)
         return masks[..., :height, :width]
+
+
+def sam_presets(model: SAMSegmenter) -> dict[str, list[str]]:
+    """``attention``, ``qkv``, ``mlp``, ``all_linear`` (image encoder), ``mask_decoder``, ``all``."""
+    presets = encoder_presets(model.image_encoder, "image_encoder")
+    presets.update(split_presets(model, {"mask_decoder": ["mask_decoder"]}, "all"))
+    return presets
+
+
+SPEC = register(ModelSpec(
+    name="sam", build=SAMSegmenter, network_types=(SAMSegmenter,), sampling="slice", presets=sam_presets,
+    heads=lambda model: list(HEAD_MODULES), train_modules=lambda model: ["mask_decoder"], own_checkpoint=True,
+))

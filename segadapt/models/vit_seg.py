@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from segadapt.models.presets import encoder_presets, split_presets
 from segadapt.models.pretrained import create_timm_encoder
+from segadapt.models.registry import ModelSpec, register
 
 
 def _up_stage(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -90,3 +92,16 @@ class ViTSegmenter(nn.Module):
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+
+def vit_presets(model: ViTSegmenter) -> dict[str, list[str]]:
+    """``attention``, ``qkv``, ``mlp``, ``all_linear`` (encoder), ``decoder`` (decoder convs and mask head), ``all``."""
+    presets = encoder_presets(model.encoder, "encoder")
+    presets.update(split_presets(model, {"decoder": ["decoder", "mask_head"]}, "all"))
+    return presets
+
+
+SPEC = register(ModelSpec(
+    name="vit_seg", build=ViTSegmenter, network_types=(ViTSegmenter,), sampling="slice", presets=vit_presets,
+    heads=lambda model: ["mask_head"], train_modules=lambda model: ["decoder", "mask_head"],
+))

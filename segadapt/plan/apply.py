@@ -26,7 +26,7 @@ and every run adapting it see the same network and the same preprocessing (as nn
   beside it, so that it trains the same network): the base's ``plan.json``, else the source's plan;
 * a run on a base checkpoint of the user's: the run's own dataset (``cfg.data``);
 * ``model=nnunet`` (pretraining included): the nnU-Net plans of ``model.kwargs.results``
-  (:func:`segadapt.models.nnunet.plan_from_nnunet`: the spacing, normalisation, patch and network the
+  (:func:`segadapt.plan.nnunet.plan_from_nnunet`: the spacing, normalisation, patch and network the
   nnU-Net network was trained with), its orientation read from the run's data.
 
 The plan is printed, written as ``plan.json`` into the run folder, and its values are in ``config.yaml``.
@@ -142,7 +142,8 @@ def base_architecture(path: Path) -> dict[str, Any] | None:
 def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
     """The plan that decides `cfg` (see the module docstring); `prepare(data_group) -> dataset.json path`."""
     if cfg["model"]["name"] == "nnunet":
-        from segadapt.models.nnunet import plan_from_nnunet, read_results
+        from segadapt.models.nnunet import read_results
+        from segadapt.plan.nnunet import plan_from_nnunet
 
         kwargs = cfg["model"]["kwargs"]
         model = read_results(kwargs["results"], kwargs.get("configuration", "3d_fullres"), kwargs.get("fold", 0))

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from segadapt.data.files import write_json
+from segadapt.io import write_json
 
 from .planner import Plan
 from .topology import INITIAL_VOXELS, MIN_BATCH_SIZE, fit_patch
@@ -69,7 +69,7 @@ def measure_step(network: Mapping, in_channels: int, patch: Sequence[int], batch
     """Seconds of one training step of ``build_dynunet(**network)`` at `batch` (see the module doc)."""
     import torch
 
-    from segadapt.models.unet3d import build_dynunet
+    from segadapt.models.dynunet import build_dynunet
 
     net = build_dynunet(in_channels=in_channels, spatial_dims=len(patch), **network)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from segadapt.data.dataset_json import load_dataset_json
-from segadapt.data.files import check_output_file, write_json
+from segadapt.io import check_output_file, write_json
 from segadapt.data.splits import NNUNET_SPLITS_FILE, find_nnunet_splits
 from segadapt.parsers import plan_parser
 

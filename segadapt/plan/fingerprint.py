@@ -34,7 +34,7 @@ from monai.transforms import Orientationd
 
 from segadapt.data.config import PreprocessConfig
 from segadapt.data.dataset_json import DatasetDescription, load_dataset_json
-from segadapt.data.files import write_json
+from segadapt.io import write_json
 from segadapt.data.loading import LoadCased
 from segadapt.data.transforms import differs_from_background
 

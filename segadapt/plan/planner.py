@@ -52,7 +52,8 @@ from typing import Optional
 import numpy as np
 
 from segadapt.data.config import INTENSITY_MODES, PreprocessConfig
-from segadapt.data.files import write_json
+from segadapt.io import write_json
+from segadapt.models.registry import MODELS
 
 from .fingerprint import (
     BODY_HU,
@@ -153,28 +154,11 @@ class Plan:
         return values
 
     def network_fields(self) -> dict[str, dict]:
-        """Model arguments per model name (the names of ``configs/model/*.yaml``).
-
-        * ``dynunet`` (MONAI ``DynUNet``, patches of ``patch_size``): ``kernel_size``, ``strides`` (one per
-          stage, the first all ones), ``upsample_kernel_size`` (``strides[1:]``), ``filters``
-          (32 x 2^stage, at most 320), ``deep_supr_num`` (every decoder output but the lowest two: nnU-Net).
-        * ``unet3d`` (MONAI ``UNet``): ``channels`` (= filters) and ``strides`` (one per down step; an int
-          where all axes share it). MONAI's UNet has one kernel size, so thick-slice 1x3x3 kernels are lost.
-        * ``multiview_unet`` (2D MONAI ``UNet`` on ``slice_size`` slices): ``channels`` (32 x 2^stage, at
-          most 512) and ``strides`` (2 per pooling).
-        * ``unet2d`` (2D MONAI ``UNet`` on the ``patch_size`` patches of a 2D plan): as ``unet3d``.
-        * any model of :attr:`networks` (``nnunet``: ``out_channels``).
-        """
-        down = [s[0] if len(set(s)) == 1 else list(s) for s in self.strides[1:]]
-        return {
-            "dynunet": {"kernel_size": [list(k) for k in self.kernel_sizes], "strides": [list(s) for s in self.strides],
-                        "upsample_kernel_size": [list(s) for s in self.strides[1:]], "filters": list(self.filters),
-                        "deep_supr_num": max(1, len(self.strides) - 2)},
-            "unet3d": {"channels": list(self.filters), "strides": down},
-            "multiview_unet": {"channels": list(self.slice_filters), "strides": [2] * self.slice_pools},
-            "unet2d": {"channels": list(self.filters), "strides": down},
-            **copy.deepcopy(self.networks),
-        }
+        """Model arguments per model name (the names of ``configs/model/*.yaml``): each registered model's
+        ``plan_fields`` (:class:`segadapt.models.registry.ModelSpec`; e.g. DynUNet's kernels, strides and
+        filters), then any model of :attr:`networks` (``nnunet``: ``out_channels``)."""
+        planned = {name: spec.plan_fields(self) for name, spec in MODELS.items() if spec.plan_fields is not None}
+        return {**planned, **copy.deepcopy(self.networks)}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,7 +35,7 @@ import optuna
 from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.data import load_dataset_json
-from segadapt.data.files import write_json
+from segadapt.io import write_json
 from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits
 from segadapt.data.dataset_json import write_dataset_json
 from segadapt.errors import exits_on_user_error, one_line

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.adapters import adapted_layers, save_adapter
-from segadapt.data.files import save_safetensors
+from segadapt.io import save_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 WEIGHTS_FILE = "model.safetensors"

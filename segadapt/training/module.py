@@ -42,7 +42,7 @@ from monai.losses import DiceCELoss
 from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, DatasetDescription, invert_transform, load_dataset_json, make_loader
 from segadapt.data.transforms import FLIP_AXES
-from segadapt.models import MultiViewUNet, build_model, logits_to_probabilities, preset_targets
+from segadapt.models import build_model, logits_to_probabilities, model_spec, preset_targets
 from segadapt.models.presets import default_train_modules, head_modules
 from segadapt.models.pretrained import load_base
 
@@ -111,7 +111,7 @@ class SegAdaptModule(pl.LightningModule):
     """Network + tuning + loss + whole-volume metrics, from plain values (Hydra, YAML and LightningCLI).
 
     Args:
-        model: a name of :data:`segadapt.models.MODELS` (``multiview_unet``, ``unet3d``, ``dynunet``, ``vit_seg``).
+        model: a name of :data:`segadapt.models.MODELS` (``multiview_unet``, ``unet3d``, ``dynunet``, ``vit_seg``, ...).
         model_kwargs: the builder's keyword arguments (``in_channels`` must match the data).
         base_checkpoint: pretrained weights of the whole network (loaded strictly); needed unless
             ``adapter='scratch'``.
@@ -166,6 +166,7 @@ class SegAdaptModule(pl.LightningModule):
             raise ValueError(f"volume_bins_ml: {error}") from None
         self.tuning = tuning_name(adapter)
         self.net = build_model(model, **dict(model_kwargs or {}))
+        self.multi_view = model_spec(model).multi_view  # slices with their views; volumes by net.predict_volume
         self.new_heads: list[str] = []
         if self.tuning != "scratch":
             if base_checkpoint is None:
@@ -231,7 +232,7 @@ class SegAdaptModule(pl.LightningModule):
 
     def forward(self, image: torch.Tensor, view: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of training samples: slices (with their ``view``) for the multi-view UNet, else patches."""
-        if isinstance(self.net, MultiViewUNet):
+        if self.multi_view:
             views = None if view is None else [AXIS_VIEWS[int(v)] for v in view]  # RandSliced's 'view': the normal axis
             return self.net(image, views)
         return self.net(image)
@@ -314,7 +315,7 @@ class SegAdaptModule(pl.LightningModule):
         ``roi_size``; a 2D ``roi_size`` on a 3D volume runs a 2D network slice by slice along the axial
         axis (``monai.inferers.SliceInferer``).
         """
-        if isinstance(self.net, MultiViewUNet):
+        if self.multi_view:
             return self.net.predict_volume(image, slice_batch_size=self.hparams.slice_batch_size).float()
         roi = self.hparams.roi_size
         if roi is None:

@@ -49,7 +49,7 @@ import pandas as pd
 from scipy import stats
 
 from segadapt.adapters import METHODS
-from segadapt.data.files import atomic_path
+from segadapt.io import atomic_path
 
 from .metrics import bin_labels, summarize, volume_bin
 from .module import BASELINES

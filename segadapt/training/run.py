@@ -75,7 +75,7 @@ except ImportError:  # Windows: run folders are not locked there
 from segadapt.adapters import load_adapter
 from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number, training_sampling
-from segadapt.data.files import atomic_path, write_json
+from segadapt.io import atomic_path, write_json
 from segadapt.plan import Plan
 from segadapt.plan.apply import AUTO, PLAN_FILE, apply_plan, planned_example, run_plan
 from segadapt.plan.fingerprint import cache_fingerprint, fingerprint, load_or_make_fingerprint
