@@ -136,3 +136,11 @@ def test_the_norms_baseline_trains_only_the_norms(tmp_path):
     norms = [m for m in module.net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and module.trainable_params == sum(p.numel() for m in norms for p in m.parameters())
     assert all(p.requires_grad == any(p is q for m in norms for q in m.parameters()) for p in module.net.parameters())
+
+
+def test_the_norms_baseline_on_a_network_without_affine_norms_is_refused(tmp_path):
+    kwargs = {"in_channels": 1, "out_channels": 1, "channels": [4, 8], "strides": [2], "num_res_units": 0}
+    base = tmp_path / "base.safetensors"  # MONAI's default: InstanceNorm without affine parameters
+    save_file({k: v.contiguous() for k, v in build_model("multiview_unet", **kwargs).state_dict().items()}, str(base))
+    with pytest.raises(ValueError, match="adapter='norms': .* no normalisation layer with affine parameters"):
+        SegAdaptModule(model="multiview_unet", model_kwargs=kwargs, base_checkpoint=str(base), adapter="norms")

@@ -201,6 +201,9 @@ class SegAdaptModule(pl.LightningModule):
                 for name in [*preset_targets(self.net, preset), *self.new_heads]:
                     self.net.get_submodule(name).requires_grad_(True)
             if self.tuning == "norms":
+                if not norm_layers(self.net):
+                    raise ValueError(f"adapter='norms': {type(self.net).__name__} has no normalisation layer with "
+                                     "affine parameters to train (e.g. InstanceNorm without affine)")
                 for name in [*norm_layers(self.net), *self.new_heads]:
                     self.net.get_submodule(name).requires_grad_(True)
             return
