@@ -75,3 +75,28 @@ def test_sweep_summary_sums_every_phase_and_gives_runs_per_hour():
     line = sweep_summary(runs, 36.0)
     assert "2 runs in 36 s wall (200 runs per hour)" in line
     assert "training steps 15 s (42% of the wall time)" in line and "data 3," in line and "startup 3," in line
+
+
+def test_training_items_are_drawn_on_one_thread_with_the_same_values():
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose, Lambdad, RandAffined, RandGaussianNoised
+
+    from segadapt.training.datamodule import SeededItems
+
+    seen = []
+    transform = Compose([RandAffined("image", prob=1.0, rotate_range=0.3, scale_range=0.1),
+                         RandGaussianNoised("image", prob=1.0, std=0.1),
+                         Lambdad("image", lambda x: seen.append(torch.get_num_threads()) or x)])
+    volume = torch.rand(1, 24, 24, 24, generator=torch.Generator().manual_seed(0))
+    dataset = MonaiDataset([{"image": volume}], transform=transform)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        item = SeededItems(dataset)[(0, 7)]
+        assert seen == [1] and torch.get_num_threads() == 2  # drawn on one thread, the steps' count restored
+        dataset.transform.set_random_state(seed=7)
+        at_two_threads = dataset[0]
+        assert seen == [1, 2]
+        assert torch.equal(item["image"], at_two_threads["image"])
+    finally:
+        torch.set_num_threads(previous)
