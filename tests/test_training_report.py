@@ -13,8 +13,11 @@ from scipy import stats
 
 import yaml
 
-from segadapt.training.report import (_colours, _dice_limits, bootstrap_ci, collect_runs, holm, method_rows, nan_mean_sd,
-                                      paired_p, plot_dice_vs_volume, report_table, write_report)
+from segadapt.training.report import write_report
+from segadapt.training.report_plots import _colours, _dice_limits, plot_dice_vs_volume
+from segadapt.training.report_runs import collect_runs
+from segadapt.training.report_stats import bootstrap_ci, holm, method_rows, nan_mean_sd, paired_p
+from segadapt.training.report_tables import report_table
 
 CASES = [f"c{i}" for i in range(6)]  # fold 0 validates c0-c2, fold 1 c3-c5
 DICE = {

@@ -97,6 +97,7 @@ def test_a_sweep_in_one_process_writes_what_separate_runs_write_and_builds_once(
             timing = mb["timing"]
             assert timing["train_steps_s"] > 0 and timing["setup_s"] > 0
             assert timing["setup_s"] + timing["train_steps_s"] + timing["validation_s"] <= timing["total_s"] + 1e-6
+            assert timing["data_s"] > 0 and abs(timing["other_s"]) < 0.01 * timing["total_s"]  # every second named
     # the base of a fold scores the same whichever method's run computed it
     base = {m: read_metrics(tmp_path / f"separate/phantom_sah/multiview_unet/{m}/fold1")["base_cases"] for m in METHODS}
     assert base["cp_lora"] == base["dora_c"]

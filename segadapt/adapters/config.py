@@ -31,6 +31,10 @@ class AdapterConfig:
             forms as ``targets``, matched against every module (not only layers): e.g. a new mask head
             or a decoder. Each adapter trains its own copy (see ``trained.py``); saved in the adapter
             file, restored by ``load_adapter``, kept by ``merge_and_unload``. ``None`` or ``[]``: none.
+        norms: also train the affine parameters (scale, shift) of every normalisation layer
+            (BatchNorm, InstanceNorm, GroupNorm, LayerNorm with affine parameters) outside the
+            ``train_modules``: each is one more trained module (same copy, file and merge as
+            ``train_modules``; :func:`segadapt.adapters.model.norm_layers`).
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
             whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
             first match wins.
@@ -67,6 +71,7 @@ class AdapterConfig:
     targets: Union[str, list[str]] = field(default_factory=list)
     exclude: Union[str, list[str]] = field(default_factory=list)
     train_modules: Optional[Union[str, list[str]]] = field(default_factory=list)
+    norms: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     dropout: float = 0.0
     init: str = "default"
@@ -98,6 +103,8 @@ class AdapterConfig:
         for pattern, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ValueError(f"rank_pattern['{pattern}'] must be a positive integer, got {rank}")
+        if not isinstance(self.norms, bool):
+            raise ValueError(f"norms must be true or false, got {self.norms!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.nested_ranks and self.init == "pissa":

@@ -67,10 +67,41 @@ def _path_around(model: nn.Module, name: str, module: nn.Module) -> Optional[str
     return None
 
 
+# normalisation layers whose affine parameters ``AdapterConfig.norms`` trains
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # _NormBase: BatchNorm*d, InstanceNorm*d
+
+
+def _is_norm(module: nn.Module) -> bool:
+    module = module.original_module if isinstance(module, TrainedModule) else module
+    return isinstance(module, NORM_LAYERS) and any(True for _ in module.parameters(recurse=False))
+
+
+def norm_layers(model: nn.Module, outside: Optional[list[str]] = None) -> list[str]:
+    """Names of the normalisation layers of `model` with affine parameters (an existing :class:`TrainedModule`
+    around one by its own name), but those inside a module of `outside` (already trained in full)."""
+    outside = outside or []
+    wrappers = [name for name, _ in trained_modules(model)]
+    return [name for name, module in model.named_modules()
+            if name and _is_norm(module) and not any(_within(name, kept) for kept in outside)
+            and not any(_within(name, w) and name != w for w in wrappers)]
+
+
 def resolve_train_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the modules ``config.train_modules`` selects (the outermost of nested matches; an existing
-    :class:`TrainedModule` by its own name); ``ValueError`` when a pattern matches nothing or a module
-    without parameters."""
+    :class:`TrainedModule` by its own name), then with ``config.norms`` the normalisation layers outside them
+    (:func:`norm_layers`); ``ValueError`` when a pattern matches nothing or a module without parameters, or
+    ``norms`` finds no normalisation layer with affine parameters."""
+    names = _matched_train_modules(model, config)
+    if config.norms:
+        norms = norm_layers(model, outside=names)
+        if not norms and not any(_is_norm(m) for n in names for m in model.get_submodule(n).modules()):
+            raise ValueError(f"norms: {type(model).__name__} has no normalisation layer with affine parameters "
+                             "(BatchNorm, InstanceNorm(affine=True), GroupNorm, LayerNorm) to train")
+        names += norms
+    return names
+
+
+def _matched_train_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
     if not config.train_modules:
         return []
     names: list[str] = []
@@ -190,10 +221,9 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
     _swap(model, wrapped)
     for train_name in train_names:
         wrapper = model.get_submodule(train_name)
-        if not isinstance(wrapper, TrainedModule):
-            wrapper = TrainedModule(wrapper)
-            parent, child = _parent(model, train_name)
-            setattr(parent, child, wrapper)
+        if not isinstance(wrapper, TrainedModule):  # in every slot that holds it (nnU-Net: norm, all_modules.2)
+            original, wrapper = wrapper, TrainedModule(wrapper)
+            _swap(model, {id(original): wrapper})
         wrapper.add_copy(name)
     use_trained_copies(model, previous)
     if active:
@@ -266,14 +296,13 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if not layer.adapters:
             unwrapped[id(layer)] = layer.base_layer
     _swap(model, unwrapped)
-    for wrapper_name, wrapper in list(trained_modules(model)):
+    for _, wrapper in list(trained_modules(model)):
         if name in wrapper.modules_to_save:
             del wrapper.modules_to_save[name]
             if wrapper.active_adapter == name:
                 wrapper.active_adapter = None
         if not len(wrapper.modules_to_save):
-            parent, child = _parent(model, wrapper_name)
-            setattr(parent, child, wrapper.original_module)
+            _swap(model, {id(wrapper): wrapper.original_module})
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -296,9 +325,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     into the bare architecture."""
     merge(model)
     _swap(model, {id(layer): layer.base_layer for _, layer in adapted_layers(model)})
-    for wrapper_name, wrapper in list(trained_modules(model)):
-        parent, child = _parent(model, wrapper_name)
-        setattr(parent, child, wrapper.active_module)
+    _swap(model, {id(wrapper): wrapper.active_module for _, wrapper in trained_modules(model)})
     return model
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.transforms.utils import map_binary_to_indices
 from monai.transforms import (
     MapTransform,
     NormalizeIntensity,
@@ -235,7 +236,8 @@ class RandSliced(Randomizable, MapTransform):
             size = list(slice_size)
             size.insert(axis, 1)
             pad = [s if i != axis else -1 for i, s in enumerate(size)]
-            crop = RandCropByPosNegLabeld(keys, label_key, size, pos, neg, num_samples, image_key, image_threshold)
+            crop = RandCropByPosNegLabeld(keys, label_key, size, pos, neg, num_samples, image_key, image_threshold,
+                                          fg_indices_key=_FG, bg_indices_key=_BG)
             self.views[axis] = (SpatialPadd(keys, spatial_size=pad), crop, SqueezeDimd(keys, dim=axis + 1))
         self._axis = self.axes[0]
 
@@ -251,4 +253,32 @@ class RandSliced(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict]:
         self.randomize()
         pad, crop, squeeze = self.views[self._axis]
-        return [{**squeeze(sample), "view": self._axis} for sample in crop(pad(data))]
+        padded = pad(data)
+        indices = _padded_indices(data, padded, pad, crop)
+        return [{**squeeze(sample), "view": self._axis} for sample in crop({**padded, **indices})]
+
+
+_FG, _BG = "_fg_indices", "_bg_indices"  # RandCropByPosNegLabeld's precomputed centres (popped by it)
+
+
+def _padded_indices(data: Mapping[Hashable, torch.Tensor], padded: Mapping[Hashable, torch.Tensor],
+                    pad: SpatialPadd, crop: RandCropByPosNegLabeld) -> dict:
+    """The crop's foreground / background centre indices in the padded volume, computed on the volume before
+    padding (a few times smaller): MONAI's ``map_binary_to_indices`` there, each index moved by the padding.
+
+    The same indices, in the same order, as MONAI computes on the padded volume, so the same crops: padding is
+    a shift of every voxel, and the zeros it adds are neither foreground nor background when background
+    means image > ``image_threshold`` >= 0. Without an image key (background anywhere, the padding included)
+    MONAI computes them itself ({} returned)."""
+    if crop.image_key is None or crop.cropper.image_threshold < 0:
+        return {}
+    label, image = data[crop.label_key], data[crop.image_key]
+    small, big = tuple(label.shape[1:]), tuple(padded[crop.label_key].shape[1:])
+    before = [width[0] for width in pad.padder.compute_pad_width(small)[1:]]
+    fg, bg = map_binary_to_indices(label, image, crop.cropper.image_threshold)
+
+    def shifted(indices: torch.Tensor) -> torch.Tensor:
+        coords = np.unravel_index(np.asarray(indices), small)
+        return torch.as_tensor(np.ravel_multi_index(tuple(c + b for c, b in zip(coords, before)), big))
+
+    return {_FG: shifted(fg), _BG: shifted(bg)}

@@ -9,6 +9,7 @@ How the network is tuned (``adapter``):
 ``"none"``     the pretrained base as is, nothing trains (validate / test only).
 ``"full"``     standard fine-tuning: the pretrained base, every parameter trains.
 ``"decoder"``  standard fine-tuning of the layers of ``preset`` only (e.g. ``decoder``).
+``"norms"``    only the affine parameters of the normalisation layers train (and a new head).
 ``"scratch"``  random initialisation (``base_checkpoint`` ignored), every parameter trains.
 =============  ===========================================================================
 
@@ -39,7 +40,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 
-from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, regularization_loss
+from segadapt.adapters import AdapterConfig, eva_init, eva_pending, inject, norm_layers, regularization_loss
 from segadapt.data import AXIS_VIEWS, SLICE_AXES, DatasetDescription, invert_transform, load_dataset_json, make_loader
 from segadapt.data.transforms import FLIP_AXES
 from segadapt.models import build_model, logits_to_probabilities, model_spec, preset_targets
@@ -49,7 +50,7 @@ from segadapt.models.pretrained import load_base
 from .metrics import bin_labels, case_metrics, summarize
 from .postprocessing import component_counts
 
-BASELINES = ("none", "full", "decoder", "scratch")
+BASELINES = ("none", "full", "decoder", "norms", "scratch")
 DEFAULT_BINS_ML = (0.0, 5.0, 15.0, 30.0, math.inf)
 
 
@@ -190,7 +191,7 @@ class SegAdaptModule(pl.LightningModule):
     def _set_trainable(self, adapter: Union[str, dict], preset: Optional[str]) -> None:
         if self.tuning in ("full", "scratch"):
             return
-        if isinstance(adapter, str):  # 'none' or 'decoder'
+        if isinstance(adapter, str):  # 'none', 'decoder' or 'norms'
             self.net.requires_grad_(False)
             if self.tuning == "none" and self.new_heads:
                 raise ValueError(f"adapter='none' evaluates the base as is, but {', '.join(self.new_heads)} would be "
@@ -199,6 +200,12 @@ class SegAdaptModule(pl.LightningModule):
                 if preset is None:
                     raise ValueError("adapter='decoder' fine-tunes the layers of a model preset: give preset (e.g. 'decoder')")
                 for name in [*preset_targets(self.net, preset), *self.new_heads]:
+                    self.net.get_submodule(name).requires_grad_(True)
+            if self.tuning == "norms":
+                if not norm_layers(self.net):
+                    raise ValueError(f"adapter='norms': {type(self.net).__name__} has no normalisation layer with "
+                                     "affine parameters to train (e.g. InstanceNorm without affine)")
+                for name in [*norm_layers(self.net), *self.new_heads]:
                     self.net.get_submodule(name).requires_grad_(True)
             return
         fields = dict(adapter)

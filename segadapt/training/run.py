@@ -19,7 +19,7 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
                           with model selection: ``val`` / ``cases`` of the selected network, ``val_last`` /
                           ``last_cases`` of the last one, ``selection`` (inner cases, inner-Dice curve,
                           selected step, ``below_base``) and ``base_inner_dice``; ``timing``: seconds of
-                          setup, training steps and validation of the session, and its total
+                          the session's phases (:mod:`segadapt.training.timing`), which sum to its total
     adapter.safetensors   the trained adapter (adapter methods), or
     model.safetensors     the trained network's state dict (full / decoder / scratch, and pretraining);
                           the selected network where model selection ran
@@ -90,6 +90,7 @@ from .metrics import bin_labels, summarize
 from .module import SegAdaptModule, check_classes, tuning_name
 from .postprocessing import choose_postprocessing
 from .sweep import BASE_SCORES, base_key
+from .timing import LoopProfiler, RunClock, format_timing
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +588,8 @@ def make_trainer(run_dir: Path, args: Mapping[str, Any], checkpoint_every: Optio
     ]
     if resume and rank_zero_only.rank == 0:
         callbacks.append(KeepLogHistory(csv_logger))
-    return pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks, **args)
+    return pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
+                      **{"profiler": LoopProfiler(), **args})  # LoopProfiler: the phases of metrics.json's timing
 
 
 def _stats(trainer: pl.Trainer) -> dict[str, Any]:
@@ -700,13 +702,13 @@ def fit_run(
         fingerprint_cache: plan cache folder holding the dataset's fingerprint (made there when missing);
             None: the dataset is fingerprinted afresh. Written as ``fingerprint.json``.
         started: ``time.perf_counter()`` at which the run's setup began (default: now); metrics.json's
-            ``timing`` splits the time since into setup (until the first training step, validation
-            aside), training steps, validation and the rest.
+            ``timing`` splits the time since into the phases of :mod:`segadapt.training.timing`.
 
     The unadapted base's scores (``base_val``, ``base_inner_dice``) are those of the plain base network,
     shared by the runs of one process (:func:`_base_scores`).
     """
-    started = time.perf_counter() if started is None else started
+    clock = RunClock(started)
+    clock.lap("startup_s")
     run_dir = Path(run_dir).resolve()
     tuning = tuning_name(module_kwargs["adapter"])
     record = run_record(run_dir, identity, module_kwargs, datamodule_kwargs, trainer_kwargs, seed,
@@ -746,35 +748,41 @@ def fit_run(
                 stopper = EarlyStopping(monitor="val/dice", mode="max", patience=int(patience))
                 trainer.callbacks.append(stopper)
 
-        base_cases, base_inner_dice, base_s = _base_scores(
+        phases = _phase_times(trainer)
+        clock.lap("setup_s")
+        base_cases, base_inner_dice, _ = _base_scores(
             trainer, module_kwargs, datamodule, datamodule_kwargs, trainer_kwargs,
             val=tuning == "none" or (eval_base and tuning != "scratch"), inner=selector is not None and tuning != "scratch")
+        clock.lap("base_scores_s")
         if tuning == "none":
             module.case_rows = list(base_cases)
         if tuning != "none":
+            validation_before = phases.validation_s  # DDP: the base was scored by this trainer
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # no code runs on load
             except pickle.UnpicklingError as error:  # the checkpoint was replaced since it was checked
                 raise _unsafe_checkpoint(run_dir / CHECKPOINT_FILE if ckpt_path == "last" else Path(ckpt_path), error) from None
             if trainer.interrupted:
                 raise RuntimeError(f"training of {run_dir} was interrupted; resume with ckpt_path=last")
+            clock.lap("lightning_s")
+            clock.split_fit(phases.train_steps_s, phases.validation_s - validation_before, trainer.profiler)
             trainer.save_checkpoint(run_dir / CHECKPOINT_FILE, weights_only=False)
+            clock.lap("checkpoints_s")
             if selector is not None and (not selector.curve or selector.curve[-1]["step"] != trainer.global_step):
                 dice, se = _inner_dice(trainer, module, datamodule)
                 selector.record(trainer.global_step, dice, module, se)
             trainer.validate(module, datamodule=datamodule, verbose=False)
+            clock.lap("validation_s")
         last_cases = module.case_rows
         if selector is not None and selector.best_step not in (None, trainer.global_step):
             selector.restore(module)
             trainer.validate(module, datamodule=datamodule, verbose=False)
+            clock.lap("validation_s")
             if main_process:
                 export_weights(module, run_dir)  # replaces the last network's file that ExportWeights wrote
+            clock.lap("checkpoints_s")
         cases = module.case_rows
         bins = module.bins
-        phases = _phase_times(trainer)
-        validation_s = base_s + phases.validation_s
-        end = time.perf_counter()
-        first_step = phases.first_step_at or end
         result = {
             "format": "segadapt-metrics/1",
             "run": {**identity, "tuning": tuning, "seed": seed},
@@ -799,18 +807,12 @@ def fit_run(
                      **(_stats(trainer) if tuning != "none" else {})},
             "global_step": trainer.global_step,
             "extended_from_steps": longer.extended_from,  # a resume with more steps: the max_steps it had
-            "timing": {  # seconds of this session (a resumed run: of the resumed part)
-                # imports (the first run of a process), plan, data, network: until the first step, validation aside
-                "setup_s": first_step - started - base_s - phases.validation_before_first_step_s,
-                "train_steps_s": phases.train_steps_s,
-                "validation_s": validation_s,
-                "total_s": end - started,
-                "started_at": time.time() - (end - started),  # epoch seconds, for the wall time of a sweep
-            },
             "cases": cases,
             "last_cases": last_cases,
             "base_cases": None if tuning == "none" else base_cases,
         }
+        clock.lap("results_s")
+        result["timing"] = clock.as_dict()  # seconds of this session (a resumed run: of the resumed part)
         missing = [k for k in TRAIN_STATS_KEYS if tuning != "none" and k not in result["cost"]]
         if missing:  # no metrics.json with holes (a resume whose checkpoint lacks figures must not write one)
             raise RuntimeError(f"{run_dir}: training figures {missing} are missing; {METRICS_FILE} not written")
@@ -988,9 +990,7 @@ def format_result(result: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
                      f"({cost['train_steps']} steps, {threads}), peak memory {cost['peak_mem_mb']:.0f} MB ({cost['memory']})")
     timing = result.get("timing")
     if timing:
-        other = timing["total_s"] - timing["setup_s"] - timing["train_steps_s"] - timing["validation_s"]
-        lines.append(f"  time: setup {timing['setup_s']:.1f} s, training steps {timing['train_steps_s']:.1f} s, "
-                     f"validation {timing['validation_s']:.1f} s, other {other:.1f} s (total {timing['total_s']:.1f} s)")
+        lines.append(f"  {format_timing(timing)}")
     lines.append(f"  run folder: {run_dir}")
     return "\n".join(lines)
 

@@ -83,13 +83,17 @@ def _runs_since(folder: Path, since: float) -> list[dict]:
 
 
 def sweep_summary(runs: list[dict], wall_s: float) -> str:
-    """One line: runs, wall time (`wall_s`), and the share of it in training steps (with setup and validation)."""
+    """Runs, wall time (`wall_s`), the share of it in training steps, and the summed phases of the runs'
+    ``timing`` (:mod:`segadapt.training.timing`); runs per hour = 3600 runs / wall."""
+    from segadapt.training.timing import PHASES
+
     timing = [r.get("timing") or {} for r in runs]
-    total = {k: sum(t.get(k) or 0.0 for t in timing) for k in ("setup_s", "train_steps_s", "validation_s")}
+    total = {k: sum(t.get(k) or 0.0 for t in timing) for k in (*PHASES, "other_s")}
     share = total["train_steps_s"] / wall_s if wall_s > 0 else float("nan")
-    return (f"sweep: {len(runs)} runs in {wall_s:.0f} s wall; training steps {total['train_steps_s']:.0f} s "
-            f"({share:.0%} of the wall time), validation {total['validation_s']:.0f} s, "
-            f"setup {total['setup_s']:.0f} s")
+    per_hour = 3600 * len(runs) / wall_s if wall_s > 0 else float("nan")
+    phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f}" for k, v in total.items() if k != "train_steps_s")
+    return (f"sweep: {len(runs)} runs in {wall_s:.0f} s wall ({per_hour:.0f} runs per hour); training steps "
+            f"{total['train_steps_s']:.0f} s ({share:.0%} of the wall time); {phases} (s)")
 
 
 class SweepSummary(Callback):
