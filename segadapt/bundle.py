@@ -53,7 +53,7 @@ from segadapt.data import PreprocessConfig
 from segadapt.data.files import atomic_path, check_output_folder, write_json
 from segadapt.export_common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities
-from segadapt.training.run import FINGERPRINT_FILE, open_run
+from segadapt.runs import FINGERPRINT_FILE, open_run
 from segadapt.training.postprocessing import chosen_classes
 
 BUNDLE_NETWORKS = {"dynunet": "DynUNet", "unet3d": "UNet"}  # segadapt model -> plain MONAI network class

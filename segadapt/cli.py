@@ -4,7 +4,7 @@
   :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
   ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
   (``segadapt fit --print_config`` prints a complete one). ``fit`` writes the run folder
-  ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.training.run`; resume a
+  ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.runs`; resume a
   killed fit with ``--ckpt_path last``), which predict, export, report and diagnose open. ``test`` scores the
   dataset's test split (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses
   without one.
@@ -190,8 +190,8 @@ def check_hydra_request(config_dir: str | os.PathLike, config_name: str, check: 
                         argv: Optional[Sequence[str]] = None) -> None:
     """Before @hydra.main writes anything (its .hydra/ record in the run folder): compose every job of the
     command line, check the value types against the config files' (:func:`check_config_types`), then
-    `check` each job (e.g. :func:`segadapt.training.run.check_request`). A user error exits with one line."""
-    from segadapt.training.run import check_config_types
+    `check` each job (e.g. :func:`segadapt.training.jobs.check_request`). A user error exits with one line."""
+    from segadapt.training.config import check_config_types
 
     with user_errors():
         for cfg, reference in hydra_jobs(config_dir, config_name, sys.argv[1:] if argv is None else argv):

@@ -16,8 +16,8 @@ from torch import nn
 
 from segadapt.adapters import load_adapter
 from segadapt.models.pretrained import load_pretrained
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule
-from segadapt.training.run import open_run
+from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, open_run
+from segadapt.training import SegAdaptModule
 
 # ---- what an export may write over --------------------------------------------------------------
 RUN_LOG_FOLDERS = ("logs", ".hydra")  # sub-folders of a run folder that are the run's own files
@@ -88,7 +88,7 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
     """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
     FileNotFoundError naming the file.
 
-    Like :func:`segadapt.training.load_run`, with `strict` passed to ``load_adapter`` (False: an adapter
+    Like :func:`segadapt.training.load.load_run`, with `strict` passed to ``load_adapter`` (False: an adapter
     made on a base with the same modules but other weights loads with a warning), and a ``config.yaml``
     that is not YAML or lacks a key reported as such instead of a parser traceback.
     """

@@ -17,7 +17,7 @@ from segadapt.data.files import write_json
 from segadapt.export_common import check_targets
 from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, plan_from_nnunet,
                                     read_results, write_checkpoint)
-from segadapt.training.run import load_run
+from segadapt.training.load import load_run
 
 
 def _same_json(path: Path, value: Any) -> bool:

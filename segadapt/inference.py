@@ -76,9 +76,10 @@ from segadapt.dicom_seg import check_dicom_seg_request, parse_segment_code, segm
 from segadapt.domain import TrainingDomain, format_mm
 from segadapt.models.pretrained import read_state_dict
 from segadapt.parsers import predict_parser
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, fit_run, read_run_config
+from segadapt.runs import (ADAPTER_FILE, CONFIG_FILE, FINGERPRINT_FILE, METRICS_FILE, WEIGHTS_FILE, open_run,
+                           read_metrics, read_run_config)
+from segadapt.training import RunConfig, SegAdaptModule, fit_run
 from segadapt.training.metrics import voxel_volume_ml
-from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
 from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class Predictor:
     """A base network with K adapters (K >= 0), the preprocessing of its run, and the fold-ensemble mean.
 
     Args:
-        config: a run's ``config.yaml`` (:func:`segadapt.training.read_run_config`): ``module`` gives the
+        config: a run's ``config.yaml`` (:func:`segadapt.runs.read_run_config`): ``module`` gives the
             network, its base checkpoint and inference settings, ``datamodule.preprocess`` the preprocessing.
         adapters: adapter files (``adapter.safetensors``) made on that base; each is loaded under its own
             name and their probabilities are averaged. None: the base alone.
@@ -697,8 +698,6 @@ def trained_fold_runs(overrides: Sequence[str] = (), root: str | os.PathLike = "
     ``adapter.safetensors`` and ``metrics.json``, by fold)."""
     from hydra import compose, initialize_config_dir
 
-    from segadapt.training import METRICS_FILE
-
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "fold='*'"])
     pattern = Path(root) / str(cfg.run_dir)
@@ -756,13 +755,13 @@ def make_demo_runs(
                 "preprocess": preprocess, "batch_size": 2}
 
     base_run = out_dir / "runs" / "base"
-    fit_run(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
-            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False, overwrite=True)
+    fit_run(RunConfig(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
+            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False, overwrite=True))
     adapter = {"method": method, "rank": rank}
     for k, run in enumerate(runs):
-        fit_run(run, {"experiment": "demo", "method": method, "fold": k},
+        fit_run(RunConfig(run, {"experiment": "demo", "method": method, "fold": k},
                 {**model, "adapter": adapter, "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_run / WEIGHTS_FILE)},
-                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False, overwrite=True)
+                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False, overwrite=True))
     return runs
 
 

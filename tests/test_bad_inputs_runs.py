@@ -38,9 +38,10 @@ from safetensors.torch import load_file
 from segadapt.cli import check_hydra_request
 from segadapt.cli import main as segadapt_main
 from segadapt.errors import user_errors
-from segadapt.training import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, read_metrics, train
+from segadapt.runs import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, read_metrics, run_folder_lock
+from segadapt.training import train
 from segadapt.training.callbacks import TRAIN_STATS_KEYS
-from segadapt.training.run import check_request, format_result, run_folder_lock
+from segadapt.training.jobs import check_request, format_result
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -336,7 +337,7 @@ def cli_world(world) -> dict:
     """A `segadapt fit` config with the finished run's settings, and a run folder that `segadapt fit` finished."""
     import yaml
 
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     config = read_run_config(world["finished"])
     path = world["root"] / "cli.yaml"
@@ -382,7 +383,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(world, cli_world, tmp_path
 def test_fit_resume_with_more_steps_trains_on(cli_world, tmp_path):
     """``segadapt fit --ckpt_path last --trainer.max_steps 3`` on a finished 2-step run trains step 2 from its
     checkpoint; config.yaml and metrics.json record 3 steps, extended from 2."""
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     run = tmp_path / "run"
     shutil.copytree(cli_world["finished"], run)
@@ -521,7 +522,7 @@ def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
 def test_a_checkpoint_replaced_after_the_check_is_refused_by_the_load_itself(world, tmp_path, capsys, monkeypatch):
     """The resume's own load (Lightning's, with weights_only=True) refuses a planted last.ckpt in one line too,
     when the check before it did not see the file (replaced in between)."""
-    import segadapt.training.run as run_module
+    import segadapt.runs as run_module
 
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(world["killed"], run)
@@ -657,7 +658,7 @@ AUTO_TYPE_CASES = [
 @pytest.mark.parametrize("name, overrides, message", AUTO_TYPE_CASES, ids=[c[0] for c in AUTO_TYPE_CASES])
 def test_auto_values_take_the_planned_type(tmp_path, name, overrides, message):
     from segadapt.cli import hydra_jobs
-    from segadapt.training.run import check_config_types
+    from segadapt.training.config import check_config_types
 
     argv = ["data=dataset_json", f"data.dataset_json={tmp_path / 'dataset.json'}", *overrides]
     ((cfg, reference),) = list(hydra_jobs(CONFIGS, "train", argv))

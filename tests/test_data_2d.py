@@ -23,11 +23,12 @@ from segadapt.data.config import parse_number
 from segadapt.data.files import save_nifti, save_png
 from segadapt.data.plan import dataset_spatial_dims, size_unit
 from segadapt.data.transforms import ImageOrientationd
-from segadapt.training import case_metrics, read_metrics, read_run_config, train
+from segadapt.runs import read_metrics, read_run_config
+from segadapt.training import case_metrics, train
 from segadapt.training.metrics import bin_labels
 from segadapt.training.report import size_unit as report_size_unit
 from segadapt.training.report import write_report
-from segadapt.training.run import check_config_types, datamodule_args, module_args
+from segadapt.training.config import check_config_types, datamodule_args, module_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -17,7 +17,7 @@ from segadapt.data.files import save_nifti
 from segadapt.data.plan import fingerprint
 from segadapt.domain import TrainingDomain
 from segadapt.inference import Predictor, predict_to_folder, run_domain
-from segadapt.training.run import FINGERPRINT_FILE
+from segadapt.runs import FINGERPRINT_FILE
 
 
 def fake_fingerprint(modality: str, spacings, ranges) -> dict:
@@ -93,7 +93,7 @@ def test_fit_run_stores_the_datasets_fingerprint(demo_runs):
 
 
 def read_dataset(run):
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     return read_run_config(run)["datamodule"]["dataset_json"]
 

@@ -21,7 +21,8 @@ from segadapt.export import main as export_main
 from segadapt import cli
 from segadapt.inference import CSV_FILE, Predictor, find_inputs, main, predict_to_folder
 from segadapt.models import MultiViewUNet, preset_targets
-from segadapt.training import load_run, read_run_config
+from segadapt.runs import read_run_config
+from segadapt.training import load_run
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ from segadapt.data.files import atomic_path
 
 from .metrics import bin_labels, summarize, volume_bin
 from .module import BASELINES
-from .run import CONFIG_FILE, FINGERPRINT_FILE, read_metrics, read_run_config, run_changes
+from segadapt.runs import CONFIG_FILE, FINGERPRINT_FILE, read_metrics, read_run_config, run_changes
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -193,7 +193,7 @@ def _fold_config(run: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def settings_differences(folds: Sequence[dict[str, Any]]) -> list[str]:
     """``'fold k: key: old -> new'`` for each setting in which a fold's config.yaml differs from the first fold's
-    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.training.run.NON_IDENTITY_KEYS` aside); [] when they agree."""
+    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.runs.NON_IDENTITY_KEYS` aside); [] when they agree."""
     configs = [(f["run"]["fold"], _fold_config(f)) for f in folds]
     configs = [(fold, c) for fold, c in configs if c is not None]
     if not configs:
