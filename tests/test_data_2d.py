@@ -28,7 +28,7 @@ from segadapt.training import case_metrics, train
 from segadapt.training.metrics import bin_labels
 from segadapt.training.report import size_unit as report_size_unit
 from segadapt.training.report import write_report
-from segadapt.training.config import check_config_types, datamodule_args, module_args
+from segadapt.training.config import TrainConfig, datamodule_args, module_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -113,12 +113,12 @@ def test_inf_bins_from_the_command_line(edge):
     """`data.volume_bins_ml=[0,.inf]` (Hydra leaves '.inf' a string, YAML leaves 'inf' one) passes the type
     check and reaches the module as a float; a word that is no number is still refused."""
     overrides = [f"data.volume_bins_ml=[0,5,{edge}]"]
-    cfg, reference = _compose(*overrides), _compose()
-    check_config_types(cfg, reference)
+    cfg = _compose(*overrides)
+    TrainConfig.from_cfg(cfg)
     args = module_args(cfg, cfg["data"], 1, None, {"spec": "scratch", "lr": 1e-3})
     assert args["volume_bins_ml"] == [0.0, 5.0, math.inf]
     with pytest.raises(ValueError, match=r"volume_bins_ml\[2\]"):
-        check_config_types(_compose("data.volume_bins_ml=[0,5,lots]"), reference)
+        TrainConfig.from_cfg(_compose("data.volume_bins_ml=[0,5,lots]"))
 
 
 def test_area_in_mm2_for_2d_and_ml_for_3d():

@@ -1,37 +1,56 @@
-"""The run config: the composed ``configs/train.yaml`` request, and the planned run it becomes.
+"""The run config, typed: the request (:class:`TrainConfig`) and the planned run it becomes (:class:`RunConfig`).
 
-Two kinds of config, two types:
-
-* the request, a composed ``configs/train.yaml`` / ``pretrain.yaml`` (a plain mapping): its values are checked
-  for their types (:func:`check_config_types`) and may say ``auto`` where the dataset plan decides;
-* :class:`RunConfig`, the planned run: every ``auto`` filled by the plan's apply step
-  (:func:`segadapt.training.planning.apply_plan`, the only place that resolves ``auto``), translated into the
+* :class:`TrainConfig`: a composed ``configs/train.yaml`` / ``pretrain.yaml``, every value checked for its type
+  (:meth:`TrainConfig.from_cfg`; a wrong one is one ValueError naming the key). Where the dataset plan decides
+  (``<data group>.batch_size``, ``<data group>.preprocess.*``, ``model.kwargs.*``) a value may still be ``auto``.
+* :class:`RunConfig`: the planned run, every ``auto`` filled by the plan's apply step
+  (:func:`segadapt.training.planning.apply_plan`, the only place that resolves ``auto``) and translated into the
   arguments of SegAdaptModule, SegDataModule and lightning.Trainer (:func:`planned_run`). It is what
   :func:`segadapt.training.fit.fit_run` trains, what the run folder stores (:meth:`RunConfig.record`,
   ``config.yaml``) and what a resume compares.
+
+The types of the groups that are handed on as arguments are those of what receives them (the schema is not
+written twice): ``model.kwargs`` the network's signature, ``model.inference`` and ``optim`` SegAdaptModule's,
+``adapter.spec`` :class:`~segadapt.adapters.AdapterConfig`, ``<data group>.preprocess``
+:class:`~segadapt.data.PreprocessConfig`, ``loss`` MONAI's DiceCELoss, ``trainer`` lightning.Trainer's.
+(Why not Hydra structured configs as the schema of train.yaml: OmegaConf 2.3 has no Union types, so neither
+``auto``-or-a-list nor Lightning's ``devices`` (1, 'auto', [0, 1]) can be typed there, and the per-network /
+per-method groups have no one schema.)
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import functools
+import inspect
 import logging
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Optional, Union
 
+import lightning.pytorch as pl
 import torch
+from monai.losses import DiceCELoss
 
-from segadapt.data import PreprocessConfig, load_dataset_json
+from segadapt.adapters import AdapterConfig
+from segadapt.data import PreprocessConfig, load_dataset_json, make_phantom_dataset
 from segadapt.data.config import parse_number
 from segadapt.data.plan import Plan
 from segadapt.data.transforms import flip_axes
+from segadapt.models import MODELS
 from segadapt.runs import leaves, run_record
 
 from .datamodule import training_sampling
-from .module import tuning_name
-from .planning import AUTO, planned_example
+from .module import SegAdaptModule, tuning_name
+from .planning import AUTO
 
 log = logging.getLogger(__name__)
+
+Planned = Annotated  # Planned[int, AUTO]: an int, or `auto` in the request (the plan decides it)
 
 DEFAULT_THREADS = 1
 
@@ -49,31 +68,32 @@ def configure_threads(threads: Optional[int]) -> int:
     return n
 
 
-# Expected types of the config keys whose value in the config files does not tell it (null, or an integer
-# that may be any number); None: any type (Lightning's devices: 1, 'auto', [0, 1]). The others take the
-# type of their value in the config files.
-DECLARED_TYPES: dict[str, Optional[type]] = {"trainer.threads": int, "ckpt_path": str, "adapter.spec.alpha": float,
-                                             "trainer.devices": None, "model.inference.sw_batch_size": int}
-
-
+# ---- the request's types ------------------------------------------------------------------------------
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping"}
+_SEQUENCES = (list, tuple, set, collections.abc.Sequence, collections.abc.Iterable, collections.abc.Collection)
 
 
 def _kind(value: Any) -> Optional[type]:
+    """What a config value is: bool, int, float, str, list or dict (None: something else)."""
     for kind in (bool, int, float, str, list, dict):
         if isinstance(value, kind):
             return kind
     return None
 
 
-def _element(values: list) -> Any:
-    """What the elements of a list from the config files look like: the first one when all have its type,
-    a float when they are numbers, None (unchecked) otherwise."""
-    kinds = {_kind(v) for v in values}
-    if len(kinds) == 1 and None not in kinds:
-        return values[0]
-    return 0.0 if kinds <= {int, float} and kinds else None
+def _wanted(annotation: Any) -> Optional[type]:
+    """The config kind an annotation asks for; None: an object no config value stands for (not checked)."""
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (bool, int, float, str):
+        return origin
+    if isinstance(origin, type) and issubclass(origin, PurePath):
+        return str
+    if origin in _SEQUENCES:
+        return list
+    if origin in (dict, collections.abc.Mapping):
+        return dict
+    return None
 
 
 def _is_number(text: str) -> bool:
@@ -85,35 +105,183 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _type_error(key: str, value: Any, expected: Any) -> Optional[str]:
-    """Why `value` cannot stand where the config files have `expected` (a value, or a type), or None."""
-    want = expected if isinstance(expected, type) else _kind(expected)
-    got = _kind(value)
-    if value is None or want is None or got == want or (want is float and got is int) or \
-            (want is str and got in (int, float)) or (want is float and got is str and _is_number(value)):
-        if isinstance(expected, list) and isinstance(value, list) and _element(expected) is not None:
-            element = _element(expected)
-            return next(filter(None, (_type_error(f"{key}[{i}]", v, element) for i, v in enumerate(value))), None)
+def type_error(key: str, value: Any, annotation: Any, planned: bool = False) -> Optional[str]:
+    """Why `value` cannot stand for `annotation` at config key `key` (``key=value: expected ...``), or None.
+
+    Integers may stand for numbers, numbers for strings, a string that reads as a number (``.inf``) for a
+    number; None stands for anything (the receiver's default); `planned`: ``auto`` may stand here."""
+    if value is None or annotation is Any or (planned and value == AUTO):
         return None
-    return f"{key}={value!r}: expected {_TYPE_NAMES[want]}, got {type(value).__name__}"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_error(key, value, args[0], planned or AUTO in args[1:])
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        errors = [type_error(key, value, a, planned) for a in members]
+        if None in errors:
+            return None
+        alike = [e for a, e in zip(members, errors) if _wanted(a) == _kind(value)]  # the list's own error, ...
+        return (alike or errors)[0]
+    if origin is Literal:
+        return None if any(_kind(a) == _kind(value) for a in args) else \
+            f"{key}={value!r}: expected one of {list(args)}, got {type(value).__name__}"
+    want, got = _wanted(annotation), _kind(value)
+    if want is None:
+        return None
+    if not (got == want or (want is float and got is int) or (want is str and got in (int, float))
+            or (want is float and got is str and _is_number(value))):
+        return f"{key}={value!r}: expected {_TYPE_NAMES[want]}, got {type(value).__name__}"
+    if want is list and args and args[0] is not Ellipsis:
+        return next(filter(None, (type_error(f"{key}[{i}]", v, args[0], planned) for i, v in enumerate(value))), None)
+    if want is dict and len(args) == 2:
+        return next(filter(None, (type_error(f"{key}.{k}", v, args[1], planned) for k, v in value.items())), None)
+    return None
 
 
-def check_config_types(cfg: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the key and the expected type where a value of `cfg` (a composed config with
-    overrides) has another type than in `reference` (the same config groups, no overrides): ``rank=abc``.
-    Integers may stand for floats; :data:`DECLARED_TYPES` types the keys the config files cannot."""
-    values, reference = leaves(cfg), leaves(reference)
-    for key in [k for k, v in reference.items() if v == AUTO]:  # the planned type; `auto` itself stays allowed
-        reference[key] = None if values.get(key) == AUTO else planned_example(key)
-    for key, expected in DECLARED_TYPES.items():
-        reference.pop(key, None)
-        if expected is not None and values.get(key) is not None:
-            error = _type_error(key, values[key], expected)
+@functools.cache
+def _hints(receiver: Any) -> dict[str, Any]:
+    """Parameter name -> annotation of a class (its ``__init__``; a dataclass: its fields) or function."""
+    while isinstance(receiver, functools.partial):
+        receiver = receiver.func
+    target = receiver if dataclasses.is_dataclass(receiver) else \
+        receiver.__init__ if inspect.isclass(receiver) else receiver
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # annotations that do not resolve: nothing to check against
+        return {}
+    hints.pop("return", None)
+    return hints
+
+
+def _check(prefix: str, values: Mapping[str, Any], hints: Mapping[str, Any], planned: bool = False) -> None:
+    """Raise ValueError (one line, naming the key) at the first value of `values` that `hints` refuses."""
+    for key, value in values.items():
+        if key in hints:
+            error = type_error(f"{prefix}{key}", value, hints[key], planned)
             if error:
                 raise ValueError(error)
-    error = next(filter(None, (_type_error(k, values[k], v) for k, v in reference.items() if k in values)), None)
-    if error:
-        raise ValueError(error)
+
+
+def _check_groups(cfg: Mapping[str, Any]) -> None:
+    """The types of the groups handed on as arguments: those of what receives them (module docstring)."""
+    model, adapter = cfg["model"], cfg["adapter"]
+    _check("model.", model, {"name": str, "sampling": str, "slice_axes": Optional[list[str]],
+                             "base_checkpoint": Optional[str], "kwargs": dict, "inference": dict})
+    if model["name"] in MODELS:  # an unknown name is the module's to refuse, with the names it knows
+        _check("model.kwargs.", model.get("kwargs") or {}, _hints(MODELS[model["name"]]), planned=True)
+    _check("model.inference.", model.get("inference") or {}, _hints(SegAdaptModule))
+    _check("adapter.", adapter, {"name": str, "preset": Optional[str], "lr": float, "reg_weight": float,
+                                 "spec": Union[str, dict]})
+    if isinstance(adapter.get("spec"), Mapping):
+        _check("adapter.spec.", adapter["spec"], _hints(AdapterConfig))
+    for group in ("data", "source"):
+        data = cfg[group]
+        _check(f"{group}.", data, _hints(DataGroup))
+        _check(f"{group}.preprocess.", data.get("preprocess") or {}, _hints(PreprocessConfig), planned=True)
+        _check(f"{group}.phantom.", data.get("phantom") or {}, _hints(make_phantom_dataset))
+    _check("trainer.", cfg["trainer"], {"threads": Optional[int], "workers": int, **_hints(pl.Trainer)})
+    _check("optim.", cfg["optim"], _hints(SegAdaptModule))
+    _check("loss.", cfg["loss"], _hints(DiceCELoss))
+
+
+@dataclass(frozen=True)
+class DataGroup:
+    """A data group (``configs/data/*.yaml``: ``data`` and ``source``); `preprocess`: PreprocessConfig fields."""
+
+    name: str
+    dataset_json: str
+    n_folds: int = 3
+    split_seed: int = 0
+    batch_size: Planned[int, AUTO] = 2
+    volume_bins_ml: list[float] = field(default_factory=list)
+    max_train_cases: Optional[int] = None
+    splits_path: Optional[str] = None
+    phantom: Optional[dict] = None
+    preprocess: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """``plan``: where plans are cached, and what they are planned for."""
+
+    cache_dir: str
+    memory_gb: float = 8.0
+    base_filters: int = 32
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``selection``: model selection on an inner split of the training cases (0: off)."""
+
+    inner_fraction: float = 0.0
+    every_n_steps: Optional[int] = None
+    patience: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """``pretrain``: the source pretraining of the base."""
+
+    run_dir: str
+    auto: bool = True
+    fold: int = 0
+    lr: float = 3e-3
+    max_steps: int = 600
+
+
+_NESTED = {"plan": PlanOptions, "selection": Selection, "pretrain": PretrainOptions}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A ``train`` / ``pretrain`` request: a composed ``configs/train.yaml``, its types checked
+    (:meth:`from_cfg`); ``auto`` may stand where the plan decides. The groups handed on as arguments (model,
+    adapter, data, source, trainer, optim, loss) stay mappings, typed by what receives them."""
+
+    experiment: str
+    run_dir: str
+    base_checkpoint: str
+    model: Mapping[str, Any]
+    adapter: Mapping[str, Any]
+    data: Mapping[str, Any]
+    source: Mapping[str, Any]
+    trainer: Mapping[str, Any]
+    plan: PlanOptions
+    pretrain: PretrainOptions
+    selection: Selection = field(default_factory=Selection)
+    optim: Mapping[str, Any] = field(default_factory=dict)
+    loss: Mapping[str, Any] = field(default_factory=dict)
+    paths: Mapping[str, Any] = field(default_factory=dict)
+    fold: int = 0
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    overwrite: bool = False
+    eval_base: bool = True
+    checkpoint_every: Optional[int] = 50
+    threshold: float = 0.5
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any] | TrainConfig) -> TrainConfig:
+        """The typed request of a resolved config (a plain mapping, e.g. ``OmegaConf.to_container(cfg,
+        resolve=True)``); ValueError naming the first key whose value has the wrong type."""
+        if isinstance(cfg, TrainConfig):
+            return cfg
+        hints = _hints(cls)
+        _check("", {k: v for k, v in cfg.items() if k not in _NESTED}, hints)
+        for name, kind in _NESTED.items():
+            _check(f"{name}.", cfg.get(name) or {}, _hints(kind))
+        _check_groups(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in cfg.items() if k in known}
+        for name, kind in _NESTED.items():
+            if name in values:
+                values[name] = kind(**{k: v for k, v in (values[name] or {}).items()
+                                       if k in {f.name for f in dataclasses.fields(kind)}})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as a plain mapping (what the plan's apply step reads and fills)."""
+        return dataclasses.asdict(self)
 
 
 def module_args(cfg: Mapping[str, Any], data: Mapping[str, Any], in_channels: int, base: Optional[Path],

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from segadapt.data import load_dataset_json, make_phantom_dataset
 from segadapt.runs import CHECKPOINT_FILE, METRICS_FILE, SKIP, WEIGHTS_FILE, read_metrics, run_folder_action
 
-from .config import RunConfig, configure_threads, planned_run
+from .config import RunConfig, TrainConfig, configure_threads, planned_run
 from .fit import fit_run
 from .module import check_classes
 from .planning import apply_plan, run_plan
@@ -63,19 +63,19 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def ensure_base(cfg: Mapping[str, Any]) -> Path:
-    """The base checkpoint of ``cfg``; pretrains it on ``cfg.source`` first when missing and ``pretrain.auto``."""
-    base = Path(cfg["base_checkpoint"])
+def ensure_base(request: TrainConfig) -> Path:
+    """The base checkpoint of a request; pretrains it on its source first when missing and ``pretrain.auto``."""
+    base = Path(request.base_checkpoint)
     if base.is_file():
         return base.resolve()
-    if not cfg["pretrain"]["auto"]:
+    if not request.pretrain.auto:
         raise FileNotFoundError(f"base checkpoint not found: {base}; run scripts/pretrain.py or set pretrain.auto=true")
-    pretrained = Path(cfg["pretrain"]["run_dir"]) / WEIGHTS_FILE
+    pretrained = Path(request.pretrain.run_dir) / WEIGHTS_FILE
     if base.resolve() != pretrained.resolve():
         raise FileNotFoundError(f"base checkpoint not found: {base}; pretraining (pretrain.auto) would write "
                                 f"{pretrained} instead, so it is not started")
-    log.info("no base checkpoint at %s: pretraining on %s first", base, cfg["source"]["name"])
-    pretrain(cfg)
+    log.info("no base checkpoint at %s: pretraining on %s first", base, request.source["name"])
+    pretrain(request)
     return base.resolve()
 
 
@@ -100,32 +100,34 @@ def _prepare_once() -> Callable[[Mapping[str, Any]], Path]:
     return prepare
 
 
-def check_request(cfg: Mapping[str, Any], kind: str = "train", sweep: Optional[bool] = None,
+def check_request(cfg: Mapping[str, Any] | TrainConfig, kind: str = "train", sweep: Optional[bool] = None,
                   run: Optional[RunConfig] = None) -> Optional[str]:
-    """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): threads,
-    an existing dataset.json, and the run folder (:func:`~segadapt.runs.run_folder_action`: in use, finished run,
-    resume). A resume compares the run's config.yaml with the planned run (`run`; None: planned here as train /
-    pretrain plan it, :func:`~segadapt.training.planning.apply_plan`, so `cfg` may hold ``auto``).
+    """Refuse a ``train`` / ``pretrain`` job before it writes anything (data, base, run folder): value types,
+    threads, an existing dataset.json, and the run folder (:func:`~segadapt.runs.run_folder_action`: in use,
+    finished run, resume). A resume compares the run's config.yaml with the planned run (`run`; None: planned
+    here as train / pretrain plan it, :func:`~segadapt.training.planning.apply_plan`, so `cfg` may hold ``auto``).
     Returns what the job does: :data:`~segadapt.runs.SKIP`, or the checkpoint it resumes from (None: a fresh run).
     `sweep`: the job is part of a ``-m`` sweep (None: ask Hydra, :func:`in_sweep`)."""
-    data = cfg["source"] if kind == "pretrain" else cfg["data"]
-    configure_threads(cfg["trainer"].get("threads"))
-    dataset = Path(data["dataset_json"])
+    request = TrainConfig.from_cfg(cfg)
+    pretraining = kind == "pretrain"
+    configure_threads(request.trainer.get("threads"))
+    dataset = Path((request.source if pretraining else request.data)["dataset_json"])
     if dataset.is_file():
-        check_classes(cfg["model"]["kwargs"].get("out_channels", 1), load_dataset_json(dataset))
-    ckpt_path = None if kind == "pretrain" else cfg["ckpt_path"]
+        check_classes(request.model["kwargs"].get("out_channels", 1), load_dataset_json(dataset))
+    ckpt_path = None if pretraining else request.ckpt_path
 
     def record() -> dict[str, Any]:  # the config.yaml the job would write
         if run is not None:
             return run.record()
         if not dataset.is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: dataset description not found: {dataset}")
-        planned = apply_plan(cfg, run_plan(cfg, pretraining=kind == "pretrain", prepare=_existing_dataset), show=False)
+        raw = request.to_dict()
+        planned = apply_plan(raw, run_plan(raw, pretraining=pretraining, prepare=_existing_dataset), show=False)
         return planned_run(planned, kind, dataset.resolve()).record()
 
-    run_dir = cfg["pretrain"]["run_dir"] if kind == "pretrain" else cfg["run_dir"]
+    run_dir = request.pretrain.run_dir if pretraining else request.run_dir
     sweep = in_sweep() if sweep is None else sweep
-    return run_folder_action(run_dir, record, ckpt_path, bool(cfg.get("overwrite", False)), sweep,
+    return run_folder_action(run_dir, record, ckpt_path, request.overwrite, sweep,
                              check_lock=rank_zero_only.rank == 0)  # DDP: the other ranks start while rank 0 holds it
 
 
@@ -142,40 +144,42 @@ def _kept_or_resumed(run_dir: str | os.PathLike, action: Optional[str], ckpt_pat
     return None
 
 
-def pretrain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def pretrain(cfg: Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
     """Full training of the network from random init on the source dataset (``cfg.source``), holding out
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
+    request = TrainConfig.from_cfg(cfg)
     prepare = _prepare_once()
-    plan = run_plan(cfg, pretraining=True, prepare=prepare)
-    cfg = apply_plan(cfg, plan)
-    run = planned_run(cfg, "pretrain", prepare(cfg["source"]), plan)
-    action = check_request(cfg, "pretrain", sweep=False, run=run)  # a finished base is kept, never skipped unseen
-    kept = _kept_or_resumed(cfg["pretrain"]["run_dir"], action, None)
+    plan = run_plan(request.to_dict(), pretraining=True, prepare=prepare)
+    planned = apply_plan(request.to_dict(), plan)
+    run = planned_run(planned, "pretrain", prepare(planned["source"]), plan)
+    action = check_request(request, "pretrain", sweep=False, run=run)  # a finished base is kept, never skipped unseen
+    kept = _kept_or_resumed(request.pretrain.run_dir, action, None)
     if kept is not None:
         return kept
     result = fit_run(run, ckpt_path=action)
-    report_summary(f"pretrained base on {cfg['source']['name']}: source-fold Dice {result['val']['dice']:.3f} "
-                   f"-> {Path(cfg['pretrain']['run_dir']) / WEIGHTS_FILE}")
+    report_summary(f"pretrained base on {request.source['name']}: source-fold Dice {result['val']['dice']:.3f} "
+                   f"-> {Path(request.pretrain.run_dir) / WEIGHTS_FILE}")
     return result
 
 
-def train(cfg: Mapping[str, Any], callbacks: Optional[list[pl.Callback]] = None,
+def train(cfg: Mapping[str, Any] | TrainConfig, callbacks: Optional[list[pl.Callback]] = None,
           started: Optional[float] = None) -> dict[str, Any]:
     """One fold of one method from a resolved ``configs/train.yaml`` config (what ``scripts/train.py`` runs);
     `started`: the ``time.perf_counter()`` its setup counts from (default: now)."""
     started = time.perf_counter() if started is None else started
+    request = TrainConfig.from_cfg(cfg)
     prepare = _prepare_once()
-    plan = run_plan(cfg, pretraining=False, prepare=prepare)
-    cfg = apply_plan(cfg, plan)
-    run = planned_run(cfg, "train", prepare(cfg["data"]), plan)
-    action = check_request(cfg, "train", run=run)  # before the base is pretrained or the run folder touched
-    kept = _kept_or_resumed(cfg["run_dir"], action, cfg["ckpt_path"])
+    plan = run_plan(request.to_dict(), pretraining=False, prepare=prepare)
+    planned = apply_plan(request.to_dict(), plan)
+    run = planned_run(planned, "train", prepare(planned["data"]), plan)
+    action = check_request(request, "train", run=run)  # before the base is pretrained or the run folder touched
+    kept = _kept_or_resumed(request.run_dir, action, request.ckpt_path)
     if kept is not None:
         return kept
     if run.tuning != "scratch":
-        ensure_base(cfg)
+        ensure_base(request)
     result = fit_run(run, ckpt_path=action, callbacks=callbacks, started=started)
-    report_summary(format_result(result, cfg["run_dir"]))
+    report_summary(format_result(result, request.run_dir))
     return result
 
 

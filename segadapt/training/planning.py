@@ -79,7 +79,7 @@ def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
 
 
 # What the plan puts where a config file says `auto` (a value of the planned type, for the type check of
-# overrides: segadapt.training.config.check_config_types); the preprocessing fields take their defaults' types.
+# overrides: segadapt.training.run.check_config_types); the preprocessing fields take their defaults' types.
 _PLANNED_EXAMPLES = {"target_spacing": [1.0], "clip_range": [[0.0, 1.0]], "norm_mean": [0.0], "norm_std": [1.0],
                      "batch_size": 2, "out_channels": 1}
 
