@@ -14,10 +14,8 @@ import yaml
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from segadapt.adapters import load_adapter
-from segadapt.models.pretrained import load_pretrained
 from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, open_run
-from segadapt.training import SegAdaptModule
+from segadapt.training.load import load_run
 
 # ---- what an export may write over --------------------------------------------------------------
 RUN_LOG_FOLDERS = ("logs", ".hydra")  # sub-folders of a run folder that are the run's own files
@@ -88,21 +86,11 @@ def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tupl
     """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
     FileNotFoundError naming the file.
 
-    Like :func:`segadapt.training.load.load_run`, with `strict` passed to ``load_adapter`` (False: an adapter
-    made on a base with the same modules but other weights loads with a warning), and a ``config.yaml``
-    that is not YAML or lacks a key reported as such instead of a parser traceback.
+    :func:`segadapt.training.load.load_run`'s network (`strict`: see there), with a ``config.yaml`` that is not
+    YAML or lacks a key reported as such instead of a parser traceback.
     """
-    config_path = Path(run_dir) / CONFIG_FILE
-    config = read_export_config(run_dir)
-    try:
-        module = SegAdaptModule(**config["module"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} does not describe a run's network: {type(error).__name__}: {error}") from None
-    adapter_file, weights_file = Path(run_dir) / ADAPTER_FILE, Path(run_dir) / WEIGHTS_FILE
-    if adapter_file.is_file():
-        load_adapter(module.net, adapter_file, strict=strict)
-    elif weights_file.is_file():  # a full / decoder / scratch run: its network, no adapter
-        load_pretrained(module.net, weights_file)
-    else:
+    read_export_config(run_dir)
+    if not any((Path(run_dir) / name).is_file() for name in (ADAPTER_FILE, WEIGHTS_FILE)):
         raise FileNotFoundError(f"run folder {run_dir} has neither {ADAPTER_FILE} nor {WEIGHTS_FILE}: nothing to export")
-    return module.net.eval(), config
+    module, config = load_run(run_dir, strict=strict)
+    return module.net, config

@@ -26,7 +26,7 @@ from segadapt.data.transforms import ImageOrientationd
 from segadapt.runs import read_metrics, read_run_config
 from segadapt.training import case_metrics, train
 from segadapt.training.metrics import bin_labels
-from segadapt.training.report import size_unit as report_size_unit
+from segadapt.training.report import runs_size_unit
 from segadapt.training.report import write_report
 from segadapt.training.config import TrainConfig, datamodule_args, module_args
 
@@ -88,7 +88,7 @@ def test_drive_config_end_to_end(drive3, tmp_path, shared_data):
     manual = np.asarray(Image.open(shared_data / "drive" / "test" / "1st_manual" / f"{number}_manual1.gif").convert("L"))
     assert case["true_px"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
     assert 0.0 <= case["dice"] <= 1.0
-    assert report_size_unit([metrics]) == "px"
+    assert runs_size_unit([metrics]) == "px"
     paths = write_report(tmp_path / "drive")
     assert "HD95 (px)" in paths["markdown"].read_text(encoding="utf-8")
     assert "dice_bin[>=0 px]" in paths["csv"].read_text(encoding="utf-8").splitlines()[0]

@@ -43,7 +43,7 @@ from torch import nn
 
 PLANS_FILE = "plans.json"
 DATASET_FILE = "dataset.json"
-CHECKPOINT_FILE = "checkpoint_final.pth"
+NNUNET_CHECKPOINT_FILE = "checkpoint_final.pth"
 DEFAULT_TRAINER = "nnUNetTrainer"
 
 
@@ -104,7 +104,7 @@ class NnUNetModel:
 
     @property
     def checkpoint(self) -> Path:
-        return self.folder / f"fold_{self.fold}" / CHECKPOINT_FILE
+        return self.folder / f"fold_{self.fold}" / NNUNET_CHECKPOINT_FILE
 
     @property
     def in_channels(self) -> int:

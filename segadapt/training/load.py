@@ -8,7 +8,7 @@ from typing import Any
 
 from segadapt.adapters import load_adapter
 from segadapt.models import load_pretrained
-from segadapt.runs import ADAPTER_FILE, WEIGHTS_FILE, open_run
+from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, open_run
 
 from .module import SegAdaptModule
 
@@ -25,7 +25,11 @@ def load_run(run_dir: str | os.PathLike, strict: bool = True) -> tuple[SegAdaptM
     """
     run_dir = Path(run_dir)
     config = open_run(run_dir)
-    module = SegAdaptModule(**config["module"])
+    try:
+        module = SegAdaptModule(**config["module"])
+    except (KeyError, TypeError) as error:  # a config.yaml edited by hand, or of another version
+        raise ValueError(f"{run_dir / CONFIG_FILE} does not describe a run's network: {type(error).__name__}: "
+                         f"{error}") from None
     adapter_file, weights_file = run_dir / ADAPTER_FILE, run_dir / WEIGHTS_FILE
     if adapter_file.is_file():
         load_adapter(module.net, adapter_file, strict=strict)

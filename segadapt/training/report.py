@@ -61,7 +61,7 @@ REFERENCES = ("none", "full")  # the paired tests' references
 _FOLD_DIR = re.compile(r"fold\d+")
 
 
-def size_unit(runs: Sequence[dict[str, Any]]) -> str:
+def runs_size_unit(runs: Sequence[dict[str, Any]]) -> str:
     """The runs' unit of lesion sizes ('mL'; 'mm^2' or 'px' for 2D images; runs written before it: 'mL')."""
     units = {run.get("size_unit", "mL") for run in runs}
     if len(units) > 1:
@@ -317,7 +317,7 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     for run in runs:
         if _edges(run["volume_bins_ml"]) != edges:
             raise ValueError(f"runs of one report must share volume bins; {run['run']} has {run['volume_bins_ml']}")
-    labels = bin_labels(edges, size_unit(runs))
+    labels = bin_labels(edges, runs_size_unit(runs))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run, name in zip(runs, _method_names(runs)):
         by_method.setdefault(name, []).append(run)
@@ -586,7 +586,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     out.mkdir(parents=True, exist_ok=True)
     edges = _edges(runs[0]["volume_bins_ml"])
     name = Path(experiment_dir).resolve().name
-    unit = size_unit(runs)
+    unit = runs_size_unit(runs)
     structure = structure_name(runs)
     size = f"{structure} {_size_word(unit)}"
     steps = sorted({int(r["train_steps"]) for r in rows if math.isfinite(r["train_steps"])})
