@@ -149,8 +149,9 @@ def pretrain(cfg: Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
     fold ``pretrain.fold`` for validation; writes ``<pretrain.run_dir>/model.safetensors``, the base."""
     request = TrainConfig.from_cfg(cfg)
     prepare = _prepare_once()
-    plan = run_plan(request.to_dict(), pretraining=True, prepare=prepare)
-    planned = apply_plan(request.to_dict(), plan)
+    raw = request.to_dict()  # the plain mapping the plan reads; its `auto` values are filled by apply_plan only
+    plan = run_plan(raw, pretraining=True, prepare=prepare)
+    planned = apply_plan(raw, plan)
     run = planned_run(planned, "pretrain", prepare(planned["source"]), plan)
     action = check_request(request, "pretrain", sweep=False, run=run)  # a finished base is kept, never skipped unseen
     kept = _kept_or_resumed(request.pretrain.run_dir, action, None)
@@ -169,8 +170,9 @@ def train(cfg: Mapping[str, Any] | TrainConfig, callbacks: Optional[list[pl.Call
     started = time.perf_counter() if started is None else started
     request = TrainConfig.from_cfg(cfg)
     prepare = _prepare_once()
-    plan = run_plan(request.to_dict(), pretraining=False, prepare=prepare)
-    planned = apply_plan(request.to_dict(), plan)
+    raw = request.to_dict()  # the plain mapping the plan reads; its `auto` values are filled by apply_plan only
+    plan = run_plan(raw, pretraining=False, prepare=prepare)
+    planned = apply_plan(raw, plan)
     run = planned_run(planned, "train", prepare(planned["data"]), plan)
     action = check_request(request, "train", run=run)  # before the base is pretrained or the run folder touched
     kept = _kept_or_resumed(request.run_dir, action, request.ckpt_path)
