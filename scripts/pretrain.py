@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from segadapt.cli import check_hydra_request, run_hydra_task
 from segadapt.training import pretrain
-from segadapt.training.run import check_request
+from segadapt.training.jobs import check_request
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

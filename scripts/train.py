@@ -7,7 +7,7 @@ Configs: configs/train.yaml (groups model/, adapter/, data/, trainer/). Bad inpu
 wrong type, a finished run folder, a resume with other settings, a bad case, a run folder another training
 holds) is one ``error:`` line, exit code 2, before anything is written (``SEGADAPT_DEBUG=1``: with the
 traceback). The same command after a kill resumes the killed run from its last.ckpt; in a sweep it also
-skips the runs that finished (:func:`segadapt.training.run.run_folder_action`).
+skips the runs that finished (:func:`segadapt.runs.run_folder_action`).
 
 A local sweep (``-m``, Hydra's basic launcher) runs every job in this one process: the preprocessed cases,
 the base weights and the base's validation scores are built once and shared by every method and fold
@@ -45,7 +45,7 @@ if __name__ == "__main__":
         from functools import partial
 
         from segadapt.cli import check_hydra_request
-        from segadapt.training.run import check_request
+        from segadapt.training.jobs import check_request
 
         sweep = bool({"-m", "--multirun"} & set(sys.argv[1:]))  # a sweep skips its finished runs
         check_hydra_request(CONFIGS, "train", partial(check_request, sweep=sweep))

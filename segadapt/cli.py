@@ -4,7 +4,7 @@
   :class:`~segadapt.training.SegAdaptModule` and :class:`~segadapt.training.SegDataModule`; the YAML has
   ``model:`` (module arguments), ``data:`` (data-module arguments) and ``trainer:`` sections
   (``segadapt fit --print_config`` prints a complete one). ``fit`` writes the run folder
-  ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.training.run`; resume a
+  ``trainer.default_root_dir`` as ``scripts/train.py`` writes its run_dir (:mod:`segadapt.runs`; resume a
   killed fit with ``--ckpt_path last``), which predict, export, report and diagnose open. ``test`` scores the
   dataset's test split (``dataset.json`` ``test`` entries with labels, or ``imagesTs``/``labelsTs``) and refuses
   without one.
@@ -155,10 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 _HYDRA_FLAGS = ("-m", "--multirun")
 
 
-def hydra_jobs(config_dir: str | os.PathLike, config_name: str, argv: Sequence[str]) -> Iterator[tuple[dict, dict]]:
-    """(resolved config, reference config) of every job that ``script.py argv`` runs (each point of a ``-m``
-    sweep), composed as @hydra.main will compose them. The reference has only the config-group choices
-    of the job (``model=unet3d``...): the types of its values are the expected ones.
+def hydra_jobs(config_dir: str | os.PathLike, config_name: str, argv: Sequence[str]) -> Iterator[dict]:
+    """The resolved config of every job that ``script.py argv`` runs (each point of a ``-m`` sweep), composed as
+    @hydra.main will compose them.
 
     Yields nothing for command lines it does not model (other flags, glob sweeps): Hydra handles those."""
     from hydra import compose, initialize_config_dir
@@ -169,7 +168,6 @@ def hydra_jobs(config_dir: str | os.PathLike, config_name: str, argv: Sequence[s
         return
     multirun = any(a in _HYDRA_FLAGS for a in argv)
     parsed = OverridesParser.create().parse_overrides([a for a in argv if a not in _HYDRA_FLAGS])
-    groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
     choices = []
     for override in parsed:
         key = override.get_key_element()
@@ -181,25 +179,22 @@ def hydra_jobs(config_dir: str | os.PathLike, config_name: str, argv: Sequence[s
             choices.append([f"{key}={v}" for v in values])
         else:
             choices.append([override.input_line])
-    is_group = [o.key_or_group.split("@")[0] in groups for o in parsed]
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         for job in itertools.product(*choices):
-            cfg = compose(config_name, overrides=list(job))
-            reference = compose(config_name, overrides=[o for o, g in zip(job, is_group) if g])
-            yield (OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(reference, resolve=True))
+            yield OmegaConf.to_container(compose(config_name, overrides=list(job)), resolve=True)
 
 
-def check_hydra_request(config_dir: str | os.PathLike, config_name: str, check: Callable[[dict], None],
+def check_hydra_request(config_dir: str | os.PathLike, config_name: str, check: Callable[[Any], None],
                         argv: Optional[Sequence[str]] = None) -> None:
-    """Before @hydra.main writes anything (its .hydra/ record in the run folder): compose every job of the
-    command line, check the value types against the config files' (:func:`check_config_types`), then
-    `check` each job (e.g. :func:`segadapt.training.run.check_request`). A user error exits with one line."""
-    from segadapt.training.run import check_config_types
+    """Before @hydra.main writes anything (its .hydra/ record in the run folder, which is why this composes the
+    jobs itself): compose every job of the command line, type it (:meth:`TrainConfig.from_cfg
+    <segadapt.training.config.TrainConfig.from_cfg>`), then `check` the typed request (e.g.
+    :func:`segadapt.training.jobs.check_request`). A user error exits with one line."""
+    from segadapt.training.config import TrainConfig
 
     with user_errors():
-        for cfg, reference in hydra_jobs(config_dir, config_name, sys.argv[1:] if argv is None else argv):
-            check_config_types(cfg, reference)
-            check(cfg)
+        for cfg in hydra_jobs(config_dir, config_name, sys.argv[1:] if argv is None else argv):
+            check(TrainConfig.from_cfg(cfg))
 
 
 def run_hydra_task(cfg: Any, task: Callable[[dict], Any]) -> Any:

@@ -38,9 +38,10 @@ from safetensors.torch import load_file
 from segadapt.cli import check_hydra_request
 from segadapt.cli import main as segadapt_main
 from segadapt.errors import user_errors
-from segadapt.training import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, read_metrics, train
+from segadapt.runs import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, read_metrics, run_folder_lock
+from segadapt.training import train
 from segadapt.training.callbacks import TRAIN_STATS_KEYS
-from segadapt.training.run import check_request, format_result, run_folder_lock
+from segadapt.training.jobs import check_request, format_result
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -209,6 +210,13 @@ CASES = [
     ("number of wrong type", ["optim.weight_decay=lots"], None, r"optim\.weight_decay='lots': expected a number"),
     ("threads of wrong type", ["trainer.threads=two"], None, r"trainer\.threads='two': expected an integer"),
     ("threads zero", ["trainer.threads=0"], None, r"trainer\.threads must be a positive integer, got 0"),
+    ("network argument of wrong type", ["model.kwargs.channels=[4,x]"], None,
+     r"model\.kwargs\.channels\[1\]='x': expected an integer, got str"),
+    ("loss weight of wrong type", ["loss.lambda_dice=lots"], None, r"loss\.lambda_dice='lots': expected a number"),
+    ("auto where the plan decides nothing", ["trainer.log_every_n_steps=auto"], None,
+     r"trainer\.log_every_n_steps='auto': expected an integer, got str"),
+    ("Lightning setting of wrong type", ["trainer.log_every_n_steps=often"], None,
+     r"trainer\.log_every_n_steps='often': expected an integer"),
     ("empty override", ["fold="], None, r"fold='': expected an integer"),
     ("unknown key", ["no_such_key=1"], None, r"Could not override 'no_such_key'\. .*no_such_key"),
     ("unknown config group option", ["model=no_such_model"], None, r"Could not find 'model/no_such_model'"),
@@ -339,7 +347,7 @@ def cli_world(world) -> dict:
     """A `segadapt fit` config with the finished run's settings, and a run folder that `segadapt fit` finished."""
     import yaml
 
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     config = read_run_config(world["finished"])
     path = world["root"] / "cli.yaml"
@@ -385,7 +393,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(world, cli_world, tmp_path
 def test_fit_resume_with_more_steps_trains_on(cli_world, tmp_path):
     """``segadapt fit --ckpt_path last --trainer.max_steps 3`` on a finished 2-step run trains step 2 from its
     checkpoint; config.yaml and metrics.json record 3 steps, extended from 2."""
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     run = tmp_path / "run"
     shutil.copytree(cli_world["finished"], run)
@@ -524,7 +532,7 @@ def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
 def test_a_checkpoint_replaced_after_the_check_is_refused_by_the_load_itself(world, tmp_path, capsys, monkeypatch):
     """The resume's own load (Lightning's, with weights_only=True) refuses a planted last.ckpt in one line too,
     when the check before it did not see the file (replaced in between)."""
-    import segadapt.training.run as run_module
+    import segadapt.runs as run_module
 
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(world["killed"], run)
@@ -670,13 +678,13 @@ AUTO_TYPE_CASES = [
 @pytest.mark.parametrize("name, overrides, message", AUTO_TYPE_CASES, ids=[c[0] for c in AUTO_TYPE_CASES])
 def test_auto_values_take_the_planned_type(tmp_path, name, overrides, message):
     from segadapt.cli import hydra_jobs
-    from segadapt.training.run import check_config_types
+    from segadapt.training.config import TrainConfig
 
     argv = ["data=dataset_json", f"data.dataset_json={tmp_path / 'dataset.json'}", *overrides]
-    ((cfg, reference),) = list(hydra_jobs(CONFIGS, "train", argv))
+    (cfg,) = list(hydra_jobs(CONFIGS, "train", argv))
     if message is None:
-        check_config_types(cfg, reference)
+        TrainConfig.from_cfg(cfg)
         return
     with pytest.raises(ValueError) as info:
-        check_config_types(cfg, reference)
+        TrainConfig.from_cfg(cfg)
     assert re.search(message, str(info.value)), str(info.value)

@@ -16,14 +16,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401 (its console handler keeps the stderr of its first import: not a test's capture)
 import pytest
 import yaml
 
 from segadapt.cli import COMMANDS, config_argv, main, report_main, run
 from segadapt.data import load_dataset_json, load_test_cases
 from segadapt.parsers import PARSERS
-from segadapt.training import read_run_config
-from segadapt.training.run import read_metrics
+from segadapt.runs import read_metrics, read_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "cli/lora_c/fold0"  # the run folder `segadapt fit` writes (trainer.default_root_dir), beside the config
@@ -231,7 +231,7 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def test_fit_writes_a_run_folder_that_every_command_opens(fitted, world, tmp_path, capsys):
-    """`segadapt fit` writes scripts/train.py's run folder (segadapt.training.run) into trainer.default_root_dir:
+    """`segadapt fit` writes scripts/train.py's run folder (segadapt.runs) into trainer.default_root_dir:
     predict --run, export, diagnose and report open it; its config.yaml records the fit's own settings."""
     assert fitted["done"].returncode == 0, fitted["done"].stderr[-3000:]
     run = fitted["run"]

@@ -23,11 +23,12 @@ from segadapt.data.config import parse_number
 from segadapt.data.files import save_nifti, save_png
 from segadapt.data.dataset_json import dataset_spatial_dims, size_unit
 from segadapt.data.transforms import ImageOrientationd
-from segadapt.training import case_metrics, read_metrics, read_run_config, train
+from segadapt.runs import read_metrics, read_run_config
+from segadapt.training import case_metrics, train
 from segadapt.training.metrics import bin_labels
-from segadapt.training.report import size_unit as report_size_unit
+from segadapt.training.report import runs_size_unit
 from segadapt.training.report import write_report
-from segadapt.training.run import check_config_types, datamodule_args, module_args
+from segadapt.training.config import TrainConfig, datamodule_args, module_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -87,7 +88,7 @@ def test_drive_config_end_to_end(drive3, tmp_path, shared_data):
     manual = np.asarray(Image.open(shared_data / "drive" / "test" / "1st_manual" / f"{number}_manual1.gif").convert("L"))
     assert case["true_px"] == float((manual > 127).sum())  # the vessel area in pixels, from the raw file
     assert 0.0 <= case["dice"] <= 1.0
-    assert report_size_unit([metrics]) == "px"
+    assert runs_size_unit([metrics]) == "px"
     paths = write_report(tmp_path / "drive")
     assert "HD95 (px)" in paths["markdown"].read_text(encoding="utf-8")
     assert "dice_bin[>=0 px]" in paths["csv"].read_text(encoding="utf-8").splitlines()[0]
@@ -112,12 +113,12 @@ def test_inf_bins_from_the_command_line(edge):
     """`data.volume_bins_ml=[0,.inf]` (Hydra leaves '.inf' a string, YAML leaves 'inf' one) passes the type
     check and reaches the module as a float; a word that is no number is still refused."""
     overrides = [f"data.volume_bins_ml=[0,5,{edge}]"]
-    cfg, reference = _compose(*overrides), _compose()
-    check_config_types(cfg, reference)
+    cfg = _compose(*overrides)
+    TrainConfig.from_cfg(cfg)
     args = module_args(cfg, cfg["data"], 1, None, {"spec": "scratch", "lr": 1e-3})
     assert args["volume_bins_ml"] == [0.0, 5.0, math.inf]
     with pytest.raises(ValueError, match=r"volume_bins_ml\[2\]"):
-        check_config_types(_compose("data.volume_bins_ml=[0,5,lots]"), reference)
+        TrainConfig.from_cfg(_compose("data.volume_bins_ml=[0,5,lots]"))
 
 
 def test_area_in_mm2_for_2d_and_ml_for_3d():

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from segadapt.adapters import merge_and_unload
 from segadapt.inference.diagnose import diagnose_run, effective_rank, intruder_dimensions, layer_stats, main
-from segadapt.training.run import CONFIG_FILE, load_run, read_run_config
+from segadapt.runs import CONFIG_FILE, read_run_config
+from segadapt.training.load import load_run
 
 
 def orthonormal(n: int, k: int, seed: int) -> torch.Tensor:

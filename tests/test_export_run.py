@@ -32,7 +32,7 @@ from segadapt.export.common import load_run_for_export
 from segadapt.export.merged import PEFT_BASE_FILE, export_peft, load_merged
 from segadapt.inference import Predictor
 from segadapt.models import build_model
-from segadapt.training import fit_run
+from segadapt.training import RunConfig, fit_run
 
 KWARGS = {"in_channels": 3, "out_channels": 1, "kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
@@ -52,7 +52,7 @@ def _fit(root: Path, preprocess: dict, name: str, model: str = "dynunet", model_
             "preprocess": PreprocessConfig(patch_size=[16, 16, 16], samples_per_volume=1, augment=False,
                                            **preprocess).to_dict()}
     run = root / name
-    fit_run(run, {"experiment": "t", "method": adapter or "conv_lora", "fold": fold}, module, data, TRAINER, eval_base=False)
+    fit_run(RunConfig(run, {"experiment": "t", "method": adapter or "conv_lora", "fold": fold}, module, data, TRAINER, eval_base=False))
     return run
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from segadapt.data import make_phantom_dataset
 from segadapt.inference import Predictor, predict_to_folder
-from segadapt.training import fit_run
+from segadapt.training import RunConfig, fit_run
 from segadapt.training.demo import DEMO_MODEL
 
 
@@ -44,12 +44,12 @@ def test_run_and_prediction_files_follow_the_umask(mask, umask, tmp_path):
     dataset = make_phantom_dataset(tmp_path / "data", "tbi", 2, 0, (24, 24, 12), (9.0, 9.0, 13.0))
     run = tmp_path / "run"
     preprocess = {"slice_size": [24, 24], "samples_per_volume": 2, "augment": False}
-    fit_run(run, {"experiment": "perm", "method": "scratch", "fold": 0},
-            {"model": "multiview_unet", "model_kwargs": {"in_channels": 3, **DEMO_MODEL}, "adapter": "scratch"},
-            {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "preprocess": preprocess, "batch_size": 2},
-            {"accelerator": "cpu", "devices": 1, "max_steps": 1, "enable_progress_bar": False,
-             "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
-            eval_base=False)
+    fit_run(RunConfig(run, {"experiment": "perm", "method": "scratch", "fold": 0},
+                      {"model": "multiview_unet", "model_kwargs": {"in_channels": 3, **DEMO_MODEL}, "adapter": "scratch"},
+                      {"dataset_json": str(dataset), "fold": 0, "n_folds": 2, "preprocess": preprocess, "batch_size": 2},
+                      {"accelerator": "cpu", "devices": 1, "max_steps": 1, "enable_progress_bar": False,
+                       "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000},
+                      eval_base=False))
     written = modes(run)
     assert {"model.safetensors", "config.yaml", "fingerprint.json", "metrics.json", "last.ckpt",
             "logs/metrics.csv"} <= set(written)

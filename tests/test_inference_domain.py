@@ -18,7 +18,7 @@ from segadapt.plan.fingerprint import fingerprint
 from segadapt.inference import Predictor, predict_to_folder
 from segadapt.inference.domain import TrainingDomain
 from segadapt.inference.predictor import run_domain
-from segadapt.training.run import FINGERPRINT_FILE
+from segadapt.runs import FINGERPRINT_FILE
 
 
 def fake_fingerprint(modality: str, spacings, ranges) -> dict:
@@ -94,7 +94,7 @@ def test_fit_run_stores_the_datasets_fingerprint(demo_runs):
 
 
 def read_dataset(run):
-    from segadapt.training import read_run_config
+    from segadapt.runs import read_run_config
 
     return read_run_config(run)["datamodule"]["dataset_json"]
 

@@ -16,7 +16,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 from segadapt.data import load_dataset_json  # noqa: E402
-from segadapt.training import read_run_config  # noqa: E402
+from segadapt.runs import read_run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "inference_ct.ipynb"

@@ -24,7 +24,8 @@ from segadapt.inference.cli import main
 from segadapt.inference.inputs import find_inputs
 from segadapt.inference.writers import CSV_FILE
 from segadapt.models import MultiViewUNet, preset_targets
-from segadapt.training import load_run, read_run_config
+from segadapt.runs import read_run_config
+from segadapt.training import load_run
 
 
 @pytest.fixture(scope="module")

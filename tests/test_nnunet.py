@@ -189,7 +189,7 @@ def _cfg(tmp_path, world, **changes):
 
 
 def test_adapt_save_reload_predict_and_export_back(tmp_path, world):
-    from segadapt.training.run import load_run, train
+    from segadapt.training import load_run, train
 
     cfg = _cfg(tmp_path, world)
     assert cfg["base_checkpoint"] == str(world["results"] / "fold_0" / "checkpoint_final.pth")
@@ -222,7 +222,7 @@ def test_export_never_writes_over_the_base_folder_and_overwrites_only_with_force
     """--nnunet into the base's own trained-model folder would replace the checkpoint the run adapts: refused,
     --force or not, nothing changed; an earlier export is replaced only with --force (19.4)."""
     from segadapt.export.cli import main as export_main
-    from segadapt.training.run import train
+    from segadapt.training import train
 
     cfg = _cfg(tmp_path, world)
     train(cfg)

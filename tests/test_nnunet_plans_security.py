@@ -24,7 +24,7 @@ from segadapt.cli import check_hydra_request  # noqa: E402
 from segadapt.errors import user_errors  # noqa: E402
 from segadapt.models.nnunet import MAX_PARAMETERS, NETWORK_CLASSES, OP_CLASSES, build_nnunet, read_results  # noqa: E402
 from segadapt.training import train  # noqa: E402
-from segadapt.training.run import check_request  # noqa: E402
+from segadapt.training.jobs import check_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -28,7 +28,7 @@ from test_nnunet import _cfg  # noqa: E402
 from segadapt.data.files import save_nifti  # noqa: E402
 from segadapt.export.cli import main as export_main  # noqa: E402
 from segadapt.inference import Predictor  # noqa: E402
-from segadapt.training.run import load_run, train  # noqa: E402
+from segadapt.training import load_run, train  # noqa: E402
 
 
 def test_nnunet_s_predictor_reads_the_exported_folder_and_predicts_what_segadapt_predicts(tmp_path):

@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from segadapt.data.phantom import make_phantom_dataset
-from segadapt.training import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, train
+from segadapt.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics
+from segadapt.training import train
 from segadapt.training.callbacks import LongerSchedule
-from segadapt.training.run import check_request
+from segadapt.training.jobs import check_request
 
 from test_training_sweep import SWEEP_KILL_DRIVER  # noqa: E402 (tests/ is on sys.path; kills fold1 at step argv[1])
 

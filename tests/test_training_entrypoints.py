@@ -24,18 +24,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from segadapt.cli import run as segadapt_main
+from segadapt.runs import ADAPTER_FILE, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_metrics, read_run_config
 from segadapt.training import (
-    ADAPTER_FILE,
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    METRICS_FILE,
-    WEIGHTS_FILE,
+    RunConfig,
     SegDataModule,
     TrainStats,
     fit_run,
     load_run,
-    read_metrics,
-    read_run_config,
     summarize,
     train,
     write_report,
@@ -178,16 +173,16 @@ class _Crash(pl.Callback):
 def test_resume_after_interruption_continues_from_the_saved_step(sweep, tmp_path):
     module_kwargs, data_kwargs = _run_args(sweep)
     run = tmp_path / "run"
-    args = dict(identity={"experiment": "t", "method": "cp_lora", "fold": 0}, module_kwargs=module_kwargs,
-                datamodule_kwargs=data_kwargs, eval_base=False, checkpoint_every=2)
+    args = dict(identity={"experiment": "t", "method": "cp_lora", "fold": 0}, module=module_kwargs,
+                datamodule=data_kwargs, eval_base=False, checkpoint_every=2)
     run.mkdir()
     (run / METRICS_FILE).write_text("{}", encoding="utf-8")  # results of an earlier run in the same folder
     (run / ADAPTER_FILE).write_bytes(b"stale")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, callbacks=[_Crash(3)], overwrite=True, **args)
+        fit_run(RunConfig(run, trainer={**TRAINER, "max_steps": 5}, overwrite=True, **args), callbacks=[_Crash(3)])
     assert (run / CHECKPOINT_FILE).is_file()
     assert not (run / METRICS_FILE).exists() and not (run / ADAPTER_FILE).exists()  # a crash leaves no stale results
-    result = fit_run(run, trainer_kwargs={**TRAINER, "max_steps": 5}, ckpt_path="last", **args)
+    result = fit_run(RunConfig(run, trainer={**TRAINER, "max_steps": 5}, **args), ckpt_path="last")
     assert result["cost"]["resumed_from_step"] == 2
     assert result["global_step"] == 5
     assert result["cost"]["train_steps"] == 2 + 3  # 2 steps saved in last.ckpt before the crash, then steps 2-4
@@ -251,8 +246,8 @@ def test_lightning_cli_resumes_a_killed_fit(sweep, tmp_path):
 
 def test_none_baseline_validates_without_training(sweep, tmp_path):
     module_kwargs, data_kwargs = _run_args(sweep, adapter="none")
-    result = fit_run(tmp_path / "none", {"experiment": "t", "method": "none", "fold": 0}, module_kwargs, data_kwargs,
-                     {**TRAINER, "max_steps": 2})
+    result = fit_run(RunConfig(tmp_path / "none", {"experiment": "t", "method": "none", "fold": 0}, module_kwargs,
+                               data_kwargs, {**TRAINER, "max_steps": 2}))
     assert result["global_step"] == 0 and result["cost"]["trainable_params"] == 0 and "train_time_s" not in result["cost"]
     assert not (tmp_path / "none" / CHECKPOINT_FILE).exists()
     base = read_metrics(sweep / "runs/phantom_sah/multiview_unet/cp_lora/fold0")["base_cases"]

@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from segadapt.data import load_or_create_splits, make_phantom_dataset
 from segadapt.models import build_model
-from segadapt.training import ADAPTER_FILE, METRICS_FILE, SegDataModule, SelectBest, fit_run, load_run
-from segadapt.training.run import format_result
+from segadapt.runs import ADAPTER_FILE, METRICS_FILE
+from segadapt.training import RunConfig, SegDataModule, SelectBest, fit_run, load_run
+from segadapt.training.jobs import format_result
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -163,9 +164,9 @@ class _ScriptInnerDice(pl.Callback):
 def test_fit_run_reports_the_selected_and_the_last_network(phantom, tmp_path, scores, selected):
     module_kwargs, datamodule_kwargs = _kwargs(phantom, inner_fraction=0.34)
     script = _ScriptInnerDice(scores)
-    result = fit_run(tmp_path, {"experiment": "t", "method": "lora_c", "fold": 0}, module_kwargs, datamodule_kwargs,
-                     {**TRAINER, "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None},
-                     callbacks=[script], eval_base=False)
+    result = fit_run(RunConfig(tmp_path, {"experiment": "t", "method": "lora_c", "fold": 0}, module_kwargs, datamodule_kwargs,
+                               {**TRAINER, "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None},
+                               eval_base=False), callbacks=[script])
     stored = json.loads((tmp_path / METRICS_FILE).read_text(encoding="utf-8"))
     selection = stored["selection"]
     inner = set(selection["inner_cases"])
@@ -194,9 +195,9 @@ def test_fit_run_reports_the_selected_and_the_last_network(phantom, tmp_path, sc
 def test_without_an_inner_split_nothing_is_validated_while_fitting(phantom, tmp_path):
     module_kwargs, datamodule_kwargs = _kwargs(phantom, inner_fraction=0.0)
     script = _ScriptInnerDice({})
-    result = fit_run(tmp_path, {"experiment": "t", "method": "lora_c", "fold": 0}, module_kwargs, datamodule_kwargs,
-                     {**TRAINER, "max_steps": 2, "val_check_interval": 1, "check_val_every_n_epoch": None},
-                     callbacks=[script], eval_base=False)
+    result = fit_run(RunConfig(tmp_path, {"experiment": "t", "method": "lora_c", "fold": 0}, module_kwargs, datamodule_kwargs,
+                               {**TRAINER, "max_steps": 2, "val_check_interval": 1, "check_val_every_n_epoch": None},
+                               eval_base=False), callbacks=[script])
     assert script.validated == [] and result["selection"] is None and result["base_inner_dice"] is None
     assert result["val"] == result["val_last"] and result["cases"] == result["last_cases"]
     assert "model selection" not in format_result(result, tmp_path)

@@ -19,8 +19,10 @@ from safetensors import safe_open
 
 from segadapt.data.cache import CASES
 from segadapt.plan import apply as planning
-from segadapt.training import read_metrics, train
-from segadapt.training.run import gpu_precision, pretrain, trainer_args
+from segadapt.runs import read_metrics
+from segadapt.training import train
+from segadapt.training.config import gpu_precision, trainer_args
+from segadapt.training.jobs import pretrain
 from segadapt.training.sweep import BASE_SCORES, clear_caches, sweep_summary
 from test_training_entrypoints import TINY as ENTRYPOINT_TINY, TINY_UNET  # noqa: E402 (tests/ is on sys.path)
 
@@ -178,7 +180,7 @@ def test_the_slurm_example_composes_one_ddp_task_per_gpu():
 SWEEP_KILL_DRIVER = textwrap.dedent("""
     import os, runpy, signal, sys
     import lightning.pytorch as pl
-    import segadapt.training.run as run
+    import segadapt.training.fit as run
 
     KILL_AT = int(sys.argv[1])
 

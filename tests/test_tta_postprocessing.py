@@ -18,9 +18,10 @@ from scipy import ndimage
 from segadapt.export.bundle import inference_config
 from segadapt.inference import Predictor
 from segadapt.inference.predictor import recorded_postprocessing
-from segadapt.training import SegAdaptModule, read_metrics, read_run_config
+from segadapt.runs import read_metrics, read_run_config
+from segadapt.training import SegAdaptModule
 from segadapt.training.postprocessing import choose_postprocessing, component_counts, keep_largest_component, pooled_choice
-from segadapt.training.run import module_args
+from segadapt.training.config import module_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 UNET = {"in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0}
@@ -230,7 +231,7 @@ def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp
     from segadapt.data import PreprocessConfig, make_phantom_dataset
     from segadapt.io import save_safetensors
     from segadapt.models import build_model
-    from segadapt.training import fit_run
+    from segadapt.training import RunConfig, fit_run
 
     dataset = make_phantom_dataset(tmp_path / "data", "sah", 4, 0, (24, 24, 16), [220 / 24, 220 / 24, 10.0])
     kwargs = {"in_channels": 3, "out_channels": 1, "kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}
@@ -243,7 +244,7 @@ def test_the_bundle_run_in_monai_keeps_the_largest_component_as_predict_does(tmp
     trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
                "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000, "max_steps": 2}
     trained = tmp_path / "trained"
-    fit_run(trained, {"experiment": "t", "method": "conv_lora", "fold": 0}, module, data, trainer, eval_base=False)
+    fit_run(RunConfig(trained, {"experiment": "t", "method": "conv_lora", "fold": 0}, module, data, trainer, eval_base=False))
     run = _with_record(trained, tmp_path / "run", [True])
     scan = str(sorted((tmp_path / "data" / "imagesTr").glob("*.nii.gz"))[0])
     probabilities = Predictor.from_runs([trained], device="cpu").predict(scan).probabilities[0]

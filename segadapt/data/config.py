@@ -51,13 +51,14 @@ def parse_number(value: object, what: str = "value") -> float:
     raise ValueError(f"{what}: {value!r} is not a number (infinity: .inf, inf or Infinity)")
 
 
-def _canonical(value: object) -> object:
-    """Numbers as floats and sequences as lists, so [40, 80] and (40.0, 80.0) hash alike."""
+def canonical(value: object, digits: int | None = None) -> object:
+    """Numbers as floats (rounded to `digits` decimals when given) and sequences as lists, so [40, 80] and
+    (40.0, 80.0) hash and compare alike."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
-        return float(value)
-    return [_canonical(v) for v in value]  # type: ignore[union-attr]
+        return float(value) if digits is None else round(float(value), digits)
+    return [canonical(v, digits) for v in value]  # type: ignore[union-attr]
 
 
 @dataclass
@@ -168,7 +169,7 @@ class PreprocessConfig:
         folder. A mode's own fields (e.g. ``windows`` of 'ct') key only that mode.
         """
         names = _CACHED_FIELDS + _MODE_FIELDS.get(self.intensity, ())
-        values = {name: _canonical(getattr(self, name)) for name in names}
+        values = {name: canonical(getattr(self, name)) for name in names}
         text = json.dumps({"version": PIPELINE_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

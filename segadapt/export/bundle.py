@@ -54,7 +54,7 @@ from segadapt.io import atomic_path, check_output_folder, write_json
 from segadapt.export.common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities, model_spec
 from segadapt.models.registry import SEGADAPT_BUILDER
-from segadapt.training.run import FINGERPRINT_FILE, open_run
+from segadapt.runs import FINGERPRINT_FILE, open_run
 from segadapt.training.postprocessing import chosen_classes
 
 WEIGHT_FILE_KWARGS = ("checkpoint", "encoder_weights")  # builder arguments naming pretrained files (SAM, ViT)

@@ -15,8 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from segadapt.models import model_spec
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE
-from segadapt.training.run import load_run, open_run
+from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, open_run
+from segadapt.training.load import load_run
 
 # ---- what an export may write over --------------------------------------------------------------
 RUN_LOG_FOLDERS = ("logs", ".hydra")  # sub-folders of a run folder that are the run's own files
@@ -81,18 +81,14 @@ def read_export_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_run_for_export(run_dir: str | os.PathLike, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """(network with the run's adapter or weights loaded, run config) of a run folder, built by
-    :func:`segadapt.training.run.load_run` (`strict` goes to ``load_adapter``: False, an adapter made on a base
-    with the same modules but other weights loads with a warning), every failure a ValueError or
-    FileNotFoundError naming the file: a ``config.yaml`` that is not YAML or lacks a key reported as such
-    instead of a parser traceback, a run without weights as having nothing to export.
+    """(network with the run's adapter loaded, run config) of a run folder, every failure a ValueError or
+    FileNotFoundError naming the file.
+
+    :func:`segadapt.training.load.load_run`'s network (`strict`: see there), with a ``config.yaml`` that is not
+    YAML or lacks a key reported as such instead of a parser traceback.
     """
-    config_path = Path(run_dir) / CONFIG_FILE
     read_export_config(run_dir)
     if not any((Path(run_dir) / name).is_file() for name in (ADAPTER_FILE, WEIGHTS_FILE)):
         raise FileNotFoundError(f"run folder {run_dir} has neither {ADAPTER_FILE} nor {WEIGHTS_FILE}: nothing to export")
-    try:
-        module, config = load_run(run_dir, strict=strict)
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} does not describe a run's network: {type(error).__name__}: {error}") from None
+    module, config = load_run(run_dir, strict=strict)
     return module.net, config

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from segadapt.adapters import merge_and_unload
+from segadapt.data.config import canonical
 from segadapt.io import write_json
 from segadapt.export.common import check_targets
-from segadapt.models.nnunet import (CHECKPOINT_FILE, DATASET_FILE, PLANS_FILE, build_network, read_results,
+from segadapt.models.nnunet import (DATASET_FILE, NNUNET_CHECKPOINT_FILE, PLANS_FILE, build_network, read_results,
                                     write_checkpoint)
 from segadapt.plan.nnunet import plan_from_nnunet
-from segadapt.training.run import load_run
+from segadapt.training.load import load_run
 
 
 def _same_json(path: Path, value: Any) -> bool:
@@ -42,7 +43,7 @@ def nnunet_targets(config: Mapping[str, Any], out_dir: str | os.PathLike) -> lis
     results = Path(kwargs.get("results") or ".")
     shared = [out_dir / name for name in (PLANS_FILE, DATASET_FILE)
               if not (results / name).is_file() or not _same_json(out_dir / name, json.loads((results / name).read_bytes()))]
-    return [*shared, out_dir / f"fold_{int(kwargs.get('fold', 0))}" / CHECKPOINT_FILE]
+    return [*shared, out_dir / f"fold_{int(kwargs.get('fold', 0))}" / NNUNET_CHECKPOINT_FILE]
 
 
 def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -69,11 +70,11 @@ def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwr
     planned = plan_from_nnunet(base, config["datamodule"]["dataset_json"]).preprocess_fields()
     used = config["datamodule"]["preprocess"]
     differs = [f"{k}={used.get(k)} (plans: {v})" for k, v in planned.items()
-               if k not in ("slice_size",) and _canonical(used.get(k)) != _canonical(v)]
+               if k not in ("slice_size",) and canonical(used.get(k), 6) != canonical(v, 6)]
     if differs:
         raise ValueError(f"{run_dir}: the run's preprocessing differs from {base.folder / PLANS_FILE}: "
                          f"{'; '.join(differs)}; nnU-Net would feed the network other inputs")
-    target = out_dir / f"fold_{base.fold}" / CHECKPOINT_FILE
+    target = out_dir / f"fold_{base.fold}" / NNUNET_CHECKPOINT_FILE
     if target.exists() and not overwrite:
         raise ValueError(f"{target} exists; remove it (or overwrite=True) to replace it")
     check_targets(run_dir, config, nnunet_targets(config, out_dir), force=overwrite)  # never the base's own files
@@ -88,11 +89,3 @@ def export_nnunet(run_dir: str | os.PathLike, out_dir: str | os.PathLike, overwr
     return out_dir
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        return round(float(value), 6)
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value

@@ -12,7 +12,7 @@ or the fine-tuned weight of a ``full`` / ``decoder`` run):
   Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (2024), whose defaults
   (k = 10, epsilon = 0.5) are used here.
 
-Adapter runs and full fine-tuning runs are read alike (:func:`segadapt.training.run.load_run`: the base
+Adapter runs and full fine-tuning runs are read alike (:func:`segadapt.training.load.load_run`: the base
 from the run's ``config.yaml``, the tuned network from its weights file), so the two can be compared on
 one study. Writes ``diagnose.csv`` and ``diagnose.png`` (one panel per statistic, layers in network
 order, one line per run) into ``--out``.
@@ -93,7 +93,7 @@ def effective_weights(net: nn.Module) -> dict[str, torch.Tensor]:
 def diagnose_run(run_dir: str | Path, top_k: int = TOP_K, epsilon: float = EPSILON) -> list[dict[str, Any]]:
     """One row per layer the run changed: run, layer, shape, relative_norm, effective_rank, intruders."""
     from segadapt.training.module import SegAdaptModule
-    from segadapt.training.run import load_run
+    from segadapt.training.load import load_run
 
     run_dir = Path(run_dir)
     tuned, config = load_run(run_dir)  # the one builder of a run's network; it refuses an unfinished run

@@ -19,7 +19,7 @@ The mask keeps only the largest connected component of the classes the runs chos
 cases (``postprocessing`` in metrics.json, decided once on the folds' pooled cases: :func:`recorded_postprocessing`).
 
 The network is built here from the run config (``SegAdaptModule`` with no adapter, on the run's or ``--base``'s
-checkpoint), not with ``segadapt.training.run.load_run``: the ensemble loads K adapters under their own names
+checkpoint), not with ``segadapt.training.load.load_run``: the ensemble loads K adapters under their own names
 (or K whole-network weight files) onto one base, from run folders or loose adapter files, with ``--force``.
 """
 
@@ -47,7 +47,7 @@ from segadapt.models.pretrained import read_state_dict
 from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
-from segadapt.training.run import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
+from segadapt.runs import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
 
 from .domain import TrainingDomain
 from .inputs import check_threshold, dicom_modality, input_name, is_pixel_file, resolve_device

@@ -39,7 +39,7 @@ from segadapt.models.registry import ModelSpec, register
 
 PLANS_FILE = "plans.json"
 DATASET_FILE = "dataset.json"
-CHECKPOINT_FILE = "checkpoint_final.pth"
+NNUNET_CHECKPOINT_FILE = "checkpoint_final.pth"
 DEFAULT_TRAINER = "nnUNetTrainer"
 
 
@@ -98,7 +98,7 @@ class NnUNetModel:
 
     @property
     def checkpoint(self) -> Path:
-        return self.folder / f"fold_{self.fold}" / CHECKPOINT_FILE
+        return self.folder / f"fold_{self.fold}" / NNUNET_CHECKPOINT_FILE
 
     @property
     def in_channels(self) -> int:
@@ -311,7 +311,7 @@ def nnunet_input_files(kwargs: Mapping[str, Any]) -> dict[str, Path]:
         return {}
     results = Path(kwargs["results"])
     return {"the run's nnU-Net plans": results / PLANS_FILE, "the run's nnU-Net dataset.json": results / DATASET_FILE,
-            "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / CHECKPOINT_FILE}
+            "the run's nnU-Net base checkpoint": results / f"fold_{kwargs.get('fold', 0)}" / NNUNET_CHECKPOINT_FILE}
 
 
 # no heads (a base with another class count is refused), no bundle (the network needs its plans folder: --nnunet)

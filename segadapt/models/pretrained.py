@@ -147,6 +147,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(_read_cache[key])
 
 
+def clear_read_cache() -> None:
+    """Forget the state dicts :func:`read_state_dict` keeps in memory."""
+    _read_cache.clear()
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:

@@ -43,7 +43,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from segadapt.data.config import MODE_FIELDS, PreprocessConfig, training_sampling
+from segadapt.data.config import MODE_FIELDS, training_sampling
 from segadapt.data.dataset_json import dataset_spatial_dims, load_dataset_json
 
 from .budget import TIMED_STEPS, cached_step_time, fit_step_budget, measure_step
@@ -158,22 +158,6 @@ def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
         return _data_group_plan(cfg, cfg["source"], prepare(cfg["source"]), pretraining)
     return _data_group_plan(cfg, cfg["data"], prepare(cfg["data"]), pretraining)
 
-
-# What the plan puts where a config file says `auto` (a value of the planned type, for the type check of
-# overrides: segadapt.training.run.check_config_types); the preprocessing fields take their defaults' types.
-_PLANNED_EXAMPLES = {"target_spacing": [1.0], "clip_range": [[0.0, 1.0]], "norm_mean": [0.0], "norm_std": [1.0],
-                     "batch_size": 2, "out_channels": 1, "max_steps": 1, "warmup_steps": 1, "every_n_steps": 1,
-                     "patience": 1}
-
-
-def planned_example(key: str) -> Any:
-    """A value of the type the plan gives config key `key` (``data.preprocess.patch_size``: a list of ints), or None
-    when any value may stand there (e.g. the nested lists of ``model.kwargs.strides``)."""
-    name = key.rsplit(".", 1)[-1]
-    if name in _PLANNED_EXAMPLES:
-        return _PLANNED_EXAMPLES[name]
-    defaults = PreprocessConfig()
-    return getattr(defaults, name, None) if ".preprocess." in f".{key}" else None
 
 
 def _fill(section: dict[str, Any], planned: Mapping[str, Any], where: str) -> list[str]:

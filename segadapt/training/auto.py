@@ -7,7 +7,7 @@ For each outer fold k of the experiment's k-fold split:
    ``auto.inner_fraction`` of the patients as the **inner split** (:func:`segadapt.data.splits.inner_split`);
    the fold's validation cases are not in it, so no trial can load them;
 2. an Optuna study (TPE sampler, median or Hyperband pruner) runs trials; each trial is an ordinary run
-   (:func:`segadapt.training.run.train`, folder ``auto/fold<k>/trial<NNN>/``) of the sampled configuration on
+   (:func:`segadapt.training.jobs.train`, folder ``auto/fold<k>/trial<NNN>/``) of the sampled configuration on
    that dataset, with its own model selection on a split carved from its training cases; the pruner sees the
    Dice of each selection checkpoint (``selection.every_n_steps``), the trial's score is its selected network's
    Dice on the inner split, which neither trained nor selected it;
@@ -49,8 +49,10 @@ from .callbacks import standard_error
 from .datamodule import SegDataModule
 from .module import SegAdaptModule
 from segadapt.plan.apply import apply_plan, run_plan
-from .run import (METRICS_FILE, check_config_types, configure_threads, ensure_base, module_args, prepare_dataset, read_metrics,
-                  run_folder_lock, train)
+from segadapt.runs import METRICS_FILE, read_metrics, run_folder_lock
+
+from .config import TrainConfig, configure_threads, module_args
+from .jobs import ensure_base, prepare_dataset, train
 
 AUTO_FILE = "auto.json"
 STUDY_FILE = "study.sqlite"
@@ -111,9 +113,7 @@ class Search:
                              "itself (--folds; auto.methods=[...])")
         self.overrides = list(overrides)
         cfg = compose(self.config_dir, self.overrides)
-        groups = {p.name for p in self.config_dir.iterdir() if p.is_dir()}
-        choices = [o for o in self.overrides if o.lstrip("+~").split("=")[0].split("@")[0] in groups]
-        check_config_types(cfg, compose(self.config_dir, choices))  # as scripts/train.py checks its overrides
+        TrainConfig.from_cfg(cfg)  # the types of the run settings, as scripts/train.py checks them
         n_folds = int(cfg["data"]["n_folds"])
         self.folds = list(range(n_folds)) if folds is None else [int(f) for f in folds]
         bad = [f for f in self.folds if not 0 <= f < n_folds]
@@ -229,7 +229,7 @@ class Search:
         self.auto_dir.mkdir(parents=True, exist_ok=True)
         with run_folder_lock(self.auto_dir):  # one search per experiment at a time
             self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.auto_dir / STUDY_FILE}")
-            ensure_base(self.cfg)
+            ensure_base(TrainConfig.from_cfg(self.cfg))
             try:
                 for fold in self.folds:
                     self.search_fold(fold)

@@ -28,9 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.adapters import adapted_layers, save_adapter
 from segadapt.io import save_safetensors
-
-ADAPTER_FILE = "adapter.safetensors"
-WEIGHTS_FILE = "model.safetensors"
+from segadapt.runs import ADAPTER_FILE, SCHEDULE_STATE, SETTINGS_STATE, WEIGHTS_FILE
 
 
 def reset_peak_rss() -> None:
@@ -166,11 +164,15 @@ class RunSettings(pl.Callback):
     def __init__(self, digest: str) -> None:
         self.digest = digest
 
+    @property
+    def state_key(self) -> str:
+        return SETTINGS_STATE  # what segadapt.runs.check_run_folder reads back
+
     def state_dict(self) -> dict[str, Any]:
         return {"digest": self.digest}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing: the resume checks the stored digest before it starts (segadapt.training.run)."""
+        """Nothing: the resume checks the stored digest before it starts (:func:`segadapt.runs.check_run_folder`)."""
 
 
 class LongerSchedule(pl.Callback):
@@ -181,6 +183,10 @@ class LongerSchedule(pl.Callback):
     def __init__(self) -> None:
         self.max_steps: Optional[int] = None
         self.trained_for: Optional[int] = None  # the checkpoint's max_steps
+
+    @property
+    def state_key(self) -> str:
+        return SCHEDULE_STATE  # what segadapt.runs.check_run_folder reads back
 
     @property
     def extended_from(self) -> Optional[int]:

@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 from segadapt.data import PreprocessConfig, make_phantom_dataset
 
-from .callbacks import ADAPTER_FILE, WEIGHTS_FILE
-from .run import CONFIG_FILE, METRICS_FILE, fit_run, read_run_config
+from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_run_config
+
+from .config import RunConfig
+from .fit import fit_run
 
 TRAIN_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # scripts/train.py's Hydra configs (a source checkout)
 
@@ -86,11 +88,12 @@ def make_demo_runs(
                 "preprocess": preprocess, "batch_size": 2}
 
     base_run = out_dir / "runs" / "base"
-    fit_run(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
-            data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False, overwrite=True)
+    fit_run(RunConfig(base_run, {"experiment": "demo", "method": "scratch", "fold": 0}, {**model, "adapter": "scratch", "lr": 3e-3},
+                      data("tbi", 0), {**trainer, "max_steps": steps[0]}, seed=seed, eval_base=False, overwrite=True))
     adapter = {"method": method, "rank": rank}
     for k, run in enumerate(runs):
-        fit_run(run, {"experiment": "demo", "method": method, "fold": k},
-                {**model, "adapter": adapter, "preset": "all_conv", "lr": 3e-2, "base_checkpoint": str(base_run / WEIGHTS_FILE)},
-                data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False, overwrite=True)
+        fit_run(RunConfig(run, {"experiment": "demo", "method": method, "fold": k},
+                          {**model, "adapter": adapter, "preset": "all_conv", "lr": 3e-2,
+                           "base_checkpoint": str(base_run / WEIGHTS_FILE)},
+                          data("sah", k), {**trainer, "max_steps": steps[1]}, seed=seed + k, eval_base=False, overwrite=True))
     return runs

@@ -5,10 +5,10 @@ The options and their help come from the two classes' ``__init__`` signatures an
 builds its own optimiser (AdamW, warm-up, cosine: ``model.lr`` ...), so LightningCLI's ``--optimizer`` /
 ``--lr_scheduler`` options are not offered.
 
-``fit`` trains through :func:`segadapt.training.run.fit_run`, as ``scripts/train.py`` does: the run folder is
+``fit`` trains through :func:`segadapt.training.fit.fit_run`, as ``scripts/train.py`` does: the run folder is
 ``trainer.default_root_dir`` (config.yaml, fingerprint.json, metrics.json, the adapter or weights, last.ckpt,
-logs/metrics.csv; see :mod:`segadapt.training.run`), which ``segadapt predict --run``, ``export``, ``diagnose``
-and ``report`` open with :func:`~segadapt.training.run.load_run`. ``validate`` and ``test`` say which network
+logs/metrics.csv; see :mod:`segadapt.runs`), which ``segadapt predict --run``, ``export``, ``diagnose``
+and ``report`` open with :func:`segadapt.runs.open_run` (the network: :func:`segadapt.training.load.load_run`). ``validate`` and ``test`` say which network
 they scored (the checkpoint's step; the step model selection chose, when that is another one).
 """
 
@@ -30,7 +30,11 @@ from segadapt.data import PreprocessConfig
 from .callbacks import LoadedCheckpoint, progress_callbacks
 from .datamodule import SegDataModule
 from .module import SegAdaptModule, tuning_name
-from .run import CHECKPOINT_FILE, METRICS_FILE, configure_threads, fit_run, format_result, report_summary
+from segadapt.runs import CHECKPOINT_FILE, METRICS_FILE
+
+from .config import RunConfig, configure_threads
+from .fit import fit_run
+from .jobs import format_result, report_summary
 
 DESCRIPTION = {
     "fit": "Train one fold: SegAdaptModule (model.*) on SegDataModule (data.*) with a Lightning Trainer (trainer.*); "
@@ -119,11 +123,9 @@ class SegAdaptCLI(LightningCLI):
         configure_threads(settings["threads"])
         trained = _Trained()
         save_config = [c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
-        arguments = fit_arguments(settings)
-        result = fit_run(**arguments, ckpt_path=ckpt_path, overwrite=settings["overwrite"],
-                         checkpoint_every=settings["checkpoint_every"], eval_base=settings["eval_base"],
-                         callbacks=[*self.user_callbacks, *save_config, trained])
-        report_summary(format_result(result, arguments["run_dir"]))
+        run = fit_config(settings)
+        result = fit_run(run, ckpt_path=ckpt_path, callbacks=[*self.user_callbacks, *save_config, trained])
+        report_summary(format_result(result, settings["trainer"]["default_root_dir"]))
         if trained.trainer is not None:  # None: adapter 'none' (the base is scored, nothing trains)
             self.trainer, self.model = trained.trainer, trained.module
 
@@ -154,8 +156,8 @@ def scored_network(ckpt_path: Optional[str], step: Optional[int]) -> str:
                      f"validation cases) is that network, 'val_last' (Dice {run['val_last']['dice']:.3f}) this one")
     return text
 
-def fit_arguments(settings: Any) -> dict[str, Any]:
-    """:func:`fit_run` arguments (run folder, identity, module / data module / trainer arguments, seed) of a
+def fit_config(settings: Any) -> RunConfig:
+    """The planned run (run folder, identity, module / data module / trainer arguments, seed, options) of a
     parsed ``segadapt fit`` config; paths made absolute and the preprocessing written out in full, as
     scripts/train.py records them. The trainer arguments are those the config sets (others keep Lightning's
     defaults); a logger or another object-valued option is refused (the run folder has its own logs)."""
@@ -183,15 +185,12 @@ def fit_arguments(settings: Any) -> dict[str, Any]:
     if data.get("splits_path"):
         data["splits_path"] = str(Path(data["splits_path"]).resolve())
     data["preprocess"] = PreprocessConfig.from_dict(dict(data.get("preprocess") or {})).to_dict()
-    return {
-        "run_dir": run_dir,
-        "identity": {"experiment": "cli", "method": tuning_name(module["adapter"]), "fold": data["fold"],
-                     "dataset": Path(data["dataset_json"]).parent.name},
-        "module_kwargs": module,
-        "datamodule_kwargs": data,
-        "trainer_kwargs": trainer_kwargs,
-        "seed": int(seed),
-    }
+    return RunConfig(
+        run_dir=run_dir,
+        identity={"experiment": "cli", "method": tuning_name(module["adapter"]), "fold": data["fold"],
+                  "dataset": Path(data["dataset_json"]).parent.name},
+        module=module, datamodule=data, trainer=trainer_kwargs, seed=int(seed),
+        overwrite=settings["overwrite"], checkpoint_every=settings["checkpoint_every"], eval_base=settings["eval_base"])
 
 
 def lightning_cli(argv: Sequence[str]) -> SegAdaptCLI:

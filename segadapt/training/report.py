@@ -46,7 +46,7 @@ import numpy as np
 from segadapt.io import atomic_path
 
 from .report_plots import FIGURE_FORMATS, plot_dice_by_method, plot_dice_vs_volume, size_word
-from .report_runs import collect_runs, size_unit, structure_name
+from .report_runs import collect_runs, runs_size_unit, structure_name
 from .report_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, REFERENCES, bin_edges, method_rows
 from .report_tables import (NOTE_BASE_FROM_RUNS, NOTE_BELOW_BASE, NOTE_SETTINGS, csv_text, fold_table,
                             markdown_fold_table, markdown_table, report_table)
@@ -72,7 +72,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     out.mkdir(parents=True, exist_ok=True)
     edges = bin_edges(runs[0]["volume_bins_ml"])
     name = Path(experiment_dir).resolve().name
-    unit = size_unit(runs)
+    unit = runs_size_unit(runs)
     structure = structure_name(runs)
     size = f"{structure} {size_word(unit)}"
     steps = sorted({int(r["train_steps"]) for r in rows if math.isfinite(r["train_steps"])})

@@ -10,11 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .run import CONFIG_FILE, FINGERPRINT_FILE, read_metrics, read_run_config, run_changes
+from segadapt.runs import CONFIG_FILE, FINGERPRINT_FILE, read_metrics, read_run_config, run_changes
 
 _FOLD_DIR = re.compile(r"fold\d+")
 
-def size_unit(runs: Sequence[dict[str, Any]]) -> str:
+def runs_size_unit(runs: Sequence[dict[str, Any]]) -> str:
     """The runs' unit of lesion sizes ('mL'; 'mm^2' or 'px' for 2D images; runs written before it: 'mL')."""
     units = {run.get("size_unit", "mL") for run in runs}
     if len(units) > 1:
@@ -94,7 +94,7 @@ def _fold_config(run: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def settings_differences(folds: Sequence[dict[str, Any]]) -> list[str]:
     """``'fold k: key: old -> new'`` for each setting in which a fold's config.yaml differs from the first fold's
-    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.training.run.NON_IDENTITY_KEYS` aside); [] when they agree."""
+    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.runs.NON_IDENTITY_KEYS` aside); [] when they agree."""
     configs = [(f["run"]["fold"], _fold_config(f)) for f in folds]
     configs = [(fold, c) for fold, c in configs if c is not None]
     if not configs:

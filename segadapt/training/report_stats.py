@@ -15,7 +15,7 @@ from segadapt.adapters import METHODS
 
 from .metrics import bin_labels, summarize
 from .module import BASELINES
-from .report_runs import check_each_case_once, method_names, settings_differences, size_unit
+from .report_runs import check_each_case_once, method_names, runs_size_unit, settings_differences
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -160,7 +160,7 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     for run in runs:
         if bin_edges(run["volume_bins_ml"]) != edges:
             raise ValueError(f"runs of one report must share volume bins; {run['run']} has {run['volume_bins_ml']}")
-    labels = bin_labels(edges, size_unit(runs))
+    labels = bin_labels(edges, runs_size_unit(runs))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run, name in zip(runs, method_names(runs)):
         by_method.setdefault(name, []).append(run)

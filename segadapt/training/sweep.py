@@ -63,11 +63,11 @@ def base_key(module_kwargs: Mapping[str, Any], datamodule_kwargs: Mapping[str, A
 def clear_caches() -> None:
     """Forget what the runs of this process shared (cases, base weights, base scores)."""
     from segadapt.data.cache import CASES
-    from segadapt.models import pretrained
+    from segadapt.models.pretrained import clear_read_cache
 
     CASES.clear()
     BASE_SCORES.clear()
-    pretrained._read_cache.clear()
+    clear_read_cache()
 
 
 def _runs_since(folder: Path, since: float) -> list[dict]:
