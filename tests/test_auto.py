@@ -20,7 +20,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from segadapt.training import SegDataModule, read_metrics
+from segadapt.runs import read_metrics
+from segadapt.training import SegDataModule
 from segadapt.training import auto
 from segadapt.training.auto import main as auto_main
 from segadapt.training.auto_study import choose

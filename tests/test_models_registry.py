@@ -18,7 +18,8 @@ from segadapt.cli import run as segadapt_main
 from segadapt.plan.planner import Plan
 from segadapt.models import MODELS, ModelSpec, build_model, head_modules, model_spec, preset_targets, register
 from segadapt.models.registry import spec_of
-from segadapt.training import ADAPTER_FILE, load_run, read_run_config, train
+from segadapt.runs import ADAPTER_FILE, read_run_config
+from segadapt.training import load_run, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

@@ -44,7 +44,8 @@ from segadapt.adapters import load_adapter
 from segadapt.adapters.fold import folded
 from segadapt.data import PreprocessConfig, inference_transforms, invert_transform, load_dataset_json
 from segadapt.models.pretrained import read_state_dict
-from segadapt.training import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, SegAdaptModule, read_run_config
+from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, read_run_config
+from segadapt.training import SegAdaptModule
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
 from segadapt.runs import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from segadapt.io import atomic_path, check_output_file, check_output_folder, stale_temp_files
 from segadapt.data.files import nifti_image
-from segadapt.training import CONFIG_FILE
+from segadapt.runs import CONFIG_FILE
 from segadapt.training.metrics import voxel_volume_ml
 
 from .dicom_seg import check_dicom_seg_request, segment_codes, write_dicom_seg
