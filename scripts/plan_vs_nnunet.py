@@ -11,7 +11,8 @@ For each ``NAME=DATASET_JSON`` (a segadapt dataset.json; ``NAME=DATASET_JSON:2d`
   (kept when it exists).
 
 Rows: segadapt's 3D plan and its 2D slice plan beside nnU-Net's ``3d_fullres`` and ``2d`` configurations
-(network stages and filters, strides, patch, batch, spacing, normalisation). nnU-Net's schedule is not planned:
+(network stages and filters, strides, patch, batch, spacing, normalisation; nnU-Net's sizes reversed from its
+z, y, x array order into segadapt's x, y, z where its plan transposes nothing). nnU-Net's schedule is not planned:
 1000 epochs x 250 iterations for every dataset (``nnUNetTrainer``); segadapt's plan holds no step count today.
 
     python scripts/plan_vs_nnunet.py --plans /work/bench/plans --nnunet /work/bench/nnunet \\
@@ -86,6 +87,7 @@ def segadapt_rows(name: str, plan: dict) -> list[list[str]]:
     intensity = plan["intensity"]
     if plan.get("clip_range"):
         intensity += " clip " + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in plan["clip_range"])
+        intensity += "".join(f" mean {m:.4g} std {sd:.4g}" for m, sd in zip(plan["norm_mean"], plan["norm_std"]))
     strides = [_fmt(s) for s in plan["strides"]]
     main = [name, f"segadapt {plan['spatial_dims']}d", f"{len(plan['filters'])} stages {_fmt(plan['filters'])}",
             " ".join(strides), _fmt(plan["patch_size"]), str(plan["batch_size"]), spacing, intensity, "not planned"]
@@ -97,19 +99,34 @@ def segadapt_rows(name: str, plan: dict) -> list[list[str]]:
     return rows
 
 
+def _nnunet_norm(plans: dict, channel: int, scheme: str, mask: bool) -> str:
+    """nnU-Net's normalisation of one channel; CT with its clip (the foreground's 0.5-99.5 percentiles), mean, std."""
+    text = scheme.replace("Normalization", "") + (" (nonzero mask)" if mask else "")
+    if scheme == "CTNormalization":
+        props = plans["foreground_intensity_properties_per_channel"][str(channel)]
+        text += (f" clip [{props['percentile_00_5']:g}, {props['percentile_99_5']:g}]"
+                 f" mean {props['mean']:.4g} std {props['std']:.4g}")
+    return text
+
+
 def nnunet_rows(name: str, plans: dict) -> list[list[str]]:
     """Table rows of nnU-Net's configurations (2d, 3d_lowres, 3d_fullres; the cascade has no values of its own)."""
     rows = []
+    # nnU-Net's sizes are in its array order (SimpleITK / image rows: z, y, x) after ``transpose_forward``; with
+    # no transpose they are reversed here into segadapt's x, y, z (the 2d configuration: the last two axes)
+    identity = plans["transpose_forward"] == sorted(plans["transpose_forward"])
+    order = (lambda v: list(v)[::-1]) if identity else (lambda v: list(v))  # noqa: E731
     for config in ("3d_fullres", "3d_lowres", "2d"):
         c = plans["configurations"].get(config)
         if c is None or "architecture" not in c:
             continue
         arch = c["architecture"]["arch_kwargs"]
-        norms = ", ".join(s.replace("Normalization", "") + (" (nonzero mask)" if m else "")
-                          for s, m in zip(c["normalization_schemes"], c["use_mask_for_norm"]))
-        rows.append([name, f"nnU-Net {config}", f"{arch['n_stages']} stages {_fmt(arch['features_per_stage'])}",
-                     " ".join(_fmt(s) for s in arch["strides"]), _fmt(c["patch_size"]), str(c["batch_size"]),
-                     _fmt([round(s, 3) for s in c["spacing"]]), norms, f"{EPOCHS}x{ITERATIONS} = {EPOCHS * ITERATIONS}"])
+        norms = ", ".join(_nnunet_norm(plans, channel, scheme, mask) for channel, (scheme, mask)
+                          in enumerate(zip(c["normalization_schemes"], c["use_mask_for_norm"])))
+        axes = "" if identity else f" (transpose_forward {plans['transpose_forward']})"
+        rows.append([name, f"nnU-Net {config}{axes}", f"{arch['n_stages']} stages {_fmt(arch['features_per_stage'])}",
+                     " ".join(_fmt(order(s)) for s in arch["strides"]), _fmt(order(c["patch_size"])), str(c["batch_size"]),
+                     _fmt(order([round(s, 3) for s in c["spacing"]])), norms, f"{EPOCHS}x{ITERATIONS} = {EPOCHS * ITERATIONS}"])
     return rows
 
 
