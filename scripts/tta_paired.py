@@ -13,6 +13,8 @@ chosen postprocessing (``metrics.json`` ``postprocessing``: largest component ke
 
     python scripts/tta_paired.py /work/bench/runs/hippocampus --out /work/bench/tta.json
     python scripts/tta_paired.py /work/bench/runs/hippocampus --mirror-axes 0 1 2   # nnU-Net's 3 axes
+
+With ``--out``, the runs already scored there (same folder and ``--mirror-axes``) are not scored again.
 """
 
 from __future__ import annotations
@@ -114,9 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     folders = sorted(p.parent for p in args.experiment.rglob("fold*/metrics.json"))
     if not folders:
         raise SystemExit(f"error: no finished run folder (fold<k>/metrics.json) under {args.experiment}")
+    # runs already scored into --out (same folder, same --mirror-axes) are kept: a later call adds the new ones
+    done = json.loads(args.out.read_text(encoding="utf-8"))["runs"] if args.out and args.out.is_file() else []
+    done = {r["run_dir"]: r for r in done if r["requested_axes"] == args.mirror_axes}
     runs = []
     for folder in folders:
-        runs.append(evaluate_run(folder, args.mirror_axes))
+        runs.append(done.get(str(folder)) or {**evaluate_run(folder, args.mirror_axes), "requested_axes": args.mirror_axes})
+        if args.out:
+            args.out.write_text(json.dumps({"runs": runs}, indent=1), encoding="utf-8")
         r = runs[-1]
         print(f"{folder}: off {np.mean([c['off'] for c in r['cases'].values()]):.4f} "
               f"on {np.mean([c['on'] for c in r['cases'].values()]):.4f} "
