@@ -31,8 +31,10 @@ from segadapt.data.config import PreprocessConfig
 from segadapt.data.transforms import flip_axes
 from segadapt.training.datamodule import SegDataModule
 from segadapt.training.postprocessing import choose_postprocessing
-from segadapt.training.report import paired_p
-from segadapt.training.run import configure_threads, load_run, read_metrics, read_run_config
+from segadapt.runs import read_metrics, read_run_config
+from segadapt.training.config import configure_threads
+from segadapt.training.load import load_run
+from segadapt.training.report_stats import paired_p
 
 EVALUATION_KEYS = ("accelerator", "devices", "precision", "deterministic", "inference_mode")  # as fit_run's scorer
 
