@@ -223,7 +223,7 @@ CASES = [
     ("fold out of range", ["fold=9"], None, r"fold 9 out of range: .*splits_3fold_seed0\.json has 3 folds"),
     ("module pattern matching nothing", ["+adapter.spec.targets=[\"(unclosed\"]"], None,
      r"targets \['\(unclosed'\] .*match no module"),
-    ("norms not a boolean", ["+adapter.spec.norms=yes"], None, r"norms must be true or false, got 'yes'"),
+    ("norms not a boolean", ["+adapter.spec.norms=yes"], None, r"adapter\.spec\.norms='yes': expected a boolean, got str"),
     ("norm tuning without affine norms", ["adapter=norms"], None,
      r"adapter='norms': MultiViewUNet has no normalisation layer with affine parameters"),
     ("resume with nothing to resume", ["ckpt_path=last"], None, r"ckpt_path=last: nothing to resume, no checkpoint .*last\.ckpt"),

@@ -29,9 +29,11 @@ def _compose(*overrides: str) -> dict:
 def test_auto_stands_only_where_the_plan_decides():
     request = TrainConfig.from_cfg(_compose("model=dynunet", "data.batch_size=auto", "data.preprocess.patch_size=auto"))
     assert request.model["kwargs"]["filters"] == "auto" and request.data["batch_size"] == "auto"
+    assert request.trainer["max_steps"] == "auto" and request.selection.every_n_steps == "auto"  # the planned schedule
     assert TrainConfig.from_cfg(request.to_dict()) == request  # the plain mapping the plan's apply step reads
-    for override, key in (("trainer.max_steps=auto", "trainer.max_steps"), ("eval_base=auto", "eval_base"),
-                          ("optim.warmup_steps=auto", "optim.warmup_steps")):
+    for override, key in (("trainer.log_every_n_steps=auto", "trainer.log_every_n_steps"), ("eval_base=auto", "eval_base"),
+                          ("optim.weight_decay=auto", "optim.weight_decay"), ("selection.inner_fraction=auto",
+                                                                              "selection.inner_fraction")):
         with pytest.raises(ValueError, match=rf"^{key}='auto': expected"):
             TrainConfig.from_cfg(_compose(override))
 

@@ -169,7 +169,7 @@ def _check_groups(cfg: Mapping[str, Any]) -> None:
     _check("model.", model, {"name": str, "sampling": str, "slice_axes": Optional[list[str]],
                              "base_checkpoint": Optional[str], "kwargs": dict, "inference": dict})
     if model["name"] in MODELS:  # an unknown name is the module's to refuse, with the names it knows
-        _check("model.kwargs.", model.get("kwargs") or {}, _hints(MODELS[model["name"]]), planned=True)
+        _check("model.kwargs.", model.get("kwargs") or {}, _hints(MODELS[model["name"]].build), planned=True)
     _check("model.inference.", model.get("inference") or {}, _hints(SegAdaptModule))
     _check("adapter.", adapter, {"name": str, "preset": Optional[str], "lr": float, "reg_weight": float,
                                  "spec": Union[str, dict]})
