@@ -4,6 +4,7 @@ SegDataModule."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,16 @@ def test_one_train_prepares_each_dataset_once_and_builds_one_datamodule(tmp_path
     prepared, built = [], []
     prepare = jobs.prepare_dataset
     monkeypatch.setattr(jobs, "prepare_dataset", lambda data: prepared.append(data["dataset_json"]) or prepare(data))
-    monkeypatch.setattr(SegDataModule, "__new__", lambda cls, *a, **k: built.append(1) or object.__new__(cls))
+    init = SegDataModule.__init__
+
+    @functools.wraps(init)  # Lightning's save_hyperparameters reads __init__'s signature (followed to the original)
+    def counted_init(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    # (not __new__: monkeypatch would restore the inherited object.__new__ as the class's own attribute, which
+    # then refuses the arguments of every later construction)
+    monkeypatch.setattr(SegDataModule, "__init__", counted_init)
     run_dir = tmp_path / "run"
     train(_compose("data=dataset_json", f"data.dataset_json={dataset}", "data.name=tiny", "adapter=scratch",
                    f"base_checkpoint={tmp_path}/none/model.safetensors", f"run_dir={run_dir}", f"paths.runs={tmp_path}",
