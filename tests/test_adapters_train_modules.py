@@ -16,6 +16,7 @@ from segadapt.adapters import (AdapterConfig, inject, load_adapter, merge_and_un
                                set_active_adapter, summary, summary_rows)
 from segadapt.adapters.trained import TrainedModule
 from segadapt.models import build_model
+from segadapt.models.presets import head_modules
 from segadapt.training import SegAdaptModule
 
 TINY_VIT = dict(encoder="vit_tiny_patch16_224", img_size=32, encoder_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
@@ -287,21 +288,35 @@ def test_exports_keep_the_trained_modules(tmp_path):
 
 
 def test_a_shared_module_is_refused_and_dynunet_gets_a_new_output_block(tmp_path):
-    """DynUNet holds its blocks twice (``upsamples.0`` is also ``skip_layers.next_layer.upsample``): a
-    wrapper on one path would leave the other running the base's module, so it is refused."""
+    """DynUNet holds its blocks twice (``upsamples.0`` is also ``skip_layers.next_layer.upsample``): a module held
+    in two slots is wrapped in both, so both paths run the trained copy; a container whose children are also held
+    elsewhere (``deep_supervision_heads``, a ModuleList of the ``super_head`` blocks) would leave the other path
+    running the base, so it is refused. The deep-supervision heads train (``head_modules``, the auto search's
+    ``+head`` placement) and their trained copies are what the deep-supervision outputs run."""
     kwargs = dict(in_channels=1, kernel_size=[3, 3, 3], strides=[1, 2, 2], filters=[4, 8, 16])
     torch.manual_seed(0)
     net = build_model("dynunet", out_channels=2, **kwargs)
-    with pytest.raises(ValueError, match=r"'upsamples.0' \(or a module inside it\) is also held as 'skip_layers"):
-        inject(net, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
-                                  train_modules=["upsamples.0"]))
+    inject(net, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"], train_modules=["upsamples.0"]))
+    assert isinstance(net.upsamples[0], TrainedModule) and net.upsamples[0] is net.skip_layers.next_layer.upsample
+    net = build_model("dynunet", out_channels=2, **kwargs)
     deep = build_model("dynunet", out_channels=2, deep_supervision=True, deep_supr_num=1, **kwargs)
     with pytest.raises(ValueError, match=r"'deep_supervision_heads' \(or a module inside it\) is also held as 'skip_layers"):
         inject(deep, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
                                    train_modules=["deep_supervision_heads"]))
-    inject(deep, AdapterConfig(method="conv_lora", rank=2, targets=["output_block.conv.conv"],
-                               train_modules=["upsamples.0.conv_block"]))  # its holder is shared: one slot
-    assert isinstance(deep.skip_layers.next_layer.upsample.conv_block, TrainedModule)
+    heads = head_modules(deep)
+    assert heads == ["output_block", "deep_supervision_heads.0", "skip_layers.next_layer.super_head"]
+    inject(deep, AdapterConfig(method="conv_lora", rank=2, targets=["upsamples.0.conv_block.conv1.conv"],
+                               train_modules=heads))
+    head = deep.deep_supervision_heads[0]
+    assert isinstance(head, TrainedModule) and head is deep.skip_layers.next_layer.super_head
+    deep.train()
+    x = torch.randn(1, 1, 16, 16, 16)
+    before = deep(x)[:, 1].detach()  # the deep-supervision output (training mode stacks them after the main one)
+    with torch.no_grad():
+        for param in head.modules_to_save.parameters():
+            param.add_(1.0)
+    after = deep(x)[:, 1].detach()
+    assert not torch.allclose(before, after)  # the trained copy runs on the deep-supervision path
     torch.save(net.state_dict(), tmp_path / "dynunet.pt")
     module = SegAdaptModule(model="dynunet", model_kwargs=dict(out_channels=3, **kwargs),
                             base_checkpoint=str(tmp_path / "dynunet.pt"), adapter={"method": "conv_lora", "rank": 2},
@@ -309,3 +324,23 @@ def test_a_shared_module_is_refused_and_dynunet_gets_a_new_output_block(tmp_path
     assert module.new_heads == ["output_block"]
     assert isinstance(module.net.output_block, TrainedModule)  # excluded from the all_conv targets, trained
     assert module.net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+def test_dynunet_with_deep_supervision_gets_new_heads_for_another_class_count(tmp_path):
+    """A deep-supervised DynUNet base (2 classes) adapted to 3 classes: the output block and the deep-supervision
+    head get new tensors and train in full (one wrapper in both of the head's slots); the rest loads strictly."""
+    kwargs = dict(in_channels=1, kernel_size=[3, 3, 3], strides=[1, 2, 2], filters=[4, 8, 16],
+                  deep_supervision=True, deep_supr_num=1)
+    torch.manual_seed(0)
+    base = build_model("dynunet", out_channels=2, **kwargs)
+    torch.save(base.state_dict(), tmp_path / "dynunet.pt")
+    module = SegAdaptModule(model="dynunet", model_kwargs=dict(out_channels=3, **kwargs),
+                            base_checkpoint=str(tmp_path / "dynunet.pt"), adapter={"method": "conv_lora", "rank": 2},
+                            preset="all_conv", roi_size=[16, 16, 16])
+    assert module.new_heads == ["output_block", "deep_supervision_heads.0", "skip_layers.next_layer.super_head"]
+    net = module.net
+    assert isinstance(net.deep_supervision_heads[0], TrainedModule)
+    assert net.deep_supervision_heads[0] is net.skip_layers.next_layer.super_head
+    torch.testing.assert_close(net.input_block.conv1.conv.base_layer.weight, base.input_block.conv1.conv.weight)
+    net.train()
+    assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 3, 16, 16, 16)  # main + 1 deep-supervision output

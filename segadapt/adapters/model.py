@@ -52,17 +52,16 @@ def _within(name: str, root: str) -> bool:
 
 
 def _path_around(model: nn.Module, name: str, module: nn.Module) -> Optional[str]:
-    """A name under which ``module`` or a module inside it is reachable without passing through the
-    attribute that holds ``module`` as ``name`` (DynUNet holds its blocks twice), or None."""
-    slot = (id(_parent(model, name)[0]), name.rpartition(".")[2])
+    """A name under which a module inside ``module`` is reachable without passing through ``module`` itself, or
+    None. ``module`` held in several slots is fine (:func:`_swap` wraps it in every one: DynUNet's
+    ``deep_supervision_heads.0`` is also ``skip_layers.next_layer.super_head``), but a container whose children are
+    also held elsewhere is not: a wrapper on the container would leave the other path running the base's modules."""
     inside = {id(m) for m in module.modules()}
     for alias, other in model.named_modules(remove_duplicate=False):
         if id(other) not in inside or not alias:
             continue
         parts = alias.split(".")
-        prefixes = (".".join(parts[:j]) for j in range(1, len(parts) + 1))
-        if not any(model.get_submodule(p) is module and (id(_parent(model, p)[0]), p.rpartition(".")[2]) == slot
-                   for p in prefixes):
+        if not any(model.get_submodule(".".join(parts[:j])) is module for j in range(1, len(parts) + 1)):
             return alias
     return None
 

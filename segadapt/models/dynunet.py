@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.nets import DynUNet
 
 from segadapt.models.presets import split_presets
@@ -63,6 +64,12 @@ def dynunet_presets(model: DynUNet) -> dict[str, list[str]]:
     return split_presets(model, parts, "all_conv")
 
 
+def dynunet_heads(model: DynUNet) -> list[str]:
+    """Every name of every output block (``output_block``, each deep-supervision head under both of its names:
+    ``deep_supervision_heads.<i>`` and ``skip_layers...super_head``): their shapes follow the class count."""
+    return [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, UnetOutBlock)]
+
+
 def dynunet_plan_fields(plan) -> dict:
     """``kernel_size``, ``strides`` (one per stage, the first all ones), ``upsample_kernel_size``
     (``strides[1:]``), ``filters`` (32 x 2^stage, at most 320) and ``deep_supr_num`` (every decoder output but
@@ -83,6 +90,6 @@ def dynunet_bundle_kwargs(kwargs: dict) -> dict:
 
 SPEC = register(ModelSpec(
     name="dynunet", build=build_dynunet, network_types=(DynUNet,), sampling="patch", presets=dynunet_presets,
-    heads=lambda model: ["output_block", "deep_supervision_heads"], plan_fields=dynunet_plan_fields,
+    heads=dynunet_heads, plan_fields=dynunet_plan_fields,
     bundle_network="DynUNet", bundle_kwargs=dynunet_bundle_kwargs,
 ))
