@@ -35,6 +35,10 @@ class AdapterConfig:
             (BatchNorm, InstanceNorm, GroupNorm, LayerNorm with affine parameters) outside the
             ``train_modules``: each is one more trained module (same copy, file and merge as
             ``train_modules``; :func:`segadapt.adapters.model.norm_layers`).
+        cap_rank: cap each layer's rank (after ``rank_pattern``) at the most the method's update of that
+            layer can take (the family's ``rank_bound``: e.g. max(Cout, Cin k^d) for the LoRA forms,
+            prod(shape) / min(shape) for CP, min(Cout, Cin k^d) for SALT), instead of refusing a larger
+            one; :func:`segadapt.adapters.model.capped_ranks` lists the layers so capped.
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
             whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
             first match wins.
@@ -72,6 +76,7 @@ class AdapterConfig:
     exclude: Union[str, list[str]] = field(default_factory=list)
     train_modules: Optional[Union[str, list[str]]] = field(default_factory=list)
     norms: bool = False
+    cap_rank: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     dropout: float = 0.0
     init: str = "default"
@@ -103,8 +108,9 @@ class AdapterConfig:
         for pattern, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ValueError(f"rank_pattern['{pattern}'] must be a positive integer, got {rank}")
-        if not isinstance(self.norms, bool):
-            raise ValueError(f"norms must be true or false, got {self.norms!r}")
+        for flag in ("norms", "cap_rank"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.nested_ranks and self.init == "pissa":
