@@ -416,32 +416,39 @@ def test_ensemble_refused_by_the_numbers(searched):
 
 
 # ---- per-layer rank caps and per-stage rank patterns (issue 21) ----------------------------------------------
-def _most_rank(method: str, cout: int, cin: int, kernel: tuple) -> int:
+def _most_rank(method: str, init: str, cout: int, cin: int, kernel: tuple) -> int:
     """The largest rank each family's update of a (cout, cin, *kernel) conv takes, from its factor shapes."""
     k, fan_in = kernel[0], cin * math.prod(kernel)
     shape = (cout, cin, *kernel)
-    if method in ("lora_c", "dora_c"):  # B (cout k x r k), A (r k x fan_in / k)
-        return max(cout * k, fan_in // k)
+    if method in ("lora_c", "dora_c"):  # B (cout k x r k), A (r k x fan_in / k); PiSSA: SVD of (cout k x fan_in / k)
+        most = max(cout * k, fan_in // k)
+        return min(most, min(cout * k, fan_in // k) // k) if init == "pissa" else most
     if method in ("cp_lora", "cp_dora"):  # one rank-one term per unfolding column at most
         return math.prod(shape) // min(shape)
     if method == "salt":  # the singular values of M(W)
         return min(cout, fan_in)
-    return max(cout, fan_in)  # conv_lora, conv_dora, tlora: B (cout x r), A (r x fan_in)
+    most = max(cout, fan_in)  # conv_lora, conv_dora, tlora: B (cout x r), A (r x fan_in)
+    return {"pissa": min(cout, fan_in), "eva": min(most, fan_in)}.get(init, most)
 
 
-@pytest.mark.parametrize("method", ["lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "tlora"])
-def test_rank_capped_per_layer(method):
+CAPPED = [(m, "default") for m in ("lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "tlora")] \
+    + [(m, "pissa") for m in ("lora_c", "dora_c", "conv_lora", "conv_dora")] + [("conv_lora", "eva")]
+
+
+@pytest.mark.parametrize("method, init", CAPPED)
+def test_rank_capped_per_layer(method, init):
     import torch
     from segadapt.adapters import AdapterConfig, adapted_layers, capped_ranks, inject
 
-    layers = {"wide": (2, 3, (3, 3, 3)), "narrow": (1, 2, (1, 1, 1)), "mid": (4, 2, (3, 3, 3))}
+    layers = {"wide": (2, 3, (3, 3, 3)), "narrow": (1, 2, (1, 1, 1)), "mid": (4, 2, (3, 3, 3)), "flat": (8, 2, (1, 1, 1))}
     net = torch.nn.ModuleDict({n: torch.nn.Conv3d(cin, cout, kernel) for n, (cout, cin, kernel) in layers.items()})
+    config = dict(method=method, rank=1000, targets=list(layers), lora_rank=1, init=init)
     with pytest.raises(ValueError, match="exceeds"):
-        inject(net, AdapterConfig(method=method, rank=1000, targets=list(layers), lora_rank=1))
+        inject(net, AdapterConfig(**config))
     with pytest.warns(UserWarning, match="every adapted layer"):
-        inject(net, AdapterConfig(method=method, rank=1000, targets=list(layers), lora_rank=1, cap_rank=True))
+        inject(net, AdapterConfig(**config, cap_rank=True))
     ranks = {name: layer.adapters["default"].rank for name, layer in adapted_layers(net)}
-    assert ranks == {n: _most_rank(method, *shape) for n, shape in layers.items()}
+    assert ranks == {n: _most_rank(method, init, *shape) for n, shape in layers.items()}
     assert capped_ranks(net) == {n: [1000, r] for n, r in ranks.items()}
 
 

@@ -35,10 +35,12 @@ class AdapterConfig:
             (BatchNorm, InstanceNorm, GroupNorm, LayerNorm with affine parameters) outside the
             ``train_modules``: each is one more trained module (same copy, file and merge as
             ``train_modules``; :func:`segadapt.adapters.model.norm_layers`).
-        cap_rank: cap each layer's rank (after ``rank_pattern``) at the most the method's update of that
-            layer can take (the family's ``rank_bound``: e.g. max(Cout, Cin k^d) for the LoRA forms,
-            prod(shape) / min(shape) for CP, min(Cout, Cin k^d) for SALT), instead of refusing a larger
-            one; :func:`segadapt.adapters.model.capped_ranks` lists the layers so capped.
+        cap_rank: cap each layer's rank (after ``rank_pattern``) at the most the method builds on that
+            layer (the family's ``rank_cap``: its ``rank_bound``, e.g. max(Cout, Cin k^d) for LoRA,
+            max(Cout k, Cin k^(d-1)) for LoRA-C, prod(shape) / min(shape) for CP, min(Cout, Cin k^d) for
+            SALT; with ``init="pissa"`` the principal directions there are, min(Cout, Cin k^d) for LoRA and
+            min(Cout k, Cin k^(d-1)) / k for LoRA-C; with ``init="eva"`` at most Cin k^d) instead of refusing
+            a larger one; :func:`segadapt.adapters.model.capped_ranks` lists the layers so capped.
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
             whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
             first match wins.

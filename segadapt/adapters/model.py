@@ -199,7 +199,7 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
         spec = spec_of(base, module_name)
         rank = config.rank_for(module_name)
         if config.cap_rank:
-            rank = min(rank, method.rank_bound(spec, config))
+            rank = min(rank, method.rank_cap(spec, config))
         try:
             adapter = method(base, spec, config, rank)
         except ValueError as error:
