@@ -5,6 +5,7 @@ trials are not rerun, the killed trial's run folder resumes), and bad input (one
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -263,13 +264,14 @@ def test_resume_with_other_settings_is_refused(searched, capsys):
 
 
 # ---- ensembles of the top trials (issue 21) -------------------------------------------------------------------
-ENSEMBLE = ["--trials", "3", "--folds", "0", "auto.methods=[lora_c,cp_lora]", "auto.ensemble=2",
-            "auto.ensemble_rule=always", "auto.pruner=none", "pretrain.max_steps=30", "trainer.max_steps=10"]
+ENSEMBLE = ["--trials", "3", "--folds", "0", "auto.methods=[lora_c,cp_lora]", "auto.ranks=[2,8]", "auto.lr_factor=[3,10]",
+            "auto.ensemble=3", "auto.ensemble_rule=always", "auto.pruner=none", "pretrain.max_steps=30",
+            "trainer.max_steps=10"]  # members of both families that predict apart
 
 
 @pytest.fixture(scope="module")
 def ensembled(tmp_path_factory) -> dict:
-    """A 3-trial search of fold 0 whose ensemble of its top 2 trials is forced (``ensemble_rule=always``), with
+    """A 3-trial search of fold 0 whose ensemble of its 3 trials is forced (``ensemble_rule=always``), with
     every data module the search set up recorded."""
     root = tmp_path_factory.mktemp("ensemble")
     space = yaml.safe_load((CONFIGS / "auto.yaml").read_text())
@@ -320,7 +322,7 @@ def test_ensemble_inner_dice_is_the_mean_of_the_members(ensembled):
     fold = ensembled["record"]["folds"][0]
     comparison, trials = fold["ensemble"], {t["number"]: t for t in fold["trials"]}
     done = sorted((t for t in trials.values() if t["state"] == "COMPLETE"), key=lambda t: (-t["value"], t["number"]))
-    assert comparison["members"] == [t["number"] for t in done[:2]]  # the top 2 by inner Dice
+    assert comparison["members"] == [t["number"] for t in done[:3]]  # the top 3 by inner Dice
     members = [trials[n]["run_dir"] for n in comparison["members"]]
     files = _case_files(ensembled["root"] / "runs/phantom_sah/auto/fold0/data/dataset.json")
     dice = {row["case_id"]: _dice(_mean_probabilities(members, files[row["case_id"]][0])[0] > 0.5,
@@ -330,8 +332,9 @@ def test_ensemble_inner_dice_is_the_mean_of_the_members(ensembled):
     for row in comparison["inner_cases"]:
         assert row["dice"] == pytest.approx(dice[row["case_id"]], rel=1e-6)
     assert comparison["inner_dice"] == pytest.approx(sum(dice.values()) / len(dice), rel=1e-6)
-    alone = [_dice(_mean_probabilities([m], files[c][0])[0] > 0.5, _label(files[c][1])) for m in members for c in dice]
-    assert any(d != pytest.approx(dice[c], rel=1e-3) for d, c in zip(alone, list(dice) * 2))  # a mean, not a member
+    for member in members:  # a mean, not a member: each member alone scores otherwise
+        alone = {c: _dice(_mean_probabilities([member], files[c][0])[0] > 0.5, _label(files[c][1])) for c in dice}
+        assert alone != pytest.approx(dice, rel=1e-3)
     single = trials[fold["chosen"]["number"]]
     assert comparison["single"] == {"trial": single["number"], "inner_dice": single["value"], "se": single["se"]}
 
@@ -342,6 +345,7 @@ def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
     report counts it as the fold's `auto` run; the export refuses it naming the members."""
     from segadapt.export.cli import main as export_main
     from segadapt.inference import Predictor
+    from segadapt.training.report import write_report
     from segadapt.training.report_runs import collect_runs
 
     root, folder, fold = ensembled["root"], ensembled["folder"], ensembled["record"]["folds"][0]
@@ -367,12 +371,16 @@ def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
     assert metrics["cost"]["trainable_params"] == sum(trials[n]["trainable_params"] for n in numbers)
     found = [r for r in collect_runs(root / "runs/phantom_sah") if r["method_dir"] == "multiview_unet/auto"]
     assert [r["fold_dir"] for r in found] == [str(folder)]  # the ensemble, not its members
+    report = write_report(root / "runs/phantom_sah", tmp_path / "report")
+    rows = list(csv.DictReader(report["folds_csv"].open()))
+    auto_rows = [r for r in rows if r["method"].endswith("auto")]
+    assert len(auto_rows) == 1 and float(auto_rows[0]["dice_mean"]) == pytest.approx(metrics["val"]["dice"])
     with pytest.raises(SystemExit) as exit_:
         export_main([str(folder), "--merged", str(tmp_path / "merged.safetensors")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert re.fullmatch(r"segadapt export: error: .*fold0 is an ensemble of 2 runs \(ensemble\.json\), not one network: "
-                        r"give one of its members \(.*trial\d{3}, .*trial\d{3}\); segadapt predict --run takes the "
+    assert re.fullmatch(r"segadapt export: error: .*fold0 is an ensemble of 3 runs \(ensemble\.json\), not one network: "
+                        r"give one of its members \(.*trial\d{3}, .*trial\d{3}, .*trial\d{3}\); segadapt predict --run takes the "
                         r"ensemble", err), err
     assert not (tmp_path / "merged.safetensors").exists()
 
@@ -388,7 +396,7 @@ def test_no_ensemble_member_loads_a_validation_case(ensembled):
     for entry in searched_modules:
         assert {c for s in entry["sets"].values() for c in s}.isdisjoint(outer)
     finals = [e for e in loaded if e["dataset"] == str((root / "data/phantom_sah/dataset.json").resolve())]
-    assert len(finals) == 2 + 1  # the members' outer runs, and the ensemble's outer scoring
+    assert len(finals) == 3 + 1  # the members' outer runs, and the ensemble's outer scoring
     for entry in finals:
         assert sorted(entry["sets"]["val"]) == outer
         assert set(entry["sets"]["train"]).isdisjoint(outer) and set(entry["sets"]["inner"]).isdisjoint(outer)

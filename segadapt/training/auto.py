@@ -13,7 +13,9 @@ For each outer fold k of the experiment's k-fold split:
    Dice on the inner split, which neither trained nor selected it;
 3. the configuration chosen (``auto.rule``: one standard error, or the best) is trained once as an ordinary run
    of the outer fold (``<runs>/<experiment>/<model>/auto/fold<k>/``, method ``auto``) and scored on the fold's
-   validation cases: ``segadapt report`` shows it beside the fixed methods.
+   validation cases: ``segadapt report`` shows it beside the fixed methods. When the top trials' ensemble beats
+   that choice on the inner split by more than its standard error (:mod:`segadapt.training.auto_ensemble`), the
+   ensemble is trained and scored instead: its members as ordinary runs inside that folder, with ``ensemble.json``.
 
 The studies live in ``auto/study.sqlite`` (Optuna's RDB storage), one study per fold. The same command after
 a kill or Ctrl-C goes on: finished trials stay, the interrupted one is run again with its parameters (its run
