@@ -30,6 +30,12 @@ A run folder (``runs/<experiment>/<model>/<method>/fold<k>/`` from ``scripts/tra
     logs/metrics.csv      training curves (CSV; TensorBoard events beside it when installed)
     .hydra/               Hydra's own record of the run (when started through Hydra)
 
+An **ensemble folder** (``segadapt auto``'s ``<model>/auto/fold<k>/`` when an ensemble of trials was chosen) holds
+no config.yaml and no weights but ``ensemble.json`` (format 'segadapt-ensemble/1': ``members``, the member run
+folders relative to it, each an ordinary run folder adapting the same base) and a ``metrics.json`` of the mean of
+the members' probabilities; :func:`ensemble_members` reads it, ``segadapt predict --run`` expands it into its
+members (:func:`expand_ensembles`), the commands that need one network refuse it naming the members.
+
 :func:`segadapt.training.load.load_run` rebuilds the tuned network from ``config.yaml`` + base checkpoint + the
 weights file; :func:`open_run` is how every command that uses a run's weights opens the folder.
 
@@ -70,6 +76,8 @@ from segadapt.io import atomic_path, write_json
 
 RUN_FORMAT = "segadapt-run/1"
 METRICS_FORMAT = "segadapt-metrics/1"
+ENSEMBLE_FORMAT = "segadapt-ensemble/1"
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble folder's member list (no config.yaml there)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "last.ckpt"  # the resumable Lightning checkpoint
@@ -110,12 +118,40 @@ def write_yaml(path: Path, obj: Mapping[str, Any]) -> Path:
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``config.yaml`` of a run folder, checked for its format."""
     path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file() and (Path(run_dir) / ENSEMBLE_FILE).is_file():
+        members = ensemble_members(run_dir)
+        raise ValueError(f"{Path(run_dir)} is an ensemble of {len(members)} runs ({ENSEMBLE_FILE}), not one network: "
+                         f"give one of its members ({', '.join(map(str, members))}); segadapt predict --run takes "
+                         "the ensemble")
     if not path.is_file():
         raise FileNotFoundError(f"not a segadapt run folder (no {CONFIG_FILE}): {Path(run_dir)}")
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
         raise ValueError(f"{path} is not a segadapt run config (format {RUN_FORMAT!r} expected)")
     return config
+
+
+def ensemble_members(run_dir: str | os.PathLike) -> list[Path]:
+    """The member run folders of an ensemble folder (its ``ensemble.json``), each checked to be a run folder."""
+    path = Path(run_dir) / ENSEMBLE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != ENSEMBLE_FORMAT \
+            or not isinstance(record.get("members"), list) or not record["members"]:
+        raise ValueError(f"{path} is not a segadapt ensemble file (format {ENSEMBLE_FORMAT!r} with members)")
+    members = [Path(run_dir) / str(m) for m in record["members"]]
+    missing = [m for m in members if not (m / CONFIG_FILE).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: member {missing[0]} is not a run folder (no {CONFIG_FILE})")
+    return members
+
+
+def expand_ensembles(run_dirs: list[Path]) -> list[Path]:
+    """`run_dirs` with each ensemble folder replaced by its members."""
+    return [m for r in run_dirs for m in (ensemble_members(r) if (Path(r) / ENSEMBLE_FILE).is_file()
+                                          and not (Path(r) / CONFIG_FILE).is_file() else [Path(r)])]
 
 
 # Keys of config.yaml that do not change what a run computes: a resume may change them.

@@ -5,6 +5,7 @@ trials are not rerun, the killed trial's run folder resumes), and bad input (one
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -71,7 +73,7 @@ def searched(tmp_path_factory) -> dict:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SegDataModule, "setup", recording_setup)
-        record = auto_main(_argv(root, "--trials", "3", "--folds", "0,1"))
+        record = auto_main(_argv(root, "--trials", "3", "--folds", "0,1", "auto.ensemble_rule=never"))
     return {"root": root, "record": record, "loaded": loaded}
 
 
@@ -82,7 +84,8 @@ def test_no_trial_loads_a_validation_case(searched):
     for fold in (0, 1):
         data = str((root / f"runs/phantom_sah/auto/fold{fold}/data/dataset.json").resolve())
         trials = [e for e in loaded if e["dataset"] == data]
-        assert len(trials) == 3  # one data module per trial
+        compared = searched["record"]["folds"][fold]["ensemble"] is not None  # the ensemble's inner scoring
+        assert len(trials) == 3 + compared  # one data module per trial
         for trial in trials:
             cases = [c for s in trial["sets"].values() for c in s]
             assert {c["case_id"] for c in cases}.isdisjoint(outer[fold])
@@ -160,7 +163,7 @@ def _digest(path: Path) -> str:
 
 
 def test_killed_search_resumes(tmp_path, capsys, monkeypatch):
-    argv = _argv(tmp_path, "--trials", "3", "--folds", "0", "trainer.max_steps=6")
+    argv = _argv(tmp_path, "--trials", "3", "--folds", "0", "trainer.max_steps=6", "auto.ensemble=0")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-c", KILL_AT_TRIAL_1, *argv], env=env, capture_output=True, text=True,
                             timeout=900)
@@ -258,3 +261,233 @@ def test_resume_with_other_settings_is_refused(searched, capsys):
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"error: .*study\.sqlite: fold 0's study was made with other settings \(overrides: .*"
                         r"'trainer\.max_steps=5'\]\); run it with its own, or delete .*auto to start anew", err), err
+
+
+# ---- ensembles of the top trials (issue 21) -------------------------------------------------------------------
+ENSEMBLE = ["--trials", "3", "--folds", "0", "auto.methods=[lora_c,cp_lora]", "auto.ranks=[2,8]", "auto.lr_factor=[3,10]",
+            "auto.ensemble=3", "auto.ensemble_rule=always", "auto.pruner=none", "pretrain.max_steps=30",
+            "trainer.max_steps=10"]  # members of both families that predict apart
+
+
+@pytest.fixture(scope="module")
+def ensembled(tmp_path_factory) -> dict:
+    """A 3-trial search of fold 0 whose ensemble of its 3 trials is forced (``ensemble_rule=always``), with
+    every data module the search set up recorded."""
+    root = tmp_path_factory.mktemp("ensemble")
+    space = yaml.safe_load((CONFIGS / "auto.yaml").read_text())
+    space["placements"] = {"all_conv": {"preset": "all_conv"}, "encoder": {"preset": "encoder"}}  # no `train`
+    (root / "auto.yaml").write_text(yaml.safe_dump(space))
+    loaded, modules, setup = [], [], SegDataModule.setup
+
+    def recording_setup(self, stage=None):
+        setup(self, stage)
+        if self.val_set is None or any(m is self for m in modules):  # once per data module
+            return
+        modules.append(self)
+        loaded.append({"dataset": str(Path(self.hparams.dataset_json).resolve()), "fold": self.hparams.fold,
+                       "sets": {k: [c["case_id"] for c in _ids(getattr(self, f"{k}_set"))] for k in ("train", "val", "inner")}})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SegDataModule, "setup", recording_setup)
+        record = auto_main(_argv(root, *ENSEMBLE, "--space", str(root / "auto.yaml")))
+    return {"root": root, "record": record, "loaded": loaded,
+            "folder": root / "runs/phantom_sah/multiview_unet/auto/fold0"}
+
+
+def _label(path) -> "np.ndarray":
+    import nibabel as nib
+    import numpy as np
+    return np.asarray(nib.load(str(path)).dataobj) > 0
+
+
+def _mean_probabilities(runs, image) -> "np.ndarray":
+    """The members' probabilities, each member predicted alone (its own Predictor), averaged here."""
+    from segadapt.inference import Predictor
+    return sum(Predictor.from_runs([r]).predict(image).probabilities for r in runs) / len(runs)
+
+
+def _dice(mask, truth) -> float:
+    import numpy as np
+    total = int(mask.sum() + truth.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(mask, truth).sum()) / total
+
+
+def _case_files(dataset: Path) -> dict:
+    """case id -> (image, label) paths of a dataset.json."""
+    entries = json.loads(dataset.read_text())["training"]
+    return {c["case_id"]: tuple(dataset.parent / c[k] for k in ("image", "label")) for c in entries}
+
+
+def test_ensemble_inner_dice_is_the_mean_of_the_members(ensembled):
+    fold = ensembled["record"]["folds"][0]
+    comparison, trials = fold["ensemble"], {t["number"]: t for t in fold["trials"]}
+    done = sorted((t for t in trials.values() if t["state"] == "COMPLETE"), key=lambda t: (-t["value"], t["number"]))
+    assert comparison["members"] == [t["number"] for t in done[:3]]  # the top 3 by inner Dice
+    members = [trials[n]["run_dir"] for n in comparison["members"]]
+    files = _case_files(ensembled["root"] / "runs/phantom_sah/auto/fold0/data/dataset.json")
+    dice = {row["case_id"]: _dice(_mean_probabilities(members, files[row["case_id"]][0])[0] > 0.5,
+                                  _label(files[row["case_id"]][1]))
+            for row in comparison["inner_cases"]}
+    assert sorted(dice) == sorted(fold["cases"]["inner"])
+    for row in comparison["inner_cases"]:
+        assert row["dice"] == pytest.approx(dice[row["case_id"]], rel=1e-6)
+    assert comparison["inner_dice"] == pytest.approx(sum(dice.values()) / len(dice), rel=1e-6)
+    for member in members:  # a mean, not a member: each member alone scores otherwise
+        alone = {c: _dice(_mean_probabilities([member], files[c][0])[0] > 0.5, _label(files[c][1])) for c in dice}
+        assert alone != pytest.approx(dice, rel=1e-3)
+    single = trials[fold["chosen"]["number"]]
+    assert comparison["single"] == {"trial": single["number"], "inner_dice": single["value"], "se": single["se"]}
+
+
+def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
+    """The chosen ensemble: its members trained on the outer fold inside its folder; its metrics.json the mean of
+    their probabilities on the fold's validation cases; predict --run on the folder averages the members; the
+    report counts it as the fold's `auto` run; the export refuses it naming the members."""
+    from segadapt.export.cli import main as export_main
+    from segadapt.inference import Predictor
+    from segadapt.training.report import write_report
+    from segadapt.training.report_runs import collect_runs
+
+    root, folder, fold = ensembled["root"], ensembled["folder"], ensembled["record"]["folds"][0]
+    numbers = fold["ensemble"]["members"]
+    members = [folder / f"trial{n:03d}" for n in numbers]
+    assert json.loads((folder / "ensemble.json").read_text())["members"] == [m.name for m in members]
+    assert not (folder / "config.yaml").exists()
+    trials = {t["number"]: t for t in fold["trials"]}
+    for member, number in zip(members, numbers):  # each member configuration as an ordinary run of the outer fold
+        config = yaml.safe_load((member / "config.yaml").read_text())
+        assert config["run"]["fold"] == 0 and config["datamodule"]["dataset_json"].endswith("phantom_sah/dataset.json")
+        assert read_metrics(member)["cost"]["trainable_params"] == trials[number]["trainable_params"]
+    metrics = read_metrics(folder)
+    outer = _outer_folds(root)[0]
+    assert sorted(c["case_id"] for c in metrics["cases"]) == outer and fold["outer"]["dice"] == metrics["val"]["dice"]
+    files = _case_files(root / "data/phantom_sah/dataset.json")
+    for case in metrics["cases"]:
+        image, label = files[case["case_id"]]
+        mean = _mean_probabilities(members, image)
+        ensemble = Predictor.from_runs([folder]).predict(image)
+        assert ensemble.probabilities == pytest.approx(mean, abs=1e-5)
+        assert case["dice"] == pytest.approx(_dice(mean[0] > 0.5, _label(label)), rel=1e-6)
+    assert metrics["cost"]["trainable_params"] == sum(trials[n]["trainable_params"] for n in numbers)
+    found = [r for r in collect_runs(root / "runs/phantom_sah") if r["method_dir"] == "multiview_unet/auto"]
+    assert [r["fold_dir"] for r in found] == [str(folder)]  # the ensemble, not its members
+    report = write_report(root / "runs/phantom_sah", tmp_path / "report")
+    rows = list(csv.DictReader(report["folds_csv"].open()))
+    auto_rows = [r for r in rows if r["method"].endswith("auto")]
+    assert len(auto_rows) == 1 and float(auto_rows[0]["dice_mean"]) == pytest.approx(metrics["val"]["dice"])
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(folder), "--merged", str(tmp_path / "merged.safetensors")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"segadapt export: error: .*fold0 is an ensemble of 3 runs \(ensemble\.json\), not one network: "
+                        r"give one of its members \(.*trial\d{3}, .*trial\d{3}, .*trial\d{3}\); segadapt predict --run takes the "
+                        r"ensemble", err), err
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_no_ensemble_member_loads_a_validation_case(ensembled):
+    """The trials and the inner scoring of the ensemble load the fold's training patients only; the members
+    trained on the outer fold validate on its validation cases and train and select on the others."""
+    root, loaded = ensembled["root"], ensembled["loaded"]
+    outer = _outer_folds(root)[0]
+    inner_data = str((root / "runs/phantom_sah/auto/fold0/data/dataset.json").resolve())
+    searched_modules = [e for e in loaded if e["dataset"] == inner_data]
+    assert len(searched_modules) == 3 + 1  # the trials, and the ensemble's inner scoring
+    for entry in searched_modules:
+        assert {c for s in entry["sets"].values() for c in s}.isdisjoint(outer)
+    finals = [e for e in loaded if e["dataset"] == str((root / "data/phantom_sah/dataset.json").resolve())]
+    assert len(finals) == 3 + 1  # the members' outer runs, and the ensemble's outer scoring
+    for entry in finals:
+        assert sorted(entry["sets"]["val"]) == outer
+        assert set(entry["sets"]["train"]).isdisjoint(outer) and set(entry["sets"]["inner"]).isdisjoint(outer)
+
+
+def test_ensemble_rule():
+    """one_se: the ensemble only when its inner Dice beats the single choice's by more than that choice's SE."""
+    from segadapt.training.auto_ensemble import prefer_ensemble
+    assert prefer_ensemble(0.86, 0.80, 0.05, "one_se")
+    assert not prefer_ensemble(0.84, 0.80, 0.05, "one_se") and not prefer_ensemble(0.85, 0.80, 0.05, "one_se")
+    assert prefer_ensemble(0.10, 0.80, 0.05, "always") and not prefer_ensemble(0.99, 0.80, 0.05, "never")
+
+
+def test_ensemble_refused_by_the_numbers(searched):
+    """A search with ``ensemble_rule=never``: each fold's comparison is recorded with its numbers, the ensemble is
+    refused and the single run stays in the fold's folder."""
+    for fold in searched["record"]["folds"]:
+        comparison = fold["ensemble"]
+        if comparison is None:  # fewer than two completed adapter trials that share a base
+            continue
+        assert comparison["rule"] == "never" and comparison["chosen"] is False
+        assert comparison["single"]["trial"] == fold["chosen"]["number"] and len(comparison["members"]) >= 2
+        folder = searched["root"] / f"runs/phantom_sah/multiview_unet/auto/fold{fold['fold']}"
+        assert not (folder / "ensemble.json").exists() and (folder / "config.yaml").is_file()
+
+
+# ---- per-layer rank caps and per-stage rank patterns (issue 21) ----------------------------------------------
+def _most_rank(method: str, init: str, cout: int, cin: int, kernel: tuple) -> int:
+    """The largest rank each family's update of a (cout, cin, *kernel) conv takes, from its factor shapes."""
+    k, fan_in = kernel[0], cin * math.prod(kernel)
+    shape = (cout, cin, *kernel)
+    if method in ("lora_c", "dora_c"):  # B (cout k x r k), A (r k x fan_in / k); PiSSA: SVD of (cout k x fan_in / k)
+        most = max(cout * k, fan_in // k)
+        return min(most, min(cout * k, fan_in // k) // k) if init == "pissa" else most
+    if method in ("cp_lora", "cp_dora"):  # one rank-one term per unfolding column at most
+        return math.prod(shape) // min(shape)
+    if method == "salt":  # the singular values of M(W)
+        return min(cout, fan_in)
+    most = max(cout, fan_in)  # conv_lora, conv_dora, tlora: B (cout x r), A (r x fan_in)
+    return {"pissa": min(cout, fan_in), "eva": min(most, fan_in)}.get(init, most)
+
+
+CAPPED = [(m, "default") for m in ("lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "tlora")] \
+    + [(m, "pissa") for m in ("lora_c", "dora_c", "conv_lora", "conv_dora")] + [("conv_lora", "eva")]
+
+
+@pytest.mark.parametrize("method, init", CAPPED)
+def test_rank_capped_per_layer(method, init):
+    import torch
+    from segadapt.adapters import AdapterConfig, adapted_layers, capped_ranks, inject
+
+    layers = {"wide": (2, 3, (3, 3, 3)), "narrow": (1, 2, (1, 1, 1)), "mid": (4, 2, (3, 3, 3)), "flat": (8, 2, (1, 1, 1))}
+    net = torch.nn.ModuleDict({n: torch.nn.Conv3d(cin, cout, kernel) for n, (cout, cin, kernel) in layers.items()})
+    config = dict(method=method, rank=1000, targets=list(layers), lora_rank=1, init=init)
+    with pytest.raises(ValueError, match="exceeds"):
+        inject(net, AdapterConfig(**config))
+    with pytest.warns(UserWarning, match="every adapted layer"):
+        inject(net, AdapterConfig(**config, cap_rank=True))
+    ranks = {name: layer.adapters["default"].rank for name, layer in adapted_layers(net)}
+    assert ranks == {n: _most_rank(method, init, *shape) for n, shape in layers.items()}
+    assert capped_ranks(net) == {n: [1000, r] for n, r in ranks.items()}
+
+
+def test_rank_pattern_reaches_the_layers(tmp_path):
+    """A per-stage pattern of the space: the encoder preset's layers get rank x2, the others the rank (each capped
+    at what it can take), read back from the adapted network."""
+    import copy
+    from segadapt.adapters import AdapterConfig, adapted_layers, inject
+    from segadapt.models import preset_targets
+    from segadapt.training.auto_space import apply_choice
+
+    search = auto.Search(CONFIGS, [*TINY, f"paths.data={tmp_path}/data", f"paths.runs={tmp_path}/runs"], trials=1)
+    choice = {"method": "lora_c", "rank": 4, "rank_pattern": "encoder_x2", "placement": "all_conv", "lr_factor": 1.0}
+    adapter = apply_choice(search.method_config("lora_c"), choice, search.space, search.module_names)["adapter"]
+    net = copy.deepcopy(search._net)
+    encoder = set(preset_targets(net, "encoder"))
+    inject(net, AdapterConfig.from_dict({**adapter["spec"], "targets": preset_targets(net, adapter["preset"])}))
+    ranks = {name: (layer.adapters["default"].rank, type(layer.adapters["default"]).rank_bound(layer.spec, layer.adapters["default"].config))
+             for name, layer in adapted_layers(net)}
+    assert encoder and set(ranks) > encoder
+    for name, (rank, bound) in ranks.items():
+        assert rank == min(8 if name in encoder else 4, bound), name
+
+
+def test_rank_32_search_finishes_every_trial(tmp_path):
+    """Rank 32 on the tiny network (4 and 8 channels, a 1-channel head): every trial finishes, the layers too small
+    for it are capped and listed in the trial's metrics.json."""
+    record = auto_main(_argv(tmp_path, "--trials", "3", "--folds", "0", "auto.ranks=[32]", "auto.methods=[lora_c,salt,cp_lora]",
+                             "auto.ensemble=0", "auto.pruner=none"))
+    trials = record["folds"][0]["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3 and not any(t["error"] for t in trials)
+    capped = [read_metrics(t["run_dir"])["capped_ranks"] for t in trials]
+    assert any(capped)  # SALT's min(Cout, Cin k^d) on the 4-channel layers is below 32
+    assert all(asked == 32 > used for c in capped for asked, used in c.values())

@@ -691,6 +691,15 @@ def _unfinished(tmp: Path, run: Path) -> Path:
 UNFINISHED = ["killed_run is unfinished (no metrics.json"]
 
 
+def _ensemble(tmp: Path, members: list, text: str | None = None) -> Path:
+    """An ensemble folder as segadapt auto writes it, its ensemble.json holding `text` (default: `members`)."""
+    folder = tmp / "ensemble"
+    folder.mkdir()
+    (folder / "ensemble.json").write_text(text if text is not None else
+                                          json.dumps({"format": "segadapt-ensemble/1", "members": members}))
+    return folder
+
+
 def _in_series(tmp: Path, write_dicom_series, dicom_seg=None, output=None) -> list:
     """argv for a readable DICOM series as input; `dicom_seg(series)` / `output(series)` give those paths."""
     series = _series(tmp, write_dicom_series)
@@ -830,6 +839,11 @@ PREDICT_CASES = {
     "postprocessing_for_other_classes": (lambda d, t, o, w: ["--run", _run_with_metrics(d["run"], t, _two_classes),
                                                              "--input", d["scan"]],
         ["postprocessing (metrics.json) is for 2 class(es)", "1 foreground class(es)"]),
+    "ensemble_file_not_json": (lambda d, t, o, w: ["--run", _ensemble(t, [], "{"), "--input", d["scan"]],
+                               ["cannot read", "ensemble/ensemble.json"]),
+    "ensemble_member_not_a_run": (lambda d, t, o, w: ["--run", _ensemble(t, [str(d["run"]), "nowhere"]),
+                                                      "--input", d["scan"]],
+                                  ["ensemble.json: member", "ensemble/nowhere is not a run folder (no config.yaml)"]),
 }
 
 

@@ -22,6 +22,7 @@ from .eva import eva_init, eva_pending
 from .io import base_fingerprint, load_adapter, read_adapter_metadata, save_adapter
 from .layers import LayerSpec, spec_of
 from .model import (
+    capped_ranks,
     active_adapter,
     adapted_layers,
     adapter_names,
@@ -40,6 +41,7 @@ from .model import (
 from .registry import METHODS, get_method, register_method
 
 __all__ = [
+    "capped_ranks",
     "METHODS",
     "Adapter",
     "AdaptedLayer",

@@ -104,6 +104,13 @@ class Adapter(nn.Module):
         layers (e.g. a 1-channel output) have fewer channels."""
         return max(spec.cout, spec.fan_in)
 
+    @classmethod
+    def rank_cap(cls, spec: LayerSpec, config: AdapterConfig) -> int:
+        """The largest rank this method builds on a layer under `config`: what ``cap_rank`` caps at. Here
+        :meth:`rank_bound`; the families whose init needs fewer (PiSSA's principal directions, EVA's input
+        directions) say so in their own."""
+        return cls.rank_bound(spec, config)
+
     def used_rank(self) -> tuple[int, float]:
         """(b, s_b): the components in use and their scaling -- all r and s, except in a training
         forward with ``nested_ranks`` (b sampled in :meth:`forward`, s_b = alpha / b)."""

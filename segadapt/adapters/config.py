@@ -35,6 +35,12 @@ class AdapterConfig:
             (BatchNorm, InstanceNorm, GroupNorm, LayerNorm with affine parameters) outside the
             ``train_modules``: each is one more trained module (same copy, file and merge as
             ``train_modules``; :func:`segadapt.adapters.model.norm_layers`).
+        cap_rank: cap each layer's rank (after ``rank_pattern``) at the most the method builds on that
+            layer (the family's ``rank_cap``: its ``rank_bound``, e.g. max(Cout, Cin k^d) for LoRA,
+            max(Cout k, Cin k^(d-1)) for LoRA-C, prod(shape) / min(shape) for CP, min(Cout, Cin k^d) for
+            SALT; with ``init="pissa"`` the principal directions there are, min(Cout, Cin k^d) for LoRA and
+            min(Cout k, Cin k^(d-1)) / k for LoRA-C; with ``init="eva"`` at most Cin k^d) instead of refusing
+            a larger one; :func:`segadapt.adapters.model.capped_ranks` lists the layers so capped.
         rank_pattern: per-module rank overrides, ``{suffix-or-regex: rank}``: a key matches a module
             whose name ends with ``"." + key`` (or equals it) or that it fullmatches as a regex; the
             first match wins.
@@ -72,6 +78,7 @@ class AdapterConfig:
     exclude: Union[str, list[str]] = field(default_factory=list)
     train_modules: Optional[Union[str, list[str]]] = field(default_factory=list)
     norms: bool = False
+    cap_rank: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     dropout: float = 0.0
     init: str = "default"
@@ -103,8 +110,9 @@ class AdapterConfig:
         for pattern, rank in self.rank_pattern.items():
             if rank <= 0:
                 raise ValueError(f"rank_pattern['{pattern}'] must be a positive integer, got {rank}")
-        if not isinstance(self.norms, bool):
-            raise ValueError(f"norms must be true or false, got {self.norms!r}")
+        for flag in ("norms", "cap_rank"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.nested_ranks and self.init == "pissa":

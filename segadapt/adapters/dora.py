@@ -41,6 +41,11 @@ class DoRA(Adapter):
         """That of the LoRA form."""
         return cls.direction_cls.rank_bound(spec, config)
 
+    @classmethod
+    def rank_cap(cls, spec, config) -> int:
+        """That of the LoRA form."""
+        return cls.direction_cls.rank_cap(spec, config)
+
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)  # checks dropout under this class's name
         # the direction's own dropout would go unused: DoRA applies self.dropout in branch_output

@@ -38,6 +38,12 @@ class LoRA(Adapter):
     supports_eva = True
     supports_nested_ranks = True
 
+    @classmethod
+    def rank_cap(cls, spec, config) -> int:
+        """PiSSA: min(Cout, Cin k^d), the singular values of M(W0); EVA: Cin k^d, the input directions."""
+        bound = cls.rank_bound(spec, config)
+        return {"pissa": min(bound, spec.max_rank), "eva": min(bound, spec.fan_in)}.get(config.init, bound)
+
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)
         self.lora_A = nn.Parameter(torch.empty(rank, spec.fan_in, dtype=base.weight.dtype, device=base.weight.device))
@@ -101,6 +107,13 @@ class LoRAC(Adapter):
     def rank_bound(cls, spec, config) -> int:
         k = spec.kernel[0] if spec.kernel else 1
         return max(spec.cout * k, spec.fan_in // k)
+
+    @classmethod
+    def rank_cap(cls, spec, config) -> int:
+        """PiSSA: r k <= min(Cout k, Cin k^(d-1)), the singular values of the matrix B A starts on."""
+        k = spec.kernel[0] if spec.kernel else 1
+        bound = cls.rank_bound(spec, config)
+        return min(bound, min(spec.cout * k, spec.fan_in // k) // k) if config.init == "pissa" else bound
 
     def __init__(self, base, spec, config, rank):
         super().__init__(base, spec, config, rank)

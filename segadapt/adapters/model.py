@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Iterator, Optional, Union
 
@@ -195,12 +196,20 @@ def inject(model: nn.Module, config: Union[AdapterConfig, dict], name: str = "de
     for module_name, module in selected:
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         spec = spec_of(base, module_name)
+        rank = config.rank_for(module_name)
+        if config.cap_rank:
+            rank = min(rank, method.rank_cap(spec, config))
         try:
-            adapter = method(base, spec, config, config.rank_for(module_name))
+            adapter = method(base, spec, config, rank)
         except ValueError as error:
             raise ValueError(f"module '{module_name}': {error}") from None
         adapter.config = config
         built.append((module_name, module, base, spec, adapter))
+    capped = [n for n, _, _, _, a in built if a.rank < config.rank_for(n)]
+    if capped:
+        where = "every adapted layer" if len(capped) == len(built) else f"{len(capped)} of {len(built)} layers"
+        warnings.warn(f"cap_rank: the rank of {where} was capped at what the layer can take ({capped[0]}: "
+                      f"{config.rank_for(capped[0])} -> {next(a.rank for n, _, _, _, a in built if n == capped[0])})")
 
     # Freeze the base only: the adapters already injected keep their trainability (that of the
     # active one), and the new one is trainable only if it becomes the active one.
@@ -367,6 +376,15 @@ def summary_rows(model: nn.Module, name: Optional[str] = None) -> list[dict]:
             rows.append({"module": module_name, "type": type(wrapper.original_module).__name__, "method": "trained",
                          "rank": 0, "params": params, "base_params": params, "percent": 100.0})
     return rows
+
+
+def capped_ranks(model: nn.Module, name: Optional[str] = None) -> dict[str, list[int]]:
+    """{layer: [rank asked, rank used]} of the layers whose rank ``cap_rank`` lowered to what the layer can take
+    (adapter `name`, default the active one); {} when none was capped."""
+    name = name or active_adapter(model)
+    return {layer_name: [layer.adapters[name].config.rank_for(layer_name), layer.adapters[name].rank]
+            for layer_name, layer in adapted_layers(model)
+            if name in layer.adapters and layer.adapters[name].rank < layer.adapters[name].config.rank_for(layer_name)}
 
 
 def summary(model: nn.Module, name: Optional[str] = None) -> str:

@@ -48,7 +48,7 @@ from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, read_run_conf
 from segadapt.training import SegAdaptModule
 from segadapt.training.metrics import voxel_volume_ml
 from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
-from segadapt.runs import FINGERPRINT_FILE, METRICS_FILE, open_run, read_metrics
+from segadapt.runs import FINGERPRINT_FILE, METRICS_FILE, expand_ensembles, open_run, read_metrics
 
 from .domain import TrainingDomain
 from .inputs import check_threshold, dicom_modality, input_name, is_pixel_file, resolve_device
@@ -181,6 +181,8 @@ class Predictor:
                   device: Optional[str] = None, threshold: Optional[float] = None, strict: bool = True) -> Predictor:
         """The fold ensemble of run folders (each ``config.yaml`` + ``adapter.safetensors``) on their shared base.
 
+        An ensemble folder (``ensemble.json``, chosen by ``segadapt auto``) stands for its member runs; the
+        postprocessing is the one recorded in the given folders' ``metrics.json``.
         Runs without an adapter file: a full / decoder / scratch run's ``model.safetensors`` is the network
         (several such runs: each fold's own network, probabilities averaged); a single ``none`` run is its base.
 
@@ -188,9 +190,10 @@ class Predictor:
             FileNotFoundError: a run folder without ``config.yaml``, or an unfinished run.
             ValueError: the runs differ in network, base checkpoint or preprocessing.
         """
-        runs = [Path(r) for r in runs]
-        if not runs:
+        given = [Path(r) for r in runs]
+        if not given:
             raise ValueError("give at least one run folder")
+        runs = expand_ensembles(given)  # an ensemble folder (segadapt auto): its members, each one member here
         configs = [open_run(r) for r in runs]
         for run, config in zip(runs[1:], configs[1:]):
             pairs = [(f"module.{k}", config["module"].get(k), configs[0]["module"].get(k))
@@ -207,15 +210,15 @@ class Predictor:
         if len(runs) == 1 and missing:
             if weights[0].is_file() or configs[0]["run"].get("tuning") == "none":
                 return cls(configs[0], (), weights[0] if weights[0].is_file() else base, device, threshold, strict, domain,
-                           postprocessing=recorded_postprocessing(runs))
+                           postprocessing=recorded_postprocessing(given))
         if len(missing) == len(runs) and all(w.is_file() for w in weights):  # full / decoder / scratch fold runs
             return cls(configs[0], (), weights[0], device, threshold, strict, domain, networks=weights,
-                       postprocessing=recorded_postprocessing(runs))
+                       postprocessing=recorded_postprocessing(given))
         if missing:
             raise FileNotFoundError(f"run folder {missing[0]} has no {ADAPTER_FILE} (unfinished run, or a fold "
                                     "ensemble that mixes adapter runs with full/decoder/scratch runs)")
         return cls(configs[0], adapters, base, device, threshold, strict, domain,
-                   postprocessing=recorded_postprocessing(runs))
+                   postprocessing=recorded_postprocessing(given))
 
     @classmethod
     def from_adapter_files(cls, adapters: Sequence[str | os.PathLike], run_config: Optional[str | os.PathLike] = None,

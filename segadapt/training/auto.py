@@ -13,7 +13,9 @@ For each outer fold k of the experiment's k-fold split:
    Dice on the inner split, which neither trained nor selected it;
 3. the configuration chosen (``auto.rule``: one standard error, or the best) is trained once as an ordinary run
    of the outer fold (``<runs>/<experiment>/<model>/auto/fold<k>/``, method ``auto``) and scored on the fold's
-   validation cases: ``segadapt report`` shows it beside the fixed methods.
+   validation cases: ``segadapt report`` shows it beside the fixed methods. When the top trials' ensemble beats
+   that choice on the inner split by more than its standard error (:mod:`segadapt.training.auto_ensemble`), the
+   ensemble is trained and scored instead: its members as ordinary runs inside that folder, with ``ensemble.json``.
 
 The studies live in ``auto/study.sqlite`` (Optuna's RDB storage), one study per fold. The same command after
 a kill or Ctrl-C goes on: finished trials stay, the interrupted one is run again with its parameters (its run
@@ -43,6 +45,7 @@ from segadapt.models import head_modules, preset_targets
 from segadapt.models.presets import target_presets
 from segadapt.parsers import auto_parser
 
+from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
 from .auto_space import apply_choice, check_placements, check_space, load_space, suggest
 from .auto_study import COUNTED, choose, describe, retry_interrupted, trial_record
 from .callbacks import standard_error
@@ -167,9 +170,11 @@ class Search:
         cfg["trainer"] = {**cfg["trainer"], "enable_progress_bar": False}
         return cfg
 
-    def final_config(self, fold: int, choice: Mapping[str, Any], overwrite: bool) -> dict[str, Any]:
-        """The chosen configuration as an ordinary run of outer fold `fold` (method folder ``auto``)."""
-        run_dir = self.auto_dir.parent / self.cfg["model"]["name"] / "auto" / f"fold{fold}"
+    def final_config(self, fold: int, choice: Mapping[str, Any], overwrite: bool,
+                     run_dir: Optional[Path] = None) -> dict[str, Any]:
+        """The chosen configuration as an ordinary run of outer fold `fold` (method folder ``auto``; `run_dir`: an
+        ensemble member's folder instead)."""
+        run_dir = run_dir or self.auto_dir.parent / self.cfg["model"]["name"] / "auto" / f"fold{fold}"
         cfg = self.run_config(choice, fold=fold, run_dir=str(run_dir), overwrite=overwrite, ckpt_path=None)
         cfg["adapter"] = {**cfg["adapter"], "name": "auto"}
         return cfg
@@ -249,20 +254,59 @@ class Search:
             study.optimize(lambda trial: self.objective(fold, trial), n_trials=remaining, timeout=self.timeout,
                            catch=TRIAL_ERRORS, callbacks=[lambda *_: write_json(self.record_path, self.record())])
         chosen = choose(study.get_trials(deepcopy=False), self.space["rule"], fold)
+        members = self.ensemble_choice(fold, study, chosen)
         final = study.user_attrs.get("final") or {}
-        same = final.get("trial") == chosen.number
-        cfg = self.final_config(fold, chosen.user_attrs["choice"], overwrite=not same)
-        study.set_user_attr("final", {"trial": chosen.number, "run_dir": cfg["run_dir"]})
-        if same and (Path(cfg["run_dir"]) / METRICS_FILE).is_file():
-            result = read_metrics(cfg["run_dir"])
+        numbers = [t.number for t in members]
+        same = final.get("trial") == chosen.number and final.get("members", []) == numbers
+        run_dir = self.auto_dir.parent / self.cfg["model"]["name"] / "auto" / f"fold{fold}"
+        if not same:
+            remove_final(run_dir)  # the folder of an earlier choice (a run or an ensemble) goes as a whole
+        study.set_user_attr("final", {"trial": chosen.number, "members": numbers, "run_dir": str(run_dir)})
+        if (run_dir / METRICS_FILE).is_file():
+            result = read_metrics(run_dir)
+        elif members:
+            result = self.train_ensemble(fold, members, run_dir)
         else:
-            result = train(cfg)
+            result = train(self.final_config(fold, chosen.user_attrs["choice"], overwrite=False))
         val = result["val"]
-        study.set_user_attr("final", {"trial": chosen.number, "run_dir": cfg["run_dir"], "dice": val["dice"],
-                                      "dice_sd": val["dice_sd"], "n_cases": val["n_cases"],
+        study.set_user_attr("final", {"trial": chosen.number, "members": numbers, "run_dir": str(run_dir),
+                                      "dice": val["dice"], "dice_sd": val["dice_sd"], "n_cases": val["n_cases"],
                                       "cases": [c["case_id"] for c in result["cases"]]})
-        print(f"auto fold {fold}: chose trial {chosen.number} ({describe(chosen.user_attrs['choice'])}, inner Dice "
-              f"{chosen.value:.3f}); outer-fold Dice {val['dice']:.3f} -> {cfg['run_dir']}", flush=True)
+        what = (f"an ensemble of trials {', '.join(map(str, numbers))} (inner Dice "
+                f"{study.user_attrs['ensemble']['inner_dice']:.3f})" if members else
+                f"trial {chosen.number} ({describe(chosen.user_attrs['choice'])}, inner Dice {chosen.value:.3f})")
+        print(f"auto fold {fold}: chose {what}; outer-fold Dice {val['dice']:.3f} -> {run_dir}", flush=True)
+
+    def ensemble_choice(self, fold: int, study: optuna.Study, chosen: optuna.trial.FrozenTrial) -> list:
+        """The member trials of the fold's ensemble when it beats the single `chosen` trial on the inner split
+        (:func:`~segadapt.training.auto_ensemble.prefer_ensemble`), else []; the comparison is kept in the study
+        (``ensemble``, in auto.json) and reused by a resumed search with the same trials."""
+        candidates = ensemble_candidates(study.get_trials(deepcopy=False), int(self.space["ensemble"]))
+        if not candidates:
+            study.set_user_attr("ensemble", None)
+            return []
+        stored, rule = study.user_attrs.get("ensemble") or {}, self.space["ensemble_rule"]
+        numbers = [t.number for t in candidates]
+        if (stored.get("members"), (stored.get("single") or {}).get("trial"), stored.get("rule")) != (numbers, chosen.number, rule):
+            stored = inner_comparison(candidates, chosen, rule)
+            study.set_user_attr("ensemble", stored)
+            print(f"auto fold {fold}: ensemble of trials {', '.join(map(str, numbers))}: inner Dice "
+                  f"{stored['inner_dice']:.3f} vs {chosen.value:.3f} +- {stored['single']['se']:.3f} of trial "
+                  f"{chosen.number} -> {'ensemble' if stored['chosen'] else 'single'}", flush=True)
+        return candidates if stored["chosen"] else []
+
+    def train_ensemble(self, fold: int, members: Sequence[optuna.trial.FrozenTrial], run_dir: Path) -> dict[str, Any]:
+        """Each member configuration trained on outer fold `fold` (``<run_dir>/trial<NNN>/``, ordinary run folders),
+        then the ensemble scored on the fold's validation cases and written as an ensemble folder."""
+        folders, results = [], []
+        for trial in members:
+            cfg = self.final_config(fold, trial.user_attrs["choice"], overwrite=False,
+                                    run_dir=run_dir / f"trial{trial.number:03d}")
+            folders.append(Path(cfg["run_dir"]))
+            done = (folders[-1] / METRICS_FILE).is_file()
+            results.append(read_metrics(folders[-1]) if done else train(cfg))
+        identity = {k: v for k, v in results[0]["run"].items() if k not in ("tuning", "seed")}
+        return write_ensemble(run_dir, folders, identity, results)
 
     def objective(self, fold: int, trial: optuna.Trial) -> float:
         choice = suggest(trial, self.space)
@@ -309,7 +353,8 @@ class Search:
             chosen = next((t for t in trials if t["number"] == final.get("trial")), None)
             folds.append({"fold": fold, "study": study.study_name, "cases": study.user_attrs.get("cases"),
                           "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "choice", "value", "se")},
-                          "outer": final if "dice" in final else None, "trials": trials})
+                          "outer": final if "dice" in final else None, "ensemble": study.user_attrs.get("ensemble"),
+                          "trials": trials})
         outer = [f["outer"]["dice"] for f in folds if f["outer"]]
         return {
             "format": "segadapt-auto/1", "experiment": self.cfg["experiment"], "command": self.command,

@@ -5,7 +5,9 @@ Every choice is a plain option of an ordinary run (``configs/train.yaml`` with `
 * ``method``: an adapter config ``configs/adapter/<name>.yaml`` (the init variants, e.g. ``conv_lora_pissa``,
   are configs of their own), or the baselines ``full`` / ``decoder``;
 * ``rank`` (adapter methods): ``adapter.spec.rank``, with ``alpha = rank`` (scale 1, as the configs have it)
-  and SALT's ``lora_rank = rank``; the config's ``rank_pattern`` is kept;
+  and SALT's ``lora_rank = rank``; ``cap_rank`` on, so a layer too small for it takes its own largest rank;
+* ``rank_pattern`` (adapter methods): a name of ``auto.rank_patterns``, ``{preset: factor}``: the layers of each
+  preset get rank x factor (``adapter.spec.rank_pattern``, after the config's own entries, which win);
 * ``placement`` (adapter methods): ``adapter.preset``, and ``train``: the layers of another preset, or the
   classification ``head``, trained in full beside the adapter (``adapter.spec.train_modules``, excluded from
   the adapter);
@@ -23,9 +25,11 @@ from typing import Any
 
 BASELINE_METHODS = ("full", "decoder")
 NOT_ADAPTATIONS = ("none", "scratch")  # configs/adapter entries that adapt nothing of the base
-KEYS = ("methods", "ranks", "placements", "lr_factor", "inner_fraction", "rule", "seed", "startup_trials", "pruner")
+KEYS = ("methods", "ranks", "rank_patterns", "placements", "lr_factor", "inner_fraction", "rule", "seed",
+        "startup_trials", "pruner", "ensemble", "ensemble_rule")
 RULES = ("one_se", "best")
 PRUNERS = ("median", "hyperband", "none")
+ENSEMBLE_RULES = ("one_se", "always", "never")  # segadapt.training.auto_ensemble.prefer_ensemble
 
 
 def load_space(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -67,6 +71,10 @@ def check_space(space: Mapping[str, Any], adapter_dir: Path) -> None:
     ranks = space["ranks"]
     if not isinstance(ranks, list) or not ranks or not all(isinstance(r, int) and r >= 1 for r in ranks):
         raise ValueError(f"auto.ranks must be a non-empty list of integers >= 1, got {ranks!r}")
+    patterns = space["rank_patterns"]
+    if not isinstance(patterns, dict) or not patterns or not all(
+            isinstance(p, dict) and all(isinstance(f, (int, float)) and f > 0 for f in p.values()) for p in patterns.values()):
+        raise ValueError(f"auto.rank_patterns must map names to {{PRESET: factor > 0, ...}} ({{}}: uniform), got {patterns!r}")
     placements = space["placements"]
     if not isinstance(placements, dict) or not placements:
         raise ValueError(f"auto.placements must map names to {{preset: ..., train: ...}}, got {placements!r}")
@@ -81,10 +89,10 @@ def check_space(space: Mapping[str, Any], adapter_dir: Path) -> None:
         raise ValueError(f"auto.lr_factor must be [low, high] with 0 < low <= high, got {factor!r}")
     if not isinstance(space["inner_fraction"], (int, float)) or not 0 < space["inner_fraction"] < 1:
         raise ValueError(f"auto.inner_fraction must be in (0, 1), got {space['inner_fraction']!r}")
-    for key, allowed in (("rule", RULES), ("pruner", PRUNERS)):
+    for key, allowed in (("rule", RULES), ("pruner", PRUNERS), ("ensemble_rule", ENSEMBLE_RULES)):
         if space[key] not in allowed:
             raise ValueError(f"auto.{key} must be one of {', '.join(allowed)}, got {space[key]!r}")
-    for key in ("seed", "startup_trials"):
+    for key in ("seed", "startup_trials", "ensemble"):
         if not isinstance(space[key], int) or space[key] < 0:
             raise ValueError(f"auto.{key} must be an integer >= 0, got {space[key]!r}")
 
@@ -94,6 +102,7 @@ def suggest(trial: Any, space: Mapping[str, Any]) -> dict[str, Any]:
     choice = {"method": trial.suggest_categorical("method", list(space["methods"]))}
     if choice["method"] not in BASELINE_METHODS:
         choice["rank"] = trial.suggest_categorical("rank", list(space["ranks"]))
+        choice["rank_pattern"] = trial.suggest_categorical("rank_pattern", list(space["rank_patterns"]))
         choice["placement"] = trial.suggest_categorical("placement", list(space["placements"]))
     low, high = space["lr_factor"]
     choice["lr_factor"] = trial.suggest_float("lr_factor", float(low), float(high), log=True) if low < high else float(low)
@@ -114,6 +123,12 @@ def apply_choice(cfg: Mapping[str, Any], choice: Mapping[str, Any], space: Mappi
             spec["alpha"] = int(choice["rank"])
         if "lora_rank" in spec:
             spec["lora_rank"] = int(choice["rank"])
+        spec["cap_rank"] = True  # a rank a layer cannot take is capped there (metrics.json: capped_ranks), not a failure
+        scaled = {re.escape(name): max(1, round(int(choice["rank"]) * float(factor)))
+                  for preset, factor in space["rank_patterns"][choice.get("rank_pattern", "uniform")].items()
+                  for name in module_names(preset)} if choice.get("rank_pattern") else {}
+        spec["rank_pattern"] = {**(spec.get("rank_pattern") or {}), **{k: v for k, v in scaled.items()
+                                                                       if k not in (spec.get("rank_pattern") or {})}}
     if "placement" in choice and isinstance(adapter["spec"], dict):
         placement = space["placements"][choice["placement"]]
         adapter["preset"] = placement["preset"]
@@ -126,6 +141,10 @@ def apply_choice(cfg: Mapping[str, Any], choice: Mapping[str, Any], space: Mappi
 
 def check_placements(space: Mapping[str, Any], presets: Sequence[str], model: str) -> None:
     """Refuse a placement whose preset (or trained part) the network does not have (`presets`: its presets)."""
+    for name, pattern in space["rank_patterns"].items():
+        unknown = [p for p in pattern if p not in presets]
+        if unknown:
+            raise ValueError(f"auto.rank_patterns.{name}: {model} has no preset {unknown[0]!r} (presets: {', '.join(presets)})")
     for name, placement in space["placements"].items():
         for key in ("preset", "train"):
             value = placement.get(key)

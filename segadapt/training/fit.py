@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from segadapt.adapters import capped_ranks
 from segadapt.data import PreprocessConfig
 from segadapt.io import atomic_path, write_json
 from segadapt.plan.apply import PLAN_FILE
@@ -296,6 +297,7 @@ def fit_run(run: RunConfig, ckpt_path: Optional[str] = None, callbacks: Optional
             "volume_bins": bin_labels(bins, datamodule.size_unit),
             "cost": {"trainable_params": module.trainable_params, "threads": torch.get_num_threads(),
                      **(_stats(trainer) if tuning != "none" else {})},
+            "capped_ranks": capped_ranks(module.net),  # cap_rank: {layer: [asked, used]} of the layers it lowered
             "global_step": trainer.global_step,
             "extended_from_steps": longer.extended_from,  # a resume with more steps: the max_steps it had
             "cases": cases,
