@@ -206,7 +206,12 @@ def _fanova(trials: Sequence[Any], params: Sequence[str]) -> dict[str, float]:
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-    study = optuna.create_study(direction="maximize")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study made here
+    try:
+        study = optuna.create_study(direction="maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     study.add_trials(trials)
     return get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=IMPORTANCE_SEED), params=list(params))
 
@@ -274,7 +279,7 @@ def chosen_table(record: Mapping[str, Any], states: Mapping[int, Mapping[str, An
         metrics = json.loads((state["folder"] / "metrics.json").read_text(encoding="utf-8"))
         rows.append({"fold": fold, "trial": trial["number"], "method": choice.get("method"),
                      "rank": choice.get("rank"), "placement": choice.get("placement"),
-                     "train_modules": f"{beside} ({len(modules or [])} modules)" if beside else None,
+                     "train_modules": f"{beside} ({len(modules)} modules)" if beside and modules else beside,
                      "lr": adapter.get("lr"), "lr_factor": choice.get("lr_factor"),
                      "trainable_params": metrics["cost"]["trainable_params"], "inner_dice": trial.get("value"),
                      "inner_se": trial.get("se"), "outer_dice": entry["outer"]["dice"],
@@ -295,9 +300,14 @@ def _markdown_chosen(table: pd.DataFrame) -> str:
 
 
 def _markdown_importance(table: pd.DataFrame) -> str:
-    wide = table.assign(column=table["scope"] + " (n=" + table["n_trials"].astype(str) + ")").pivot_table(
-        index=["subset", "param"], columns="column", values="importance", sort=False)
-    return wide.reset_index().to_markdown(index=False, floatfmt=".2f", missingval="-")
+    """One table per subset of trials: a row per parameter, a column per fold (and pooled) with its trials."""
+    parts = []
+    for subset, rows in table.groupby("subset", sort=False):
+        rows = rows.assign(column=rows["scope"] + " (n=" + rows["n_trials"].astype(str) + ")")
+        wide = rows.pivot_table(index="param", columns="column", values="importance", sort=False)
+        parts += [f"{subset[0].upper()}{subset[1:]}:", "",
+                  wide.reset_index().to_markdown(index=False, floatfmt=".2f", missingval="-"), ""]
+    return "\n".join(parts)
 
 
 def _timing_line(label: str, figures: Mapping[str, float]) -> str:
@@ -361,7 +371,7 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
         "column: per fold, and pooled over the folds (each trial's Dice less its fold's mean). Pruned trials are "
         "left out (their value is that of a shortened run). Rank and placement exist only for the adapter "
         f"methods, so they are assessed over the trials that have them. In {IMPORTANCE_CSV}.", "",
-        *([_markdown_importance(importance), ""] if len(importance) else []),
+        *([_markdown_importance(importance)] if len(importance) else []),
         *[f"- {line}" for line in notes], "",
     ]
     return "\n".join(text), paths
