@@ -249,6 +249,9 @@ def importance_table(studies: Mapping[int, Any], pool: bool) -> tuple[pd.DataFra
             except ValueError as error:  # e.g. the folds searched different spaces
                 lines.append(f"{scope}, {subset}: no importance ({' '.join(str(error).split())}).")
                 continue
+            except ImportError:  # a dependency of segadapt, but an environment may lack it
+                lines.append("fANOVA needs scikit-learn (pip install scikit-learn): no importance shown.")
+                return pd.DataFrame(columns=["scope", "subset", "n_trials", "param", "importance"]), lines
             if not all(math.isfinite(v) for v in values.values()) or not any(values.values()):
                 lines.append(f"{scope}, {subset}: the inner Dice did not vary with the options; no importance.")
                 continue
