@@ -175,6 +175,24 @@ def test_a_search_killed_before_its_last_fold_finished(experiment, tmp_path):
     assert int({r["method"]: r for r in _csv(stale / "report.csv")}["auto"]["n_cases"]) == 2  # fold 1's only
 
 
+def test_folds_searched_by_an_earlier_command_come_from_the_study(experiment, tmp_path):
+    """`--folds 0` then `--folds 1`: auto.json holds fold 1 only; fold 0 is read from study.sqlite, as auto.json
+    listed it, and reported beside fold 1."""
+    later = tmp_path / "later"
+    shutil.copytree(experiment, later)
+    record = json.loads((later / "auto.json").read_text())
+    fold0 = record["folds"][0]
+    (later / "auto.json").write_text(json.dumps({**record, "folds": record["folds"][1:]}))
+    merged = report_auto.read_record(later)
+    assert [e["fold"] for e in merged["folds"]] == [0, 1]
+    assert json.loads(json.dumps(merged["folds"][0])) == {**fold0, "from_storage": True}
+    paths = write_report(later)
+    text = paths["markdown"].read_text()
+    assert int({r["method"]: r for r in _csv(paths["csv"])}["auto"]["n_cases"]) == 4 and "Incomplete" not in text
+    assert "Fold 0: read from study.sqlite" in text
+    assert re.search(r"^\| 0 ", _section(text, "Chosen configuration per fold"), re.M)
+
+
 def test_a_corrupt_auto_json_is_one_line(experiment, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(experiment, broken, ignore=shutil.ignore_patterns("report*", "auto_*", "dice_*"))

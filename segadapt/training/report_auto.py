@@ -27,6 +27,7 @@ import pandas as pd
 from segadapt.io import atomic_path
 
 from .report_plots import FIGURE_FORMATS, plot_auto_trace
+from .auto_study import trial_record
 from .report_runs import AUTO_METHOD
 
 AUTO_FILE = "auto.json"  # = segadapt.training.auto.AUTO_FILE / STUDY_FILE (auto.py not imported: it loads Lightning)
@@ -38,7 +39,9 @@ TRIALS_CSV, IMPORTANCE_CSV, TRACE_PLOT = "auto_trials.csv", "auto_importance.csv
 
 
 def read_record(experiment_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The experiment folder's auto.json, or None without one; a file that is not one is a one-line error."""
+    """The experiment folder's auto.json, or None without one; a file that is not one is a one-line error. The
+    folds of ``auto/study.sqlite`` that it lacks (searched by an earlier command: each command writes the folds it
+    ran) are added from their studies (``from_storage``)."""
     path = Path(experiment_dir) / AUTO_FILE
     if not path.is_file():
         return None
@@ -48,7 +51,33 @@ def read_record(experiment_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not readable JSON ({error}); run segadapt auto again to rewrite it") from None
     if not isinstance(record, dict) or record.get("format") != AUTO_FORMAT or not isinstance(record.get("folds"), list):
         raise ValueError(f"{path} is not a segadapt auto record (format {AUTO_FORMAT})")
-    return record
+    listed = {int(e["fold"]) for e in record["folds"]}
+    more = [_study_entry(study) for fold, study in load_studies(experiment_dir).items() if fold not in listed]
+    return {**record, "folds": sorted([*record["folds"], *more], key=lambda e: int(e["fold"]))}
+
+
+def _study_entry(study: Any) -> dict[str, Any]:
+    """A fold as auto.json lists it (:meth:`segadapt.training.auto.Search.record`), from its study."""
+    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    final = study.user_attrs.get("final") or {}
+    chosen = next((t for t in trials if t["number"] == final.get("trial")), None)
+    return {"fold": int(study.study_name[len("fold"):]), "study": study.study_name,
+            "cases": study.user_attrs.get("cases"), "outer": final if "dice" in final else None, "trials": trials,
+            "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "choice", "value", "se")},
+            "from_storage": True}
+
+
+def load_studies(experiment_dir: str | os.PathLike) -> dict[int, Any]:
+    """The folds' Optuna studies (``fold<k>``) in ``auto/study.sqlite``, by fold (read only; {} without the file)."""
+    import optuna
+
+    path = Path(experiment_dir) / "auto" / STUDY_FILE
+    if not path.is_file():
+        return {}
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", skip_table_creation=True)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    return {int(n[4:]): optuna.load_study(study_name=n, storage=storage)
+            for n in sorted(names) if n.startswith("fold") and n[4:].isdigit()}
 
 
 def _final_folders(root: Path) -> dict[int, list[Path]]:
@@ -174,19 +203,6 @@ def throughput(trials: pd.DataFrame) -> dict[str, float]:
 
 
 # ---- importance ---------------------------------------------------------------------------------------------
-def load_studies(experiment_dir: str | os.PathLike, record: Mapping[str, Any]) -> dict[int, Any]:
-    """The folds' Optuna studies in ``auto/study.sqlite`` (read only; {} without the file)."""
-    import optuna
-
-    path = Path(experiment_dir) / "auto" / STUDY_FILE
-    if not path.is_file():
-        return {}
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", skip_table_creation=True)
-    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    return {int(e["fold"]): optuna.load_study(study_name=e["study"], storage=storage)
-            for e in record["folds"] if e.get("study") in names}
-
-
 def _subsets(trials: Sequence[Any]) -> list[tuple[str, list[str]]]:
     """The parameter sets to assess: those every completed trial has, and (a conditional space: rank and placement
     only for the adapters) the largest set the most trials share, over the trials that have it."""
@@ -334,7 +350,7 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
         states[fold] = {"complete": False, "why": "not searched (not in auto.json)", "folder": None, "entry": None}
     trials = trial_table(root, record, states)
     chosen = chosen_table(record, states)
-    studies = load_studies(root, record)
+    studies = load_studies(root)
     settings = [s.user_attrs.get("settings") for s in studies.values()]
     importance, notes = importance_table(studies, pool=all(s == settings[0] for s in settings))
     if not studies:
@@ -347,6 +363,7 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
     for fmt in FIGURE_FORMATS[1:]:
         paths[f"auto_trace_{fmt}"] = paths["auto_trace"].with_suffix(f".{fmt}")
     incomplete = [f"fold {fold} ({s['why']})" for fold, s in states.items() if not s["complete"]]
+    stored = [str(e["fold"]) for e in record["folds"] if e.get("from_storage")]
     space = (record.get("settings") or {}).get("space") or {}
     timing = [_timing_line(f"fold {fold}", throughput(trials[trials["fold"] == fold]))
               for fold in sorted(trials["fold"].unique())] if len(trials) else []
@@ -358,6 +375,8 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
         "trial trained on the fold's training patients and scored on its inner split; the choice per fold "
         f"(rule `{space.get('rule', '?')}`) was trained on the fold and scored once on its validation cases "
         "(outer Dice): the `auto` row above.", "",
+        *([f"Fold {', '.join(stored)}: read from {STUDY_FILE} (searched by an earlier command; auto.json holds the "
+           "folds of the last one).", ""] if stored else []),
         *([f"**Incomplete** (reported as far as the search got; left out of the table above and below): "
            f"{'; '.join(incomplete)}.", ""] if incomplete else []),
         "### Chosen configuration per fold", "",
