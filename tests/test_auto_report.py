@@ -28,6 +28,7 @@ from segadapt.cli import main as segadapt_main
 from segadapt.training import auto
 from segadapt.training import report_auto
 from segadapt.training.auto_study import trial_record
+from segadapt.training.jobs import train
 from segadapt.training.report import write_report
 from test_auto import CONFIGS, TINY, _argv  # noqa: E402 (tests/ is on sys.path: the tiny search of test_auto)
 from test_training_report import DICE, _config, _write  # noqa: E402 (hand-written fold folders)
@@ -60,7 +61,7 @@ def experiment(tmp_path_factory) -> Path:
     auto.main(_argv(root, "--trials", "3", "--folds", "0,1"))
     for method in ("none", "full"):
         for fold in (0, 1):
-            auto.train(auto.compose(CONFIGS, [*TINY, f"paths.data={root}/data", f"paths.runs={root}/runs",
+            train(auto.compose(CONFIGS, [*TINY, f"paths.data={root}/data", f"paths.runs={root}/runs",
                                               f"adapter={method}", f"fold={fold}"]))
     return root / "runs/phantom_sah"
 

@@ -127,11 +127,11 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         f"![Dice vs {size}](dice_vs_volume.png) ([SVG](dice_vs_volume.svg), [PDF](dice_vs_volume.pdf))",
         "",
     ])
-    paths: dict[str, Path] = {}
+    auto_paths: dict[str, Path] = {}
     if record is not None:
-        section, paths = auto_section(experiment_dir, record, out, name, {int(r["run"]["fold"]) for r in runs})
+        section, auto_paths = auto_section(experiment_dir, record, out, name, {int(r["run"]["fold"]) for r in runs})
         text += "\n" + section
-    paths |= {"markdown": out / "report.md", "csv": out / "report.csv", "folds_csv": out / "report_folds.csv"}
+    paths = {"markdown": out / "report.md", "csv": out / "report.csv", "folds_csv": out / "report_folds.csv"}
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(paths["csv"]) as tmp:
@@ -145,4 +145,4 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     for key in ("dice_by_method", "dice_vs_volume"):
         for fmt in FIGURE_FORMATS[1:]:
             paths[f"{key}_{fmt}"] = paths[key].with_suffix(f".{fmt}")
-    return paths
+    return paths | auto_paths
