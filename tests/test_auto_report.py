@@ -265,7 +265,8 @@ def hand_written(tmp_path) -> dict:
                       "outer": {"trial": best["number"], "run_dir": f"/elsewhere/x/unet/auto/fold{fold}",
                                 "dice": metrics["val"]["dice"], "n_cases": 3,
                                 "cases": [c["case_id"] for c in metrics["cases"]]}})
-    (root / "auto.json").write_text(json.dumps({"format": "segadapt-auto/1", "experiment": "x", "command": ["segadapt", "auto"],
+    (root / "auto.json").write_text(json.dumps({"format": "segadapt-auto/1", "experiment": "x",
+                                                "command": ["segadapt", "auto"],
                                                 "settings": {"overrides": [], "space": SPACE}, "folds": folds}))
     return {"root": root, "studies": studies, "storage": storage}
 
@@ -291,7 +292,8 @@ def test_importance_against_optunas_evaluator(hand_written):
         mean = np.mean([t.value for t in done])
         pooled.add_trials([create_trial(params=t.params, distributions=t.distributions, value=t.value - mean)
                            for t in done])
-    expected = get_param_importances(pooled, evaluator=FanovaImportanceEvaluator(seed=0), params=["lr_factor", "method"])
+    expected = get_param_importances(pooled, evaluator=FanovaImportanceEvaluator(seed=0),
+                                     params=["lr_factor", "method"])
     for param, value in expected.items():
         assert got[("pooled", "all completed trials", param)] == pytest.approx(value, abs=1e-12)
     n = {(r["scope"], r["subset"]): int(r["n_trials"]) for r in rows}

@@ -116,7 +116,7 @@ def fold_states(experiment_dir: str | os.PathLike, record: Mapping[str, Any]) ->
             why = (f"search stopped or still running after {done} finished trials" if not entry.get("chosen")
                    else "the chosen configuration's run has not finished")
         elif folder is None or not (folder / "metrics.json").is_file():
-            why = "its run folder <model>/auto/fold%d is missing or unfinished" % fold
+            why = f"its run folder <model>/auto/fold{fold} is missing or unfinished"
         elif not _matches(folder, outer):
             why = f"{folder} does not hold the outer Dice auto.json records (trained again after the search?)"
         else:
