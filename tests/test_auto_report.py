@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -30,6 +31,7 @@ from segadapt.training import report_auto
 from segadapt.training.auto_study import trial_record
 from segadapt.training.jobs import train
 from segadapt.training.report import write_report
+from segadapt.training.report_plots import auto_trace_figure
 from test_auto import CONFIGS, TINY, _argv  # noqa: E402 (tests/ is on sys.path: the tiny search of test_auto)
 from test_training_report import DICE, _config, _write  # noqa: E402 (hand-written fold folders)
 
@@ -321,6 +323,14 @@ def test_trace_and_chosen_on_the_hand_written_study(hand_written):
         per_hour = 3600 * len(finished) / sum(t.user_attrs["time_s"] for t in finished)
         assert f"- fold {fold}: {len(finished)} finished trials" in paths["markdown"].read_text()
         assert f"**{per_hour:.0f} trials per hour**; training steps - of it" in paths["markdown"].read_text()
+        # the plot's panel of the fold: its best-so-far line, its chosen star
+        panel = auto_trace_figure(pd.read_csv(paths["auto_trials_csv"])).axes[fold]
+        lines = {line.get_label(): line for line in panel.get_lines()}
+        running = np.maximum.accumulate(values)
+        assert list(lines["best so far"].get_xdata()) == list(range(16))
+        assert list(lines["best so far"].get_ydata()) == pytest.approx(list(running))
+        assert list(lines["chosen"].get_xdata()) == [int(np.argmax(values))]
+        assert list(lines["pruned"].get_xdata()) == [3] and list(lines["failed / interrupted"].get_xdata()) == [5]
     chosen = _section(paths["markdown"].read_text(), "Chosen configuration per fold")
     best0 = max((t for t in hand_written["studies"][0].get_trials() if t.state == TrialState.COMPLETE),
                 key=lambda t: t.value)

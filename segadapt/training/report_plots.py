@@ -148,6 +148,11 @@ def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], 
 
 
 def plot_auto_trace(trials: Any, path: Path, title: str = "") -> Path:
+    """:func:`auto_trace_figure` as `path` (PNG) and SVG, PDF."""
+    return _save(auto_trace_figure(trials, title), path)
+
+
+def auto_trace_figure(trials: Any, title: str = "") -> Any:
     """One panel per fold of a ``segadapt auto`` search (`trials`: the rows of auto_trials.csv): each trial's inner
     Dice by trial number (completed: dots; pruned: crosses; failed: triangles on the axis), the best completed
     trial so far (a step line) and the chosen trial (a star)."""
@@ -182,4 +187,4 @@ def plot_auto_trace(trials: Any, path: Path, title: str = "") -> Path:
     axes[0].set_ylabel("inner Dice")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.suptitle(title or "segadapt auto: inner Dice per trial", fontsize=10)
-    return _save(figure, path)
+    return figure
