@@ -356,3 +356,16 @@ def test_auto_folds_that_differ_in_more_than_the_adaptation_are_flagged(tmp_path
         row = {r["method"]: r for r in _csv(root / "report.csv")}["auto"]
         assert (row["settings_differ"] == "fold 1: trainer.max_steps: 1500 -> 900") == flagged
         assert (row["settings_differ"] == "") != flagged
+
+
+def test_a_search_without_any_finished_run_is_reported_as_far_as_it_got(hand_written):
+    """No run folder holds a result yet (only the search's trials): report.md is the search's section alone."""
+    root = hand_written["root"]
+    shutil.rmtree(root / "unet")
+    paths = write_report(root)
+    text = paths["markdown"].read_text()
+    assert text.startswith("# Search report: x\n") and "## Automatic adaptation" in text
+    assert re.search(r"\*\*Incomplete\*\* .*fold 0 \(its run folder <model>/auto/fold0 is missing or unfinished\); "
+                     r"fold 1 \(", text)
+    assert "No fold has finished." in _section(text, "Chosen configuration per fold")
+    assert len(_csv(paths["auto_trials_csv"])) == 32 and not (root / "report.csv").exists()

@@ -67,11 +67,25 @@ def _warn_mixed_settings(rows: Sequence[dict[str, Any]]) -> None:
                           f"is flagged {NOTE_SETTINGS} in the report", UserWarning, stacklevel=3)
 
 
+def _search_report(experiment_dir: str | os.PathLike, record: dict[str, Any], out: Path) -> dict[str, Path]:
+    """report.md of an experiment folder that holds a search and no finished run: the search as far as it got."""
+    name = Path(experiment_dir).resolve().name
+    section, paths = auto_section(experiment_dir, record, out, name)
+    text = (f"# Search report: {name}\n\nNo finished run yet (a search's chosen configuration is trained after its "
+            f"trials): the search as far as it got.\n\n{section}")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return {"markdown": out / "report.md", **paths}
+
+
 def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Aggregate the runs of `experiment_dir` into report.md, report.csv, report_folds.csv and two plots (PNG,
     SVG, PDF); returns their paths (the plots' PNGs under ``dice_by_method`` / ``dice_vs_volume``)."""
     record = read_record(experiment_dir)
-    runs = collect_runs(experiment_dir, skip=unfinished_auto_runs(experiment_dir, record) if record else ())
+    runs = collect_runs(experiment_dir, skip=unfinished_auto_runs(experiment_dir, record) if record else (),
+                        required=record is None)
+    if not runs:  # a search whose chosen configurations have not been trained yet, and no other run
+        return _search_report(experiment_dir, record, Path(out_dir or experiment_dir))
     rows, labels = method_rows(runs)
     _warn_mixed_settings(rows)
     table, folds = report_table(rows, labels), fold_table(rows)

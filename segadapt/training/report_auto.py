@@ -371,13 +371,13 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
         timing.append(_timing_line("all folds", throughput(trials)))
     text = [
         "## Automatic adaptation", "",
-        f"`segadapt auto` searched {len(record['folds'])} folds (`{' '.join(record.get('command') or [])}`): each "
+        f"`segadapt auto` searched {len(record['folds'])} fold{'s' * (len(record['folds']) != 1)} (`{' '.join(record.get('command') or [])}`): each "
         "trial trained on the fold's training patients and scored on its inner split; the choice per fold "
         f"(rule `{space.get('rule', '?')}`) was trained on the fold and scored once on its validation cases "
-        "(outer Dice): the `auto` row above.", "",
+        "(outer Dice): the `auto` row of the main table.", "",
         *([f"Fold {', '.join(stored)}: read from {STUDY_FILE} (searched by an earlier command; auto.json holds the "
            "folds of the last one).", ""] if stored else []),
-        *([f"**Incomplete** (reported as far as the search got; left out of the table above and below): "
+        *([f"**Incomplete** (reported as far as the search got; left out of the `auto` row and the chosen configurations): "
            f"{'; '.join(incomplete)}.", ""] if incomplete else []),
         "### Chosen configuration per fold", "",
         _markdown_chosen(chosen) if len(chosen) else "No fold has finished.", "",

@@ -33,12 +33,13 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return run
 
 
-def collect_runs(experiment_dir: str | os.PathLike, skip: Collection[Path] = ()) -> list[dict[str, Any]]:
+def collect_runs(experiment_dir: str | os.PathLike, skip: Collection[Path] = (),
+                 required: bool = True) -> list[dict[str, Any]]:
     """The metrics.json of every finished run in a ``fold<k>`` folder under `experiment_dir` (any depth;
     source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`.
     A ``fold<k>`` run folder without metrics.json (killed or still training) is refused, not left out; the
     folders in `skip` (``auto`` folds a search has not finished, :func:`~.report_auto.unfinished_auto_runs`) are
-    left out."""
+    left out. No finished run is an error when `required`."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
@@ -55,7 +56,7 @@ def collect_runs(experiment_dir: str | os.PathLike, skip: Collection[Path] = ())
         if run.get("run", {}).get("experiment") == "pretrain":
             continue
         runs.append({**run, "method_dir": path.parent.parent.relative_to(root).as_posix(), "fold_dir": str(path.parent)})
-    if not runs:
+    if not runs and required:
         raise FileNotFoundError(f"no finished runs under {root} (expected <model>/<method>/fold<k>/metrics.json)")
     return runs
 
