@@ -207,6 +207,12 @@ def test_a_corrupt_auto_json_is_one_line(experiment, tmp_path, capsys):
     assert re.fullmatch(r"error: .*broken/auto\.json is not readable JSON \(.*\); run segadapt auto again to "
                         r"rewrite it", err), err
     assert not (broken / "report.md").exists()
+    (broken / "auto.json").write_text(json.dumps({"format": "segadapt-metrics/1", "folds": []}))
+    with pytest.raises(SystemExit):
+        segadapt_main(["report", str(broken)])
+    assert re.fullmatch(r"error: .*broken/auto\.json is not a segadapt auto record \(format segadapt-auto/1\)",
+                        capsys.readouterr().err.strip())
+    assert not (broken / "report.md").exists()
 
 
 def test_file_names_are_those_of_the_search():
