@@ -375,3 +375,17 @@ def test_a_search_without_any_finished_run_is_reported_as_far_as_it_got(hand_wri
                      r"fold 1 \(", text)
     assert "No fold has finished." in _section(text, "Chosen configuration per fold")
     assert len(_csv(paths["auto_trials_csv"])) == 32 and not (root / "report.csv").exists()
+
+
+def test_auto_that_chose_full_is_no_reference_for_full(tmp_path):
+    """Without `full` runs, an `auto` whose folds chose full fine-tuning is not the reference of `p vs full`."""
+    root = tmp_path / "x"
+    for method, tuning in (("none", "none"), ("lora_c", "lora_c"), ("auto", "full")):
+        _write(root / "unet", method, tuning, DICE[{"auto": "full"}.get(method, method)])
+    write_report(root)
+    rows = {r["method"]: r for r in _csv(root / "report.csv")}
+    assert rows["auto"]["tuning"] == "auto" and list(rows) == ["none", "lora_c", "auto"]
+    assert rows["lora_c"]["p_vs_full"] == "" and rows["auto"]["p_vs_full"] == ""
+    with np.errstate(all="ignore"):
+        expected = stats.wilcoxon(DICE["full"], DICE["none"]).pvalue
+    assert float(rows["auto"]["p_vs_none"]) == pytest.approx(expected, abs=1e-12)
