@@ -29,6 +29,11 @@ Reads every ``metrics.json`` of a ``fold<k>`` folder under the experiment folder
 The structure is named as the dataset names it (:func:`structure_name`: the foreground labels of
 dataset.json) in the text and the plots, ``lesion`` when no run folder says.
 
+With an ``auto.json`` (a ``segadapt auto`` search) in the experiment folder, report.md ends with the section
+"Automatic adaptation" (:mod:`segadapt.training.report_auto`): the chosen configuration per fold, the search
+trace (``auto_trace``), trials per hour, the importance of each option; ``auto_trials.csv`` and
+``auto_importance.csv`` beside it. The ``auto`` runs are a row of the main table like any method.
+
 A learning curve or a study of several models is either one experiment folder per point (one report each)
 or method folders whose names say the setting (``lora_c_n5``, ``lora_c_n10``): both need nothing more.
 """
@@ -45,6 +50,7 @@ import numpy as np
 
 from segadapt.io import atomic_path
 
+from .report_auto import auto_section, read_record, unfinished_auto_runs
 from .report_plots import FIGURE_FORMATS, plot_dice_by_method, plot_dice_vs_volume, size_word
 from .report_runs import collect_runs, runs_size_unit, structure_name
 from .report_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, REFERENCES, bin_edges, method_rows
@@ -61,10 +67,25 @@ def _warn_mixed_settings(rows: Sequence[dict[str, Any]]) -> None:
                           f"is flagged {NOTE_SETTINGS} in the report", UserWarning, stacklevel=3)
 
 
+def _search_report(experiment_dir: str | os.PathLike, record: dict[str, Any], out: Path) -> dict[str, Path]:
+    """report.md of an experiment folder that holds a search and no finished run: the search as far as it got."""
+    name = Path(experiment_dir).resolve().name
+    section, paths = auto_section(experiment_dir, record, out, name)
+    text = (f"# Search report: {name}\n\nNo finished run yet (a search's chosen configuration is trained after its "
+            f"trials): the search as far as it got.\n\n{section}")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return {"markdown": out / "report.md", **paths}
+
+
 def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Aggregate the runs of `experiment_dir` into report.md, report.csv, report_folds.csv and two plots (PNG,
     SVG, PDF); returns their paths (the plots' PNGs under ``dice_by_method`` / ``dice_vs_volume``)."""
-    runs = collect_runs(experiment_dir)
+    record = read_record(experiment_dir)
+    runs = collect_runs(experiment_dir, skip=unfinished_auto_runs(experiment_dir, record) if record else (),
+                        required=record is None)
+    if not runs:  # a search whose chosen configurations have not been trained yet, and no other run
+        return _search_report(experiment_dir, record, Path(out_dir or experiment_dir))
     rows, labels = method_rows(runs)
     _warn_mixed_settings(rows)
     table, folds = report_table(rows, labels), fold_table(rows)
@@ -120,6 +141,10 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
         f"![Dice vs {size}](dice_vs_volume.png) ([SVG](dice_vs_volume.svg), [PDF](dice_vs_volume.pdf))",
         "",
     ])
+    auto_paths: dict[str, Path] = {}
+    if record is not None:
+        section, auto_paths = auto_section(experiment_dir, record, out, name, {int(r["run"]["fold"]) for r in runs})
+        text += "\n" + section
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "folds_csv": out / "report_folds.csv"}
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -134,4 +159,4 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     for key in ("dice_by_method", "dice_vs_volume"):
         for fmt in FIGURE_FORMATS[1:]:
             paths[f"{key}_{fmt}"] = paths[key].with_suffix(f".{fmt}")
-    return paths
+    return paths | auto_paths

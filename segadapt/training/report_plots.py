@@ -145,3 +145,46 @@ def plot_dice_vs_volume(rows: Sequence[dict[str, Any]], edges: Sequence[float], 
                  fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (n cases)", title_fontsize=7)
     return _save(figure, path)
+
+
+def plot_auto_trace(trials: Any, path: Path, title: str = "") -> Path:
+    """:func:`auto_trace_figure` as `path` (PNG) and SVG, PDF."""
+    return _save(auto_trace_figure(trials, title), path)
+
+
+def auto_trace_figure(trials: Any, title: str = "") -> Any:
+    """One panel per fold of a ``segadapt auto`` search (`trials`: the rows of auto_trials.csv): each trial's inner
+    Dice by trial number (completed: dots; pruned: crosses; failed: triangles on the axis), the best completed
+    trial so far (a step line) and the chosen trial (a star)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    folds = sorted(trials["fold"].unique()) if len(trials) else []
+    figure = Figure(figsize=(max(5.0, 3.6 * len(folds)), 3.6))
+    axes = figure.subplots(1, max(len(folds), 1), sharey=True, squeeze=False)[0]
+    dice = np.asarray(trials["inner_dice"] if len(trials) else [], dtype=np.float64)
+    low, high = _dice_limits(dice)
+    styles = {"COMPLETE": ("o", "C0", "completed"), "PRUNED": ("x", "0.45", "pruned")}
+    for ax, fold in zip(axes, folds):
+        rows = trials[trials["fold"] == fold].sort_values("number")
+        for state, (marker, colour, label) in styles.items():
+            shown = rows[rows["state"] == state]
+            ax.plot(shown["number"], shown["inner_dice"].astype(float), marker, color=colour, label=label,
+                    linestyle="none", markersize=5, zorder=3)
+        failed = rows[~rows["state"].isin(list(styles))]
+        ax.plot(failed["number"], np.full(len(failed), low), "v", color="C3", label="failed / interrupted",
+                linestyle="none", clip_on=False, zorder=3)
+        ax.step(rows["number"], rows["best_so_far"].astype(float), where="post", color="C1", linewidth=1.2,
+                label="best so far", zorder=2)
+        chosen = rows[rows["chosen"] == 1]
+        ax.plot(chosen["number"], chosen["inner_dice"].astype(float), "*", color="C2", markersize=13,
+                markeredgecolor="k", markeredgewidth=0.5, label="chosen", linestyle="none", zorder=4)
+        ax.set_title(f"fold {fold}", fontsize=9)
+        ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(axis="y", color="0.9", linewidth=0.6, zorder=0)
+    axes[0].set_ylim(low, high)
+    axes[0].set_ylabel("inner Dice")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.suptitle(title or "segadapt auto: inner Dice per trial", fontsize=10)
+    return figure

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,30 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return run
 
 
-def collect_runs(experiment_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def collect_runs(experiment_dir: str | os.PathLike, skip: Collection[Path] = (),
+                 required: bool = True) -> list[dict[str, Any]]:
     """The metrics.json of every finished run in a ``fold<k>`` folder under `experiment_dir` (any depth;
     source pretraining runs left out), each with ``method_dir``: its method folder relative to `experiment_dir`.
-    A ``fold<k>`` run folder without metrics.json (killed or still training) is refused, not left out."""
+    A ``fold<k>`` run folder without metrics.json (killed or still training) is refused, not left out; the
+    folders in `skip` (``auto`` folds a search has not finished, :func:`~.report_auto.unfinished_auto_runs`) are
+    left out. No finished run is an error when `required`."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {root}")
+    skipped = {Path(p).resolve() for p in skip}
     for config in sorted(root.rglob("config.yaml")):  # a run folder without metrics.json: killed or still training
-        if _FOLD_DIR.fullmatch(config.parent.name) and config.parent.parent != root:
+        if _FOLD_DIR.fullmatch(config.parent.name) and config.parent.parent != root \
+                and config.parent.resolve() not in skipped:
             read_metrics(config.parent)
     runs = []
     for path in sorted(root.rglob("metrics.json")):
-        if not _FOLD_DIR.fullmatch(path.parent.name) or path.parent.parent == root:
+        if not _FOLD_DIR.fullmatch(path.parent.name) or path.parent.parent == root or path.parent.resolve() in skipped:
             continue
         run = _read_metrics(path)
         if run.get("run", {}).get("experiment") == "pretrain":
             continue
         runs.append({**run, "method_dir": path.parent.parent.relative_to(root).as_posix(), "fold_dir": str(path.parent)})
-    if not runs:
+    if not runs and required:
         raise FileNotFoundError(f"no finished runs under {root} (expected <model>/<method>/fold<k>/metrics.json)")
     return runs
 
@@ -78,6 +83,9 @@ def check_each_case_once(method: str, folds: Sequence[dict[str, Any]]) -> None:
 
 # config.yaml keys that differ from fold to fold of one method by design (besides those a resume may change)
 PER_FOLD_KEYS = frozenset({"run.fold", "run.seed", "run.run_dir", "datamodule.fold"})
+AUTO_METHOD = "auto"  # the method of the runs `segadapt auto` trains: each fold its own chosen adaptation
+# config.yaml keys (and the keys under them) in which the folds of `auto` differ by design: what the search chose
+AUTO_CHOSEN_KEYS = ("run.tuning", "module.adapter", "module.preset", "module.lr", "module.norms")
 
 
 def _fold_config(run: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -92,15 +100,23 @@ def _fold_config(run: Mapping[str, Any]) -> dict[str, Any] | None:
     return config
 
 
+def is_auto(folds: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the runs are the folds of ``segadapt auto`` (run.method ``auto``)."""
+    return all(f["run"].get("method") == AUTO_METHOD for f in folds)
+
+
 def settings_differences(folds: Sequence[dict[str, Any]]) -> list[str]:
     """``'fold k: key: old -> new'`` for each setting in which a fold's config.yaml differs from the first fold's
-    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.runs.NON_IDENTITY_KEYS` aside); [] when they agree."""
+    (:data:`PER_FOLD_KEYS` and :data:`~segadapt.runs.NON_IDENTITY_KEYS` aside, and for ``auto`` the adaptation
+    its search chose per fold, :data:`AUTO_CHOSEN_KEYS`); [] when they agree."""
     configs = [(f["run"]["fold"], _fold_config(f)) for f in folds]
     configs = [(fold, c) for fold, c in configs if c is not None]
     if not configs:
         return []
+    chosen = AUTO_CHOSEN_KEYS if is_auto(folds) else ()
     first = configs[0][1]
-    return [f"fold {fold}: {change}" for fold, config in configs[1:] for change in run_changes(first, config)]
+    return [f"fold {fold}: {change}" for fold, config in configs[1:] for change in run_changes(first, config)
+            if not any(re.match(re.escape(key) + r"[.:]", change) for key in chosen)]
 
 
 def _foreground_names(labels: Mapping[Any, Any]) -> list[str]:

@@ -15,7 +15,8 @@ from segadapt.adapters import METHODS
 
 from .metrics import bin_labels, summarize
 from .module import BASELINES
-from .report_runs import check_each_case_once, method_names, runs_size_unit, settings_differences
+from .report_runs import (AUTO_METHOD, check_each_case_once, is_auto, method_names, runs_size_unit,
+                          settings_differences)
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -170,7 +171,8 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
         check_each_case_once(method, folds)
         cases = _cases(c for f in folds for c in f["cases"])
         last = _cases(c for f in folds for c in (f.get("last_cases") or f["cases"]))
-        rows.append(_row(method, folds[0]["run"]["tuning"], folds, cases, last, edges))
+        tuning = AUTO_METHOD if is_auto(folds) else folds[0]["run"]["tuning"]  # auto: each fold its own choice
+        rows.append(_row(method, tuning, folds, cases, last, edges))
     for group in sorted({m.rpartition("/")[0] for m in by_method}):
         if not any(r["tuning"] == "none" and r["method"].rpartition("/")[0] == group for r in rows):
             members = [run for m, rs in by_method.items() if m.rpartition("/")[0] == group for run in rs]
