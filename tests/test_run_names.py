@@ -204,11 +204,10 @@ def test_the_schedule_counts_the_fold_s_training_cases_in_the_split_the_run_uses
     cut = fold_training_cases(path, 3, 0, 0, 0.2, max_train_cases=3, splits_path=str(splits))
     assert cut.trained == 3 and cut.describe().endswith("2 of them the inner split, 3 after max_train_cases)")
     # found beside dataset.json as the run finds it, and in the printed schedule of a planned config
-    cfg = _compose("data=dataset_json", f"data.dataset_json={path}", "fold=1", "data.preprocess.patch_size=[32,32,32]",
-                   "data.preprocess.slice_size=[32,32]")
+    cfg = _compose("data=dataset_json", f"data.dataset_json={path}", "fold=1", "data.preprocess.patch_size=[8,8,8]")
     planned = apply_plan(cfg, _toy_plan("toy", 12), data_keys=("data",), show=False)
-    # ceil(25 passes x 4 cases x 1 patch per volume / 2 per step) = 50 -> MIN_STEPS 250; the formula gave the same
-    assert planned["trainer"]["max_steps"] == 250
+    # 32^3 / 8^3 = 64 patches per volume, 2 per step (the plan's batch): ceil(25 x 4 x 64 / 2); the formula's 6 cases: 4800
+    assert planned["trainer"]["max_steps"] == 3200
     from segadapt.plan.apply import _job_steps
 
     steps, how = _job_steps(planned, planned["data"], _toy_plan("toy", 12), pretraining=False)

@@ -283,7 +283,7 @@ def _job_steps(cfg: Mapping[str, Any], data: Mapping[str, Any], plan: Plan, pret
         return None
     inner = float((cfg.get("selection") or {}).get("inner_fraction") or 0.0)
     fold = int(cfg["pretrain"]["fold"] if pretraining else cfg["fold"])
-    cases = fold_training_cases(path, int(data["n_folds"]), int(data["split_seed"]), fold, inner,
+    cases = fold_training_cases(path, int(data["n_folds"]), int(data.get("split_seed", 0)), fold, inner,
                                 data.get("max_train_cases"), data.get("splits_path"))
     n_train = cases.trained
     preprocess = data["preprocess"]
