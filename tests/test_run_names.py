@@ -167,10 +167,15 @@ def _rgb_dataset(folder: Path, mode: str, n: int = 3) -> Path:
     return path
 
 
-def test_8_bit_rgb_image_files_are_planned_as_rgb(tmp_path):
+def test_8_bit_rgb_image_files_are_planned_as_rgb(tmp_path, capsys):
     plan = load_or_make_plan(_rgb_dataset(tmp_path / "rgb", "RGB"), tmp_path / "plans", spatial_dims=2)
     assert plan.intensity == "rgb"
     assert "8-bit RGB image files (modality ['red', 'green', 'blue']): 'rgb', x / 255" in plan.notes
+    from segadapt.cli import main
+
+    printed = main(["plan", str(tmp_path / "rgb" / "dataset.json"), "--out", str(tmp_path / "cli" / "plan.json")])
+    assert printed == 0 and Plan.from_json(tmp_path / "cli" / "plan.json").intensity == "rgb"  # 2D detected, as training
+    assert "8-bit RGB image files" in capsys.readouterr().out
     grey = load_or_make_plan(_rgb_dataset(tmp_path / "grey", "L"), tmp_path / "plans", spatial_dims=2)
     assert grey.intensity != "rgb" and not any("RGB" in note for note in grey.notes)  # one channel: not RGB
 
