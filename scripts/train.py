@@ -41,6 +41,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from segadapt.names import register_resolvers
+
+    register_resolvers()  # the configs interpolate with it (data=dataset_json's name), `--cfg job --resolve` too
     if not _INFORMATIONAL & set(sys.argv[1:]):  # Hydra answers these itself, without running a job
         from functools import partial
 

@@ -95,8 +95,8 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slice-pixels", type=int, help="2D slice budget at batch 12 (default 512^2 x GB / 8)")
     parser.add_argument("--intensity", choices=INTENSITY_MODES, help="override the modality's normalisation")
     parser.add_argument("--orientation", help="axis codes to reorient to (default RAS, RA for 2D)")
-    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3,
-                        help="3 for volumes, 2 for 2D images (default 3)")
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3),
+                        help="3 for volumes, 2 for 2D images (default: 2 for 2D image files, as training decides)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --fingerprint files")
     return parser
 

@@ -294,6 +294,9 @@ CASES = [
      r"dataset\.json: training entry 0 has no 'label' path"),
     ("images too small for a network", ["data.dataset_json={data}"], "tiny images",
      r"median size after cropping, \[6, 6, 3\] voxels, is too small to plan a network"),
+    ("source other than the one the base was pretrained on", ["source.dataset_json=${{data.dataset_json}}"], None,
+     r"the base in .*phantom_tbi_multiview_unet was pretrained on 'phantom_tbi' \(4 cases\), not on "
+     r"source\.dataset_json .*phantom_sah.*\('phantom_sah', 6 cases\): give the source another source\.name"),
 ]
 
 

@@ -146,21 +146,28 @@ def test_size_unit_and_spatial_dims_follow_the_files(tmp_path):
     assert size_unit(load_dataset_json(volumes), 2) == "mm^2"
 
 
+def _drive_as_planned(group: str) -> list[str]:
+    """The values the plan gives DRIVE's `auto` ones (configs/data/drive.yaml; its 8-bit RGB PNG files)."""
+    planned = {"intensity": "rgb", "spatial_dims": 2, "orientation": "RA", "target_spacing": "null"}
+    return [f"{group}.preprocess.{key}={value}" for key, value in planned.items()]
+
+
 def test_source_and_target_sample_as_their_own_data():
     """A 2D ViT with a 2D target (DRIVE) and a 3D source (the phantom volumes): the source trains on axial
     slices of its volumes, the target on 2D patches, each with its own inference window; the same holds the
     other way round, whatever the model's sampling is for volumes."""
-    cfg = _compose("model=vit_seg", "data=drive")
+    cfg = _compose("model=vit_seg", "data=drive", *_drive_as_planned("data"))
     source, target = cfg["source"], cfg["data"]
     assert datamodule_args(cfg, source, Path("s.json"), 0)["sampling"] == "slice"
     assert datamodule_args(cfg, target, Path("t.json"), 0)["sampling"] == "patch"
     tuning = {"spec": "scratch", "lr": 1e-3}
     assert module_args(cfg, source, 3, None, tuning)["roi_size"] == source["preprocess"]["slice_size"]
     assert module_args(cfg, target, 3, None, tuning)["roi_size"] == target["preprocess"]["patch_size"]
-    cfg = _compose("model=unet3d", "data@source=drive_source", "data.preprocess.patch_size=[32,32,16]")
+    cfg = _compose("model=unet3d", "data@source=drive_source", "data.preprocess.patch_size=[32,32,16]",
+                   *_drive_as_planned("source"))
     assert datamodule_args(cfg, cfg["source"], Path("s.json"), 0)["sampling"] == "patch"
     assert datamodule_args(cfg, cfg["data"], Path("t.json"), 0)["sampling"] == "patch"
-    cfg = _compose("model=multiview_unet", "data@source=drive_source")
+    cfg = _compose("model=multiview_unet", "data@source=drive_source", *_drive_as_planned("source"))
     assert datamodule_args(cfg, cfg["source"], Path("s.json"), 0)["sampling"] == "patch"
     assert datamodule_args(cfg, cfg["data"], Path("t.json"), 0)["sampling"] == "slice"
 

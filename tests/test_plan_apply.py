@@ -69,7 +69,7 @@ def test_auto_for_a_value_the_plan_does_not_decide_is_an_error():
 
 
 def test_run_plan_uses_the_base_s_stored_plan_for_segadapt_s_own_base(tmp_path):
-    cfg = _cfg(**{"paths.runs": str(tmp_path)})
+    cfg = _cfg(**{"paths.runs": str(tmp_path), "paths.data": str(tmp_path / "data")})  # no source to check the plan against
     base_dir = Path(cfg["pretrain"]["run_dir"])
     base_dir.mkdir(parents=True)
     PLAN.to_json(base_dir / PLAN_FILE)

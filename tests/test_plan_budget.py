@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from segadapt.plan import Plan
-from segadapt.plan.apply import AUTO, apply_plan, planned_model, step_budget_plan
+from segadapt.plan.apply import apply_plan, planned_model, step_budget_plan
 from segadapt.plan.budget import cached_step_time, conv_cost, fit_step_budget
-from segadapt.plan.schedule import StepSchedule, coverage, planned_steps, training_cases
+from segadapt.plan.schedule import StepSchedule, coverage, planned_steps
 from segadapt.plan.topology import fit_patch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +112,6 @@ def test_step_budget_plan_uses_the_cache_unless_a_step_time_is_given(tmp_path, m
 
 
 def test_schedule_rule_against_hand_computed_values():
-    assert training_cases(30, 3, 0.2) == 16      # hippocampus target: 20 per fold, 4 inner
-    assert training_cases(230, 5, 0.2) == 147    # source: 184 per fold, 37 inner
-    assert training_cases(12, 3, 0.2) == 6       # phantom demo: 8 per fold, 2 inner
     assert coverage([36, 50, 35], [40, 56, 40]) == 1.0 and coverage([64, 64, 32], [64, 64]) == 32.0
     assert planned_steps(16, 1.0, 2) == 250                        # ceil(25 x 16 / 2) = 200 -> the floor
     assert planned_steps(147, 1.0, 2, pretraining=True) == 1838    # ceil(25 x 147 / 2)
@@ -125,7 +122,8 @@ def test_schedule_rule_against_hand_computed_values():
     assert StepSchedule.of(250) == StepSchedule(250, 10, 50, 3)    # 5 validations: ceil(2.5)
 
 
-def _dataset(folder: Path, n: int) -> Path:
+def _dataset(folder: Path, n: int, n_folds: int) -> Path:
+    """`n` placeholder cases and an nnU-Net splits_final.json of `n_folds` equal folds (the schedule counts them)."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for i in range(n):
@@ -135,12 +133,15 @@ def _dataset(folder: Path, n: int) -> Path:
     path = folder / "dataset.json"
     path.write_text(json.dumps({"name": "toy", "modality": {"0": "MRI"}, "labels": {"0": "bg", "1": "fg"},
                                 "training": cases}))
+    ids = [f"img{i}" for i in range(n)]
+    (folder / "splits_final.json").write_text(json.dumps(
+        [{"train": [c for c in ids if c not in ids[k::n_folds]], "val": ids[k::n_folds]} for k in range(n_folds)]))
     return path
 
 
 def test_apply_plan_fills_the_schedule_of_the_job(tmp_path, capsys):
-    cfg = _cfg("data=dataset_json", f"data.dataset_json={_dataset(tmp_path / 't', 30)}",
-               "data@source=dataset_json", f"source.dataset_json={_dataset(tmp_path / 's', 230)}", "source.n_folds=5",
+    cfg = _cfg("data=dataset_json", f"data.dataset_json={_dataset(tmp_path / 't', 30, 3)}",
+               "data@source=dataset_json", f"source.dataset_json={_dataset(tmp_path / 's', 230, 5)}", "source.n_folds=5",
                "data.preprocess.samples_per_volume=1")
     out = apply_plan(cfg, HIPPOCAMPUS)
     assert out["data"]["batch_size"] == 8 and out["trainer"]["max_steps"] == 250  # ceil(25 x 16 / 8) = 50 -> 250
@@ -148,7 +149,8 @@ def test_apply_plan_fills_the_schedule_of_the_job(tmp_path, capsys):
     assert out["source"]["preprocess"]["samples_per_volume"] == 1 and out["pretrain"]["max_steps"] == 600
     assert (out["optim"]["warmup_steps"], out["selection"]["every_n_steps"], out["selection"]["patience"]) == (10, 50, 3)
     printed = capsys.readouterr().out
-    assert "train.max_steps=250: ceil(25 passes x 16 training cases (30 cases, 3 folds, inner 0.2)" in printed
+    assert ("train.max_steps=250: ceil(25 passes x 16 training cases (fold 0 of splits_final.json: 20 training "
+            "cases, 4 of them the inner split)") in printed
     # a pretraining started from this planned config re-plans the job keys for its own steps
     pre = apply_plan(out, HIPPOCAMPUS, pretraining=True, show=False)
     assert pre["pretrain"]["max_steps"] == 600 and pre["optim"]["warmup_steps"] == 18
@@ -158,7 +160,7 @@ def test_apply_plan_fills_the_schedule_of_the_job(tmp_path, capsys):
 
 def test_model_auto_is_the_planned_dynunet_or_the_bases_own(tmp_path):
     cfg = _cfg("data=dataset_json", "data.dataset_json=x.json", f"base_checkpoint={tmp_path / 'none.safetensors'}")
-    assert cfg["model"]["name"] == AUTO
+    assert cfg["model"]["name"] == "dynunet" and cfg["model"]["planned"]  # named by the network the plan chooses
     planned = apply_plan(cfg, HIPPOCAMPUS, data_keys=("data",), show=False)
     assert planned["model"]["name"] == "dynunet" and planned["model"]["kwargs"]["filters"] == [32, 64, 128, 256]
     kwargs = planned["model"]["kwargs"]  # nnU-Net's: plain convolutions, every decoder output but the lowest two

@@ -9,9 +9,9 @@ A run config (``configs/train.yaml``) may say ``auto`` for
   as large as the volume: 1), at most the plan's batch;
 * ``model.kwargs.<key>``: the keys :meth:`Plan.network_fields` gives for the model (DynUNet ``kernel_size``,
   ``strides``, ``upsample_kernel_size``, ``filters``; UNet ``channels``, ``strides``);
-* ``model=auto`` (the model group of ``data=dataset_json``): the base's own architecture, read from the
-  base file's metadata (``model``: name and arguments) when ``base_checkpoint`` is such a file; else the
-  plan's DynUNet (3D, or 2D on a 2D dataset), sized by the compute budget (:mod:`segadapt.plan.budget`:
+* ``model=auto`` (the model group of ``data=dataset_json``: ``model.planned``, named ``dynunet``, the network it
+  chooses, so that its run folders are): the base's own architecture, read from the base file's metadata
+  (``model``: name and arguments) when ``base_checkpoint`` is such a file; else the plan's DynUNet (3D, or 2D on a 2D dataset), sized by the compute budget (:mod:`segadapt.plan.budget`:
   on a CPU trainer the planned network is measured once and shrunk to ``plan.step_s`` seconds per step);
 * ``trainer.max_steps``, ``pretrain.max_steps``, ``optim.warmup_steps``, ``selection.every_n_steps``,
   ``selection.patience``: the schedule of :mod:`segadapt.plan.schedule` (the job's own: a pretraining gets
@@ -49,7 +49,7 @@ from segadapt.data.dataset_json import dataset_spatial_dims, load_dataset_json
 from .budget import TIMED_STEPS, cached_step_time, fit_step_budget, measure_step
 from .fingerprint import fingerprint_folder
 from .planner import Plan, format_plan, load_or_make_plan
-from .schedule import PASSES, StepSchedule, coverage, planned_steps, training_cases
+from .schedule import PASSES, StepSchedule, coverage, fold_training_cases, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,15 @@ def _measure(network: Mapping[str, Any], in_channels: int, plan: Plan, threads: 
 
 
 def planned_model(cfg: Mapping[str, Any], pretraining: bool = False) -> dict[str, Any]:
-    """The run's model group: ``cfg.model`` unless its name is ``auto`` (see the module docstring)."""
+    """The run's model group: ``cfg.model`` unless the plan chooses it (``model=auto``, ``model.planned``; see
+    the module docstring)."""
     model = copy.deepcopy(dict(cfg["model"]))
-    if model["name"] != AUTO:
+    if not model.get("planned"):
         return model
-    model["name"] = "dynunet"
     base = Path(cfg["base_checkpoint"])
     stored = None if pretraining or not base.is_file() else base_architecture(base)
     if stored is not None:
-        if stored["name"] != "dynunet":
+        if stored["name"] != model["name"]:
             raise ValueError(f"model=auto: the base {base} holds a {stored['name']} network; choose its model "
                              f"group: model={stored['name']}")
         kept = {k: v for k, v in stored["kwargs"].items() if k not in ("in_channels", "out_channels")}
@@ -154,10 +154,23 @@ def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
             prepare(cfg["data"])  # the run's own cases decide its schedule (segadapt.plan.schedule)
         stored = Path(cfg["pretrain"]["run_dir"]) / PLAN_FILE
         if not pretraining and stored.is_file():
-            return Plan.from_json(stored)
+            return _base_plan_of_source(Plan.from_json(stored), stored, cfg["source"])
         return _data_group_plan(cfg, cfg["source"], prepare(cfg["source"]), pretraining)
     return _data_group_plan(cfg, cfg["data"], prepare(cfg["data"]), pretraining)
 
+
+
+def _base_plan_of_source(plan: Plan, stored: Path, source: Mapping[str, Any]) -> Plan:
+    """`plan`, the stored plan of segadapt's own base; ValueError when the source dataset is another one than the
+    base was pretrained on (two datasets of one name share ``runs/base/<source.name>_<model>``)."""
+    path = Path(source["dataset_json"])
+    if path.is_file():
+        description = load_dataset_json(path)
+        if (description.name, len(description.cases)) != (plan.dataset, plan.n_cases):
+            raise ValueError(f"the base in {stored.parent} was pretrained on {plan.dataset!r} ({plan.n_cases} cases), "
+                             f"not on source.dataset_json {path} ({description.name!r}, {len(description.cases)} "
+                             "cases): give the source another source.name (or base_checkpoint)")
+    return plan
 
 
 def _fill(section: dict[str, Any], planned: Mapping[str, Any], where: str) -> list[str]:
@@ -195,7 +208,7 @@ def apply_plan(cfg: Mapping[str, Any], plan: Plan, data_keys: tuple[str, ...] = 
     """
     cfg = copy.deepcopy(dict(cfg))
     pinned: list[str] = []
-    chosen_by_plan = cfg["model"]["name"] == AUTO
+    chosen_by_plan = bool(cfg["model"].get("planned"))
     model = cfg["model"] = planned_model(cfg, pretraining)
     if chosen_by_plan and plan.spatial_dims == 2:
         model["kwargs"]["spatial_dims"] = 2
@@ -268,19 +281,19 @@ def _job_steps(cfg: Mapping[str, Any], data: Mapping[str, Any], plan: Plan, pret
     path = Path(data["dataset_json"])
     if not path.is_file():
         return None
-    n_cases = len(load_dataset_json(path).cases)
     inner = float((cfg.get("selection") or {}).get("inner_fraction") or 0.0)
-    n_folds = int(data.get("n_folds") or 1)
-    n_train = training_cases(n_cases, n_folds, inner)
+    fold = int(cfg["pretrain"]["fold"] if pretraining else cfg["fold"])
+    cases = fold_training_cases(path, int(data["n_folds"]), int(data.get("split_seed", 0)), fold, inner,
+                                data.get("max_train_cases"), data.get("splits_path"))
+    n_train = cases.trained
     preprocess = data["preprocess"]
     slices = training_sampling(cfg["model"], preprocess) == "slice"
     sample = preprocess["slice_size"] if slices else preprocess["patch_size"]
     per_volume = coverage(plan.median_shape, sample)
     per_step = int(data["batch_size"]) * int(preprocess.get("samples_per_volume", 1))
     steps = planned_steps(n_train, per_volume, per_step, pretraining)
-    return steps, (f"ceil({PASSES} passes x {n_train} training cases ({n_cases} cases, {n_folds} folds, inner "
-                   f"{inner:g}) x {per_volume:.3g} {'slices' if slices else 'patches'} per volume "
-                   f"(median shape {plan.median_shape}) / {per_step} per step), at least "
+    return steps, (f"ceil({PASSES} passes x {cases.describe()} x {per_volume:.3g} "
+                   f"{'slices' if slices else 'patches'} per volume (median shape {plan.median_shape}) / {per_step} per step), at least "
                    f"{'MIN_PRETRAIN_STEPS' if pretraining else 'MIN_STEPS'}")
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from segadapt.data.dataset_json import load_dataset_json
+from segadapt.data.dataset_json import dataset_spatial_dims, load_dataset_json
 from segadapt.io import check_output_file, write_json
 from segadapt.data.splits import NNUNET_SPLITS_FILE, find_nnunet_splits
 from segadapt.parsers import plan_parser
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> Plan:
     try:
         check_plan_outputs(args.dataset_json, [out, fp_file], args.overwrite)
         start = time.perf_counter()
-        fp = fingerprint(args.dataset_json, orientation=args.orientation, spatial_dims=args.spatial_dims)
+        spatial_dims = args.spatial_dims or dataset_spatial_dims(load_dataset_json(args.dataset_json))
+        fp = fingerprint(args.dataset_json, orientation=args.orientation, spatial_dims=spatial_dims)
         seconds = time.perf_counter() - start
         plan = make_plan(fp, args.memory_gb, args.patch_voxels, args.slice_pixels, args.intensity)
     except (FileNotFoundError, ValueError) as error:

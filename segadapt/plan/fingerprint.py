@@ -16,7 +16,7 @@ foreground voxels drawn per case (seeded, with replacement, so every case weighs
 ``collect_foreground_intensities``), the same of 10^4 body voxels per case (CT: HU > -500; else the voxels
 differing from the background) with the share of them inside the foreground's 0.5-99.5 percentiles, and the
 background per channel (the value more than half the cases share; else 0 when no case has a value below 0
-and some hold zeros).
+and some hold zeros), and whether every image is an 8-bit RGB(A) 2D image file (``rgb8_images``).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def fingerprint(
                     "image_quantiles": [per channel QUANTILE_LEVELS percentiles of the whole image],
                     "label_volume_ml": {"1": ..., ...}}, ...],
          "intensity": [per channel statistics of the sampled foreground voxels],
-         "background": [per channel dataset background value or None]}
+         "background": [per channel dataset background value or None], "rgb8_images": bool}
     """
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
     orientation = orientation or "RAS"[:spatial_dims]
@@ -229,11 +229,37 @@ def fingerprint(
         "intensity": [intensity_statistics(np.concatenate(s) if s else np.zeros(0)) for s in samples],
         "body_intensity": [_body_statistics(b, f) for b, f in zip(body, samples)],
         "background": [_dataset_background(cases, c) for c in range(channels)],
+        "rgb8_images": rgb8_images(description),
     }
     check_plannable(result)
     if out is not None:
         write_json(out, result)
     return result
+
+
+RGB_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+RGB_MODES = ("RGB", "RGBA")  # Pillow's modes of 3 and 4 channels of uint8
+
+
+def rgb8_images(description: DatasetDescription) -> bool:
+    """Whether every case's image is one 8-bit RGB or RGBA 2D image file (PNG, JPEG, BMP, TIFF); only the files'
+    headers are read (Pillow)."""
+    from PIL import Image
+
+    for case in description.cases:
+        if len(case.images) != 1 or case.images[0].suffix.lower() not in RGB_SUFFIXES:
+            return False
+        with Image.open(case.images[0]) as image:
+            if image.mode not in RGB_MODES:
+                return False
+    return bool(description.cases)
+
+
+def _with_image_format(fp: dict) -> dict:
+    """`fp` with ``rgb8_images`` (:func:`rgb8_images`); a fingerprint cached without it gets it from the headers."""
+    if "rgb8_images" in fp:
+        return fp
+    return {**fp, "rgb8_images": rgb8_images(load_dataset_json(fp["dataset_json"]))}
 
 
 def check_plannable(fp: dict) -> None:
@@ -311,7 +337,7 @@ def load_or_make_fingerprint(dataset_json: str | os.PathLike, cache_dir: str | o
     fp_file = fingerprint_folder(dataset_json, cache_dir, orientation, spatial_dims) / "fingerprint.json"
     cached = _cached_fingerprint(fp_file)
     if cached is not None:
-        return cached
+        return _with_image_format(cached)
     return fingerprint(dataset_json, fp_file if write else None, orientation=orientation, spatial_dims=spatial_dims)
 
 

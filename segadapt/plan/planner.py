@@ -30,7 +30,8 @@ Plan (reference: nnU-Net v2 ``default_experiment_planner.py``, ``network_topolog
 * normalisation from ``dataset.json`` ``modality`` / ``channel_names``: CT -> 'ct_zscore' (clip to the
   foreground 0.5-99.5 percentiles, z-score with the foreground mean and std, as nnU-Net, when that range
   holds >= 25% of the body's voxels; else the same over the body: a lesion target, see
-  :func:`_ct_normalisation`); RGB -> 'rgb' (x / 255); MRI and anything else -> 'mri' (z-score over the
+  :func:`_ct_normalisation`); RGB, or 8-bit RGB(A) 2D image files (PNG, JPEG, BMP, TIFF) whatever their
+  channels are named -> 'rgb' (x / 255); MRI and anything else -> 'mri' (z-score over the
   nonzero voxels) when every channel's background is 0, else 'zscore' (per case, over the voxels that
   differ from the detected background; the whole volume when none is detected).
   ``intensity='ct'`` asks for HU windows as channels instead.
@@ -273,7 +274,11 @@ def make_plan(
         notes.append("dataset.json declares no modality (nor channel_names): CT assumed")
     schemes = [normalisation_scheme(m) for m in modality.values()]
     forced = intensity is not None
-    if intensity is None:
+    if intensity is None and fp.get("rgb8_images"):
+        intensity = "rgb"
+        if set(schemes) != {"rgb"}:
+            notes.append(f"8-bit RGB image files (modality {list(modality.values())}): 'rgb', x / 255")
+    elif intensity is None:
         intensity = schemes[0] if len(set(schemes)) == 1 else "zscore"
         if len(set(schemes)) > 1:
             notes.append(f"mixed modalities {list(modality.values())}: per-case z-score for every channel")

@@ -3,8 +3,9 @@
 
 The rule (written for any dataset; the reasons are in ``docs/training.md``)::
 
-    n_train   = training cases of a fold: n - round(n / n_folds), less the inner split
-                (min(max(1, round(inner_fraction x n_train)), n_train - 1) when selection is on)
+    n_train   = training cases of the job's fold in the split it uses (segadapt's splits file, an nnU-Net
+                splits_final.json, the inner splits file of ``segadapt auto``; made as the run will make it when
+                absent), less its inner split, then at most ``max_train_cases`` (:func:`fold_training_cases`)
     coverage  = max(1, median volume voxels / sample voxels)   samples that tile one volume (a patch or a slice)
     steps     = ceil(PASSES x n_train x coverage / samples per step),
                 at least MIN_STEPS (adapting) or MIN_PRETRAIN_STEPS (from random init), at most MAX_STEPS
@@ -18,8 +19,12 @@ The learning rates are not planned: they stay per adapter family in ``configs/ad
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from segadapt.data.dataset_json import load_dataset_json
+from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits, subset_cases
 
 PASSES = 25                  # times each training voxel is sampled (the hand-set recipes: 20, 25 and 31 passes)
 MIN_STEPS = 250              # the schedule the adapters' learning rates were chosen at (docs/hippocampus.md)
@@ -29,12 +34,34 @@ MIN_WARMUP, WARMUP_FRACTION = 10, 0.03
 VALIDATIONS, SELECTION_ROUND = 6, 25
 
 
-def training_cases(n_cases: int, n_folds: int, inner_fraction: float) -> int:
-    """Training cases of one fold after the inner split (see the module doc); at least 1."""
-    n_train = n_cases - round(n_cases / n_folds) if n_folds > 1 else n_cases
-    if inner_fraction and n_train > 1:
-        n_train -= min(max(1, round(inner_fraction * n_train)), n_train - 1)
-    return max(1, n_train)
+@dataclass(frozen=True)
+class FoldCases:
+    """The training cases of one job's fold: `fold_train` in the split (`split`: its file), `inner` of them held
+    out for model selection, `trained` the rest after ``max_train_cases``."""
+
+    split: str
+    fold: int
+    fold_train: int
+    inner: int
+    trained: int
+
+    def describe(self) -> str:
+        cut = "" if self.trained == self.fold_train - self.inner else f", {self.trained} after max_train_cases"
+        return (f"{self.trained} training cases (fold {self.fold} of {self.split}: {self.fold_train} training "
+                f"cases, {self.inner} of them the inner split{cut})")
+
+
+def fold_training_cases(dataset_json: str | os.PathLike, n_folds: int, seed: int, fold: int, inner_fraction: float,
+                        max_train_cases: int | None = None, splits_path: str | None = None) -> FoldCases:
+    """The cases a run of `fold` trains on, counted in its own split as the data module cuts it
+    (:func:`segadapt.data.datasets.fold_datasets_with_inner`: fold, inner split, ``max_train_cases``). A split
+    not written yet is made as the run makes it (the label volumes are read) and not written."""
+    description = load_dataset_json(dataset_json)
+    splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
+    train, _ = fold_cases(description, splits, fold)
+    rest, inner = inner_split(train, inner_fraction, seed, fold)
+    trained = subset_cases(rest, max_train_cases, seed, fold)
+    return FoldCases(splits.path.name, fold, len(train), len(inner), len(trained))
 
 
 def coverage(median_shape: Sequence[int], sample_shape: Sequence[int]) -> float:

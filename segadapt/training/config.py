@@ -166,7 +166,7 @@ def _check(prefix: str, values: Mapping[str, Any], hints: Mapping[str, Any], pla
 def _check_groups(cfg: Mapping[str, Any]) -> None:
     """The types of the groups handed on as arguments: those of what receives them (module docstring)."""
     model, adapter = cfg["model"], cfg["adapter"]
-    _check("model.", model, {"name": str, "sampling": str, "slice_axes": Optional[list[str]],
+    _check("model.", model, {"name": str, "planned": bool, "sampling": str, "slice_axes": Optional[list[str]],
                              "base_checkpoint": Optional[str], "kwargs": dict, "inference": dict})
     if model["name"] in MODELS:  # an unknown name is the module's to refuse, with the names it knows
         _check("model.kwargs.", model.get("kwargs") or {}, _hints(MODELS[model["name"]].build), planned=True)
