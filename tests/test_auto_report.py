@@ -58,9 +58,10 @@ def _section(text: str, title: str) -> str:
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
     """A 3-trial search of outer folds 0 and 1 (as tests/test_auto.py runs it) and `none` / `full` on the same
-    folds: runs/phantom_sah, reported once."""
+    folds: runs/phantom_sah, reported once. Single choices (`auto.ensemble=0`): an ensemble's report row is
+    tests/test_auto.py's."""
     root = tmp_path_factory.mktemp("autoreport")
-    auto.main(_argv(root, "--trials", "3", "--folds", "0,1"))
+    auto.main(_argv(root, "--trials", "3", "--folds", "0,1", "auto.ensemble=0"))
     for method in ("none", "full"):
         for fold in (0, 1):
             train(auto.compose(CONFIGS, [*TINY, f"paths.data={root}/data", f"paths.runs={root}/runs",
