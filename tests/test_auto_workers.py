@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 import pytest
 from optuna.trial import TrialState
 
@@ -128,3 +129,35 @@ def test_bad_worker_count_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --workers 0: give 1 or more worker processes"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampling, preprocess", [
+    ("slice", {"slice_size": [32, 32], "samples_per_volume": 2, "cache": "memory"}),
+    ("patch", {"patch_size": [32, 32, 16], "samples_per_volume": 2, "cache": "disk"}),
+    ("slice", {"slice_size": [32, 32], "samples_per_volume": 2, "cache": "none"}),  # tracked: loaded per item
+])
+def test_training_items_are_plain_tensors_with_the_values_of_tracked_ones(tmp_path, sampling, preprocess):
+    """Trial overhead: the random training transforms run without MONAI's metadata tracking (each MetaTensor
+    operation copies the metadata and records itself); the items hold the same values as with it."""
+    from monai.data import MetaTensor
+
+    from segadapt.data import make_phantom_dataset
+    from segadapt.training import SegDataModule
+    from segadapt.training.datamodule import SeededItems, one_thread
+
+    dataset = make_phantom_dataset(tmp_path / "sah", domain="sah", n=4, shape=(32, 32, 16), spacing=(6.9, 6.9, 10.0))
+    preprocess = {"windows": [[40, 80], [80, 200], [600, 2800]], "cache_dir": str(tmp_path / "cache"), **preprocess}
+    datamodule = SegDataModule(str(dataset), fold=0, n_folds=2, preprocess=preprocess, sampling=sampling)
+    datamodule.setup("fit")
+    items, dataset = SeededItems(datamodule.train_set), datamodule.train_set
+    for index, seed in [(0, 11), (1, 12), (0, 13)]:
+        plain = items[(index, seed)]
+        with one_thread():
+            dataset.transform.set_random_state(seed=seed)
+            tracked = dataset[index]
+        assert len(plain) == len(tracked) == 2
+        for a, b in zip(plain, tracked):
+            assert isinstance(b["image"], MetaTensor)
+            assert isinstance(a["image"], MetaTensor) == isinstance(a["label"], MetaTensor) == (preprocess["cache"] == "none")
+            assert torch.equal(a["image"], b["image"].as_tensor()) and torch.equal(a["label"], b["label"].as_tensor())
+            assert a.get("view") == b.get("view")
