@@ -40,7 +40,8 @@ def search(tree: Path, runs: Path, data: Path, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     command = [sys.executable, "-m", "segadapt.cli", "auto", "--config-dir", str(tree / "configs"), *DEMO,
                f"paths.runs={runs}", f"paths.data={data}", *extra]
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    # cwd=tree: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+    subprocess.run(command, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     record = json.loads((runs / "phantom_sah/auto.json").read_text())
     phases = dict.fromkeys(PHASES, 0.0)
     for trial in record["folds"][0]["trials"]:
