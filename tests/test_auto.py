@@ -207,6 +207,7 @@ AUTO_CASES = [
      r"auto\.placements\.x\.preset: multiview_unet has no preset 'nowhere'"),
     ("unknown run setting", ["--trials", "2", "no_such_key=1"], r"Could not override 'no_such_key'"),
     ("run setting of wrong type", ["--trials", "2", "trainer.max_steps=x"], r"trainer\.max_steps='x': expected an integer"),
+    ("no worker", ["--trials", "2", "--workers", "0"], r"^error: --workers 0: give 1 or more worker processes$"),
 ]
 
 
