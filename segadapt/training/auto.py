@@ -137,7 +137,7 @@ class Search:
         self._methods: dict[str, dict] = {}
         self.command = ["segadapt", "auto", *sys.argv[2:]]  # main() sets the argv it was given
         self.studies: dict[int, optuna.Study] = {}
-        self.held = ExitStack()  # the final-run claims of the folds this process finishes
+        self.held = ExitStack()  # the final-run claim of the fold this process finishes
         self.storage: Optional[optuna.storages.BaseStorage] = None  # opened by the first write
 
     # ---- configurations ---------------------------------------------------------------------------
@@ -255,6 +255,7 @@ class Search:
         return record
 
     def search_fold(self, fold: int) -> None:
+        self.held.close()  # the final-run claim of the previous fold, held until its final run was written
         study = self.studies[fold] = self.run_trials(fold)
         if not finishes_fold(study, fold, self.auto_dir / f"fold{fold}", self.held):
             return

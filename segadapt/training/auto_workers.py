@@ -169,7 +169,7 @@ def run_and_tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[
 def finishes_fold(study: optuna.Study, fold: int, fold_dir: Path, held: ExitStack) -> bool:
     """Whether this worker chooses and trains the final run of `fold`: no trial of the fold runs in any worker
     (the last one to finish does it), no other worker holds the final claim (kept in `held` until this
-    process's search ends), and the final run is not already there for every finished trial."""
+    process goes on to its next fold or ends), and the final run is not already there for every finished trial."""
     with fold_lock(fold_dir):
         fail_dead_trials(study, fold_dir)
         busy = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
