@@ -132,6 +132,9 @@ def auto_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=_int_list, metavar="K[,K...]", help="outer folds to search, e.g. 0,2 (default: all)")
     parser.add_argument("--config-dir", default="configs", help="the configs folder (default: %(default)s)")
     parser.add_argument("--space", help="the search space (default: <config-dir>/auto.yaml)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes on the same studies (default 1; the same command in another shell "
+                             "or Slurm job joins as further workers)")
     return parser
 
 

@@ -27,6 +27,7 @@ from segadapt.training import SegDataModule
 from segadapt.training import auto
 from segadapt.training.auto import main as auto_main
 from segadapt.training.auto_study import choose
+from segadapt.training.auto_workers import open_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning",
                                         "ignore::optuna.exceptions.ExperimentalWarning")
@@ -172,7 +173,7 @@ def test_killed_search_resumes(tmp_path, capsys, monkeypatch):
     first = trials_dir / "trial000/metrics.json"
     before = _digest(first)
     assert (trials_dir / "trial001/last.ckpt").is_file() and not (trials_dir / "trial001/metrics.json").exists()
-    assert optuna.load_study(study_name="fold0", storage=f"sqlite:///{trials_dir.parent / 'study.sqlite'}") \
+    assert optuna.load_study(study_name="fold0", storage=open_storage(trials_dir.parent)) \
         .get_trials()[1].state == TrialState.RUNNING
 
     runs = []
@@ -209,6 +210,7 @@ AUTO_CASES = [
      r"auto\.placements\.x\.preset: multiview_unet has no preset 'nowhere'"),
     ("unknown run setting", ["--trials", "2", "no_such_key=1"], r"Could not override 'no_such_key'"),
     ("run setting of wrong type", ["--trials", "2", "trainer.max_steps=x"], r"trainer\.max_steps='x': expected an integer"),
+    ("no worker", ["--trials", "2", "--workers", "0"], r"^error: --workers 0: give 1 or more worker processes$"),
 ]
 
 
@@ -226,7 +228,7 @@ def test_bad_input_is_one_line_and_writes_nothing(searched, capsys, name, argv, 
 
 def test_trial_folders_without_their_study_are_refused(searched, capsys):
     root = searched["root"]
-    study = root / "runs/phantom_sah/auto/study.sqlite"
+    study = root / "runs/phantom_sah/auto/study.journal"
     study.rename(study.with_suffix(".aside"))
     try:
         before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
@@ -236,7 +238,7 @@ def test_trial_folders_without_their_study_are_refused(searched, capsys):
     finally:
         study.with_suffix(".aside").rename(study)
     assert exit_.value.code == 2
-    assert re.fullmatch(r"error: .*auto/fold0/trial000: trial folders of a search whose study \(.*study\.sqlite\) is "
+    assert re.fullmatch(r"error: .*auto/fold0/trial000: trial folders of a search whose study \(.*study\.journal\) is "
                         r"gone; delete .*auto to start anew", capsys.readouterr().err.strip())
 
 
@@ -244,7 +246,7 @@ def test_timeout_budget(searched):
     """--timeout alone: trials start until that many seconds of the fold's search have passed, then the choice."""
     root = searched["root"]
     record = auto_main(_argv(root, "--timeout", "8", "--folds", "0", runs="timed"))
-    storage = f"sqlite:///{root / 'timed/phantom_sah/auto/study.sqlite'}"
+    storage = open_storage(root / "timed/phantom_sah/auto")
     trials = optuna.load_study(study_name="fold0", storage=storage).get_trials()
     started = [t.datetime_start for t in trials]
     assert len(trials) >= 1 and len(record["folds"][0]["trials"]) == len(trials)
@@ -259,7 +261,7 @@ def test_resume_with_other_settings_is_refused(searched, capsys):
         auto_main(_argv(root, "--trials", "4", "--folds", "0,1", "trainer.max_steps=5"))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert re.fullmatch(r"error: .*study\.sqlite: fold 0's study was made with other settings \(overrides: .*"
+    assert re.fullmatch(r"error: .*study\.journal: fold 0's study was made with other settings \(overrides: .*"
                         r"'trainer\.max_steps=5'\]\); run it with its own, or delete .*auto to start anew", err), err
 
 

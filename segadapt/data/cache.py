@@ -33,13 +33,14 @@ import os
 import threading
 from multiprocessing.pool import ThreadPool
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, MetaTensor, PersistentDataset, get_track_meta, set_track_meta
 from monai.transforms.utils import reset_ops_id
 from safetensors import safe_open
 from tqdm import tqdm
@@ -144,6 +145,19 @@ def load_item(path: str | os.PathLike, source: Mapping[str, object] | None = Non
     return item
 
 
+@contextmanager
+def track_meta(on: bool) -> Iterator[None]:
+    """MONAI's metadata tracking (``monai.data.set_track_meta``) set to `on` inside the block, restored after.
+    Off, MONAI transforms return plain tensors with the same values (each MetaTensor operation otherwise copies
+    the metadata and records the transform)."""
+    before = get_track_meta()
+    set_track_meta(on)
+    try:
+        yield
+    finally:
+        set_track_meta(before)
+
+
 class SafePersistentDataset(PersistentDataset):
     """MONAI ``PersistentDataset`` whose cache files are :func:`save_item` files, never pickles.
 
@@ -154,6 +168,10 @@ class SafePersistentDataset(PersistentDataset):
     """
 
     def _cachecheck(self, item_transformed):
+        with track_meta(True):  # the deterministic part (loading, resampling) needs the metadata, and caches it
+            return self._cached_or_built(item_transformed)
+
+    def _cached_or_built(self, item_transformed):
         if self.cache_dir is None:
             return self._pre_transform(deepcopy(item_transformed))
         path = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}{SUFFIX}"
@@ -247,3 +265,8 @@ class SharedCacheDataset(CacheDataset):
         # transform instance, so Invertd through any dataset's equal pipeline accepts it
         return CASES.get_or_build(self._key(idx),
                                   lambda: reset_ops_id(super(SharedCacheDataset, self)._load_cache_item(idx)))
+
+
+# datasets whose items come from a cache of their deterministic part, computed with metadata (a memory-cache item
+# is built at setup; a disk-cache item in _cachecheck): their random part may run without it (track_meta(False))
+CACHED_DATASETS = (SharedCacheDataset, SafePersistentDataset)

@@ -17,10 +17,12 @@ For each outer fold k of the experiment's k-fold split:
    that choice on the inner split by more than its standard error (:mod:`segadapt.training.auto_ensemble`), the
    ensemble is trained and scored instead: its members as ordinary runs inside that folder, with ``ensemble.json``.
 
-The studies live in ``auto/study.sqlite`` (Optuna's RDB storage), one study per fold. The same command after
+The studies live in ``auto/study.journal`` (Optuna's JournalStorage), one study per fold. The same command after
 a kill or Ctrl-C goes on: finished trials stay, the interrupted one is run again with its parameters (its run
 folder resumes from ``last.ckpt``), the budget counts the finished trials. ``auto.json`` in the experiment
-folder records every trial, the choice and the outer Dice per fold (rewritten after each trial).
+folder records every trial, the choice and the outer Dice per fold (rewritten after each trial). Several
+processes may work on one search (``--workers N``, or the same command in another shell or Slurm job):
+:mod:`segadapt.training.auto_workers`.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import optuna
+from filelock import FileLock
 from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.data import load_dataset_json
@@ -47,18 +51,19 @@ from segadapt.parsers import auto_parser
 
 from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
 from .auto_space import apply_choice, check_placements, check_space, load_space, suggest
-from .auto_study import COUNTED, choose, describe, retry_interrupted, trial_record
+from .auto_study import choose, describe, retry_interrupted, trial_record
+from .auto_workers import (STUDY_FILE, base_lock, deadline, finishes_fold, fold_lock, next_trial, open_storage,
+                           run_and_tell, run_workers, study_names)
 from .callbacks import standard_error
 from .datamodule import SegDataModule
 from .module import SegAdaptModule
 from segadapt.plan.apply import apply_plan, run_plan
-from segadapt.runs import METRICS_FILE, read_metrics, run_folder_lock
+from segadapt.runs import METRICS_FILE, read_metrics
 
 from .config import TrainConfig, configure_threads, module_args
 from .jobs import ensure_base, prepare_dataset, train
 
 AUTO_FILE = "auto.json"
-STUDY_FILE = "study.sqlite"
 INNER_SPLITS = "splits_inner.json"
 TRIAL_ERRORS = (ValueError, RuntimeError)  # a configuration that cannot run (e.g. a rank a layer cannot hold)
 OWN_KEYS = ("fold=", "adapter=", "adapter.", "run_dir=", "ckpt_path=", "overwrite=")  # what a search sets per run
@@ -135,6 +140,8 @@ class Search:
         self._methods: dict[str, dict] = {}
         self.command = ["segadapt", "auto", *sys.argv[2:]]  # main() sets the argv it was given
         self.studies: dict[int, optuna.Study] = {}
+        self.held = ExitStack()  # the final-run claim of the fold this process finishes
+        self.storage: Optional[optuna.storages.BaseStorage] = None  # opened by the first write
 
     # ---- configurations ---------------------------------------------------------------------------
     def _network(self) -> Any:
@@ -232,27 +239,31 @@ class Search:
             raise FileExistsError(f"{orphans[0]}: trial folders of a search whose study ({self.auto_dir / STUDY_FILE}) "
                                   f"is gone; delete {self.auto_dir} to start anew")
         self.auto_dir.mkdir(parents=True, exist_ok=True)
-        with run_folder_lock(self.auto_dir):  # one search per experiment at a time
-            self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.auto_dir / STUDY_FILE}")
+        self.storage = open_storage(self.auto_dir)
+        with base_lock(self.auto_dir):
             ensure_base(TrainConfig.from_cfg(self.cfg))
-            try:
-                for fold in self.folds:
-                    self.search_fold(fold)
-            finally:
-                if self.studies:
-                    write_json(self.record_path, self.record())
-        return self.record()
+        try:
+            for fold in self.folds:
+                self.search_fold(fold)
+        finally:
+            self.held.close()
+            record = self.write_record() if self.studies else None
+        return record
+
+    def write_record(self) -> dict[str, Any]:
+        """``auto.json`` from a fresh read of the storage, written atomically under a lock (the last of several
+        workers to write leaves the newest record)."""
+        self.storage = self.storage or open_storage(self.auto_dir)
+        with FileLock(self.auto_dir / ".record.lock"):
+            record = self.record()
+            write_json(self.record_path, record)
+        return record
 
     def search_fold(self, fold: int) -> None:
-        cases = self.fold_cases(fold)
-        study = self.studies[fold] = self.study(fold, cases)
-        self.write_fold_data(fold, cases)
-        retry_interrupted(study)
-        done = sum(t.state in COUNTED or "error" in t.user_attrs for t in study.get_trials(deepcopy=False))
-        remaining = None if self.trials is None else max(0, self.trials - done)
-        if remaining != 0:
-            study.optimize(lambda trial: self.objective(fold, trial), n_trials=remaining, timeout=self.timeout,
-                           catch=TRIAL_ERRORS, callbacks=[lambda *_: write_json(self.record_path, self.record())])
+        self.held.close()  # the final-run claim of the previous fold, held until its final run was written
+        study = self.studies[fold] = self.run_trials(fold)
+        if not finishes_fold(study, fold, self.auto_dir / f"fold{fold}", self.held):
+            return
         chosen = choose(study.get_trials(deepcopy=False), self.space["rule"], fold)
         members = self.ensemble_choice(fold, study, chosen)
         final = study.user_attrs.get("final") or {}
@@ -308,6 +319,22 @@ class Search:
         identity = {k: v for k, v in results[0]["run"].items() if k not in ("tuning", "seed")}
         return write_ensemble(run_dir, folders, identity, results)
 
+    def run_trials(self, fold: int) -> optuna.Study:
+        """Claim and run trials of `fold` until its budget is spent (counted from the storage, trials of every
+        worker included; :mod:`~segadapt.training.auto_workers`); returns the fold's study."""
+        cases, fold_dir = self.fold_cases(fold), self.auto_dir / f"fold{fold}"
+        with fold_lock(fold_dir):
+            study = self.study(fold, cases)
+            self.write_fold_data(fold, cases)
+            until = deadline(study, self.timeout)
+        while True:
+            with ExitStack() as claim:
+                trial = next_trial(study, fold_dir, self.trials, until, claim)
+                if trial is None:
+                    return study
+                run_and_tell(study, trial, lambda t: self.objective(fold, t), TRIAL_ERRORS)
+            self.write_record()
+
     def objective(self, fold: int, trial: optuna.Trial) -> float:
         choice = suggest(trial, self.space)
         run_dir = Path(trial.user_attrs.get("run_dir") or self.auto_dir / f"fold{fold}" / f"trial{trial.number:03d}")
@@ -343,7 +370,10 @@ class Search:
     # ---- the record -------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
         folds, trials_done, trial_s, steps_s = [], 0, 0.0, 0.0
-        for fold, study in self.studies.items():
+        names = study_names(self.storage)
+        studies = {f: optuna.load_study(study_name=f"fold{f}", storage=self.storage)
+                   for f in self.folds if f"fold{f}" in names}  # every worker's trials, read now
+        for fold, study in studies.items():
             trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
             finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
             trials_done += len(finished)
@@ -377,13 +407,20 @@ def _difference(stored: Any, new: Any) -> str:
 @exits_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """``segadapt auto [OVERRIDE ...] --trials N``: see the module docstring."""
+    argv = list(sys.argv[2:] if argv is None else argv)
     args = auto_parser().parse_intermixed_args(argv)  # options and KEY=VALUE in any order
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give 1 or more worker processes")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = [o[len("auto."):] for o in args.overrides if o.startswith("auto.")]
     search = Search(args.config_dir, [o for o in args.overrides if not o.startswith("auto.")], space, args.space,
                     args.trials, args.timeout, args.folds)
-    search.command = ["segadapt", "auto", *(sys.argv[2:] if argv is None else argv)]
-    record = search.run()
+    search.command = ["segadapt", "auto", *argv]
+    if args.workers > 1:  # each worker runs the command with --workers 1
+        run_workers(argv, args.workers)
+        record = search.write_record()
+    else:
+        record = search.run()
     summary = record["summary"]
     rate = summary["trials_per_hour"]
     print(f"auto: {summary['finished_trials']} trials"

@@ -30,16 +30,14 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def retry_interrupted(study: optuna.Study) -> None:
-    """Trials a kill left RUNNING (the search's lock says no process runs them) are marked failed; each
-    interrupted trial not yet retried is enqueued again with its parameters and run folder (which resumes
-    from its ``last.ckpt``). A trial that failed with an error (``error`` attribute) is not retried."""
+    """Each interrupted trial (FAIL without an ``error`` attribute: a Ctrl-C, or a dead worker's trial failed by
+    :func:`~segadapt.training.auto_workers.fail_dead_trials`) not yet retried is enqueued again with its
+    parameters and run folder (which resumes from its ``last.ckpt``). A trial that failed with an error is not
+    retried."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
-        if trial.state == TrialState.RUNNING:
-            study.tell(trial.number, state=TrialState.FAIL)
-        if trial.state in (TrialState.RUNNING, TrialState.FAIL) and "error" not in trial.user_attrs \
-                and trial.number not in retried:
+        if trial.state == TrialState.FAIL and "error" not in trial.user_attrs and trial.number not in retried:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
                                                           **({"run_dir": trial.user_attrs["run_dir"]}
                                                              if "run_dir" in trial.user_attrs else {})})
