@@ -28,7 +28,8 @@ from scipy import stats
 from segadapt.cli import main as segadapt_main
 from segadapt.training import auto
 from segadapt.training import report_auto
-from segadapt.training.auto_study import trial_record
+from segadapt.training.auto_study import fold_entry, trial_record
+from segadapt.training.auto_workers import open_storage
 from segadapt.training.jobs import train
 from segadapt.training.report import write_report
 from segadapt.training.report_plots import auto_trace_figure
@@ -71,7 +72,7 @@ def experiment(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reported(experiment) -> dict:
-    study = experiment / "auto/study.sqlite"
+    study = experiment / "auto/study.journal"
     before = hashlib.sha256(study.read_bytes()).hexdigest()
     paths = write_report(experiment)
     return {"paths": paths, "study_unchanged": hashlib.sha256(study.read_bytes()).hexdigest() == before,
@@ -179,9 +180,9 @@ def test_a_search_killed_before_its_last_fold_finished(experiment, tmp_path):
     assert int({r["method"]: r for r in _csv(stale / "report.csv")}["auto"]["n_cases"]) == 2  # fold 1's only
 
 
-def test_folds_searched_by_an_earlier_command_come_from_the_study(experiment, tmp_path):
-    """`--folds 0` then `--folds 1`: auto.json holds fold 1 only; fold 0 is read from study.sqlite, as auto.json
-    listed it, and reported beside fold 1."""
+def test_folds_missing_from_auto_json_come_from_the_study(experiment, tmp_path):
+    """auto.json without fold 0 (a search killed before it rewrote its record): fold 0 is read from study.journal,
+    as auto.json listed it, and reported beside fold 1."""
     later = tmp_path / "later"
     shutil.copytree(experiment, later)
     record = json.loads((later / "auto.json").read_text())
@@ -193,7 +194,7 @@ def test_folds_searched_by_an_earlier_command_come_from_the_study(experiment, tm
     paths = write_report(later)
     text = paths["markdown"].read_text()
     assert int({r["method"]: r for r in _csv(paths["csv"])}["auto"]["n_cases"]) == 4 and "Incomplete" not in text
-    assert "Fold 0: read from study.sqlite" in text
+    assert "Fold 0: read from study.journal" in text
     assert re.search(r"^\| 0 ", _section(text, "Chosen configuration per fold"), re.M)
 
 
@@ -214,10 +215,6 @@ def test_a_corrupt_auto_json_is_one_line(experiment, tmp_path, capsys):
     assert re.fullmatch(r"error: .*broken/auto\.json is not a segadapt auto record \(format segadapt-auto/1\)",
                         capsys.readouterr().err.strip())
     assert not (broken / "report.md").exists()
-
-
-def test_file_names_are_those_of_the_search():
-    assert (report_auto.AUTO_FILE, report_auto.STUDY_FILE) == (auto.AUTO_FILE, auto.STUDY_FILE)
 
 
 # ---- a hand-written study with known values ----------------------------------------------------------------
@@ -255,14 +252,14 @@ def _hand_study(storage: str, fold: int, n: int) -> optuna.Study:
 @pytest.fixture
 def hand_written(tmp_path) -> dict:
     """An experiment folder with none / full / auto folds (hand-written metrics.json, test_training_report's) and
-    an auto.json + study.sqlite whose chosen trials score those auto folds."""
+    an auto.json + study.journal whose chosen trials score those auto folds."""
     root = tmp_path / "x"
     model = root / "unet"
     for method in ("none", "full"):
         _write(model, method, method, DICE[method])
     _write(model, "auto", "lora_c", DICE["lora_c"])
     (root / "auto").mkdir()
-    storage = f"sqlite:///{root / 'auto/study.sqlite'}"
+    storage = open_storage(root / "auto")
     studies = {fold: _hand_study(storage, fold, 16) for fold in (0, 1)}
     folds = []
     for fold, study in studies.items():
@@ -390,3 +387,16 @@ def test_auto_that_chose_full_is_no_reference_for_full(tmp_path):
     with np.errstate(all="ignore"):
         expected = stats.wilcoxon(DICE["full"], DICE["none"]).pvalue
     assert float(rows["auto"]["p_vs_none"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auto_json_keeps_the_folds_of_earlier_commands(tmp_path):
+    """`--folds 0` then `--folds 1`: auto.json lists both folds, each as its study holds it."""
+    for fold in ("0", "1"):
+        auto.main(_argv(tmp_path, "--trials", "1", "--folds", fold, "auto.ensemble=0"))
+    record = json.loads((tmp_path / "runs/phantom_sah/auto.json").read_text())
+    assert [f["fold"] for f in record["folds"]] == [0, 1]
+    storage = open_storage(tmp_path / "runs/phantom_sah/auto")
+    for entry in record["folds"]:
+        study = optuna.load_study(study_name=f"fold{entry['fold']}", storage=storage)
+        assert entry == json.loads(json.dumps(fold_entry(study)))
+        assert entry["outer"] is not None and len(entry["trials"]) == 1

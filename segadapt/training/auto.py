@@ -51,7 +51,7 @@ from segadapt.parsers import auto_parser
 
 from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
 from .auto_space import apply_choice, check_placements, check_space, load_space, suggest
-from .auto_study import choose, describe, retry_interrupted, trial_record
+from .auto_study import AUTO_FILE, choose, describe, fold_entry, retry_interrupted
 from .auto_workers import (STUDY_FILE, base_lock, deadline, finishes_fold, fold_lock, next_trial, open_storage,
                            run_and_tell, run_workers, study_names)
 from .callbacks import standard_error
@@ -63,7 +63,6 @@ from segadapt.runs import METRICS_FILE, read_metrics
 from .config import TrainConfig, configure_threads, module_args
 from .jobs import ensure_base, prepare_dataset, train
 
-AUTO_FILE = "auto.json"
 INNER_SPLITS = "splits_inner.json"
 TRIAL_ERRORS = (ValueError, RuntimeError)  # a configuration that cannot run (e.g. a rank a layer cannot hold)
 OWN_KEYS = ("fold=", "adapter=", "adapter.", "run_dir=", "ckpt_path=", "overwrite=")  # what a search sets per run
@@ -369,22 +368,13 @@ class Search:
 
     # ---- the record -------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
-        folds, trials_done, trial_s, steps_s = [], 0, 0.0, 0.0
-        names = study_names(self.storage)
-        studies = {f: optuna.load_study(study_name=f"fold{f}", storage=self.storage)
-                   for f in self.folds if f"fold{f}" in names}  # every worker's trials, read now
-        for fold, study in studies.items():
-            trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
-            finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
-            trials_done += len(finished)
-            trial_s += sum(t["time_s"] or 0.0 for t in finished)
-            steps_s += sum(t["train_steps_s"] or 0.0 for t in finished)
-            final = study.user_attrs.get("final") or {}
-            chosen = next((t for t in trials if t["number"] == final.get("trial")), None)
-            folds.append({"fold": fold, "study": study.study_name, "cases": study.user_attrs.get("cases"),
-                          "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "choice", "value", "se")},
-                          "outer": final if "dice" in final else None, "ensemble": study.user_attrs.get("ensemble"),
-                          "trials": trials})
+        folds = [fold_entry(optuna.load_study(study_name=name, storage=self.storage))  # every worker's and every
+                 for name in sorted(study_names(self.storage), key=lambda n: int(n[4:]))  # command's folds, read now
+                 if name.startswith("fold") and name[4:].isdigit()]
+        finished = [t for f in folds for t in f["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+        trials_done = len(finished)
+        trial_s = sum(t["time_s"] or 0.0 for t in finished)
+        steps_s = sum(t["train_steps_s"] or 0.0 for t in finished)
         outer = [f["outer"]["dice"] for f in folds if f["outer"]]
         return {
             "format": "segadapt-auto/1", "experiment": self.cfg["experiment"], "command": self.command,

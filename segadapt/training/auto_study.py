@@ -10,6 +10,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+AUTO_FILE = "auto.json"  # the search's record in the experiment folder
+
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # trials the budget counts (and those that failed with an error)
 
 
@@ -65,3 +67,16 @@ def describe(choice: Mapping[str, Any]) -> str:
     if "rank" in choice:
         parts += [f"rank {choice['rank']}", str(choice["placement"])]
     return " ".join(parts + [f"lr x{choice['lr_factor']:.2f}"])
+
+
+def fold_entry(study: optuna.Study) -> dict[str, Any]:
+    """A fold as ``auto.json`` lists it, read from its study (``fold<k>``): every trial, the chosen one, the outer
+    fold's result (the study's ``final``) and the ensemble comparison."""
+    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    final = study.user_attrs.get("final") or {}
+    chosen = next((t for t in trials if t["number"] == final.get("trial")), None)
+    return {"fold": int(study.study_name[len("fold"):]), "study": study.study_name,
+            "cases": study.user_attrs.get("cases"),
+            "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "choice", "value", "se")},
+            "outer": final if "dice" in final else None, "ensemble": study.user_attrs.get("ensemble"),
+            "trials": trials}

@@ -1,5 +1,5 @@
 """The report section of a ``segadapt auto`` search (:mod:`segadapt.training.auto`): read from the experiment
-folder's ``auto.json``, the studies in ``auto/study.sqlite`` and the trials' run folders.
+folder's ``auto.json``, the studies in ``auto/study.journal`` and the trials' run folders.
 
 * the chosen configuration per fold, for the folds whose search and final run finished (and whose run folder
   ``<model>/auto/fold<k>`` holds the outer Dice the record names; any other ``auto`` fold folder is left out of
@@ -27,11 +27,10 @@ import pandas as pd
 from segadapt.io import atomic_path
 
 from .report_plots import FIGURE_FORMATS, plot_auto_trace
-from .auto_study import trial_record
+from .auto_study import AUTO_FILE, fold_entry
+from .auto_workers import STUDY_FILE, open_storage, study_names
 from .report_runs import AUTO_METHOD
 
-AUTO_FILE = "auto.json"  # = segadapt.training.auto.AUTO_FILE / STUDY_FILE (auto.py not imported: it loads Lightning)
-STUDY_FILE = "study.sqlite"
 AUTO_FORMAT = "segadapt-auto/1"
 MIN_IMPORTANCE_TRIALS = 8  # completed trials below which fANOVA's forest fits noise: no importance shown
 IMPORTANCE_SEED = 0  # of fANOVA's random forest, so that a report is reproduced exactly
@@ -40,8 +39,8 @@ TRIALS_CSV, IMPORTANCE_CSV, TRACE_PLOT = "auto_trials.csv", "auto_importance.csv
 
 def read_record(experiment_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The experiment folder's auto.json, or None without one; a file that is not one is a one-line error. The
-    folds of ``auto/study.sqlite`` that it lacks (searched by an earlier command: each command writes the folds it
-    ran) are added from their studies (``from_storage``)."""
+    folds of ``auto/study.journal`` that it lacks (a search killed before it rewrote its record) are added from
+    their studies (``from_storage``)."""
     path = Path(experiment_dir) / AUTO_FILE
     if not path.is_file():
         return None
@@ -52,32 +51,20 @@ def read_record(experiment_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("format") != AUTO_FORMAT or not isinstance(record.get("folds"), list):
         raise ValueError(f"{path} is not a segadapt auto record (format {AUTO_FORMAT})")
     listed = {int(e["fold"]) for e in record["folds"]}
-    more = [_study_entry(study) for fold, study in load_studies(experiment_dir).items() if fold not in listed]
+    more = [{**fold_entry(study), "from_storage": True} for fold, study in load_studies(experiment_dir).items() if fold not in listed]
     return {**record, "folds": sorted([*record["folds"], *more], key=lambda e: int(e["fold"]))}
 
 
-def _study_entry(study: Any) -> dict[str, Any]:
-    """A fold as auto.json lists it (:meth:`segadapt.training.auto.Search.record`), from its study."""
-    trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
-    final = study.user_attrs.get("final") or {}
-    chosen = next((t for t in trials if t["number"] == final.get("trial")), None)
-    return {"fold": int(study.study_name[len("fold"):]), "study": study.study_name,
-            "cases": study.user_attrs.get("cases"), "outer": final if "dice" in final else None, "trials": trials,
-            "chosen": None if chosen is None else {k: chosen[k] for k in ("number", "choice", "value", "se")},
-            "from_storage": True}
-
-
 def load_studies(experiment_dir: str | os.PathLike) -> dict[int, Any]:
-    """The folds' Optuna studies (``fold<k>``) in ``auto/study.sqlite``, by fold (read only; {} without the file)."""
+    """The folds' Optuna studies (``fold<k>``) in ``auto/study.journal``, by fold (read only; {} without the file)."""
     import optuna
 
     path = Path(experiment_dir) / "auto" / STUDY_FILE
     if not path.is_file():
         return {}
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", skip_table_creation=True)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    return {int(n[4:]): optuna.load_study(study_name=n, storage=storage)
-            for n in sorted(names) if n.startswith("fold") and n[4:].isdigit()}
+    storage = open_storage(path.parent)
+    names = sorted(n for n in study_names(storage) if n.startswith("fold") and n[4:].isdigit())
+    return {int(n[4:]): optuna.load_study(study_name=n, storage=storage) for n in names}
 
 
 def _final_folders(root: Path) -> dict[int, list[Path]]:
@@ -375,8 +362,8 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
         "trial trained on the fold's training patients and scored on its inner split; the choice per fold "
         f"(rule `{space.get('rule', '?')}`) was trained on the fold and scored once on its validation cases "
         "(outer Dice): the `auto` row of the main table.", "",
-        *([f"Fold {', '.join(stored)}: read from {STUDY_FILE} (searched by an earlier command; auto.json holds the "
-           "folds of the last one).", ""] if stored else []),
+        *([f"Fold {', '.join(stored)}: read from {STUDY_FILE} (auto.json lacks it: the search was killed before "
+           "it rewrote its record).", ""] if stored else []),
         *([f"**Incomplete** (reported as far as the search got; left out of the `auto` row and the chosen configurations): "
            f"{'; '.join(incomplete)}.", ""] if incomplete else []),
         "### Chosen configuration per fold", "",
