@@ -209,6 +209,11 @@ AUTO_CASES = [
      r"auto\.placements\.x\.preset: multiview_unet has no preset 'nowhere'"),
     ("unknown run setting", ["--trials", "2", "no_such_key=1"], r"Could not override 'no_such_key'"),
     ("run setting of wrong type", ["--trials", "2", "trainer.max_steps=x"], r"trainer\.max_steps='x': expected an integer"),
+    ("norms not true / false", ["--trials", "2", "auto.norms=[maybe]"], r"auto\.norms must be a non-empty list of true / false"),
+    ("norm tuning alone without affine norms", ["--trials", "2", "auto.methods=[norms]"],
+     r"auto\.methods=\[norms\]: multiview_unet has no normalisation layer with affine parameters"),
+    ("norms beside every adapter without affine norms", ["--trials", "2", "auto.norms=[true]"],
+     r"auto\.norms=\[true\]: multiview_unet has no normalisation layer with affine parameters .*give auto\.norms=\[false\]"),
 ]
 
 
