@@ -99,3 +99,20 @@ def test_norm_tuning_alone_trains_only_the_affine_norm_parameters(normed):
     assert trial["choice"]["method"] == "norms" and trial["trainable_params"] == affine
     final = read_metrics(root / "alone/phantom_sah/multiview_unet/auto/fold0")
     assert final["cost"]["trainable_params"] == affine and fold["outer"]["dice"] == final["val"]["dice"]
+
+
+def test_a_member_with_norms_and_one_training_the_decoder_do_not_share_a_base(normed, tmp_path):
+    """Two members that each train their own norm copies share a base; a member that trains the decoder in full
+    (norms inside it included) cannot sit beside one that trains a copy of those norms: it is passed over."""
+    from segadapt.training.auto_ensemble import share_a_base
+    from segadapt.training.jobs import train
+
+    root, trials = normed["root"], normed["ensemble"]["folds"][0]["trials"]
+    normed_runs = [t["run_dir"] for t in trials]
+    search = _search(root, *AFFINE)
+    choice = {"method": "lora_c", "rank": 2, "rank_pattern": "uniform", "placement": "encoder+decoder", "norms": True,
+              "lr_factor": 1.0}
+    decoder_run = tmp_path / "decoder"
+    train(search.trial_config(0, choice, decoder_run))
+    assert share_a_base(normed_runs)
+    assert not share_a_base([normed_runs[0], decoder_run]) and not share_a_base([decoder_run, normed_runs[0]])
