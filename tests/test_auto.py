@@ -61,9 +61,21 @@ def _ids(dataset) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> dict:
-    """A 3-trial search of folds 0 and 1, with every data module the runs set up recorded (the cases it loaded)."""
+    """A 3-trial search of folds 0 and 1, with every data module the runs set up and every loader they iterated
+    recorded (:func:`_record_loading`)."""
     root = tmp_path_factory.mktemp("auto")
-    loaded, modules, setup = [], [], SegDataModule.setup
+    loaded, served = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        _record_loading(patch, loaded, served)
+        record = auto_main(_argv(root, "--trials", "3", "--folds", "0,1", "auto.ensemble_rule=never"))
+    return {"root": root, "record": record, "loaded": loaded, "served": served}
+
+
+def _record_loading(patch: pytest.MonkeyPatch, loaded: list, served: list) -> None:
+    """Record, for every SegDataModule, the cases of its sets once set up (`loaded`), and for every data loader it
+    hands out the cases that loader iterates and the trainer's stage then (`served`: 'fit' = training and model
+    selection, 'validate' = the scoring): what the runs actually load, not only how the sets were split."""
+    setup, modules = SegDataModule.setup, []
 
     def recording_setup(self, stage=None):
         setup(self, stage)
@@ -72,10 +84,34 @@ def searched(tmp_path_factory) -> dict:
             loaded.append({"dataset": str(Path(self.hparams.dataset_json).resolve()), "fold": self.hparams.fold,
                            "sets": {k: _ids(getattr(self, f"{k}_set")) for k in ("train", "val", "inner")}})
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SegDataModule, "setup", recording_setup)
-        record = auto_main(_argv(root, "--trials", "3", "--folds", "0,1", "auto.ensemble_rule=never"))
-    return {"root": root, "record": record, "loaded": loaded}
+    def recording(kind, hand_out):
+        def loader(self):
+            result = hand_out(self)
+            dataset = getattr(result, "dataset", None)
+            dataset = getattr(dataset, "dataset", dataset)  # the training loader's SeededItems wraps the train set
+            served.append({"dataset": str(Path(self.hparams.dataset_json).resolve()), "fold": self.hparams.fold,
+                           "loader": kind, "stage": None if self.trainer is None else self.trainer.state.fn.value,
+                           "cases": [c["case_id"] for c in _ids(dataset)]})
+            return result
+        return loader
+
+    patch.setattr(SegDataModule, "setup", recording_setup)
+    for kind in ("train", "val"):
+        patch.setattr(SegDataModule, f"{kind}_dataloader", recording(kind, getattr(SegDataModule, f"{kind}_dataloader")))
+
+
+def _check_served(served: list, dataset: Path, outer: list, scored: int) -> None:
+    """The loaders of the outer fold's runs on `dataset`: training and model selection never iterate the fold's
+    validation cases `outer`; a scoring ('validate') iterates exactly them (at least `scored` such: each run's)
+    or none of them (the selection split's base score)."""
+    runs = [s for s in served if s["dataset"] == str(dataset.resolve())]
+    fit = [s for s in runs if s["stage"] == "fit"]
+    assert {s["loader"] for s in fit} == {"train", "val"} and all(s["cases"] for s in fit)
+    for entry in fit:
+        assert set(entry["cases"]).isdisjoint(outer), entry
+    scorings = [sorted(s["cases"]) for s in runs if s["stage"] == "validate"]
+    assert all(c == outer or set(c).isdisjoint(outer) for c in scorings), scorings
+    assert scorings.count(outer) >= scored, scorings
 
 
 def test_no_trial_loads_a_validation_case(searched):
@@ -94,6 +130,10 @@ def test_no_trial_loads_a_validation_case(searched):
             assert len({c["case_id"] for c in cases}) == 6 - len(outer[fold])  # every training patient, no more
         final = [e for e in loaded if e["dataset"] != data and e["fold"] == fold and "phantom_sah/dataset.json" in e["dataset"]]
         assert [sorted(c["case_id"] for c in e["sets"]["val"]) for e in final] == [outer[fold]]
+        for entry in (s for s in searched["served"] if s["dataset"] == data):  # what the trials' loaders iterated
+            assert entry["cases"] and set(entry["cases"]).isdisjoint(outer[fold]), entry
+        _check_served([s for s in searched["served"] if s["fold"] == fold], root / "data/phantom_sah/dataset.json",
+                      outer[fold], scored=1)
 
 
 def test_record_and_choice(searched):
@@ -211,6 +251,11 @@ AUTO_CASES = [
     ("unknown run setting", ["--trials", "2", "no_such_key=1"], r"Could not override 'no_such_key'"),
     ("run setting of wrong type", ["--trials", "2", "trainer.max_steps=x"], r"trainer\.max_steps='x': expected an integer"),
     ("no worker", ["--trials", "2", "--workers", "0"], r"^error: --workers 0: give 1 or more worker processes$"),
+    ("norms not true / false", ["--trials", "2", "auto.norms=[maybe]"], r"auto\.norms must be a non-empty list of true / false"),
+    ("norm tuning alone without affine norms", ["--trials", "2", "auto.methods=[norms]"],
+     r"auto\.methods=\[norms\]: multiview_unet has no normalisation layer with affine parameters"),
+    ("norms beside every adapter without affine norms", ["--trials", "2", "auto.norms=[true]"],
+     r"auto\.norms=\[true\]: multiview_unet has no normalisation layer with affine parameters .*give auto\.norms=\[false\]"),
 ]
 
 
@@ -279,20 +324,11 @@ def ensembled(tmp_path_factory) -> dict:
     space = yaml.safe_load((CONFIGS / "auto.yaml").read_text())
     space["placements"] = {"all_conv": {"preset": "all_conv"}, "encoder": {"preset": "encoder"}}  # no `train`
     (root / "auto.yaml").write_text(yaml.safe_dump(space))
-    loaded, modules, setup = [], [], SegDataModule.setup
-
-    def recording_setup(self, stage=None):
-        setup(self, stage)
-        if self.val_set is None or any(m is self for m in modules):  # once per data module
-            return
-        modules.append(self)
-        loaded.append({"dataset": str(Path(self.hparams.dataset_json).resolve()), "fold": self.hparams.fold,
-                       "sets": {k: [c["case_id"] for c in _ids(getattr(self, f"{k}_set"))] for k in ("train", "val", "inner")}})
-
+    loaded, served = [], []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SegDataModule, "setup", recording_setup)
+        _record_loading(patch, loaded, served)
         record = auto_main(_argv(root, *ENSEMBLE, "--space", str(root / "auto.yaml")))
-    return {"root": root, "record": record, "loaded": loaded,
+    return {"root": root, "record": record, "loaded": loaded, "served": served,
             "folder": root / "runs/phantom_sah/multiview_unet/auto/fold0"}
 
 
@@ -390,18 +426,24 @@ def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
 def test_no_ensemble_member_loads_a_validation_case(ensembled):
     """The trials and the inner scoring of the ensemble load the fold's training patients only; the members
     trained on the outer fold validate on its validation cases and train and select on the others."""
-    root, loaded = ensembled["root"], ensembled["loaded"]
+    root, loaded, served = ensembled["root"], ensembled["loaded"], ensembled["served"]
     outer = _outer_folds(root)[0]
     inner_data = str((root / "runs/phantom_sah/auto/fold0/data/dataset.json").resolve())
     searched_modules = [e for e in loaded if e["dataset"] == inner_data]
     assert len(searched_modules) == 3 + 1  # the trials, and the ensemble's inner scoring
     for entry in searched_modules:
-        assert {c for s in entry["sets"].values() for c in s}.isdisjoint(outer)
+        assert {c["case_id"] for s in entry["sets"].values() for c in s}.isdisjoint(outer)
+    for entry in (s for s in served if s["dataset"] == inner_data):  # what their loaders iterated
+        assert entry["cases"] and set(entry["cases"]).isdisjoint(outer), entry
     finals = [e for e in loaded if e["dataset"] == str((root / "data/phantom_sah/dataset.json").resolve())]
     assert len(finals) == 3 + 1  # the members' outer runs, and the ensemble's outer scoring
     for entry in finals:
-        assert sorted(entry["sets"]["val"]) == outer
-        assert set(entry["sets"]["train"]).isdisjoint(outer) and set(entry["sets"]["inner"]).isdisjoint(outer)
+        sets = {k: [c["case_id"] for c in v] for k, v in entry["sets"].items()}
+        assert sorted(sets["val"]) == outer
+        assert set(sets["train"]).isdisjoint(outer) and set(sets["inner"]).isdisjoint(outer)
+    # the members' training and model selection never iterate the validation cases; each member's and the
+    # ensemble's scoring iterate exactly them
+    _check_served(served, root / "data/phantom_sah/dataset.json", outer, scored=3 + 1)
 
 
 def test_ensemble_rule():

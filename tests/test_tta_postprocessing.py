@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from segadapt.export.bundle import inference_config
 from segadapt.inference import Predictor
-from segadapt.inference.predictor import recorded_postprocessing
+from segadapt.training.postprocessing import recorded_postprocessing
 from segadapt.runs import read_metrics, read_run_config
 from segadapt.training import SegAdaptModule
 from segadapt.training.postprocessing import choose_postprocessing, component_counts, keep_largest_component, pooled_choice

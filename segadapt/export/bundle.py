@@ -55,7 +55,7 @@ from segadapt.export.common import check_targets, load_run_for_export
 from segadapt.models import MODELS, logits_to_probabilities, model_spec
 from segadapt.models.registry import SEGADAPT_BUILDER
 from segadapt.runs import FINGERPRINT_FILE, open_run
-from segadapt.training.postprocessing import chosen_classes
+from segadapt.training.postprocessing import chosen_classes, recorded_postprocessing
 
 WEIGHT_FILE_KWARGS = ("checkpoint", "encoder_weights")  # builder arguments naming pretrained files (SAM, ViT)
 INFERENCE_CONFIG = Path("configs") / "inference.json"
@@ -291,7 +291,6 @@ def export_bundle(run_dir: str | os.PathLike, folder: str | os.PathLike, strict:
         FileNotFoundError: no run (config.yaml and adapter.safetensors) in `run_dir`.
     """
     from segadapt.adapters import merge_and_unload
-    from segadapt.inference.predictor import recorded_postprocessing
 
     run_dir, folder = Path(run_dir), Path(folder)
     check_output_folder(folder, "bundle folder")

@@ -16,7 +16,7 @@ separate models.
 
 Each model's probabilities are test-time mirrored when its run was trained so (``tta`` in the run config).
 The mask keeps only the largest connected component of the classes the runs chose on their validation
-cases (``postprocessing`` in metrics.json, decided once on the folds' pooled cases: :func:`recorded_postprocessing`).
+cases (``postprocessing`` in metrics.json, decided once on the folds' pooled cases: :func:`segadapt.training.postprocessing.recorded_postprocessing`).
 
 The network is built here from the run config (``SegAdaptModule`` with no adapter, on the run's or ``--base``'s
 checkpoint), not with ``segadapt.training.load.load_run``: the ensemble loads K adapters under their own names
@@ -26,7 +26,6 @@ checkpoint), not with ``segadapt.training.load.load_run``: the ensemble loads K 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -47,8 +46,8 @@ from segadapt.models.pretrained import read_state_dict
 from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE, read_run_config
 from segadapt.training import SegAdaptModule
 from segadapt.training.metrics import voxel_volume_ml
-from segadapt.training.postprocessing import chosen_classes, keep_largest_component, pooled_choice
-from segadapt.runs import FINGERPRINT_FILE, METRICS_FILE, expand_ensembles, open_run, read_metrics
+from segadapt.training.postprocessing import chosen_classes, keep_largest_component, recorded_postprocessing
+from segadapt.runs import FINGERPRINT_FILE, expand_ensembles, open_run, read_metrics
 
 from .domain import TrainingDomain
 from .inputs import check_threshold, dicom_modality, input_name, is_pixel_file, resolve_device
@@ -328,20 +327,6 @@ def input_affine(image: MetaTensor) -> np.ndarray:
         return np.asarray(image.meta["original_affine"])
     orientation = next(op for op in image.applied_operations if "Orientation" in op[TraceKeys.CLASS_NAME])
     return np.asarray(orientation[TraceKeys.EXTRA_INFO]["original_affine"])
-
-
-def recorded_postprocessing(run_dirs: Sequence[str | os.PathLike]) -> list[bool]:
-    """Per foreground class, whether an ensemble of these runs keeps the largest component: decided once on
-    their pooled validation cases (``postprocessing`` in each ``metrics.json``:
-    :func:`segadapt.training.postprocessing.pooled_choice`); [] when a run has no record."""
-    records = []
-    for run_dir in run_dirs:
-        path = Path(run_dir) / METRICS_FILE
-        try:
-            records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
-        except ValueError as error:
-            raise ValueError(f"cannot read {path}: {error}") from None
-    return pooled_choice(records)
 
 
 def run_domain(run_dir: str | os.PathLike) -> Optional[TrainingDomain]:

@@ -44,13 +44,14 @@ from segadapt.data import load_dataset_json
 from segadapt.io import write_json
 from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits
 from segadapt.data.dataset_json import write_dataset_json
+from segadapt.adapters import norm_layers
 from segadapt.errors import exits_on_user_error, one_line
 from segadapt.models import head_modules, preset_targets
 from segadapt.models.presets import target_presets
 from segadapt.parsers import auto_parser
 
 from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
-from .auto_space import apply_choice, check_placements, check_space, load_space, suggest
+from .auto_space import apply_choice, check_placements, check_space, describe_space, fit_norms, load_space, suggest
 from .auto_study import AUTO_FILE, choose, describe, fold_entry, retry_interrupted
 from .auto_workers import (STUDY_FILE, base_lock, deadline, finishes_fold, fold_lock, next_trial, open_storage,
                            run_and_tell, run_workers, study_names)
@@ -136,6 +137,8 @@ class Search:
         self.record_path = self.auto_dir.parent / AUTO_FILE
         self._net = self._network()
         check_placements(self.space, list(target_presets(self._net)), cfg["model"]["name"])
+        self.space, note = fit_norms(self.space, bool(norm_layers(self._net)), cfg["model"]["name"])
+        print(f"auto: search space: {describe_space(self.space)}{note}", flush=True)
         self._methods: dict[str, dict] = {}
         self.command = ["segadapt", "auto", *sys.argv[2:]]  # main() sets the argv it was given
         self.studies: dict[int, optuna.Study] = {}

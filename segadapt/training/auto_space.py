@@ -11,6 +11,9 @@ Every choice is a plain option of an ordinary run (``configs/train.yaml`` with `
 * ``placement`` (adapter methods): ``adapter.preset``, and ``train``: the layers of another preset, or the
   classification ``head``, trained in full beside the adapter (``adapter.spec.train_modules``, excluded from
   the adapter);
+* ``norms`` (adapter methods): ``adapter.spec.norms``, the affine parameters of the normalisation layers trained
+  beside the adapter; the method ``norms`` trains them alone. Both leave the space when the network has no
+  normalisation layer with affine parameters (:func:`fit_norms`);
 * ``lr_factor``: ``adapter.lr`` = the method config's lr x factor (log-uniform).
 """
 
@@ -23,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BASELINE_METHODS = ("full", "decoder")
+BASELINE_METHODS = ("full", "decoder", "norms")  # no rank or placement; they train the base's own modules
 NOT_ADAPTATIONS = ("none", "scratch")  # configs/adapter entries that adapt nothing of the base
-KEYS = ("methods", "ranks", "rank_patterns", "placements", "lr_factor", "inner_fraction", "rule", "seed",
+KEYS = ("methods", "ranks", "rank_patterns", "placements", "norms", "lr_factor", "inner_fraction", "rule", "seed",
         "startup_trials", "pruner", "ensemble", "ensemble_rule")
 RULES = ("one_se", "best")
 PRUNERS = ("median", "hyperband", "none")
@@ -83,6 +86,9 @@ def check_space(space: Mapping[str, Any], adapter_dir: Path) -> None:
                 or set(placement) - {"preset", "train"}:
             raise ValueError(f"auto.placements.{name} must be {{preset: NAME}} or {{preset: NAME, train: NAME}}, "
                              f"got {placement!r}")
+    norms = space["norms"]
+    if not isinstance(norms, list) or not norms or not all(isinstance(n, bool) for n in norms):
+        raise ValueError(f"auto.norms must be a non-empty list of true / false, got {norms!r}")
     factor = space["lr_factor"]
     if not (isinstance(factor, list) and len(factor) == 2 and all(isinstance(f, (int, float)) for f in factor)
             and 0 < factor[0] <= factor[1] and math.isfinite(factor[1])):
@@ -104,6 +110,8 @@ def suggest(trial: Any, space: Mapping[str, Any]) -> dict[str, Any]:
         choice["rank"] = trial.suggest_categorical("rank", list(space["ranks"]))
         choice["rank_pattern"] = trial.suggest_categorical("rank_pattern", list(space["rank_patterns"]))
         choice["placement"] = trial.suggest_categorical("placement", list(space["placements"]))
+        norms = sorted(set(space["norms"]))
+        choice["norms"] = trial.suggest_categorical("norms", norms) if len(norms) > 1 else norms[0]
     low, high = space["lr_factor"]
     choice["lr_factor"] = trial.suggest_float("lr_factor", float(low), float(high), log=True) if low < high else float(low)
     return choice
@@ -136,6 +144,8 @@ def apply_choice(cfg: Mapping[str, Any], choice: Mapping[str, Any], space: Mappi
             names = module_names(placement["train"])
             adapter["spec"]["train_modules"] = names
             adapter["spec"]["exclude"] = "|".join(re.escape(n) + r"(?:\..*)?" for n in names)  # and what is inside
+    if choice.get("norms") and isinstance(adapter["spec"], dict):
+        adapter["spec"]["norms"] = True
     return cfg
 
 
@@ -151,3 +161,28 @@ def check_placements(space: Mapping[str, Any], presets: Sequence[str], model: st
             if value is not None and value not in presets and not (key == "train" and value == "head"):
                 raise ValueError(f"auto.placements.{name}.{key}: {model} has no preset {value!r} "
                                  f"(presets: {', '.join(presets)}{'; or head' if key == 'train' else ''})")
+
+
+def fit_norms(space: Mapping[str, Any], affine_norms: bool, model: str) -> tuple[dict[str, Any], str]:
+    """The space for a network with (`affine_norms`) or without normalisation layers with affine parameters, and
+    a note of what was left out: without them, norm tuning (the method ``norms``, ``norms: true``) would only be
+    refused trial by trial, so it leaves the space; ValueError when nothing else is left of a dimension."""
+    space = copy.deepcopy(dict(space))
+    if affine_norms or ("norms" not in space["methods"] and space["norms"] == [False]):
+        return space, ""
+    reason = f"{model} has no normalisation layer with affine parameters (e.g. InstanceNorm without affine)"
+    methods = [m for m in space["methods"] if m != "norms"]
+    if not methods:
+        raise ValueError(f"auto.methods=[norms]: {reason}; choose other methods")
+    if False not in space["norms"] and any(m not in BASELINE_METHODS for m in methods):
+        raise ValueError(f"auto.norms=[true]: {reason}; give auto.norms=[false]")
+    space["methods"], space["norms"] = methods, [False]
+    return space, f"; norm tuning left out: {reason}"
+
+
+def describe_space(space: Mapping[str, Any]) -> str:
+    """One line of the search space, as a search prints it."""
+    low, high = space["lr_factor"]
+    return "; ".join([f"methods {', '.join(space['methods'])}", f"ranks {', '.join(map(str, space['ranks']))}",
+                      f"rank patterns {', '.join(space['rank_patterns'])}", f"placements {', '.join(space['placements'])}",
+                      f"norms {'/'.join(str(n).lower() for n in space['norms'])}", f"lr x{low:g}..x{high:g}"])

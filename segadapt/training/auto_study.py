@@ -65,7 +65,7 @@ def choose(trials: Sequence[optuna.trial.FrozenTrial], rule: str, fold: int) -> 
 def describe(choice: Mapping[str, Any]) -> str:
     parts = [str(choice["method"])]
     if "rank" in choice:
-        parts += [f"rank {choice['rank']}", str(choice["placement"])]
+        parts += [f"rank {choice['rank']}", str(choice["placement"])] + (["+norms"] if choice.get("norms") else [])
     return " ".join(parts + [f"lr x{choice['lr_factor']:.2f}"])
 
 

@@ -18,13 +18,18 @@ cross-validation: per class, the case-weighted means of the runs' Dice with and 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import convert_to_dst_type
+
+from segadapt.runs import METRICS_FILE
 
 RULE = "largest connected component of class c kept iff mean validation Dice_c with it >= without it (nnU-Net)"
 
@@ -93,3 +98,17 @@ def pooled_choice(records: Sequence[Optional[Mapping[str, Any]]]) -> list[bool]:
 def chosen_classes(largest_component: Sequence[bool]) -> list[int]:
     """The classes (1-based) whose largest component is kept."""
     return [c for c, keep in enumerate(largest_component, start=1) if keep]
+
+
+def recorded_postprocessing(run_dirs: Sequence[str | os.PathLike]) -> list[bool]:
+    """Per foreground class, whether an ensemble of these runs keeps the largest component: decided once on
+    their pooled validation cases (``postprocessing`` in each ``metrics.json``:
+    :func:`pooled_choice`); [] when a run has no record."""
+    records = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / METRICS_FILE
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")).get("postprocessing") if path.is_file() else None)
+        except ValueError as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+    return pooled_choice(records)
