@@ -332,13 +332,13 @@ def ensembled(tmp_path_factory) -> dict:
             "folder": root / "runs/phantom_sah/multiview_unet/auto/fold0"}
 
 
-def _label(path) -> "np.ndarray":
+def _label(path):
     import nibabel as nib
     import numpy as np
     return np.asarray(nib.load(str(path)).dataobj) > 0
 
 
-def _mean_probabilities(runs, image) -> "np.ndarray":
+def _mean_probabilities(runs, image):
     """The members' probabilities, each member predicted alone (its own Predictor), averaged here."""
     from segadapt.inference import Predictor
     return sum(Predictor.from_runs([r]).predict(image).probabilities for r in runs) / len(runs)

@@ -52,7 +52,7 @@ from segadapt.parsers import auto_parser
 
 from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
 from .auto_space import apply_choice, check_placements, check_space, describe_space, fit_norms, load_space, suggest
-from .auto_study import AUTO_FILE, choose, describe, fold_entry, retry_interrupted
+from .auto_study import AUTO_FILE, choose, describe, fold_entry
 from .auto_workers import (STUDY_FILE, base_lock, deadline, finishes_fold, fold_lock, next_trial, open_storage,
                            run_and_tell, run_workers, study_names)
 from .callbacks import standard_error
