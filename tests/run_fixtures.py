@@ -4,6 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+_GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
+_PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
+# Hydra overrides of configs/train.yaml for the tiny phantom world: 6 target and 4 source phantoms of 32x32x16
+# voxels, batch 1, 2 steps of pretraining and of adaptation, no progress bar
+TINY_PHANTOM = [
+    *[f"data.phantom.{g}" for g in _GRID], *[f"source.phantom.{g}" for g in _GRID],
+    *[f"data.{p}" for p in _PREPROCESS], *[f"source.{p}" for p in _PREPROCESS],
+    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
+    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
+]
+
+
+def tiny_phantom(*overrides: str) -> list[str]:
+    """TINY_PHANTOM with each `key=value` of `overrides` in place of the entry of the same key (new keys after)."""
+    given = dict(override.split("=", 1) for override in overrides)
+    kept = [f"{key}={given.pop(key)}" if key in given else entry
+            for entry in TINY_PHANTOM for key in [entry.split("=", 1)[0]]]
+    return [*kept, *(f"{key}={value}" for key, value in given.items())]
+
 
 def fit_scratch_unet(run: Path, dataset: Path, experiment: str, model_kwargs: dict, preprocess: dict,
                      roi_size: list[int], max_steps: int, n_folds: int = 2, batch_size: int = 1,

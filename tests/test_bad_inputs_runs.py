@@ -33,6 +33,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from run_fixtures import tiny_phantom
 from safetensors.torch import load_file
 
 from segadapt.cli import check_hydra_request
@@ -47,16 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
-    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "adapter=cp_lora", "eval_base=false",
-    "trainer.threads=1",
-]
+TINY = tiny_phantom("model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "adapter=cp_lora", "eval_base=false",
+                    "trainer.threads=1")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 ENV.pop("SEGADAPT_DEBUG", None)
 
