@@ -39,3 +39,19 @@ def fit_scratch_unet(run: Path, dataset: Path, experiment: str, model_kwargs: di
                "enable_model_summary": False, "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10_000}
     fit_run(RunConfig(run, {"experiment": experiment, "method": "scratch", "fold": 0}, module, data, trainer, eval_base=False))
     return run
+
+
+def run_script_in_process(script: Path, *args: str) -> int:
+    """``python script args`` (its ``__main__`` block) in this process; its exit code (0 when it returns). For
+    refusals, which end before the script runs a job: no interpreter start-up to pay, stderr left to capsys."""
+    import runpy
+    import sys
+
+    argv, sys.argv = sys.argv, [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        sys.argv = argv
+    return 0

@@ -33,7 +33,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from run_fixtures import tiny_phantom
+from run_fixtures import run_script_in_process, tiny_phantom
 from safetensors.torch import load_file
 
 from segadapt.cli import check_hydra_request
@@ -488,25 +488,30 @@ def test_killed_run_resumes_exactly(world, tmp_path):
     assert len(losses) > 1  # the curve moves: a different sample order would show
 
 
-def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
-    """A resume with another rank, through the real script: refused, config.yaml and .hydra/ as they were."""
+def test_resume_refusal_leaves_config_unchanged(world, tmp_path, capsys, monkeypatch):
+    """A resume with another rank, through scripts/train.py's own code (run in this process; its real start-up is
+    test_scripts_exit_2_with_one_line's): refused, config.yaml and .hydra/ as they were."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run = tmp_path / "run"
     shutil.copytree(world["finished"], run)
     (run / METRICS_FILE).unlink()  # an unfinished run with its checkpoint
     before = _tree(run)
-    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last",
-                   "adapter.spec.rank=3", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "ckpt_path=last",
+                                 "adapter.spec.rank=3")
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
         f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
-        "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
+        "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], err[-2000:]
     assert _tree(run) == before and CONFIG_FILE in before
 
 
 # ---- checkpoints that cannot run code, and one training per run folder --------------------------------------
-def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
-    """A last.ckpt whose unpickling would create a file: the real script with ``ckpt_path=last`` refuses it in one
-    line naming it; the file is never created, the folder unchanged (a plain rerun, which resumes a killed run:
-    the table above)."""
+def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path, capsys, monkeypatch):
+    """A last.ckpt whose unpickling would create a file: scripts/train.py's own code (run in this process) with
+    ``ckpt_path=last`` refuses it in one line naming it; the file is never created, the folder unchanged (a plain
+    rerun, which resumes a killed run: the table above)."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run, marker, proof = tmp_path / "run", tmp_path / "marker", tmp_path / "proof"
     shutil.copytree(world["killed"], run)
     checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
@@ -515,9 +520,10 @@ def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
     assert proof.exists()  # the plant is real: a plain unpickling runs it
     torch.save({**checkpoint, "loops": Plant(marker)}, run / CHECKPOINT_FILE)
     before = _tree(run)
-    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last", cwd=tmp_path)
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "ckpt_path=last")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: refused to resume from {run / CHECKPOINT_FILE}: it holds pickled objects"), err
     assert not marker.exists() and _tree(run) == before
 
