@@ -13,9 +13,9 @@ import tqdm
 # (tests/test_adapters_calibration.py switches measurement on where it tests it)
 os.environ.setdefault("SEGADAPT_AUTO_COMPUTE", "cost_model")
 
-# No tqdm monitor thread (tqdm's documented switch; it only tunes the refresh of slow bars). Started by the first
-# progress bar of the session and kept while any bar is open, it was a thread that every later in-process user error
-# waited 5 s for (segadapt.errors._let_threads_finish lets the threads end before the exit): ~5 s per bad-input case.
+# No tqdm monitor thread (tqdm's documented switch; the monitor only tunes the refresh of slow bars). The first
+# progress bar of the session starts it and a disabled bar never stops it, so every later in-process user error
+# waited 5 s for it (segadapt.errors._let_threads_finish lets other threads end before the exit): 5 s per bad-input case.
 tqdm.tqdm.monitor_interval = 0
 
 
