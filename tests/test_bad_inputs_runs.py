@@ -403,16 +403,22 @@ def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           encoding="utf-8", errors="replace", timeout=600)
 
 
-def test_scripts_exit_2_with_one_line(world, tmp_path):
-    """The real scripts: an override of the wrong type (refused before Hydra writes), a bad case (raised
-    inside a MONAI transform while the job runs: Hydra's record of the job is removed again), an existing
-    base (pretrain.py does not overwrite it)."""
+def test_scripts_exit_2_with_one_line(world, tmp_path, capsys, monkeypatch):
+    """The real scripts: an override of the wrong type (refused before Hydra writes; the script's own code in this
+    process, as the other refusals of scripts/train.py), a bad case (raised inside a MONAI transform while the job
+    runs: Hydra's record of the job is removed again), an existing base (pretrain.py does not overwrite it): those
+    two in a fresh process each, the real start-up of each script."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run = tmp_path / "run"
     data = _broken_dataset(world, tmp_path, "nan image")
     base = world["root"] / "runs/base/phantom_tbi_multiview_unet"
     before = _tree(base)
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "adapter.spec.rank=abc")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: adapter.spec.rank='abc': expected an integer, got str"), err
+    assert not run.exists() and _tree(base) == before
     for script, args, message in [
-        ("train.py", ["adapter.spec.rank=abc"], "error: adapter.spec.rank='abc': expected an integer, got str"),
         ("train.py", [f"data.dataset_json={data}"], "error: case 'sah_001': image "),
         ("pretrain.py", [], f"error: {base} holds a finished run (metrics.json); overwrite=true replaces it"),
     ]:
@@ -609,10 +615,11 @@ HOLD_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
-    """Two trainings into one run folder: while the first holds it (mid-training, in another process), the real
-    script into the same folder is one line naming the first's pid, exit 2, and changes no file; the first then
-    finishes with its own settings, curve and metrics."""
+def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path, capsys, monkeypatch):
+    """Two trainings into one run folder: while the first holds it (mid-training, in another process), scripts/
+    train.py into the same folder (its own code, in this process) is one line naming the first's pid, exit 2, and
+    changes no file; the first then finishes with its own settings, curve and metrics."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run, steps = tmp_path / "run", 3
     driver = tmp_path / "hold.py"
     driver.write_text(HOLD_DRIVER, encoding="utf-8")
@@ -627,11 +634,12 @@ def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
             time.sleep(0.1)
         before = _tree(run)
         assert (run / CHECKPOINT_FILE).is_file() and (run / ".lock").read_text().strip() == str(first.pid)
-        second = _script(str(REPO / "scripts/train.py"), *world["common"], "trainer.max_steps=5", f"run_dir={run}",
-                         cwd=tmp_path)
-        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        capsys.readouterr()  # the second: scripts/train.py's own code, in this process (the lock is the first's)
+        code = run_script_in_process(REPO / "scripts/train.py", *world["common"], "trainer.max_steps=5", f"run_dir={run}")
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == [
             f"error: {run} is in use by another training (pid {first.pid}); wait for it to end, or use another "
-            "run_dir"], second.stderr[-2000:]
+            "run_dir"], err[-2000:]
         assert _tree(run) == before
         with pytest.raises(BlockingIOError, match=f"in use by another training \\(pid {first.pid}\\)"):
             with run_folder_lock(run):  # the lock fit_run takes at its first write (past the checks)
