@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+import tqdm
 
 # compute="auto" from the FLOP model, not from timings: the same order on every machine and run
 # (tests/test_adapters_calibration.py switches measurement on where it tests it)
 os.environ.setdefault("SEGADAPT_AUTO_COMPUTE", "cost_model")
+
+# No tqdm monitor thread (tqdm's documented switch; the monitor only tunes the refresh of slow bars). The first
+# progress bar of the session starts it and a disabled bar never stops it, so every later in-process user error
+# waited 5 s for it (segadapt.errors._let_threads_finish lets other threads end before the exit): 5 s per bad-input case.
+tqdm.tqdm.monitor_interval = 0
 
 
 @pytest.fixture(scope="session")

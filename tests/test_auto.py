@@ -21,6 +21,7 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
+from run_fixtures import tiny_phantom
 
 from segadapt.runs import read_metrics
 from segadapt.training import SegDataModule
@@ -34,15 +35,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "trainer.max_steps=4", "pretrain.max_steps=2", "trainer.enable_progress_bar=false", "trainer.threads=1",
-    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "selection.every_n_steps=2", "checkpoint_every=2",
-]
+TINY = tiny_phantom("trainer.max_steps=4", "trainer.threads=1", "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]",
+                    "selection.every_n_steps=2", "checkpoint_every=2")
 SPACE = ["auto.methods=[lora_c,cp_lora,full]", "auto.ranks=[2,4]", "auto.startup_trials=2"]
 
 

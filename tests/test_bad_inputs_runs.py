@@ -33,6 +33,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from run_fixtures import run_script_in_process, tiny_phantom
 from safetensors.torch import load_file
 
 from segadapt.cli import check_hydra_request
@@ -47,16 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
-    "model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "adapter=cp_lora", "eval_base=false",
-    "trainer.threads=1",
-]
+TINY = tiny_phantom("model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]", "adapter=cp_lora", "eval_base=false",
+                    "trainer.threads=1")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 ENV.pop("SEGADAPT_DEBUG", None)
 
@@ -413,16 +406,22 @@ def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           encoding="utf-8", errors="replace", timeout=600)
 
 
-def test_scripts_exit_2_with_one_line(world, tmp_path):
-    """The real scripts: an override of the wrong type (refused before Hydra writes), a bad case (raised
-    inside a MONAI transform while the job runs: Hydra's record of the job is removed again), an existing
-    base (pretrain.py does not overwrite it)."""
+def test_scripts_exit_2_with_one_line(world, tmp_path, capsys, monkeypatch):
+    """The real scripts: an override of the wrong type (refused before Hydra writes; the script's own code in this
+    process, as the other refusals of scripts/train.py), a bad case (raised inside a MONAI transform while the job
+    runs: Hydra's record of the job is removed again), an existing base (pretrain.py does not overwrite it): those
+    two in a fresh process each, the real start-up of each script."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run = tmp_path / "run"
     data = _broken_dataset(world, tmp_path, "nan image")
     base = world["root"] / "runs/base/phantom_tbi_multiview_unet"
     before = _tree(base)
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "adapter.spec.rank=abc")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: adapter.spec.rank='abc': expected an integer, got str"), err
+    assert not run.exists() and _tree(base) == before
     for script, args, message in [
-        ("train.py", ["adapter.spec.rank=abc"], "error: adapter.spec.rank='abc': expected an integer, got str"),
         ("train.py", [f"data.dataset_json={data}"], "error: case 'sah_001': image "),
         ("pretrain.py", [], f"error: {base} holds a finished run (metrics.json); overwrite=true replaces it"),
     ]:
@@ -498,25 +497,30 @@ def test_killed_run_resumes_exactly(world, tmp_path):
     assert len(losses) > 1  # the curve moves: a different sample order would show
 
 
-def test_resume_refusal_leaves_config_unchanged(world, tmp_path):
-    """A resume with another rank, through the real script: refused, config.yaml and .hydra/ as they were."""
+def test_resume_refusal_leaves_config_unchanged(world, tmp_path, capsys, monkeypatch):
+    """A resume with another rank, through scripts/train.py's own code (run in this process; its real start-up is
+    test_scripts_exit_2_with_one_line's): refused, config.yaml and .hydra/ as they were."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run = tmp_path / "run"
     shutil.copytree(world["finished"], run)
     (run / METRICS_FILE).unlink()  # an unfinished run with its checkpoint
     before = _tree(run)
-    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last",
-                   "adapter.spec.rank=3", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "ckpt_path=last",
+                                 "adapter.spec.rank=3")
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
         f"error: ckpt_path=last: these settings differ from the run in {run}: module.adapter.rank: 8 -> 3; resume "
-        "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], done.stderr[-2000:]
+        "with the run's own settings, or start it anew (overwrite=true, or another run_dir)"], err[-2000:]
     assert _tree(run) == before and CONFIG_FILE in before
 
 
 # ---- checkpoints that cannot run code, and one training per run folder --------------------------------------
-def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
-    """A last.ckpt whose unpickling would create a file: the real script with ``ckpt_path=last`` refuses it in one
-    line naming it; the file is never created, the folder unchanged (a plain rerun, which resumes a killed run:
-    the table above)."""
+def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path, capsys, monkeypatch):
+    """A last.ckpt whose unpickling would create a file: scripts/train.py's own code (run in this process) with
+    ``ckpt_path=last`` refuses it in one line naming it; the file is never created, the folder unchanged (a plain
+    rerun, which resumes a killed run: the table above)."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run, marker, proof = tmp_path / "run", tmp_path / "marker", tmp_path / "proof"
     shutil.copytree(world["killed"], run)
     checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
@@ -525,9 +529,10 @@ def test_planted_checkpoint_runs_no_code_through_the_script(world, tmp_path):
     assert proof.exists()  # the plant is real: a plain unpickling runs it
     torch.save({**checkpoint, "loops": Plant(marker)}, run / CHECKPOINT_FILE)
     before = _tree(run)
-    done = _script(str(REPO / "scripts/train.py"), *world["common"], f"run_dir={run}", "ckpt_path=last", cwd=tmp_path)
-    err = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    capsys.readouterr()
+    code = run_script_in_process(REPO / "scripts/train.py", *world["common"], f"run_dir={run}", "ckpt_path=last")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: refused to resume from {run / CHECKPOINT_FILE}: it holds pickled objects"), err
     assert not marker.exists() and _tree(run) == before
 
@@ -613,10 +618,11 @@ HOLD_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
-    """Two trainings into one run folder: while the first holds it (mid-training, in another process), the real
-    script into the same folder is one line naming the first's pid, exit 2, and changes no file; the first then
-    finishes with its own settings, curve and metrics."""
+def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path, capsys, monkeypatch):
+    """Two trainings into one run folder: while the first holds it (mid-training, in another process), scripts/
+    train.py into the same folder (its own code, in this process) is one line naming the first's pid, exit 2, and
+    changes no file; the first then finishes with its own settings, curve and metrics."""
+    monkeypatch.delenv("SEGADAPT_DEBUG", raising=False)
     run, steps = tmp_path / "run", 3
     driver = tmp_path / "hold.py"
     driver.write_text(HOLD_DRIVER, encoding="utf-8")
@@ -631,11 +637,12 @@ def test_a_second_training_into_a_held_run_folder_is_refused(world, tmp_path):
             time.sleep(0.1)
         before = _tree(run)
         assert (run / CHECKPOINT_FILE).is_file() and (run / ".lock").read_text().strip() == str(first.pid)
-        second = _script(str(REPO / "scripts/train.py"), *world["common"], "trainer.max_steps=5", f"run_dir={run}",
-                         cwd=tmp_path)
-        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        capsys.readouterr()  # the second: scripts/train.py's own code, in this process (the lock is the first's)
+        code = run_script_in_process(REPO / "scripts/train.py", *world["common"], "trainer.max_steps=5", f"run_dir={run}")
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == [
             f"error: {run} is in use by another training (pid {first.pid}); wait for it to end, or use another "
-            "run_dir"], second.stderr[-2000:]
+            "run_dir"], err[-2000:]
         assert _tree(run) == before
         with pytest.raises(BlockingIOError, match=f"in use by another training \\(pid {first.pid}\\)"):
             with run_folder_lock(run):  # the lock fit_run takes at its first write (past the checks)

@@ -194,10 +194,13 @@ def _threshold(predictor: Predictor, scan: str) -> float:
 
 
 @pytest.mark.parametrize("which", ["run", "demo", "full_run"])
-def test_monai_command_runs_the_bundle_from_another_folder_and_matches_segadapt_predict(which, request, demo_runs, tmp_path):
-    """``python -m monai.bundle run --config_file DIR/configs/inference.json`` in a subprocess whose working folder
-    is elsewhere: bundle_root is the bundle's folder, and the masks are segadapt predict's, voxel for voxel --
-    for a DynUNet adapter run, the demo's multi-view UNet (segadapt's network class) and a run tuned in full."""
+def test_monai_command_runs_the_bundle_from_another_folder_and_matches_segadapt_predict(which, request, demo_runs, tmp_path,
+                                                                                      monkeypatch):
+    """``python -m monai.bundle run --config_file DIR/configs/inference.json`` from a working folder elsewhere:
+    bundle_root is the bundle's folder, and the masks are segadapt predict's, voxel for voxel -- for a DynUNet
+    adapter run, the demo's multi-view UNet (segadapt's network class) and a run tuned in full. The demo's bundle
+    runs through the real command in a subprocess (the import of segadapt's class by a fresh MONAI included);
+    the others through ``monai.bundle.run``, what that command calls, with the same arguments in this process."""
     run = demo_runs[0] if which == "demo" else request.getfixturevalue(which)
     data = run.parents[3] / "data" / "sah" if which == "demo" else run.parent / "data"
     bundle = tmp_path / "bundle"
@@ -211,11 +214,16 @@ def test_monai_command_runs_the_bundle_from_another_folder_and_matches_segadapt_
     threshold = _threshold(predictor, scans[0])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / INFERENCE_CONFIG),
-                           "--dataset_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--threshold", str(threshold)],
-                          cwd=elsewhere, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, text=True, encoding="utf-8", errors="replace")
-    assert done.returncode == 0, done.stderr[-3000:]
+    arguments = {"config_file": str(bundle / INFERENCE_CONFIG), "dataset_dir": str(folder), "output_dir": str(tmp_path / "out"),
+                 "threshold": threshold}
+    if which == "demo":
+        done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *(f"--{k}={v}" for k, v in arguments.items())],
+                              cwd=elsewhere, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                              capture_output=True, text=True, encoding="utf-8", errors="replace")
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        monkeypatch.chdir(elsewhere)
+        monai_run(**arguments)
     assert not any(elsewhere.iterdir())  # nothing written in the working folder
     predictor = Predictor.from_runs([run], device="cpu", threshold=threshold)
     for scan in scans:

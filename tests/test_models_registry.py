@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from run_fixtures import tiny_phantom
 
 from segadapt.cli import run as segadapt_main
 from segadapt.plan.planner import Plan
@@ -63,15 +64,8 @@ inference:
   sw_batch_size: 2
   overlap: 0.25
 '''
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.patch_size=[16,16,8]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=4", "source.phantom.n=4", "data.n_folds=2", "source.n_folds=2", "data.batch_size=1",
-    "source.batch_size=1", "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false",
-    "selection.inner_fraction=0", "eval_base=false",
-]
+TINY = tiny_phantom("data.preprocess.patch_size=[16,16,8]", "source.preprocess.patch_size=[16,16,8]", "data.phantom.n=4",
+                    "data.n_folds=2", "selection.inner_fraction=0", "eval_base=false")
 
 
 def _tree(folder: Path) -> dict[str, int]:

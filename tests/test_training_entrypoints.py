@@ -21,6 +21,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from run_fixtures import tiny_phantom
 from safetensors import safe_open
 
 from segadapt.cli import run as segadapt_main
@@ -39,14 +40,7 @@ from segadapt.training import (
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = ["shape=[32,32,16]", "spacing=[6.9,6.9,10.0]"]
-PREPROCESS = ["preprocess.slice_size=[32,32]", "preprocess.patch_size=[32,32,16]", "preprocess.samples_per_volume=2"]
-TINY = [
-    *[f"data.phantom.{g}" for g in GRID], *[f"source.phantom.{g}" for g in GRID],
-    *[f"data.{p}" for p in PREPROCESS], *[f"source.{p}" for p in PREPROCESS],
-    "data.phantom.n=6", "source.phantom.n=4", "source.n_folds=2", "data.batch_size=1", "source.batch_size=1",
-    "trainer.max_steps=2", "pretrain.max_steps=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-]
+TINY = tiny_phantom("trainer.log_every_n_steps=1")
 TINY_UNET = ["model.kwargs.channels=[4,8]", "model.kwargs.strides=[2]"]
 TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
            "num_sanity_val_steps": 0, "log_every_n_steps": 1}
