@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any, NoReturn, Optional, TypeVar
 
+import tqdm
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -87,7 +88,12 @@ def _let_threads_finish(timeout_s: float = 5.0) -> None:
 
     A failed item of MONAI's ``CacheDataset`` leaves its ThreadPool worker (a daemon thread) running the
     next item; exiting under it aborts the process in torch's C++ code ("terminate called without an
-    active exception", exit code 134 instead of 2)."""
+    active exception", exit code 134 instead of 2). tqdm's monitor thread (started by the first progress bar,
+    it only tunes the refresh of slow bars) never ends by itself: it is stopped first, else every error after a
+    bar would wait the whole `timeout_s`."""
+    monitor = getattr(tqdm.tqdm, "monitor", None)
+    if monitor is not None:
+        monitor.exit()
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if thread is not threading.current_thread():

@@ -5,6 +5,7 @@ dataset's labelled test split and refuses a dataset without one."""
 
 from __future__ import annotations
 
+import io
 import csv
 import hashlib
 import json
@@ -395,3 +396,22 @@ def test_config_file_options_come_first(tmp_path):
     assert config_argv(["--config", str(config), "--input", "y.nii.gz"]) == [
         "--run", "a", "b", "--input", "x.nii.gz", "--probabilities", "--input", "y.nii.gz"]
     assert config_argv(["--input", "y"]) == ["--input", "y"]
+
+
+def test_a_user_error_after_a_progress_bar_stops_tqdms_monitor_and_does_not_wait(monkeypatch, capsys):
+    """tqdm's monitor thread (started by a command's first progress bar, never ending by itself) is stopped when a
+    user error exits, so the exit does not wait out the 5 s that MONAI's cache workers may have."""
+    import tqdm
+
+    from segadapt.errors import user_errors
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 10)  # conftest turns the monitor off for the other tests
+    with tqdm.tqdm(total=1, disable=False, file=io.StringIO()) as bar:
+        bar.update()
+    monitor = tqdm.tqdm.monitor
+    assert monitor is not None and monitor.is_alive()
+    with pytest.raises(SystemExit):
+        with user_errors():
+            raise FileNotFoundError(2, "No such file or directory", "nowhere.json")
+    assert not monitor.is_alive()
+    assert capsys.readouterr().err == "error: No such file or directory: nowhere.json\n"
