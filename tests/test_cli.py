@@ -5,9 +5,9 @@ dataset's labelled test split and refuses a dataset without one."""
 
 from __future__ import annotations
 
-import io
 import csv
 import hashlib
+import io
 import json
 import os
 import re
