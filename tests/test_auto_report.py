@@ -48,7 +48,7 @@ def _csv(path: Path) -> list[dict]:
 def _case_dice(folder: Path) -> dict[str, float]:
     """Per-case Dice of every fold<k>/metrics.json under a method folder."""
     return {c["case_id"]: c["dice"] for m in sorted(folder.glob("fold*/metrics.json"))
-            for c in json.loads(m.read_text())["cases"]}
+            for c in json.loads(m.read_text(encoding="utf-8"))["cases"]}
 
 
 def _section(text: str, title: str) -> str:
@@ -77,7 +77,7 @@ def reported(experiment) -> dict:
     paths = write_report(experiment)
     return {"paths": paths, "study_unchanged": hashlib.sha256(study.read_bytes()).hexdigest() == before,
             "text": paths["markdown"].read_text(encoding="utf-8"),
-            "record": json.loads((experiment / "auto.json").read_text())}
+            "record": json.loads((experiment / "auto.json").read_text(encoding="utf-8"))}
 
 
 def test_auto_row_matches_wilcoxon_on_the_run_folders(experiment, reported):
@@ -94,7 +94,7 @@ def test_auto_row_matches_wilcoxon_on_the_run_folders(experiment, reported):
             expected = stats.wilcoxon([dice["auto"][c] for c in cases], [dice[reference][c] for c in cases]).pvalue
         assert float(row[f"p_vs_{reference}"]) == pytest.approx(expected, abs=1e-12)
     # the folds chose their own adaptation (config.yaml differs in the learning rate at least), which is no flag
-    configs = [yaml.safe_load((model / f"auto/fold{k}/config.yaml").read_text())["module"] for k in (0, 1)]
+    configs = [yaml.safe_load((model / f"auto/fold{k}/config.yaml").read_text(encoding="utf-8"))["module"] for k in (0, 1)]
     assert configs[0]["lr"] != configs[1]["lr"]
     assert row["settings_differ"] == "" and re.search(r"^\| auto +\|", reported["text"], re.M)
     assert list(rows)[-1] == "auto"  # after every fixed method
@@ -109,7 +109,7 @@ def test_chosen_configuration_per_fold(experiment, reported):
         cell = dict(zip(head, cells))
         fold = entry["fold"]
         trial = next(t for t in entry["trials"] if t["number"] == entry["chosen"]["number"])
-        final = json.loads((experiment / f"multiview_unet/auto/fold{fold}/metrics.json").read_text())
+        final = json.loads((experiment / f"multiview_unet/auto/fold{fold}/metrics.json").read_text(encoding="utf-8"))
         assert cell["fold"] == str(fold) and cell["trial"] == str(trial["number"])
         assert cell["method"] == trial["choice"]["method"]
         assert cell["rank"] == str(trial["choice"].get("rank", "-"))
@@ -136,7 +136,7 @@ def test_trace_csv_trials_per_hour_and_training_step_share(experiment, reported)
             assert int(r["chosen"]) == (t["number"] == fold_record["chosen"]["number"])
         finished = [t for t in fold_record["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
         seconds = sum(t["time_s"] for t in finished)
-        steps = sum(json.loads((Path(t["run_dir"]) / "metrics.json").read_text())["timing"]["train_steps_s"]
+        steps = sum(json.loads((Path(t["run_dir"]) / "metrics.json").read_text(encoding="utf-8"))["timing"]["train_steps_s"]
                     for t in finished)
         line = next(line for line in reported["text"].splitlines() if line.startswith(f"- fold {fold}:"))
         assert f"{len(finished)} finished trials in {seconds:.0f} s of trial time" in line
@@ -156,12 +156,12 @@ def test_a_search_killed_before_its_last_fold_finished(experiment, tmp_path):
     holds fold 0 only and names fold 1; a fold whose run folder no longer holds the recorded Dice is left out."""
     killed = tmp_path / "killed"
     shutil.copytree(experiment, killed)
-    record = json.loads((killed / "auto.json").read_text())
+    record = json.loads((killed / "auto.json").read_text(encoding="utf-8"))
     record["folds"][1]["outer"] = None
     (killed / "auto.json").write_text(json.dumps(record))
     (killed / "multiview_unet/auto/fold1/metrics.json").unlink()
     paths = write_report(killed)
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     row = {r["method"]: r for r in _csv(paths["csv"])}["auto"]
     fold0 = _case_dice(experiment / "multiview_unet/auto") | {}
     fold0 = {c: d for c, d in fold0.items() if c in record["folds"][0]["outer"]["cases"]}
@@ -172,10 +172,10 @@ def test_a_search_killed_before_its_last_fold_finished(experiment, tmp_path):
 
     stale = tmp_path / "stale"
     shutil.copytree(experiment, stale)
-    record = json.loads((stale / "auto.json").read_text())
+    record = json.loads((stale / "auto.json").read_text(encoding="utf-8"))
     record["folds"][0]["outer"]["dice"] += 0.1
     (stale / "auto.json").write_text(json.dumps(record))
-    text = write_report(stale)["markdown"].read_text()
+    text = write_report(stale)["markdown"].read_text(encoding="utf-8")
     assert re.search(r"fold 0 \(.*multiview_unet/auto/fold0 does not hold the outer Dice auto\.json records", text)
     assert int({r["method"]: r for r in _csv(stale / "report.csv")}["auto"]["n_cases"]) == 2  # fold 1's only
 
@@ -185,14 +185,14 @@ def test_folds_missing_from_auto_json_come_from_the_study(experiment, tmp_path):
     as auto.json listed it, and reported beside fold 1."""
     later = tmp_path / "later"
     shutil.copytree(experiment, later)
-    record = json.loads((later / "auto.json").read_text())
+    record = json.loads((later / "auto.json").read_text(encoding="utf-8"))
     fold0 = record["folds"][0]
     (later / "auto.json").write_text(json.dumps({**record, "folds": record["folds"][1:]}))
     merged = report_auto.read_record(later)
     assert [e["fold"] for e in merged["folds"]] == [0, 1]
     assert json.loads(json.dumps(merged["folds"][0])) == {**fold0, "from_storage": True}
     paths = write_report(later)
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     assert int({r["method"]: r for r in _csv(paths["csv"])}["auto"]["n_cases"]) == 4 and "Incomplete" not in text
     assert "Fold 0: read from study.journal" in text
     assert re.search(r"^\| 0 ", _section(text, "Chosen configuration per fold"), re.M)
@@ -265,7 +265,7 @@ def hand_written(tmp_path) -> dict:
     for fold, study in studies.items():
         trials = [trial_record(t) for t in study.get_trials()]
         best = max((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: t["value"])
-        metrics = json.loads((model / f"auto/fold{fold}/metrics.json").read_text())
+        metrics = json.loads((model / f"auto/fold{fold}/metrics.json").read_text(encoding="utf-8"))
         folds.append({"fold": fold, "study": study.study_name, "cases": None, "trials": trials,
                       "chosen": {k: best[k] for k in ("number", "choice", "value", "se")},
                       "outer": {"trial": best["number"], "run_dir": f"/elsewhere/x/unet/auto/fold{fold}",
@@ -305,7 +305,7 @@ def test_importance_against_optunas_evaluator(hand_written):
     n = {(r["scope"], r["subset"]): int(r["n_trials"]) for r in rows}
     assert n[("fold 0", "all completed trials")] == 14 and n[("pooled", "all completed trials")] == 28
     assert n[("fold 0", adapters)] == 10  # trials 0-15 but 2, 5, 8, 11, 14 (full) and 3 (pruned)
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     importance = _section(text, "Importance of each option")
     table = importance.split("All completed trials:")[1].split("Trials with")[0]
     assert re.search(r"^\| param +\| +fold 0 \(n=14\) \| +fold 1 \(n=14\) \| +pooled \(n=28\) \|$", table, re.M)
@@ -325,8 +325,8 @@ def test_trace_and_chosen_on_the_hand_written_study(hand_written):
         assert mine[5]["state"] == "FAIL" and mine[5]["inner_dice"] == "" and mine[5]["error"].startswith("rank 8")
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         per_hour = 3600 * len(finished) / sum(t.user_attrs["time_s"] for t in finished)
-        assert f"- fold {fold}: {len(finished)} finished trials" in paths["markdown"].read_text()
-        assert f"**{per_hour:.0f} trials per hour**; training steps - of it" in paths["markdown"].read_text()
+        assert f"- fold {fold}: {len(finished)} finished trials" in paths["markdown"].read_text(encoding="utf-8")
+        assert f"**{per_hour:.0f} trials per hour**; training steps - of it" in paths["markdown"].read_text(encoding="utf-8")
         # the plot's panel of the fold: its best-so-far line, its chosen star
         panel = auto_trace_figure(pd.read_csv(paths["auto_trials_csv"])).axes[fold]
         lines = {line.get_label(): line for line in panel.get_lines()}
@@ -335,7 +335,7 @@ def test_trace_and_chosen_on_the_hand_written_study(hand_written):
         assert list(lines["best so far"].get_ydata()) == pytest.approx(list(running))
         assert list(lines["chosen"].get_xdata()) == [int(np.argmax(values))]
         assert list(lines["pruned"].get_xdata()) == [3] and list(lines["failed / interrupted"].get_xdata()) == [5]
-    chosen = _section(paths["markdown"].read_text(), "Chosen configuration per fold")
+    chosen = _section(paths["markdown"].read_text(encoding="utf-8"), "Chosen configuration per fold")
     best0 = max((t for t in hand_written["studies"][0].get_trials() if t.state == TrialState.COMPLETE),
                 key=lambda t: t.value)
     assert re.search(rf"^\| 0 +\| {best0.number} +\| cp_lora +\| {best0.params['rank']} +\| "
@@ -367,7 +367,7 @@ def test_a_search_without_any_finished_run_is_reported_as_far_as_it_got(hand_wri
     root = hand_written["root"]
     shutil.rmtree(root / "unet")
     paths = write_report(root)
-    text = paths["markdown"].read_text()
+    text = paths["markdown"].read_text(encoding="utf-8")
     assert text.startswith("# Search report: x\n") and "## Automatic adaptation" in text
     assert re.search(r"\*\*Incomplete\*\* .*fold 0 \(its run folder <model>/auto/fold0 is missing or unfinished\); "
                      r"fold 1 \(", text)
@@ -393,7 +393,7 @@ def test_auto_json_keeps_the_folds_of_earlier_commands(tmp_path):
     """`--folds 0` then `--folds 1`: auto.json lists both folds, each as its study holds it."""
     for fold in ("0", "1"):
         auto.main(_argv(tmp_path, "--trials", "1", "--folds", fold, "auto.ensemble=0"))
-    record = json.loads((tmp_path / "runs/phantom_sah/auto.json").read_text())
+    record = json.loads((tmp_path / "runs/phantom_sah/auto.json").read_text(encoding="utf-8"))
     assert [f["fold"] for f in record["folds"]] == [0, 1]
     storage = open_storage(tmp_path / "runs/phantom_sah/auto")
     for entry in record["folds"]:

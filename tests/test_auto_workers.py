@@ -77,7 +77,9 @@ def test_two_workers_run_each_trial_once_within_the_budget(tmp_path):
         metrics = read_metrics(trial.user_attrs["run_dir"])
         assert metrics["global_step"] == 4 and metrics["extended_from_steps"] is None
     assert "resuming" not in done.stdout
-    assert len({_pid(d) for d in run_dirs}) == 2  # the two trials ran in two worker processes
+    # which worker ran which trial is up to the scheduler (a loaded machine may let the first worker claim both
+    # before the second has imported torch); test_a_killed_worker_leaves_its_trial_to_the_live_one makes two
+    # workers meet on one fold deterministically
     finals = re.findall(r"auto fold 0: chose trial (\d+)", done.stdout)
     assert len(finals) == 1  # one worker chose and trained the final run
     assert _pid(tmp_path / "runs/phantom_sah/multiview_unet/auto/fold0") in {_pid(d) for d in run_dirs}
