@@ -149,8 +149,8 @@ def test_apply_plan_fills_the_schedule_of_the_job(tmp_path, capsys):
     assert out["source"]["preprocess"]["samples_per_volume"] == 1 and out["pretrain"]["max_steps"] == 600
     assert (out["optim"]["warmup_steps"], out["selection"]["every_n_steps"], out["selection"]["patience"]) == (10, 50, 3)
     printed = capsys.readouterr().out
-    assert ("train.max_steps=250: ceil(25 passes x 16 training cases (fold 0 of splits_final.json: 20 training "
-            "cases, 4 of them the inner split)") in printed
+    assert ("train.max_steps=250: ceil(25 passes x 16 training cases (fold 0 of splits_final.json, the largest of "
+            "its 3 folds, 20 training cases, 4 of them the inner split)") in printed
     # a pretraining started from this planned config re-plans the job keys for its own steps
     pre = apply_plan(out, HIPPOCAMPUS, pretraining=True, show=False)
     assert pre["pretrain"]["max_steps"] == 600 and pre["optim"]["warmup_steps"] == 18

@@ -193,27 +193,29 @@ def test_a_fingerprint_cached_before_the_rgb_rule_gets_it_from_the_files(tmp_pat
 
 
 def test_the_schedule_counts_the_fold_s_training_cases_in_the_split_the_run_uses(tmp_path):
-    """A splits file with unequal folds (nnU-Net's format): fold 0 validates 2 of 12 cases, fold 1 validates 7.
-    The formula n - round(n / k) said 6 for both."""
+    """A splits file with unequal folds (nnU-Net's format): fold 0 validates 2 of 12 cases, fold 1 validates 7,
+    fold 2 validates 3. The schedule counts the largest fold's training cases (fold 0: 10, inner split 2 -> 8) for
+    every fold, so the folds of one cross-validation train the same steps; the formula n - round(n / k) said 6."""
     path = _named_dataset(tmp_path / "d", "toy", n=12)
     ids = [f"c{i}" for i in range(12)]
     folds = [ids[:2], ids[2:9], ids[9:]]
     splits = tmp_path / "d" / "splits_final.json"
     splits.write_text(json.dumps([{"train": [c for c in ids if c not in val], "val": val} for val in folds]))
-    # fold 0: 10 training cases, inner split round(0.2 x 10) = 2 -> 8; fold 1: 5, inner 1 -> 4
-    fold0 = fold_training_cases(path, 3, 0, 0, 0.2, splits_path=str(splits))
-    assert (fold0.fold_train, fold0.inner, fold0.trained) == (10, 2, 8)
-    assert fold0.describe() == "8 training cases (fold 0 of splits_final.json: 10 training cases, 2 of them the inner split)"
-    fold1 = fold_training_cases(path, 3, 0, 1, 0.2, splits_path=str(splits))
-    assert (fold1.fold_train, fold1.inner, fold1.trained) == (5, 1, 4)
-    cut = fold_training_cases(path, 3, 0, 0, 0.2, max_train_cases=3, splits_path=str(splits))
+    # fold 0: 10 training cases, inner split round(0.2 x 10) = 2 -> 8; fold 1: 5 -> 4; fold 2: 9 -> 7
+    counted = [fold_training_cases(path, 3, 0, k, 0.2, splits_path=str(splits)) for k in range(3)]
+    assert all((c.fold, c.fold_train, c.inner, c.trained) == (0, 10, 2, 8) for c in counted)
+    assert counted[1].describe() == ("8 training cases (fold 0 of splits_final.json, the largest of its 3 folds, 10 "
+                                     "training cases, 2 of them the inner split)")
+    cut = fold_training_cases(path, 3, 0, 1, 0.2, max_train_cases=3, splits_path=str(splits))
     assert cut.trained == 3 and cut.describe().endswith("2 of them the inner split, 3 after max_train_cases)")
+    with pytest.raises(ValueError, match="fold 3"):
+        fold_training_cases(path, 3, 0, 3, 0.2, splits_path=str(splits))
     # found beside dataset.json as the run finds it, and in the printed schedule of a planned config
     cfg = _compose("data=dataset_json", f"data.dataset_json={path}", "fold=1", "data.preprocess.patch_size=[8,8,8]")
     planned = apply_plan(cfg, _toy_plan("toy", 12), data_keys=("data",), show=False)
-    # 32^3 / 8^3 = 64 patches per volume, 2 per step (the plan's batch): ceil(25 x 4 x 64 / 2); the formula's 6 cases: 4800
-    assert planned["trainer"]["max_steps"] == 3200
+    # 32^3 / 8^3 = 64 patches per volume, 2 per step (the plan's batch): ceil(25 x 8 x 64 / 2); the formula's 6: 4800
+    assert planned["trainer"]["max_steps"] == 6400
     from segadapt.plan.apply import _job_steps
 
     steps, how = _job_steps(planned, planned["data"], _toy_plan("toy", 12), pretraining=False)
-    assert "4 training cases (fold 1 of splits_final.json: 5 training cases, 1 of them the inner split)" in how
+    assert "8 training cases (fold 0 of splits_final.json, the largest of its 3 folds, 10 training cases" in how

@@ -3,9 +3,10 @@
 
 The rule (written for any dataset; the reasons are in ``docs/training.md``)::
 
-    n_train   = training cases of the job's fold in the split it uses (segadapt's splits file, an nnU-Net
+    n_train   = training cases of the largest fold in the split the job uses (segadapt's splits file, an nnU-Net
                 splits_final.json, the inner splits file of ``segadapt auto``; made as the run will make it when
-                absent), less its inner split, then at most ``max_train_cases`` (:func:`fold_training_cases`)
+                absent), less its inner split, then at most ``max_train_cases`` (:func:`fold_training_cases`): the
+                folds of one cross-validation train the same steps, so the report pools them as one setting
     coverage  = max(1, median volume voxels / sample voxels)   samples that tile one volume (a patch or a slice)
     steps     = ceil(PASSES x n_train x coverage / samples per step),
                 at least MIN_STEPS (adapting) or MIN_PRETRAIN_STEPS (from random init), at most MAX_STEPS
@@ -36,32 +37,41 @@ VALIDATIONS, SELECTION_ROUND = 6, 25
 
 @dataclass(frozen=True)
 class FoldCases:
-    """The training cases of one job's fold: `fold_train` in the split (`split`: its file), `inner` of them held
-    out for model selection, `trained` the rest after ``max_train_cases``."""
+    """The training cases the schedule counts: those of `fold`, the largest fold of the split (`split`: its file,
+    `folds` folds): `fold_train` in the split, `inner` of them held out for model selection, `trained` the rest after
+    ``max_train_cases``."""
 
     split: str
     fold: int
     fold_train: int
     inner: int
     trained: int
+    folds: int = 1
 
     def describe(self) -> str:
         cut = "" if self.trained == self.fold_train - self.inner else f", {self.trained} after max_train_cases"
-        return (f"{self.trained} training cases (fold {self.fold} of {self.split}: {self.fold_train} training "
-                f"cases, {self.inner} of them the inner split{cut})")
+        largest = f"the largest of its {self.folds} folds, " if self.folds > 1 else ""
+        return (f"{self.trained} training cases (fold {self.fold} of {self.split}, {largest}{self.fold_train} "
+                f"training cases, {self.inner} of them the inner split{cut})")
 
 
 def fold_training_cases(dataset_json: str | os.PathLike, n_folds: int, seed: int, fold: int, inner_fraction: float,
                         max_train_cases: int | None = None, splits_path: str | None = None) -> FoldCases:
-    """The cases a run of `fold` trains on, counted in its own split as the data module cuts it
-    (:func:`segadapt.data.datasets.fold_datasets_with_inner`: fold, inner split, ``max_train_cases``). A split
-    not written yet is made as the run makes it (the label volumes are read) and not written."""
+    """The training cases the schedule counts for a job of `fold`: those of the split's fold that trains on the
+    most cases (the first such fold), counted as the data module cuts it
+    (:func:`segadapt.data.datasets.fold_datasets_with_inner`: fold, inner split, ``max_train_cases``), so that every
+    fold of one cross-validation gets the same schedule. A split not written yet is made as the run makes it (the
+    label volumes are read) and not written. `fold` is checked against the split."""
     description = load_dataset_json(dataset_json)
     splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
-    train, _ = fold_cases(description, splits, fold)
-    rest, inner = inner_split(train, inner_fraction, seed, fold)
-    trained = subset_cases(rest, max_train_cases, seed, fold)
-    return FoldCases(splits.path.name, fold, len(train), len(inner), len(trained))
+    fold_cases(description, splits, fold)  # the job's own fold exists
+    counted = []
+    for k in range(len(splits.folds)):
+        train, _ = fold_cases(description, splits, k)
+        rest, inner = inner_split(train, inner_fraction, seed, k)
+        trained = subset_cases(rest, max_train_cases, seed, k)
+        counted.append(FoldCases(splits.path.name, k, len(train), len(inner), len(trained), len(splits.folds)))
+    return max(counted, key=lambda c: (c.trained, -c.fold))
 
 
 def coverage(median_shape: Sequence[int], sample_shape: Sequence[int]) -> float:
