@@ -89,7 +89,16 @@ def test_run_plan_uses_the_base_s_stored_plan_for_segadapt_s_own_base(tmp_path):
     def record(data):
         raise Planned(data["name"])
 
+    moved = tmp_path / "elsewhere"  # the same base given as a file in another folder: its plan.json still decides
+    moved.mkdir()
+    PLAN.to_json(moved / PLAN_FILE)
+    (moved / "model.safetensors").write_bytes(b"")
+    cfg["base_checkpoint"] = str(moved / "model.safetensors")
+    prepared.clear()
+    assert run_plan(cfg, pretraining=False, prepare=source_never) == PLAN and prepared == ["phantom_sah"]
+
     cfg["base_checkpoint"] = str(tmp_path / "users_own_base.safetensors")  # a user's base: the run's own data
+    (tmp_path / "users_own_base.safetensors").write_bytes(b"")  # a file, with no plan.json beside it
     with pytest.raises(Planned, match=cfg["data"]["name"]):
         run_plan(cfg, pretraining=False, prepare=record)
     with pytest.raises(Planned, match=cfg["source"]["name"]):  # pretraining always plans the source

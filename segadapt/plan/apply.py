@@ -24,6 +24,9 @@ and every run adapting it see the same network and the same preprocessing (as nn
 * pretraining: the source dataset (``cfg.source``);
 * a run on segadapt's own pretrained base (``base_checkpoint`` in ``pretrain.run_dir``; also ``scratch``
   beside it, so that it trains the same network): the base's ``plan.json``, else the source's plan;
+* a run on a base file that has segadapt's ``plan.json`` beside it (a base folder or a run folder of segadapt's
+  given as ``base_checkpoint=<file>``, wherever it lies): that ``plan.json``, as for the own base (no source
+  check: the base's plan names its dataset);
 * a run on a base checkpoint of the user's: the run's own dataset (``cfg.data``);
 * ``model=nnunet`` (pretraining included): the nnU-Net plans of ``model.kwargs.results``
   (:func:`segadapt.plan.nnunet.plan_from_nnunet`: the spacing, normalisation, patch and network the
@@ -148,7 +151,11 @@ def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
         kwargs = cfg["model"]["kwargs"]
         model = read_results(kwargs["results"], kwargs.get("configuration", "3d_fullres"), kwargs.get("fold", 0))
         return plan_from_nnunet(model, prepare(cfg["source"] if pretraining else cfg["data"]))
-    own_base = Path(cfg["base_checkpoint"]).resolve().parent == Path(cfg["pretrain"]["run_dir"]).resolve()
+    base = Path(cfg["base_checkpoint"] or "").resolve()
+    own_base = base.parent == Path(cfg["pretrain"]["run_dir"]).resolve()
+    if not (pretraining or own_base) and base.is_file() and (base.parent / PLAN_FILE).is_file():
+        prepare(cfg["data"])  # segadapt's base (or run) given as a file: the plan it was trained with decides
+        return Plan.from_json(base.parent / PLAN_FILE)
     if pretraining or own_base:
         if not pretraining:
             prepare(cfg["data"])  # the run's own cases decide its schedule (segadapt.plan.schedule)

@@ -5,7 +5,9 @@ For each outer fold k of the experiment's k-fold split:
 1. the fold's *training* patients only are written as a dataset of their own
    (``<runs>/<experiment>/auto/fold<k>/data/``: dataset.json + a two-fold splits file): its fold 0 holds out
    ``auto.inner_fraction`` of the patients as the **inner split** (:func:`segadapt.data.splits.inner_split`);
-   the fold's validation cases are not in it, so no trial can load them;
+   the fold's validation cases are not in it, so no trial can load them; with ``data.max_train_cases=N`` (a point
+   of a learning curve) only the patients a fixed run of that fold sees (its N training cases and its model
+   selection's inner cases) are in it;
 2. an Optuna study (TPE sampler, median or Hyperband pruner) runs trials; each trial is an ordinary run
    (:func:`segadapt.training.jobs.train`, folder ``auto/fold<k>/trial<NNN>/``) of the sampled configuration on
    that dataset, with its own model selection on a split carved from its training cases; the pruner sees the
@@ -42,7 +44,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.data import load_dataset_json
 from segadapt.io import write_json
-from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits
+from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits, subset_cases
 from segadapt.data.dataset_json import write_dataset_json
 from segadapt.adapters import norm_layers
 from segadapt.errors import exits_on_user_error, one_line
@@ -61,7 +63,7 @@ from .module import SegAdaptModule
 from segadapt.plan.apply import apply_plan, run_plan
 from segadapt.runs import METRICS_FILE, read_metrics
 
-from .config import TrainConfig, configure_threads, module_args
+from .config import TrainConfig, configure_threads, datamodule_args, module_args
 from .jobs import ensure_base, prepare_dataset, train
 
 INNER_SPLITS = "splits_inner.json"
@@ -175,7 +177,7 @@ class Search:
         cfg = self.run_config(choice, fold=0, run_dir=str(run_dir), eval_base=False, overwrite=False, ckpt_path=None)
         data_dir = self.auto_dir / f"fold{fold}" / "data"
         cfg["data"] = {**cfg["data"], "dataset_json": str(data_dir / "dataset.json"),
-                       "splits_path": str(data_dir / INNER_SPLITS), "n_folds": 2}
+                       "splits_path": str(data_dir / INNER_SPLITS), "n_folds": 2, "max_train_cases": None}
         cfg["trainer"] = {**cfg["trainer"], "enable_progress_bar": False}
         return cfg
 
@@ -196,7 +198,13 @@ class Search:
         splits = load_or_create_splits(self.description, int(data["n_folds"]), int(data["split_seed"]),
                                        data.get("splits_path"))
         train_cases, val_cases = fold_cases(self.description, splits, fold)
-        rest, inner = inner_split(train_cases, float(self.space["inner_fraction"]), int(data["split_seed"]), fold)
+        seed = int(data["split_seed"])
+        if data.get("max_train_cases") is not None:  # a learning-curve point: only the patients a fixed run sees
+            selection = datamodule_args(self.cfg, data, self.dataset, fold)["inner_fraction"]
+            selection_rest, selection_inner = inner_split(train_cases, selection, seed, fold)
+            seen = {c.case_id for c in [*selection_inner, *subset_cases(selection_rest, data["max_train_cases"], seed, fold)]}
+            train_cases = [c for c in train_cases if c.case_id in seen]
+        rest, inner = inner_split(train_cases, float(self.space["inner_fraction"]), seed, fold)
         return {"outer_val": [c.case_id for c in val_cases], "trial_train": [c.case_id for c in rest],
                 "inner": [c.case_id for c in inner]}
 
@@ -219,7 +227,7 @@ class Search:
     def study(self, fold: int, cases: Mapping[str, list[str]]) -> optuna.Study:
         sampler = optuna.samplers.TPESampler(seed=int(self.space["seed"]) + fold,
                                              n_startup_trials=int(self.space["startup_trials"]))
-        pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2),
+        pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=int(self.space["startup_trials"])),
                   "hyperband": optuna.pruners.HyperbandPruner(),
                   "none": optuna.pruners.NopPruner()}[self.space["pruner"]]
         study = optuna.create_study(storage=self.storage, study_name=f"fold{fold}", direction="maximize",
