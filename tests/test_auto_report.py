@@ -100,6 +100,33 @@ def test_auto_row_matches_wilcoxon_on_the_run_folders(experiment, reported):
     assert list(rows)[-1] == "auto"  # after every fixed method
 
 
+def test_auto_against_each_fixed_method_paired_by_case(experiment, reported):
+    """The section's table against the per-case Dice of the run folders: means, mean difference, scipy's Wilcoxon
+    p and Holm's adjustment over the two comparisons written out by hand."""
+    model = experiment / "multiview_unet"
+    dice = {m: _case_dice(model / m) for m in ("auto", "full", "none")}
+    cases = sorted(dice["auto"])
+    rows = {}
+    for line in _section(reported["text"], "`auto` against each fixed method").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("full", "none"):
+            rows[cells[0]] = cells
+    assert set(rows) == {"full", "none"}
+    with np.errstate(all="ignore"):
+        p = {m: stats.wilcoxon([dice["auto"][c] for c in cases], [dice[m][c] for c in cases]).pvalue for m in rows}
+    low, high = sorted(rows, key=lambda m: p[m])
+    holm = {low: min(1.0, 2 * p[low])}
+    holm[high] = max(holm[low], min(1.0, p[high]))
+    for method, cells in rows.items():
+        mean_it = np.mean([dice[method][c] for c in cases])
+        mean_auto = np.mean([dice["auto"][c] for c in cases])
+        assert int(cells[1]) == len(cases) == 4
+        assert float(cells[2]) == pytest.approx(mean_it, abs=6e-4) and float(cells[3]) == pytest.approx(mean_auto, abs=6e-4)
+        assert float(cells[4]) == pytest.approx(np.mean([dice["auto"][c] - dice[method][c] for c in cases]), abs=6e-4)
+        assert float(cells[5]) == pytest.approx(p[method], rel=0.06)
+        assert float(cells[6]) == pytest.approx(holm[method], rel=0.06)
+
+
 def test_chosen_configuration_per_fold(experiment, reported):
     table = _section(reported["text"], "Chosen configuration per fold")
     lines = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]

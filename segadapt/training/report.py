@@ -143,7 +143,7 @@ def write_report(experiment_dir: str | os.PathLike, out_dir: str | os.PathLike |
     ])
     auto_paths: dict[str, Path] = {}
     if record is not None:
-        section, auto_paths = auto_section(experiment_dir, record, out, name, {int(r["run"]["fold"]) for r in runs})
+        section, auto_paths = auto_section(experiment_dir, record, out, name, {int(r["run"]["fold"]) for r in runs}, rows)
         text += "\n" + section
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "folds_csv": out / "report_folds.csv"}
     with atomic_path(paths["markdown"]) as tmp:

@@ -30,6 +30,7 @@ from .report_plots import FIGURE_FORMATS, plot_auto_trace
 from .auto_study import AUTO_FILE, fold_entry
 from .auto_workers import STUDY_FILE, open_storage, study_names
 from .report_runs import AUTO_METHOD
+from .report_stats import paired_against
 
 AUTO_FORMAT = "segadapt-auto/1"
 MIN_IMPORTANCE_TRIALS = 8  # completed trials below which fANOVA's forest fits noise: no importance shown
@@ -327,10 +328,30 @@ def _timing_line(label: str, figures: Mapping[str, float]) -> str:
             + (f" (by phase of the runs' timing: {shares})" if shares else ""))
 
 
+def _signed(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:+.3f}"
+
+
+def _markdown_paired(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per group with an ``auto`` row: `auto` against each other method of the group, paired by case."""
+    lines = []
+    for auto_row in (r for r in rows if r["tuning"] == AUTO_METHOD):
+        table = paired_against(rows, auto_row["method"])
+        if not table:
+            continue
+        lines += [f"| `{auto_row['method']}` against | n cases | it | `auto` | `auto` - it | p | p (Holm) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['method']} | {e['n']} | {_cell(e['other_mean'])} | {_cell(e['mean'])} | "
+                  f"{_signed(e['difference'])} | {_cell(e['p'], 2)} | {_cell(e['p_holm'], 2)} |" for e in table]
+        lines.append("")
+    return lines
+
+
 def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], out: Path, name: str,
-                 folds: Collection[int] = ()) -> tuple[str, dict[str, Path]]:
+                 folds: Collection[int] = (), rows: Sequence[Mapping[str, Any]] = ()) -> tuple[str, dict[str, Path]]:
     """The "Automatic adaptation" section of report.md, and the files it writes beside it (`folds`: those of the
-    experiment's other runs, named incomplete when the record lacks them)."""
+    experiment's other runs, named incomplete when the record lacks them; `rows`: the report's method rows, for
+    `auto` against each fixed method)."""
     root = Path(experiment_dir)
     states = fold_states(root, record)
     for fold in sorted(set(folds) - set(states)):
@@ -349,6 +370,7 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
     paths["auto_trace"] = plot_auto_trace(trials, out / TRACE_PLOT, f"{name}: segadapt auto, inner Dice per trial")
     for fmt in FIGURE_FORMATS[1:]:
         paths[f"auto_trace_{fmt}"] = paths["auto_trace"].with_suffix(f".{fmt}")
+    paired = _markdown_paired(rows)
     incomplete = [f"fold {fold} ({s['why']})" for fold, s in states.items() if not s["complete"]]
     stored = [str(e["fold"]) for e in record["folds"] if e.get("from_storage")]
     space = (record.get("settings") or {}).get("space") or {}
@@ -368,6 +390,10 @@ def auto_section(experiment_dir: str | os.PathLike, record: Mapping[str, Any], o
            f"{'; '.join(incomplete)}.", ""] if incomplete else []),
         "### Chosen configuration per fold", "",
         _markdown_chosen(chosen) if len(chosen) else "No fold has finished.", "",
+        *(["### `auto` against each fixed method", "",
+            "Paired by case over the validation cases both scored (the folds `auto` finished): the means over "
+            "those cases, their mean difference, the two-sided Wilcoxon signed-rank p and its Holm–Bonferroni "
+            "adjustment over these comparisons.", "", *paired] if paired else []),
         "### Search trace", "",
         "Inner Dice of each trial by trial number (pruned trials: the selected network of the steps they ran), the "
         "best completed trial so far, the chosen one starred. Trials per hour of trial time (the seconds each "

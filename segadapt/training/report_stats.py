@@ -182,3 +182,27 @@ def method_rows(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     rows.sort(key=_order)
     _p_values(rows)
     return rows, labels
+
+
+def paired_against(rows: Sequence[Mapping[str, Any]], method: str) -> list[dict[str, Any]]:
+    """Row `method` against every other row of its group, paired by case over the cases both scored: n cases,
+    both means over those cases, the mean difference (`method` - other), the two-sided Wilcoxon p
+    (:func:`paired_p`) and its Holm adjustment over the family of these comparisons (:func:`holm`)."""
+    row = next(r for r in rows if r["method"] == method)
+    group = method.rpartition("/")[0]
+    mine = {c["case_id"]: c["dice"] for c in row["cases"]}
+    out = []
+    for other in rows:
+        if other is row or other["method"].rpartition("/")[0] != group:
+            continue
+        theirs = {c["case_id"]: c["dice"] for c in other["cases"]}
+        common = [k for k in sorted(set(mine) & set(theirs)) if math.isfinite(mine[k]) and math.isfinite(theirs[k])]
+        a = np.array([mine[k] for k in common], dtype=np.float64)
+        b = np.array([theirs[k] for k in common], dtype=np.float64)
+        out.append({"method": other["method"], "n": len(common), "mean": float(a.mean()) if common else math.nan,
+                    "other_mean": float(b.mean()) if common else math.nan,
+                    "difference": float((a - b).mean()) if common else math.nan, "p": paired_p(mine, theirs)})
+    for entry, p in zip(out, holm([e["p"] for e in out])):
+        entry["p_holm"] = float(p)
+    return out
+
