@@ -17,7 +17,7 @@ from segadapt.plan import Plan
 from segadapt.plan.apply import AUTO, PLAN_FILE, apply_plan, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
-HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus_msd"
+HIPPOCAMPUS = Path(os.environ.get("SEGADAPT_SHARED_DATA", REPO.parent / "shared" / "data")) / "hippocampus_msd"
 
 PLAN = Plan(
     dataset="toy", n_cases=4, modality={"0": "MRI"}, spatial_dims=3, orientation="RAS", median_spacing=[1.0, 1.0, 2.0],
@@ -105,7 +105,7 @@ def test_run_plan_uses_the_base_s_stored_plan_for_segadapt_s_own_base(tmp_path):
         run_plan(cfg, pretraining=True, prepare=record)
 
 
-@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real hippocampus MRI set not found at {HIPPOCAMPUS}")
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real hippocampus MRI set not found at {HIPPOCAMPUS} (set SEGADAPT_SHARED_DATA)")
 def test_hippocampus_experiment_end_to_end_on_a_real_subset(tmp_path):
     """prepare_hippocampus.py on 12 real cases, then `scripts/train.py experiment=hippocampus` with a tiny schedule:
     the base is pretrained on the source, adapted on the target; plan.json and metrics read back."""
