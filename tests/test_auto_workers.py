@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from segadapt.runs import read_metrics
-from segadapt.training import auto
+from segadapt.training import auto, auto_space
 from segadapt.training.auto import main as auto_main
 from segadapt.training.auto_workers import open_storage
 from test_auto import KILL_AT_TRIAL_1, _argv  # tests/ is on sys.path
@@ -42,8 +42,8 @@ def _pid(run_dir: str | Path) -> int:
     return int((Path(run_dir) / ".lock").read_text().split()[0])
 
 
-def _fresh_record(root: Path, argv: list[str]) -> dict:
-    """The record a new process reads from the storage now (auto.json's folds and summary)."""
+def _search(argv: list[str]) -> auto.Search:
+    """The Search a worker process of ``segadapt auto argv`` builds, with its storage open."""
     from segadapt.parsers import auto_parser
 
     args = auto_parser().parse_intermixed_args(argv)
@@ -51,7 +51,31 @@ def _fresh_record(root: Path, argv: list[str]) -> dict:
                          [o[5:] for o in args.overrides if o.startswith("auto.")], None, args.trials, args.timeout,
                          args.folds)
     search.storage = open_storage(search.auto_dir)
-    return search.record()
+    return search
+
+
+def _fresh_record(root: Path, argv: list[str]) -> dict:
+    """The record a new process reads from the storage now (auto.json's folds and summary)."""
+    return _search(argv).record()
+
+
+def test_two_workers_draw_other_trials_and_a_trial_s_draw_is_its_number_s(tmp_path):
+    """Two workers (each its own Search, study object and sampler, one auto.seed) ask the trials of one fold in
+    turn: no two trials are the same configuration (seeded once per process, both workers drew the same random
+    start-up sequence, so a 2-worker search ran each configuration twice), and a start-up trial's draw is that
+    of its number whichever worker asks (the same draw in a fresh in-memory study)."""
+    (tmp_path / "runs/phantom_sah/auto").mkdir(parents=True)
+    workers = [_search(_argv(tmp_path, "--trials", "6", "--folds", "0")) for _ in range(2)]
+    studies = [w.study(0, w.fold_cases(0)) for w in workers]
+    choices = []
+    for number in range(6):
+        trial = studies[number % 2].ask()
+        assert trial.number == number
+        choices.append(auto_space.draw(trial, workers[number % 2].space, 0))
+    assert len({json.dumps(c, sort_keys=True) for c in choices}) == 6, choices
+    alone = optuna.create_study(direction="maximize")
+    startup = workers[0].space["startup_trials"]
+    assert [auto_space.draw(alone.ask(), workers[1].space, 0) for _ in range(startup)] == choices[:startup]
 
 
 def _check_record(root: Path, argv: list[str]) -> dict:

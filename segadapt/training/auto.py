@@ -53,7 +53,8 @@ from segadapt.models.presets import target_presets
 from segadapt.parsers import auto_parser
 
 from .auto_ensemble import ensemble_candidates, inner_comparison, remove_final, write_ensemble
-from .auto_space import apply_choice, check_placements, check_space, describe_space, fit_norms, load_space, suggest
+from .auto_space import (apply_choice, check_placements, check_space, describe_space, draw, fit_norms, load_space,
+                         trial_sampler)
 from .auto_study import AUTO_FILE, choose, describe, fold_entry
 from .auto_workers import (STUDY_FILE, base_lock, deadline, finishes_fold, fold_lock, next_trial, open_storage,
                            run_and_tell, run_workers, study_names)
@@ -225,13 +226,11 @@ class Search:
         return {"overrides": self.overrides, "space": self.space}
 
     def study(self, fold: int, cases: Mapping[str, list[str]]) -> optuna.Study:
-        sampler = optuna.samplers.TPESampler(seed=int(self.space["seed"]) + fold,
-                                             n_startup_trials=int(self.space["startup_trials"]))
         pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=int(self.space["startup_trials"])),
                   "hyperband": optuna.pruners.HyperbandPruner(),
                   "none": optuna.pruners.NopPruner()}[self.space["pruner"]]
         study = optuna.create_study(storage=self.storage, study_name=f"fold{fold}", direction="maximize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+                                    sampler=trial_sampler(self.space, fold, 0), pruner=pruner, load_if_exists=True)
         for key, value in (("settings", self.settings()), ("cases", dict(cases))):
             stored = study.user_attrs.get(key)
             if stored is None:
@@ -346,7 +345,7 @@ class Search:
             self.write_record()
 
     def objective(self, fold: int, trial: optuna.Trial) -> float:
-        choice = suggest(trial, self.space)
+        choice = draw(trial, self.space, fold)
         run_dir = Path(trial.user_attrs.get("run_dir") or self.auto_dir / f"fold{fold}" / f"trial{trial.number:03d}")
         cfg = self.trial_config(fold, choice, run_dir)
         for key, value in (("choice", choice), ("run_dir", str(run_dir)),

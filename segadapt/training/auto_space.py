@@ -22,9 +22,13 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import optuna
 
 BASELINE_METHODS = ("full", "decoder", "norms")  # no rank or placement; they train the base's own modules
 NOT_ADAPTATIONS = ("none", "scratch")  # configs/adapter entries that adapt nothing of the base
@@ -101,6 +105,24 @@ def check_space(space: Mapping[str, Any], adapter_dir: Path) -> None:
     for key in ("seed", "startup_trials", "ensemble"):
         if not isinstance(space[key], int) or space[key] < 0:
             raise ValueError(f"auto.{key} must be an integer >= 0, got {space[key]!r}")
+
+
+def trial_sampler(space: Mapping[str, Any], fold: int, number: int) -> optuna.samplers.TPESampler:
+    """The TPE sampler that draws trial `number` of `fold`, seeded by (``auto.seed``, fold, number). Each worker
+    process of a search holds its own sampler: seeded once per process, every worker drew the same random
+    start-up trials (a search of 2 workers ran each configuration twice). Seeded per trial, a trial's draw does
+    not depend on which worker asked for it. ``constant_liar``: running trials count as poor ones, so that
+    parallel workers do not converge on one point (Optuna's advice for parallel TPE)."""
+    seed = int(np.random.SeedSequence([int(space["seed"]), fold, number]).generate_state(1)[0])
+    with warnings.catch_warnings():  # constant_liar is marked experimental (ExperimentalWarning at every sampler)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(space["startup_trials"]), constant_liar=True)
+
+
+def draw(trial: optuna.Trial, space: Mapping[str, Any], fold: int) -> dict[str, Any]:
+    """The choices of `trial` (:func:`suggest`), drawn by its own :func:`trial_sampler`."""
+    trial.study.sampler = trial_sampler(space, fold, trial.number)
+    return suggest(trial, space)
 
 
 def suggest(trial: Any, space: Mapping[str, Any]) -> dict[str, Any]:
