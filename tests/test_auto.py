@@ -528,4 +528,4 @@ def test_rank_32_search_finishes_every_trial(tmp_path):
     assert [t["state"] for t in trials] == ["COMPLETE"] * 3 and not any(t["error"] for t in trials)
     capped = [read_metrics(t["run_dir"])["capped_ranks"] for t in trials]
     assert any(capped)  # SALT's min(Cout, Cin k^d) on the 4-channel layers is below 32
-    assert all(asked == 32 > used for c in capped for asked, used in c.values())
+    assert all(asked in (32, 64) and asked > used for c in capped for asked, used in c.values())  # 64: a x2 rank pattern
