@@ -65,7 +65,9 @@ def choose(trials: Sequence[optuna.trial.FrozenTrial], rule: str, fold: int) -> 
 def describe(choice: Mapping[str, Any]) -> str:
     parts = [str(choice["method"])]
     if "rank" in choice:
-        parts += [f"rank {choice['rank']}", str(choice["placement"])] + (["+norms"] if choice.get("norms") else [])
+        pattern = choice.get("rank_pattern", "uniform")
+        parts += [f"rank {choice['rank']}" + ("" if pattern == "uniform" else f" ({pattern})"), str(choice["placement"])]
+        parts += ["+norms"] if choice.get("norms") else []
     return " ".join(parts + [f"lr x{choice['lr_factor']:.2f}"])
 
 
