@@ -407,6 +407,12 @@ def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
     rows = list(csv.DictReader(report["folds_csv"].open()))
     auto_rows = [r for r in rows if r["method"].endswith("auto")]
     assert len(auto_rows) == 1 and float(auto_rows[0]["dice_mean"]) == pytest.approx(metrics["val"]["dice"])
+    chosen = report["markdown"].read_text(encoding="utf-8").split("### Chosen configuration per fold")[1].split("###")[0]
+    row = next(line for line in chosen.splitlines() if line.startswith("| 0 "))  # the ensemble: its members
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == " + ".join(map(str, numbers))
+    assert cells[2] == " + ".join(trials[n]["choice"]["method"] for n in numbers)
+    assert cells[-2] == f"{fold['ensemble']['inner_dice']:.3f} ± {fold['ensemble']['inner_se']:.3f}"
     with pytest.raises(SystemExit) as exit_:
         export_main([str(folder), "--merged", str(tmp_path / "merged.safetensors")])
     assert exit_.value.code == 2

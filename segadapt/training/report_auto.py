@@ -272,25 +272,34 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def chosen_table(record: Mapping[str, Any], states: Mapping[int, Mapping[str, Any]]) -> pd.DataFrame:
     """The chosen configuration of each complete fold: trial, method, rank, placement, the layers trained in full
-    beside the adapter, lr, trainable parameters (of the fold's run), inner Dice and SE, outer Dice and n."""
+    beside the adapter, lr, trainable parameters (of the fold's run), inner Dice and SE, outer Dice and n. A fold
+    whose ensemble was kept lists its members, joined by ``+``, with the ensemble's inner Dice and SE."""
     placements = ((record.get("settings") or {}).get("space") or {}).get("placements") or {}
     rows = []
     for fold, state in states.items():
         if not state["complete"]:
             continue
         entry = state["entry"]
-        trial = next(t for t in entry["trials"] if t["number"] == entry["chosen"]["number"])
-        choice, adapter = trial.get("choice") or trial["params"], trial.get("adapter") or {}
-        beside = (placements.get(choice.get("placement")) or {}).get("train")
-        modules = (adapter.get("spec") or {}).get("train_modules") if isinstance(adapter.get("spec"), dict) else None
+        numbers = entry["outer"].get("members") or [entry["chosen"]["number"]]
+        trials = [next(t for t in entry["trials"] if t["number"] == n) for n in numbers]
+        columns: dict[str, list] = {}
+        for trial in trials:
+            choice, adapter = trial.get("choice") or trial["params"], trial.get("adapter") or {}
+            beside = (placements.get(choice.get("placement")) or {}).get("train")
+            modules = (adapter.get("spec") or {}).get("train_modules") if isinstance(adapter.get("spec"), dict) else None
+            for key, value in (("trial", trial["number"]), ("method", choice.get("method")), ("rank", choice.get("rank")),
+                               ("placement", choice.get("placement")),
+                               ("train_modules", f"{beside} ({len(modules)} modules)" if beside and modules else beside),
+                               ("lr", adapter.get("lr")), ("lr_factor", choice.get("lr_factor"))):
+                columns.setdefault(key, []).append(value)
+        joined = {k: v[0] if len(v) == 1 else " + ".join(_cell(x, 2 if k.startswith("lr") else 3) for x in v)
+                  for k, v in columns.items()}
+        ensemble = entry.get("ensemble") if len(trials) > 1 else None
         metrics = json.loads((state["folder"] / "metrics.json").read_text(encoding="utf-8"))
-        rows.append({"fold": fold, "trial": trial["number"], "method": choice.get("method"),
-                     "rank": choice.get("rank"), "placement": choice.get("placement"),
-                     "train_modules": f"{beside} ({len(modules)} modules)" if beside and modules else beside,
-                     "lr": adapter.get("lr"), "lr_factor": choice.get("lr_factor"),
-                     "trainable_params": metrics["cost"]["trainable_params"], "inner_dice": trial.get("value"),
-                     "inner_se": trial.get("se"), "outer_dice": entry["outer"]["dice"],
-                     "outer_n": entry["outer"].get("n_cases")})
+        rows.append({"fold": fold, **joined, "trainable_params": metrics["cost"]["trainable_params"],
+                     "inner_dice": ensemble["inner_dice"] if ensemble else trials[0].get("value"),
+                     "inner_se": ensemble["inner_se"] if ensemble else trials[0].get("se"),
+                     "outer_dice": entry["outer"]["dice"], "outer_n": entry["outer"].get("n_cases")})
     return pd.DataFrame.from_records(rows)
 
 
