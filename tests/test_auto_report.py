@@ -377,7 +377,7 @@ def test_auto_folds_that_differ_in_more_than_the_adaptation_are_flagged(tmp_path
         for k, config in enumerate(configs):
             config["run"]["method"] = "auto"
             config["module"] = {"model": "unet3d", "adapter": {"method": ["lora_c", "cp_lora"][k], "rank": 2 + k},
-                                "lr": 0.001 * (k + 1), "preset": ["encoder", None][k]}
+                                "lr": 0.001 * (k + 1), "preset": ["encoder", None][k], "reg_weight": [0.0, 1e-3][k]}
         _write(root / "unet", "none", "none", DICE["none"])
         _write(root / "unet", "auto", "lora_c", DICE["lora_c"], configs=configs)
         with warnings.catch_warnings(record=True) as caught:

@@ -85,7 +85,8 @@ def check_each_case_once(method: str, folds: Sequence[dict[str, Any]]) -> None:
 PER_FOLD_KEYS = frozenset({"run.fold", "run.seed", "run.run_dir", "datamodule.fold"})
 AUTO_METHOD = "auto"  # the method of the runs `segadapt auto` trains: each fold its own chosen adaptation
 # config.yaml keys (and the keys under them) in which the folds of `auto` differ by design: what the search chose
-AUTO_CHOSEN_KEYS = ("run.tuning", "module.adapter", "module.preset", "module.lr", "module.norms")
+AUTO_CHOSEN_KEYS = ("run.tuning", "module.adapter", "module.preset", "module.lr", "module.norms",
+                    "module.reg_weight")  # reg_weight: the chosen method's own (configs/adapter/tlora.yaml)
 
 
 def _fold_config(run: Mapping[str, Any]) -> dict[str, Any] | None:
