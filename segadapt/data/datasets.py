@@ -29,7 +29,7 @@ from .cache import SafePersistentDataset, SharedCacheDataset
 from .config import PreprocessConfig
 from .dataset_json import CaseEntry, DatasetDescription, load_dataset_json, load_test_cases
 from .loading import LoadCased
-from .splits import fold_cases, inner_split, load_or_create_splits, save_splits, subset_cases
+from .splits import fold_cases, load_or_create_splits, save_splits, training_and_inner
 from .pipelines import patch_train_transforms, slice_train_transforms, val_transforms
 
 SAMPLINGS = ("patch", "slice")
@@ -126,8 +126,7 @@ def fold_datasets_with_inner(
     description = dataset if isinstance(dataset, DatasetDescription) else load_dataset_json(dataset)
     splits = load_or_create_splits(description, n_folds, seed, splits_path, write=False)
     train_cases, val_cases = fold_cases(description, splits, fold)
-    train_cases, inner_cases = inner_split(train_cases, inner_fraction, seed, fold)
-    train_cases = subset_cases(train_cases, max_train_cases, seed, fold)
+    train_cases, inner_cases = training_and_inner(train_cases, inner_fraction, max_train_cases, seed, fold)
     train_pipeline = patch_train_transforms if sampling == "patch" else slice_train_transforms
     args = (cfg, description.label_values, description.channels)
     evaluation = val_transforms(*args)

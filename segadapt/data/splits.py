@@ -277,3 +277,13 @@ def subset_cases(cases: Sequence[CaseEntry], n: int | None, seed: int, fold: int
         raise ValueError(f"max_train_cases must be at least 1, got {n}")
     keep = set(_fold_rng(seed, fold, 1).permutation(len(cases))[:n].tolist())
     return [c for i, c in enumerate(cases) if i in keep]
+
+
+def training_and_inner(train_cases: Sequence[CaseEntry], inner_fraction: float, max_train_cases: int | None,
+                       seed: int, fold: int) -> tuple[list[CaseEntry], list[CaseEntry]]:
+    """(trained, inner): a fold's training cases as a run cuts them, the inner split first
+    (:func:`inner_split`), then the rest cut to `max_train_cases` (:func:`subset_cases`), so every point of a
+    learning curve shares the inner cases."""
+    rest, inner = inner_split(train_cases, inner_fraction, seed, fold)
+    return subset_cases(rest, max_train_cases, seed, fold), inner
+

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from segadapt.data.dataset_json import load_dataset_json
-from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits, subset_cases
+from segadapt.data.splits import fold_cases, load_or_create_splits, training_and_inner
 
 PASSES = 25                  # times each training voxel is sampled (the hand-set recipes: 20, 25 and 31 passes)
 MIN_STEPS = 250              # the schedule the adapters' learning rates were chosen at (docs/hippocampus.md)
@@ -68,8 +68,7 @@ def fold_training_cases(dataset_json: str | os.PathLike, n_folds: int, seed: int
     counted = []
     for k in range(len(splits.folds)):
         train, _ = fold_cases(description, splits, k)
-        rest, inner = inner_split(train, inner_fraction, seed, k)
-        trained = subset_cases(rest, max_train_cases, seed, k)
+        trained, inner = training_and_inner(train, inner_fraction, max_train_cases, seed, k)
         counted.append(FoldCases(splits.path.name, k, len(train), len(inner), len(trained), len(splits.folds)))
     return max(counted, key=lambda c: (c.trained, -c.fold))
 

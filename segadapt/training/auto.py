@@ -44,7 +44,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from segadapt.data import load_dataset_json
 from segadapt.io import write_json
-from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits, subset_cases
+from segadapt.data.splits import fold_cases, inner_split, load_or_create_splits, training_and_inner
 from segadapt.data.dataset_json import write_dataset_json
 from segadapt.adapters import norm_layers
 from segadapt.errors import exits_on_user_error, one_line
@@ -202,8 +202,8 @@ class Search:
         seed = int(data["split_seed"])
         if data.get("max_train_cases") is not None:  # a learning-curve point: only the patients a fixed run sees
             selection = datamodule_args(self.cfg, data, self.dataset, fold)["inner_fraction"]
-            selection_rest, selection_inner = inner_split(train_cases, selection, seed, fold)
-            seen = {c.case_id for c in [*selection_inner, *subset_cases(selection_rest, data["max_train_cases"], seed, fold)]}
+            seen = {c.case_id for part in training_and_inner(train_cases, selection, data["max_train_cases"], seed, fold)
+                    for c in part}
             train_cases = [c for c in train_cases if c.case_id in seen]
         rest, inner = inner_split(train_cases, float(self.space["inner_fraction"]), seed, fold)
         return {"outer_val": [c.case_id for c in val_cases], "trial_train": [c.case_id for c in rest],
