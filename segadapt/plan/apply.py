@@ -151,20 +151,18 @@ def run_plan(cfg: Mapping[str, Any], pretraining: bool, prepare) -> Plan:
         kwargs = cfg["model"]["kwargs"]
         model = read_results(kwargs["results"], kwargs.get("configuration", "3d_fullres"), kwargs.get("fold", 0))
         return plan_from_nnunet(model, prepare(cfg["source"] if pretraining else cfg["data"]))
+    if pretraining:
+        return _data_group_plan(cfg, cfg["source"], prepare(cfg["source"]), pretraining)
     base = Path(cfg["base_checkpoint"] or "").resolve()
     own_base = base.parent == Path(cfg["pretrain"]["run_dir"]).resolve()
-    if not (pretraining or own_base) and base.is_file() and (base.parent / PLAN_FILE).is_file():
-        prepare(cfg["data"])  # segadapt's base (or run) given as a file: the plan it was trained with decides
-        return Plan.from_json(base.parent / PLAN_FILE)
-    if pretraining or own_base:
-        if not pretraining:
-            prepare(cfg["data"])  # the run's own cases decide its schedule (segadapt.plan.schedule)
-        stored = Path(cfg["pretrain"]["run_dir"]) / PLAN_FILE
-        if not pretraining and stored.is_file():
-            return _base_plan_of_source(Plan.from_json(stored), stored, cfg["source"])
+    stored = base.parent / PLAN_FILE  # segadapt's base (or run) given as a file has it beside it too
+    if not (own_base or (base.is_file() and stored.is_file())):
+        return _data_group_plan(cfg, cfg["data"], prepare(cfg["data"]), pretraining)  # a base of the user's
+    prepare(cfg["data"])  # the run's own cases decide its schedule (segadapt.plan.schedule)
+    if not stored.is_file():  # the own base, not pretrained yet: the source's plan, as its pretraining will make
         return _data_group_plan(cfg, cfg["source"], prepare(cfg["source"]), pretraining)
-    return _data_group_plan(cfg, cfg["data"], prepare(cfg["data"]), pretraining)
-
+    plan = Plan.from_json(stored)
+    return _base_plan_of_source(plan, stored, cfg["source"]) if own_base else plan
 
 
 def _base_plan_of_source(plan: Plan, stored: Path, source: Mapping[str, Any]) -> Plan:
