@@ -121,6 +121,7 @@ def test_auto_against_each_fixed_method_paired_by_case(experiment, reported):
         mean_it = np.mean([dice[method][c] for c in cases])
         mean_auto = np.mean([dice["auto"][c] for c in cases])
         assert int(cells[1]) == len(cases) == 4
+        assert all(re.fullmatch(r"\d\.\d{3}", cell) for cell in cells[2:4]), cells  # Dice to 3 decimals, as elsewhere
         assert float(cells[2]) == pytest.approx(mean_it, abs=6e-4) and float(cells[3]) == pytest.approx(mean_auto, abs=6e-4)
         assert float(cells[4]) == pytest.approx(np.mean([dice["auto"][c] - dice[method][c] for c in cases]), abs=6e-4)
         assert float(cells[5]) == pytest.approx(p[method], rel=0.06)

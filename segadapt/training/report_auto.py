@@ -341,6 +341,10 @@ def _signed(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:+.3f}"
 
 
+def _dice(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.3f}"
+
+
 def _markdown_paired(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Per group with an ``auto`` row: `auto` against each other method of the group, paired by case."""
     lines = []
@@ -350,7 +354,7 @@ def _markdown_paired(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         lines += [f"| `{auto_row['method']}` against | n cases | it | `auto` | `auto` - it | p | p (Holm) |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {e['method']} | {e['n']} | {_cell(e['other_mean'])} | {_cell(e['mean'])} | "
+        lines += [f"| {e['method']} | {e['n']} | {_dice(e['other_mean'])} | {_dice(e['mean'])} | "
                   f"{_signed(e['difference'])} | {_cell(e['p'], 2)} | {_cell(e['p_holm'], 2)} |" for e in table]
         lines.append("")
     return lines
