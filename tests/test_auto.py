@@ -150,10 +150,19 @@ def test_record_and_choice(searched):
                 assert trial["se"] == pytest.approx(metrics["val"]["dice_sd"] / math.sqrt(metrics["val"]["n_cases"])
                                                     if metrics["val"]["n_cases"] > 1 else 0.0)
                 assert trial["trainable_params"] == metrics["cost"]["trainable_params"]
-        # the one-standard-error rule, recomputed: the fewest parameters within one SE of the best
+        # the one-standard-error rule, recomputed: the fewest parameters among the trials the best beats by at most
+        # the standard error of their per-case differences (the inner cases the trials' metrics.json scored)
         done = [t for t in trials if t["state"] == "COMPLETE"]
         best = max(done, key=lambda t: t["value"])
-        within = [t for t in done if t["value"] >= best["value"] - best["se"]]
+        dice = {t["number"]: {c["case_id"]: c["dice"] for c in read_metrics(t["run_dir"])["cases"]} for t in done}
+
+        def reached(t):
+            diffs = [dice[best["number"]][c] - dice[t["number"]][c] for c in dice[best["number"]]]
+            mean = sum(diffs) / len(diffs)
+            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
+            return mean <= sd / math.sqrt(len(diffs))
+
+        within = [t for t in done if reached(t)]
         expected = min(within, key=lambda t: (t["trainable_params"], -t["value"], t["number"]))
         assert fold_record["chosen"]["number"] == expected["number"]
         final = read_metrics(root / f"runs/phantom_sah/multiview_unet/auto/fold{fold}")
@@ -163,21 +172,44 @@ def test_record_and_choice(searched):
         assert final["cost"]["trainable_params"] == expected["trainable_params"]  # the chosen configuration trained
 
 
-def test_one_standard_error_rule():
-    dist = {"method": CategoricalDistribution(["a", "b", "c"])}
+def _scored_trial(tmp_path, number, case_dice, params, method="a"):
+    """A completed trial whose run folder scored `case_dice` on the inner cases."""
+    from segadapt.runs import METRICS_FORMAT, write_metrics
+    run_dir = tmp_path / f"trial{number:03d}"
+    cases = [{"case_id": f"case{i}", "dice": d} for i, d in enumerate(case_dice)]
+    write_metrics(run_dir, {"format": METRICS_FORMAT, "val": {"dice": sum(case_dice) / len(case_dice)}, "cases": cases})
+    made = create_trial(value=sum(case_dice) / len(case_dice), params={"method": method},
+                        distributions={"method": CategoricalDistribution(["a", "b", "c"])},
+                        user_attrs={"trainable_params": params, "run_dir": str(run_dir)})
+    made.number = number
+    return made
 
-    def trial(number, method, value, se, params):
-        made = create_trial(value=value, params={"method": method}, distributions=dist,
-                            user_attrs={"se": se, "trainable_params": params})
-        made.number = number
-        return made
 
-    trials = [trial(0, "a", 0.80, 0.05, 1000), trial(1, "b", 0.78, 0.02, 100), trial(2, "c", 0.70, 0.01, 10)]
-    assert choose(trials, "one_se", 0).number == 1  # 0.78 >= 0.80 - 0.05, fewer parameters than trial 0
+def test_one_standard_error_rule_pairs_the_trials_by_case(tmp_path):
+    """Trial 1 is 0.01 below the best on every case: worse, though 0.01 is far within one SE of the best's mean
+    (cases 0.70-0.90, SE 0.058). Trial 2 is 0.01 below on average but its per-case differences (-0.02, +0.04,
+    +0.01) have SE 0.017: within reach, and the fewest parameters."""
+    trials = [_scored_trial(tmp_path, 0, [0.90, 0.70, 0.80], 1000),
+              _scored_trial(tmp_path, 1, [0.89, 0.69, 0.79], 100),
+              _scored_trial(tmp_path, 2, [0.92, 0.66, 0.79], 500)]
+    assert choose(trials, "one_se", 0).number == 2
+    assert choose(trials[:2], "one_se", 0).number == 0  # the consistently worse trial is not within reach
     assert choose(trials, "best", 0).number == 0
+    far = _scored_trial(tmp_path, 3, [0.70, 0.60, 0.50], 1)  # 0.2 below on every case
+    assert choose([trials[0], far], "one_se", 0).number == 0
     failed = create_trial(state=TrialState.FAIL, user_attrs={"error": "rank 9 too large"})
     with pytest.raises(ValueError, match=r"no trial of fold 3 finished \(errors: rank 9 too large\)"):
         choose([failed], "one_se", 3)
+
+
+def test_paired_difference_against_a_hand_computation():
+    from segadapt.training.auto_study import paired_difference
+    mean, se = paired_difference({"a": 0.9, "b": 0.7, "c": 0.8, "only": 1.0}, {"a": 0.92, "b": 0.66, "c": 0.79})
+    # differences -0.02, 0.04, 0.01: mean 0.01, sd sqrt((0.03^2 + 0.03^2 + 0) / 2) = 0.03, SE 0.03 / sqrt(3)
+    assert mean == pytest.approx(0.01) and se == pytest.approx(0.03 / math.sqrt(3))
+    assert paired_difference({"a": 0.9}, {"a": 0.5}) == pytest.approx((0.4, 0.0))  # one case: no spread known
+    with pytest.raises(ValueError, match="no inner case scored by both"):
+        paired_difference({"a": 0.9}, {"b": 0.5})
 
 
 KILL_AT_TRIAL_1 = textwrap.dedent("""
@@ -368,7 +400,13 @@ def test_ensemble_inner_dice_is_the_mean_of_the_members(ensembled):
         alone = {c: _dice(_mean_probabilities([member], files[c][0])[0] > 0.5, _label(files[c][1])) for c in dice}
         assert alone != pytest.approx(dice, rel=1e-3)
     single = trials[fold["chosen"]["number"]]
-    assert comparison["single"] == {"trial": single["number"], "inner_dice": single["value"], "se": single["se"]}
+    assert comparison["single"] == {"trial": single["number"], "inner_dice": single["value"]}
+    alone = {c["case_id"]: c["dice"] for c in read_metrics(single["run_dir"])["cases"]}
+    diffs = [dice[c] - alone[c] for c in sorted(dice)]
+    mean = sum(diffs) / len(diffs)
+    assert comparison["difference"] == pytest.approx(mean, abs=1e-6)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0  # one case: 0
+    assert comparison["difference_se"] == pytest.approx(sd / math.sqrt(len(diffs)), abs=1e-6)
 
 
 def test_ensemble_folder_predict_and_outer_score(ensembled, tmp_path, capsys):
@@ -447,11 +485,11 @@ def test_no_ensemble_member_loads_a_validation_case(ensembled):
 
 
 def test_ensemble_rule():
-    """one_se: the ensemble only when its inner Dice beats the single choice's by more than that choice's SE."""
+    """one_se: the ensemble only when it beats the single choice by more than the SE of their per-case difference."""
     from segadapt.training.auto_ensemble import prefer_ensemble
-    assert prefer_ensemble(0.86, 0.80, 0.05, "one_se")
-    assert not prefer_ensemble(0.84, 0.80, 0.05, "one_se") and not prefer_ensemble(0.85, 0.80, 0.05, "one_se")
-    assert prefer_ensemble(0.10, 0.80, 0.05, "always") and not prefer_ensemble(0.99, 0.80, 0.05, "never")
+    assert prefer_ensemble(0.06, 0.05, "one_se")
+    assert not prefer_ensemble(0.04, 0.05, "one_se") and not prefer_ensemble(0.05, 0.05, "one_se")
+    assert prefer_ensemble(-0.5, 0.05, "always") and not prefer_ensemble(0.5, 0.05, "never")
 
 
 def test_ensemble_refused_by_the_numbers(searched):

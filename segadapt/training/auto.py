@@ -307,12 +307,14 @@ class Search:
             return []
         stored, rule = study.user_attrs.get("ensemble") or {}, self.space["ensemble_rule"]
         numbers = [t.number for t in candidates]
-        if (stored.get("members"), (stored.get("single") or {}).get("trial"), stored.get("rule")) != (numbers, chosen.number, rule):
+        if ((stored.get("members"), (stored.get("single") or {}).get("trial"), stored.get("rule"), "difference_se" in stored)
+                != (numbers, chosen.number, rule, True)):  # (an earlier version's comparison had no paired SE)
             stored = inner_comparison(candidates, chosen, rule)
             study.set_user_attr("ensemble", stored)
             print(f"auto fold {fold}: ensemble of trials {', '.join(map(str, numbers))}: inner Dice "
-                  f"{stored['inner_dice']:.3f} vs {chosen.value:.3f} +- {stored['single']['se']:.3f} of trial "
-                  f"{chosen.number} -> {'ensemble' if stored['chosen'] else 'single'}", flush=True)
+                  f"{stored['inner_dice']:.3f} vs {chosen.value:.3f} of trial {chosen.number}, difference "
+                  f"{stored['difference']:+.3f} +- {stored['difference_se']:.3f} (paired by case) -> "
+                  f"{'ensemble' if stored['chosen'] else 'single'}", flush=True)
         return candidates if stored["chosen"] else []
 
     def train_ensemble(self, fold: int, members: Sequence[optuna.trial.FrozenTrial], run_dir: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from segadapt.adapters import load_adapter
 from segadapt.runs import ADAPTER_FILE, CONFIG_FILE, ENSEMBLE_FILE, ENSEMBLE_FORMAT, METRICS_FORMAT, read_run_config, write_metrics
 
 from .auto_space import BASELINE_METHODS
+from .auto_study import inner_case_dice, paired_difference
 from .callbacks import standard_error
 from .datamodule import SegDataModule
 from .fit import _EVALUATION_TRAINER_KEYS
@@ -95,29 +96,32 @@ def share_a_base(run_dirs: Sequence[str | Path]) -> bool:
     return True
 
 
-def prefer_ensemble(ensemble_dice: float, single_dice: float, single_se: float, rule: str) -> bool:
-    """Whether the fold keeps the ensemble rather than the single choice. ``one_se``: its inner Dice beats the
-    single choice's by more than that choice's standard error. The one-SE rule already treats differences within
-    one standard error of the inner Dice as noise; an ensemble costs K times the parameters and the inference
-    time, so it has to clear the same yardstick to count as better. ``always`` / ``never``: forced."""
+def prefer_ensemble(difference: float, difference_se: float, rule: str) -> bool:
+    """Whether the fold keeps the ensemble rather than the single choice, given the mean and standard error of the
+    ensemble's per-case inner Dice less the single choice's. ``one_se``: the mean beats its standard error. The
+    one-SE rule already treats differences within one standard error as noise; an ensemble costs K times the
+    parameters and the inference time, so it has to clear the same yardstick to count as better.
+    ``always`` / ``never``: forced."""
     if rule == "always" or rule == "never":
         return rule == "always"
-    return ensemble_dice > single_dice + single_se
+    return difference > difference_se
 
 
 def inner_comparison(members: Sequence[optuna.trial.FrozenTrial], single: optuna.trial.FrozenTrial,
                      rule: str) -> dict[str, Any]:
-    """The ensemble of the `members` trials scored on the inner split, against the `single` choice (``auto.json``)."""
+    """The ensemble of the `members` trials scored on the inner split, against the `single` choice paired by case
+    (``auto.json``)."""
     first = read_run_config(members[0].user_attrs["run_dir"])
     cases, _, bins, _ = score_runs([t.user_attrs["run_dir"] for t in members], first["datamodule"], first["trainer"])
     summary = summarize(cases, bins)
-    single_se = float(single.user_attrs.get("se") or 0.0)
-    dice = float(summary["dice"])
-    return {"members": [t.number for t in members], "inner_dice": dice,
+    difference, difference_se = paired_difference({c["case_id"]: float(c["dice"]) for c in cases},
+                                                  inner_case_dice(single))
+    return {"members": [t.number for t in members], "inner_dice": float(summary["dice"]),
             "inner_se": standard_error(summary["dice_sd"], summary["n_cases"]),
             "inner_cases": [{"case_id": c["case_id"], "dice": c["dice"]} for c in cases],
-            "single": {"trial": single.number, "inner_dice": single.value, "se": single_se},
-            "rule": rule, "chosen": prefer_ensemble(dice, float(single.value), single_se, rule)}
+            "single": {"trial": single.number, "inner_dice": single.value},
+            "difference": difference, "difference_se": difference_se,
+            "rule": rule, "chosen": prefer_ensemble(difference, difference_se, rule)}
 
 
 def remove_final(run_dir: Path) -> None:
