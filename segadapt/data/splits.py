@@ -286,4 +286,3 @@ def training_and_inner(train_cases: Sequence[CaseEntry], inner_fraction: float, 
     learning curve shares the inner cases."""
     rest, inner = inner_split(train_cases, inner_fraction, seed, fold)
     return subset_cases(rest, max_train_cases, seed, fold), inner
-

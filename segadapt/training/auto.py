@@ -307,8 +307,9 @@ class Search:
             return []
         stored, rule = study.user_attrs.get("ensemble") or {}, self.space["ensemble_rule"]
         numbers = [t.number for t in candidates]
-        if ((stored.get("members"), (stored.get("single") or {}).get("trial"), stored.get("rule"), "difference_se" in stored)
-                != (numbers, chosen.number, rule, True)):  # (an earlier version's comparison had no paired SE)
+        reusable = (stored.get("members") == numbers and (stored.get("single") or {}).get("trial") == chosen.number
+                    and stored.get("rule") == rule and "difference_se" in stored)  # (not an unpaired, older one)
+        if not reusable:
             stored = inner_comparison(candidates, chosen, rule)
             study.set_user_attr("ensemble", stored)
             print(f"auto fold {fold}: ensemble of trials {', '.join(map(str, numbers))}: inner Dice "
